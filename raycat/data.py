@@ -1,0 +1,302 @@
+"""Canonical question records, dataset adapters and row validation.
+
+Every adapter maps one public schema (as published on the HF Hub) to the canonical record
+``id, question, options, gold, category, source``. ``gold`` is an option letter (A, B, ...) for
+multiple choice and a normalized string/number for free-form. Bad rows are never dropped silently:
+they raise ``BadRowError`` naming row and field, or go to a quarantine list with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raycat.answers import normalize_number
+from raycat.config import DataConfig
+from raycat.synthetic import generate_arithmetic
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+COLUMNS = ["id", "question", "options", "gold", "category", "source"]
+
+
+class BadRowError(ValueError):
+    def __init__(self, row: int | str, field: str, reason: str, fix: str = ""):
+        self.row, self.field, self.reason = row, field, reason
+        msg = f"bad input row {row}, field '{field}': {reason}"
+        if fix:
+            msg += f". {fix}"
+        msg += ". Set data.on_bad_rows=quarantine to set such rows aside instead."
+        super().__init__(msg)
+
+
+class _Bad(Exception):
+    """Raised inside adapters; turned into BadRowError/quarantine with the row number."""
+
+    def __init__(self, field: str, reason: str, fix: str = ""):
+        self.field, self.reason, self.fix = field, reason, fix
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _text(v: Any, field: str) -> str:
+    if _missing(v):
+        raise _Bad(field, "missing value")
+    if not isinstance(v, str):
+        raise _Bad(field, f"expected text, got {type(v).__name__} {v!r}", "Quote the value or fix the column type")
+    if not v.strip():
+        raise _Bad(field, "empty text")
+    return v
+
+
+def _as_list(v: Any, field: str) -> list:
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if _missing(v):
+        raise _Bad(field, "missing value")
+    if not isinstance(v, list | tuple):
+        raise _Bad(field, f"expected a list of options, got {type(v).__name__}")
+    return list(v)
+
+
+def _index(v: Any, field: str, base: int = 0) -> int:
+    if isinstance(v, bool) or _missing(v):
+        raise _Bad(field, f"expected an integer answer index, got {v!r}")
+    try:
+        as_int = int(v)
+    except (TypeError, ValueError):
+        raise _Bad(field, f"expected an integer answer index, got {v!r}") from None
+    if as_int != v and str(as_int) != str(v).strip():
+        raise _Bad(field, f"expected an integer answer index, got {v!r}")
+    return as_int - base
+
+
+def _gold_from_index(idx: int, n: int, field: str) -> str:
+    if not 0 <= idx < n:
+        raise _Bad(field, f"answer index {idx} is not among the {n} options")
+    return LETTERS[idx]
+
+
+# --- adapters: raw row dict -> partial canonical record (id may be None: row index is used) ---
+
+
+def _mmlu_pro(r: dict, _cfg: DataConfig) -> dict:
+    options = [_text(o, "options") for o in _as_list(r.get("options"), "options")]
+    idx = _index(r.get("answer_index"), "answer_index")
+    gold = _gold_from_index(idx, len(options), "answer_index")
+    letter = r.get("answer")
+    if not _missing(letter) and str(letter).strip().upper() != gold:
+        raise _Bad("answer", f"letter {letter!r} disagrees with answer_index {idx} ({gold})")
+    return {"id": r.get("question_id"), "question": r.get("question"), "options": options, "gold": gold,
+            "category": r.get("category")}
+
+
+def _mmlu(r: dict, _cfg: DataConfig) -> dict:
+    # cais/mmlu: choices (list) + answer (0-3); the CSV export: choice0..choice3 + answer (0-3).
+    if "choices" in r:
+        raw = _as_list(r.get("choices"), "choices")
+    else:
+        raw = [r.get(f"choice{i}") for i in range(4)]
+    options = [_text(o, "choices") for o in raw]
+    gold = _gold_from_index(_index(r.get("answer"), "answer"), len(options), "answer")
+    return {"id": None, "question": r.get("question"), "options": options, "gold": gold,
+            "category": r.get("subject")}
+
+
+def _medmcqa(r: dict, _cfg: DataConfig) -> dict:
+    options = [_text(r.get(k), k) for k in ("opa", "opb", "opc", "opd")]
+    cop = _index(r.get("cop"), "cop")
+    if cop == -1:
+        raise _Bad("cop", "no published answer (cop=-1, the MedMCQA test split)", "Use the validation split")
+    gold = _gold_from_index(cop, 4, "cop")
+    return {"id": r.get("id"), "question": r.get("question"), "options": options, "gold": gold,
+            "category": r.get("subject_name")}
+
+
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def _gsm8k(r: dict, _cfg: DataConfig) -> dict:
+    answer = _text(r.get("answer"), "answer")
+    m = _GSM8K_FINAL.search(answer)
+    if not m:
+        raise _Bad("answer", "no '#### <number>' final answer")
+    gold = normalize_number(m.group(1))
+    if gold is None:
+        raise _Bad("answer", f"final answer {m.group(1)!r} is not a number")
+    return {"id": None, "question": r.get("question"), "options": [], "gold": gold, "category": "gsm8k"}
+
+
+def _generic(r: dict, cfg: DataConfig) -> dict:
+    cols = cfg.columns
+    assert cols is not None  # guaranteed by DataConfig validation
+    if cols.options is None:
+        options = []
+    elif isinstance(cols.options, list):
+        options = [_text(r.get(c), c) for c in cols.options]
+    else:
+        options = [_text(o, cols.options) for o in _as_list(r.get(cols.options), cols.options)]
+    raw = r.get(cols.answer)
+    fmt, field = cfg.answer_format, cols.answer
+    if fmt == "letter":
+        letter = _text(raw, field).strip().upper()
+        if len(letter) != 1 or letter not in LETTERS[: len(options)]:
+            raise _Bad(field, f"gold {raw!r} is not among the option letters {LETTERS[:len(options)]!r}")
+        gold = letter
+    elif fmt in ("index0", "index1"):
+        gold = _gold_from_index(_index(raw, field, base=1 if fmt == "index1" else 0), len(options), field)
+    elif fmt == "text":
+        text = _text(raw, field)
+        if text not in options:
+            raise _Bad(field, f"gold {text!r} is not one of the options")
+        gold = LETTERS[options.index(text)]
+    else:
+        gold = normalize_number(str(raw)) if not _missing(raw) else None
+        if gold is None:
+            raise _Bad(field, f"gold {raw!r} is not a number")
+    return {"id": r.get(cols.id) if cols.id else None, "question": r.get(cols.question), "options": options,
+            "gold": gold, "category": r.get(cols.category) if cols.category else None}
+
+
+ADAPTERS: dict[str, Callable[[dict, DataConfig], dict]] = {
+    "mmlu_pro": _mmlu_pro, "mmlu": _mmlu, "medmcqa": _medmcqa, "gsm8k": _gsm8k, "generic": _generic,
+}
+
+
+# --- reading raw tables ---
+
+
+def resolve_data_path(path: str) -> Path | None:
+    """Local path, or ``package:<pkg>/<relative path>`` inside an installed package; None = hub id."""
+    if path.startswith("package:"):
+        pkg, _, rel = path.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"data.path {path}: package '{pkg}' is not installed (pip install {pkg})")
+        return Path(spec.origin).parent / rel
+    p = Path(path).expanduser()
+    return p if p.exists() else None
+
+
+def _read_file(f: Path) -> pd.DataFrame:
+    suffix = f.suffix.lower()
+    if suffix == ".parquet":
+        return pd.read_parquet(f)
+    if suffix in (".jsonl", ".json"):
+        return pd.read_json(f, lines=suffix == ".jsonl", dtype=False)
+    if suffix == ".csv":
+        # keep_default_na=False: an option literally reading "None" or "NA" is text, not missing.
+        return pd.read_csv(f, dtype=str, keep_default_na=False, na_values=[""])
+    raise ValueError(f"unsupported data file {f}: use .parquet, .jsonl, .json or .csv")
+
+
+def read_raw(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+    """Yield (row label, raw row dict) in a stable order: file name, then row number."""
+    assert cfg.path is not None
+    local = resolve_data_path(cfg.path)
+    if local is None:
+        yield from _read_hub(cfg)
+        return
+    files = sorted(f for f in local.rglob("*") if f.is_file()) if local.is_dir() else [local]
+    files = [f for f in files if f.suffix.lower() in (".parquet", ".jsonl", ".json", ".csv")]
+    if not files:
+        raise FileNotFoundError(f"data.path {cfg.path}: no .parquet/.jsonl/.json/.csv files found")
+    for f in files:
+        df = _read_file(f)
+        # The MMLU CSV export has one file per subject (<subject>_<split>.csv) and no subject column.
+        subject = re.sub(r"_(dev|val|test|train)$", "", f.stem)
+        for i, row in enumerate(df.to_dict(orient="records")):
+            if cfg.source == "mmlu" and "subject" not in row:
+                row["subject"] = subject
+            label = f"{f.name}:{i}" if len(files) > 1 else str(i)
+            yield label, row
+
+
+def _read_hub(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+    import datasets  # heavy import, only for hub loads
+
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
+    except Exception as e:  # offline, typo, gated: all surface here
+        raise FileNotFoundError(
+            f"data.path {cfg.path!r} is not a local file and loading it from the hub failed: {e}. "
+            "Point data.path at a local file in the same schema if the hub is unreachable."
+        ) from e
+    for i, row in enumerate(ds):
+        yield str(i), row
+
+
+# --- validation ---
+
+
+def _validate(rec: dict, src: str, row_label: str) -> dict:
+    question = _text(rec["question"], "question")
+    options = rec["options"]
+    if src != "gsm8k" and options is not None and 0 < len(options) < 2:
+        raise _Bad("options", f"multiple choice needs at least 2 options, got {len(options)}")
+    if len(options) > len(LETTERS):
+        raise _Bad("options", f"{len(options)} options; at most {len(LETTERS)} are supported")
+    if options and rec["gold"] not in LETTERS[: len(options)]:
+        raise _Bad("answer", f"gold {rec['gold']!r} is not among the {len(options)} options")
+    if not options and src in ("mmlu_pro", "mmlu", "medmcqa"):
+        raise _Bad("options", "multiple choice needs at least 2 options, got 0")
+    rid = rec["id"]
+    if _missing(rid):
+        rid = f"{src}-{row_label}"
+    elif not isinstance(rid, str | int | np.integer):
+        raise _Bad("id", f"expected text or integer id, got {type(rid).__name__}")
+    category = rec["category"]
+    if _missing(category):
+        category = ""
+    elif not isinstance(category, str):
+        raise _Bad("category", f"expected text, got {type(category).__name__} {category!r}")
+    return {"id": str(rid), "question": question, "options": list(options), "gold": str(rec["gold"]),
+            "category": category, "source": src}
+
+
+def _json_safe(row: dict) -> dict:
+    return json.loads(pd.Series(row).to_json(default_handler=str))
+
+
+def load_questions(cfg: DataConfig) -> tuple[pd.DataFrame, list[dict], int]:
+    """Return (valid questions, quarantined rows with reasons, rows read)."""
+    if cfg.source == "synthetic":
+        rows = generate_arithmetic(**cfg.synthetic.model_dump())
+        return pd.DataFrame(rows, columns=COLUMNS), [], len(rows)
+    adapter = ADAPTERS[cfg.source]
+    good: list[dict] = []
+    bad: list[dict] = []
+    seen: dict[str, str] = {}
+    n_read = 0
+    for label, raw in read_raw(cfg):
+        n_read += 1
+        try:
+            rec = _validate(adapter(raw, cfg), cfg.source, label)
+            if rec["id"] in seen:
+                raise _Bad("id", f"duplicate id {rec['id']!r} (first seen at row {seen[rec['id']]})",
+                           "Ids must be unique; fix the source or drop the duplicate")
+            seen[rec["id"]] = label
+            good.append(rec)
+        except _Bad as b:
+            if cfg.on_bad_rows == "error":
+                raise BadRowError(label, b.field, b.reason, b.fix) from None
+            bad.append({"row": label, "field": b.field, "reason": b.reason, "raw": _json_safe(raw)})
+    df = pd.DataFrame(good, columns=COLUMNS)
+    return df, bad, n_read
+
+
+def select_rows(df: pd.DataFrame, limit: int | None, sample: int | None, seed: int) -> pd.DataFrame:
+    if sample is not None and sample < len(df):
+        df = df.sample(n=sample, random_state=seed).sort_index()
+    if limit is not None:
+        df = df.head(limit)
+    return df.reset_index(drop=True)

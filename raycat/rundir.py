@@ -1,0 +1,89 @@
+"""Run-directory I/O: atomic writes of Parquet/JSON/text on local paths and cloud URIs.
+
+A reader never sees a half-written file: data goes to a temporary name first and is renamed into
+place (on object stores a single PUT is already atomic, and the rename is a copy).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts)
+
+
+def exists(path: str) -> bool:
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str) -> None:
+    fs, p = _fs(path)
+    fs.create_dir(p, recursive=True)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, p = _fs(path)
+    parent = p.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, p)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str) -> Any:
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read())
+
+
+def write_parquet(path: str, df: pd.DataFrame) -> None:
+    buf = io.BytesIO()
+    # No pandas metadata: frames coming out of Ray Data carry ArrowDtype annotations that plain
+    # pandas cannot read back; the Arrow schema alone round-trips every column we write.
+    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    pq.write_table(table, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def read_parquet(path: str) -> pd.DataFrame:
+    fs, p = _fs(path)
+    return pq.read_table(p, filesystem=fs).to_pandas(ignore_metadata=True)
+
+
+def list_files(directory: str, suffix: str) -> list[str]:
+    """Finished files only: temporaries (``.tmp-*``) of an interrupted write are ignored."""
+    fs, p = _fs(directory)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    prefix = directory.rstrip("/")
+    return sorted(f"{prefix}/{i.base_name}" for i in infos
+                  if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
+                  and not i.base_name.startswith(".tmp-"))

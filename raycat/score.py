@@ -1,0 +1,280 @@
+"""Score stage: student answer-token entropy for every question.
+
+Ray Data pipeline: questions.parquet → render prompts with the student's chat template (CPU actors)
+→ engine actor pool (vLLM; one engine per GPU or TP group) → the driver writes each finished block
+as an atomic Parquet part under ``score/parts/<cache key>/``. A rerun skips ids already written
+under the same key (model, revision, dtype, template hash, prompt version, entropy mode), so an
+interrupted run resumes without losing or duplicating rows. The pure per-row maths is in
+``row_result``; metrics in ``raycat.score_metrics``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from raycat import rundir
+from raycat.answers import normalize_number
+from raycat.config import RaycatConfig
+from raycat.engine import ScoreRequest, ScoreResult, make_engine
+from raycat.entropy import entropy_options, options_distribution
+from raycat.prompts import LETTERS, PROMPT_VERSION, LabelTokens, messages_for, render_ids
+
+OUTPUT_COLUMNS = [
+    "id", "status", "skip_reason", "entropy", "entropy_options", "entropy_full", "entropy_topk",
+    "entropy_topk_bound", "predicted", "correct", "idk", "option_mass", "option_probs", "greedy_text",
+    "prompt_tokens", "gold", "category",
+]
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """Everything the actors need, resolved on the driver before Ray starts."""
+
+    model_path: str
+    revision: str | None
+    trust_remote_code: bool
+    preset: str
+    system_prompt: str | None
+    labels: LabelTokens
+    template_hash: str
+    cache_key: str
+    sample_ids: frozenset[str]
+    max_prompt_tokens: int
+
+
+def cache_key(cfg: RaycatConfig, model_path: str, template_hash: str) -> str:
+    s = cfg.score
+    parts = {"model": model_path, "revision": s.student.revision, "dtype": s.student.dtype,
+             "template": template_hash, "prompt_version": PROMPT_VERSION, "mode": s.entropy_mode,
+             "top_k": s.top_k if s.entropy_mode == "topk" else None, "preset": s.prompt.preset,
+             "system_prompt": s.prompt.system_prompt, "free_form_max_tokens": s.free_form_max_tokens}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def deviation_sample(ids: pd.Series, n: int) -> frozenset[str]:
+    """A stable sample (by id hash, not row order) also scored in full mode."""
+    ranked = sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())
+    return frozenset(ranked[:n])
+
+
+def row_result(res: ScoreResult, n_options: int, gold: str, mode: str, preset: str) -> dict:
+    """Pure: one engine result → the output columns of one scored row."""
+    out: dict = {"entropy_full": res.entropy_full, "entropy_topk": res.entropy_topk,
+                 "entropy_topk_bound": res.entropy_topk_bound, "greedy_text": res.greedy_text, "idk": False}
+    if n_options:
+        lp = np.asarray(res.option_logprobs)
+        probs, mass = options_distribution(lp)
+        k = int(probs.argmax())
+        out["idk"] = preset == "paper" and k == n_options  # the appended "0" label
+        out["predicted"] = "IDK" if out["idk"] else LETTERS[k]
+        out["correct"] = out["predicted"] == gold
+        out["option_mass"] = mass
+        out["option_probs"] = probs.tolist()
+        out["entropy_options"] = entropy_options(lp)
+    else:
+        out["predicted"] = normalize_number(res.greedy_text) or ""
+        out["correct"] = out["predicted"] == gold
+        out["option_mass"] = None
+        out["option_probs"] = []
+        out["entropy_options"] = None
+    by_mode = {"options": out["entropy_options"], "full": res.entropy_full, "topk": res.entropy_topk}
+    out["entropy"] = by_mode[mode]
+    return out
+
+
+class RenderPrompts:
+    """Ray Data stage: chat-template rendering; flags rows that cannot be scored, with the reason."""
+
+    def __init__(self, plan: ScorePlan):
+        from transformers import AutoTokenizer
+
+        self.plan = plan
+        self.tok = AutoTokenizer.from_pretrained(plan.model_path, revision=plan.revision,
+                                                 trust_remote_code=plan.trust_remote_code)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        p = self.plan
+        ids, reasons = [], []
+        for q, opts, cat in zip(batch["question"], batch["options"], batch["category"], strict=True):
+            opts = list(opts)
+            prompt = render_ids(self.tok, messages_for(q, opts, cat, p.preset, p.system_prompt))
+            reason = ""
+            if opts and p.labels.groups(len(opts), p.preset) is None:
+                bad = [lab for lab in p.labels.multi_token if lab in _labels_for(len(opts), p.preset)]
+                reason = (f"option label(s) {bad} are not single tokens for this tokenizer; "
+                          "use score.prompt.preset=letters")
+            elif len(prompt) >= p.max_prompt_tokens:
+                reason = (f"prompt has {len(prompt)} tokens, over score.student.max_model_len "
+                          f"({p.max_prompt_tokens}); raise it")
+            ids.append(prompt)
+            reasons.append(reason)
+        out = batch.copy()
+        out["prompt_ids"] = ids
+        out["skip_reason"] = reasons
+        return out
+
+
+def _labels_for(n: int, preset: str) -> list[str]:
+    from raycat.prompts import IDK_LABEL, option_labels
+
+    return option_labels(n, preset) + ([IDK_LABEL] if preset == "paper" else [])
+
+
+class ScoreBatch:
+    """Ray Data stage: one engine per actor, loaded once, scoring whole batches."""
+
+    def __init__(self, plan: ScorePlan, backend: str, mode: str, top_k: int, free_form_max_tokens: int,
+                 engine_kwargs: dict):
+        self.plan, self.mode, self.top_k, self.ff = plan, mode, top_k, free_form_max_tokens
+        need_full = mode == "full" or bool(plan.sample_ids)
+        kwargs = dict(engine_kwargs, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
+        if backend == "vllm":
+            kwargs["need_full"] = need_full
+        self.engine = make_engine(backend, plan.model_path, **kwargs)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        p = self.plan
+        rows = batch.to_dict(orient="records")
+        todo = [i for i, r in enumerate(rows) if not r["skip_reason"]]
+        requests = []
+        for i in todo:
+            r = rows[i]
+            groups = p.labels.groups(len(r["options"]), p.preset) if len(r["options"]) else []
+            requests.append(ScoreRequest(prompt_ids=list(r["prompt_ids"]), option_groups=groups,
+                                         want_full=r["id"] in p.sample_ids))
+        results = self.engine.score(requests, self.mode, self.top_k, self.ff) if requests else []
+        out = []
+        scored = dict(zip(todo, results, strict=True))
+        for i, r in enumerate(rows):
+            row = {c: None for c in OUTPUT_COLUMNS}
+            row.update(id=r["id"], gold=r["gold"], category=r["category"], prompt_tokens=len(r["prompt_ids"]),
+                       option_probs=[], idk=False)
+            if i in scored:
+                row.update(row_result(scored[i], len(r["options"]), r["gold"], self.mode, p.preset))
+                row.update(status="scored", skip_reason="")
+            else:
+                row.update(status="skipped", skip_reason=r["skip_reason"], correct=False)
+            out.append(row)
+        return pd.DataFrame(out, columns=OUTPUT_COLUMNS)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def done_ids(parts_dir: str) -> set[str]:
+    ids: set[str] = set()
+    for f in rundir.list_files(parts_dir, ".parquet"):
+        ids.update(rundir.read_parquet(f)["id"])
+    return ids
+
+
+def read_parts(parts_dir: str) -> pd.DataFrame:
+    frames = [rundir.read_parquet(f) for f in rundir.list_files(parts_dir, ".parquet")]
+    if not frames:
+        return pd.DataFrame(columns=OUTPUT_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_pipeline(cfg: RaycatConfig, plan: ScorePlan, todo: pd.DataFrame, parts_dir: str,
+                 on_rows=lambda n: None) -> int:
+    """Score ``todo``; write each finished block as an atomic part. Returns rows written."""
+    import ray
+
+    eng = cfg.score.engine
+    engine_kwargs = dict(dtype=cfg.score.student.dtype, device=eng.device,
+                         max_model_len=cfg.score.student.max_model_len,
+                         tensor_parallel_size=eng.tensor_parallel_size, kv_cache_gib=eng.kv_cache_gib,
+                         gpu_memory_utilization=eng.gpu_memory_utilization,
+                         enforce_eager=eng.enforce_eager, seed=eng.seed)
+    # The driver already holds the validated questions, so blocks come straight from it (no read
+    # tasks to schedule). Blocks of a few batches keep the stream moving and progress visible.
+    block = 4 * eng.batch_size
+    chunks = [todo.iloc[i:i + block] for i in range(0, len(todo), block)]
+    ds = ray.data.from_pandas(chunks)
+    # Rendering is light: a fraction of a CPU, so read + render + one engine fit on a 2-core machine.
+    light = {"num_cpus": 0.25}
+    ds = ds.map_batches(RenderPrompts, fn_constructor_kwargs={"plan": plan}, batch_format="pandas",
+                        batch_size=eng.batch_size, compute=ray.data.ActorPoolStrategy(size=1), **light)
+    ds = ds.map_batches(
+        ScoreBatch,
+        fn_constructor_kwargs=dict(plan=plan, backend=eng.backend, mode=cfg.score.entropy_mode,
+                                   top_k=cfg.score.top_k, free_form_max_tokens=cfg.score.free_form_max_tokens,
+                                   engine_kwargs=engine_kwargs),
+        batch_format="pandas", batch_size=eng.batch_size,
+        # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
+        compute=ray.data.ActorPoolStrategy(size=eng.num_engines),
+        num_gpus=eng.tensor_parallel_size if eng.device == "gpu" else 0, num_cpus=eng.cpus_per_engine,
+    )
+    written = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        if len(batch) == 0:
+            continue
+        rundir.write_parquet(rundir.join(parts_dir, f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"),
+                             batch)
+        written += len(batch)
+        on_rows(len(batch))
+    return written
+
+
+def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
+    """Resolve the model and tokenizer-dependent facts on the driver: fails before any engine starts."""
+    from transformers import AutoTokenizer
+
+    from raycat import models
+    from raycat.prompts import label_tokens, template_hash
+
+    s = cfg.score
+    model_path = models.resolve(s.student.path)
+    tok = AutoTokenizer.from_pretrained(model_path, revision=s.student.revision,
+                                        trust_remote_code=s.student.trust_remote_code)
+    n_max = int(questions["options"].map(len).max()) if len(questions) else 0
+    th = template_hash(tok, s.prompt.preset, s.prompt.system_prompt)
+    sample = frozenset() if s.entropy_mode == "full" else deviation_sample(questions["id"], s.deviation_sample)
+    return ScorePlan(
+        model_path=model_path, revision=s.student.revision, trust_remote_code=s.student.trust_remote_code,
+        preset=s.prompt.preset, system_prompt=s.prompt.system_prompt,
+        labels=label_tokens(tok, max(n_max, 1), s.prompt.preset), template_hash=th,
+        cache_key=cache_key(cfg, s.student.path, th), sample_ids=sample,
+        max_prompt_tokens=s.student.max_model_len - s.free_form_max_tokens,
+    )
+
+
+def finalize(cfg: RaycatConfig, plan: ScorePlan, questions: pd.DataFrame, parts_dir: str) -> dict:
+    """Merge parts into scores.parquet / skipped.parquet and write metrics.json."""
+    from raycat.score_metrics import score_metrics
+
+    df = read_parts(parts_dir)
+    df = df[df["id"].isin(set(questions["id"]))]
+    dupes = int(df["id"].duplicated().sum())
+    if dupes:
+        raise RuntimeError(f"{dupes} duplicate ids in {parts_dir}; this is a raycat bug, please report it")
+    df = df.set_index("id").loc[[i for i in questions["id"] if i in set(df["id"])]].reset_index()
+    s = cfg.score
+    df["model"] = s.student.path
+    df["model_revision"] = s.student.revision or ""
+    df["template_hash"] = plan.template_hash
+    df["prompt_version"] = PROMPT_VERSION
+    df["entropy_mode"] = s.entropy_mode
+    df["logits"] = "raw"
+    df["cache_key"] = plan.cache_key
+    out = rundir.join(cfg.run_dir, "score")
+    rundir.write_parquet(rundir.join(out, "scores.parquet"), df[df["status"] == "scored"])
+    rundir.write_parquet(rundir.join(out, "skipped.parquet"), df[df["status"] == "skipped"])
+    metrics = score_metrics(df)
+    metrics["missing"] = int(len(questions) - len(df))
+    metrics["provenance"] = {
+        "model": s.student.path, "model_revision": s.student.revision, "resolved_model_path": plan.model_path,
+        "template_hash": plan.template_hash, "prompt_version": PROMPT_VERSION, "prompt_preset": plan.preset,
+        "entropy_mode": s.entropy_mode, "top_k": s.top_k, "logits": "raw (no generation-config processors)",
+        "engine": s.engine.backend, "dtype": s.student.dtype, "cache_key": plan.cache_key,
+    }
+    return metrics
