@@ -1,0 +1,92 @@
+"""Hermetic fixtures: no network, tiny real-shaped models built in-process, local data files."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads on 2 busy cores collapse throughput ~6x
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_vllm = pytest.mark.skip(reason="vllm is not installed (pip install -e '.[cpu]')")
+    for item in items:
+        if "vllm" in item.keywords and not HAS_VLLM:
+            item.add_marker(skip_vllm)
+
+
+def _corpus() -> list[str]:
+    words = ("the of and to in is what which following question answer option correct number "
+             "multiple choice write down only letter nothing else about solve problem final math "
+             "science history law biology chemistry physics value sum plus equals").split()
+    lines = []
+    for i in range(400):
+        w = " ".join(words[(i * 7 + k) % len(words)] for k in range(12))
+        lines.append(f"Question: {w}?\nOptions:\nA. {w}\nB. {w}\nC. {w}\nD. {w}\nE. x\nF. y\nG. z\nH. w\nI. v\nJ. u")
+        lines.append(f"The answer is {'ABCDEFGHIJ'[i % 10]} and {i} + {i + 1} = {2 * i + 1}.")
+    return lines
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    """ChatML BPE tokenizer (digits split, like Qwen) + random Llama with real-ish shapes for vLLM."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=900, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None)
+    fast.chat_template = CHATML
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    # Random init gives near-uniform logits; scale the head so entropies differ between prompts.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present (only in the development checkout)")
+    return SHARED_DATA

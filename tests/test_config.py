@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raycat.config import ConfigError, dump_config, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"data": {"source": "synthetic"}, "score": {"student": {"path": "some/model"}}}
+
+
+def write(tmp_path, tree) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.score.entropy_mode == "options"
+    assert cfg.split.quantiles == (0.25, 0.75)
+    assert cfg.score.student.trust_remote_code is False
+
+
+def test_dotted_overrides_parse_yaml_scalars(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["score.engine.batch_size=7", "split.quantiles=[0.1, 0.9]",
+                                                  "score.student.trust_remote_code=true", "data.limit=5"])
+    assert cfg.score.engine.batch_size == 7
+    assert cfg.split.quantiles == (0.1, 0.9)
+    assert cfg.score.student.trust_remote_code is True
+    assert cfg.data.limit == 5
+
+
+def test_unknown_keys_are_rejected_with_the_dotted_key(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, MINIMAL), ["score.engine.bach_size=3"])
+    assert "score.engine.bach_size: unknown key" in str(e.value)
+
+
+def test_all_errors_reported_at_once_with_keys(tmp_path):
+    tree = {"data": {"source": "mmlu_pro"}, "score": {"student": {"path": "m"}, "entropy_mode": "nope"},
+            "split": {"quantiles": [0.8, 0.2]}}
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, tree))
+    msg = str(e.value)
+    assert "data.path: source 'mmlu_pro' needs data.path" in msg
+    assert "score.entropy_mode:" in msg
+    assert "split.quantiles: must satisfy 0 < low < high < 1" in msg
+
+
+def test_cross_field_rules_name_the_key(tmp_path):
+    tree = {"data": {"source": "gsm8k", "path": "x"}, "score": {"student": {"path": "m"}}}
+    with pytest.raises(ConfigError, match=r"score.entropy_mode: 'options' needs multiple-choice"):
+        load_config(write(tmp_path, tree))
+    with pytest.raises(ConfigError, match=r"score.engine.tensor_parallel_size: > 1 needs"):
+        load_config(write(tmp_path, MINIMAL), ["score.engine.tensor_parallel_size=2"])
+
+
+def test_missing_required_key_says_how_to_set_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"score: required"):
+        load_config(write(tmp_path, {"data": {"source": "synthetic"}}))
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(yaml.YAMLError):
+        load_config(p)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides(["score.engine.batch_size"])
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["score.entropy_mode=topk"])
+    again = load_config(write(tmp_path, yaml.safe_load(dump_config(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)

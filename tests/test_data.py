@@ -1,0 +1,157 @@
+"""Adapters on small local files in each public hub schema, and every bad-row rule."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from raycat.config import ColumnMap, DataConfig
+from raycat.data import BadRowError, load_questions
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def load(source, path, **kw):
+    return load_questions(DataConfig(source=source, path=path, **kw))
+
+
+def test_mmlu_pro_parquet_schema(tmp_path):
+    rows = [{"question_id": 70, "question": "Q?", "options": ["a", "b", "c"], "answer": "C", "answer_index": 2,
+             "cot_content": "", "category": "law", "src": "ori_mmlu-law"}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "test.parquet")
+    df, bad, n = load("mmlu_pro", str(tmp_path / "test.parquet"))
+    assert n == 1 and not bad
+    rec = df.iloc[0]
+    assert (rec.id, rec.gold, rec.category, list(rec.options), rec.source) == ("70", "C", "law", ["a", "b", "c"],
+                                                                               "mmlu_pro")
+
+
+def test_mmlu_hub_schema_and_csv_export(tmp_path):
+    p = jsonl(tmp_path / "m.jsonl", [{"question": "Q", "subject": "anatomy", "choices": ["w", "x", "y", "z"],
+                                      "answer": 3}])
+    df, _, _ = load("mmlu", p)
+    assert df.iloc[0].gold == "D" and df.iloc[0].category == "anatomy" and df.iloc[0].id == "mmlu-0"
+    d = tmp_path / "csv"
+    d.mkdir()
+    (d / "virology_dev.csv").write_text("question,choice0,choice1,choice2,choice3,answer\nQ,None,NA,2,3,1\n")
+    df, _, _ = load("mmlu", str(d))
+    # "None"/"NA" are option texts, not missing values; numbers stay text.
+    assert list(df.iloc[0].options) == ["None", "NA", "2", "3"]
+    assert df.iloc[0].gold == "B" and df.iloc[0].category == "virology"
+
+
+def test_medmcqa_schema_cop_is_zero_based(tmp_path):
+    row = {"id": "abc", "question": "Q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0,
+           "subject_name": "Anatomy"}
+    df, _, _ = load("medmcqa", jsonl(tmp_path / "m.jsonl", [row]))
+    assert (df.iloc[0].id, df.iloc[0].gold, df.iloc[0].category) == ("abc", "A", "Anatomy")
+
+
+def test_medmcqa_test_split_without_answers_is_explained(tmp_path):
+    row = {"id": "x", "question": "Q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": -1}
+    with pytest.raises(BadRowError, match=r"row 0, field 'cop': no published answer.*validation split"):
+        load("medmcqa", jsonl(tmp_path / "m.jsonl", [row]))
+
+
+def test_gsm8k_final_answer_is_normalized(tmp_path):
+    rows = [{"question": "How many?", "answer": "5 + 7 = <<5+7=12>>12\n#### 1,234"},
+            {"question": "Q2", "answer": "...\n#### 72.0"}]
+    df, _, _ = load("gsm8k", jsonl(tmp_path / "g.jsonl", rows))
+    assert list(df.gold) == ["1234", "72"] and list(df.options.map(len)) == [0, 0]
+
+
+def test_generic_columns_and_answer_formats(tmp_path):
+    rows = [{"qid": "a", "q": "Q", "o1": "x", "o2": "y", "ans": "y", "t": "bio"}]
+    p = jsonl(tmp_path / "g.jsonl", rows)
+    cols = ColumnMap(id="qid", question="q", options=["o1", "o2"], answer="ans", category="t")
+    df, _, _ = load("generic", p, columns=cols, answer_format="text")
+    assert (df.iloc[0].id, df.iloc[0].gold, df.iloc[0].category) == ("a", "B", "bio")
+    pd.DataFrame([{"q": "Q", "opts": ["x", "y", "z"], "ans": 3}]).to_parquet(tmp_path / "g.parquet")
+    df, _, _ = load("generic", str(tmp_path / "g.parquet"),
+                    columns=ColumnMap(question="q", options="opts", answer="ans"), answer_format="index1")
+    assert df.iloc[0].gold == "C"
+    (tmp_path / "n.csv").write_text("question,answer\nHow much?,\"$1,000\"\n")
+    df, _, _ = load("generic", str(tmp_path / "n.csv"), columns=ColumnMap(options=None), answer_format="number")
+    assert df.iloc[0].gold == "1000" and list(df.iloc[0].options) == []
+
+
+def test_package_path_resolves_inside_an_installed_package():
+    from raycat.data import resolve_data_path
+
+    p = resolve_data_path("package:raycat/config.py")
+    assert p.is_file()
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        resolve_data_path("package:no_such_pkg_xyz/data.jsonl")
+
+
+def test_unreachable_hub_name_gives_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="not a local file and loading it from the hub failed"):
+        load("mmlu_pro", "TIGER-Lab/MMLU-Pro-definitely-not-cached")
+
+
+GOOD = {"question_id": 1, "question": "Q", "options": ["a", "b", "c"], "answer": "A", "answer_index": 0,
+        "category": "c"}
+BAD_ROWS = [
+    ({"question": None}, "question", "missing value"),
+    ({"question": "   "}, "question", "empty text"),
+    ({"question": 42}, "question", "expected text"),
+    ({"options": ["only"], "answer_index": 0, "answer": "A"}, "options", "at least 2 options"),
+    ({"options": ["a", 5, "c"]}, "options", "expected text"),
+    ({"answer_index": 7, "answer": None}, "answer_index", "not among the 3 options"),
+    ({"answer": "B"}, "answer", "disagrees with answer_index"),
+    ({"category": 3}, "category", "expected text"),
+]
+
+
+@pytest.mark.parametrize("patch,field,reason", BAD_ROWS, ids=[f"{b[1]}-{b[2][:12]}" for b in BAD_ROWS])
+def test_bad_row_errors_name_row_and_field(tmp_path, patch, field, reason):
+    rows = [GOOD, {**GOOD, "question_id": 2, **patch}]
+    p = jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(BadRowError) as e:
+        load("mmlu_pro", p)
+    assert e.value.row == "1" and e.value.field == field and reason in e.value.reason
+    assert "data.on_bad_rows=quarantine" in str(e.value)
+    df, bad, n = load("mmlu_pro", p, on_bad_rows="quarantine")
+    assert n == 2 and list(df.id) == ["1"]
+    assert bad[0]["row"] == "1" and bad[0]["field"] == field and reason in bad[0]["reason"]
+
+
+def test_duplicate_ids_are_bad_rows(tmp_path):
+    p = jsonl(tmp_path / "d.jsonl", [GOOD, GOOD])
+    with pytest.raises(BadRowError, match=r"row 1, field 'id': duplicate id '1' \(first seen at row 0\)"):
+        load("mmlu_pro", p)
+    df, bad, _ = load("mmlu_pro", p, on_bad_rows="quarantine")
+    assert len(df) == 1 and bad[0]["field"] == "id"
+
+
+def test_generic_gold_not_among_options(tmp_path):
+    p = jsonl(tmp_path / "g.jsonl", [{"question": "Q", "options": ["a", "b"], "answer": "E"}])
+    with pytest.raises(BadRowError, match=r"field 'answer': gold 'E' is not among the option letters 'AB'"):
+        load("generic", p, columns=ColumnMap())
+
+
+def test_synthetic_generator_is_seeded_and_valid():
+    cfg = DataConfig(source="synthetic")
+    a, bad, _ = load_questions(cfg)
+    b, _, _ = load_questions(cfg)
+    assert not bad and len(a) == 300 and a.equals(b)
+    assert set(a.category) == {"1-digit", "2-digit", "3-digit"}
+    for _, r in a.iterrows():
+        a_, b_ = (int(x) for x in r.question.removeprefix("What is ").rstrip("?").split(" + "))
+        assert r.options["ABCD".index(r.gold)] == str(a_ + b_)
+        assert len(set(r.options)) == 4
+
+
+def test_real_mmlu_dev_csvs(shared_data):
+    df, bad, n = load("mmlu", str(shared_data / "mmlu_dev"))
+    assert n == 285 and len(df) + len(bad) == 285 and df.id.is_unique
+    assert df.category.nunique() == 57 and set(df.gold) <= set("ABCD")
+
+
+def test_real_mmlu_pro_validation_parquet(shared_data):
+    df, bad, n = load("mmlu_pro", str(shared_data / "mmlu_pro_validation" / "validation.parquet"))
+    assert n == 70 and not bad and df.category.nunique() == 14
+    assert df.options.map(len).between(3, 10).all()

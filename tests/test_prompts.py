@@ -1,0 +1,56 @@
+from raycat.prompts import (
+    PROMPT_VERSION,
+    label_tokens,
+    messages_for,
+    option_labels,
+    render_ids,
+    template_hash,
+)
+
+
+def test_letter_and_paper_presets():
+    m = messages_for("Q?", ["x", "y", "z"], "law", "letters")
+    assert m[0]["content"].startswith("The following is a multiple choice question about law.")
+    assert m[1]["content"] == "Question: Q?\nOptions:\nA. x\nB. y\nC. z"
+    p = messages_for("Q?", ["x", "y"], "law", "paper")
+    assert "otherwise return 0" in p[0]["content"] and "otherwise return 0" in p[1]["content"]
+    assert "1. x\n2. y" in p[1]["content"]
+    assert option_labels(3, "paper") == ["1", "2", "3"]
+
+
+def test_free_form_prompt_has_no_options():
+    m = messages_for("How many?", [], "gsm8k", "letters")
+    assert m[1]["content"] == "How many?" and "final number" in m[0]["content"]
+
+
+def test_render_uses_the_models_own_chat_template(tiny_tokenizer):
+    ids = render_ids(tiny_tokenizer, messages_for("Q?", ["x", "y"], "", "letters"))
+    text = tiny_tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    assert text.count("<|im_start|>") == 3  # no extra BOS from add_special_tokens
+
+
+def test_template_hash_changes_with_template_and_preset(tiny_tokenizer):
+    h = template_hash(tiny_tokenizer, "letters", None)
+    assert h == template_hash(tiny_tokenizer, "letters", None)
+    assert h != template_hash(tiny_tokenizer, "paper", None)
+    assert h != template_hash(tiny_tokenizer, "letters", "Custom {subject}")
+    saved = tiny_tokenizer.chat_template
+    try:
+        tiny_tokenizer.chat_template = saved + " "
+        assert h != template_hash(tiny_tokenizer, "letters", None)
+    finally:
+        tiny_tokenizer.chat_template = saved
+    assert PROMPT_VERSION
+
+
+def test_label_tokens_detect_multi_token_labels(tiny_tokenizer):
+    letters = label_tokens(tiny_tokenizer, 10, "letters")
+    assert letters.multi_token == () and set(letters.ids) == set("ABCDEFGHIJ")
+    assert letters.groups(4, "letters") == [list(letters.ids[c]) for c in "ABCD"]
+    # The tiny tokenizer splits digits (as Qwen's does): "10" is two tokens, so the paper preset's
+    # 10th option cannot be scored as one token. It must be reported, not mis-scored as "1".
+    paper = label_tokens(tiny_tokenizer, 10, "paper")
+    assert paper.multi_token == ("10",)
+    assert paper.groups(10, "paper") is None
+    assert paper.groups(9, "paper")[-1] == list(paper.ids["0"])  # IDK label appended last

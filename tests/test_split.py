@@ -1,0 +1,77 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from raycat.config import SplitConfig
+from raycat.split import assign_bands, holdout_mask, quantile_thresholds, split_frame
+
+
+def frame(entropies):
+    return pd.DataFrame({"id": [f"q{i}" for i in range(len(entropies))], "entropy": entropies})
+
+
+def test_exact_quantile_thresholds_on_known_input():
+    e = np.arange(1, 101, dtype=float)  # 1..100
+    lo, hi = quantile_thresholds(e, (0.25, 0.75))
+    assert (lo, hi) == (pytest.approx(25.75), pytest.approx(75.25))  # numpy 'linear'
+    bands = assign_bands(e, lo, hi)
+    assert (bands == "easy").sum() == 25 and (bands == "medium").sum() == 50 and (bands == "hard").sum() == 25
+
+
+def test_bands_are_bounded_and_disjoint_no_middle_band_bug():
+    rng = np.random.default_rng(0)
+    e = rng.exponential(size=1000)
+    bands, test, info = split_frame(frame(e), SplitConfig())
+    lo, hi = info["thresholds"]
+    assert bands["medium"]["entropy"].max() < hi  # the paper's v1/v2 medium had no upper bound
+    assert bands["easy"]["entropy"].max() < lo <= bands["medium"]["entropy"].min()
+    assert bands["hard"]["entropy"].min() >= hi
+    ids = [set(b["id"]) for b in bands.values()]
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
+    assert sum(len(b) for b in bands.values()) == 1000 and len(test) == 0
+
+
+def test_ties_land_in_the_same_band_deterministically():
+    e = np.array([0.0] * 5 + [1.0] * 10 + [2.0] * 5)
+    bands, _, info = split_frame(frame(e), SplitConfig())
+    assert info["thresholds"] == [pytest.approx(0.75), pytest.approx(1.25)]
+    assert set(bands["medium"]["entropy"]) == {1.0} and len(bands["medium"]) == 10
+    shuffled = frame(e).sample(frac=1, random_state=3)
+    bands2, _, _ = split_frame(shuffled, SplitConfig())
+    assert {b: set(v["id"]) for b, v in bands.items()} == {b: set(v["id"]) for b, v in bands2.items()}
+
+
+def test_absolute_thresholds_override_quantiles():
+    bands, _, info = split_frame(frame([0.1, 0.5, 0.9, 1.5]), SplitConfig(thresholds=(0.5, 1.0)))
+    assert info["method"] == "absolute"
+    assert list(bands["easy"]["entropy"]) == [0.1]
+    assert list(bands["medium"]["entropy"]) == [0.5, 0.9]
+    assert list(bands["hard"]["entropy"]) == [1.5]
+
+
+def test_thresholds_come_from_the_training_pool_only():
+    e = np.arange(100, dtype=float)
+    df = frame(e)
+    bands, test, info = split_frame(df, SplitConfig(test_fraction=0.3, seed=1))
+    pool = df[~df["id"].isin(test["id"])]
+    assert info["thresholds"] == [pytest.approx(v) for v in np.quantile(pool["entropy"], [0.25, 0.75])]
+    assert len(test) == 30 and "band" in test
+    assert info["test_counts"] == {b: int((test["band"] == b).sum()) for b in ("easy", "medium", "hard")}
+
+
+def test_holdout_is_seeded_and_independent_of_row_order():
+    ids = pd.Series([f"q{i}" for i in range(50)])
+    a = set(ids[holdout_mask(ids, 0.2, 7)])
+    rev = ids[::-1].reset_index(drop=True)
+    b = set(rev[holdout_mask(rev, 0.2, 7)])
+    assert a == b and len(a) == 10
+    assert a != set(ids[holdout_mask(ids, 0.2, 8)])
+
+
+def test_balancing_samples_n_per_band_seeded():
+    e = np.random.default_rng(0).normal(size=400)
+    bands, _, info = split_frame(frame(e), SplitConfig(balance_per_band=30, seed=5))
+    assert info["counts"] == {"easy": 30, "medium": 30, "hard": 30}
+    assert info["counts_before_balancing"] == {"easy": 100, "medium": 200, "hard": 100}
+    again, _, _ = split_frame(frame(e), SplitConfig(balance_per_band=30, seed=5))
+    assert all(set(bands[b]["id"]) == set(again[b]["id"]) for b in bands)
