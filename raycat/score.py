@@ -47,6 +47,7 @@ class ScorePlan:
     cache_key: str
     sample_ids: frozenset[str]
     max_prompt_tokens: int
+    mode: str = "options"
 
 
 def cache_key(cfg: RaycatConfig, model_path: str, template_hash: str) -> str:
@@ -106,7 +107,9 @@ class RenderPrompts:
             opts = list(opts)
             prompt = render_ids(self.tok, messages_for(q, opts, cat, p.preset, p.system_prompt))
             reason = ""
-            if opts and p.labels.groups(len(opts), p.preset) is None:
+            if not opts and p.mode == "options":
+                reason = "free-form question has no options to score; use score.entropy_mode=full or topk"
+            elif opts and p.labels.groups(len(opts), p.preset) is None:
                 bad = [lab for lab in p.labels.multi_token if lab in _labels_for(len(opts), p.preset)]
                 reason = (f"option label(s) {bad} are not single tokens for this tokenizer; "
                           "use score.prompt.preset=letters")
@@ -244,7 +247,7 @@ def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
         preset=s.prompt.preset, system_prompt=s.prompt.system_prompt,
         labels=label_tokens(tok, max(n_max, 1), s.prompt.preset), template_hash=th,
         cache_key=cache_key(cfg, s.student.path, th), sample_ids=sample,
-        max_prompt_tokens=s.student.max_model_len - s.free_form_max_tokens,
+        max_prompt_tokens=s.student.max_model_len - s.free_form_max_tokens, mode=s.entropy_mode,
     )
 
 

@@ -167,3 +167,18 @@ def test_free_form_questions_in_full_mode(tmp_path, tiny_model_dir):
     df = read_scores(tmp_path)
     assert len(df) == 6 and df.entropy.notna().all() and (df.entropy == df.entropy_full).all()
     assert df.option_mass.isna().all() and (df.correct == (df.predicted == df.gold)).all()
+
+
+def test_free_form_rows_in_options_mode_are_skipped_with_the_fix(tmp_path, tiny_model_dir):
+    (tmp_path / "n.jsonl").write_text("".join(json.dumps({"question": f"{i}+1?", "answer": i + 1}) + "\n"
+                                              for i in range(3)))
+    tree = {"run_dir": str(tmp_path / "run"),
+            "data": {"source": "generic", "path": str(tmp_path / "n.jsonl"), "columns": {"options": None},
+                     "answer_format": "number"},
+            "score": {"student": {"path": str(tiny_model_dir), "dtype": "float32", "max_model_len": 512},
+                      "engine": {"backend": "transformers"}}, "ray": {"num_cpus": 2}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    assert main(["score", "--config", str(p)]) == 0
+    skipped = rundir.read_parquet(str(tmp_path / "run" / "score" / "skipped.parquet"))
+    assert len(skipped) == 3 and skipped.skip_reason.str.contains("entropy_mode=full or topk").all()

@@ -1,0 +1,70 @@
+import json
+
+import pandas as pd
+import yaml
+
+from raycat.cli import main
+
+
+def config(tmp_path, **data):
+    tree = {"run_dir": str(tmp_path / "run"), "data": {"source": "synthetic", **data},
+            "score": {"student": {"path": "unused/model"}}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_show_config_prints_resolved_yaml(tmp_path, capsys):
+    assert main(["show-config", "--config", str(config(tmp_path)), "score.top_k=7"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["score"]["top_k"] == 7 and out["split"]["quantiles"] == [0.25, 0.75]
+
+
+def test_invalid_config_fails_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    assert main(["score", "--config", str(config(tmp_path)), "score.engine.nope=1"]) == 2
+    assert "score.engine.nope: unknown key" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_bad_row_stops_score_with_row_and_field(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "Q", "options": ["a", "b"], "answer": "C"}) + "\n")
+    tree = {"run_dir": str(tmp_path / "run"),
+            "data": {"source": "generic", "path": str(tmp_path / "d.jsonl"), "columns": {}},
+            "score": {"student": {"path": "unused/model"}}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    assert main(["score", "--config", str(p)]) == 1
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "bad input row 0, field 'answer'" in err and "on_bad_rows=quarantine" in err
+
+
+def test_split_without_scores_says_what_to_run(tmp_path, capsys):
+    assert main(["split", "--config", str(config(tmp_path))]) == 1
+    assert "run `raycat score`" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_split_command_writes_bands_and_thresholds(tmp_path):
+    from raycat import rundir
+
+    run = tmp_path / "run"
+    q = pd.DataFrame({"id": [f"q{i}" for i in range(20)], "question": "Q", "options": [["a", "b"]] * 20,
+                      "gold": "A", "category": "", "source": "synthetic"})
+    s = pd.DataFrame({"id": q.id, "entropy": [i / 10 for i in range(20)], "predicted": "A", "correct": True,
+                      "idk": [i == 0 for i in range(20)], "option_mass": 0.9, "template_hash": "h",
+                      "entropy_mode": "options"})
+    rundir.write_parquet(str(run / "questions" / "questions.parquet"), q)
+    rundir.write_parquet(str(run / "score" / "scores.parquet"), s)
+    assert main(["split", "--config", str(config(tmp_path)), "split.balance_per_band=4"]) == 0
+    info = json.loads((run / "split" / "thresholds.json").read_text())
+    assert info["counts"] == {"easy": 4, "medium": 4, "hard": 4}
+    skipped = pd.read_parquet(run / "split" / "skipped.parquet")
+    # 1 "I don't know" + 19 - 12 rows not drawn by balancing: every row is accounted for.
+    assert len(skipped) == 8 and skipped.skip_reason.str.len().gt(0).all()
+    assert (run / "split" / "config.yaml").is_file()
+
+
+def test_prepare_model_lists_registry_models(capsys):
+    assert main(["prepare-model", "--list"]) == 0
+    assert "smollm2-135m-instruct" in capsys.readouterr().err
