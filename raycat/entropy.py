@@ -60,13 +60,13 @@ def entropy_topk(topk_logprobs: np.ndarray, vocab_size: int) -> tuple[float, flo
     tail = max(0.0, 1.0 - float(p.sum()))
     n_tail = vocab_size - len(p)
     if tail <= 0.0 or n_tail <= 0:
-        return head, 0.0
+        return float(head), 0.0
     p_min = p[-1]
     full_slots = int(np.floor(tail / p_min))
     rest = tail - full_slots * p_min
     low = full_slots * (-p_min * np.log(p_min)) + (-rest * np.log(rest) if rest > 0 else 0.0)
     high = -tail * np.log(tail / n_tail)
-    return head + (low + high) / 2, (high - low) / 2
+    return float(head + (low + high) / 2), float((high - low) / 2)
 
 
 def roc_auc(correct: np.ndarray, entropy: np.ndarray) -> float | None:

@@ -24,7 +24,15 @@ from raycat.answers import normalize_number
 from raycat.config import RaycatConfig
 from raycat.engine import ScoreRequest, ScoreResult, make_engine
 from raycat.entropy import entropy_options, options_distribution
-from raycat.prompts import LETTERS, PROMPT_VERSION, LabelTokens, messages_for, render_ids
+from raycat.prompts import (
+    IDK_LABEL,
+    LETTERS,
+    PROMPT_VERSION,
+    LabelTokens,
+    messages_for,
+    option_labels,
+    render_ids,
+)
 
 OUTPUT_COLUMNS = [
     "id", "status", "skip_reason", "entropy", "entropy_options", "entropy_full", "entropy_topk",
@@ -125,8 +133,6 @@ class RenderPrompts:
 
 
 def _labels_for(n: int, preset: str) -> list[str]:
-    from raycat.prompts import IDK_LABEL, option_labels
-
     return option_labels(n, preset) + ([IDK_LABEL] if preset == "paper" else [])
 
 
