@@ -77,6 +77,7 @@ def _score_table(m: dict, cfg: RaycatConfig) -> None:
     q = m["questions"]
     rows = [
         ("questions read / valid / quarantined", f"{q['rows_read']} / {q['valid']} / {q['quarantined']}"),
+        ("questions selected (data.limit / data.sample)", str(q["selected"])),
         ("scored / skipped / IDK", f"{m['scored']} / {sum(m['skipped'].values())} / {m['idk']}"),
         ("accuracy", _fmt(m["accuracy"])),
         ("ROC AUC (−entropy → correct)", _fmt(m["roc_auc"])),

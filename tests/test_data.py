@@ -155,3 +155,18 @@ def test_real_mmlu_pro_validation_parquet(shared_data):
     df, bad, n = load("mmlu_pro", str(shared_data / "mmlu_pro_validation" / "validation.parquet"))
     assert n == 70 and not bad and df.category.nunique() == 14
     assert df.options.map(len).between(3, 10).all()
+
+
+def test_hub_loader_reads_a_hub_style_repository_layout(tmp_path):
+    # The same `datasets.load_dataset(name, subset, split=...)` call that serves hub ids, pointed at a
+    # local directory laid out like TIGER-Lab/MMLU-Pro on the hub (data/<split>-*.parquet).
+    from raycat.data import _read_hub
+
+    (tmp_path / "data").mkdir()
+    rows = [{**GOOD, "question_id": i} for i in range(3)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "data" / "test-00000-of-00001.parquet")
+    pd.DataFrame(rows[:1]).to_parquet(tmp_path / "data" / "validation-00000-of-00001.parquet")
+    got = list(_read_hub(DataConfig(source="mmlu_pro", path=str(tmp_path), split="test")))
+    assert [r["question_id"] for _, r in got] == [0, 1, 2]
+    got = list(_read_hub(DataConfig(source="mmlu_pro", path=str(tmp_path), split="validation")))
+    assert len(got) == 1
