@@ -2,6 +2,7 @@
 
     raycat score --config jobs/configs/demo-cpu.yaml            # student entropy for every question
     raycat split --config jobs/configs/demo-cpu.yaml            # easy / medium / hard bands
+    raycat teach --config jobs/configs/demo-cpu.yaml            # teacher CoT for the hard band
     raycat prepare-model smollm2-135m-instruct                  # build a registry-shipped model once
     raycat show-config --config jobs/configs/demo-cpu.yaml score.entropy_mode=full
 
@@ -119,6 +120,68 @@ def cmd_split(cfg: RaycatConfig) -> dict:
     return info
 
 
+def cmd_teach(cfg: RaycatConfig) -> dict:
+    from raycat.ray_env import ray_session
+    from raycat.teach import finalize, load_rows, read_cache, run_teacher, teacher_plan
+
+    if cfg.teach is None:
+        raise ValueError("the config has no teach: section (teach.teachers lists the teacher models)")
+    t0 = time.time()
+    rows, pool = load_rows(cfg)
+    plans = [teacher_plan(cfg, t) for t in cfg.teach.teachers]
+    solved: set[str] = set()
+    written = 0
+    for i, (t, plan) in enumerate(zip(cfg.teach.teachers, plans, strict=True)):
+        cache = rundir.join(cfg.run_dir, "teach", "cache", plan.cache_key)
+        have = read_cache(cache)
+        todo = rows[~rows["id"].isin(solved) & ~rows["id"].isin(set(have["id"]))]
+        console.print(f"[bold]teach[/] ({i + 1}/{len(plans)}) {plan.name}: {len(rows)} rows, "
+                      f"{len(solved)} solved by earlier teachers, {len(rows) - len(solved) - len(todo)} cached, "
+                      f"{len(todo)} to generate")
+        if len(todo):
+            with ray_session(cfg.ray), Progress(
+                TextColumn("[bold]teaching"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=console,
+            ) as progress:
+                task = progress.add_task("teach", total=len(todo))
+                written += run_teacher(t, plan, todo, cache,
+                                       on_rows=lambda n, task=task: progress.advance(task, n))
+            have = read_cache(cache)
+        solved |= set(have.loc[have["status"] == "verified", "id"]) & set(rows["id"])
+    m = finalize(cfg, rows, pool, plans)
+    m["wall_s"] = round(time.time() - t0, 2)
+    m["rows_this_run"] = written
+    rundir.write_json(rundir.join(cfg.run_dir, "teach", "metrics.json"), m)
+    _write_config(cfg, "teach")
+    _teach_table(m)
+    if m["failure_ratio"] > cfg.teach.max_failure_ratio:
+        raise RuntimeError(f"{m['status'].get('failed', 0)} of {m['rows']} rows failed "
+                           f"({m['failure_ratio']:.0%} > teach.max_failure_ratio); finished rows are kept, "
+                           "see teach/skipped.parquet")
+    return m
+
+
+def _teach_table(m: dict) -> None:
+    a = m["accounting"]
+    t = Table(title="teach — verified chain-of-thought and teacher cost")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for status, n in sorted(m["status"].items()):
+        t.add_row(f"rows {status}", str(n))
+    t.add_row("prompt / completion tokens", f"{a['prompt_tokens']} / {a['completion_tokens']}")
+    for name, d in a["per_teacher"].items():
+        t.add_row(f"{name}: attempts / engine s / GPU s",
+                  f"{d['attempts']} / {d['engine_seconds']:.1f} / {d['gpu_seconds']:.1f}")
+        if "cost" in d:
+            t.add_row(f"{name}: cost", f"{d['cost']:.4f} {d['currency']}")
+    est = a.get("distill_all_estimate")
+    if est:
+        t.add_row(f"distill-all tokens ({a['pool_rows']} pool rows, estimate)", f"{est['tokens']:.0f}")
+        t.add_row("teacher tokens saved vs distill-all (estimate)", f"{est['saving_pct']:.1f}%")
+    t.add_row("rows this run / wall s", f"{m['rows_this_run']} / {m['wall_s']}")
+    console.print(t)
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> None:
     from raycat.models import REGISTRY, prepare
 
@@ -135,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("score", "student answer-token entropy for every question"),
                         ("split", "easy / medium / hard bands from the scores"),
+                        ("teach", "verified teacher chain-of-thought for the chosen bands"),
                         ("show-config", "print the resolved config and exit")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
@@ -159,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
     try:
-        {"score": cmd_score, "split": cmd_split}[args.command](cfg)
+        {"score": cmd_score, "split": cmd_split, "teach": cmd_teach}[args.command](cfg)
     except (BadRowError, FileNotFoundError, ValueError, RuntimeError) as e:
         console.print(f"[red]raycat {args.command}: {e}[/]")
         return 1

@@ -155,6 +155,67 @@ class SplitConfig(Strict):
         return self
 
 
+class SamplingConfig(Strict):
+    temperature: float = Field(0.0, ge=0, description="First attempt; 0 = greedy and reproducible.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(1024, ge=1, description="Completion budget per attempt (CoT needs hundreds).")
+    seed: int = Field(0, description="Sampling seed; attempt i uses seed + i.")
+
+
+class PriceConfig(Strict):
+    prompt_per_mtok: float = Field(0.0, ge=0, description="Price per million prompt tokens.")
+    completion_per_mtok: float = Field(0.0, ge=0, description="Price per million completion tokens.")
+    currency: str = Field("USD", description="Label for reports.")
+
+
+class ApiConfig(Strict):
+    """An OpenAI-compatible HTTP endpoint (hosted teachers, or a vLLM server)."""
+
+    base_url: str = Field(description="e.g. https://openrouter.ai/api/v1 or http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="Model name the server expects; default teach model.path.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (the key itself never goes "
+        "in the config, outputs or logs); unset = no key."
+    )
+    max_concurrency: int = Field(16, ge=1, description="Requests in flight per teacher actor.")
+    requests_per_second: float | None = Field(None, gt=0, description="Client-side request rate limit.")
+    tokens_per_minute: int | None = Field(None, gt=0, description="Client-side token rate limit (estimated).")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts: exponential backoff with "
+                             "jitter, Retry-After honoured (the openai client's policy).")
+
+
+class TeacherConfig(Strict):
+    model: ModelConfig = Field(description="Teacher model (hub id, local dir or registry:<name>).")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Where and how it runs.")
+    api: ApiConfig | None = Field(None, description="Call an OpenAI-compatible server instead of a local engine.")
+    price: PriceConfig | None = Field(None, description="Optional price table; adds cost to the accounting.")
+
+
+class TeachConfig(Strict):
+    teachers: list[TeacherConfig] = Field(
+        min_length=1, description="Tried in order; a later teacher only sees rows no earlier one solved."
+    )
+    bands: list[Literal["easy", "medium", "hard", "test"]] | Literal["all"] = Field(
+        ["hard"], description="Bands that get CoT; 'all' = easy+medium+hard (the distill-all baseline)."
+    )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    retries: int = Field(2, ge=0, description="Extra samples for a wrong or missing answer.")
+    retry_temperatures: list[float] = Field(
+        [0.7, 1.0], min_length=1, description="Temperature of retry i (the last one repeats)."
+    )
+    on_wrong: Literal["drop", "fallback_to_answer", "keep"] = Field(
+        "drop",
+        description="After retries: 'drop' the row from CoT training, 'fallback_to_answer' (plain [[gold]] "
+        "target), or 'keep' the wrong CoT (what the paper's v1 did).",
+    )
+    max_failure_ratio: float = Field(
+        0.5, ge=0, le=1, description="Stop with an error when more than this fraction of rows fail outright."
+    )
+    limit: int | None = Field(None, ge=1, description="Teach at most N rows (seeded sample; for demos).")
+    seed: int = Field(0, description="Seed for teach.limit.")
+
+
 class RayConfig(Strict):
     address: str | None = Field(
         None, description="Ray address; unset = $RAY_ADDRESS if set (ray job submit), else a local Ray."
@@ -167,6 +228,7 @@ class RaycatConfig(Strict):
     data: DataConfig
     score: ScoreConfig
     split: SplitConfig = Field(default_factory=SplitConfig)
+    teach: TeachConfig | None = Field(None, description="Teacher chain-of-thought; needed by `raycat teach`.")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

@@ -33,8 +33,27 @@ class ScoreResult:
     entropy_topk_bound: float | None = None
 
 
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop", "length" or "error"
+    error: str | None = None  # set when the request failed for good (after the client's retries)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+
+
 class Engine(Protocol):
     vocab_size: int
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]: ...
 
     def score(self, requests: list[ScoreRequest], mode: str, top_k: int,
               free_form_max_tokens: int) -> list[ScoreResult]: ...
@@ -129,6 +148,17 @@ class VLLMEngine:
                 res.entropy_topk, res.entropy_topk_bound = H.entropy_topk(lp, self.vocab_size)
         return results
 
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                max_tokens=sampling.max_tokens, seed=sampling.seed)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [Generation(text=o.outputs[0].text, prompt_tokens=len(o.prompt_token_ids),
+                           completion_tokens=len(o.outputs[0].token_ids),
+                           finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
+                for o in outs]
+
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
@@ -184,6 +214,23 @@ class TransformersEngine:
                 res.entropy_topk, res.entropy_topk_bound = H.entropy_topk(np.sort(lp)[-top_k:], self.vocab_size)
             results.append(res)
         return results
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
+        out = []
+        for i, p in enumerate(prompts):
+            self.torch.manual_seed(sampling.seed + i)
+            ids = self.torch.tensor([p], device=self.device)
+            kwargs = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+                      if sampling.temperature > 0 else {"do_sample": False})
+            with self.torch.no_grad():
+                seq = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids),
+                                          max_new_tokens=sampling.max_tokens, **kwargs)[0, len(p):]
+            eos = self.tokenizer.eos_token_id
+            stopped = eos is not None and len(seq) and int(seq[-1]) == eos
+            out.append(Generation(text=self.tokenizer.decode(seq, skip_special_tokens=True), prompt_tokens=len(p),
+                                  completion_tokens=len(seq),
+                                  finish_reason="stop" if stopped or len(seq) < sampling.max_tokens else "length"))
+        return out
 
     def close(self) -> None:
         del self.model

@@ -108,3 +108,33 @@ def label_tokens(tokenizer, max_options: int, preset: str) -> LabelTokens:
             owner[t] = lab
         ids[lab] = tuple(found)
     return LabelTokens(ids=ids, multi_token=tuple(multi))
+
+
+TEACH_PROMPT_VERSION = "teach-v1"
+_TEACH_MCQ = (
+    "You are an expert{about}. Think through the question step by step, then give the final answer on "
+    "the last line as [[LETTER]], where LETTER is the letter of the correct option."
+)
+_TEACH_FREE = (
+    "You are an expert problem solver. Think through the problem step by step, then give the final answer "
+    "on the last line as [[NUMBER]], where NUMBER is the final numeric answer."
+)
+
+
+def teach_messages(question: str, options: list[str], category: str) -> list[dict[str, str]]:
+    """Chain-of-thought prompt ending in [[X]]; its text is hashed into the teacher cache key."""
+    if not options:
+        return [{"role": "system", "content": _TEACH_FREE}, {"role": "user", "content": question}]
+    body = "\n".join(f"{lab}. {opt}" for lab, opt in zip(LETTERS, options, strict=False))
+    about = f" in {category}" if category else ""
+    return [{"role": "system", "content": _TEACH_MCQ.format(about=about)},
+            {"role": "user", "content": f"Question: {question}\nOptions:\n{body}"}]
+
+
+def teach_template_hash(tokenizer) -> str:
+    h = hashlib.sha256()
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for part in (template, TEACH_PROMPT_VERSION, _TEACH_MCQ, _TEACH_FREE):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]

@@ -1,0 +1,208 @@
+"""Teach stage: verified chain-of-thought for the chosen bands (default: hard), on vLLM actors.
+
+Ray Data: rows → teacher actor pool (the teacher's chat template, generate, extract ``[[X]]``, verify
+against gold, retry wrong/missing answers with a temperature schedule) → atomic Parquet parts in
+``teach/cache/<key>/``. The key covers (teacher model, revision, dtype, prompt version and template,
+sampling, retries) but not the bands, so a hard-only run and a distill-all run share results and no
+question is generated twice for the same teacher config. Teachers form a cascade: a later one sees
+only rows no earlier one solved. The pure loop/policy/accounting are in ``raycat.teach_core``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+
+from raycat import rundir
+from raycat.config import RaycatConfig, TeacherConfig
+from raycat.engine import Sampling, make_engine
+from raycat.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
+from raycat.teach_core import accounting, attempt_schedule, resolve, teach_rows
+
+PART_COLUMNS = ["id", "teacher", "response", "extracted", "status", "reason", "attempts", "prompt_tokens",
+                "completion_tokens", "engine_seconds", "gpu_seconds", "finish_reason"]
+
+
+@dataclass(frozen=True)
+class TeachPlan:
+    name: str  # the teacher as configured (hub id / registry name): provenance and accounting key
+    model_path: str
+    revision: str | None
+    trust_remote_code: bool
+    template_hash: str
+    cache_key: str
+    schedule: tuple[Sampling, ...]
+    max_prompt_tokens: int
+    gpus: float
+    api: dict | None = None  # ApiConfig fields for an HTTP teacher
+
+
+def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
+    from transformers import AutoTokenizer
+
+    from raycat import models
+
+    tc = cfg.teach
+    if t.api is not None:  # the server applies its own chat template; we hash our prompt texts only
+        path, th = t.api.model or t.model.path, teach_template_hash(None)
+    else:
+        path = models.resolve(t.model.path)
+        tok = AutoTokenizer.from_pretrained(path, revision=t.model.revision,
+                                            trust_remote_code=t.model.trust_remote_code)
+        th = teach_template_hash(tok)
+    s = tc.sampling
+    schedule = tuple(attempt_schedule(Sampling(s.temperature, s.top_p, s.max_tokens, s.seed), tc.retries,
+                                      tc.retry_temperatures))
+    key_parts = {"model": t.model.path, "revision": t.model.revision, "dtype": t.model.dtype, "template": th,
+                 "prompt_version": TEACH_PROMPT_VERSION, "schedule": [asdict(x) for x in schedule]}
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
+    return TeachPlan(name=t.model.path, model_path=path, revision=t.model.revision,
+                     trust_remote_code=t.model.trust_remote_code, template_hash=th, cache_key=key,
+                     schedule=schedule, max_prompt_tokens=t.model.max_model_len - s.max_tokens,
+                     gpus=t.engine.tensor_parallel_size if t.engine.device == "gpu" and t.api is None else 0,
+                     api=t.api.model_dump() if t.api is not None else None)
+
+
+class TeachBatch:
+    """Ray Data stage: one teacher engine per actor; renders, generates, verifies, retries."""
+
+    def __init__(self, plan: TeachPlan, backend: str, engine_kwargs: dict):
+        self.plan, self.tok = plan, None
+        if plan.api is not None:
+            from raycat.teach_http import OpenAITeacher
+
+            api = dict(plan.api)
+            api.pop("model")
+            self.engine = OpenAITeacher(model=plan.model_path, **api)
+            return
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(plan.model_path, revision=plan.revision,
+                                                 trust_remote_code=plan.trust_remote_code)
+        kwargs = dict(engine_kwargs, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
+        if backend == "vllm":
+            kwargs["need_full"] = False
+        self.engine = make_engine(backend, plan.model_path, **kwargs)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        p = self.plan
+        rows = []
+        for r in batch.to_dict(orient="records"):
+            opts = list(r["options"])
+            messages = teach_messages(r["question"], opts, r["category"])
+            prompt, reason = messages, ""  # an HTTP teacher gets messages; the server renders them
+            if self.tok is not None:
+                prompt = render_ids(self.tok, messages)
+                if len(prompt) >= p.max_prompt_tokens:
+                    reason = (f"prompt has {len(prompt)} tokens; model.max_model_len - sampling.max_tokens "
+                              f"is {p.max_prompt_tokens}")
+            rows.append({"prompt": prompt, "n_options": len(opts), "gold": r["gold"], "skip_reason": reason})
+        res = teach_rows(self.engine, rows, list(p.schedule))
+        out = pd.DataFrame(res)
+        out.insert(0, "id", batch["id"].to_numpy())
+        out.insert(1, "teacher", p.name)
+        out["gpu_seconds"] = out["engine_seconds"] * p.gpus
+        return out[PART_COLUMNS]
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def read_cache(cache_dir: str) -> pd.DataFrame:
+    frames = [rundir.read_parquet(f) for f in rundir.list_files(cache_dir, ".parquet")]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PART_COLUMNS)
+
+
+def run_teacher(t: TeacherConfig, plan: TeachPlan, todo: pd.DataFrame, cache_dir: str, on_rows) -> int:
+    import ray
+
+    e = t.engine
+    engine_kwargs = dict(dtype=t.model.dtype, device=e.device, max_model_len=t.model.max_model_len,
+                         tensor_parallel_size=e.tensor_parallel_size, kv_cache_gib=e.kv_cache_gib,
+                         gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
+                         seed=e.seed)
+    block = 4 * e.batch_size
+    ds = ray.data.from_pandas([todo.iloc[i:i + block] for i in range(0, len(todo), block)])
+    ds = ds.map_batches(TeachBatch, fn_constructor_kwargs=dict(plan=plan, backend=e.backend,
+                                                               engine_kwargs=engine_kwargs),
+                        batch_format="pandas", batch_size=e.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=e.num_engines),
+                        num_gpus=plan.gpus, num_cpus=e.cpus_per_engine if plan.api is None else 0.25)
+    written = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        if len(batch):
+            rundir.write_parquet(rundir.join(cache_dir, f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"),
+                                 batch)
+            written += len(batch)
+            on_rows(len(batch))
+    return written
+
+
+def load_rows(cfg: RaycatConfig) -> tuple[pd.DataFrame, int]:
+    """(rows to teach, training-pool size). Bands come from the split stage's Parquet files."""
+    tc = cfg.teach
+    bands = ["easy", "medium", "hard"] if tc.bands == "all" else list(tc.bands)
+    frames = []
+    for band in ("easy", "medium", "hard", "test"):
+        path = rundir.join(cfg.run_dir, "split", f"{band}.parquet")
+        if band in bands and not rundir.exists(path):
+            raise FileNotFoundError(f"{path} not found: run `raycat split` with this config first")
+        if rundir.exists(path):
+            frames.append(rundir.read_parquet(path).assign(band=band))
+    all_rows = pd.concat(frames, ignore_index=True)
+    pool = int(all_rows["band"].isin(["easy", "medium", "hard"]).sum())
+    rows = all_rows[all_rows["band"].isin(bands)].reset_index(drop=True)
+    if tc.limit is not None and tc.limit < len(rows):
+        rows = rows.sample(n=tc.limit, random_state=tc.seed).sort_index().reset_index(drop=True)
+    return rows, pool
+
+
+def finalize(cfg: RaycatConfig, rows: pd.DataFrame, pool: int, plans: list[TeachPlan]) -> dict:
+    """Pick each row's result across the cascade, apply teach.on_wrong, write outputs and metrics."""
+    tc = cfg.teach
+    results = {p.name: read_cache(rundir.join(cfg.run_dir, "teach", "cache", p.cache_key))
+               .drop_duplicates("id").set_index("id") for p in plans}
+    picked = []
+    for _, r in rows.iterrows():
+        chosen = None
+        for p in plans:  # first verified wins; otherwise the last teacher that answered
+            res = results[p.name]
+            if r["id"] in res.index:
+                chosen = res.loc[r["id"]]
+                if chosen["status"] == "verified":
+                    break
+        if chosen is None:
+            raise RuntimeError(f"row {r['id']} has no teacher result; rerun `raycat teach` to finish it")
+        final, target, reason = resolve(chosen["status"], chosen["response"], r["gold"], tc.on_wrong)
+        picked.append({**r.to_dict(), **chosen.to_dict(), "id": r["id"], "final_status": final,
+                       "target": target, "reason": reason or chosen["reason"]})
+    out = pd.DataFrame(picked)
+    out["teach_prompt_version"] = TEACH_PROMPT_VERSION
+    out["teacher_template_hash"] = out["teacher"].map({p.name: p.template_hash for p in plans})
+    d = rundir.join(cfg.run_dir, "teach")
+    rundir.write_parquet(rundir.join(d, "cot.parquet"), out[out["target"].notna()])
+    rundir.write_parquet(rundir.join(d, "skipped.parquet"), out[out["target"].isna()])
+    # Accounting counts every attempt of every teacher that worked on these rows.
+    ids = set(rows["id"])
+    spent = pd.concat([r.reset_index().loc[lambda f: f["id"].isin(ids)] for r in results.values()],
+                      ignore_index=True)
+    prices = {t.model.path: (t.price.prompt_per_mtok, t.price.completion_per_mtok, t.price.currency)
+              if t.price else None for t in tc.teachers}
+    metrics = {"rows": int(len(out)), "bands": tc.bands,
+               "status": {s: int(n) for s, n in out["final_status"].value_counts().items()},
+               "attempt_status": {s: int(n) for s, n in out["status"].value_counts().items()},
+               "accounting": accounting(spent, pool, prices),
+               "provenance": {"prompt_version": TEACH_PROMPT_VERSION, "on_wrong": tc.on_wrong,
+                              "teachers": [{"model": p.name, "revision": p.revision, "cache_key": p.cache_key,
+                                            "template_hash": p.template_hash} for p in plans]}}
+    failed = metrics["status"].get("failed", 0)
+    metrics["failure_ratio"] = failed / len(out) if len(out) else 0.0
+    rundir.write_json(rundir.join(d, "metrics.json"), metrics)
+    return metrics

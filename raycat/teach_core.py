@@ -1,0 +1,109 @@
+"""Pure core of the teach stage: the attempt loop, the final-status policy, the accounting.
+
+No Ray here; the engine is passed in, so the same loop runs inside a Ray Data actor or a unit test.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pandas as pd
+
+from raycat.answers import extract_answer
+from raycat.engine import Engine, Sampling
+
+# Per attempt: verified | wrong | no_answer. Per row before any attempt: failed (with a reason).
+FINAL_STATUSES = ("verified", "kept_wrong", "fallback_to_answer", "dropped_wrong", "dropped_no_answer", "failed")
+
+
+def attempt_schedule(first: Sampling, retries: int, temperatures: list[float]) -> list[Sampling]:
+    """Attempt 0 uses ``first``; retry i uses temperatures[i-1] (the last repeats) and seed + i."""
+    out = [first]
+    for i in range(1, retries + 1):
+        out.append(replace(first, temperature=temperatures[min(i - 1, len(temperatures) - 1)], seed=first.seed + i))
+    return out
+
+
+def teach_rows(engine: Engine, rows: list[dict], schedule: list[Sampling]) -> list[dict]:
+    """Generate until each row's extracted answer matches gold or the schedule runs out.
+
+    ``rows``: dicts with prompt (token ids, or chat messages for an HTTP teacher), n_options, gold, and
+    skip_reason ("" = generate). Tokens and engine seconds are summed over all attempts: retries cost
+    what they cost. A request that failed for good stops that row's attempts; with no earlier answer
+    the row is "failed" with the error as its reason.
+    """
+    res = [{"response": None, "extracted": None, "status": "failed" if r["skip_reason"] else "no_answer",
+            "reason": r["skip_reason"], "attempts": 0, "prompt_tokens": 0, "completion_tokens": 0,
+            "engine_seconds": 0.0, "finish_reason": None} for r in rows]
+    pending = [i for i, r in enumerate(rows) if not r["skip_reason"]]
+    for sampling in schedule:
+        if not pending:
+            break
+        t = time.perf_counter()
+        gens = engine.generate([rows[i]["prompt"] for i in pending], sampling)
+        share = (time.perf_counter() - t) / len(pending)
+        stopped = set()
+        for i, g in zip(pending, gens, strict=True):
+            r = res[i]
+            if g.error is not None:
+                r["reason"] = g.error
+                if r["attempts"] == 0:
+                    r["status"] = "failed"
+                stopped.add(i)
+                continue
+            extracted = extract_answer(g.text, int(rows[i]["n_options"]))
+            r.update(response=g.text, extracted=extracted, finish_reason=g.finish_reason,
+                     status="verified" if extracted == rows[i]["gold"] else
+                     ("no_answer" if extracted is None else "wrong"))
+            r["attempts"] += 1
+            r["prompt_tokens"] += g.prompt_tokens
+            r["completion_tokens"] += g.completion_tokens
+            r["engine_seconds"] += share
+        pending = [i for i in pending if res[i]["status"] != "verified" and i not in stopped]
+    return res
+
+
+def resolve(attempt_status: str, response: str | None, gold: str, on_wrong: str) -> tuple[str, str | None, str]:
+    """(final status, training target or None, reason) for one row after all teachers."""
+    if attempt_status == "verified":
+        return "verified", response, ""
+    if attempt_status == "failed":
+        return "failed", None, "teacher did not produce a response"
+    what = "wrong answer" if attempt_status == "wrong" else "no [[answer]] found"
+    if on_wrong == "keep" and attempt_status == "wrong":
+        return "kept_wrong", response, f"{what}; kept (teach.on_wrong=keep)"
+    if on_wrong == "fallback_to_answer":
+        return "fallback_to_answer", f"[[{gold}]]", f"{what}; plain answer target (teach.on_wrong)"
+    return f"dropped_{attempt_status}", None, f"{what} after all attempts (teach.on_wrong={on_wrong})"
+
+
+def accounting(rows: pd.DataFrame, pool_size: int, prices: dict[str, tuple[float, float, str] | None]) -> dict:
+    """Token, time and cost totals, and the labelled estimate of CoT for every pool row."""
+    per_teacher = {}
+    for name, g in rows.groupby("teacher"):
+        d = {"rows": int(len(g)), "attempts": int(g["attempts"].sum()),
+             "prompt_tokens": int(g["prompt_tokens"].sum()), "completion_tokens": int(g["completion_tokens"].sum()),
+             "engine_seconds": float(g["engine_seconds"].sum()), "gpu_seconds": float(g["gpu_seconds"].sum())}
+        price = prices.get(name)
+        if price:
+            d["cost"] = (d["prompt_tokens"] * price[0] + d["completion_tokens"] * price[1]) / 1e6
+            d["currency"] = price[2]
+        per_teacher[str(name)] = d
+    total_p, total_c = int(rows["prompt_tokens"].sum()), int(rows["completion_tokens"].sum())
+    out = {"per_teacher": per_teacher, "prompt_tokens": total_p, "completion_tokens": total_c,
+           "total_tokens": total_p + total_c, "rows_taught": int(len(rows)), "pool_rows": int(pool_size)}
+    costs = [d["cost"] for d in per_teacher.values() if "cost" in d]
+    if costs:
+        out["cost"] = float(sum(costs))
+    if len(rows):
+        mean_tokens = (total_p + total_c) / len(rows)
+        est = mean_tokens * pool_size
+        out["distill_all_estimate"] = {
+            "label": "estimate: measured mean tokens per taught row x pool rows",
+            "mean_tokens_per_row": mean_tokens, "tokens": est,
+            "saving_pct": 100.0 * (1 - (total_p + total_c) / est) if est else None,
+        }
+        if costs:
+            out["distill_all_estimate"]["cost"] = out["cost"] / len(rows) * pool_size
+    return out

@@ -1,0 +1,84 @@
+"""The teach loop, policy and accounting with a scripted engine (wiring only; real engines elsewhere)."""
+
+import pandas as pd
+import pytest
+
+from raycat.engine import Generation, Sampling
+from raycat.teach_core import accounting, attempt_schedule, resolve, teach_rows
+
+
+class ScriptedEngine:
+    """Returns queued texts per prompt, in call order; records the sampling of each call."""
+
+    vocab_size = 0
+
+    def __init__(self, scripts: dict[int, list[str]]):
+        self.scripts = {k: list(v) for k, v in scripts.items()}
+        self.calls: list[Sampling] = []
+
+    def generate(self, prompts, sampling):
+        self.calls.append(sampling)
+        out = []
+        for p in prompts:
+            text = self.scripts[p[0]].pop(0)
+            out.append(Generation("", 0, 0, "error", error=text[4:]) if text.startswith("ERR:")
+                       else Generation(text, len(p), 10, "stop"))
+        return out
+
+
+def test_schedule_uses_retry_temperatures_and_new_seeds():
+    s = attempt_schedule(Sampling(0.0, 0.9, 100, 5), 3, [0.7, 1.0])
+    assert [(x.temperature, x.seed) for x in s] == [(0.0, 5), (0.7, 6), (1.0, 7), (1.0, 8)]
+    assert attempt_schedule(Sampling(0.0, 1.0, 10, 0), 0, [0.7]) == [Sampling(0.0, 1.0, 10, 0)]
+
+
+def test_retries_until_verified_and_counts_every_attempt():
+    eng = ScriptedEngine({1: ["[[B]]"], 2: ["[[A]]", "hmm", "[[C]]"], 3: ["no", "no", "no"]})
+    rows = [{"prompt": [i, 0, 0], "n_options": 4, "gold": g, "skip_reason": ""}
+            for i, g in ((1, "B"), (2, "C"), (3, "D"))]
+    rows.append({"prompt": [4], "n_options": 4, "gold": "A", "skip_reason": "prompt too long"})
+    res = teach_rows(eng, rows, attempt_schedule(Sampling(0.0, 1.0, 50, 0), 2, [0.7]))
+    assert [r["status"] for r in res] == ["verified", "verified", "no_answer", "failed"]
+    assert [r["attempts"] for r in res] == [1, 3, 3, 0]
+    assert [r["completion_tokens"] for r in res] == [10, 30, 30, 0]
+    assert res[1]["prompt_tokens"] == 9 and res[1]["extracted"] == "C"
+    assert res[3]["reason"] == "prompt too long" and res[3]["response"] is None
+    assert [c.temperature for c in eng.calls] == [0.0, 0.7, 0.7]
+
+
+@pytest.mark.parametrize("status,policy,final,target", [
+    ("verified", "drop", "verified", "COT"),
+    ("wrong", "drop", "dropped_wrong", None),
+    ("no_answer", "drop", "dropped_no_answer", None),
+    ("wrong", "keep", "kept_wrong", "COT"),
+    ("no_answer", "keep", "dropped_no_answer", None),
+    ("wrong", "fallback_to_answer", "fallback_to_answer", "[[C]]"),
+    ("no_answer", "fallback_to_answer", "fallback_to_answer", "[[C]]"),
+    ("failed", "keep", "failed", None),
+])
+def test_policy(status, policy, final, target):
+    got_final, got_target, reason = resolve(status, "COT", "C", policy)
+    assert (got_final, got_target) == (final, target)
+    assert (reason == "") == (final == "verified")
+
+
+def test_accounting_and_distill_all_estimate():
+    rows = pd.DataFrame({"teacher": ["t1", "t1", "t2"], "attempts": [1, 2, 1], "prompt_tokens": [100, 200, 100],
+                         "completion_tokens": [300, 600, 300], "engine_seconds": [1.0, 2.0, 1.0],
+                         "gpu_seconds": [1.0, 2.0, 0.0]})
+    a = accounting(rows, pool_size=12, prices={"t1": (1.0, 2.0, "USD"), "t2": None})
+    assert a["total_tokens"] == 1600 and a["per_teacher"]["t1"]["attempts"] == 3
+    assert a["per_teacher"]["t1"]["cost"] == pytest.approx((300 * 1 + 900 * 2) / 1e6)
+    est = a["distill_all_estimate"]
+    assert est["tokens"] == pytest.approx(1600 / 3 * 12) and est["saving_pct"] == pytest.approx(75.0)
+    assert "estimate" in est["label"]
+
+
+def test_request_errors_stop_the_row_and_keep_earlier_answers():
+    eng = ScriptedEngine({1: ["ERR:APIConnectionError: down"], 2: ["[[A]]", "ERR:RateLimitError: 429"]})
+    rows = [{"prompt": [i], "n_options": 4, "gold": "B", "skip_reason": ""} for i in (1, 2)]
+    res = teach_rows(eng, rows, attempt_schedule(Sampling(0.0, 1.0, 50, 0), 3, [0.7]))
+    assert res[0]["status"] == "failed" and res[0]["reason"] == "APIConnectionError: down"
+    assert res[0]["attempts"] == 0
+    assert res[1]["status"] == "wrong" and res[1]["attempts"] == 1 and "429" in res[1]["reason"]
+    assert len(eng.calls) == 2  # no retries after a request failed for good

@@ -1,0 +1,145 @@
+"""The HTTP teacher against a fault-injecting server and a real vLLM OpenAI server on loopback."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raycat.cli import main
+from raycat.engine import Sampling
+from raycat.teach_core import attempt_schedule, teach_rows
+from raycat.teach_http import OpenAITeacher, RateLimiter
+from tests.http_fault_server import FaultServer
+
+SECRET = "sk-raycat-test-DO-NOT-LOG-7f3a9c"
+
+
+def rows_for(modes):
+    return [{"prompt": [{"role": "user", "content": f"Q{i} mode={m}"}], "n_options": 4, "gold": "A",
+             "skip_reason": ""} for i, m in enumerate(modes)]
+
+
+def test_faults_are_retried_or_recorded_never_hung(monkeypatch):
+    monkeypatch.setenv("RAYCAT_TEST_KEY", SECRET)
+    modes = ["ok", "429", "500", "timeout", "garbage", "empty"]
+    with FaultServer() as srv:
+        t = OpenAITeacher(srv.url, "teacher", "RAYCAT_TEST_KEY", timeout_s=0.5, max_retries=2)
+        t0 = time.monotonic()
+        res = teach_rows(t, rows_for(modes), attempt_schedule(Sampling(0.0, 1.0, 64, 0), 1, [0.7]))
+        elapsed = time.monotonic() - t0
+    got = {m: r for m, r in zip(modes, res, strict=True)}
+    assert got["ok"]["status"] == got["429"]["status"] == got["500"]["status"] == "verified"
+    assert got["ok"]["completion_tokens"] == 7 and got["ok"]["prompt_tokens"] == 11
+    assert got["timeout"]["status"] == "failed" and "Timeout" in got["timeout"]["reason"]
+    assert got["garbage"]["status"] == "failed" and got["garbage"]["reason"]
+    assert got["empty"]["status"] == "no_answer" and got["empty"]["attempts"] == 2  # retried at teach level
+    calls = srv.calls
+    t429 = calls["Q1 mode=429"]
+    assert len(t429) == 2 and t429[1] - t429[0] >= 0.95  # Retry-After: 1 honoured
+    assert len(calls["Q3 mode=timeout"]) == 3  # first try + 2 client retries
+    assert srv.auth == {f"Bearer {SECRET}"}
+    assert elapsed < 30
+    assert all(SECRET not in (r["reason"] or "") for r in res)
+
+
+def test_missing_key_env_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("RAYCAT_NO_SUCH_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="RAYCAT_NO_SUCH_KEY"):
+        OpenAITeacher("http://127.0.0.1:9/v1", "m", "RAYCAT_NO_SUCH_KEY")
+
+
+def test_rate_limiter_spaces_requests_and_tokens():
+    now = [0.0]
+    lim = RateLimiter(requests_per_second=2, tokens_per_minute=600, clock=lambda: now[0])
+    assert lim.wait_time(100) == 0
+    lim.take(100)
+    lim.take(100)
+    assert lim.wait_time(100) == pytest.approx(0.5)  # the request bucket (2/s) is empty
+    now[0] += 0.5
+    assert lim.wait_time(100) == 0
+    lim.take(400)  # 600 - 200 - 400 + 5 refilled = 5 tokens left
+    assert lim.wait_time(100) == pytest.approx(9.5)
+
+
+def write_split(run: Path, n: int = 6):
+    from raycat import rundir
+
+    for band, k in (("easy", 2), ("medium", 2), ("hard", n)):
+        df = pd.DataFrame({"id": [f"{band}{i}" for i in range(k)], "question": [f"Q {band}{i} mode=ok"
+                                                                               for i in range(k)],
+                           "options": [["x", "y"]] * k, "gold": "A", "category": "", "source": "t",
+                           "entropy": 1.0, "band": band})
+        rundir.write_parquet(str(run / "split" / f"{band}.parquet"), df)
+
+
+def test_api_key_never_reaches_outputs_or_logs(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("RAYCAT_TEST_KEY", SECRET)
+    write_split(tmp_path / "run")
+    with FaultServer() as srv:
+        tree = {"run_dir": str(tmp_path / "run"), "data": {"source": "synthetic"},
+                "score": {"student": {"path": "unused"}}, "ray": {"num_cpus": 2},
+                "teach": {"teachers": [{"model": {"path": "hosted-teacher"},
+                                        "api": {"base_url": srv.url, "api_key_env": "RAYCAT_TEST_KEY"},
+                                        "price": {"prompt_per_mtok": 3, "completion_per_mtok": 15}}]}}
+        p = tmp_path / "c.yaml"
+        p.write_text(yaml.safe_dump(tree))
+        assert main(["teach", "--config", str(p)]) == 0
+    assert srv.auth == {f"Bearer {SECRET}"}
+    m = json.loads((tmp_path / "run" / "teach" / "metrics.json").read_text())
+    assert m["status"] == {"verified": 6}
+    assert m["accounting"]["per_teacher"]["hosted-teacher"]["cost"] == pytest.approx((6 * 11 * 3 + 6 * 7 * 15) / 1e6)
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err
+    for f in (tmp_path / "run").rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.vllm
+def test_real_vllm_openai_server_on_loopback(tmp_path, tiny_model_dir):
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--max-model-len", "512", "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "vLLM server did not become healthy"
+                time.sleep(1)
+        t = OpenAITeacher(f"http://127.0.0.1:{port}/v1", "tiny", None, timeout_s=60, max_retries=1)
+        rows = [{"prompt": [{"role": "user", "content": f"Question {i}? A. yes B. no"}], "n_options": 2,
+                 "gold": "A", "skip_reason": ""} for i in range(4)]
+        res = teach_rows(t, rows, attempt_schedule(Sampling(0.0, 1.0, 8, 0), 1, [0.7]))
+        assert all(r["status"] in ("verified", "wrong", "no_answer") for r in res)
+        assert all(r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 for r in res)
+        assert all(r["response"] for r in res)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()

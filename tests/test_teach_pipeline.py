@@ -1,0 +1,86 @@
+"""The teach stage on a local Ray with a real vLLM teacher (tiny random model) in a Ray Data actor."""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from raycat.cli import main
+from tests.test_score_pipeline import make_corpus
+
+pytestmark = pytest.mark.vllm
+N = 24
+
+
+def config(tmp, model, **teach):
+    tree = {
+        "run_dir": str(tmp / "run"),
+        "data": {"source": "generic", "path": str(make_corpus(tmp / "corpus.jsonl", N)),
+                 "columns": {"id": "qid", "question": "question", "options": "options", "answer": "answer",
+                             "category": "topic"}},
+        "score": {"student": {"path": str(model), "dtype": "float32", "max_model_len": 512},
+                  "deviation_sample": 0, "engine": {"backend": "transformers"}},
+        "teach": {"teachers": [{"model": {"path": str(model), "dtype": "float32", "max_model_len": 512},
+                                "engine": {"batch_size": 8, "kv_cache_gib": 0.25},
+                                "price": {"prompt_per_mtok": 1.0, "completion_per_mtok": 4.0}}],
+                  "sampling": {"max_tokens": 12}, "retries": 1, **teach},
+        "ray": {"num_cpus": 2},
+    }
+    p = tmp / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("teach")
+    cfg = config(tmp, tiny_model_dir)
+    assert main(["score", "--config", str(cfg)]) == 0
+    assert main(["split", "--config", str(cfg)]) == 0
+    return tmp
+
+
+def metrics(tmp):
+    return json.loads((tmp / "run" / "teach" / "metrics.json").read_text())
+
+
+def test_hard_band_then_all_bands_share_the_cache(split_run, tiny_model_dir):
+    tmp = split_run
+    hard = pd.read_parquet(tmp / "run" / "split" / "hard.parquet")
+    cfg = config(tmp, tiny_model_dir)
+    assert main(["teach", "--config", str(cfg)]) == 0
+    m = metrics(tmp)
+    assert m["rows"] == len(hard) and m["rows_this_run"] == len(hard)
+    # A random tiny model writes no [[X]]: every row is retried once, then dropped, and says why.
+    assert m["status"] == {"dropped_no_answer": len(hard)}
+    skipped = pd.read_parquet(tmp / "run" / "teach" / "skipped.parquet")
+    assert sorted(skipped.id) == sorted(hard.id) and (skipped.attempts == 2).all()
+    assert skipped.reason.str.contains("no \\[\\[answer\\]\\] found").all()
+    a = m["accounting"]
+    assert a["completion_tokens"] == int(skipped.completion_tokens.sum()) > 0
+    assert a["per_teacher"][str(tiny_model_dir)]["cost"] == pytest.approx(
+        (a["prompt_tokens"] * 1.0 + a["completion_tokens"] * 4.0) / 1e6)
+    assert a["pool_rows"] == N + 1 and 0 < a["distill_all_estimate"]["saving_pct"] < 100
+
+    cfg_all = config(tmp, tiny_model_dir, bands="all", on_wrong="fallback_to_answer")
+    assert main(["teach", "--config", str(cfg_all)]) == 0
+    m = metrics(tmp)
+    assert m["rows"] == N + 1 and m["rows_this_run"] == N + 1 - len(hard)  # hard rows came from the cache
+    cot = pd.read_parquet(tmp / "run" / "teach" / "cot.parquet")
+    assert cot.id.is_unique and len(cot) == N + 1
+    assert (cot.target == "[[" + cot.gold + "]]").all() and (cot.final_status == "fallback_to_answer").all()
+    parts = pd.concat(pd.read_parquet(p) for p in (tmp / "run" / "teach" / "cache").glob("*/part-*.parquet"))
+    assert parts.id.is_unique  # nothing generated twice
+
+    assert main(["teach", "--config", str(cfg_all)]) == 0
+    assert metrics(tmp)["rows_this_run"] == 0
+
+
+def test_teach_needs_a_teach_section(split_run, tmp_path, capsys):
+    tree = yaml.safe_load((split_run / "c.yaml").read_text())
+    del tree["teach"]
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    assert main(["teach", "--config", str(p)]) == 1
+    assert "no teach: section" in capsys.readouterr().err
