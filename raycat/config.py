@@ -101,6 +101,8 @@ class EngineConfig(Strict):
     device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines run; 'gpu' asks Ray for GPUs.")
     num_engines: int = Field(1, ge=1, description="Engine replicas (Ray actors); one per GPU or TP group.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per engine (70B+ teachers); "
+                                        "an engine uses tensor_parallel_size x pipeline_parallel_size GPUs.")
     batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch sent to an engine.")
     cpus_per_engine: float = Field(1, gt=0, description="CPUs Ray reserves per engine actor.")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (GiB); ignored on GPU.")
@@ -238,9 +240,12 @@ class RaycatConfig(Strict):
                 "score.entropy_mode: 'options' needs multiple-choice questions and gsm8k is free-form: "
                 "use score.entropy_mode=full or topk"
             )
-        eng = self.score.engine
-        if eng.tensor_parallel_size > 1 and eng.device != "gpu":
-            raise ValueError("score.engine.tensor_parallel_size: > 1 needs score.engine.device=gpu")
+        engines = [("score.engine", self.score.engine)]
+        if self.teach is not None:
+            engines += [(f"teach.teachers.{i}.engine", t.engine) for i, t in enumerate(self.teach.teachers)]
+        for key, e in engines:
+            if e.tensor_parallel_size * e.pipeline_parallel_size > 1 and e.device != "gpu":
+                raise ValueError(f"{key}.device: model parallelism (tensor/pipeline_parallel_size > 1) needs gpu")
         return self
 
 

@@ -71,16 +71,18 @@ class VLLMEngine:
     """vLLM ``LLM`` in the current process (inside a Ray actor in the pipeline)."""
 
     def __init__(self, model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
-                 max_model_len: int = 2048, tensor_parallel_size: int = 1, kv_cache_gib: float = 1.0,
+                 max_model_len: int = 2048, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = True, seed: int = 0,
                  trust_remote_code: bool = False, need_full: bool = True):
-        if tensor_parallel_size == 1:
+        if tensor_parallel_size * pipeline_parallel_size == 1:
             # Engine core and model in this process: when Ray stops the actor nothing can outlive it.
             # With vLLM's default subprocesses, an actor killed at shutdown orphaned EngineCore (seen here).
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
-        kwargs: dict = {"distributed_executor_backend": "uni"} if tensor_parallel_size == 1 else {}
+        single = tensor_parallel_size * pipeline_parallel_size == 1
+        kwargs: dict = {"distributed_executor_backend": "uni"} if single else {}
         if device == "cpu":
             # Without an explicit size vLLM-CPU reserves 92% of the node's RAM and usually fails to start.
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
@@ -88,7 +90,8 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(
             model=model, tokenizer=model, revision=revision, dtype=_dtype(dtype, device),
-            max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size, seed=seed,
+            max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size, seed=seed,
             enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
             # Full-vocab logprobs need an unlimited cap; otherwise 128 covers option ids and top-k.
             max_logprobs=-1 if need_full else 128, **kwargs,

@@ -201,7 +201,8 @@ def run_pipeline(cfg: RaycatConfig, plan: ScorePlan, todo: pd.DataFrame, parts_d
     eng = cfg.score.engine
     engine_kwargs = dict(dtype=cfg.score.student.dtype, device=eng.device,
                          max_model_len=cfg.score.student.max_model_len,
-                         tensor_parallel_size=eng.tensor_parallel_size, kv_cache_gib=eng.kv_cache_gib,
+                         tensor_parallel_size=eng.tensor_parallel_size,
+                         pipeline_parallel_size=eng.pipeline_parallel_size, kv_cache_gib=eng.kv_cache_gib,
                          gpu_memory_utilization=eng.gpu_memory_utilization,
                          enforce_eager=eng.enforce_eager, seed=eng.seed)
     # The driver already holds the validated questions, so blocks come straight from it (no read
@@ -221,7 +222,8 @@ def run_pipeline(cfg: RaycatConfig, plan: ScorePlan, todo: pd.DataFrame, parts_d
         batch_format="pandas", batch_size=eng.batch_size,
         # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
         compute=ray.data.ActorPoolStrategy(size=eng.num_engines),
-        num_gpus=eng.tensor_parallel_size if eng.device == "gpu" else 0, num_cpus=eng.cpus_per_engine,
+        num_gpus=eng.tensor_parallel_size * eng.pipeline_parallel_size if eng.device == "gpu" else 0,
+        num_cpus=eng.cpus_per_engine,
     )
     written = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):

@@ -64,7 +64,8 @@ def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
     return TeachPlan(name=t.model.path, model_path=path, revision=t.model.revision,
                      trust_remote_code=t.model.trust_remote_code, template_hash=th, cache_key=key,
                      schedule=schedule, max_prompt_tokens=t.model.max_model_len - s.max_tokens,
-                     gpus=t.engine.tensor_parallel_size if t.engine.device == "gpu" and t.api is None else 0,
+                     gpus=(t.engine.tensor_parallel_size * t.engine.pipeline_parallel_size
+                           if t.engine.device == "gpu" and t.api is None else 0),
                      api=t.api.model_dump() if t.api is not None else None)
 
 
@@ -125,7 +126,8 @@ def run_teacher(t: TeacherConfig, plan: TeachPlan, todo: pd.DataFrame, cache_dir
 
     e = t.engine
     engine_kwargs = dict(dtype=t.model.dtype, device=e.device, max_model_len=t.model.max_model_len,
-                         tensor_parallel_size=e.tensor_parallel_size, kv_cache_gib=e.kv_cache_gib,
+                         tensor_parallel_size=e.tensor_parallel_size,
+                         pipeline_parallel_size=e.pipeline_parallel_size, kv_cache_gib=e.kv_cache_gib,
                          gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
                          seed=e.seed)
     block = 4 * e.batch_size
@@ -182,7 +184,7 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, pool: int, plans: list[Teach
             raise RuntimeError(f"row {r['id']} has no teacher result; rerun `raycat teach` to finish it")
         final, target, reason = resolve(chosen["status"], chosen["response"], r["gold"], tc.on_wrong)
         picked.append({**r.to_dict(), **chosen.to_dict(), "id": r["id"], "final_status": final,
-                       "target": target, "reason": reason or chosen["reason"]})
+                       "target": target, "reason": "; ".join(x for x in (reason, chosen["reason"]) if x)})
     out = pd.DataFrame(picked)
     out["teach_prompt_version"] = TEACH_PROMPT_VERSION
     out["teacher_template_hash"] = out["teacher"].map({p.name: p.template_hash for p in plans})

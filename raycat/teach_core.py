@@ -96,13 +96,13 @@ def accounting(rows: pd.DataFrame, pool_size: int, prices: dict[str, tuple[float
     costs = [d["cost"] for d in per_teacher.values() if "cost" in d]
     if costs:
         out["cost"] = float(sum(costs))
-    if len(rows):
+    if total_p + total_c > 0:  # rows that all failed measure nothing to extrapolate from
         mean_tokens = (total_p + total_c) / len(rows)
         est = mean_tokens * pool_size
         out["distill_all_estimate"] = {
             "label": "estimate: measured mean tokens per taught row x pool rows",
             "mean_tokens_per_row": mean_tokens, "tokens": est,
-            "saving_pct": 100.0 * (1 - (total_p + total_c) / est) if est else None,
+            "saving_pct": 100.0 * (1 - (total_p + total_c) / est),
         }
         if costs:
             out["distill_all_estimate"]["cost"] = out["cost"] / len(rows) * pool_size

@@ -52,8 +52,11 @@ def test_cross_field_rules_name_the_key(tmp_path):
     tree = {"data": {"source": "gsm8k", "path": "x"}, "score": {"student": {"path": "m"}}}
     with pytest.raises(ConfigError, match=r"score.entropy_mode: 'options' needs multiple-choice"):
         load_config(write(tmp_path, tree))
-    with pytest.raises(ConfigError, match=r"score.engine.tensor_parallel_size: > 1 needs"):
+    with pytest.raises(ConfigError, match=r"score.engine.device: model parallelism .* needs gpu"):
         load_config(write(tmp_path, MINIMAL), ["score.engine.tensor_parallel_size=2"])
+    teach = {"teachers": [{"model": {"path": "t"}, "engine": {"pipeline_parallel_size": 2}}]}
+    with pytest.raises(ConfigError, match=r"teach.teachers.0.engine.device: model parallelism"):
+        load_config(write(tmp_path, {**MINIMAL, "teach": teach}))
 
 
 def test_missing_required_key_says_how_to_set_it(tmp_path):

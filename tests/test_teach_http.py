@@ -143,3 +143,22 @@ def test_real_vllm_openai_server_on_loopback(tmp_path, tiny_model_dir):
             server.kill()
             server.wait()
         log.close()
+
+
+def test_teacher_down_stops_with_a_clear_error_and_keeps_outputs(tmp_path, capsys):
+    write_split(tmp_path / "run")
+    with socket.socket() as s:  # a port nobody listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    tree = {"run_dir": str(tmp_path / "run"), "data": {"source": "synthetic"},
+            "score": {"student": {"path": "unused"}}, "ray": {"num_cpus": 2},
+            "teach": {"teachers": [{"model": {"path": "t"},
+                                    "api": {"base_url": f"http://127.0.0.1:{dead}/v1", "max_retries": 0}}],
+                      "max_failure_ratio": 0.5}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    assert main(["teach", "--config", str(p)]) == 1
+    assert "6 of 6 rows failed" in capsys.readouterr().err.replace("\n", " ")
+    skipped = pd.read_parquet(tmp_path / "run" / "teach" / "skipped.parquet")
+    assert len(skipped) == 6 and (skipped.final_status == "failed").all()
+    assert skipped.reason.str.contains("APIConnectionError").all()
