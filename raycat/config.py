@@ -162,6 +162,7 @@ class SamplingConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_tokens: int = Field(1024, ge=1, description="Completion budget per attempt (CoT needs hundreds).")
     seed: int = Field(0, description="Sampling seed; attempt i uses seed + i.")
+    n: int = Field(1, ge=1, le=16, description="Samples per attempt; the first verified one is kept.")
 
 
 class PriceConfig(Strict):

@@ -48,6 +48,7 @@ class Sampling:
     top_p: float
     max_tokens: int
     seed: int
+    n: int = 1  # samples per prompt; generate returns them prompt-major (n per prompt, in order)
 
 
 class Engine(Protocol):
@@ -155,12 +156,13 @@ class VLLMEngine:
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, seed=sampling.seed)
+                                max_tokens=sampling.max_tokens, seed=sampling.seed, n=sampling.n)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [Generation(text=o.outputs[0].text, prompt_tokens=len(o.prompt_token_ids),
-                           completion_tokens=len(o.outputs[0].token_ids),
-                           finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
-                for o in outs]
+        # The prompt is prefilled once for all n samples: count its tokens on the first sample only.
+        return [Generation(text=c.text, prompt_tokens=len(o.prompt_token_ids) if j == 0 else 0,
+                           completion_tokens=len(c.token_ids),
+                           finish_reason="length" if c.finish_reason == "length" else "stop")
+                for o in outs for j, c in enumerate(o.outputs)]
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
@@ -220,7 +222,7 @@ class TransformersEngine:
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
         out = []
-        for i, p in enumerate(prompts):
+        for i, p in enumerate([p for p in prompts for _ in range(sampling.n)]):
             self.torch.manual_seed(sampling.seed + i)
             ids = self.torch.tensor([p], device=self.device)
             kwargs = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}

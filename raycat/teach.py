@@ -56,7 +56,7 @@ def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
                                             trust_remote_code=t.model.trust_remote_code)
         th = teach_template_hash(tok)
     s = tc.sampling
-    schedule = tuple(attempt_schedule(Sampling(s.temperature, s.top_p, s.max_tokens, s.seed), tc.retries,
+    schedule = tuple(attempt_schedule(Sampling(s.temperature, s.top_p, s.max_tokens, s.seed, s.n), tc.retries,
                                       tc.retry_temperatures))
     key_parts = {"model": t.model.path, "revision": t.model.revision, "dtype": t.model.dtype, "template": th,
                  "prompt_version": TEACH_PROMPT_VERSION, "schedule": [asdict(x) for x in schedule]}

@@ -41,11 +41,14 @@ def teach_rows(engine: Engine, rows: list[dict], schedule: list[Sampling]) -> li
         if not pending:
             break
         t = time.perf_counter()
-        gens = engine.generate([rows[i]["prompt"] for i in pending], sampling)
+        flat = engine.generate([rows[i]["prompt"] for i in pending], sampling)
         share = (time.perf_counter() - t) / len(pending)
+        n = sampling.n
         stopped = set()
-        for i, g in zip(pending, gens, strict=True):
+        for k, i in enumerate(pending):
             r = res[i]
+            samples = flat[k * n:(k + 1) * n]
+            g = _best(samples, rows[i])
             if g.error is not None:
                 r["reason"] = g.error
                 if r["attempts"] == 0:
@@ -57,11 +60,21 @@ def teach_rows(engine: Engine, rows: list[dict], schedule: list[Sampling]) -> li
                      status="verified" if extracted == rows[i]["gold"] else
                      ("no_answer" if extracted is None else "wrong"))
             r["attempts"] += 1
-            r["prompt_tokens"] += g.prompt_tokens
-            r["completion_tokens"] += g.completion_tokens
+            r["prompt_tokens"] += sum(s.prompt_tokens for s in samples)
+            r["completion_tokens"] += sum(s.completion_tokens for s in samples)
             r["engine_seconds"] += share
         pending = [i for i in pending if res[i]["status"] != "verified" and i not in stopped]
     return res
+
+
+def _best(samples: list, row: dict):
+    """Of one attempt's n samples: a verified one, else one with an answer, else the first."""
+    def rank(g):
+        if g.error is not None:
+            return 3
+        got = extract_answer(g.text, int(row["n_options"]))
+        return 0 if got == row["gold"] else (1 if got is not None else 2)
+    return min(samples, key=rank)
 
 
 def resolve(attempt_status: str, response: str | None, gold: str, on_wrong: str) -> tuple[str, str | None, str]:

@@ -76,22 +76,28 @@ class OpenAITeacher:
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key not in ("", "EMPTY") else text
 
-    async def _one(self, client, sem, limiter, messages, sampling: Sampling) -> Generation:
+    async def _one(self, client, sem, limiter, messages, sampling: Sampling) -> list[Generation]:
         est = sum(len(m["content"]) for m in messages) // 4 + sampling.max_tokens
         async with sem:
             await limiter.acquire(est)
             try:
                 r = await client.chat.completions.create(
                     model=self.model, messages=messages, temperature=sampling.temperature, top_p=sampling.top_p,
-                    max_tokens=sampling.max_tokens, seed=sampling.seed)
-                choice = r.choices[0]
+                    max_tokens=sampling.max_tokens, seed=sampling.seed,
+                    **({"n": sampling.n} if sampling.n > 1 else {}))
                 usage = r.usage
-                return Generation(text=choice.message.content or "",
-                                  prompt_tokens=usage.prompt_tokens if usage else 0,
-                                  completion_tokens=usage.completion_tokens if usage else 0,
-                                  finish_reason="length" if choice.finish_reason == "length" else "stop")
+                choices = list(r.choices)[: sampling.n]
+                if len(choices) < sampling.n:
+                    raise ValueError(f"server returned {len(choices)} choices for n={sampling.n}")
+                # Usage is per request: book it on the first sample so totals stay exact.
+                return [Generation(text=c.message.content or "",
+                                   prompt_tokens=(usage.prompt_tokens if usage else 0) if j == 0 else 0,
+                                   completion_tokens=(usage.completion_tokens if usage else 0) if j == 0 else 0,
+                                   finish_reason="length" if c.finish_reason == "length" else "stop")
+                        for j, c in enumerate(choices)]
             except Exception as e:  # after the client's own retries: record, never crash the batch
-                return Generation("", 0, 0, "error", error=self._scrub(f"{type(e).__name__}: {e}")[:500])
+                err = self._scrub(f"{type(e).__name__}: {e}")[:500]
+                return [Generation("", 0, 0, "error", error=err) for _ in range(sampling.n)]
 
     async def _all(self, prompts: list[list[dict]], sampling: Sampling) -> list[Generation]:
         import openai
@@ -100,7 +106,8 @@ class OpenAITeacher:
                                     max_retries=self.max_retries)
         sem, limiter = asyncio.Semaphore(self.max_concurrency), RateLimiter(*self.limits)
         try:
-            return await asyncio.gather(*(self._one(client, sem, limiter, m, sampling) for m in prompts))
+            per_prompt = await asyncio.gather(*(self._one(client, sem, limiter, m, sampling) for m in prompts))
+            return [g for gens in per_prompt for g in gens]
         finally:
             await client.close()
 

@@ -49,8 +49,9 @@ class FaultServer:
                 content = "" if mode == "empty" else "Thinking step by step. [[A]]"
                 return self._send(200, {
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
+                    "choices": [{"index": i, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content}}
+                                for i in range(body.get("n", 1))],
                     "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}})
 
             def _send(self, code, obj, headers=None):

@@ -65,3 +65,13 @@ def test_engines_agree_through_the_shared_interface(engines, requests_):
         np.testing.assert_allclose(x.option_logprobs, y.option_logprobs, atol=1e-4)
         assert x.entropy_full == pytest.approx(y.entropy_full, abs=1e-4)
         assert x.entropy_topk == pytest.approx(y.entropy_topk, abs=1e-4)
+
+
+def test_generate_returns_n_samples_per_prompt_prompt_major(engines, requests_):
+    from raycat.engine import Sampling
+
+    _, llm = engines
+    gens = llm.generate([r.prompt_ids for r in requests_[:2]], Sampling(1.0, 1.0, 6, 0, n=3))
+    assert len(gens) == 6
+    assert [g.prompt_tokens > 0 for g in gens] == [True, False, False] * 2  # prompt counted once
+    assert all(0 < g.completion_tokens <= 6 for g in gens)

@@ -82,3 +82,18 @@ def test_request_errors_stop_the_row_and_keep_earlier_answers():
     assert res[0]["attempts"] == 0
     assert res[1]["status"] == "wrong" and res[1]["attempts"] == 1 and "429" in res[1]["reason"]
     assert len(eng.calls) == 2  # no retries after a request failed for good
+
+
+def test_n_samples_per_attempt_keep_a_verified_one_and_count_all_tokens():
+    class NEngine:
+        vocab_size = 0
+
+        def generate(self, prompts, sampling):
+            texts = {1: ["[[B]]", "[[A]]"], 2: ["none", "[[C]]"]}
+            return [Generation(t, 5 if j == 0 else 0, 10, "stop") for p in prompts for j, t in enumerate(texts[p[0]])]
+
+    rows = [{"prompt": [i], "n_options": 4, "gold": "A", "skip_reason": ""} for i in (1, 2)]
+    res = teach_rows(NEngine(), rows, [Sampling(0.7, 1.0, 50, 0, n=2)])
+    assert res[0]["status"] == "verified" and res[0]["response"] == "[[A]]"
+    assert res[1]["status"] == "wrong" and res[1]["extracted"] == "C"  # an answer beats no answer
+    assert res[0]["completion_tokens"] == 20 and res[0]["prompt_tokens"] == 5

@@ -50,6 +50,14 @@ def test_faults_are_retried_or_recorded_never_hung(monkeypatch):
     assert all(SECRET not in (r["reason"] or "") for r in res)
 
 
+def test_n_samples_over_http_book_usage_once():
+    with FaultServer() as srv:
+        t = OpenAITeacher(srv.url, "teacher", None, timeout_s=5, max_retries=0)
+        gens = t.generate([[{"role": "user", "content": "Q mode=ok"}]], Sampling(0.7, 1.0, 16, 0, n=3))
+    assert len(gens) == 3 and all(g.text.endswith("[[A]]") for g in gens)
+    assert [g.completion_tokens for g in gens] == [7, 0, 0] and [g.prompt_tokens for g in gens] == [11, 0, 0]
+
+
 def test_missing_key_env_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("RAYCAT_NO_SUCH_KEY", raising=False)
     with pytest.raises(RuntimeError, match="RAYCAT_NO_SUCH_KEY"):
