@@ -241,6 +241,15 @@ class TransformersEngine:
         del self.model
 
 
+def engine_kwargs(model, engine) -> dict:
+    """Engine constructor arguments from a ModelConfig and an EngineConfig."""
+    return dict(dtype=model.dtype, device=engine.device, max_model_len=model.max_model_len,
+                tensor_parallel_size=engine.tensor_parallel_size,
+                pipeline_parallel_size=engine.pipeline_parallel_size, kv_cache_gib=engine.kv_cache_gib,
+                gpu_memory_utilization=engine.gpu_memory_utilization, enforce_eager=engine.enforce_eager,
+                seed=engine.seed)
+
+
 def make_engine(backend: str, model: str, **kwargs) -> Engine:
     # Keep CPU tests and demos on one thread per engine: on 2 busy cores, 2 OpenMP threads collapse ~6x.
     os.environ.setdefault("OMP_NUM_THREADS", "1")

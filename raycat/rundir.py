@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pandas as pd
@@ -87,3 +89,23 @@ def list_files(directory: str, suffix: str) -> list[str]:
     return sorted(f"{prefix}/{i.base_name}" for i in infos
                   if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                   and not i.base_name.startswith(".tmp-"))
+
+
+def write_parts(batches: Iterable[pd.DataFrame], directory: str, on_rows: Callable[[int], None]) -> int:
+    """Write each finished batch as its own atomic part file; returns rows written.
+
+    Part files are the resume state of a stage: whatever was written survives an interruption, and a
+    rerun skips the ids found in them.
+    """
+    written = 0
+    for batch in batches:
+        if len(batch):
+            write_parquet(join(directory, f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"), batch)
+            written += len(batch)
+            on_rows(len(batch))
+    return written
+
+
+def read_parts(directory: str, columns: list[str]) -> pd.DataFrame:
+    frames = [read_parquet(f) for f in list_files(directory, ".parquet")]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)

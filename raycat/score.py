@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +20,7 @@ import pandas as pd
 from raycat import rundir
 from raycat.answers import normalize_number
 from raycat.config import RaycatConfig
-from raycat.engine import ScoreRequest, ScoreResult, make_engine
+from raycat.engine import ScoreRequest, ScoreResult, engine_kwargs, make_engine
 from raycat.entropy import entropy_options, options_distribution
 from raycat.prompts import (
     IDK_LABEL,
@@ -180,17 +178,7 @@ class ScoreBatch:
 
 
 def done_ids(parts_dir: str) -> set[str]:
-    ids: set[str] = set()
-    for f in rundir.list_files(parts_dir, ".parquet"):
-        ids.update(rundir.read_parquet(f)["id"])
-    return ids
-
-
-def read_parts(parts_dir: str) -> pd.DataFrame:
-    frames = [rundir.read_parquet(f) for f in rundir.list_files(parts_dir, ".parquet")]
-    if not frames:
-        return pd.DataFrame(columns=OUTPUT_COLUMNS)
-    return pd.concat(frames, ignore_index=True)
+    return set(rundir.read_parts(parts_dir, OUTPUT_COLUMNS)["id"])
 
 
 def run_pipeline(cfg: RaycatConfig, plan: ScorePlan, todo: pd.DataFrame, parts_dir: str,
@@ -199,12 +187,6 @@ def run_pipeline(cfg: RaycatConfig, plan: ScorePlan, todo: pd.DataFrame, parts_d
     import ray
 
     eng = cfg.score.engine
-    engine_kwargs = dict(dtype=cfg.score.student.dtype, device=eng.device,
-                         max_model_len=cfg.score.student.max_model_len,
-                         tensor_parallel_size=eng.tensor_parallel_size,
-                         pipeline_parallel_size=eng.pipeline_parallel_size, kv_cache_gib=eng.kv_cache_gib,
-                         gpu_memory_utilization=eng.gpu_memory_utilization,
-                         enforce_eager=eng.enforce_eager, seed=eng.seed)
     # The driver already holds the validated questions, so blocks come straight from it (no read
     # tasks to schedule). Blocks of a few batches keep the stream moving and progress visible.
     block = 4 * eng.batch_size
@@ -218,22 +200,14 @@ def run_pipeline(cfg: RaycatConfig, plan: ScorePlan, todo: pd.DataFrame, parts_d
         ScoreBatch,
         fn_constructor_kwargs=dict(plan=plan, backend=eng.backend, mode=cfg.score.entropy_mode,
                                    top_k=cfg.score.top_k, free_form_max_tokens=cfg.score.free_form_max_tokens,
-                                   engine_kwargs=engine_kwargs),
+                                   engine_kwargs=engine_kwargs(cfg.score.student, eng)),
         batch_format="pandas", batch_size=eng.batch_size,
         # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
         compute=ray.data.ActorPoolStrategy(size=eng.num_engines),
         num_gpus=eng.tensor_parallel_size * eng.pipeline_parallel_size if eng.device == "gpu" else 0,
         num_cpus=eng.cpus_per_engine,
     )
-    written = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-        if len(batch) == 0:
-            continue
-        rundir.write_parquet(rundir.join(parts_dir, f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"),
-                             batch)
-        written += len(batch)
-        on_rows(len(batch))
-    return written
+    return rundir.write_parts(ds.iter_batches(batch_size=None, batch_format="pandas"), parts_dir, on_rows)
 
 
 def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
@@ -263,7 +237,7 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions: pd.DataFrame, parts_
     """Merge parts into scores.parquet / skipped.parquet and write metrics.json."""
     from raycat.score_metrics import score_metrics
 
-    df = read_parts(parts_dir)
+    df = rundir.read_parts(parts_dir, OUTPUT_COLUMNS)
     df = df[df["id"].isin(set(questions["id"]))]
     dupes = int(df["id"].duplicated().sum())
     if dupes:

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-import uuid
 from dataclasses import asdict, dataclass
 
 import pandas as pd
 
 from raycat import rundir
 from raycat.config import RaycatConfig, TeacherConfig
-from raycat.engine import Sampling, make_engine
+from raycat.engine import Sampling, engine_kwargs, make_engine
 from raycat.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
 from raycat.teach_core import accounting, attempt_schedule, resolve, teach_rows
 
@@ -117,34 +115,21 @@ class TeachBatch:
 
 
 def read_cache(cache_dir: str) -> pd.DataFrame:
-    frames = [rundir.read_parquet(f) for f in rundir.list_files(cache_dir, ".parquet")]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PART_COLUMNS)
+    return rundir.read_parts(cache_dir, PART_COLUMNS)
 
 
 def run_teacher(t: TeacherConfig, plan: TeachPlan, todo: pd.DataFrame, cache_dir: str, on_rows) -> int:
     import ray
 
     e = t.engine
-    engine_kwargs = dict(dtype=t.model.dtype, device=e.device, max_model_len=t.model.max_model_len,
-                         tensor_parallel_size=e.tensor_parallel_size,
-                         pipeline_parallel_size=e.pipeline_parallel_size, kv_cache_gib=e.kv_cache_gib,
-                         gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
-                         seed=e.seed)
     block = 4 * e.batch_size
     ds = ray.data.from_pandas([todo.iloc[i:i + block] for i in range(0, len(todo), block)])
     ds = ds.map_batches(TeachBatch, fn_constructor_kwargs=dict(plan=plan, backend=e.backend,
-                                                               engine_kwargs=engine_kwargs),
+                                                               engine_kwargs=engine_kwargs(t.model, e)),
                         batch_format="pandas", batch_size=e.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=e.num_engines),
                         num_gpus=plan.gpus, num_cpus=e.cpus_per_engine if plan.api is None else 0.25)
-    written = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-        if len(batch):
-            rundir.write_parquet(rundir.join(cache_dir, f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"),
-                                 batch)
-            written += len(batch)
-            on_rows(len(batch))
-    return written
+    return rundir.write_parts(ds.iter_batches(batch_size=None, batch_format="pandas"), cache_dir, on_rows)
 
 
 def load_rows(cfg: RaycatConfig) -> tuple[pd.DataFrame, int]:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +94,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present (only in the development checkout)")
     return SHARED_DATA
+
+
+def kill_after_first_part(stage: str, config: Path, parts_root: Path, timeout_s: float = 240) -> int:
+    """Run `raycat <stage>` in its own session, SIGKILL the whole session (driver, Ray, engines) as soon
+    as the first part file appears, and return the rows the parts hold."""
+    import pandas as pd
+
+    proc = subprocess.Popen([sys.executable, "-m", "raycat.cli", stage, "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline and not list(parts_root.glob("*/part-*.parquet")):
+            assert proc.poll() is None, f"raycat {stage} exited before writing any part"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # only the session this helper started
+        proc.wait()
+    return sum(len(pd.read_parquet(p)) for p in parts_root.glob("*/part-*.parquet"))

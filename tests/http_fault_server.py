@@ -22,6 +22,7 @@ class FaultServer:
     def __init__(self):
         self.calls: dict[str, list[float]] = {}
         self.auth: set[str] = set()
+        self.models: list[str] = []
         self.lock = threading.Lock()
         server = self
 
@@ -35,6 +36,7 @@ class FaultServer:
                 mode = re.search(r"mode=(\w+)", text).group(1)
                 with server.lock:
                     server.auth.add(self.headers.get("Authorization", ""))
+                    server.models.append(body["model"])
                     n = len(server.calls.setdefault(text, []))
                     server.calls[text].append(time.monotonic())
                 if mode == "429" and n == 0:
@@ -46,7 +48,9 @@ class FaultServer:
                     return self._send(200, {})
                 if mode == "garbage":
                     return self._raw(200, b"<html>not json")
-                content = "" if mode == "empty" else "Thinking step by step. [[A]]"
+                # A model named "answers-X" always answers X; any other answers A.
+                letter = body["model"].removeprefix("answers-") if body["model"].startswith("answers-") else "A"
+                content = "" if mode == "empty" else f"Thinking step by step. [[{letter}]]"
                 return self._send(200, {
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": i, "finish_reason": "stop",

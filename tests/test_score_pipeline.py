@@ -1,11 +1,6 @@
 """The score and split stages end to end on a real local Ray, with real engines on a tiny model."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +9,7 @@ import yaml
 
 from raycat import rundir
 from raycat.cli import main
+from tests.conftest import kill_after_first_part
 
 N_QUESTIONS = 300
 
@@ -112,20 +108,7 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(vllm_run, tmp_pat
     tmp_ref, _ = vllm_run
     # batch_size=1: many small parts, so the kill lands mid-run (batching does not enter the cache key).
     cfg = write_config(tmp_path, tiny_model_dir, engine={"batch_size": 1, "kv_cache_gib": 0.25})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "raycat.cli", "score", "--config", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    parts_root = tmp_path / "run" / "score" / "parts"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and not list(parts_root.glob("*/part-*.parquet")):
-            assert proc.poll() is None, "scoring exited before writing any part"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole session we started: driver, Ray, engines
-        proc.wait()
-    parts = list(parts_root.glob("*/part-*.parquet"))
-    written = sum(len(pd.read_parquet(p)) for p in parts)
+    written = kill_after_first_part("score", cfg, tmp_path / "run" / "score" / "parts")
     assert 0 < written < N_QUESTIONS + 1, "the kill must land mid-run"
     assert main(["score", "--config", str(cfg)]) == 0
     m = json.loads((tmp_path / "run" / "score" / "metrics.json").read_text())

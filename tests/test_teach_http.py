@@ -170,3 +170,27 @@ def test_teacher_down_stops_with_a_clear_error_and_keeps_outputs(tmp_path, capsy
     skipped = pd.read_parquet(tmp_path / "run" / "teach" / "skipped.parquet")
     assert len(skipped) == 6 and (skipped.final_status == "failed").all()
     assert skipped.reason.str.contains("APIConnectionError").all()
+
+
+def test_cascade_asks_the_next_teacher_only_for_unsolved_rows(tmp_path):
+    from raycat import rundir
+
+    run = tmp_path / "run"
+    write_split(run)
+    hard = rundir.read_parquet(str(run / "split" / "hard.parquet"))
+    hard["gold"] = ["A", "B"] * 3  # the first teacher always answers A, the second always B
+    rundir.write_parquet(str(run / "split" / "hard.parquet"), hard)
+    with FaultServer() as srv:
+        teachers = [{"model": {"path": f"answers-{x}"}, "api": {"base_url": srv.url}} for x in "AB"]
+        tree = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "unused"}},
+                "ray": {"num_cpus": 2}, "teach": {"teachers": teachers, "retries": 0}}
+        p = tmp_path / "c.yaml"
+        p.write_text(yaml.safe_dump(tree))
+        assert main(["teach", "--config", str(p)]) == 0
+    assert srv.models.count("answers-A") == 6 and srv.models.count("answers-B") == 3
+    cot = pd.read_parquet(run / "teach" / "cot.parquet").set_index("id")
+    assert (cot.final_status == "verified").all() and len(cot) == 6
+    assert (cot.teacher == cot.gold.map({"A": "answers-A", "B": "answers-B"})).all()
+    m = json.loads((run / "teach" / "metrics.json").read_text())
+    assert m["accounting"]["per_teacher"]["answers-A"]["rows"] == 6
+    assert m["accounting"]["per_teacher"]["answers-B"]["rows"] == 3

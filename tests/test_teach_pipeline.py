@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from raycat.cli import main
+from tests.conftest import kill_after_first_part
 from tests.test_score_pipeline import make_corpus
 
 pytestmark = pytest.mark.vllm
@@ -87,12 +88,6 @@ def test_teach_needs_a_teach_section(split_run, tmp_path, capsys):
 
 
 def test_killed_teach_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_model_dir):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     cfg = config(tmp_path, tiny_model_dir)
     assert main(["score", "--config", str(cfg)]) == 0
     assert main(["split", "--config", str(cfg)]) == 0
@@ -101,18 +96,8 @@ def test_killed_teach_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_
     tree["teach"].update(bands="all", retries=0)
     tree["teach"]["teachers"][0]["engine"]["batch_size"] = 1
     cfg.write_text(yaml.safe_dump(tree))
-    proc = subprocess.Popen([sys.executable, "-m", "raycat.cli", "teach", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     cache = tmp_path / "run" / "teach" / "cache"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and not list(cache.glob("*/part-*.parquet")):
-            assert proc.poll() is None, "teach exited before writing any part"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session we started: driver, Ray, engine
-        proc.wait()
-    written = sum(len(pd.read_parquet(p)) for p in cache.glob("*/part-*.parquet"))
+    written = kill_after_first_part("teach", cfg, cache)
     assert 0 < written < N + 1, "the kill must land mid-run"
     assert main(["teach", "--config", str(cfg)]) == 0
     m = metrics(tmp_path)
