@@ -176,7 +176,7 @@ class TransformersEngine:
     """Reference engine: one unpadded forward pass per prompt, log-softmax in float64."""
 
     def __init__(self, model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
-                 trust_remote_code: bool = False, **_ignored):
+                 trust_remote_code: bool = False, **_ignored):  # vLLM-only options (need_full, KV cache, ...)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

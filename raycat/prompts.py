@@ -32,6 +32,11 @@ def option_labels(n: int, preset: str) -> list[str]:
     return list(LETTERS[:n])
 
 
+def answer_labels(n: int, preset: str) -> list[str]:
+    """Labels the student may answer with: the option labels, plus "0" (don't know) for the paper preset."""
+    return option_labels(n, preset) + ([IDK_LABEL] if preset == "paper" else [])
+
+
 def messages_for(question: str, options: list[str], category: str, preset: str,
                  system_prompt: str | None = None) -> list[dict[str, str]]:
     about = f" about {category}" if category else ""
@@ -80,16 +85,14 @@ class LabelTokens:
     multi_token: tuple[str, ...]  # labels no single token spells: options using them cannot be scored
 
     def groups(self, n_options: int, preset: str) -> list[list[int]] | None:
-        labels = option_labels(n_options, preset)
-        if preset == "paper":
-            labels = [*labels, IDK_LABEL]
+        labels = answer_labels(n_options, preset)
         if any(lab in self.multi_token for lab in labels):
             return None
         return [list(self.ids[lab]) for lab in labels]
 
 
 def label_tokens(tokenizer, max_options: int, preset: str) -> LabelTokens:
-    labels = option_labels(max_options, preset) + ([IDK_LABEL] if preset == "paper" else [])
+    labels = answer_labels(max_options, preset)
     ids: dict[str, tuple[int, ...]] = {}
     multi: list[str] = []
     owner: dict[int, str] = {}

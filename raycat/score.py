@@ -23,12 +23,11 @@ from raycat.config import RaycatConfig
 from raycat.engine import ScoreRequest, ScoreResult, engine_kwargs, make_engine
 from raycat.entropy import entropy_options, options_distribution
 from raycat.prompts import (
-    IDK_LABEL,
     LETTERS,
     PROMPT_VERSION,
     LabelTokens,
+    answer_labels,
     messages_for,
-    option_labels,
     render_ids,
 )
 
@@ -116,7 +115,7 @@ class RenderPrompts:
             if not opts and p.mode == "options":
                 reason = "free-form question has no options to score; use score.entropy_mode=full or topk"
             elif opts and p.labels.groups(len(opts), p.preset) is None:
-                bad = [lab for lab in p.labels.multi_token if lab in _labels_for(len(opts), p.preset)]
+                bad = [lab for lab in p.labels.multi_token if lab in answer_labels(len(opts), p.preset)]
                 reason = (f"option label(s) {bad} are not single tokens for this tokenizer; "
                           "use score.prompt.preset=letters")
             elif len(prompt) >= p.max_prompt_tokens:
@@ -130,21 +129,15 @@ class RenderPrompts:
         return out
 
 
-def _labels_for(n: int, preset: str) -> list[str]:
-    return option_labels(n, preset) + ([IDK_LABEL] if preset == "paper" else [])
-
-
 class ScoreBatch:
     """Ray Data stage: one engine per actor, loaded once, scoring whole batches."""
 
     def __init__(self, plan: ScorePlan, backend: str, mode: str, top_k: int, free_form_max_tokens: int,
                  engine_kwargs: dict):
         self.plan, self.mode, self.top_k, self.ff = plan, mode, top_k, free_form_max_tokens
-        need_full = mode == "full" or bool(plan.sample_ids)
-        kwargs = dict(engine_kwargs, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
-        if backend == "vllm":
-            kwargs["need_full"] = need_full
-        self.engine = make_engine(backend, plan.model_path, **kwargs)
+        self.engine = make_engine(backend, plan.model_path, revision=plan.revision,
+                                  trust_remote_code=plan.trust_remote_code,
+                                  need_full=mode == "full" or bool(plan.sample_ids), **engine_kwargs)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan
@@ -242,7 +235,8 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions: pd.DataFrame, parts_
     dupes = int(df["id"].duplicated().sum())
     if dupes:
         raise RuntimeError(f"{dupes} duplicate ids in {parts_dir}; this is a raycat bug, please report it")
-    df = df.set_index("id").loc[[i for i in questions["id"] if i in set(df["id"])]].reset_index()
+    have = set(df["id"])  # once: inside the comprehension it was rebuilt per row, O(n^2)
+    df = df.set_index("id").loc[[i for i in questions["id"] if i in have]].reset_index()
     s = cfg.score
     df["model"] = s.student.path
     df["model_revision"] = s.student.revision or ""

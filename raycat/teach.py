@@ -83,10 +83,8 @@ class TeachBatch:
 
         self.tok = AutoTokenizer.from_pretrained(plan.model_path, revision=plan.revision,
                                                  trust_remote_code=plan.trust_remote_code)
-        kwargs = dict(engine_kwargs, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
-        if backend == "vllm":
-            kwargs["need_full"] = False
-        self.engine = make_engine(backend, plan.model_path, **kwargs)
+        self.engine = make_engine(backend, plan.model_path, revision=plan.revision,
+                                  trust_remote_code=plan.trust_remote_code, need_full=False, **engine_kwargs)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan
