@@ -3,6 +3,8 @@
     raycat score --config jobs/configs/demo-cpu.yaml            # student entropy for every question
     raycat split --config jobs/configs/demo-cpu.yaml            # easy / medium / hard bands
     raycat teach --config jobs/configs/demo-cpu.yaml            # teacher CoT for the hard band
+    raycat train --config jobs/configs/demo-cpu.yaml            # phase 1 (answers) then phase 2 (hard CoT)
+    raycat train --config jobs/configs/demo-cpu.yaml train.recipe=sft_all   # a baseline
     raycat prepare-model smollm2-135m-instruct                  # build a registry-shipped model once
     raycat show-config --config jobs/configs/demo-cpu.yaml score.entropy_mode=full
 
@@ -182,6 +184,26 @@ def _teach_table(m: dict) -> None:
     console.print(t)
 
 
+def cmd_train(cfg: RaycatConfig) -> dict:
+    from raycat.train import run_train
+
+    summary = run_train(cfg, say=lambda msg: console.print(f"[bold]train[/]: {msg}"))
+    _write_config(cfg, "train")
+    t = Table(title=f"train — {summary['recipe']} ({summary['method']}, ZeRO-{summary['zero_stage']}, "
+                    f"{summary['num_workers']} worker(s))")
+    for col in ("phase", "status", "examples", "steps", "loss first → last", "tokens/s", "padding", "wall s"):
+        t.add_column(col)
+    for name, m in summary["phases"].items():
+        t.add_row(name, m["status"], str(m["examples"]), str(m["steps"]),
+                  f"{_fmt(m['first_loss'])} → {_fmt(m['last_loss'])}", _fmt(m["mean_tokens_per_s"]),
+                  f"{m['padding_waste']:.1%}" if m["padding_waste"] is not None else "n/a", _fmt(m["wall_s"]))
+    console.print(t)
+    for s in summary["skipped"]:
+        console.print(f"skipped in {s['phase']}: {s['n']} rows — {s['skip_reason']}")
+    console.print(f"models: {rundir.join(cfg.run_dir, 'train', summary['recipe'])}/<phase>/model")
+    return summary
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> None:
     from raycat.models import REGISTRY, prepare
 
@@ -199,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("score", "student answer-token entropy for every question"),
                         ("split", "easy / medium / hard bands from the scores"),
                         ("teach", "verified teacher chain-of-thought for the chosen bands"),
+                        ("train", "fine-tune the student: the recipe's phases on Ray Train + DeepSpeed"),
                         ("show-config", "print the resolved config and exit")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
@@ -223,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
     try:
-        {"score": cmd_score, "split": cmd_split, "teach": cmd_teach}[args.command](cfg)
+        {"score": cmd_score, "split": cmd_split, "teach": cmd_teach, "train": cmd_train}[args.command](cfg)
     except (BadRowError, FileNotFoundError, ValueError, RuntimeError) as e:
         console.print(f"[red]raycat {args.command}: {e}[/]")
         return 1

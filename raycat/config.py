@@ -219,6 +219,92 @@ class TeachConfig(Strict):
     seed: int = Field(0, description="Seed for teach.limit.")
 
 
+class PhaseConfig(Strict):
+    """Hyper-parameters of one training phase (the paper: constant lr, clip 1.0; method.md 6)."""
+
+    epochs: int = Field(3, ge=1, description="Passes over the phase's rows.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps (demos, smoke runs).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 1e-4 with LoRA, 1e-5 full).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(1024, ge=16, description="Longest prompt+target in tokens; see train.overlong.")
+    gradient_clipping: float = Field(1.0, ge=0, description="Max grad norm (0 = off).")
+
+
+class LoraSettings(Strict):
+    r: int = Field(64, ge=1, description="LoRA rank (paper v3: 64).")
+    alpha: int = Field(128, ge=1, description="LoRA alpha (paper v3: 128).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names to adapt, or 'all-linear'.",
+    )
+    merge: bool = Field(False, description="Also export merged full weights per phase (model dir 'merged/').")
+
+
+class DeepSpeedSettings(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 = DDP-like, 2 = shard grads+optimizer, "
+                                            "3 = shard parameters too (needed past ~13B).")
+    offload_optimizer: bool = Field(False, description="Optimizer states in host RAM (DeepSpeedCPUAdam; its first "
+                                    "use JIT-compiles a C++ op, ~2 min).")
+    offload_param: bool = Field(False, description="Parameters in host RAM (ZeRO-3 only).")
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepSpeedSettings:
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param: parameter offload needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer: optimizer offload needs zero_stage 1, 2 or 3")
+        return self
+
+
+class TrainConfig(Strict):
+    recipe: Literal["complexity_aware", "sft_all", "distill_all", "curriculum", "random_split"] = Field(
+        "complexity_aware",
+        description="complexity_aware: answer SFT on easy+medium, then CoT on hard. Baselines: sft_all, "
+        "distill_all (CoT on all rows), curriculum (easy->medium->hard SFT), random_split (band sizes, random rows).",
+    )
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (peft) or full fine-tuning.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="'auto' = bf16 on GPU, fp32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
+    device: Literal["cpu", "gpu"] = Field("cpu", description="Worker device; one worker per GPU on 'gpu'.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves per worker (also its torch threads).")
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop", description="Examples over max_length: 'drop' (counted in skipped.parquet) or 'truncate' (cut at "
+        "the end, counted; dropped anyway when no target token is left)."
+    )
+    allow_template_mismatch: bool = Field(
+        False, description="Train even when the student's chat template differs from the one scoring used."
+    )
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end of a phase).")
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per phase.")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint (Ray Train).")
+    log_every_steps: int = Field(10, ge=1, description="Report loss / tokens/s / lr to Ray Train and the tracker every "
+                                 "N optimizer steps (each report is a barrier across workers; every step is kept "
+                                 "in the phase metrics regardless).")
+    tracking: Literal["none", "mlflow", "wandb"] = Field("none", description="Experiment tracker via Ray's "
+                                                         "integrations (needs mlflow or wandb installed).")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: local ./mlruns).")
+    tracking_project: str = Field("raycat", description="MLflow experiment / W&B project name.")
+    worker_memory_gib: float | None = Field(
+        None, gt=0, description="Accelerator memory per worker for the pre-flight fit check (GPU default 80; CPU "
+        "workers: host RAM / workers)."
+    )
+    host_memory_per_worker_gib: float | None = Field(
+        None, gt=0, description="Host RAM per worker for offloaded states (default: this machine's RAM / workers)."
+    )
+    seed: int = Field(42, description="Seed for init, shuffling and random_split.")
+    phase1: PhaseConfig = Field(default_factory=lambda: PhaseConfig(max_length=1024))
+    phase2: PhaseConfig = Field(default_factory=lambda: PhaseConfig(max_length=2048))
+    phase3: PhaseConfig = Field(default_factory=PhaseConfig, description="Only the curriculum recipe has a phase 3.")
+
+
 class RayConfig(Strict):
     address: str | None = Field(
         None, description="Ray address; unset = $RAY_ADDRESS if set (ray job submit), else a local Ray."
@@ -232,6 +318,7 @@ class RaycatConfig(Strict):
     score: ScoreConfig
     split: SplitConfig = Field(default_factory=SplitConfig)
     teach: TeachConfig | None = Field(None, description="Teacher chain-of-thought; needed by `raycat teach`.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Two-phase fine-tuning (`raycat train`).")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

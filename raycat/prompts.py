@@ -141,3 +141,44 @@ def teach_template_hash(tokenizer) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+# --- training and evaluation prompts (one renderer for both, so eval sees what training taught) ---
+# Option labels here are always letters, whatever score.prompt.preset: the teacher's CoT ends in
+# [[LETTER]], and numeric ids make "10" two tokens in Qwen-style tokenizers (method.md 10.1).
+TRAIN_PROMPT_VERSION = "train-v1"
+_TRAIN_ANSWER_MCQ = ("The following is a multiple choice question{about}. "
+                     "Answer with only the letter of the correct option in [[LETTER]] format.")
+_TRAIN_ANSWER_FREE = "Solve the following problem. Answer with only the final number in [[NUMBER]] format."
+_TRAIN_COT_MCQ = ("The following is a multiple choice question{about}. Think step by step, then give the "
+                  "final answer on the last line as [[LETTER]].")
+_TRAIN_COT_FREE = ("Solve the following problem. Think step by step, then give the final answer on the last "
+                   "line as [[NUMBER]].")
+
+
+def train_messages(question: str, options: list[str], category: str, kind: str) -> list[dict[str, str]]:
+    """The prompt a student is trained (and evaluated) on; ``kind`` is 'answer' or 'cot'."""
+    if kind not in ("answer", "cot"):
+        raise ValueError(f"prompt kind must be 'answer' or 'cot', got {kind!r}")
+    if not options:
+        system = _TRAIN_ANSWER_FREE if kind == "answer" else _TRAIN_COT_FREE
+        return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    about = f" about {category}" if category else ""
+    system = (_TRAIN_ANSWER_MCQ if kind == "answer" else _TRAIN_COT_MCQ).format(about=about)
+    body = "\n".join(f"{lab}. {opt}" for lab, opt in zip(LETTERS, options, strict=False))
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": f"Question: {question}\nOptions:\n{body}"}]
+
+
+def answer_target(gold: str) -> str:
+    """Phase-1 target: the bare answer in the format the eval extracts."""
+    return f"[[{gold}]]"
+
+
+def train_template_hash(tokenizer) -> str:
+    h = hashlib.sha256()
+    for part in (tokenizer.chat_template or "", TRAIN_PROMPT_VERSION, _TRAIN_ANSWER_MCQ, _TRAIN_ANSWER_FREE,
+                 _TRAIN_COT_MCQ, _TRAIN_COT_FREE):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]

@@ -46,8 +46,19 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
-    """ChatML BPE tokenizer (digits split, like Qwen) + random Llama with real-ish shapes for vLLM."""
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def build_tiny_model(path: Path, seed: int = 0, family: str = "chatml") -> Path:
+    """BPE tokenizer (digits split, like Qwen) + random Llama with real-ish shapes for vLLM.
+
+    ``family``: 'chatml' (Qwen-style <|im_start|>/<|im_end|>, EOS = <|im_end|>) or 'llama3'
+    (<|begin_of_text|> BOS, header tokens, <|eot_id|> ends a turn; EOS = <|end_of_text|>, and
+    generation_config lists both, as Llama-3-Instruct ships)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -56,17 +67,26 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if family == "chatml" else
+                ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                 "<|finetune_right_pad_id|>"])
     trainer = trainers.BpeTrainer(vocab_size=900, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None)
-    fast.chat_template = CHATML
+    if family == "chatml":
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                       bos_token=None)
+        fast.chat_template = CHATML
+        eos = fast.eos_token_id
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end_of_text|>",
+                                       pad_token="<|finetune_right_pad_id|>", bos_token="<|begin_of_text|>")
+        fast.chat_template = LLAMA3
+        eos = [fast.eos_token_id, fast.convert_tokens_to_ids("<|eot_id|>")]
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None,
+                      eos_token_id=eos, pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
     # Random init gives near-uniform logits; scale the head so entropies differ between prompts.
@@ -80,6 +100,11 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama3"), family="llama3")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,325 @@
+"""Train stage: the recipe's phases, one Ray Train ``TorchTrainer`` fit each, DeepSpeed in the workers.
+
+Per phase, under ``train/<recipe>/<phase>/``:
+  ``checkpoints/``  Ray Train storage (every rank's ZeRO shard merged per checkpoint)
+  ``model/``        HF model dir (LoRA: adapter + tokenizer; full: weights + tokenizer)
+  ``merged/``       LoRA merged into the base (train.lora.merge)
+  ``skipped.parquet``, ``metrics.json`` (per step and per epoch), ``done.json`` (the phase's hash)
+
+A phase is done when ``done.json`` holds the phase's hash (its rows, targets, hyper-parameters and the
+previous phase's hash); a rerun skips it, so a failure in phase 2 never redoes phase 1. An unfinished
+phase is refit under the same Ray Train run name and resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import pandas as pd
+
+from raycat import rundir
+from raycat.config import RaycatConfig
+from raycat.prompts import template_hash, train_template_hash
+from raycat.recipes import Phase, needs_cot, select
+from raycat.train_data import encode_rows, pad_to_world, stop_token_ids
+from raycat.train_memory import check_fit, estimate
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_inputs(cfg: RaycatConfig) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None]:
+    split = rundir.join(cfg.run_dir, "split")
+    bands = {}
+    for band in ("easy", "medium", "hard"):
+        path = rundir.join(split, f"{band}.parquet")
+        if not rundir.exists(path):
+            raise FileNotFoundError(f"{path} not found: run `raycat split` with this config first")
+        bands[band] = rundir.read_parquet(path)
+    cot_path = rundir.join(cfg.run_dir, "teach", "cot.parquet")
+    cot = rundir.read_parquet(cot_path) if rundir.exists(cot_path) else None
+    if cot is None and needs_cot(cfg.train.recipe):
+        raise FileNotFoundError(f"{cot_path} not found: recipe '{cfg.train.recipe}' trains on teacher CoT; run "
+                                "`raycat teach` first (teach.bands=all for distill_all / random_split)")
+    return bands, cot
+
+
+def check_template(cfg: RaycatConfig, tokenizer, bands: dict[str, pd.DataFrame]) -> str:
+    """Training must render prompts with the chat template the rows were scored under."""
+    mine = template_hash(tokenizer, cfg.score.prompt.preset, cfg.score.prompt.system_prompt)
+    seen = set().union(*(set(b["template_hash"].dropna()) for b in bands.values() if "template_hash" in b))
+    if seen and seen != {mine} and not cfg.train.allow_template_mismatch:
+        raise ValueError(f"the student's chat template (hash {mine}) differs from the one the rows were scored "
+                         f"with ({', '.join(sorted(seen))}): rescore with this student, or set "
+                         "train.allow_template_mismatch=true to train anyway")
+    return mine
+
+
+def model_shape(model_dir: str, trust_remote_code: bool) -> dict:
+    """Parameter count and sizes from config.json alone (meta device: no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    return {"params": sum(p.numel() for p in m.parameters()), "hidden": text.hidden_size,
+            "layers": text.num_hidden_layers, "vocab": text.vocab_size, "model": m}
+
+
+def lora_trainable(meta_model, lora: dict) -> int:
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(meta_model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
+                                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+    return sum(p.numel() for p in peft.parameters() if p.requires_grad)
+
+
+def preflight(cfg: RaycatConfig, model_dir: str, phases: list[Phase]) -> dict:
+    """Memory estimate per phase; raises with the numbers when a phase cannot fit."""
+    tc = cfg.train
+    shape = model_shape(model_dir, cfg.score.student.trust_remote_code)
+    trainable = lora_trainable(shape["model"], tc.lora.model_dump()) if tc.method == "lora" else shape["params"]
+    bf16 = _bf16(cfg)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3
+    device_cap = tc.worker_memory_gib or (80.0 if tc.device == "gpu" else ram / tc.num_workers)
+    host_cap = tc.host_memory_per_worker_gib or ram / tc.num_workers
+    out = {"params": shape["params"], "trainable_params": trainable, "device_capacity_gib": device_cap,
+           "host_capacity_gib": host_cap, "phases": {}}
+    for ph in phases:
+        pc = getattr(tc, ph.name)
+        est = estimate(total_params=shape["params"], trainable_params=trainable, world=tc.num_workers,
+                       zero_stage=tc.deepspeed.zero_stage, offload_optimizer=tc.deepspeed.offload_optimizer,
+                       offload_param=tc.deepspeed.offload_param, bf16=bf16, micro_batch_size=pc.micro_batch_size,
+                       max_length=pc.max_length, hidden_size=shape["hidden"], num_layers=shape["layers"],
+                       vocab_size=shape["vocab"], gradient_checkpointing=tc.gradient_checkpointing)
+        out["phases"][ph.name] = est
+        problem = check_fit(est, device_cap, host_cap, same_pool=tc.device == "cpu")
+        if problem:
+            raise ValueError(f"train pre-flight, {ph.name}: {problem}")
+    return out
+
+
+def _bf16(cfg: RaycatConfig) -> bool:
+    p = cfg.train.precision
+    return p == "bf16" or (p == "auto" and cfg.train.device == "gpu")
+
+
+def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[dict], pd.DataFrame]:
+    """Rows, encoded examples and hash for every phase of the recipe; plus every skipped row."""
+    tc = cfg.train
+    bands, cot = load_inputs(cfg)
+    th = check_template(cfg, tokenizer, bands)
+    selected, skipped = select(tc.recipe, bands, cot, tc.seed)
+    stops = stop_token_ids(tokenizer, model_dir)
+    plans, prev = [], None
+    skipped_frames = [skipped]
+    for phase, rows in selected:
+        pc = getattr(tc, phase.name)
+        enc, skip = encode_rows(tokenizer, rows, phase.target, stops, pc.max_length, tc.overlong)
+        skipped_frames.append(skip.assign(phase=phase.name))
+        enc = enc.sample(frac=1.0, random_state=tc.seed).reset_index(drop=True)  # one seeded shuffle
+        # Everything that changes the trained weights (not save/log cadence): rows, tokens, labels,
+        # hyper-parameters, parallel layout, the student, and the previous phase's hash.
+        h = _hash({"prev": prev, "phase": phase.name, "target": phase.target, "rows": enc["id"].tolist(),
+                   "inputs": _hash(enc["input_ids"].map(list).tolist()),
+                   "labels": _hash(enc["labels"].map(list).tolist()), "hp": pc.model_dump(), "method": tc.method,
+                   "lora": tc.lora.model_dump() if tc.method == "lora" else None,
+                   "deepspeed": tc.deepspeed.model_dump(), "precision": _bf16(cfg), "workers": tc.num_workers,
+                   "student": cfg.score.student.model_dump(), "template": train_template_hash(tokenizer),
+                   "seed": tc.seed})
+        plans.append({"phase": phase, "rows": rows, "encoded": enc, "hash": h, "score_template_hash": th})
+        prev = h
+    return plans, pd.concat(skipped_frames, ignore_index=True)
+
+
+def _loop_config(cfg: RaycatConfig, plan: dict, init: dict, total_steps: int, pad_id: int) -> dict:
+    tc = cfg.train
+    return {
+        "student": cfg.score.student.model_dump(), "init_model": init["model"], "init_adapter": init["adapter"],
+        "method": tc.method, "lora": tc.lora.model_dump(), "zero_stage": tc.deepspeed.zero_stage,
+        "offload_optimizer": tc.deepspeed.offload_optimizer, "offload_param": tc.deepspeed.offload_param,
+        "bf16": _bf16(cfg), "device": tc.device, "threads": tc.cpus_per_worker,
+        "gradient_checkpointing": tc.gradient_checkpointing, "phase": getattr(tc, plan["phase"].name).model_dump(),
+        "total_steps": total_steps, "pad_id": pad_id, "seed": tc.seed, "save_steps": tc.save_steps,
+        "log_every_steps": tc.log_every_steps,
+        "tracking": {"kind": tc.tracking, "uri": tc.tracking_uri, "project": tc.tracking_project},
+        "hparams": {"recipe": tc.recipe, "phase": plan["phase"].name, **getattr(tc, plan["phase"].name).model_dump()},
+    }
+
+
+def fit_phase(cfg: RaycatConfig, plan: dict, init: dict, pad_id: int, phase_dir: str):
+    """One TorchTrainer fit; returns the Ray Train Result (resumes a half-done phase by run name)."""
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raycat.train_loop import train_loop
+
+    tc = cfg.train
+    pc = getattr(tc, plan["phase"].name)
+    frame, repeated = pad_to_world(plan["encoded"], tc.num_workers, tc.seed)
+    plan["repeated_rows"] = repeated
+    batches = math.ceil(len(frame) / tc.num_workers / pc.micro_batch_size)
+    total = math.ceil(batches * pc.epochs / pc.gradient_accumulation_steps)
+    total = min(total, pc.max_steps) if pc.max_steps else total
+    plan["total_steps"] = total
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(frame[["input_ids", "labels"]], preserve_index=False)
+    step = max(1, math.ceil(len(frame) / 8))
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(frame), step)])
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=_loop_config(cfg, plan, init, total, pad_id),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.device == "gpu",
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        datasets={"train": ds},
+        # Ordered, equal shards: a resumed worker skips exactly the micro-batches it already trained on.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(name=f"{plan['phase'].name}-{plan['hash']}",
+                             storage_path=_storage(rundir.join(phase_dir, "checkpoints")),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep)),
+    )
+    return trainer.fit()
+
+
+def _storage(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def export(cfg: RaycatConfig, result, phase_dir: str, base_dir: str) -> dict:
+    """Copy the final checkpoint's HF dir to ``model/``; merge LoRA into ``merged/`` on request."""
+    import pyarrow.fs as pafs
+
+    model_dir = rundir.join(phase_dir, "model")
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, "state.json")) as f:
+            state = json.load(f)
+        fs, dest = rundir._fs(model_dir)
+        fs.create_dir(dest, recursive=True)
+        pafs.copy_files(os.path.join(d, "hf"), dest, destination_filesystem=fs)
+    out = {"model": model_dir, "state": state}
+    if cfg.train.method == "lora" and cfg.train.lora.merge:
+        out["merged"] = merge_lora(base_dir, model_dir, rundir.join(phase_dir, "merged"))
+    return out
+
+
+def merge_lora(base_dir: str, adapter_dir: str, out_dir: str) -> str:
+    import tempfile
+
+    import pyarrow.fs as pafs
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raycat.train_loop import _localize
+
+    adapter = _localize(adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).merge_and_unload()
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d, safe_serialization=True)
+        AutoTokenizer.from_pretrained(adapter).save_pretrained(d)
+        fs, dest = rundir._fs(out_dir)
+        fs.create_dir(dest, recursive=True)
+        pafs.copy_files(d, dest, destination_filesystem=fs)
+    return out_dir
+
+
+def phase_metrics(plan: dict, state: dict, result_path: str, wall_s: float) -> dict:
+    hist = state["history"]
+    epochs: dict[int, list[float]] = {}
+    for h in hist:
+        epochs.setdefault(h["epoch"], []).append(h["loss"])
+    enc = plan["encoded"]
+    padded = state["padded_tokens"]
+    return {
+        "phase": plan["phase"].name, "target": plan["phase"].target, "bands": list(plan["phase"].bands),
+        "hash": plan["hash"], "rows": int(len(plan["rows"])), "examples": int(len(enc)),
+        "repeated_rows_for_equal_shards": plan.get("repeated_rows", 0),
+        "truncated": int(enc["truncated"].sum()) if len(enc) else 0,
+        "tokens": int(enc["num_tokens"].sum()) if len(enc) else 0,
+        "target_tokens": int(enc["num_target_tokens"].sum()) if len(enc) else 0,
+        "steps": len(hist), "total_steps": plan.get("total_steps"),
+        "first_loss": hist[0]["loss"] if hist else None, "last_loss": hist[-1]["loss"] if hist else None,
+        "per_epoch": [{"epoch": e, "mean_loss": sum(v) / len(v), "steps": len(v)} for e, v in sorted(epochs.items())],
+        "mean_tokens_per_s": (sum(h["tokens"] for h in hist) / sum(h["tokens"] / h["tokens_per_s"] for h in hist)
+                              if hist and all(h["tokens_per_s"] > 0 for h in hist) else None),
+        "padding_waste": 1 - state["real_tokens"] / padded if padded else None,
+        "resumed_from_step": state.get("resumed_from_step"), "init_fingerprint": state.get("init_fingerprint"),
+        "checkpoints": result_path, "wall_s": round(wall_s, 2),
+        "history": hist,
+    }
+
+
+def run_train(cfg: RaycatConfig, say=print) -> dict:
+    """Every phase of ``train.recipe`` in order; finished phases (same hash) are skipped."""
+    import time
+    from contextlib import ExitStack
+
+    from transformers import AutoTokenizer
+
+    from raycat import models
+    from raycat.ray_env import ray_session
+    from raycat.recipes import RECIPES
+
+    tc, st = cfg.train, cfg.score.student
+    base_dir = models.resolve(st.path)
+    pre = preflight(cfg, base_dir, list(RECIPES[tc.recipe]))  # before Ray or any accelerator
+    say(f"pre-flight: {pre['params'] / 1e6:.1f}M parameters ({pre['trainable_params'] / 1e6:.2f}M trainable), "
+        + "; ".join(f"{k}: ~{v['device_gib_per_worker']:.2f} GiB/worker on device"
+                    + (f" + {v['host_gib_per_worker']:.2f} GiB host" if v["host_gib_per_worker"] else "")
+                    for k, v in pre["phases"].items())
+        + f" (capacity {pre['device_capacity_gib']:.1f} GiB)")
+    tok = AutoTokenizer.from_pretrained(base_dir, revision=st.revision, trust_remote_code=st.trust_remote_code)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    plans, skipped = plan_phases(cfg, tok, base_dir)
+    root = rundir.join(cfg.run_dir, "train", tc.recipe)
+    rundir.write_parquet(rundir.join(root, "skipped.parquet"), skipped)
+    summary = {"recipe": tc.recipe, "method": tc.method, "zero_stage": tc.deepspeed.zero_stage,
+               "num_workers": tc.num_workers, "preflight": pre, "skipped": skipped.groupby(
+                   ["phase", "skip_reason"]).size().reset_index(name="n").to_dict("records") if len(skipped) else [],
+               "phases": {}}
+    init: dict = {"model": None, "adapter": None}
+    ray_started = False
+    with ExitStack() as stack:
+        for plan in plans:
+            name = plan["phase"].name
+            pdir = rundir.join(root, name)
+            done_path = rundir.join(pdir, "done.json")
+            if rundir.exists(done_path) and rundir.read_json(done_path).get("hash") == plan["hash"]:
+                m = rundir.read_json(rundir.join(pdir, "metrics.json"))
+                say(f"{name}: already trained (hash {plan['hash']}), skipping")
+                status = "cached"
+            else:
+                if len(plan["encoded"]) == 0:
+                    raise ValueError(f"{name}: no rows to train on ({plan['phase'].target} target, bands "
+                                     f"{'+'.join(plan['phase'].bands)}); see {root}/skipped.parquet")
+                if not ray_started:  # only when something is left to train
+                    stack.enter_context(ray_session(cfg.ray))
+                    ray_started = True
+                say(f"{name}: {len(plan['encoded'])} examples ({plan['phase'].target} target), "
+                    f"{tc.num_workers} worker(s), ZeRO-{tc.deepspeed.zero_stage}, {tc.method}")
+                t0 = time.time()
+                result = fit_phase(cfg, plan, init, pad_id, pdir)
+                if getattr(result, "error", None) is not None:
+                    raise RuntimeError(f"{name} failed: {result.error}")
+                exp = export(cfg, result, pdir, base_dir)
+                m = phase_metrics(plan, exp["state"], str(result.path), time.time() - t0)
+                if "merged" in exp:
+                    m["merged"] = exp["merged"]
+                rundir.write_json(rundir.join(pdir, "metrics.json"), m)
+                rundir.write_json(done_path, {"hash": plan["hash"]})
+                status = "trained"
+            summary["phases"][name] = {**{k: v for k, v in m.items() if k != "history"}, "status": status,
+                                       "model": rundir.join(pdir, "model")}
+            init = ({"model": None, "adapter": rundir.join(pdir, "model")} if tc.method == "lora"
+                    else {"model": rundir.join(pdir, "model"), "adapter": None})
+    rundir.write_json(rundir.join(root, "metrics.json"), summary)
+    return summary

@@ -1,0 +1,144 @@
+"""Training examples: prompt + target through the student's chat template, with a token-exact loss mask.
+
+The prompt part is tokenized exactly as inference sees it (``render_ids``: generation prompt, no extra
+BOS); the example is the full conversation with the assistant turn. Labels cover the assistant tokens
+**up to and including the first stop token** (end-of-turn / EOS), so the model learns to stop; what a
+template writes after it (ChatML's trailing newline) is masked. Everything here is pure: no Ray, no torch.
+
+Padding, not packing: a batch is right-padded to its longest example (``collate``); the wasted fraction
+is measured per phase (``padding_waste``) and reported, so a user can see when packing would pay.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from raycat.prompts import answer_target, render_ids, train_messages
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(ValueError):
+    """The chat template cannot give a well-defined loss mask for this example."""
+
+
+def stop_token_ids(tokenizer, model_dir: str | None = None) -> set[int]:
+    """The ids that end an assistant turn: the tokenizer's EOS plus generation_config's eos_token_id(s)
+    (Llama-3: <|eot_id|> and <|end_of_text|>; Qwen: <|im_end|> and <|endoftext|>), as vLLM stops on them."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    path = os.path.join(model_dir, "generation_config.json") if model_dir else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    if not ids:
+        raise TemplateError("the student tokenizer has no EOS token and generation_config.json names none; "
+                            "set eos_token in tokenizer_config.json so training can teach the model to stop")
+    return ids
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def encode(tokenizer, messages: list[dict[str, str]], target: str, stop_ids: set[int], max_length: int,
+           overlong: str) -> Encoded | str:
+    """One example, or the reason it cannot be used (over-long under 'drop', nothing left to learn)."""
+    target = target.strip()  # templates such as Llama-3's trim content; the mask must match what is rendered
+    if not target:
+        raise TemplateError("empty target")
+    prompt_ids = render_ids(tokenizer, messages)
+    full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": target}],
+                                              tokenize=False, add_generation_prompt=False)
+    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+    if full_ids[:n] != prompt_ids:
+        raise TemplateError("the chat template renders the prompt differently with and without the assistant "
+                            "turn, so training tokens would not match inference tokens")
+    completion = full_ids[n:]
+    stop_at = next((i for i, t in enumerate(completion) if t in stop_ids), None)
+    if stop_at is None:
+        raise TemplateError(f"the assistant turn does not end with a stop token {sorted(stop_ids)}; the model "
+                            "would never learn to stop")
+    if stop_at == 0:
+        raise TemplateError("the assistant turn is empty after rendering")
+    labels = [IGNORE_INDEX] * n + completion[:stop_at + 1] + [IGNORE_INDEX] * (len(completion) - stop_at - 1)
+    if len(full_ids) <= max_length:
+        return Encoded(full_ids, labels, False)
+    if overlong == "drop":
+        return f"over max_length: {len(full_ids)} > {max_length} tokens (train.overlong=drop)"
+    ids, labels = full_ids[:max_length], labels[:max_length]
+    if all(x == IGNORE_INDEX for x in labels):
+        return f"prompt alone fills max_length ({n} >= {max_length} tokens): no target token left to train on"
+    return Encoded(ids, labels, True)
+
+
+def encode_rows(tokenizer, rows: pd.DataFrame, kind: str, stop_ids: set[int], max_length: int,
+                overlong: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows with ``question, options, category, gold`` (+ ``target`` for kind 'cot') → (encoded, skipped).
+
+    A template problem is an error naming the row; a too-long example is skipped with its reason."""
+    out, skipped = [], []
+    for r in rows.itertuples(index=False):
+        options = list(r.options) if r.options is not None else []
+        target = answer_target(r.gold) if kind == "answer" else r.target
+        msgs = train_messages(r.question, options, r.category or "", kind)
+        try:
+            enc = encode(tokenizer, msgs, target, stop_ids, max_length, overlong)
+        except TemplateError as e:
+            raise TemplateError(f"row {r.id!r}: {e}") from None
+        if isinstance(enc, str):
+            skipped.append({"id": r.id, "skip_reason": enc})
+            continue
+        out.append({"id": r.id, "input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated,
+                    "num_tokens": len(enc.input_ids),
+                    "num_target_tokens": sum(x != IGNORE_INDEX for x in enc.labels)})
+    cols = ["id", "input_ids", "labels", "truncated", "num_tokens", "num_target_tokens"]
+    return pd.DataFrame(out, columns=cols), pd.DataFrame(skipped, columns=["id", "skip_reason"])
+
+
+def collate(input_ids: list, labels: list, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad to the longest example in the batch; padding is masked out of attention and loss."""
+    width = max(len(x) for x in input_ids)
+    ids = np.full((len(input_ids), width), pad_id, dtype=np.int64)
+    lab = np.full((len(input_ids), width), IGNORE_INDEX, dtype=np.int64)
+    att = np.zeros((len(input_ids), width), dtype=np.int64)
+    for i, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
+        ids[i, :len(x)], lab[i, :len(y)], att[i, :len(x)] = x, y, 1
+    return {"input_ids": ids, "labels": lab, "attention_mask": att}
+
+
+def padding_waste(lengths: list[int], micro_batch_size: int) -> float:
+    """Fraction of computed positions that are padding when batches are taken in order."""
+    total = padded = 0
+    for i in range(0, len(lengths), micro_batch_size):
+        chunk = lengths[i:i + micro_batch_size]
+        total += sum(chunk)
+        padded += max(chunk) * len(chunk)
+    return 0.0 if padded == 0 else 1 - total / padded
+
+
+def pad_to_world(frame: pd.DataFrame, world: int, seed: int) -> tuple[pd.DataFrame, int]:
+    """Repeat a few seeded rows so every worker gets the same number of rows (DistributedSampler's
+    rule): DeepSpeed ranks must run the same number of steps. Returns (frame, rows repeated)."""
+    extra = (-len(frame)) % world
+    if extra == 0 or len(frame) == 0:
+        return frame, 0
+    pick = np.random.default_rng(seed).choice(len(frame), size=extra, replace=len(frame) < extra)
+    return pd.concat([frame, frame.iloc[pick]], ignore_index=True), extra
+
+
+def steps_per_epoch(rows: int, world: int, micro_batch_size: int, accumulation: int) -> int:
+    per_worker = math.ceil(rows / world)
+    return math.ceil(math.ceil(per_worker / micro_batch_size) / accumulation)

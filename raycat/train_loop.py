@@ -1,0 +1,267 @@
+"""The Ray Train worker loop: one DeepSpeed engine per worker, LoRA or full, resumable per phase.
+
+Runs inside a ``TorchTrainer`` worker (rank = data-parallel rank). Rows come from this worker's Ray
+Data shard (``get_dataset_shard``), already tokenized and masked by the driver (``train_data``).
+Checkpoints: every rank writes its DeepSpeed shard and reports it (Ray Train merges the rank
+directories; a checkpoint reported by rank 0 alone loses the other ranks' ZeRO shards). A restart
+(worker failure, or a rerun of the same command) resumes from the latest one via
+``ray.train.get_checkpoint()``, skipping the micro-batches already consumed in that epoch. The final
+checkpoint also holds the phase's HF export in ``hf/`` (ZeRO-3 weights gathered to rank 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+
+def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_param: bool, bf16: bool,
+                     micro_batch_size: int, accumulation: int, world: int, clipping: float, lr: float,
+                     weight_decay: float, gpu: bool) -> dict:
+    zero: dict = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers full weights on rank 0
+    cfg: dict = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch_size * accumulation * world,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        # A client torch AdamW needs no compiled op; DeepSpeed only vouches for its own optimizers.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+    }
+    if clipping > 0:
+        cfg["gradient_clipping"] = clipping
+    if offload_optimizer:
+        # Offload refuses a client optimizer: DeepSpeedCPUAdam comes from the DS config instead.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay}}
+    if offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
+    return cfg
+
+
+def lr_lambda(kind: str, total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def _no_shm_build() -> None:
+    # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory op (60-80 s, ~3 GB) that only
+    # inference all-reduce uses. Patch through sys.modules: `deepspeed.comm.torch` as an attribute is
+    # the real torch module (deepspeed.comm re-exports it).
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _localize(path: str) -> str:
+    """A model dir under a cloud run dir (s3://...) is copied to local disk once per worker."""
+    if "://" not in path:
+        return path
+    import pyarrow.fs as pafs
+
+    local = tempfile.mkdtemp(prefix="raycat-model-")
+    pafs.copy_files(path, local)
+    return local
+
+
+def _load_model(c: dict, ds_config: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raycat import models
+
+    dtype = torch.bfloat16 if c["bf16"] else torch.float32
+    base = models.resolve(c["student"]["path"])
+    src = _localize(c["init_model"]) if c["init_model"] else base
+    keep = None
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # Under an active HfDeepSpeedConfig, from_pretrained loads straight into ZeRO-3 partitions
+        # (deepspeed.zero.Init), so a 70B model never materializes whole on one worker.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, dtype=dtype, revision=None if c["init_model"] else c["student"]["revision"],
+        trust_remote_code=c["student"]["trust_remote_code"])
+    model.config.use_cache = False
+    if c["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if c["method"] == "lora":
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if c["init_adapter"]:
+            model = PeftModel.from_pretrained(model, _localize(c["init_adapter"]), is_trainable=True)
+        else:
+            lc = c["lora"]
+            model = get_peft_model(model, LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
+                                                     target_modules=lc["target_modules"], bias="none",
+                                                     task_type="CAUSAL_LM"))
+        if c["gradient_checkpointing"]:
+            model.enable_input_require_grads()
+    return model, base, keep
+
+
+def fingerprint(model, zero_stage: int) -> dict[str, float]:
+    """Sums of the first and last two trainable tensors as loaded: lets a test (or a user) check that a
+    phase started from the previous phase's weights, without gathering a whole ZeRO-3 model."""
+    import contextlib
+
+    import torch
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    picked = named[:2] + named[-2:] if len(named) > 4 else named
+    ctx = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([p for _, p in picked], modifier_rank=None)
+    with ctx, torch.no_grad():
+        return {n.replace(".default.", "."): float(p.detach().double().sum()) for n, p in picked}
+
+
+def _tracker(c: dict, rank: int):
+    t = c["tracking"]
+    if t["kind"] == "mlflow":
+        from ray.air.integrations.mlflow import setup_mlflow
+
+        mlflow = setup_mlflow(c["hparams"], tracking_uri=t["uri"], experiment_name=t["project"],
+                              rank_zero_only=True)
+        return lambda m, step: mlflow.log_metrics(m, step=step)
+    if t["kind"] == "wandb":
+        from ray.air.integrations.wandb import setup_wandb
+
+        run = setup_wandb(c["hparams"], project=t["project"], rank_zero_only=True)
+        return lambda m, step: run.log(m, step=step)
+    return None
+
+
+def train_loop(c: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from raycat.train_data import collate
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    gpu = c["device"] == "gpu"
+    torch.manual_seed(c["seed"])
+    if not gpu:
+        torch.set_num_threads(max(1, int(c["threads"])))
+        _no_shm_build()
+    # Ray Train made the torch process group; DeepSpeed's comm layer must adopt it before ZeRO-3's
+    # zero.Init sizes the world (otherwise it sees world size 1).
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    p = c["phase"]
+    ds_config = deepspeed_config(zero_stage=c["zero_stage"], offload_optimizer=c["offload_optimizer"],
+                                 offload_param=c["offload_param"], bf16=c["bf16"],
+                                 micro_batch_size=p["micro_batch_size"], accumulation=p["gradient_accumulation_steps"],
+                                 world=world, clipping=p["gradient_clipping"], lr=p["lr"],
+                                 weight_decay=p["weight_decay"], gpu=gpu)
+    model, base_dir, _keep = _load_model(c, ds_config)
+    params = [x for x in model.parameters() if x.requires_grad]
+    init_fp = fingerprint(model, c["zero_stage"])
+    optimizer = None if c["offload_optimizer"] else torch.optim.AdamW(params, lr=p["lr"],
+                                                                      weight_decay=p["weight_decay"])
+    schedule = lr_lambda(p["lr_scheduler"], c["total_steps"], int(p["warmup_ratio"] * c["total_steps"]))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    device = engine.device
+    lora = c["method"] == "lora"
+    state = {"epoch": 0, "batch": 0, "micro_steps": 0, "history": [], "resumed_from_step": None,
+             "real_tokens": 0, "padded_tokens": 0, "init_fingerprint": init_fp}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="ckpt", load_module_strict=not lora)
+            with open(os.path.join(d, "state.json")) as f:
+                state = json.load(f)
+        engine.micro_steps = state["micro_steps"]  # not in DS's own checkpoint; keeps accumulation aligned
+        state["resumed_from_step"] = engine.global_steps
+    log = _tracker(c, rank) if rank == 0 else None
+
+    def save(final: bool, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            # Collective on every rank: each writes its own ZeRO shard; Ray merges rank directories.
+            engine.save_checkpoint(os.path.join(d, "deepspeed"), tag="ckpt", exclude_frozen_parameters=lora)
+            if final:
+                sd = engine._zero3_consolidated_16bit_state_dict() if c["zero_stage"] == 3 else None
+                if rank == 0:
+                    out = os.path.join(d, "hf")
+                    engine.module.save_pretrained(out, state_dict=sd, safe_serialization=True)
+                    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+            if rank == 0:
+                with open(os.path.join(d, "state.json"), "w") as f:
+                    json.dump(state, f)
+            name = f"step_{engine.global_steps:07d}" + ("_final" if final else "")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+
+    shard = ray.train.get_dataset_shard("train")
+    pad_id = c["pad_id"]
+
+    def to_torch(b):
+        return {k: torch.from_numpy(v) for k, v in collate(list(b["input_ids"]), list(b["labels"]), pad_id).items()}
+
+    max_steps = c["total_steps"]
+    done = engine.global_steps >= max_steps
+    step_loss, step_micro, step_tokens, t_step = 0.0, 0, 0, time.time()
+    metrics: dict = {}
+    engine.train()
+    for epoch in range(state["epoch"], p["epochs"]):
+        if done:
+            break
+        batches = shard.iter_torch_batches(batch_size=p["micro_batch_size"], collate_fn=to_torch,
+                                           local_shuffle_buffer_size=p["micro_batch_size"] * 8,
+                                           local_shuffle_seed=c["seed"] + epoch, prefetch_batches=1)
+        for i, batch in enumerate(batches):
+            if epoch == state["epoch"] and i < state["batch"]:
+                continue  # consumed before the checkpoint we resumed from
+            batch = {k: v.to(device) for k, v in batch.items()}
+            boundary = engine.is_gradient_accumulation_boundary()
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            real = int(batch["attention_mask"].sum())
+            state["real_tokens"] += real
+            state["padded_tokens"] += int(batch["attention_mask"].numel())
+            step_loss, step_micro, step_tokens = step_loss + float(loss), step_micro + 1, step_tokens + real
+            state["epoch"], state["batch"], state["micro_steps"] = epoch, i + 1, engine.micro_steps
+            if not boundary:
+                continue
+            agg = torch.tensor([step_loss, step_micro, step_tokens], dtype=torch.float64)
+            dist.all_reduce(agg)
+            dt = time.time() - t_step
+            step = engine.global_steps
+            metrics = {"step": step, "epoch": epoch, "loss": agg[0].item() / agg[1].item(),
+                       "lr": engine.get_lr()[0], "tokens_per_s": agg[2].item() / max(dt, 1e-9),
+                       "tokens": int(agg[2].item())}
+            state["history"].append(metrics)
+            step_loss, step_micro, step_tokens, t_step = 0.0, 0, 0, time.time()
+            if log is not None and step % c["log_every_steps"] == 0:
+                log(metrics, step)
+            done = step >= max_steps
+            if step % c["save_steps"] == 0 and not done:
+                save(False, metrics)
+            elif step % c["log_every_steps"] == 0:
+                ray.train.report(metrics)
+            if done:
+                break
+        else:
+            state["epoch"], state["batch"] = epoch + 1, 0
+    save(True, metrics or {"step": engine.global_steps})

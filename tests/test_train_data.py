@@ -1,0 +1,173 @@
+"""Loss masks token by token for two chat-template families, over-long handling, and the recipes' rows."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from raycat.prompts import answer_target, train_messages
+from raycat.recipes import NO_COT, RECIPES, select
+from raycat.train_data import (
+    IGNORE_INDEX,
+    TemplateError,
+    collate,
+    encode,
+    encode_rows,
+    pad_to_world,
+    padding_waste,
+    stop_token_ids,
+)
+
+
+@pytest.fixture(scope="module", params=["chatml", "llama3"])
+def family(request, tiny_model_dir, tiny_llama3_dir):
+    path = tiny_model_dir if request.param == "chatml" else tiny_llama3_dir
+    tok = AutoTokenizer.from_pretrained(path)
+    return request.param, tok, stop_token_ids(tok, str(path))
+
+
+def _rows(n: int, with_target: bool = False) -> pd.DataFrame:
+    rows = [{"id": f"q{i}", "question": f"What is {i} plus {i}?", "options": ["one", "two", "three", "four"],
+             "gold": "ABCD"[i % 4], "category": "math" if i % 2 else ""} for i in range(n)]
+    df = pd.DataFrame(rows)
+    if with_target:
+        df["target"] = [f"Add them: {2 * i}. So the answer is [[{'ABCD'[i % 4]}]]" for i in range(n)]
+    return df
+
+
+def test_stop_ids_come_from_tokenizer_and_generation_config(family):
+    name, tok, stops = family
+    if name == "chatml":
+        assert stops == {tok.convert_tokens_to_ids("<|im_end|>")}
+    else:  # Llama-3: EOS <|end_of_text|> and, from generation_config, <|eot_id|>
+        assert stops == {tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>")}
+
+
+@pytest.mark.parametrize("kind", ["answer", "cot"])
+def test_mask_covers_exactly_the_assistant_turn_and_its_stop_token(family, kind):
+    name, tok, stops = family
+    target = "[[C]]" if kind == "answer" else "First, 2 + 2 = 4.\nSo the answer is [[C]]"
+    msgs = train_messages("What is 2 + 2?", ["1", "2", "4", "8"], "math", kind)
+    enc = encode(tok, msgs, target, stops, max_length=512, overlong="drop")
+    ids, labels = enc.input_ids, enc.labels
+    assert len(ids) == len(labels)
+    trained = [i for i, y in enumerate(labels) if y != IGNORE_INDEX]
+    # Labels equal the inputs where trained (the model shifts them), and they form one contiguous span.
+    assert all(labels[i] == ids[i] for i in trained)
+    assert trained == list(range(trained[0], trained[-1] + 1))
+    # Everything before the span is the prompt exactly as inference renders it.
+    prompt_text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ids[:trained[0]] == tok(prompt_text, add_special_tokens=False)["input_ids"]
+    # The span is the target followed by the end-of-turn token, which *is* trained.
+    end = "<|im_end|>" if name == "chatml" else "<|eot_id|>"
+    assert ids[trained[-1]] == tok.convert_tokens_to_ids(end)
+    assert tok.decode([ids[i] for i in trained]) == target + end
+    # What the template writes after the stop token (ChatML's newline) is not trained.
+    tail = ids[trained[-1] + 1:]
+    assert tok.decode(tail) == ("\n" if name == "chatml" else "")
+    if name == "llama3":
+        assert ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>") and ids.count(ids[0]) == 1  # one BOS
+
+
+def test_no_example_has_an_empty_mask(family):
+    _, tok, stops = family
+    for kind, rows in (("answer", _rows(12)), ("cot", _rows(12, with_target=True))):
+        enc, skipped = encode_rows(tok, rows, kind, stops, max_length=512, overlong="drop")
+        assert len(enc) == 12 and len(skipped) == 0
+        assert (enc["num_target_tokens"] >= 2).all()  # at least one answer token plus the stop token
+
+
+def test_overlong_rows_are_dropped_or_truncated_and_counted(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    stops = stop_token_ids(tok, str(tiny_model_dir))
+    rows = _rows(4, with_target=True)
+    rows.loc[1, "target"] = "step " * 200 + "[[B]]"
+    full, _ = encode_rows(tok, rows, "cot", stops, max_length=4096, overlong="drop")
+    limit = int(full["num_tokens"].iloc[[0, 2, 3]].max()) + 5
+    enc, skipped = encode_rows(tok, rows, "cot", stops, max_length=limit, overlong="drop")
+    assert list(skipped["id"]) == ["q1"] and "over max_length" in skipped["skip_reason"].iloc[0]
+    assert list(enc["id"]) == ["q0", "q2", "q3"]
+    enc, skipped = encode_rows(tok, rows, "cot", stops, max_length=limit, overlong="truncate")
+    assert len(skipped) == 0 and enc["truncated"].tolist() == [False, True, False, False]
+    assert enc.loc[1, "num_tokens"] == limit and enc.loc[1, "num_target_tokens"] > 0
+    # A prompt that fills the whole budget leaves nothing to learn: skipped with that reason.
+    prompt_len = next(i for i, y in enumerate(full["labels"].iloc[0]) if y != IGNORE_INDEX)
+    enc, skipped = encode_rows(tok, rows.iloc[[0]], "cot", stops, max_length=prompt_len, overlong="truncate")
+    assert len(enc) == 0 and "no target token left" in skipped["skip_reason"].iloc[0]
+
+
+def test_template_without_a_stop_token_is_an_error_naming_the_row(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(TemplateError, match=r"row 'q0'.*never learn to stop"):
+        encode_rows(tok, _rows(1), "answer", {tok.convert_tokens_to_ids("<|im_end|>")}, 512, "drop")
+
+
+def test_answer_target_is_what_the_eval_extracts():
+    from raycat.answers import extract_answer
+
+    assert extract_answer(answer_target("C"), 4) == "C"
+    assert extract_answer(answer_target("42"), 0) == "42"
+
+
+def test_collate_pads_right_and_masks_padding():
+    b = collate([[5, 6, 7], [8]], [[-100, 6, 7], [8]], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert padding_waste([3, 1], 2) == pytest.approx(1 - 4 / 6)
+
+
+def test_pad_to_world_repeats_rows_so_shards_are_equal():
+    df = pd.DataFrame({"id": range(5)})
+    out, extra = pad_to_world(df, 2, seed=0)
+    assert extra == 1 and len(out) == 6 and set(out["id"]) == set(range(5))
+    assert pad_to_world(df, 5, seed=0)[1] == 0
+
+
+# --- recipes: which rows each phase trains on ---
+
+def _bands() -> dict[str, pd.DataFrame]:
+    ids = {"easy": range(0, 3), "medium": range(3, 9), "hard": range(9, 12)}
+    return {b: pd.DataFrame({"id": [f"q{i}" for i in r], "gold": "A"}) for b, r in ids.items()}
+
+
+def _cot(ids) -> pd.DataFrame:
+    return pd.DataFrame({"id": [f"q{i}" for i in ids], "target": [f"cot {i} [[A]]" for i in ids]})
+
+
+def _ids(df):
+    return sorted(df["id"], key=lambda s: int(s[1:]))
+
+
+def test_complexity_aware_trains_answers_on_easy_medium_then_cot_on_hard():
+    phases, skipped = select("complexity_aware", _bands(), _cot([9, 10]), seed=0)
+    (p1, r1), (p2, r2) = phases
+    assert (p1.name, p1.target, _ids(r1)) == ("phase1", "answer", [f"q{i}" for i in range(9)])
+    assert (p2.name, p2.target, _ids(r2)) == ("phase2", "cot", ["q9", "q10"])
+    assert r2.set_index("id")["target"]["q10"] == "cot 10 [[A]]"
+    assert skipped.to_dict("records") == [{"id": "q11", "phase": "phase2", "skip_reason": NO_COT}]
+
+
+def test_baselines_select_their_rows():
+    sft, _ = select("sft_all", _bands(), None, seed=0)
+    assert len(sft) == 1 and sft[0][0].target == "answer" and len(sft[0][1]) == 12
+    distill, skipped = select("distill_all", _bands(), _cot(range(12)), seed=0)
+    assert len(distill) == 1 and distill[0][0].target == "cot" and len(distill[0][1]) == 12 and skipped.empty
+    cur, _ = select("curriculum", _bands(), None, seed=0)
+    assert [(p.name, p.target, len(r)) for p, r in cur] == [("phase1", "answer", 3), ("phase2", "answer", 6),
+                                                            ("phase3", "answer", 3)]
+    assert _ids(cur[0][1]) == ["q0", "q1", "q2"] and _ids(cur[2][1]) == ["q9", "q10", "q11"]
+
+
+def test_random_split_keeps_band_sizes_with_random_disjoint_rows():
+    phases, skipped = select("random_split", _bands(), _cot(range(12)), seed=1)
+    (p1, r1), (p2, r2) = phases
+    assert len(r1) == 9 and len(r2) == 3 and skipped.empty
+    assert not set(r1["id"]) & set(r2["id"]) and set(r1["id"]) | set(r2["id"]) == {f"q{i}" for i in range(12)}
+    assert set(r2["id"]) != {"q9", "q10", "q11"}  # seed 1 does not happen to pick the hard band
+    again, _ = select("random_split", _bands(), _cot(range(12)), seed=1)
+    assert list(again[1][1]["id"]) == list(r2["id"])  # seeded
+    assert set(RECIPES) == {"complexity_aware", "sft_all", "distill_all", "curriculum", "random_split"}

@@ -1,0 +1,181 @@
+"""Real Ray Train + DeepSpeed (2 CPU workers, gloo) on a tiny local model: two phases, export, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raycat.config import validate_config
+from raycat.prompts import template_hash
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def make_run(root: Path, model_dir: Path, n: int = 24) -> Path:
+    """A run dir as score/split/teach leave it: bands (with the scoring template hash) and teacher CoT."""
+    from transformers import AutoTokenizer
+
+    th = template_hash(AutoTokenizer.from_pretrained(model_dir), "letters", None)
+    df = pd.DataFrame([{"id": f"q{i}", "question": f"What is {i} plus one?", "options": ["x", "y", "z", "w"],
+                        "gold": "ABCD"[i % 4], "category": "math", "source": "synthetic", "entropy": i / 10,
+                        "template_hash": th} for i in range(n)])
+    (root / "split").mkdir(parents=True)
+    (root / "teach").mkdir()
+    q1, q3 = n // 4, 3 * n // 4
+    df.iloc[:q1].to_parquet(root / "split/easy.parquet")
+    df.iloc[q1:q3].to_parquet(root / "split/medium.parquet")
+    df.iloc[q3:].to_parquet(root / "split/hard.parquet")
+    hard = df.iloc[q3:]
+    pd.DataFrame({"id": hard["id"], "target": [f"{i} plus one. So [[{g}]]" for i, g in
+                                               zip(range(q3, n), hard["gold"], strict=True)]}).to_parquet(
+        root / "teach/cot.parquet")
+    return root
+
+
+def config(run: Path, model_dir: Path, **train) -> dict:
+    base = {"method": "lora", "num_workers": 2, "deepspeed": {"zero_stage": 2}, "save_steps": 2,
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "phase1": {"epochs": 2, "lr": 0.003, "micro_batch_size": 4, "max_length": 256},
+            "phase2": {"epochs": 2, "lr": 0.003, "micro_batch_size": 2, "max_length": 256}}
+    for k, v in train.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and k in base else v
+    return {"run_dir": str(run), "data": {"source": "synthetic"},
+            "score": {"student": {"path": str(model_dir), "max_model_len": 512}}, "train": base,
+            "ray": {"num_cpus": 2}}
+
+
+def _tensors(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (model_dir / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(model_dir / name)
+
+
+def _assert_phase2_started_from_phase1(phases: dict) -> None:
+    fp = phases["phase2"]["init_fingerprint"]
+    trained = _tensors(Path(phases["phase1"]["model"]))
+    assert fp and set(fp) <= set(trained)
+    for name, total in fp.items():
+        assert total == pytest.approx(float(trained[name].double().sum()), rel=1e-5, abs=1e-6), name
+    # ... and phase 1 did move those weights away from where phase 1 started.
+    assert any(abs(phases["phase1"]["init_fingerprint"][k] - v) > 1e-6 for k, v in fp.items())
+
+
+def _generate_vllm(model_dir: Path) -> int:
+    from transformers import AutoTokenizer
+
+    from raycat.engine import Sampling, VLLMEngine
+    from raycat.prompts import render_ids, train_messages
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = render_ids(tok, train_messages("What is 3 plus one?", ["x", "y", "z", "w"], "math", "answer"))
+    llm = VLLMEngine(str(model_dir), dtype="float32", max_model_len=512, kv_cache_gib=0.25)
+    try:
+        gen = llm.generate([ids], Sampling(0.0, 1.0, 8, 0, 1))
+    finally:
+        del llm
+    return gen[0].completion_tokens
+
+
+@pytest.mark.vllm
+def test_lora_zero2_two_phases_export_merge_and_rerun(tmp_path, tiny_model_dir):
+    from peft import AutoPeftModelForCausalLM
+
+    from raycat.train import run_train
+
+    run = make_run(tmp_path / "run", tiny_model_dir)
+    cfg = validate_config(config(run, tiny_model_dir, lora={"merge": True}))
+    s = run_train(cfg, say=lambda m: None)
+    p1, p2 = s["phases"]["phase1"], s["phases"]["phase2"]
+    assert p1["status"] == p2["status"] == "trained"
+    assert p1["examples"] == 18 and p2["examples"] == 6 and p1["steps"] == 6  # 18 rows / 2 workers / 4 -> 3 x 2 epochs
+    assert p1["last_loss"] < 0.5 * p1["first_loss"]  # a memorisable toy set
+    assert p2["last_loss"] < p2["first_loss"]
+    _assert_phase2_started_from_phase1(s["phases"])
+    # The adapter loads in transformers (peft) and generates; the merged model loads in vLLM and generates.
+    model = AutoPeftModelForCausalLM.from_pretrained(p2["model"])
+    import torch
+
+    out = model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 3
+    assert _generate_vllm(Path(p2["merged"])) > 0
+    # A rerun of the same command trains nothing.
+    t0 = time.time()
+    again = run_train(cfg, say=lambda m: None)
+    assert {v["status"] for v in again["phases"].values()} == {"cached"} and time.time() - t0 < 60
+
+
+@pytest.mark.vllm
+def test_full_zero3_two_phases_gathers_weights_for_export(tmp_path, tiny_model_dir):
+    from raycat.train import run_train
+
+    run = make_run(tmp_path / "run", tiny_model_dir)
+    cfg = validate_config(config(run, tiny_model_dir, method="full", deepspeed={"zero_stage": 3},
+                                  phase1={"lr": 0.001}, phase2={"lr": 0.001}))
+    s = run_train(cfg, say=lambda m: None)
+    p1, p2 = s["phases"]["phase1"], s["phases"]["phase2"]
+    assert p1["last_loss"] < p1["first_loss"] and p2["last_loss"] < p2["first_loss"]
+    _assert_phase2_started_from_phase1(s["phases"])
+    weights = _tensors(Path(p2["model"]))
+    base = _tensors(Path(tiny_model_dir))
+    assert set(weights) == set(base) and all(weights[k].shape == base[k].shape for k in base)  # gathered, not shards
+    assert _generate_vllm(Path(p2["model"])) > 0
+
+
+def _train_workers(root_pid: int) -> list:
+    import psutil
+
+    procs = psutil.Process(root_pid).children(recursive=True)
+    out = []
+    for p in procs:
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_killed_worker_in_phase2_resumes_from_checkpoint_without_redoing_phase1(tmp_path, tiny_model_dir):
+    run = make_run(tmp_path / "run", tiny_model_dir)
+    tree = config(run, tiny_model_dir, save_steps=20, max_failures=2,
+                  phase2={"epochs": 50, "micro_batch_size": 1, "lr": 0.001})
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tree))
+    ckpts = run / "train/complexity_aware/phase2/checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "raycat.cli", "train", "--config", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    killed = None
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and killed is None:
+            assert proc.poll() is None, "raycat train exited before phase 2 wrote a checkpoint"
+            # Ray Train writes its snapshot once a checkpoint is registered (every rank reported it); a
+            # step_* directory alone may still be uploading, and a restart would then start over.
+            if list(ckpts.glob("*/checkpoint_manager_snapshot.json")):
+                workers = _train_workers(proc.pid)
+                if workers:
+                    killed = workers[-1].pid
+                    phase1_done = (run / "train/complexity_aware/phase1/done.json").stat().st_mtime_ns
+                    os.kill(killed, signal.SIGKILL)  # a process of the session this test started
+            time.sleep(0.05)
+        assert killed is not None, "no phase-2 checkpoint / train worker seen in time"
+        assert proc.wait(timeout=400) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    import json
+
+    m2 = json.loads((run / "train/complexity_aware/phase2/metrics.json").read_text())
+    assert m2["resumed_from_step"] is not None and m2["resumed_from_step"] >= 20  # restarted from a checkpoint
+    assert [h["step"] for h in m2["history"]] == list(range(1, m2["total_steps"] + 1))  # no step lost or doubled
+    assert (run / "train/complexity_aware/phase1/done.json").stat().st_mtime_ns == phase1_done  # phase 1 not rerun
