@@ -31,6 +31,7 @@ demo: install $(TEACHER_STAMP)
 	$(BIN)/raycat score --config jobs/configs/demo-cpu.yaml
 	$(BIN)/raycat split --config jobs/configs/demo-cpu.yaml
 	$(BIN)/raycat teach --config jobs/configs/demo-cpu.yaml
+	$(BIN)/raycat train --config jobs/configs/demo-cpu.yaml
 
 test: install
 	$(BIN)/python -m pytest -m "not slow"
@@ -43,6 +44,7 @@ test-all: install
 
 bench: install
 	$(BIN)/python bench/score.py
+	$(BIN)/python bench/train.py
 
 lint: install
 	$(BIN)/ruff check raycat tests bench

@@ -191,12 +191,13 @@ def cmd_train(cfg: RaycatConfig) -> dict:
     _write_config(cfg, "train")
     t = Table(title=f"train — {summary['recipe']} ({summary['method']}, ZeRO-{summary['zero_stage']}, "
                     f"{summary['num_workers']} worker(s))")
-    for col in ("phase", "status", "examples", "steps", "loss first → last", "tokens/s", "padding", "wall s"):
-        t.add_column(col)
+    for col in ("phase", "status", "rows", "steps", "loss", "tok/s", "pad", "wall s"):
+        t.add_column(col, no_wrap=True)
     for name, m in summary["phases"].items():
-        t.add_row(name, m["status"], str(m["examples"]), str(m["steps"]),
-                  f"{_fmt(m['first_loss'])} → {_fmt(m['last_loss'])}", _fmt(m["mean_tokens_per_s"]),
-                  f"{m['padding_waste']:.1%}" if m["padding_waste"] is not None else "n/a", _fmt(m["wall_s"]))
+        loss = f"{m['first_loss']:.3f}→{m['last_loss']:.3f}" if m["steps"] else "n/a"
+        t.add_row(name, m["status"], str(m["examples"]), str(m["steps"]), loss,
+                  f"{m['mean_tokens_per_s']:.0f}" if m["mean_tokens_per_s"] else "n/a",
+                  f"{m['padding_waste']:.0%}" if m["padding_waste"] is not None else "n/a", f"{m['wall_s']:.0f}")
     console.print(t)
     for s in summary["skipped"]:
         console.print(f"skipped in {s['phase']}: {s['n']} rows — {s['skip_reason']}")

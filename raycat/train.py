@@ -82,7 +82,12 @@ def lora_trainable(meta_model, lora: dict) -> int:
 
 def preflight(cfg: RaycatConfig, model_dir: str, phases: list[Phase]) -> dict:
     """Memory estimate per phase; raises with the numbers when a phase cannot fit."""
+    import importlib.util
+
     tc = cfg.train
+    if tc.tracking != "none" and importlib.util.find_spec(tc.tracking) is None:
+        raise ValueError(f"train.tracking={tc.tracking} needs the {tc.tracking} package: pip install {tc.tracking}, "
+                         "or set train.tracking=none")
     shape = model_shape(model_dir, cfg.score.student.trust_remote_code)
     trainable = lora_trainable(shape["model"], tc.lora.model_dump()) if tc.method == "lora" else shape["params"]
     bf16 = _bf16(cfg)
@@ -140,8 +145,11 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[dict
 
 def _loop_config(cfg: RaycatConfig, plan: dict, init: dict, total_steps: int, pad_id: int) -> dict:
     tc = cfg.train
+    student = cfg.score.student.model_dump()
+    if os.path.exists(student["path"]):  # workers do not share the driver's working directory
+        student["path"] = os.path.abspath(student["path"])
     return {
-        "student": cfg.score.student.model_dump(), "init_model": init["model"], "init_adapter": init["adapter"],
+        "student": student, "init_model": init["model"], "init_adapter": init["adapter"],
         "method": tc.method, "lora": tc.lora.model_dump(), "zero_stage": tc.deepspeed.zero_stage,
         "offload_optimizer": tc.deepspeed.offload_optimizer, "offload_param": tc.deepspeed.offload_param,
         "bf16": _bf16(cfg), "device": tc.device, "threads": tc.cpus_per_worker,
@@ -307,9 +315,13 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                 say(f"{name}: {len(plan['encoded'])} examples ({plan['phase'].target} target), "
                     f"{tc.num_workers} worker(s), ZeRO-{tc.deepspeed.zero_stage}, {tc.method}")
                 t0 = time.time()
-                result = fit_phase(cfg, plan, init, pad_id, pdir)
-                if getattr(result, "error", None) is not None:
-                    raise RuntimeError(f"{name} failed: {result.error}")
+                try:
+                    result = fit_phase(cfg, plan, init, pad_id, pdir)
+                    if getattr(result, "error", None) is not None:
+                        raise result.error
+                except Exception as e:  # Ray Train raises after train.max_failures restarts
+                    raise RuntimeError(f"{name} failed (after up to {tc.max_failures} restarts from its latest "
+                                       f"checkpoint; rerun the command to resume): {e}") from e
                 exp = export(cfg, result, pdir, base_dir)
                 m = phase_metrics(plan, exp["state"], str(result.path), time.time() - t0)
                 if "merged" in exp:
@@ -319,7 +331,8 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                 status = "trained"
             summary["phases"][name] = {**{k: v for k, v in m.items() if k != "history"}, "status": status,
                                        "model": rundir.join(pdir, "model")}
-            init = ({"model": None, "adapter": rundir.join(pdir, "model")} if tc.method == "lora"
-                    else {"model": rundir.join(pdir, "model"), "adapter": None})
+            model_dir = _storage(rundir.join(pdir, "model"))  # absolute: workers have their own cwd
+            lora = tc.method == "lora"
+            init = {"model": None if lora else model_dir, "adapter": model_dir if lora else None}
     rundir.write_json(rundir.join(root, "metrics.json"), summary)
     return summary

@@ -148,14 +148,28 @@ def _tracker(c: dict, rank: int):
     return None
 
 
+def _collate_fn(pad_id: int):
+    import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    from raycat.train_data import collate
+
+    class PadCollate(NumpyBatchCollateFn):
+        """Ragged token lists from the Ray Data shard -> right-padded tensors (in Ray's prefetch thread)."""
+
+        def __call__(self, batch):
+            return {k: torch.from_numpy(v)
+                    for k, v in collate(list(batch["input_ids"]), list(batch["labels"]), pad_id).items()}
+
+    return PadCollate()
+
+
 def train_loop(c: dict) -> None:
     import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
     from transformers import AutoTokenizer
-
-    from raycat.train_data import collate
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -213,10 +227,7 @@ def train_loop(c: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
     shard = ray.train.get_dataset_shard("train")
-    pad_id = c["pad_id"]
-
-    def to_torch(b):
-        return {k: torch.from_numpy(v) for k, v in collate(list(b["input_ids"]), list(b["labels"]), pad_id).items()}
+    to_torch = _collate_fn(c["pad_id"])
 
     max_steps = c["total_steps"]
     done = engine.global_steps >= max_steps
@@ -240,7 +251,7 @@ def train_loop(c: dict) -> None:
             real = int(batch["attention_mask"].sum())
             state["real_tokens"] += real
             state["padded_tokens"] += int(batch["attention_mask"].numel())
-            step_loss, step_micro, step_tokens = step_loss + float(loss), step_micro + 1, step_tokens + real
+            step_loss, step_micro, step_tokens = step_loss + loss.item(), step_micro + 1, step_tokens + real
             state["epoch"], state["batch"], state["micro_steps"] = epoch, i + 1, engine.micro_steps
             if not boundary:
                 continue

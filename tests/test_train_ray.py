@@ -179,3 +179,87 @@ def test_killed_worker_in_phase2_resumes_from_checkpoint_without_redoing_phase1(
     assert m2["resumed_from_step"] is not None and m2["resumed_from_step"] >= 20  # restarted from a checkpoint
     assert [h["step"] for h in m2["history"]] == list(range(1, m2["total_steps"] + 1))  # no step lost or doubled
     assert (run / "train/complexity_aware/phase1/done.json").stat().st_mtime_ns == phase1_done  # phase 1 not rerun
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,method", [(3, "lora"), (2, "full")], ids=["zero3-lora", "zero2-full"])
+def test_other_zero_stage_and_method_combinations(tmp_path, tiny_model_dir, stage, method):
+    from raycat.train import run_train
+
+    run = make_run(tmp_path / "run", tiny_model_dir)
+    lr = {"lr": 0.003 if method == "lora" else 0.001}
+    s = run_train(validate_config(config(run, tiny_model_dir, method=method, deepspeed={"zero_stage": stage},
+                                         gradient_checkpointing=True, phase1=lr, phase2=lr)), say=lambda m: None)
+    p1, p2 = s["phases"]["phase1"], s["phases"]["phase2"]
+    assert p1["last_loss"] < p1["first_loss"] and p2["last_loss"] < p2["first_loss"]
+    _assert_phase2_started_from_phase1(s["phases"])
+
+
+@pytest.mark.slow
+def test_curriculum_runs_three_phases_each_from_the_last(tmp_path, tiny_model_dir):
+    from raycat.train import run_train
+
+    run = make_run(tmp_path / "run", tiny_model_dir)
+    tree = config(run, tiny_model_dir, recipe="curriculum", num_workers=1, deepspeed={"zero_stage": 0},
+                  phase3={"epochs": 2, "lr": 0.003, "micro_batch_size": 2, "max_length": 256})
+    s = run_train(validate_config(tree), say=lambda m: None)
+    assert [(k, v["target"], v["examples"]) for k, v in s["phases"].items()] == [
+        ("phase1", "answer", 6), ("phase2", "answer", 12), ("phase3", "answer", 6)]
+    for prev, cur in (("phase1", "phase2"), ("phase2", "phase3")):
+        _assert_phase2_started_from_phase1({"phase1": s["phases"][prev], "phase2": s["phases"][cur]})
+
+
+@pytest.mark.slow
+def test_rerun_after_the_whole_job_is_killed_resumes_phase2_from_its_checkpoint(tmp_path, tiny_model_dir):
+    import json
+
+    run = make_run(tmp_path / "run", tiny_model_dir)
+    tree = config(run, tiny_model_dir, save_steps=20, phase2={"epochs": 50, "micro_batch_size": 1, "lr": 0.001})
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tree))
+    ckpts = run / "train/complexity_aware/phase2/checkpoints"
+    cmd = [sys.executable, "-m", "raycat.cli", "train", "--config", str(cfg_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not list(ckpts.glob("*/checkpoint_manager_snapshot.json")):
+            assert proc.poll() is None, "raycat train exited before phase 2 registered a checkpoint"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # driver, Ray and workers: the session this test started
+        proc.wait()
+    phase1_done = (run / "train/complexity_aware/phase1/done.json").stat().st_mtime_ns
+    assert not (run / "train/complexity_aware/phase2/done.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "phase1: already trained" in again.stderr
+    m2 = json.loads((run / "train/complexity_aware/phase2/metrics.json").read_text())
+    assert m2["resumed_from_step"] is not None and m2["resumed_from_step"] >= 20
+    assert [h["step"] for h in m2["history"]] == list(range(1, m2["total_steps"] + 1))
+    assert (run / "train/complexity_aware/phase1/done.json").stat().st_mtime_ns == phase1_done
+
+
+def test_template_mismatch_with_scoring_is_an_error_unless_allowed(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from raycat.train import check_template, load_inputs
+
+    run = make_run(tmp_path / "run", tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = validate_config(config(run, tiny_model_dir))
+    bands, _ = load_inputs(cfg)
+    assert check_template(cfg, tok, bands)  # scored with this very template
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    with pytest.raises(ValueError, match="differs from the one the rows were scored with"):
+        check_template(cfg, tok, bands)
+    allowed = validate_config(config(run, tiny_model_dir, allow_template_mismatch=True))
+    assert check_template(allowed, tok, bands)
+
+
+def test_train_cli_names_the_missing_stage(tmp_path, tiny_model_dir):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(tmp_path / "empty-run", tiny_model_dir)))
+    r = subprocess.run([sys.executable, "-m", "raycat.cli", "train", "--config", str(cfg_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "pre-flight" in r.stderr and "run `raycat split`" in " ".join(r.stderr.split())
