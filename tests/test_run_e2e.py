@@ -1,0 +1,126 @@
+"""`raycat run` end to end on tiny local models (real vLLM, real Ray Train + DeepSpeed), its resume
+rules, and the same job submitted to a local Ray head with `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.vllm, pytest.mark.filterwarnings("ignore")]
+
+
+def tiny_config(run_dir: Path, model: Path, *, teach: bool = True) -> dict:
+    engine = {"backend": "vllm", "device": "cpu", "batch_size": 40, "kv_cache_gib": 0.25}
+    lm = {"path": str(model), "dtype": "float32", "max_model_len": 512}
+    tree = {
+        "run_dir": str(run_dir),
+        "data": {"source": "synthetic", "synthetic": {"num_questions": 40, "seed": 0}},
+        "score": {"student": lm, "entropy_mode": "options", "deviation_sample": 0, "engine": engine},
+        "split": {"test_fraction": 0.25},
+        "train": {"recipe": "complexity_aware" if teach else "sft_all", "method": "lora", "num_workers": 1,
+                  "deepspeed": {"zero_stage": 0}, "save_steps": 100,
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                  "phase1": {"epochs": 1, "max_steps": 2, "micro_batch_size": 4, "max_length": 256, "lr": 0.003},
+                  "phase2": {"epochs": 1, "max_steps": 2, "micro_batch_size": 2, "max_length": 256, "lr": 0.003}},
+        "eval": {"dtype": "float32", "max_model_len": 512, "max_tokens_answer": 8, "max_tokens_cot": 16,
+                 "include_base": teach, "bootstrap_resamples": 200, "engine": engine},
+        "ray": {"num_cpus": 2},
+    }
+    if teach:
+        # The tiny teacher is random, so its answers are wrong: fall back to the gold answer as the target.
+        tree["teach"] = {"teachers": [{"model": lm, "engine": {**engine, "batch_size": 16}}],
+                         "sampling": {"max_tokens": 16}, "retries": 0, "on_wrong": "fallback_to_answer",
+                         "max_failure_ratio": 1.0}
+    return tree
+
+
+def _raycat(cfg: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "raycat.cli", "run", "--config", str(cfg), *args],
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def test_run_end_to_end_then_resume_rules(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(run, tiny_model_dir)))
+    _raycat(cfg)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {s: e["status"] for s, e in manifest["stages"].items()} == {
+        s: "done" for s in ("score", "split", "teach", "train", "eval", "report")}
+    ev = json.loads((run / "eval/metrics.json").read_text())
+    assert list(ev["models"]) == ["base", "complexity_aware/phase1", "complexity_aware/phase2"]
+    assert ev["test_rows"] == 10 and all(m["overall"]["n"] == 10 for m in ev["models"].values())
+    assert (run / "report/report.html").stat().st_size > 10_000
+    assert (run / "train/complexity_aware/phase2/merged/config.json").exists()  # LoRA merged for vLLM eval
+    # Same command again: nothing to do.
+    again = _raycat(cfg)
+    assert " ".join(again.stderr.split()).count("up to date") == 6
+    # One teacher parameter: teach, train, eval and report rerun; score and split do not.
+    before = {s: e["hash"] for s, e in manifest["stages"].items()}
+    changed = _raycat(cfg, "teach.sampling.max_tokens=12")
+    after = json.loads((run / "manifest.json").read_text())["stages"]
+    assert [s for s in before if after[s]["hash"] != before[s]] == ["teach", "train", "eval", "report"]
+    text = " ".join(changed.stderr.split())
+    assert "run: score: up to date" in text and "run: split: up to date" in text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
+    """`ray start --head` on loopback, `ray job submit --working-dir`, wait, check the run dir, stop the head."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    bindir = Path(sys.executable).parent
+    gcs, dash = _free_port(), _free_port()
+    head = subprocess.Popen([str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}",
+                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                             "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the head's dashboard did not come up"
+                time.sleep(1)
+        job = tmp_path / "job"
+        job.mkdir()
+        run = tmp_path / "job-run"
+        (job / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(run, tiny_model_dir, teach=False)))
+        r = subprocess.run([str(bindir / "ray"), "job", "submit", "--address", url, "--working-dir", str(job), "--",
+                            sys.executable, "-m", "raycat.cli", "run", "--config", "tiny.yaml"],
+                           env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0 and "succeeded" in r.stdout, (r.stdout + r.stderr)[-4000:]
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["stages"]["teach"]["status"] == "not configured" and manifest["stages"]["eval"]["status"] == "done"
+        ev = json.loads((run / "eval/metrics.json").read_text())
+        assert list(ev["models"]) == ["sft_all/phase1"]
+        assert (run / "report/report.md").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the daemons it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()

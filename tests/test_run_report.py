@@ -1,0 +1,126 @@
+"""Stage graph (hashes, --from/--only), evaluation maths, and the report built from a run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raycat.config import load_config
+from raycat.evaluate import accuracy_table, bootstrap_ci
+from raycat.run import STAGES, plan, stage_hashes
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "jobs" / "configs" / "demo-cpu.yaml"
+
+
+def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    small, big = rng.random(40) < 0.6, rng.random(4000) < 0.6
+    lo, hi = bootstrap_ci(small, 2000, seed=1)
+    assert lo < small.mean() < hi
+    blo, bhi = bootstrap_ci(big, 2000, seed=1)
+    assert blo < big.mean() < bhi and (bhi - blo) < (hi - lo) / 5
+    assert bootstrap_ci(small, 2000, seed=1) == (lo, hi)  # seeded
+    assert all(np.isnan(bootstrap_ci(np.array([]), 10, 0)))
+
+
+def test_accuracy_table_per_band_and_category():
+    df = pd.DataFrame({"correct": [True, False, True, True] * 5, "extracted": ["A", None, "B", "C"] * 5,
+                       "band": ["easy", "easy", "hard", "medium"] * 5, "category": ["x"] * 12 + ["y"] * 8})
+    t = accuracy_table(df, 100, 0)
+    assert t["overall"]["n"] == 20 and t["overall"]["accuracy"] == 0.75 and t["overall"]["unparsed"] == 5
+    assert t["per_band"]["easy"]["accuracy"] == 0.5 and t["per_band"]["hard"]["accuracy"] == 1.0
+    assert set(t["per_category"]) == {"x"}  # y has n < 10
+
+
+def test_a_teacher_parameter_changes_teach_and_everything_downstream_only():
+    a = stage_hashes(load_config(DEMO), ["complexity_aware"])
+    b = stage_hashes(load_config(DEMO, ["teach.sampling.max_tokens=100"]), ["complexity_aware"])
+    assert [s for s in STAGES if a[s] != b[s]] == ["teach", "train", "eval", "report"]
+    c = stage_hashes(load_config(DEMO, ["split.seed=7"]), ["complexity_aware"])
+    assert [s for s in STAGES if a[s] != c[s]] == ["split", "teach", "train", "eval", "report"]
+    d = stage_hashes(load_config(DEMO), ["complexity_aware", "sft_all"])
+    assert [s for s in STAGES if a[s] != d[s]] == ["train", "eval", "report"]
+
+
+def test_plan_skips_done_stages_and_honours_from_and_only():
+    cfg = load_config(DEMO)
+    hashes = stage_hashes(cfg, ["complexity_aware"])
+    manifest = {"stages": {s: {"hash": hashes[s], "status": "done"} for s in STAGES}}
+    assert {a for _, _, a in plan(cfg, ["complexity_aware"], manifest, None, None)} == {"skip"}
+    got = {s: a for s, _, a in plan(cfg, ["complexity_aware"], manifest, "train", None)}
+    assert [s for s in STAGES if got[s] == "run"] == ["train", "eval", "report"]
+    got = {s: a for s, _, a in plan(cfg, ["complexity_aware"], manifest, None, "split")}
+    assert [s for s in STAGES if got[s] == "run"] == ["split"]
+    manifest["stages"]["teach"]["status"] = "failed"
+    got = {s: a for s, _, a in plan(cfg, ["complexity_aware"], manifest, None, None)}
+    assert [s for s in STAGES if got[s] == "run"] == ["teach"]  # the stage that failed; later ones still match
+
+
+def test_cot_recipes_need_a_teacher():
+    cfg = load_config(DEMO)
+    cfg.teach = None
+    with pytest.raises(ValueError, match="no teach: section"):
+        plan(cfg, ["complexity_aware"], {"stages": {}}, None, None)
+    assert dict((s, a) for s, _, a in plan(cfg, ["sft_all"], {"stages": {}}, None, None))["teach"] == "off"
+
+
+def make_run_dir(run: Path) -> None:
+    """A finished run's outputs, small and hand-made, for the report."""
+    rng = np.random.default_rng(0)
+    (run / "score").mkdir(parents=True)
+    ent = rng.random(200) * 1.5
+    pd.DataFrame({"id": [f"q{i}" for i in range(200)], "entropy": ent,
+                  "correct": rng.random(200) > ent / 1.5}).to_parquet(run / "score/scores.parquet")
+    (run / "score/metrics.json").write_text(json.dumps({"scored": 200, "accuracy": 0.51, "roc_auc": 0.7321}))
+    (run / "split").mkdir()
+    (run / "split/thresholds.json").write_text(json.dumps({
+        "thresholds": [0.37, 1.12], "counts": {"easy": 40, "medium": 80, "hard": 40},
+        "test_counts": {"easy": 10, "medium": 20, "hard": 10}}))
+    (run / "teach").mkdir()
+    (run / "teach/metrics.json").write_text(json.dumps({"status": {"verified": 35, "dropped_wrong": 5}, "accounting": {
+        "prompt_tokens": 8000, "completion_tokens": 12000, "pool_rows": 160, "per_teacher": {},
+        "distill_all_estimate": {"tokens": 80000, "saving_pct": 75.0}}}))
+    cell = {"n": 10, "accuracy": 0.6, "ci95": [0.3, 0.9], "unparsed": 1}
+    models = {name: {"kind": kind, "overall": {**cell, "n": 40, "accuracy": acc, "ci95": [acc - 0.1, acc + 0.1]},
+                     "per_band": {"easy": cell, "medium": {**cell, "n": 20}, "hard": cell}, "per_category": {}}
+              for name, kind, acc in (("base", "answer", 0.425), ("complexity_aware/phase1", "answer", 0.55),
+                                      ("complexity_aware/phase2", "cot", 0.625))}
+    (run / "eval").mkdir()
+    (run / "eval/metrics.json").write_text(json.dumps({"test_rows": 40, "models": models}))
+    for phase, n in (("phase1", 120), ("phase2", 35)):
+        d = run / "train/complexity_aware" / phase
+        d.mkdir(parents=True)
+        hist = [{"step": i + 1, "loss": 2.0 / (i + 1), "epoch": 0, "tokens": 100, "tokens_per_s": 50.0}
+                for i in range(6)]
+        d.joinpath("metrics.json").write_text(json.dumps({
+            "examples": n, "steps": 6, "first_loss": 2.0, "last_loss": 2.0 / 6, "mean_tokens_per_s": 50.0,
+            "padding_waste": 0.125, "wall_s": 30.5, "history": hist}))
+    (run / "manifest.json").write_text(json.dumps({"stages": {"score": {"status": "done", "hash": "abc",
+                                                                       "wall_s": 12.5}}}))
+
+
+def test_report_files_plots_and_numbers_match_the_metrics(tmp_path):
+    from raycat.report import build
+
+    run = tmp_path / "run"
+    make_run_dir(run)
+    out = build(str(run))
+    assert out["plots"] == ["accuracy_by_band.png", "entropy_histogram.png", "loss_curves.png", "roc.png",
+                            "teacher_tokens.png"]
+    for name in out["plots"]:
+        data = (run / "report/plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000  # a real, non-empty image
+    md = (run / "report/report.md").read_text()
+    ev = json.loads((run / "eval/metrics.json").read_text())
+    for name, m in ev["models"].items():
+        o = m["overall"]
+        assert f"| {name} | {m['kind']} | {o['accuracy']:.3f} [{o['ci95'][0]:.3f}, {o['ci95'][1]:.3f}] (n=40)" in md
+    assert "| ROC AUC (−entropy → correct; paper ≈ 0.73) | 0.7321 |" in md
+    assert "| teacher tokens saved | 75.0% |" in md and "| complexity_aware/phase2 | 35 | 6 |" in md
+    html = (run / "report/report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "<table>" in html  # self-contained
