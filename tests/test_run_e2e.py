@@ -131,3 +131,61 @@ def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _outputs(run: Path) -> dict:
+    import pandas as pd
+
+    def frame(rel, cols):
+        return pd.read_parquet(run / rel)[cols].sort_values("id").reset_index(drop=True)
+
+    ev = frame("eval/eval.parquet", ["id", "model", "extracted", "correct"])
+    return {"scores": frame("score/scores.parquet", ["id", "entropy", "predicted"]),
+            "hard": frame("split/hard.parquet", ["id"]), "test": frame("split/test.parquet", ["id"]),
+            "cot": frame("teach/cot.parquet", ["id", "target"]),
+            "eval": ev.sort_values(["model", "id"]).reset_index(drop=True),
+            "loss": [json.loads((run / f"train/complexity_aware/{p}/metrics.json").read_text())["last_loss"]
+                     for p in ("phase1", "phase2")]}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """One uninterrupted run, the yardstick for the interrupted ones."""
+    root = tmp_path_factory.mktemp("reference")
+    cfg = root / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(root / "run", tiny_model_dir)))
+    _raycat(cfg)
+    return root / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["score", "train"])
+def test_killed_run_resumes_to_the_same_outputs(tmp_path, tiny_model_dir, reference_run, stage):
+    import pandas as pd
+
+    run, cfg = tmp_path / "run", tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(run, tiny_model_dir)))
+    proc = subprocess.Popen([sys.executable, "-m", "raycat.cli", "run", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert proc.poll() is None, f"raycat run finished before stage {stage} was seen running"
+            try:
+                m = json.loads((run / "manifest.json").read_text())
+            except (OSError, ValueError):
+                m = {"stages": {}}
+            if m["stages"].get(stage, {}).get("status") == "running":
+                time.sleep(3 if stage != "score" else 5)  # well inside the stage
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # driver, Ray and engines: the session this test started
+        proc.wait()
+    assert json.loads((run / "manifest.json").read_text())["stages"][stage]["status"] == "running"
+    _raycat(cfg)
+    a, b = _outputs(reference_run), _outputs(run)
+    pd.testing.assert_frame_equal(a["scores"], b["scores"], atol=1e-5, rtol=0)
+    for k in ("hard", "test", "cot", "eval"):
+        pd.testing.assert_frame_equal(a[k], b[k])
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
