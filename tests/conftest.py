@@ -137,3 +137,18 @@ def kill_after_first_part(stage: str, config: Path, parts_root: Path, timeout_s:
         os.killpg(proc.pid, signal.SIGKILL)  # only the session this helper started
         proc.wait()
     return sum(len(pd.read_parquet(p)) for p in parts_root.glob("*/part-*.parquet"))
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, what: str, log=None) -> None:
+    """Poll ``url`` until it answers; fail early (with ``log()``) if ``proc`` dies first."""
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        assert proc.poll() is None, f"{what} exited" + (f": {log()}" if log else "")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert time.time() < deadline, f"{what} did not come up in {timeout_s:.0f} s"
+            time.sleep(1)

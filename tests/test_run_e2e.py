@@ -12,11 +12,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import wait_http
 
 pytestmark = [pytest.mark.vllm, pytest.mark.filterwarnings("ignore")]
 
@@ -99,15 +100,7 @@ def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while True:
-            assert head.poll() is None, "ray start --head exited"
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "the head's dashboard did not come up"
-                time.sleep(1)
+        wait_http(f"{url}/api/version", head, 120, "the Ray head's dashboard")
         job = tmp_path / "job"
         job.mkdir()
         run = tmp_path / "job-run"

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +16,7 @@ from raycat.cli import main
 from raycat.engine import Sampling
 from raycat.teach_core import attempt_schedule, teach_rows
 from raycat.teach_http import OpenAITeacher, RateLimiter
+from tests.conftest import wait_http
 from tests.http_fault_server import FaultServer
 
 SECRET = "sk-raycat-test-DO-NOT-LOG-7f3a9c"
@@ -127,15 +127,8 @@ def test_real_vllm_openai_server_on_loopback(tmp_path, tiny_model_dir):
          "--max-model-len", "512", "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     try:
-        deadline = time.time() + 240
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "vLLM server did not become healthy"
-                time.sleep(1)
+        wait_http(f"http://127.0.0.1:{port}/health", server, 240, "vLLM server",
+                  log=lambda: (tmp_path / "server.log").read_text()[-3000:])
         t = OpenAITeacher(f"http://127.0.0.1:{port}/v1", "tiny", None, timeout_s=60, max_retries=1)
         rows = [{"prompt": [{"role": "user", "content": f"Question {i}? A. yes B. no"}], "n_options": 2,
                  "gold": "A", "skip_reason": ""} for i in range(4)]
