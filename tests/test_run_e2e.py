@@ -115,6 +115,13 @@ def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
         ev = json.loads((run / "eval/metrics.json").read_text())
         assert list(ev["models"]) == ["sft_all/phase1"]
         assert (run / "report/report.md").exists()
+        # No stage leaves engines or training workers behind on the cluster.
+        actors = subprocess.run([str(bindir / "ray"), "list", "actors", "--address", url, "--filter", "state=ALIVE",
+                                 "--format", "json", "--limit", "1000"], env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert actors.returncode == 0, actors.stderr[-2000:]
+        alive = [a["class_name"] for a in json.loads(actors.stdout)]
+        assert not [c for c in alive if c.startswith(("MapWorker", "RayTrainWorker", "TrainController"))], alive
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the daemons it started
