@@ -77,6 +77,15 @@ def test_run_end_to_end_then_resume_rules(tmp_path, tiny_model_dir):
     assert [s for s in before if after[s]["hash"] != before[s]] == ["teach", "train", "eval", "report"]
     text = " ".join(changed.stderr.split())
     assert "run: score: up to date" in text and "run: split: up to date" in text
+    # A baseline next to it: scores and teacher outputs are shared, nothing is scored or taught again,
+    # and the complexity-aware phases already trained are not retrained.
+    both = _raycat(cfg, "teach.sampling.max_tokens=12", "--recipes", "complexity_aware,sft_all").stderr
+    both = " ".join(both.split())
+    for stage in ("score", "split", "teach"):
+        assert f"run: {stage}: up to date" in both
+    assert "phase1: already trained" in both and "phase2: already trained" in both
+    ev = json.loads((run / "eval/metrics.json").read_text())
+    assert list(ev["models"]) == ["base", "complexity_aware/phase1", "complexity_aware/phase2", "sft_all/phase1"]
 
 
 def _free_port() -> int:
