@@ -229,9 +229,7 @@ def cmd_eval(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
                     task = progress.add_task(f"eval {t.name}", total=len(todos[t.name]))
                     run_target(cfg, t, todos[t.name], parts_dir(cfg, t),
                                on_rows=lambda n, task=task: progress.advance(task, n))
-    m = finalize(cfg, rows, tgts)
-    m["wall_s"] = round(time.time() - t0, 2)
-    rundir.write_json(rundir.join(cfg.run_dir, "eval", "metrics.json"), m)
+    m = finalize(cfg, rows, tgts, time.time() - t0)
     _write_config(cfg, "eval")
     t = Table(title=f"eval — accuracy on {m['test_rows']} held-out questions (95% bootstrap CI)")
     for col in ("model", "overall", "easy", "medium", "hard", "unparsed"):

@@ -195,7 +195,7 @@ def parts_dir(cfg: RaycatConfig, t: EvalTarget) -> str:
     return rundir.join(cfg.run_dir, "eval", t.name.replace("/", "__"), "parts", t.key)
 
 
-def finalize(cfg: RaycatConfig, rows: pd.DataFrame, done: list[EvalTarget]) -> dict:
+def finalize(cfg: RaycatConfig, rows: pd.DataFrame, done: list[EvalTarget], wall_s: float) -> dict:
     ec = cfg.eval
     frames, metrics = [], {}
     for t in done:
@@ -212,6 +212,7 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, done: list[EvalTarget]) -> d
     result = {"test_rows": int(len(rows)), "models": metrics,
               "provenance": {"prompt_version": TRAIN_PROMPT_VERSION, "greedy": True, "seed": ec.seed,
                              "bootstrap_resamples": ec.bootstrap_resamples,
-                             "bands": "the student's pre-training entropy bands (split thresholds)"}}
+                             "bands": "the student's pre-training entropy bands (split thresholds)"},
+              "wall_s": round(wall_s, 2)}
     rundir.write_json(rundir.join(d, "metrics.json"), result)
     return result

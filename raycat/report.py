@@ -114,12 +114,7 @@ def plots(run: str) -> dict[str, bytes]:
 
 
 def _recipes(run: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    fs, p = rundir._fs(rundir.join(run, "train"))
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
-        return []
-    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
+    return rundir.list_dirs(rundir.join(run, "train"))
 
 
 def _loss_curves(run: str) -> list[tuple[str, list[int], list[float]]]:

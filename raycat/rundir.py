@@ -41,6 +41,20 @@ def makedirs(path: str) -> None:
     fs.create_dir(p, recursive=True)
 
 
+def upload_dir(local_dir: str, dest: str) -> None:
+    """Copy a finished local directory (an HF model dir) to ``dest``, a local path or a cloud URI."""
+    fs, p = _fs(dest)
+    fs.create_dir(p, recursive=True)
+    pafs.copy_files(local_dir, p, destination_filesystem=fs)
+
+
+def list_dirs(directory: str) -> list[str]:
+    fs, p = _fs(directory)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     fs, p = _fs(path)
     parent = p.rsplit("/", 1)[0]

@@ -205,15 +205,11 @@ def _storage(path: str) -> str:
 
 def export(cfg: RaycatConfig, result, phase_dir: str, base_dir: str) -> dict:
     """Copy the final checkpoint's HF dir to ``model/``; merge LoRA into ``merged/`` on request."""
-    import pyarrow.fs as pafs
-
     model_dir = rundir.join(phase_dir, "model")
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, "state.json")) as f:
             state = json.load(f)
-        fs, dest = rundir._fs(model_dir)
-        fs.create_dir(dest, recursive=True)
-        pafs.copy_files(os.path.join(d, "hf"), dest, destination_filesystem=fs)
+        rundir.upload_dir(os.path.join(d, "hf"), model_dir)
     out = {"model": model_dir, "state": state}
     if cfg.train.method == "lora" and cfg.train.lora.merge:
         out["merged"] = merge_lora(base_dir, model_dir, rundir.join(phase_dir, "merged"))
@@ -223,7 +219,6 @@ def export(cfg: RaycatConfig, result, phase_dir: str, base_dir: str) -> dict:
 def merge_lora(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     import tempfile
 
-    import pyarrow.fs as pafs
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -234,9 +229,7 @@ def merge_lora(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d, safe_serialization=True)
         AutoTokenizer.from_pretrained(adapter).save_pretrained(d)
-        fs, dest = rundir._fs(out_dir)
-        fs.create_dir(dest, recursive=True)
-        pafs.copy_files(d, dest, destination_filesystem=fs)
+        rundir.upload_dir(d, out_dir)
     return out_dir
 
 
