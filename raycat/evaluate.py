@@ -143,9 +143,9 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
             done = rundir.join(pdir, "done.json")
             if not rundir.exists(done):
                 raise FileNotFoundError(f"{done} not found: run `raycat train` (train.recipe={recipe}) first")
-            model = os.path.abspath(rundir.join(pdir, "model"))
+            model = rundir.absolute(rundir.join(pdir, "model"))
             if os.path.exists(os.path.join(model, "adapter_config.json")):
-                merged = os.path.abspath(rundir.join(pdir, "merged"))
+                merged = rundir.absolute(rundir.join(pdir, "merged"))
                 if not os.path.exists(os.path.join(merged, "config.json")):
                     from raycat.train import merge_lora
 

@@ -27,6 +27,13 @@ def _fs(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's cwd); URIs unchanged."""
+    import os
+
+    return path if "://" in path else os.path.abspath(path)
+
+
 def join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts)
 

@@ -24,7 +24,7 @@ from raycat import rundir
 from raycat.config import RaycatConfig
 from raycat.prompts import template_hash, train_template_hash
 from raycat.recipes import Phase, needs_cot, select
-from raycat.train_data import encode_rows, pad_to_world, stop_token_ids
+from raycat.train_data import encode_rows, pad_to_world, stop_token_ids, total_steps
 from raycat.train_memory import check_fit, estimate
 
 
@@ -174,9 +174,8 @@ def fit_phase(cfg: RaycatConfig, plan: dict, init: dict, pad_id: int, phase_dir:
     pc = getattr(tc, plan["phase"].name)
     frame, repeated = pad_to_world(plan["encoded"], tc.num_workers, tc.seed)
     plan["repeated_rows"] = repeated
-    batches = math.ceil(len(frame) / tc.num_workers / pc.micro_batch_size)
-    total = math.ceil(batches * pc.epochs / pc.gradient_accumulation_steps)
-    total = min(total, pc.max_steps) if pc.max_steps else total
+    total = total_steps(len(frame), tc.num_workers, pc.micro_batch_size, pc.gradient_accumulation_steps,
+                        pc.epochs, pc.max_steps)
     plan["total_steps"] = total
     import pyarrow as pa
 
@@ -192,15 +191,11 @@ def fit_phase(cfg: RaycatConfig, plan: dict, init: dict, pad_id: int, phase_dir:
         # Ordered, equal shards: a resumed worker skips exactly the micro-batches it already trained on.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(name=f"{plan['phase'].name}-{plan['hash']}",
-                             storage_path=_storage(rundir.join(phase_dir, "checkpoints")),
+                             storage_path=rundir.absolute(rundir.join(phase_dir, "checkpoints")),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep)),
     )
     return trainer.fit()
-
-
-def _storage(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
 
 
 def export(cfg: RaycatConfig, result, phase_dir: str, base_dir: str) -> dict:
@@ -324,7 +319,7 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                 status = "trained"
             summary["phases"][name] = {**{k: v for k, v in m.items() if k != "history"}, "status": status,
                                        "model": rundir.join(pdir, "model")}
-            model_dir = _storage(rundir.join(pdir, "model"))  # absolute: workers have their own cwd
+            model_dir = rundir.absolute(rundir.join(pdir, "model"))  # workers have their own cwd
             lora = tc.method == "lora"
             init = {"model": None if lora else model_dir, "adapter": model_dir if lora else None}
     rundir.write_json(rundir.join(root, "metrics.json"), summary)

@@ -139,6 +139,9 @@ def pad_to_world(frame: pd.DataFrame, world: int, seed: int) -> tuple[pd.DataFra
     return pd.concat([frame, frame.iloc[pick]], ignore_index=True), extra
 
 
-def steps_per_epoch(rows: int, world: int, micro_batch_size: int, accumulation: int) -> int:
-    per_worker = math.ceil(rows / world)
-    return math.ceil(math.ceil(per_worker / micro_batch_size) / accumulation)
+def total_steps(rows: int, world: int, micro_batch_size: int, accumulation: int, epochs: int,
+                max_steps: int | None) -> int:
+    """Optimizer steps of a phase: DeepSpeed's accumulation runs across epoch ends, as in the loop."""
+    batches = math.ceil(rows / world / micro_batch_size)
+    total = math.ceil(batches * epochs / accumulation)
+    return min(total, max_steps) if max_steps else total
