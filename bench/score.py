@@ -105,6 +105,8 @@ def main() -> None:
     results["vllm"] = {"score_s": time.perf_counter() - t, "start_s": start}
     eng.close()
 
+    from raycat.engine import engine_kwargs
+    from raycat.engine_stage import Pool
     from raycat.ray_env import ray_session
     from raycat.score import ScorePlan, run_pipeline
 
@@ -119,12 +121,13 @@ def main() -> None:
 
         plan = ScorePlan(model_path=path, revision=None, trust_remote_code=False, preset="letters",
                          system_prompt=None, labels=label_tokens(tok, 4, "letters"), template_hash="bench",
-                         cache_key="bench", sample_ids=frozenset(), max_prompt_tokens=1000)
+                         cache_key="bench", sample_ids=frozenset(), max_prompt_tokens=1000,
+                         engine_kwargs=engine_kwargs(cfg.score.student, cfg.score.engine))
         t = time.perf_counter()
         with ray_session(cfg.ray):
             ray_init = time.perf_counter() - t
             t = time.perf_counter()
-            run_pipeline(cfg, plan, pd.DataFrame(qs), str(Path(tmp) / "parts"))
+            run_pipeline(plan, Pool.of(cfg.score.engine), pd.DataFrame(qs), str(Path(tmp) / "parts"))
         wall = time.perf_counter() - t
         # Engine start inside the actor is not separable from outside; subtract the direct measurement.
         results["raycat"] = {"score_s": max(wall - start, 1e-9), "start_s": start + ray_init, "wall_s": wall}

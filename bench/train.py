@@ -71,10 +71,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from raycat.config import validate_config
+    from raycat.tiny_models import build_tiny_model, build_tiny_train_run
     from raycat.train import run_train
     from raycat.train_data import encode_rows, stop_token_ids
-    from tests.conftest import build_tiny_model
-    from tests.test_train_ray import config, make_run
 
     work = Path(tempfile.mkdtemp(prefix="raycat-bench-train-"))
     model_dir = build_tiny_model(work / "model")
@@ -93,13 +92,16 @@ def main() -> None:
 
     results = {}
     for workers in (1, 2):
-        run = make_run(work / f"run{workers}", model_dir, n=args.n)
+        run = build_tiny_train_run(work / f"run{workers}", model_dir, n=args.n)
         # Enough epochs for `steps` optimizer steps at this worker count; max_steps stops exactly there.
         per_epoch = max(1, args.n // (workers * args.micro_batch_size))
-        tree = config(run, model_dir, recipe="sft_all", method="full", num_workers=workers, save_steps=10 ** 6,
-                      log_every_steps=10 ** 6, deepspeed={"zero_stage": args.zero_stage},
-                      phase1={"epochs": args.steps // per_epoch + 2, "max_steps": args.steps + 1, "lr": 1e-4,
-                              "micro_batch_size": args.micro_batch_size})
+        train = {"recipe": "sft_all", "method": "full", "num_workers": workers, "save_steps": 10 ** 6,
+                 "log_every_steps": 10 ** 6, "deepspeed": {"zero_stage": args.zero_stage},
+                 "phase1": {"epochs": args.steps // per_epoch + 2, "max_steps": args.steps + 1, "lr": 1e-4,
+                            "micro_batch_size": args.micro_batch_size, "max_length": 256}}
+        tree = {"run_dir": str(run), "data": {"source": "synthetic"},
+                "score": {"student": {"path": str(model_dir), "max_model_len": 512}}, "train": train,
+                "ray": {"num_cpus": 2}}
         cfg = validate_config(tree)
         t0 = time.perf_counter()
         s = run_train(cfg, say=lambda m: None)

@@ -14,8 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raycat.errors import RaycatError
 
-class ConfigError(ValueError):
+
+class ConfigError(RaycatError, ValueError):
     """A config problem, phrased for the user: dotted key, what is wrong, how to fix it."""
 
 
@@ -109,6 +111,21 @@ class EngineConfig(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM GPU memory fraction.")
     enforce_eager: bool = Field(True, description="Skip torch.compile/CUDA graphs (faster start, slower decode).")
     seed: int = Field(0, description="Engine seed.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.backend != "transformers":
+            return self
+        # The reference engine is one unbatched HF model in the actor: refuse vLLM-only settings
+        # rather than silently ignore them.
+        if self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError("backend: 'transformers' runs one model per actor; tensor/pipeline parallelism "
+                             "needs backend=vllm")
+        vllm_only = sorted(self.model_fields_set & {"kv_cache_gib", "gpu_memory_utilization", "enforce_eager"})
+        if vllm_only:
+            raise ValueError(f"backend: {', '.join(vllm_only)} only apply to backend=vllm; remove them or "
+                             "use backend=vllm")
+        return self
 
 
 class PromptConfig(Strict):
@@ -304,6 +321,13 @@ class TrainConfig(Strict):
     phase2: PhaseConfig = Field(default_factory=lambda: PhaseConfig(max_length=2048))
     phase3: PhaseConfig = Field(default_factory=PhaseConfig, description="Only the curriculum recipe has a phase 3.")
 
+    def phase(self, name: str) -> PhaseConfig:
+        """The hyper-parameters of phase ``name`` (``phase1``, ``phase2``, ...)."""
+        names = [k for k, f in type(self).model_fields.items() if f.annotation is PhaseConfig]
+        if name not in names:
+            raise ConfigError(f"train.{name}: no such training phase; the config has {', '.join(names)}")
+        return getattr(self, name)
+
 
 class EvalConfig(Strict):
     """Held-out accuracy of the base student and of every trained phase (greedy, deterministic)."""
@@ -374,7 +398,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not key=value (example: score.engine.batch_size=16)")
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                              "quote it, e.g. key='text: with colon'") from None
+        parsed.append((key.strip(), value))
     return parsed
 
 
@@ -408,13 +437,25 @@ def validate_config(tree: dict[str, Any]) -> RaycatConfig:
         raise ConfigError(_format_errors(err)) from None
 
 
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+    return f"{where}: invalid YAML: {what}"
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RaycatConfig:
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text())
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(_yaml_error(p, e)) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): save the config as UTF-8") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, score:, ...)")
         tree = loaded or {}
@@ -425,3 +466,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: RaycatConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: RaycatConfig, stage: str) -> None:
+    """The resolved config, next to the stage's outputs and at the top of the run dir."""
+    from raycat import rundir
+
+    text = dump_config(cfg)
+    rundir.write_text(rundir.join(cfg.run_dir, stage, "config.yaml"), text)
+    rundir.write_text(rundir.join(cfg.run_dir, "config.yaml"), text)

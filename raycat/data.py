@@ -21,13 +21,14 @@ import pandas as pd
 
 from raycat.answers import normalize_number
 from raycat.config import DataConfig
+from raycat.errors import MissingInputError, RaycatError
 from raycat.synthetic import generate_arithmetic
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 COLUMNS = ["id", "question", "options", "gold", "category", "source"]
 
 
-class BadRowError(ValueError):
+class BadRowError(RaycatError, ValueError):
     def __init__(self, row: int | str, field: str, reason: str, fix: str = ""):
         self.row, self.field, self.reason = row, field, reason
         msg = f"bad input row {row}, field '{field}': {reason}"
@@ -181,7 +182,7 @@ def resolve_data_path(path: str) -> Path | None:
         pkg, _, rel = path.removeprefix("package:").partition("/")
         spec = importlib.util.find_spec(pkg)
         if spec is None or spec.origin is None:
-            raise FileNotFoundError(f"data.path {path}: package '{pkg}' is not installed (pip install {pkg})")
+            raise MissingInputError(f"data.path {path}: package '{pkg}' is not installed (pip install {pkg})")
         return Path(spec.origin).parent / rel
     p = Path(path).expanduser()
     return p if p.exists() else None
@@ -196,7 +197,7 @@ def _read_file(f: Path) -> pd.DataFrame:
     if suffix == ".csv":
         # keep_default_na=False: an option literally reading "None" or "NA" is text, not missing.
         return pd.read_csv(f, dtype=str, keep_default_na=False, na_values=[""])
-    raise ValueError(f"unsupported data file {f}: use .parquet, .jsonl, .json or .csv")
+    raise RaycatError(f"unsupported data file {f}: use .parquet, .jsonl, .json or .csv")
 
 
 def read_raw(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
@@ -209,7 +210,7 @@ def read_raw(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
     files = sorted(f for f in local.rglob("*") if f.is_file()) if local.is_dir() else [local]
     files = [f for f in files if f.suffix.lower() in (".parquet", ".jsonl", ".json", ".csv")]
     if not files:
-        raise FileNotFoundError(f"data.path {cfg.path}: no .parquet/.jsonl/.json/.csv files found")
+        raise MissingInputError(f"data.path {cfg.path}: no .parquet/.jsonl/.json/.csv files found")
     for f in files:
         df = _read_file(f)
         # The MMLU CSV export has one file per subject (<subject>_<split>.csv) and no subject column.
@@ -227,7 +228,7 @@ def _read_hub(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
     try:
         ds = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
     except Exception as e:  # offline, typo, gated: all surface here
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"data.path {cfg.path!r} is not a local file and loading it from the hub failed: {e}. "
             "Point data.path at a local file in the same schema if the hub is unreachable."
         ) from e

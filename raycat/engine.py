@@ -1,5 +1,7 @@
-"""The small engine interface over vLLM (product path) and transformers (reference/fallback).
+"""The small engine interfaces over vLLM (product path) and transformers (reference/fallback).
 
+Two roles: a ``Scorer`` (the student's first-token distribution) and a ``Generator`` (completions;
+the teacher and eval). Both local engines play both roles; an HTTP teacher is only a ``Generator``.
 ``score`` looks at the first answer token of each prompt and returns raw log-probabilities of the
 option tokens plus whichever entropies were asked for; the maths lives in ``raycat.entropy``.
 Both engines take token ids, so they see exactly the prompt that was rendered and hashed.
@@ -51,10 +53,18 @@ class Sampling:
     n: int = 1  # samples per prompt; generate returns them prompt-major (n per prompt, in order)
 
 
-class Engine(Protocol):
-    vocab_size: int
+class Generator(Protocol):
+    """Completions for rendered prompts (token ids; an HTTP teacher takes chat messages instead)."""
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]: ...
+    def generate(self, prompts: list, sampling: Sampling) -> list[Generation]: ...
+
+    def close(self) -> None: ...
+
+
+class Scorer(Protocol):
+    """The first answer token's distribution: option log-probabilities and entropies."""
+
+    vocab_size: int
 
     def score(self, requests: list[ScoreRequest], mode: str, top_k: int,
               free_form_max_tokens: int) -> list[ScoreResult]: ...
@@ -176,7 +186,10 @@ class TransformersEngine:
     """Reference engine: one unpadded forward pass per prompt, log-softmax in float64."""
 
     def __init__(self, model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
-                 trust_remote_code: bool = False, **_ignored):  # vLLM-only options (need_full, KV cache, ...)
+                 trust_remote_code: bool = False, need_full: bool = True):
+        # need_full is always honoured: every forward pass has the full-vocabulary logits. vLLM-only
+        # settings (parallelism, KV cache, eager mode) are refused by EngineConfig, not swallowed here.
+        del need_full
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -242,15 +255,21 @@ class TransformersEngine:
 
 
 def engine_kwargs(model, engine) -> dict:
-    """Engine constructor arguments from a ModelConfig and an EngineConfig."""
-    return dict(dtype=model.dtype, device=engine.device, max_model_len=model.max_model_len,
+    """Engine constructor arguments from a ModelConfig and an EngineConfig, for ``engine.backend``.
+
+    Revision and trust_remote_code come from the model config too, so every loader gets them."""
+    common = dict(revision=model.revision, trust_remote_code=model.trust_remote_code, dtype=model.dtype,
+                  device=engine.device)
+    if engine.backend == "transformers":
+        return common
+    return dict(**common, max_model_len=model.max_model_len,
                 tensor_parallel_size=engine.tensor_parallel_size,
                 pipeline_parallel_size=engine.pipeline_parallel_size, kv_cache_gib=engine.kv_cache_gib,
                 gpu_memory_utilization=engine.gpu_memory_utilization, enforce_eager=engine.enforce_eager,
                 seed=engine.seed)
 
 
-def make_engine(backend: str, model: str, **kwargs) -> Engine:
+def make_engine(backend: str, model: str, **kwargs) -> VLLMEngine | TransformersEngine:
     # Keep CPU tests and demos on one thread per engine: on 2 busy cores, 2 OpenMP threads collapse ~6x.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if backend == "vllm":

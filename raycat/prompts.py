@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from raycat.errors import RaycatError
+
 PROMPT_VERSION = "score-v1"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 IDK_LABEL = "0"
@@ -40,20 +42,21 @@ def answer_labels(n: int, preset: str) -> list[str]:
 def messages_for(question: str, options: list[str], category: str, preset: str,
                  system_prompt: str | None = None) -> list[dict[str, str]]:
     about = f" about {category}" if category else ""
+    # Only the user's system prompt has a {subject} slot; built-in texts are formatted once, so a
+    # category containing braces is text, not a format field.
+    custom = system_prompt.replace("{subject}", category) if system_prompt is not None else None
     if not options:
-        system = system_prompt or _FREE_FORM_SYSTEM
-        return [{"role": "system", "content": system.format(subject=category)},
+        return [{"role": "system", "content": custom or _FREE_FORM_SYSTEM},
                 {"role": "user", "content": question}]
     labels = option_labels(len(options), preset)
     body = "\n".join(f"{lab}. {opt}" for lab, opt in zip(labels, options, strict=True))
     if preset == "paper":
-        system = system_prompt or _PAPER_SYSTEM.format(about=about)
+        system = custom or _PAPER_SYSTEM.format(about=about)
         user = f"Question: {question}\nOptions:\n{body}\n{_PAPER_TAIL}"
     else:
-        system = system_prompt or _LETTERS_SYSTEM.format(about=about)
+        system = custom or _LETTERS_SYSTEM.format(about=about)
         user = f"Question: {question}\nOptions:\n{body}"
-    return [{"role": "system", "content": system.format(subject=category)},
-            {"role": "user", "content": user}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def template_hash(tokenizer, preset: str, system_prompt: str | None) -> str:
@@ -68,7 +71,7 @@ def template_hash(tokenizer, preset: str, system_prompt: str | None) -> str:
 
 def render_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     if not tokenizer.chat_template:
-        raise ValueError(
+        raise RaycatError(
             "the student tokenizer has no chat template; raycat scores instruct/chat models with their "
             "own template. Use an instruct model, or set tokenizer.chat_template in the model directory."
         )

@@ -7,13 +7,16 @@ Every number names the file it comes from; plots are drawn with matplotlib's Agg
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 
 from raycat import rundir
+from raycat.errors import MissingInputError
 
 BANDS = ("easy", "medium", "hard")
+# What the stages write that the report reads; a run directory with none of them has nothing to report.
+OUTPUTS = ("score/metrics.json", "score/scores.parquet", "split/thresholds.json", "teach/metrics.json",
+           "eval/metrics.json")
 
 
 def _read(run: str, *parts: str):
@@ -203,10 +206,14 @@ def markdown(run: str, images: list[str]) -> str:
     if manifest:
         lines += ["## Stages", "", "| stage | status | hash | wall s |", "|---|---|---|---|"]
         for stage, e in manifest.get("stages", {}).items():
-            lines.append(f"| {stage} | {e.get('status', '–')} | `{e.get('hash', '–')}` | {e.get('wall_s', '–')} |")
+            status, wall = e.get("status", "–"), e.get("wall_s", "–")
+            if stage == "report" and status == "running":
+                # Inside `raycat run` the manifest marks this stage running while it writes this file.
+                status, wall = "this report", "–"
+            lines.append(f"| {stage} | {status} | `{e.get('hash', '–')}` | {wall} |")
         lines.append("")
     if images:
-        lines += ["## Plots", ""] + [f"![{n}](plots/{n})" for n in images] + [""]
+        lines += ["## Plots", ""] + [x for n in images for x in (f"![{n}](plots/{n})", "")]
     lines += ["## Provenance", "", f"Everything above is read from `{run}`: the run's resolved config is "
               "`config.yaml`; each stage's inputs, model and template hashes are in its `metrics.json` and "
               "`manifest.json`. Rebuild with `raycat report " + run + "`.", ""]
@@ -214,41 +221,35 @@ def markdown(run: str, images: list[str]) -> str:
 
 
 def _md_to_html(md: str, images: dict[str, bytes]) -> str:
-    """Tables, headings, paragraphs and images of our own markdown; images inlined as data URIs."""
-    out, table = [], []
+    """CommonMark + tables (markdown-it-py); raw HTML in the text is escaped, plots are inlined as data URIs
+    so the file stands alone."""
+    from markdown_it import MarkdownIt
 
-    def flush():
-        if table:
-            rows = [r.strip().strip("|").split("|") for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
-            head, *body = rows
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>"
-                                 for r in body) + "</table>")
-            table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("![") and "](plots/" in line:
-            name = line.split("](plots/")[1].rstrip(")")
-            data = base64.b64encode(images[name]).decode()
-            out.append(f'<p><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></p>')
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    flush()
+    mdit = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = mdit.parse(md)
+    for tok in tokens:
+        for child in tok.children or ():
+            src = child.attrGet("src") if child.type == "image" else None
+            if isinstance(src, str) and src.startswith("plots/") and src.removeprefix("plots/") in images:
+                data = base64.b64encode(images[src.removeprefix("plots/")]).decode()
+                child.attrSet("src", f"data:image/png;base64,{data}")
+    body = mdit.renderer.render(tokens, mdit.options, {})
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>raycat report</title><style>{style}</style>" \
-           f"</head><body>{''.join(out)}</body></html>\n"
+           f"</head><body>{body}</body></html>\n"
 
 
 def build(run: str) -> dict:
-    """Write report.md, report.html and plots/ under ``<run>/report``; returns what was written."""
+    """Write report.md, report.html and plots/ under ``<run>/report``; returns what was written.
+
+    Raises MissingInputError (a RaycatError) when ``run`` does not exist or holds none of the stages'
+    outputs: a mistyped path must not produce an empty report."""
+    if not rundir.exists(run):
+        raise MissingInputError(f"run directory {run} does not exist")
+    if not (any(rundir.exists(rundir.join(run, o)) for o in OUTPUTS) or _recipes(run)):
+        raise MissingInputError(f"run directory {run} holds no stage outputs to report on (looked for "
+                          f"{', '.join(OUTPUTS)} and train/<recipe>/)")
     images = plots(run)
     d = rundir.join(run, "report")
     for name, data in images.items():

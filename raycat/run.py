@@ -15,11 +15,54 @@ import os
 import time
 from collections.abc import Callable
 
-from raycat import rundir
+from raycat import evaluate, progress, report, rundir, score, split, teach, train
 from raycat.config import RaycatConfig
-from raycat.recipes import needs_cot
+from raycat.errors import RaycatError
+from raycat.recipes import RECIPES, needs_cot
 
+# The one list of stages, in order: the CLI's subcommands and --from/--only choices come from it.
 STAGES = ("score", "split", "teach", "train", "eval", "report")
+
+Show = Callable[[str, dict], None]  # (stage, its result) → the CLI's table
+
+
+def run_stage(stage: str, cfg: RaycatConfig, recipes: list[str] | None = None,
+              show: Show = lambda stage, result: None) -> None:
+    """Run one stage's driver; ``recipes`` (default: ``train.recipe``) for train and eval."""
+    recipes = recipes or [cfg.train.recipe]
+    if stage == "score":
+        show(stage, score.run(cfg))
+    elif stage == "split":
+        show(stage, split.run(cfg))
+    elif stage == "teach":
+        show(stage, teach.run(cfg))
+    elif stage == "train":
+        for r in recipes:
+            sub = cfg.model_copy(deep=True)
+            sub.train.recipe = r
+            show(stage, train.run(sub))
+    elif stage == "eval":
+        show(stage, evaluate.run(cfg, recipes))
+    elif stage == "report":
+        show(stage, report.build(cfg.run_dir))
+    else:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def check_recipes(recipes: list[str]) -> list[str]:
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise RaycatError(f"--recipes: unknown {unknown}; choose from {', '.join(RECIPES)}")
+    return recipes
+
+
+def effective_config(cfg: RaycatConfig, recipes: list[str]) -> RaycatConfig:
+    """The config `raycat run` executes: CoT for every band when a recipe trains on CoT beyond hard
+    (the teacher cache is shared, so hard rows are still taught once)."""
+    cfg = cfg.model_copy(deep=True)
+    if cfg.teach is not None and {"distill_all", "random_split"} & set(recipes) and cfg.teach.bands != "all":
+        cfg.teach.bands = "all"
+    return cfg
 
 
 def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):
@@ -58,7 +101,7 @@ def plan(cfg: RaycatConfig, recipes: list[str], manifest: dict, start: str | Non
         done = manifest.get("stages", {}).get(stage, {})
         if stage == "teach" and cfg.teach is None:
             if any(needs_cot(r) for r in recipes):
-                raise ValueError(f"recipes {recipes} train on teacher CoT but the config has no teach: section")
+                raise RaycatError(f"recipes {recipes} train on teacher CoT but the config has no teach: section")
             steps.append((stage, hashes[stage], "off"))
             continue
         if only and stage != only:
@@ -76,19 +119,25 @@ def read_manifest(cfg: RaycatConfig) -> dict:
     return rundir.read_json(path) if rundir.exists(path) else {"stages": {}}
 
 
-def run(cfg: RaycatConfig, recipes: list[str], stages: dict[str, Callable], start: str | None = None,
-        only: str | None = None, say=print) -> dict:
-    """Run the stage graph; ``stages`` maps a stage name to ``fn(cfg, recipes)``."""
+def run(cfg: RaycatConfig, recipes: list[str], start: str | None = None, only: str | None = None,
+        show: Show = lambda stage, result: None) -> dict:
+    """Run the stage graph for ``recipes``: every stage whose hash changed (or ``start`` onwards, or
+    ``only``), in one Ray session. Returns the manifest."""
     from raycat.preflight import resource_problems, version_problems
     from raycat.ray_env import ray_session
 
+    def say(msg: str) -> None:
+        progress.say("run", msg)
+
+    t_start = time.time()
+    cfg = effective_config(cfg, check_recipes(recipes))
     manifest = read_manifest(cfg)
     steps = plan(cfg, recipes, manifest, start, only)
     errors, warnings = version_problems(cfg)
     for w in warnings:
         say(f"pre-flight warning: {w}")
     if errors:
-        raise RuntimeError("pre-flight: " + "; ".join(errors))
+        raise RaycatError("pre-flight: " + "; ".join(errors))
     path = rundir.join(cfg.run_dir, "manifest.json")
     manifest.update({"recipes": recipes, "config": rundir.join(cfg.run_dir, "config.yaml")})
     # One Ray session for the whole job; each stage's actors end with its pipeline or fit.
@@ -99,7 +148,7 @@ def run(cfg: RaycatConfig, recipes: list[str], stages: dict[str, Callable], star
         problems = resource_problems(cfg, available)
         if problems and cfg.ray.address is None and "RAY_ADDRESS" not in os.environ:
             # A local Ray cannot grow: refuse now rather than wait forever for resources.
-            raise RuntimeError("pre-flight: " + "; ".join(problems))
+            raise RaycatError("pre-flight: " + "; ".join(problems))
         for p in problems:  # a cluster may autoscale up to it
             say(f"pre-flight warning: {p} right now (waiting for the autoscaler if there is one)")
         for stage, h, action in steps:
@@ -114,11 +163,12 @@ def run(cfg: RaycatConfig, recipes: list[str], stages: dict[str, Callable], star
             rundir.write_json(path, manifest)
             t0 = time.time()
             try:
-                stages[stage](cfg, recipes)
+                run_stage(stage, cfg, recipes, show)
             except BaseException:
                 entry["status"] = "failed"
                 rundir.write_json(path, manifest)
                 raise
             entry.update({"status": "done", "wall_s": round(time.time() - t0, 2), "finished": time.time()})
             rundir.write_json(path, manifest)
+    say(f"finished in {time.time() - t_start:.0f} s; report: {rundir.join(cfg.run_dir, 'report', 'report.md')}")
     return manifest

@@ -43,11 +43,6 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
-def makedirs(path: str) -> None:
-    fs, p = _fs(path)
-    fs.create_dir(p, recursive=True)
-
-
 def upload_dir(local_dir: str, dest: str) -> None:
     """Copy a finished local directory (an HF model dir) to ``dest``, a local path or a cloud URI."""
     fs, p = _fs(dest)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycat import rundir
+from raycat import engine_stage, progress, rundir
 from raycat.answers import normalize_number
-from raycat.config import RaycatConfig
+from raycat.config import RaycatConfig, save_config
 from raycat.engine import ScoreRequest, ScoreResult, engine_kwargs, make_engine
 from raycat.entropy import entropy_options, options_distribution
 from raycat.prompts import (
@@ -38,6 +38,9 @@ OUTPUT_COLUMNS = [
 ]
 
 
+INPUT_COLUMNS = ("id", "question", "options", "category", "gold")
+
+
 @dataclass(frozen=True)
 class ScorePlan:
     """Everything the actors need, resolved on the driver before Ray starts."""
@@ -53,6 +56,10 @@ class ScorePlan:
     sample_ids: frozenset[str]
     max_prompt_tokens: int
     mode: str = "options"
+    top_k: int = 20
+    free_form_max_tokens: int = 16
+    backend: str = "vllm"
+    engine_kwargs: dict | None = None  # engine.engine_kwargs(...) for the backend
 
 
 def cache_key(cfg: RaycatConfig, model_path: str, template_hash: str) -> str:
@@ -98,6 +105,8 @@ def row_result(res: ScoreResult, n_options: int, gold: str, mode: str, preset: s
 class RenderPrompts:
     """Ray Data stage: chat-template rendering; flags rows that cannot be scored, with the reason."""
 
+    REQUIRED_COLUMNS = INPUT_COLUMNS
+
     def __init__(self, plan: ScorePlan):
         from transformers import AutoTokenizer
 
@@ -129,15 +138,15 @@ class RenderPrompts:
         return out
 
 
-class ScoreBatch:
+class ScoreBatch(engine_stage.EngineActor):
     """Ray Data stage: one engine per actor, loaded once, scoring whole batches."""
 
-    def __init__(self, plan: ScorePlan, backend: str, mode: str, top_k: int, free_form_max_tokens: int,
-                 engine_kwargs: dict):
-        self.plan, self.mode, self.top_k, self.ff = plan, mode, top_k, free_form_max_tokens
-        self.engine = make_engine(backend, plan.model_path, revision=plan.revision,
-                                  trust_remote_code=plan.trust_remote_code,
-                                  need_full=mode == "full" or bool(plan.sample_ids), **engine_kwargs)
+    REQUIRED_COLUMNS = INPUT_COLUMNS
+
+    def __init__(self, plan: ScorePlan):
+        self.plan = plan
+        self.engine = make_engine(plan.backend, plan.model_path, need_full=plan.mode == "full" or bool(plan.sample_ids),
+                                  **(plan.engine_kwargs or {}))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan
@@ -149,7 +158,7 @@ class ScoreBatch:
             groups = p.labels.groups(len(r["options"]), p.preset) if len(r["options"]) else []
             requests.append(ScoreRequest(prompt_ids=list(r["prompt_ids"]), option_groups=groups,
                                          want_full=r["id"] in p.sample_ids))
-        results = self.engine.score(requests, self.mode, self.top_k, self.ff) if requests else []
+        results = self.engine.score(requests, p.mode, p.top_k, p.free_form_max_tokens) if requests else []
         out = []
         scored = dict(zip(todo, results, strict=True))
         for i, r in enumerate(rows):
@@ -157,50 +166,24 @@ class ScoreBatch:
             row.update(id=r["id"], gold=r["gold"], category=r["category"], prompt_tokens=len(r["prompt_ids"]),
                        option_probs=[], idk=False)
             if i in scored:
-                row.update(row_result(scored[i], len(r["options"]), r["gold"], self.mode, p.preset))
+                row.update(row_result(scored[i], len(r["options"]), r["gold"], p.mode, p.preset))
                 row.update(status="scored", skip_reason="")
             else:
                 row.update(status="skipped", skip_reason=r["skip_reason"], correct=False)
             out.append(row)
         return pd.DataFrame(out, columns=OUTPUT_COLUMNS)
 
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
-
 
 def done_ids(parts_dir: str) -> set[str]:
     return set(rundir.read_parts(parts_dir, OUTPUT_COLUMNS)["id"])
 
 
-def run_pipeline(cfg: RaycatConfig, plan: ScorePlan, todo: pd.DataFrame, parts_dir: str,
+def run_pipeline(plan: ScorePlan, pool: engine_stage.Pool, todo: pd.DataFrame, parts_dir: str,
                  on_rows=lambda n: None) -> int:
     """Score ``todo``; write each finished block as an atomic part. Returns rows written."""
-    import ray
-
-    eng = cfg.score.engine
-    # The driver already holds the validated questions, so blocks come straight from it (no read
-    # tasks to schedule). Blocks of a few batches keep the stream moving and progress visible.
-    block = 4 * eng.batch_size
-    chunks = [todo.iloc[i:i + block] for i in range(0, len(todo), block)]
-    ds = ray.data.from_pandas(chunks)
-    # Rendering is light: a fraction of a CPU, so read + render + one engine fit on a 2-core machine.
-    light = {"num_cpus": 0.25}
-    ds = ds.map_batches(RenderPrompts, fn_constructor_kwargs={"plan": plan}, batch_format="pandas",
-                        batch_size=eng.batch_size, compute=ray.data.ActorPoolStrategy(size=1), **light)
-    ds = ds.map_batches(
-        ScoreBatch,
-        fn_constructor_kwargs=dict(plan=plan, backend=eng.backend, mode=cfg.score.entropy_mode,
-                                   top_k=cfg.score.top_k, free_form_max_tokens=cfg.score.free_form_max_tokens,
-                                   engine_kwargs=engine_kwargs(cfg.score.student, eng)),
-        batch_format="pandas", batch_size=eng.batch_size,
-        # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
-        compute=ray.data.ActorPoolStrategy(size=eng.num_engines),
-        num_gpus=eng.tensor_parallel_size * eng.pipeline_parallel_size if eng.device == "gpu" else 0,
-        num_cpus=eng.cpus_per_engine,
-    )
-    return rundir.write_parts(ds.iter_batches(batch_size=None, batch_format="pandas"), parts_dir, on_rows)
+    # Rendering is light: a fraction of a CPU, so render + one engine fit on a 2-core machine.
+    return engine_stage.run("score", todo, ScoreBatch, plan, pool, parts_dir, on_rows,
+                            pre=[engine_stage.Prestage(RenderPrompts, plan)])
 
 
 def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
@@ -223,6 +206,8 @@ def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
         labels=label_tokens(tok, max(n_max, 1), s.prompt.preset), template_hash=th,
         cache_key=cache_key(cfg, s.student.path, th), sample_ids=sample,
         max_prompt_tokens=s.student.max_model_len - s.free_form_max_tokens, mode=s.entropy_mode,
+        top_k=s.top_k, free_form_max_tokens=s.free_form_max_tokens, backend=s.engine.backend,
+        engine_kwargs=engine_kwargs(s.student, s.engine),
     )
 
 
@@ -256,4 +241,34 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions: pd.DataFrame, parts_
         "entropy_mode": s.entropy_mode, "top_k": s.top_k, "logits": "raw (no generation-config processors)",
         "engine": s.engine.backend, "dtype": s.student.dtype, "cache_key": plan.cache_key,
     }
+    return metrics
+
+
+def run(cfg: RaycatConfig) -> dict:
+    """The score stage: questions → entropy for every row (resuming under the cache key) → metrics."""
+    import time
+
+    from raycat.questions import stage_questions
+    from raycat.ray_env import ray_session
+
+    t0 = time.time()
+    _, questions, qsum = stage_questions(cfg)
+    engine_stage.check_columns("score", questions, INPUT_COLUMNS)
+    plan = prepare_plan(cfg, questions)
+    parts = rundir.join(cfg.run_dir, "score", "parts", plan.cache_key)
+    done = done_ids(parts) & set(questions["id"])
+    todo = len(questions) - len(done)
+    progress.say("score", f"{len(questions)} questions ({qsum['quarantined']} quarantined), {len(done)} already "
+                 f"scored under key {plan.cache_key}, {todo} to do")
+    written = 0
+    if todo:
+        with ray_session(cfg.ray), progress.rows("scoring", todo) as advance:
+            written = run_pipeline(plan, engine_stage.Pool.of(cfg.score.engine),
+                                   questions[~questions["id"].isin(done)], parts, on_rows=advance)
+    metrics = finalize(cfg, plan, questions, parts)
+    metrics["questions"] = qsum
+    metrics["wall_s"] = round(time.time() - t0, 2)
+    metrics["rows_this_run"] = written
+    rundir.write_json(rundir.join(cfg.run_dir, "score", "metrics.json"), metrics)
+    save_config(cfg, "score")
     return metrics

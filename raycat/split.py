@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from raycat import rundir
-from raycat.config import RaycatConfig, SplitConfig
+from raycat.config import RaycatConfig, SplitConfig, save_config
+from raycat.errors import MissingInputError
 
 BANDS = ("easy", "medium", "hard")
 
@@ -67,11 +68,12 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
     return bands, test, info
 
 
-def run_split(cfg: RaycatConfig) -> dict:
+def run(cfg: RaycatConfig) -> dict:
+    """The split stage: scores → easy / medium / hard (+ test) Parquet files and thresholds.json."""
     run = cfg.run_dir
     scores_path = rundir.join(run, "score", "scores.parquet")
     if not rundir.exists(scores_path):
-        raise FileNotFoundError(f"{scores_path} not found: run `raycat score` with this config first")
+        raise MissingInputError(f"{scores_path} not found: run `raycat score` with this config first")
     scores = rundir.read_parquet(scores_path)
     questions = rundir.read_parquet(rundir.join(run, "questions", "questions.parquet"))
     keep = ["id", "entropy", "predicted", "correct", "idk", "option_mass", "template_hash", "entropy_mode"]
@@ -91,4 +93,5 @@ def run_split(cfg: RaycatConfig) -> dict:
     rundir.write_parquet(rundir.join(out, "skipped.parquet"), skipped)
     info["skipped"] = {"idk": int(idk.sum()), "not_drawn_by_balancing": int(len(unsampled))}
     rundir.write_json(rundir.join(out, "thresholds.json"), info)
+    save_config(cfg, "split")
     return info

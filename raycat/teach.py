@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-from raycat import rundir
-from raycat.config import RaycatConfig, TeacherConfig
+from raycat import engine_stage, progress, rundir
+from raycat.config import RaycatConfig, TeacherConfig, save_config
 from raycat.engine import Sampling, engine_kwargs, make_engine
+from raycat.errors import MissingInputError, RaycatError, StageFailed
 from raycat.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
 from raycat.teach_core import accounting, attempt_schedule, resolve, teach_rows
 
@@ -38,6 +39,8 @@ class TeachPlan:
     max_prompt_tokens: int
     gpus: float
     api: dict | None = None  # ApiConfig fields for an HTTP teacher
+    backend: str = "vllm"
+    engine_kwargs: dict | None = None  # engine.engine_kwargs(...) for the backend
 
 
 def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
@@ -64,13 +67,19 @@ def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
                      schedule=schedule, max_prompt_tokens=t.model.max_model_len - s.max_tokens,
                      gpus=(t.engine.tensor_parallel_size * t.engine.pipeline_parallel_size
                            if t.engine.device == "gpu" and t.api is None else 0),
-                     api=t.api.model_dump() if t.api is not None else None)
+                     api=t.api.model_dump() if t.api is not None else None, backend=t.engine.backend,
+                     engine_kwargs=engine_kwargs(t.model, t.engine))
 
 
-class TeachBatch:
+INPUT_COLUMNS = ("id", "question", "options", "category", "gold")
+
+
+class TeachBatch(engine_stage.EngineActor):
     """Ray Data stage: one teacher engine per actor; renders, generates, verifies, retries."""
 
-    def __init__(self, plan: TeachPlan, backend: str, engine_kwargs: dict):
+    REQUIRED_COLUMNS = INPUT_COLUMNS
+
+    def __init__(self, plan: TeachPlan):
         self.plan, self.tok = plan, None
         if plan.api is not None:
             from raycat.teach_http import OpenAITeacher
@@ -83,8 +92,7 @@ class TeachBatch:
 
         self.tok = AutoTokenizer.from_pretrained(plan.model_path, revision=plan.revision,
                                                  trust_remote_code=plan.trust_remote_code)
-        self.engine = make_engine(backend, plan.model_path, revision=plan.revision,
-                                  trust_remote_code=plan.trust_remote_code, need_full=False, **engine_kwargs)
+        self.engine = make_engine(plan.backend, plan.model_path, need_full=False, **(plan.engine_kwargs or {}))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan
@@ -106,28 +114,14 @@ class TeachBatch:
         out["gpu_seconds"] = out["engine_seconds"] * p.gpus
         return out[PART_COLUMNS]
 
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
-
 
 def read_cache(cache_dir: str) -> pd.DataFrame:
     return rundir.read_parts(cache_dir, PART_COLUMNS)
 
 
 def run_teacher(t: TeacherConfig, plan: TeachPlan, todo: pd.DataFrame, cache_dir: str, on_rows) -> int:
-    import ray
-
-    e = t.engine
-    block = 4 * e.batch_size
-    ds = ray.data.from_pandas([todo.iloc[i:i + block] for i in range(0, len(todo), block)])
-    ds = ds.map_batches(TeachBatch, fn_constructor_kwargs=dict(plan=plan, backend=e.backend,
-                                                               engine_kwargs=engine_kwargs(t.model, e)),
-                        batch_format="pandas", batch_size=e.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=e.num_engines),
-                        num_gpus=plan.gpus, num_cpus=e.cpus_per_engine if plan.api is None else 0.25)
-    return rundir.write_parts(ds.iter_batches(batch_size=None, batch_format="pandas"), cache_dir, on_rows)
+    pool = engine_stage.Pool.of(t.engine, remote=plan.api is not None)
+    return engine_stage.run("teach", todo, TeachBatch, plan, pool, cache_dir, on_rows)
 
 
 def load_rows(cfg: RaycatConfig) -> tuple[pd.DataFrame, int]:
@@ -138,7 +132,7 @@ def load_rows(cfg: RaycatConfig) -> tuple[pd.DataFrame, int]:
     for band in ("easy", "medium", "hard", "test"):
         path = rundir.join(cfg.run_dir, "split", f"{band}.parquet")
         if band in bands and not rundir.exists(path):
-            raise FileNotFoundError(f"{path} not found: run `raycat split` with this config first")
+            raise MissingInputError(f"{path} not found: run `raycat split` with this config first")
         if rundir.exists(path):
             frames.append(rundir.read_parquet(path).assign(band=band))
     all_rows = pd.concat(frames, ignore_index=True)
@@ -189,5 +183,42 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, pool: int, plans: list[Teach
                                             "template_hash": p.template_hash} for p in plans]}}
     failed = metrics["status"].get("failed", 0)
     metrics["failure_ratio"] = failed / len(out) if len(out) else 0.0
-    rundir.write_json(rundir.join(d, "metrics.json"), metrics)
     return metrics
+
+
+def run(cfg: RaycatConfig) -> dict:
+    """The teach stage: every teacher of the cascade on the rows no earlier teacher solved, then
+    ``teach.on_wrong`` and the accounting. Stops with an error when too many rows failed."""
+    import time
+
+    from raycat.ray_env import ray_session
+
+    if cfg.teach is None:
+        raise RaycatError("the config has no teach: section (teach.teachers lists the teacher models)")
+    t0 = time.time()
+    rows, pool = load_rows(cfg)
+    engine_stage.check_columns("teach", rows, INPUT_COLUMNS)
+    plans = [teacher_plan(cfg, t) for t in cfg.teach.teachers]
+    solved: set[str] = set()
+    written = 0
+    for i, (t, plan) in enumerate(zip(cfg.teach.teachers, plans, strict=True)):
+        cache = rundir.join(cfg.run_dir, "teach", "cache", plan.cache_key)
+        have = read_cache(cache)
+        todo = rows[~rows["id"].isin(solved) & ~rows["id"].isin(set(have["id"]))]
+        progress.say("teach", f"({i + 1}/{len(plans)}) {plan.name}: {len(rows)} rows, {len(solved)} solved by "
+                     f"earlier teachers, {len(rows) - len(solved) - len(todo)} cached, {len(todo)} to generate")
+        if len(todo):
+            with ray_session(cfg.ray), progress.rows("teaching", len(todo)) as advance:
+                written += run_teacher(t, plan, todo, cache, on_rows=advance)
+            have = read_cache(cache)
+        solved |= set(have.loc[have["status"] == "verified", "id"]) & set(rows["id"])
+    m = finalize(cfg, rows, pool, plans)
+    m["wall_s"] = round(time.time() - t0, 2)
+    m["rows_this_run"] = written
+    rundir.write_json(rundir.join(cfg.run_dir, "teach", "metrics.json"), m)
+    save_config(cfg, "teach")
+    if m["failure_ratio"] > cfg.teach.max_failure_ratio:
+        raise StageFailed("teach", f"{m['status'].get('failed', 0)} of {m['rows']} rows failed "
+                          f"({m['failure_ratio']:.0%} > teach.max_failure_ratio); finished rows are kept, see "
+                          "teach/skipped.parquet", m)
+    return m

@@ -11,10 +11,10 @@ from dataclasses import replace
 import pandas as pd
 
 from raycat.answers import extract_answer
-from raycat.engine import Engine, Sampling
+from raycat.engine import Generator, Sampling
 
-# Per attempt: verified | wrong | no_answer. Per row before any attempt: failed (with a reason).
-FINAL_STATUSES = ("verified", "kept_wrong", "fallback_to_answer", "dropped_wrong", "dropped_no_answer", "failed")
+# Per attempt: verified | wrong | no_answer (best first). Per row before any attempt: failed (with a reason).
+_RANK = {"verified": 0, "wrong": 1, "no_answer": 2}
 
 
 def attempt_schedule(first: Sampling, retries: int, temperatures: list[float]) -> list[Sampling]:
@@ -25,13 +25,17 @@ def attempt_schedule(first: Sampling, retries: int, temperatures: list[float]) -
     return out
 
 
-def teach_rows(engine: Engine, rows: list[dict], schedule: list[Sampling]) -> list[dict]:
+def teach_rows(engine: Generator, rows: list[dict], schedule: list[Sampling]) -> list[dict]:
     """Generate until each row's extracted answer matches gold or the schedule runs out.
 
     ``rows``: dicts with prompt (token ids, or chat messages for an HTTP teacher), n_options, gold, and
     skip_reason ("" = generate). Tokens and engine seconds are summed over all attempts: retries cost
     what they cost. A request that failed for good stops that row's attempts; with no earlier answer
     the row is "failed" with the error as its reason.
+
+    The row keeps its best attempt (verified > wrong > no answer) and, among equals, the FIRST one: for
+    ``teach.on_wrong: keep`` the kept wrong response is the earliest, sampled at the schedule's first
+    (normally lowest) temperature, not the last and most random retry.
     """
     res = [{"response": None, "extracted": None, "status": "failed" if r["skip_reason"] else "no_answer",
             "reason": r["skip_reason"], "attempts": 0, "prompt_tokens": 0, "completion_tokens": 0,
@@ -56,9 +60,9 @@ def teach_rows(engine: Engine, rows: list[dict], schedule: list[Sampling]) -> li
                 stopped.add(i)
                 continue
             extracted = extract_answer(g.text, int(rows[i]["n_options"]))
-            r.update(response=g.text, extracted=extracted, finish_reason=g.finish_reason,
-                     status="verified" if extracted == rows[i]["gold"] else
-                     ("no_answer" if extracted is None else "wrong"))
+            status = "verified" if extracted == rows[i]["gold"] else ("no_answer" if extracted is None else "wrong")
+            if r["attempts"] == 0 or _RANK[status] < _RANK[r["status"]]:  # strictly better: earlier wins ties
+                r.update(response=g.text, extracted=extracted, finish_reason=g.finish_reason, status=status)
             r["attempts"] += 1
             r["prompt_tokens"] += sum(s.prompt_tokens for s in samples)
             r["completion_tokens"] += sum(s.completion_tokens for s in samples)
@@ -84,7 +88,7 @@ def resolve(attempt_status: str, response: str | None, gold: str, on_wrong: str)
     if attempt_status == "failed":
         return "failed", None, "teacher did not produce a response"
     what = "wrong answer" if attempt_status == "wrong" else "no [[answer]] found"
-    if on_wrong == "keep" and attempt_status == "wrong":
+    if on_wrong == "keep" and attempt_status == "wrong":  # the first wrong attempt: teach_rows keeps that one
         return "kept_wrong", response, f"{what}; kept (teach.on_wrong=keep)"
     if on_wrong == "fallback_to_answer":
         return "fallback_to_answer", f"[[{gold}]]", f"{what}; plain answer target (teach.on_wrong)"

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible teacher behind the engine interface, for hosted models and vLLM servers.
+"""An OpenAI-compatible teacher for hosted models and vLLM servers: ``generate`` and ``close``, like an engine.
 
 The openai client does the retrying: exponential backoff with jitter on 429, 5xx, 408/409 and
 timeouts, honouring Retry-After. This module adds what it lacks: a concurrency cap, client-side
@@ -9,10 +9,13 @@ The API key is read from the environment variable the config names and never lea
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import threading
 import time
 
 from raycat.engine import Generation, Sampling
+from raycat.errors import RaycatError
 
 
 class RateLimiter:
@@ -56,63 +59,99 @@ class RateLimiter:
             self.take(tokens)
 
 
+class BadResponse(Exception):
+    """The server answered, but not with a usable chat completion."""
+
+
 class OpenAITeacher:
-    vocab_size = 0
+    """A teacher behind an OpenAI-compatible chat endpoint: ``generate(prompts, sampling)`` and ``close()``.
+
+    One client, one concurrency cap and one rate limiter live as long as the object (one per Ray actor):
+    ``requests_per_second`` and ``tokens_per_minute`` are limits *per actor*, carried across batches, so
+    a pool of N actors may send up to N times them; divide the provider's limit by the pool size. The
+    async client is bound to an event loop, so the object keeps its own loop and runs each batch on it.
+    """
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None, max_concurrency: int = 16,
                  requests_per_second: float | None = None, tokens_per_minute: int | None = None,
                  timeout_s: float = 120.0, max_retries: int = 5):
+        import openai
+
         key = "EMPTY"
         if api_key_env:
             key = os.environ.get(api_key_env, "")
             if not key:
-                raise RuntimeError(f"environment variable {api_key_env} (teach api.api_key_env) is not set where the "
+                raise RaycatError(f"environment variable {api_key_env} (teach api.api_key_env) is not set where the "
                                    "teacher runs; export it before `raycat teach` (on a cluster: in the job's env)")
         self._key = key
         self.base_url, self.model = base_url, model
         self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
-        self.limits = (requests_per_second, tokens_per_minute)
+        self._loop = asyncio.new_event_loop()
+        self._lock = threading.Lock()  # one batch at a time on the loop
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout_s, max_retries=max_retries)
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self._limiter = RateLimiter(requests_per_second, tokens_per_minute)
+        # What a request that failed for good raises (after the client's retries): the API's own errors, a
+        # body that is not JSON, a completion without choices. Anything else is a bug and propagates.
+        self._request_errors = (openai.APIError, json.JSONDecodeError, BadResponse)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key not in ("", "EMPTY") else text
 
-    async def _one(self, client, sem, limiter, messages, sampling: Sampling) -> list[Generation]:
+    @staticmethod
+    def _text(message) -> str:
+        content = message.content or ""
+        # Reasoning models (vLLM's reasoning parsers, DeepSeek-R1 style APIs) return the chain of thought
+        # apart from the answer. It is the CoT we distil: keep it, ahead of the answer, so the training
+        # target has it and verification still reads the final [[answer]] (the last one in the text).
+        extra = getattr(message, "model_extra", None) or {}
+        reasoning = getattr(message, "reasoning_content", None) or extra.get("reasoning_content") \
+            or extra.get("reasoning")
+        if isinstance(reasoning, str) and reasoning.strip():
+            return f"{reasoning.strip()}\n\n{content}"
+        return content
+
+    async def _one(self, messages, sampling: Sampling) -> list[Generation]:
         est = sum(len(m["content"]) for m in messages) // 4 + sampling.max_tokens
-        async with sem:
-            await limiter.acquire(est)
+        async with self._sem:
+            await self._limiter.acquire(est)
             try:
-                r = await client.chat.completions.create(
+                r = await self._client.chat.completions.create(
                     model=self.model, messages=messages, temperature=sampling.temperature, top_p=sampling.top_p,
                     max_tokens=sampling.max_tokens, seed=sampling.seed,
                     **({"n": sampling.n} if sampling.n > 1 else {}))
-                usage = r.usage
-                choices = list(r.choices)[: sampling.n]
+                choices = list(getattr(r, "choices", None) or [])[: sampling.n]
                 if len(choices) < sampling.n:
-                    raise ValueError(f"server returned {len(choices)} choices for n={sampling.n}")
-                # Usage is per request: book it on the first sample so totals stay exact.
-                return [Generation(text=c.message.content or "",
-                                   prompt_tokens=(usage.prompt_tokens if usage else 0) if j == 0 else 0,
-                                   completion_tokens=(usage.completion_tokens if usage else 0) if j == 0 else 0,
-                                   finish_reason="length" if c.finish_reason == "length" else "stop")
-                        for j, c in enumerate(choices)]
-            except Exception as e:  # after the client's own retries: record, never crash the batch
+                    raise BadResponse(f"server returned {len(choices)} choices for n={sampling.n}")
+                if any(c.message is None for c in choices):
+                    raise BadResponse("server returned a choice without a message")
+            except self._request_errors as e:  # after the client's own retries: record, never crash the batch
                 err = self._scrub(f"{type(e).__name__}: {e}")[:500]
                 return [Generation("", 0, 0, "error", error=err) for _ in range(sampling.n)]
+        usage = r.usage
+        # Usage is per request: book it on the first sample so totals stay exact.
+        return [Generation(text=self._text(c.message),
+                           prompt_tokens=(usage.prompt_tokens if usage else 0) if j == 0 else 0,
+                           completion_tokens=(usage.completion_tokens if usage else 0) if j == 0 else 0,
+                           finish_reason="length" if c.finish_reason == "length" else "stop")
+                for j, c in enumerate(choices)]
 
     async def _all(self, prompts: list[list[dict]], sampling: Sampling) -> list[Generation]:
-        import openai
-
-        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key, timeout=self.timeout_s,
-                                    max_retries=self.max_retries)
-        sem, limiter = asyncio.Semaphore(self.max_concurrency), RateLimiter(*self.limits)
-        try:
-            per_prompt = await asyncio.gather(*(self._one(client, sem, limiter, m, sampling) for m in prompts))
-            return [g for gens in per_prompt for g in gens]
-        finally:
-            await client.close()
+        per_prompt = await asyncio.gather(*(self._one(m, sampling) for m in prompts))
+        return [g for gens in per_prompt for g in gens]
 
     def generate(self, prompts: list[list[dict]], sampling: Sampling) -> list[Generation]:
-        return asyncio.run(self._all(prompts, sampling))
+        with self._lock:
+            if self._loop.is_closed():
+                raise RuntimeError("OpenAITeacher.generate after close()")
+            return self._loop.run_until_complete(self._all(prompts, sampling))
 
     def close(self) -> None:
-        self._key = ""
+        """Close the client and the loop; safe to call twice."""
+        with self._lock:
+            if not self._loop.is_closed():
+                try:
+                    self._loop.run_until_complete(self._client.close())
+                finally:
+                    self._loop.close()
+            self._key = ""

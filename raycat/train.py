@@ -17,15 +17,41 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
 from raycat import rundir
-from raycat.config import RaycatConfig
+from raycat.config import RaycatConfig, save_config
+from raycat.errors import MissingInputError, RaycatError
+from raycat.lora_merge import merge_lora
 from raycat.prompts import template_hash, train_template_hash
 from raycat.recipes import Phase, needs_cot, select
 from raycat.train_data import encode_rows, pad_to_world, stop_token_ids, total_steps
+from raycat.train_loop import LoopConfig, train_loop
 from raycat.train_memory import check_fit, estimate
+
+
+@dataclass(frozen=True, eq=False)
+class PhasePlan:
+    """One phase of the recipe as planned on the driver: its rows, their encoded (shuffled) examples, and
+    the hash that decides whether a finished phase can be reused."""
+
+    phase: Phase
+    rows: pd.DataFrame
+    encoded: pd.DataFrame
+    hash: str
+    score_template_hash: str
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What one ``fit_phase`` produced: Ray Train's Result, and the step count it trained for."""
+
+    result: Any  # ray.train.Result
+    repeated_rows: int  # rows repeated so every worker gets an equal shard
+    total_steps: int
 
 
 def _hash(obj) -> str:
@@ -38,12 +64,12 @@ def load_inputs(cfg: RaycatConfig) -> tuple[dict[str, pd.DataFrame], pd.DataFram
     for band in ("easy", "medium", "hard"):
         path = rundir.join(split, f"{band}.parquet")
         if not rundir.exists(path):
-            raise FileNotFoundError(f"{path} not found: run `raycat split` with this config first")
+            raise MissingInputError(f"{path} not found: run `raycat split` with this config first")
         bands[band] = rundir.read_parquet(path)
     cot_path = rundir.join(cfg.run_dir, "teach", "cot.parquet")
     cot = rundir.read_parquet(cot_path) if rundir.exists(cot_path) else None
     if cot is None and needs_cot(cfg.train.recipe):
-        raise FileNotFoundError(f"{cot_path} not found: recipe '{cfg.train.recipe}' trains on teacher CoT; run "
+        raise MissingInputError(f"{cot_path} not found: recipe '{cfg.train.recipe}' trains on teacher CoT; run "
                                 "`raycat teach` first (teach.bands=all for distill_all / random_split)")
     return bands, cot
 
@@ -53,7 +79,7 @@ def check_template(cfg: RaycatConfig, tokenizer, bands: dict[str, pd.DataFrame])
     mine = template_hash(tokenizer, cfg.score.prompt.preset, cfg.score.prompt.system_prompt)
     seen = set().union(*(set(b["template_hash"].dropna()) for b in bands.values() if "template_hash" in b))
     if seen and seen != {mine} and not cfg.train.allow_template_mismatch:
-        raise ValueError(f"the student's chat template (hash {mine}) differs from the one the rows were scored "
+        raise RaycatError(f"the student's chat template (hash {mine}) differs from the one the rows were scored "
                          f"with ({', '.join(sorted(seen))}): rescore with this student, or set "
                          "train.allow_template_mismatch=true to train anyway")
     return mine
@@ -86,7 +112,7 @@ def preflight(cfg: RaycatConfig, model_dir: str, phases: list[Phase]) -> dict:
 
     tc = cfg.train
     if tc.tracking != "none" and importlib.util.find_spec(tc.tracking) is None:
-        raise ValueError(f"train.tracking={tc.tracking} needs the {tc.tracking} package: pip install {tc.tracking}, "
+        raise RaycatError(f"train.tracking={tc.tracking} needs the {tc.tracking} package: pip install {tc.tracking}, "
                          "or set train.tracking=none")
     shape = model_shape(model_dir, cfg.score.student.trust_remote_code)
     trainable = lora_trainable(shape["model"], tc.lora.model_dump()) if tc.method == "lora" else shape["params"]
@@ -97,7 +123,7 @@ def preflight(cfg: RaycatConfig, model_dir: str, phases: list[Phase]) -> dict:
     out = {"params": shape["params"], "trainable_params": trainable, "device_capacity_gib": device_cap,
            "host_capacity_gib": host_cap, "phases": {}}
     for ph in phases:
-        pc = getattr(tc, ph.name)
+        pc = tc.phase(ph.name)
         est = estimate(total_params=shape["params"], trainable_params=trainable, world=tc.num_workers,
                        zero_stage=tc.deepspeed.zero_stage, offload_optimizer=tc.deepspeed.offload_optimizer,
                        offload_param=tc.deepspeed.offload_param, bf16=bf16, micro_batch_size=pc.micro_batch_size,
@@ -106,7 +132,7 @@ def preflight(cfg: RaycatConfig, model_dir: str, phases: list[Phase]) -> dict:
         out["phases"][ph.name] = est
         problem = check_fit(est, device_cap, host_cap, same_pool=tc.device == "cpu")
         if problem:
-            raise ValueError(f"train pre-flight, {ph.name}: {problem}")
+            raise RaycatError(f"train pre-flight, {ph.name}: {problem}")
     return out
 
 
@@ -115,17 +141,17 @@ def _bf16(cfg: RaycatConfig) -> bool:
     return p == "bf16" or (p == "auto" and cfg.train.device == "gpu")
 
 
-def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[dict], pd.DataFrame]:
+def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[PhasePlan], pd.DataFrame]:
     """Rows, encoded examples and hash for every phase of the recipe; plus every skipped row."""
     tc = cfg.train
     bands, cot = load_inputs(cfg)
     th = check_template(cfg, tokenizer, bands)
     selected, skipped = select(tc.recipe, bands, cot, tc.seed)
-    stops = stop_token_ids(tokenizer, model_dir)
+    stops = stop_token_ids(tokenizer, model_dir, revision=cfg.score.student.revision)
     plans, prev = [], None
     skipped_frames = [skipped]
     for phase, rows in selected:
-        pc = getattr(tc, phase.name)
+        pc = tc.phase(phase.name)
         enc, skip = encode_rows(tokenizer, rows, phase.target, stops, pc.max_length, tc.overlong)
         skipped_frames.append(skip.assign(phase=phase.name))
         enc = enc.sample(frac=1.0, random_state=tc.seed).reset_index(drop=True)  # one seeded shuffle
@@ -138,64 +164,58 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[dict
                    "deepspeed": tc.deepspeed.model_dump(), "precision": _bf16(cfg), "workers": tc.num_workers,
                    "student": cfg.score.student.model_dump(), "template": train_template_hash(tokenizer),
                    "seed": tc.seed})
-        plans.append({"phase": phase, "rows": rows, "encoded": enc, "hash": h, "score_template_hash": th})
+        plans.append(PhasePlan(phase=phase, rows=rows, encoded=enc, hash=h, score_template_hash=th))
         prev = h
     return plans, pd.concat(skipped_frames, ignore_index=True)
 
 
-def _loop_config(cfg: RaycatConfig, plan: dict, init: dict, total_steps: int, pad_id: int) -> dict:
-    tc = cfg.train
-    student = cfg.score.student.model_dump()
-    if os.path.exists(student["path"]):  # workers do not share the driver's working directory
-        student["path"] = os.path.abspath(student["path"])
-    return {
-        "student": student, "init_model": init["model"], "init_adapter": init["adapter"],
-        "method": tc.method, "lora": tc.lora.model_dump(), "zero_stage": tc.deepspeed.zero_stage,
-        "offload_optimizer": tc.deepspeed.offload_optimizer, "offload_param": tc.deepspeed.offload_param,
-        "bf16": _bf16(cfg), "device": tc.device, "threads": tc.cpus_per_worker,
-        "gradient_checkpointing": tc.gradient_checkpointing, "phase": getattr(tc, plan["phase"].name).model_dump(),
-        "total_steps": total_steps, "pad_id": pad_id, "seed": tc.seed, "save_steps": tc.save_steps,
-        "log_every_steps": tc.log_every_steps,
-        "tracking": {"kind": tc.tracking, "uri": tc.tracking_uri, "project": tc.tracking_project},
-        "hparams": {"recipe": tc.recipe, "phase": plan["phase"].name, **getattr(tc, plan["phase"].name).model_dump()},
-    }
+def _loop_config(cfg: RaycatConfig, plan: PhasePlan, init: dict, total_steps: int, pad_id: int) -> LoopConfig:
+    tc, st = cfg.train, cfg.score.student
+    # Workers do not share the driver's working directory.
+    path = os.path.abspath(st.path) if os.path.exists(st.path) else st.path
+    return LoopConfig(
+        student_path=path, student_revision=st.revision, trust_remote_code=st.trust_remote_code,
+        init_model=init["model"], init_adapter=init["adapter"], method=tc.method, lora=tc.lora.model_copy(),
+        zero_stage=tc.deepspeed.zero_stage, offload_optimizer=tc.deepspeed.offload_optimizer,
+        offload_param=tc.deepspeed.offload_param, bf16=_bf16(cfg), device=tc.device,
+        threads=max(1, int(tc.cpus_per_worker)), gradient_checkpointing=tc.gradient_checkpointing,
+        recipe=tc.recipe, phase_name=plan.phase.name, phase=tc.phase(plan.phase.name).model_copy(),
+        total_steps=total_steps, pad_id=pad_id, seed=tc.seed, save_steps=tc.save_steps,
+        log_every_steps=tc.log_every_steps, tracking=tc.tracking, tracking_uri=tc.tracking_uri,
+        tracking_project=tc.tracking_project)
 
 
-def fit_phase(cfg: RaycatConfig, plan: dict, init: dict, pad_id: int, phase_dir: str):
-    """One TorchTrainer fit; returns the Ray Train Result (resumes a half-done phase by run name)."""
+def fit_phase(cfg: RaycatConfig, plan: PhasePlan, init: dict, pad_id: int, phase_dir: str) -> FitResult:
+    """One TorchTrainer fit (resumes a half-done phase by run name)."""
+    import pyarrow as pa
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raycat.train_loop import train_loop
-
     tc = cfg.train
-    pc = getattr(tc, plan["phase"].name)
-    frame, repeated = pad_to_world(plan["encoded"], tc.num_workers, tc.seed)
-    plan["repeated_rows"] = repeated
+    pc = tc.phase(plan.phase.name)
+    frame, repeated = pad_to_world(plan.encoded, tc.num_workers, tc.seed)
     total = total_steps(len(frame), tc.num_workers, pc.micro_batch_size, pc.gradient_accumulation_steps,
                         pc.epochs, pc.max_steps)
-    plan["total_steps"] = total
-    import pyarrow as pa
-
     table = pa.Table.from_pandas(frame[["input_ids", "labels"]], preserve_index=False)
     step = max(1, math.ceil(len(frame) / 8))
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(frame), step)])
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=_loop_config(cfg, plan, init, total, pad_id),
+        # Ray Train wants a dict here; the typed config travels inside it.
+        train_loop_config={"loop": _loop_config(cfg, plan, init, total, pad_id)},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.device == "gpu",
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         datasets={"train": ds},
         # Ordered, equal shards: a resumed worker skips exactly the micro-batches it already trained on.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=RunConfig(name=f"{plan['phase'].name}-{plan['hash']}",
+        run_config=RunConfig(name=f"{plan.phase.name}-{plan.hash}",
                              storage_path=rundir.absolute(rundir.join(phase_dir, "checkpoints")),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep)),
     )
-    return trainer.fit()
+    return FitResult(result=trainer.fit(), repeated_rows=repeated, total_steps=total)
 
 
 def export(cfg: RaycatConfig, result, phase_dir: str, base_dir: str) -> dict:
@@ -207,49 +227,34 @@ def export(cfg: RaycatConfig, result, phase_dir: str, base_dir: str) -> dict:
         rundir.upload_dir(os.path.join(d, "hf"), model_dir)
     out = {"model": model_dir, "state": state}
     if cfg.train.method == "lora" and cfg.train.lora.merge:
-        out["merged"] = merge_lora(base_dir, model_dir, rundir.join(phase_dir, "merged"))
+        st = cfg.score.student
+        out["merged"] = merge_lora(base_dir, model_dir, rundir.join(phase_dir, "merged"), revision=st.revision,
+                                   trust_remote_code=st.trust_remote_code)
     return out
 
 
-def merge_lora(base_dir: str, adapter_dir: str, out_dir: str) -> str:
-    import tempfile
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raycat.train_loop import _localize
-
-    adapter = _localize(adapter_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).merge_and_unload()
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d, safe_serialization=True)
-        AutoTokenizer.from_pretrained(adapter).save_pretrained(d)
-        rundir.upload_dir(d, out_dir)
-    return out_dir
-
-
-def phase_metrics(plan: dict, state: dict, result_path: str, wall_s: float) -> dict:
+def phase_metrics(plan: PhasePlan, fit: FitResult, state: dict, wall_s: float) -> dict:
     hist = state["history"]
     epochs: dict[int, list[float]] = {}
     for h in hist:
         epochs.setdefault(h["epoch"], []).append(h["loss"])
-    enc = plan["encoded"]
+    enc = plan.encoded
     padded = state["padded_tokens"]
     return {
-        "phase": plan["phase"].name, "target": plan["phase"].target, "bands": list(plan["phase"].bands),
-        "hash": plan["hash"], "rows": int(len(plan["rows"])), "examples": int(len(enc)),
-        "repeated_rows_for_equal_shards": plan.get("repeated_rows", 0),
+        "phase": plan.phase.name, "target": plan.phase.target, "bands": list(plan.phase.bands),
+        "hash": plan.hash, "rows": int(len(plan.rows)), "examples": int(len(enc)),
+        "repeated_rows_for_equal_shards": fit.repeated_rows,
         "truncated": int(enc["truncated"].sum()) if len(enc) else 0,
         "tokens": int(enc["num_tokens"].sum()) if len(enc) else 0,
         "target_tokens": int(enc["num_target_tokens"].sum()) if len(enc) else 0,
-        "steps": len(hist), "total_steps": plan.get("total_steps"),
+        "steps": len(hist), "total_steps": fit.total_steps,
         "first_loss": hist[0]["loss"] if hist else None, "last_loss": hist[-1]["loss"] if hist else None,
         "per_epoch": [{"epoch": e, "mean_loss": sum(v) / len(v), "steps": len(v)} for e, v in sorted(epochs.items())],
         "mean_tokens_per_s": (sum(h["tokens"] for h in hist) / sum(h["tokens"] / h["tokens_per_s"] for h in hist)
                               if hist and all(h["tokens_per_s"] > 0 for h in hist) else None),
         "padding_waste": 1 - state["real_tokens"] / padded if padded else None,
         "resumed_from_step": state.get("resumed_from_step"), "init_fingerprint": state.get("init_fingerprint"),
-        "checkpoints": result_path, "wall_s": round(wall_s, 2),
+        "checkpoints": str(fit.result.path), "wall_s": round(wall_s, 2),
         "history": hist,
     }
 
@@ -286,36 +291,36 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
     ray_started = False
     with ExitStack() as stack:
         for plan in plans:
-            name = plan["phase"].name
+            name = plan.phase.name
             pdir = rundir.join(root, name)
             done_path = rundir.join(pdir, "done.json")
-            if rundir.exists(done_path) and rundir.read_json(done_path).get("hash") == plan["hash"]:
+            if rundir.exists(done_path) and rundir.read_json(done_path).get("hash") == plan.hash:
                 m = rundir.read_json(rundir.join(pdir, "metrics.json"))
-                say(f"{name}: already trained (hash {plan['hash']}), skipping")
+                say(f"{name}: already trained (hash {plan.hash}), skipping")
                 status = "cached"
             else:
-                if len(plan["encoded"]) == 0:
-                    raise ValueError(f"{name}: no rows to train on ({plan['phase'].target} target, bands "
-                                     f"{'+'.join(plan['phase'].bands)}); see {root}/skipped.parquet")
+                if len(plan.encoded) == 0:
+                    raise RaycatError(f"{name}: no rows to train on ({plan.phase.target} target, bands "
+                                      f"{'+'.join(plan.phase.bands)}); see {root}/skipped.parquet")
                 if not ray_started:  # only when something is left to train
                     stack.enter_context(ray_session(cfg.ray))
                     ray_started = True
-                say(f"{name}: {len(plan['encoded'])} examples ({plan['phase'].target} target), "
+                say(f"{name}: {len(plan.encoded)} examples ({plan.phase.target} target), "
                     f"{tc.num_workers} worker(s), ZeRO-{tc.deepspeed.zero_stage}, {tc.method}")
                 t0 = time.time()
                 try:
-                    result = fit_phase(cfg, plan, init, pad_id, pdir)
-                    if getattr(result, "error", None) is not None:
-                        raise result.error
+                    fit = fit_phase(cfg, plan, init, pad_id, pdir)
+                    if getattr(fit.result, "error", None) is not None:
+                        raise fit.result.error
                 except Exception as e:  # Ray Train raises after train.max_failures restarts
-                    raise RuntimeError(f"{name} failed (after up to {tc.max_failures} restarts from its latest "
-                                       f"checkpoint; rerun the command to resume): {e}") from e
-                exp = export(cfg, result, pdir, base_dir)
-                m = phase_metrics(plan, exp["state"], str(result.path), time.time() - t0)
+                    raise RaycatError(f"{name} failed (after up to {tc.max_failures} restarts from its latest "
+                                      f"checkpoint; rerun the command to resume): {e}") from e
+                exp = export(cfg, fit.result, pdir, base_dir)
+                m = phase_metrics(plan, fit, exp["state"], time.time() - t0)
                 if "merged" in exp:
                     m["merged"] = exp["merged"]
                 rundir.write_json(rundir.join(pdir, "metrics.json"), m)
-                rundir.write_json(done_path, {"hash": plan["hash"]})
+                rundir.write_json(done_path, {"hash": plan.hash})
                 status = "trained"
             summary["phases"][name] = {**{k: v for k, v in m.items() if k != "history"}, "status": status,
                                        "model": rundir.join(pdir, "model")}
@@ -323,4 +328,14 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
             lora = tc.method == "lora"
             init = {"model": None if lora else model_dir, "adapter": model_dir if lora else None}
     rundir.write_json(rundir.join(root, "metrics.json"), summary)
+    return summary
+
+
+def run(cfg: RaycatConfig) -> dict:
+    """The train stage as the CLI and ``raycat run`` call it: ``run_train`` reporting through
+    ``progress``, then the resolved config saved next to the outputs."""
+    from raycat import progress
+
+    summary = run_train(cfg, say=lambda msg: progress.say("train", msg))
+    save_config(cfg, "train")
     return summary

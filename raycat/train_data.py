@@ -5,13 +5,13 @@ BOS); the example is the full conversation with the assistant turn. Labels cover
 **up to and including the first stop token** (end-of-turn / EOS), so the model learns to stop; what a
 template writes after it (ChatML's trailing newline) is masked. Everything here is pure: no Ray, no torch.
 
-Padding, not packing: a batch is right-padded to its longest example (``collate``); the wasted fraction
-is measured per phase (``padding_waste``) and reported, so a user can see when packing would pay.
+Padding, not packing: a batch is right-padded to its longest example (``collate``); the training loop
+measures the wasted fraction per phase (``padding_waste`` in its metrics), so a user can see when packing
+would pay.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -28,16 +28,24 @@ class TemplateError(ValueError):
     """The chat template cannot give a well-defined loss mask for this example."""
 
 
-def stop_token_ids(tokenizer, model_dir: str | None = None) -> set[int]:
-    """The ids that end an assistant turn: the tokenizer's EOS plus generation_config's eos_token_id(s)
-    (Llama-3: <|eot_id|> and <|end_of_text|>; Qwen: <|im_end|> and <|endoftext|>), as vLLM stops on them."""
+def stop_token_ids(tokenizer, model_dir: str | None = None, *, revision: str | None = None) -> set[int]:
+    """The ids that end an assistant turn: the tokenizer's EOS plus the generation config's eos_token_id(s)
+    (Llama-3: <|eot_id|> and <|end_of_text|>; Qwen: <|im_end|> and <|endoftext|>), as vLLM stops on them.
+    ``model_dir`` is a local dir or a hub id (at ``revision``); a model without a generation config
+    contributes only the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    path = os.path.join(model_dir, "generation_config.json") if model_dir else None
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
+    if model_dir:
+        try:
+            eos = GenerationConfig.from_pretrained(model_dir, revision=revision).eos_token_id
+        except OSError:  # no generation_config.json (locally or on the hub)
+            local = os.path.join(model_dir, "generation_config.json")
+            if os.path.isfile(local):  # there but unreadable: a silent fallback would train the wrong stop
+                raise
+            eos = None
         ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
     if not ids:
         raise TemplateError("the student tokenizer has no EOS token and generation_config.json names none; "
@@ -117,16 +125,6 @@ def collate(input_ids: list, labels: list, pad_id: int) -> dict[str, np.ndarray]
     for i, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
         ids[i, :len(x)], lab[i, :len(y)], att[i, :len(x)] = x, y, 1
     return {"input_ids": ids, "labels": lab, "attention_mask": att}
-
-
-def padding_waste(lengths: list[int], micro_batch_size: int) -> float:
-    """Fraction of computed positions that are padding when batches are taken in order."""
-    total = padded = 0
-    for i in range(0, len(lengths), micro_batch_size):
-        chunk = lengths[i:i + micro_batch_size]
-        total += sum(chunk)
-        padded += max(chunk) * len(chunk)
-    return 0.0 if padded == 0 else 1 - total / padded
 
 
 def pad_to_world(frame: pd.DataFrame, world: int, seed: int) -> tuple[pd.DataFrame, int]:

@@ -12,11 +12,53 @@ checkpoint also holds the phase's HF export in ``hf/`` (ZeRO-3 weights gathered 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Literal
+
+from raycat.config import LoraSettings, PhaseConfig
+from raycat.lora_merge import localize
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a Ray Train worker needs for one phase, built by the driver (``train._loop_config``).
+
+    Paths are absolute or URIs: workers do not share the driver's working directory."""
+
+    student_path: str  # as configured (hub id, local dir or registry:<name>); resolved in the worker
+    student_revision: str | None
+    trust_remote_code: bool
+    init_model: str | None  # full fine-tuning: the previous phase's model dir
+    init_adapter: str | None  # LoRA: the previous phase's adapter dir
+    method: Literal["lora", "full"]
+    lora: LoraSettings
+    zero_stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    bf16: bool
+    device: Literal["cpu", "gpu"]
+    threads: int  # torch threads per CPU worker
+    gradient_checkpointing: bool
+    recipe: str
+    phase_name: str
+    phase: PhaseConfig
+    total_steps: int
+    pad_id: int
+    seed: int
+    save_steps: int
+    log_every_steps: int
+    tracking: Literal["none", "mlflow", "wandb"]
+    tracking_uri: str | None
+    tracking_project: str
+
+    @property
+    def hparams(self) -> dict:
+        """What the experiment tracker records for the run."""
+        return {"recipe": self.recipe, "phase": self.phase_name, **self.phase.model_dump()}
 
 
 def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_param: bool, bf16: bool,
@@ -46,15 +88,15 @@ def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_param:
     return cfg
 
 
-def lr_lambda(kind: str, total_steps: int, warmup_steps: int):
-    def f(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-    return f
+def scheduler_factory(kind: str, total_steps: int, warmup_steps: int):
+    """``optimizer -> LR scheduler`` (what ``deepspeed.initialize`` takes, as DeepSpeed may build the
+    optimizer itself): transformers' schedules, warmup ramping linearly from 0 over ``warmup_steps``,
+    then ``constant``, ``linear`` decay to 0 at ``total_steps``, or half a ``cosine`` wave to 0."""
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if kind == "constant" and warmup_steps > 0 else kind
+    return lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=warmup_steps,
+                                           num_training_steps=total_steps)
 
 
 def _no_shm_build() -> None:
@@ -66,26 +108,15 @@ def _no_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def _localize(path: str) -> str:
-    """A model dir under a cloud run dir (s3://...) is copied to local disk once per worker."""
-    if "://" not in path:
-        return path
-    import pyarrow.fs as pafs
-
-    local = tempfile.mkdtemp(prefix="raycat-model-")
-    pafs.copy_files(path, local)
-    return local
-
-
-def _load_model(c: dict, ds_config: dict):
+def _load_model(c: LoopConfig, ds_config: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
     from raycat import models
 
-    dtype = torch.bfloat16 if c["bf16"] else torch.float32
-    base = models.resolve(c["student"]["path"])
-    src = _localize(c["init_model"]) if c["init_model"] else base
+    dtype = torch.bfloat16 if c.bf16 else torch.float32
+    base = models.resolve(c.student_path)
+    src = localize(c.init_model) if c.init_model else base
     keep = None
     if ds_config["zero_optimization"]["stage"] == 3:
         # Under an active HfDeepSpeedConfig, from_pretrained loads straight into ZeRO-3 partitions
@@ -94,22 +125,22 @@ def _load_model(c: dict, ds_config: dict):
 
         keep = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(
-        src, dtype=dtype, revision=None if c["init_model"] else c["student"]["revision"],
-        trust_remote_code=c["student"]["trust_remote_code"])
+        src, dtype=dtype, revision=None if c.init_model else c.student_revision,
+        trust_remote_code=c.trust_remote_code)
     model.config.use_cache = False
-    if c["gradient_checkpointing"]:
+    if c.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if c["method"] == "lora":
+    if c.method == "lora":
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        if c["init_adapter"]:
-            model = PeftModel.from_pretrained(model, _localize(c["init_adapter"]), is_trainable=True)
+        if c.init_adapter:
+            model = PeftModel.from_pretrained(model, localize(c.init_adapter), is_trainable=True)
         else:
-            lc = c["lora"]
-            model = get_peft_model(model, LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
-                                                     target_modules=lc["target_modules"], bias="none",
+            lc = c.lora
+            model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                     target_modules=lc.target_modules, bias="none",
                                                      task_type="CAUSAL_LM"))
-        if c["gradient_checkpointing"]:
+        if c.gradient_checkpointing:
             model.enable_input_require_grads()
     return model, base, keep
 
@@ -132,18 +163,17 @@ def fingerprint(model, zero_stage: int) -> dict[str, float]:
         return {n.replace(".default.", "."): float(p.detach().double().sum()) for n, p in picked}
 
 
-def _tracker(c: dict, rank: int):
-    t = c["tracking"]
-    if t["kind"] == "mlflow":
+def _tracker(c: LoopConfig):
+    if c.tracking == "mlflow":
         from ray.air.integrations.mlflow import setup_mlflow
 
-        mlflow = setup_mlflow(c["hparams"], tracking_uri=t["uri"], experiment_name=t["project"],
+        mlflow = setup_mlflow(c.hparams, tracking_uri=c.tracking_uri, experiment_name=c.tracking_project,
                               rank_zero_only=True)
         return lambda m, step: mlflow.log_metrics(m, step=step)
-    if t["kind"] == "wandb":
+    if c.tracking == "wandb":
         from ray.air.integrations.wandb import setup_wandb
 
-        run = setup_wandb(c["hparams"], project=t["project"], rank_zero_only=True)
+        run = setup_wandb(c.hparams, project=c.tracking_project, rank_zero_only=True)
         return lambda m, step: run.log(m, step=step)
     return None
 
@@ -164,40 +194,39 @@ def _collate_fn(pad_id: int):
     return PadCollate()
 
 
-def train_loop(c: dict) -> None:
+def train_loop(config: dict) -> None:
+    """The worker entry point; ``config`` is Ray Train's ``train_loop_config``: ``{"loop": LoopConfig}``."""
     import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    c: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    gpu = c["device"] == "gpu"
-    torch.manual_seed(c["seed"])
+    gpu = c.device == "gpu"
+    torch.manual_seed(c.seed)
     if not gpu:
-        torch.set_num_threads(max(1, int(c["threads"])))
+        torch.set_num_threads(c.threads)
         _no_shm_build()
     # Ray Train made the torch process group; DeepSpeed's comm layer must adopt it before ZeRO-3's
     # zero.Init sizes the world (otherwise it sees world size 1).
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
-    p = c["phase"]
-    ds_config = deepspeed_config(zero_stage=c["zero_stage"], offload_optimizer=c["offload_optimizer"],
-                                 offload_param=c["offload_param"], bf16=c["bf16"],
-                                 micro_batch_size=p["micro_batch_size"], accumulation=p["gradient_accumulation_steps"],
-                                 world=world, clipping=p["gradient_clipping"], lr=p["lr"],
-                                 weight_decay=p["weight_decay"], gpu=gpu)
+    p = c.phase
+    ds_config = deepspeed_config(zero_stage=c.zero_stage, offload_optimizer=c.offload_optimizer,
+                                 offload_param=c.offload_param, bf16=c.bf16, micro_batch_size=p.micro_batch_size,
+                                 accumulation=p.gradient_accumulation_steps, world=world,
+                                 clipping=p.gradient_clipping, lr=p.lr, weight_decay=p.weight_decay, gpu=gpu)
     model, base_dir, _keep = _load_model(c, ds_config)
     params = [x for x in model.parameters() if x.requires_grad]
-    init_fp = fingerprint(model, c["zero_stage"])
-    optimizer = None if c["offload_optimizer"] else torch.optim.AdamW(params, lr=p["lr"],
-                                                                      weight_decay=p["weight_decay"])
-    schedule = lr_lambda(p["lr_scheduler"], c["total_steps"], int(p["warmup_ratio"] * c["total_steps"]))
+    init_fp = fingerprint(model, c.zero_stage)
+    optimizer = None if c.offload_optimizer else torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        lr_scheduler=scheduler_factory(p.lr_scheduler, c.total_steps, int(p.warmup_ratio * c.total_steps)))
     device = engine.device
-    lora = c["method"] == "lora"
+    lora = c.method == "lora"
     state = {"epoch": 0, "batch": 0, "micro_steps": 0, "history": [], "resumed_from_step": None,
              "real_tokens": 0, "padded_tokens": 0, "init_fingerprint": init_fp}
     ckpt = ray.train.get_checkpoint()
@@ -208,18 +237,19 @@ def train_loop(c: dict) -> None:
                 state = json.load(f)
         engine.micro_steps = state["micro_steps"]  # not in DS's own checkpoint; keeps accumulation aligned
         state["resumed_from_step"] = engine.global_steps
-    log = _tracker(c, rank) if rank == 0 else None
+    log = _tracker(c) if rank == 0 else None
 
     def save(final: bool, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             # Collective on every rank: each writes its own ZeRO shard; Ray merges rank directories.
             engine.save_checkpoint(os.path.join(d, "deepspeed"), tag="ckpt", exclude_frozen_parameters=lora)
             if final:
-                sd = engine._zero3_consolidated_16bit_state_dict() if c["zero_stage"] == 3 else None
+                sd = engine._zero3_consolidated_16bit_state_dict() if c.zero_stage == 3 else None
                 if rank == 0:
                     out = os.path.join(d, "hf")
                     engine.module.save_pretrained(out, state_dict=sd, safe_serialization=True)
-                    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+                    AutoTokenizer.from_pretrained(base_dir, revision=c.student_revision,
+                                                  trust_remote_code=c.trust_remote_code).save_pretrained(out)
             if rank == 0:
                 with open(os.path.join(d, "state.json"), "w") as f:
                     json.dump(state, f)
@@ -227,19 +257,19 @@ def train_loop(c: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
     shard = ray.train.get_dataset_shard("train")
-    to_torch = _collate_fn(c["pad_id"])
+    to_torch = _collate_fn(c.pad_id)
 
-    max_steps = c["total_steps"]
+    max_steps = c.total_steps
     done = engine.global_steps >= max_steps
     step_loss, step_micro, step_tokens, t_step = 0.0, 0, 0, time.time()
     metrics: dict = {}
     engine.train()
-    for epoch in range(state["epoch"], p["epochs"]):
+    for epoch in range(state["epoch"], p.epochs):
         if done:
             break
-        batches = shard.iter_torch_batches(batch_size=p["micro_batch_size"], collate_fn=to_torch,
-                                           local_shuffle_buffer_size=p["micro_batch_size"] * 8,
-                                           local_shuffle_seed=c["seed"] + epoch, prefetch_batches=1)
+        batches = shard.iter_torch_batches(batch_size=p.micro_batch_size, collate_fn=to_torch,
+                                           local_shuffle_buffer_size=p.micro_batch_size * 8,
+                                           local_shuffle_seed=c.seed + epoch, prefetch_batches=1)
         for i, batch in enumerate(batches):
             if epoch == state["epoch"] and i < state["batch"]:
                 continue  # consumed before the checkpoint we resumed from
@@ -264,12 +294,12 @@ def train_loop(c: dict) -> None:
                        "tokens": int(agg[2].item())}
             state["history"].append(metrics)
             step_loss, step_micro, step_tokens, t_step = 0.0, 0, 0, time.time()
-            if log is not None and step % c["log_every_steps"] == 0:
+            if log is not None and step % c.log_every_steps == 0:
                 log(metrics, step)
             done = step >= max_steps
-            if step % c["save_steps"] == 0 and not done:
+            if step % c.save_steps == 0 and not done:
                 save(False, metrics)
-            elif step % c["log_every_steps"] == 0:
+            elif step % c.log_every_steps == 0:
                 ray.train.report(metrics)
             if done:
                 break

@@ -7,6 +7,7 @@ The behaviour is chosen by a marker in the user message, "mode=<name>":
   timeout   never answers within the client's timeout
   garbage   200 with a body that is not JSON
   empty     200 with an empty completion
+  reasoning 200 with the chain of thought in ``reasoning_content`` (as reasoning models return it)
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ class FaultServer:
                 # A model named "answers-X" always answers X; any other answers A.
                 letter = body["model"].removeprefix("answers-") if body["model"].startswith("answers-") else "A"
                 content = "" if mode == "empty" else f"Thinking step by step. [[{letter}]]"
+                message = {"role": "assistant", "content": content}
+                if mode == "reasoning":
+                    message = {"role": "assistant", "content": f"[[{letter}]]",
+                               "reasoning_content": "Option B looks tempting: [[B]]? No, the first one."}
                 return self._send(200, {
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": i, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}
+                    "choices": [{"index": i, "finish_reason": "stop", "message": message}
                                 for i in range(body.get("n", 1))],
                     "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}})
 

@@ -68,3 +68,10 @@ def test_split_command_writes_bands_and_thresholds(tmp_path):
 def test_prepare_model_lists_registry_models(capsys):
     assert main(["prepare-model", "--list"]) == 0
     assert "smollm2-135m-instruct" in capsys.readouterr().err
+
+
+def test_report_of_a_missing_run_dir_fails_naming_it(tmp_path, capsys):
+    missing = tmp_path / "runs" / "typo"
+    assert main(["report", str(missing)]) == 1
+    assert str(missing) in capsys.readouterr().err.replace("\n", "")
+    assert not missing.exists()

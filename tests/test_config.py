@@ -67,7 +67,7 @@ def test_missing_required_key_says_how_to_set_it(tmp_path):
 def test_yaml_is_loaded_safely(tmp_path):
     p = tmp_path / "evil.yaml"
     p.write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ConfigError, match=r"evil\.yaml:1:\d+: invalid YAML: could not determine a constructor"):
         load_config(p)
 
 

@@ -7,7 +7,7 @@ from raycat import entropy as H
 from raycat.engine import ScoreRequest, TransformersEngine, VLLMEngine
 from raycat.prompts import label_tokens, messages_for, render_ids
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 
 QUESTIONS = [
     ("What is the capital of France?", ["Paris", "Rome", "Berlin", "Madrid"]),

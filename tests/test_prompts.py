@@ -54,3 +54,12 @@ def test_label_tokens_detect_multi_token_labels(tiny_tokenizer):
     assert paper.multi_token == ("10",)
     assert paper.groups(10, "paper") is None
     assert paper.groups(9, "paper")[-1] == list(paper.ids["0"])  # IDK label appended last
+
+
+def test_braces_in_a_category_are_text_and_only_the_user_prompt_has_a_subject_slot():
+    from raycat.prompts import messages_for
+
+    m = messages_for("q?", ["a", "b"], "set {x} theory", "letters")
+    assert "about set {x} theory" in m[0]["content"]
+    m = messages_for("q?", ["a", "b"], "law {", "paper", system_prompt="Questions on {subject}.")
+    assert m[0]["content"] == "Questions on law {."

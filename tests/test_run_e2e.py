@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import wait_http
+from tests.helpers import wait_http
 
-pytestmark = [pytest.mark.vllm, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.filterwarnings("ignore")]
 
 
 def tiny_config(run_dir: Path, model: Path, *, teach: bool = True) -> dict:

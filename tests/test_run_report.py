@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from raycat.config import load_config
+from raycat.errors import RaycatError
 from raycat.evaluate import accuracy_table, bootstrap_ci
 from raycat.run import STAGES, plan, stage_hashes
 
@@ -64,7 +65,7 @@ def test_plan_skips_done_stages_and_honours_from_and_only():
 def test_cot_recipes_need_a_teacher():
     cfg = load_config(DEMO)
     cfg.teach = None
-    with pytest.raises(ValueError, match="no teach: section"):
+    with pytest.raises(RaycatError, match="no teach: section"):
         plan(cfg, ["complexity_aware"], {"stages": {}}, None, None)
     assert dict((s, a) for s, _, a in plan(cfg, ["sft_all"], {"stages": {}}, None, None))["teach"] == "off"
 
@@ -138,3 +139,47 @@ def test_preflight_resources_and_versions():
     assert "teach asks for 4 GPU but the cluster has 2" in problems  # one TP-4 engine for the 72B teacher
     errors, _ = version_problems(cfg)
     assert errors == []  # this environment has everything the demo needs
+
+
+def test_report_html_is_commonmark_with_tables_and_escapes_raw_html(tmp_path):
+    from raycat.report import build
+
+    run = tmp_path / "run"
+    make_run_dir(run)
+    ev = json.loads((run / "eval/metrics.json").read_text())
+    ev["models"]["<script>alert(1)</script>"] = ev["models"].pop("base")  # a name is data, never markup
+    (run / "eval/metrics.json").write_text(json.dumps(ev))
+    build(str(run))
+    html = (run / "report/report.html").read_text()
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("<table>") == 5 and "<th>metric</th>" in html and "<td>0.7321</td>" in html
+    assert "<td>score/metrics.json <code>scored</code></td>" in html  # inline code is rendered
+    assert "src=\"plots/" not in html  # every plot inlined: the file stands alone
+
+
+def test_report_names_the_stage_being_written_not_running(tmp_path):
+    from raycat.report import build
+
+    run = tmp_path / "run"
+    make_run_dir(run)
+    stages = {"score": {"status": "done", "hash": "abc", "wall_s": 12.5},
+              "report": {"status": "running", "hash": "def", "started": 1.0}}
+    (run / "manifest.json").write_text(json.dumps({"stages": stages}))
+    build(str(run))
+    md = (run / "report/report.md").read_text()
+    assert "| report | this report | `def` | – |" in md and "running" not in md
+    assert "| score | done | `abc` | 12.5 |" in md
+
+
+def test_report_of_a_missing_or_empty_run_dir_fails_and_writes_nothing(tmp_path):
+    from raycat.report import build
+
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(RaycatError, match=f"run directory {missing} does not exist"):
+        build(str(missing))
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    (empty / "logs").mkdir(parents=True)
+    with pytest.raises(RaycatError, match=f"run directory {empty} holds no stage outputs"):
+        build(str(empty))
+    assert not (empty / "report").exists()

@@ -9,22 +9,9 @@ import yaml
 
 from raycat import rundir
 from raycat.cli import main
-from tests.conftest import kill_after_first_part
+from tests.helpers import N_QUESTIONS, kill_after_first_part, make_corpus
 
-N_QUESTIONS = 300
-
-
-def make_corpus(path: Path, n: int = N_QUESTIONS) -> Path:
-    rows = []
-    for i in range(n):
-        k = 2 + i % 4
-        rows.append({"qid": f"q{i:03d}", "question": f"Question number {i}: which option is right?",
-                     "options": [f"choice {j} for {i}" for j in range(k)], "answer": "ABCDE"[i % k],
-                     "topic": "alpha" if i % 2 else "beta"})
-    rows.append({"qid": "ten", "question": "Ten options?", "options": [f"o{j}" for j in range(10)],
-                 "answer": "J", "topic": "alpha"})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+pytestmark = pytest.mark.integration  # every test runs `raycat score` on a local Ray
 
 
 def write_config(tmp_path: Path, model: Path, **score) -> Path:

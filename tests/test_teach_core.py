@@ -10,8 +10,6 @@ from raycat.teach_core import accounting, attempt_schedule, resolve, teach_rows
 class ScriptedEngine:
     """Returns queued texts per prompt, in call order; records the sampling of each call."""
 
-    vocab_size = 0
-
     def __init__(self, scripts: dict[int, list[str]]):
         self.scripts = {k: list(v) for k, v in scripts.items()}
         self.calls: list[Sampling] = []
@@ -86,8 +84,6 @@ def test_request_errors_stop_the_row_and_keep_earlier_answers():
 
 def test_n_samples_per_attempt_keep_a_verified_one_and_count_all_tokens():
     class NEngine:
-        vocab_size = 0
-
         def generate(self, prompts, sampling):
             texts = {1: ["[[B]]", "[[A]]"], 2: ["none", "[[C]]"]}
             return [Generation(t, 5 if j == 0 else 0, 10, "stop") for p in prompts for j, t in enumerate(texts[p[0]])]
@@ -97,3 +93,18 @@ def test_n_samples_per_attempt_keep_a_verified_one_and_count_all_tokens():
     assert res[0]["status"] == "verified" and res[0]["response"] == "[[A]]"
     assert res[1]["status"] == "wrong" and res[1]["extracted"] == "C"  # an answer beats no answer
     assert res[0]["completion_tokens"] == 20 and res[0]["prompt_tokens"] == 5
+
+
+def test_keep_wrong_keeps_the_first_wrong_attempt_not_the_last():
+    # Row 1: wrong at the first (lowest) temperature, then no answer, then wrong again at the highest.
+    # Row 2: no answer first, then a wrong answer: an answer beats none.
+    eng = ScriptedEngine({1: ["cold [[A]]", "rambling", "hot [[D]]"], 2: ["rambling", "warm [[C]]", "hot [[D]]"]})
+    rows = [{"prompt": [i], "n_options": 4, "gold": "B", "skip_reason": ""} for i in (1, 2)]
+    schedule = attempt_schedule(Sampling(0.0, 1.0, 50, 0), 2, [0.7, 1.0])
+    res = teach_rows(eng, rows, schedule)
+    assert [c.temperature for c in eng.calls] == [0.0, 0.7, 1.0]
+    assert res[0]["status"] == "wrong" and res[0]["response"] == "cold [[A]]" and res[0]["extracted"] == "A"
+    assert res[1]["status"] == "wrong" and res[1]["response"] == "warm [[C]]" and res[1]["extracted"] == "C"
+    assert [r["attempts"] for r in res] == [3, 3] and [r["completion_tokens"] for r in res] == [30, 30]
+    final, target, _ = resolve(res[0]["status"], res[0]["response"], "B", "keep")
+    assert (final, target) == ("kept_wrong", "cold [[A]]")

@@ -14,9 +14,10 @@ import yaml
 
 from raycat.cli import main
 from raycat.engine import Sampling
+from raycat.errors import RaycatError
 from raycat.teach_core import attempt_schedule, teach_rows
 from raycat.teach_http import OpenAITeacher, RateLimiter
-from tests.conftest import wait_http
+from tests.helpers import wait_http
 from tests.http_fault_server import FaultServer
 
 SECRET = "sk-raycat-test-DO-NOT-LOG-7f3a9c"
@@ -58,9 +59,64 @@ def test_n_samples_over_http_book_usage_once():
     assert [g.completion_tokens for g in gens] == [7, 0, 0] and [g.prompt_tokens for g in gens] == [11, 0, 0]
 
 
+def test_rate_limiter_is_shared_across_generate_calls():
+    # 6000 tokens/min (100/s). Each request books 10 // 4 + 3048 = 3050 tokens: one call fits in a full
+    # bucket, two calls in a row fit only if the bucket is not refilled between them (a new limiter per
+    # call would start full again): the second must wait (2 * 3050 - 6000) / 100 = 1 s.
+    sampling = Sampling(0.0, 1.0, 3048, 0)
+    with FaultServer() as srv:
+        t = OpenAITeacher(srv.url, "teacher", None, tokens_per_minute=6000, timeout_s=5, max_retries=0)
+        try:
+            t0 = time.monotonic()
+            first = t.generate([[{"role": "user", "content": "Q1 mode=ok"}]], sampling)
+            second = t.generate([[{"role": "user", "content": "Q2 mode=ok"}]], sampling)
+        finally:
+            t.close()
+    assert first[0].error is None and second[0].error is None
+    assert srv.calls["Q1 mode=ok"][0] - t0 < 0.8
+    assert srv.calls["Q2 mode=ok"][0] - srv.calls["Q1 mode=ok"][0] >= 0.9
+
+
+def test_a_bug_propagates_but_api_errors_become_failed_rows(monkeypatch):
+    import httpx
+    import openai
+
+    t = OpenAITeacher("http://127.0.0.1:9/v1", "m", None, max_retries=0)
+    prompt = [[{"role": "user", "content": "Q"}]]
+
+    async def bug(**kw):
+        raise TypeError("create() got an unexpected keyword argument 'nope'")
+
+    monkeypatch.setattr(t._client.chat.completions, "create", bug)
+    with pytest.raises(TypeError, match="nope"):
+        t.generate(prompt, Sampling(0.0, 1.0, 8, 0))
+
+    async def down(**kw):
+        raise openai.APIConnectionError(request=httpx.Request("POST", "http://127.0.0.1:9/v1"))
+
+    monkeypatch.setattr(t._client.chat.completions, "create", down)
+    gens = t.generate(prompt, Sampling(0.0, 1.0, 8, 0, n=2))  # the same loop and client, still usable
+    assert [g.finish_reason for g in gens] == ["error", "error"] and "APIConnectionError" in gens[0].error
+    t.close()
+    t.close()  # twice is fine
+    with pytest.raises(RuntimeError, match="after close"):
+        t.generate(prompt, Sampling(0.0, 1.0, 8, 0))
+
+
+def test_reasoning_content_is_kept_ahead_of_the_answer():
+    with FaultServer() as srv:
+        t = OpenAITeacher(srv.url, "teacher", None, timeout_s=5, max_retries=0)
+        rows = [{"prompt": [{"role": "user", "content": "Q mode=reasoning"}], "n_options": 4, "gold": "A",
+                 "skip_reason": ""}]
+        res = teach_rows(t, rows, attempt_schedule(Sampling(0.0, 1.0, 64, 0), 0, [0.7]))
+        t.close()
+    assert res[0]["response"] == "Option B looks tempting: [[B]]? No, the first one.\n\n[[A]]"
+    assert res[0]["status"] == "verified" and res[0]["extracted"] == "A"  # the final answer, not the CoT's
+
+
 def test_missing_key_env_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("RAYCAT_NO_SUCH_KEY", raising=False)
-    with pytest.raises(RuntimeError, match="RAYCAT_NO_SUCH_KEY"):
+    with pytest.raises(RaycatError, match="RAYCAT_NO_SUCH_KEY"):
         OpenAITeacher("http://127.0.0.1:9/v1", "m", "RAYCAT_NO_SUCH_KEY")
 
 
@@ -88,6 +144,7 @@ def write_split(run: Path, n: int = 6):
         rundir.write_parquet(str(run / "split" / f"{band}.parquet"), df)
 
 
+@pytest.mark.integration  # `raycat teach` runs the HTTP teacher in Ray Data
 def test_api_key_never_reaches_outputs_or_logs(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("RAYCAT_TEST_KEY", SECRET)
     write_split(tmp_path / "run")
@@ -118,6 +175,7 @@ def free_port() -> int:
 
 
 @pytest.mark.vllm
+@pytest.mark.integration
 def test_real_vllm_openai_server_on_loopback(tmp_path, tiny_model_dir):
     port = free_port()
     log = open(tmp_path / "server.log", "w")
@@ -146,6 +204,7 @@ def test_real_vllm_openai_server_on_loopback(tmp_path, tiny_model_dir):
         log.close()
 
 
+@pytest.mark.integration  # `raycat teach` runs the HTTP teacher in Ray Data
 def test_teacher_down_stops_with_a_clear_error_and_keeps_outputs(tmp_path, capsys):
     write_split(tmp_path / "run")
     with socket.socket() as s:  # a port nobody listens on: connection refused at once
@@ -165,6 +224,7 @@ def test_teacher_down_stops_with_a_clear_error_and_keeps_outputs(tmp_path, capsy
     assert skipped.reason.str.contains("APIConnectionError").all()
 
 
+@pytest.mark.integration  # `raycat teach` runs the HTTP teacher in Ray Data
 def test_cascade_asks_the_next_teacher_only_for_unsolved_rows(tmp_path):
     from raycat import rundir
 

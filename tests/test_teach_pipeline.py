@@ -7,10 +7,9 @@ import pytest
 import yaml
 
 from raycat.cli import main
-from tests.conftest import kill_after_first_part
-from tests.test_score_pipeline import make_corpus
+from tests.helpers import kill_after_first_part, make_corpus
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 N = 24
 
 

@@ -15,7 +15,6 @@ from raycat.train_data import (
     encode,
     encode_rows,
     pad_to_world,
-    padding_waste,
     stop_token_ids,
 )
 
@@ -117,7 +116,6 @@ def test_collate_pads_right_and_masks_padding():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert padding_waste([3, 1], 2) == pytest.approx(1 - 4 / 6)
 
 
 def test_pad_to_world_repeats_rows_so_shards_are_equal():

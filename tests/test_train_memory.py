@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from raycat.config import load_config
+from raycat.config import ConfigError, load_config
+from raycat.errors import RaycatError
 from raycat.recipes import RECIPES
 from raycat.train import preflight
-from raycat.train_loop import deepspeed_config, lr_lambda
+from raycat.train_loop import deepspeed_config, scheduler_factory
 from raycat.train_memory import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_70b_full_fits_only_with_offload(llama70b_dir):
     assert p2["device_gib_per_worker"] < 80 and 40 < p2["host_gib_per_worker"] < 240
     no_offload = _cfg("llama-3.1-70b-mmlu-pro-full.yaml", "train.deepspeed.offload_optimizer=false",
                       "train.deepspeed.offload_param=false")
-    with pytest.raises(ValueError, match=r"train pre-flight, phase2: needs ~\d+\.\d GiB of accelerator memory per "
+    with pytest.raises(RaycatError, match=r"train pre-flight, phase2: needs ~\d+\.\d GiB of accelerator memory per "
                                          r"worker \(weights .*optimizer.*\) but a worker has 72\.0 GiB usable"):
         preflight(no_offload, str(llama70b_dir), list(RECIPES["complexity_aware"]))
 
@@ -77,17 +78,43 @@ def test_deepspeed_config_uses_ds_optimizer_only_with_offload():
     assert off["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-def test_lr_schedules():
-    const = lr_lambda("constant", 10, 2)
-    assert [const(s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
-    lin, cos = lr_lambda("linear", 10, 0), lr_lambda("cosine", 10, 0)
-    assert lin(0) == 1.0 and lin(5) == pytest.approx(0.5) and lin(10) == 0.0
-    assert cos(0) == 1.0 and cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
+def _lrs(kind: str, total: int, warmup: int) -> list[float]:
+    """The learning rate each optimizer step 0..total runs with (peak 1.0), as DeepSpeed steps the schedule."""
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = scheduler_factory(kind, total, warmup)(opt)
+    out = []
+    for _ in range(total + 1):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay():
+    assert _lrs("constant", 10, 0) == [1.0] * 11
+    assert _lrs("constant", 10, 4)[:6] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])  # linear ramp
+    assert _lrs("constant", 10, 4)[6:] == [1.0] * 5
+    lin = _lrs("linear", 10, 0)
+    assert lin[0] == 1.0 and lin[5] == pytest.approx(0.5) and lin[10] == 0.0  # decays to 0 at total_steps
+    assert lin == sorted(lin, reverse=True)
+    warm = _lrs("linear", 10, 2)
+    assert warm[:3] == pytest.approx([0.0, 0.5, 1.0]) and warm[6] == pytest.approx(0.5) and warm[10] == 0.0
+    cos = _lrs("cosine", 10, 0)
+    assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5) and cos[10] == pytest.approx(0.0)  # half at mid
+    assert cos[2] > lin[2] and cos[8] < lin[8]  # the cosine shape: slow start and end
+
+
+def test_phase_lookup_names_the_known_phases():
+    cfg = _cfg("demo-cpu.yaml")
+    assert cfg.train.phase("phase2") is cfg.train.phase2
+    with pytest.raises(ConfigError, match="train.phase4: no such training phase; the config has phase1, phase2, "
+                                          "phase3"):
+        cfg.train.phase("phase4")
 
 
 def test_train_config_errors_name_the_key():
-    from raycat.config import ConfigError
-
     with pytest.raises(ConfigError, match="train.deepspeed.offload_param: parameter offload needs zero_stage 3"):
         _cfg("demo-cpu.yaml", "train.deepspeed.offload_param=true")
     with pytest.raises(ConfigError, match="train.recipe"):

@@ -9,35 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
 from raycat.config import validate_config
-from raycat.prompts import template_hash
+from raycat.tiny_models import build_tiny_train_run as make_run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def make_run(root: Path, model_dir: Path, n: int = 24) -> Path:
-    """A run dir as score/split/teach leave it: bands (with the scoring template hash) and teacher CoT."""
-    from transformers import AutoTokenizer
-
-    th = template_hash(AutoTokenizer.from_pretrained(model_dir), "letters", None)
-    df = pd.DataFrame([{"id": f"q{i}", "question": f"What is {i} plus one?", "options": ["x", "y", "z", "w"],
-                        "gold": "ABCD"[i % 4], "category": "math", "source": "synthetic", "entropy": i / 10,
-                        "template_hash": th} for i in range(n)])
-    (root / "split").mkdir(parents=True)
-    (root / "teach").mkdir()
-    q1, q3 = n // 4, 3 * n // 4
-    df.iloc[:q1].to_parquet(root / "split/easy.parquet")
-    df.iloc[q1:q3].to_parquet(root / "split/medium.parquet")
-    df.iloc[q3:].to_parquet(root / "split/hard.parquet")
-    hard = df.iloc[q3:]
-    pd.DataFrame({"id": hard["id"], "target": [f"{i} plus one. So [[{g}]]" for i, g in
-                                               zip(range(q3, n), hard["gold"], strict=True)]}).to_parquet(
-        root / "teach/cot.parquet")
-    return root
 
 
 def config(run: Path, model_dir: Path, **train) -> dict:
@@ -86,6 +64,7 @@ def _generate_vllm(model_dir: Path) -> int:
 
 
 @pytest.mark.vllm
+@pytest.mark.integration
 def test_lora_zero2_two_phases_export_merge_and_rerun(tmp_path, tiny_model_dir):
     from peft import AutoPeftModelForCausalLM
 
@@ -114,6 +93,7 @@ def test_lora_zero2_two_phases_export_merge_and_rerun(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.vllm
+@pytest.mark.integration
 def test_full_zero3_two_phases_gathers_weights_for_export(tmp_path, tiny_model_dir):
     from raycat.train import run_train
 
@@ -144,6 +124,7 @@ def _train_workers(root_pid: int) -> list:
     return out
 
 
+@pytest.mark.integration
 def test_killed_worker_in_phase2_resumes_from_checkpoint_without_redoing_phase1(tmp_path, tiny_model_dir):
     run = make_run(tmp_path / "run", tiny_model_dir)
     tree = config(run, tiny_model_dir, save_steps=20, max_failures=2,
@@ -242,6 +223,7 @@ def test_rerun_after_the_whole_job_is_killed_resumes_phase2_from_its_checkpoint(
 def test_template_mismatch_with_scoring_is_an_error_unless_allowed(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
+    from raycat.errors import RaycatError
     from raycat.train import check_template, load_inputs
 
     run = make_run(tmp_path / "run", tiny_model_dir)
@@ -250,12 +232,13 @@ def test_template_mismatch_with_scoring_is_an_error_unless_allowed(tmp_path, tin
     bands, _ = load_inputs(cfg)
     assert check_template(cfg, tok, bands)  # scored with this very template
     tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
-    with pytest.raises(ValueError, match="differs from the one the rows were scored with"):
+    with pytest.raises(RaycatError, match="differs from the one the rows were scored with"):
         check_template(cfg, tok, bands)
     allowed = validate_config(config(run, tiny_model_dir, allow_template_mismatch=True))
     assert check_template(allowed, tok, bands)
 
 
+@pytest.mark.integration
 def test_train_cli_names_the_missing_stage(tmp_path, tiny_model_dir):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(config(tmp_path / "empty-run", tiny_model_dir)))

@@ -1,0 +1,90 @@
+"""The Ray Data shell shared by every stage that runs a model: score, teach and eval.
+
+rows (pandas, on the driver) → ``from_pandas`` blocks → optional light CPU stages → a fixed-size
+actor pool, one engine per actor (``EngineActor`` subclasses) → each finished block written by the
+driver as an atomic Parquet part (``rundir.write_parts``: the stage's resume state). The actor's
+constructor takes one frozen plan holding everything it needs; the input columns it reads are
+declared (``REQUIRED_COLUMNS``) and checked before any engine starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pandas as pd
+
+from raycat import rundir
+from raycat.config import EngineConfig
+from raycat.errors import RaycatError
+
+
+class EngineActor:
+    """Base of a Ray Data engine stage: ``self.engine`` is closed when Ray ends the actor."""
+
+    REQUIRED_COLUMNS: ClassVar[tuple[str, ...]] = ()
+    engine: Any = None
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Ray resources of an engine actor pool: one engine per actor, ``size`` actors."""
+
+    size: int
+    batch_size: int
+    num_gpus: float
+    num_cpus: float
+
+    @classmethod
+    def of(cls, e: EngineConfig, *, remote: bool = False) -> Pool:
+        """An engine on GPU asks for tensor x pipeline parallel GPUs; a remote (HTTP) engine for a
+        fraction of a CPU and no GPU: it only waits on the network."""
+        if remote:
+            return cls(e.num_engines, e.batch_size, 0, 0.25)
+        gpus = e.tensor_parallel_size * e.pipeline_parallel_size if e.device == "gpu" else 0
+        return cls(e.num_engines, e.batch_size, gpus, e.cpus_per_engine)
+
+
+@dataclass(frozen=True)
+class Prestage:
+    """A light CPU stage before the engines (e.g. chat-template rendering), one small actor."""
+
+    cls: type
+    plan: Any
+    num_cpus: float = 0.25
+
+
+def check_columns(stage: str, rows: pd.DataFrame, required: Sequence[str]) -> None:
+    missing = [c for c in required if c not in rows.columns]
+    if missing:
+        raise RaycatError(f"{stage}: input rows lack column(s) {', '.join(missing)} (they have "
+                          f"{', '.join(map(str, rows.columns))}); rerun the upstream stage with this raycat version")
+
+
+def run(stage: str, rows: pd.DataFrame, actor: type[EngineActor], plan: Any, pool: Pool, parts_dir: str,
+        on_rows: Callable[[int], None] = lambda n: None, pre: Sequence[Prestage] = ()) -> int:
+    """Run ``actor`` over ``rows``; every finished block becomes a part in ``parts_dir``. Returns rows written."""
+    check_columns(stage, rows, actor.REQUIRED_COLUMNS)
+    if not len(rows):
+        return 0
+    import ray
+
+    # The driver already holds the validated rows, so blocks come straight from it (no read tasks to
+    # schedule). Blocks of a few batches keep the stream moving and progress visible.
+    block = 4 * pool.batch_size
+    ds = ray.data.from_pandas([rows.iloc[i:i + block] for i in range(0, len(rows), block)])
+    for p in pre:
+        ds = ds.map_batches(p.cls, fn_constructor_kwargs={"plan": p.plan}, batch_format="pandas",
+                            batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
+                            num_cpus=p.num_cpus)
+    # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
+    ds = ds.map_batches(actor, fn_constructor_kwargs={"plan": plan}, batch_format="pandas",
+                        batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.size),
+                        num_gpus=pool.num_gpus, num_cpus=pool.num_cpus)
+    return rundir.write_parts(ds.iter_batches(batch_size=None, batch_format="pandas"), parts_dir, on_rows)

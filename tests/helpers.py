@@ -1,0 +1,77 @@
+"""Helpers shared by several test modules (test modules import these, never each other or conftest)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+N_QUESTIONS = 300  # make_corpus's default size
+
+
+def make_corpus(path: Path, n: int = N_QUESTIONS) -> Path:
+    """A generic-adapter JSONL of ``n`` MCQs with 2-5 options (two topics) plus one ten-option row."""
+    rows = []
+    for i in range(n):
+        k = 2 + i % 4
+        rows.append(
+            {
+                "qid": f"q{i:03d}",
+                "question": f"Question number {i}: which option is right?",
+                "options": [f"choice {j} for {i}" for j in range(k)],
+                "answer": "ABCDE"[i % k],
+                "topic": "alpha" if i % 2 else "beta",
+            }
+        )
+    rows.append(
+        {
+            "qid": "ten",
+            "question": "Ten options?",
+            "options": [f"o{j}" for j in range(10)],
+            "answer": "J",
+            "topic": "alpha",
+        }
+    )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def kill_after_first_part(stage: str, config: Path, parts_root: Path, timeout_s: float = 240) -> int:
+    """Run `raycat <stage>` in its own session, SIGKILL the whole session (driver, Ray, engines) as soon
+    as the first part file appears, and return the rows the parts hold."""
+    import pandas as pd
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raycat.cli", stage, "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline and not list(parts_root.glob("*/part-*.parquet")):
+            assert proc.poll() is None, f"raycat {stage} exited before writing any part"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # only the session this helper started
+        proc.wait()
+    return sum(len(pd.read_parquet(p)) for p in parts_root.glob("*/part-*.parquet"))
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, what: str, log=None) -> None:
+    """Poll ``url`` until it answers; fail early (with ``log()``) if ``proc`` dies first."""
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        assert proc.poll() is None, f"{what} exited" + (f": {log()}" if log else "")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert time.time() < deadline, f"{what} did not come up in {timeout_s:.0f} s"
+            time.sleep(1)

@@ -1,0 +1,149 @@
+"""The house rules: stage boundaries, the engine-stage shell, the error boundary (no Ray, no engines)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raycat import engine_stage
+from raycat.cli import main
+from raycat.config import ConfigError, EngineConfig, load_config
+from raycat.errors import RaycatError
+
+PKG = Path(__file__).resolve().parents[1] / "raycat"
+STAGE_MODULES = {"score", "split", "teach", "train", "evaluate", "report"}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("raycat"):
+            names.add(node.module.removeprefix("raycat").lstrip("."))
+            if node.module == "raycat":
+                names |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name.removeprefix("raycat.") for a in node.names if a.name.startswith("raycat.")}
+    return names
+
+
+def test_no_stage_module_imports_another():
+    for stage in STAGE_MODULES:
+        others = _imports(PKG / f"{stage}.py") & (STAGE_MODULES - {stage})
+        assert not others, f"raycat/{stage}.py imports stage module(s) {others}"
+
+
+def test_cli_holds_no_stage_logic_and_opens_no_ray_session():
+    cli = _imports(PKG / "cli.py")
+    assert not cli & (STAGE_MODULES - {"report"}) and "ray_env" not in cli
+    text = (PKG / "cli.py").read_text()
+    assert "ray_session" not in text and "import ray" not in text
+    assert {"score", "split", "teach", "train", "evaluate", "report"} <= _imports(PKG / "run.py")
+
+
+class _NeverStarts(engine_stage.EngineActor):
+    REQUIRED_COLUMNS = ("id", "question", "gold")
+
+    def __init__(self, plan):
+        raise AssertionError("an engine started although the input was invalid")
+
+
+def test_missing_input_column_is_reported_with_the_stage_before_any_engine():
+    import ray
+
+    rows = pd.DataFrame({"id": ["a"], "question": ["q?"]})
+    pool = engine_stage.Pool.of(EngineConfig())
+    with pytest.raises(RaycatError, match=r"teach: input rows lack column\(s\) gold"):
+        engine_stage.run("teach", rows, _NeverStarts, plan=None, pool=pool, parts_dir="/nonexistent")
+    assert not ray.is_initialized()
+
+
+def test_teach_driver_checks_its_columns_before_ray(tmp_path, capsys):
+    import ray
+
+    run = tmp_path / "run"
+    (run / "split").mkdir(parents=True)
+    for band in ("easy", "medium", "hard"):
+        pd.DataFrame({"id": [f"{band}1"], "question": ["q?"], "options": [["x", "y"]],
+                      "category": ["c"]}).to_parquet(run / "split" / f"{band}.parquet")
+    cfg = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "unused"}},
+           "teach": {"teachers": [{"model": {"path": "unused"}}]}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["teach", "--config", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert "teach: input rows lack column(s) gold" in " ".join(err.split())
+    assert not ray.is_initialized()
+
+
+def test_pool_resources_follow_the_engine_config():
+    gpu = engine_stage.Pool.of(EngineConfig(device="gpu", tensor_parallel_size=2, pipeline_parallel_size=2,
+                                            num_engines=3, cpus_per_engine=4))
+    assert (gpu.size, gpu.num_gpus, gpu.num_cpus) == (3, 4, 4)
+    assert engine_stage.Pool.of(EngineConfig(device="gpu"), remote=True).num_gpus == 0
+    assert engine_stage.Pool.of(EngineConfig(device="cpu")).num_gpus == 0
+
+
+def test_transformers_backend_refuses_vllm_only_settings():
+    with pytest.raises(ValueError, match="kv_cache_gib only apply to backend=vllm"):
+        EngineConfig(backend="transformers", kv_cache_gib=2)
+    with pytest.raises(ValueError, match="tensor/pipeline parallelism"):
+        EngineConfig(backend="transformers", device="gpu", tensor_parallel_size=2)
+    EngineConfig(backend="transformers", device="gpu", batch_size=4)  # what it honours is fine
+
+
+def test_transformers_engine_takes_no_stray_keywords():
+    from raycat.engine import TransformersEngine
+
+    with pytest.raises(TypeError):
+        TransformersEngine("unused", kv_cache_gib=1.0)
+
+
+def test_engine_kwargs_carry_revision_and_remote_code_for_each_backend():
+    from raycat.config import ModelConfig
+    from raycat.engine import engine_kwargs
+
+    m = ModelConfig(path="x", revision="abc", trust_remote_code=True)
+    for backend in ("vllm", "transformers"):
+        kw = engine_kwargs(m, EngineConfig(backend=backend))
+        assert kw["revision"] == "abc" and kw["trust_remote_code"] is True
+    assert "kv_cache_gib" not in engine_kwargs(m, EngineConfig(backend="transformers"))
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data:\n  source: synthetic\nscore: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+:\d+: invalid YAML"):
+        load_config(p)
+
+
+def test_cli_prints_errors_without_markup(tmp_path, capsys):
+    run = tmp_path / "odd[/]dir[bold]"
+    cfg = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "unused"}}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["split", "--config", str(p)]) == 1  # no scores yet: a RaycatError naming the path
+    assert "odd[/]dir[bold]" in "".join(capsys.readouterr().err.split())
+
+
+def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
+    from raycat import split
+
+    def boom(cfg):
+        raise ZeroDivisionError("a bug, not a user problem")
+
+    monkeypatch.setattr(split, "run", boom)
+    cfg = {"run_dir": str(tmp_path / "run"), "data": {"source": "synthetic"}, "score": {"student": {"path": "u"}}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ZeroDivisionError):
+        main(["split", "--config", str(p)])
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "raycat" in capsys.readouterr().out
