@@ -121,7 +121,10 @@ class EngineConfig(Strict):
         if self.tensor_parallel_size * self.pipeline_parallel_size > 1:
             raise ValueError("backend: 'transformers' runs one model per actor; tensor/pipeline parallelism "
                              "needs backend=vllm")
-        vllm_only = sorted(self.model_fields_set & {"kv_cache_gib", "gpu_memory_utilization", "enforce_eager"})
+        # Values, not presence: a dumped config.yaml lists every field with its default.
+        fields = type(self).model_fields
+        vllm_only = sorted(k for k in ("kv_cache_gib", "gpu_memory_utilization", "enforce_eager")
+                           if getattr(self, k) != fields[k].default)
         if vllm_only:
             raise ValueError(f"backend: {', '.join(vllm_only)} only apply to backend=vllm; remove them or "
                              "use backend=vllm")
@@ -134,7 +137,18 @@ class PromptConfig(Strict):
         description="'letters': options A..J, no fallback (the method done right). 'paper': numeric ids "
         "1..N and the 'return 0 if unsure' fallback, as the paper's v1/v2 splits were built.",
     )
-    system_prompt: str | None = Field(None, description="Override the preset's system prompt ({subject} allowed).")
+    system_prompt: str | None = Field(None, description="Override the preset's system prompt ({subject} allowed; "
+                                      "write other braces doubled, {{ and }}).")
+
+    @model_validator(mode="after")
+    def _check(self) -> PromptConfig:
+        if self.system_prompt is not None:
+            try:
+                self.system_prompt.format(subject="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"system_prompt: only {{subject}} may appear in braces ({e!r}); write other "
+                                 "braces doubled, {{ and }}") from None
+        return self
 
 
 class ScoreConfig(Strict):
@@ -198,8 +212,10 @@ class ApiConfig(Strict):
         "in the config, outputs or logs); unset = no key."
     )
     max_concurrency: int = Field(16, ge=1, description="Requests in flight per teacher actor.")
-    requests_per_second: float | None = Field(None, gt=0, description="Client-side request rate limit.")
-    tokens_per_minute: int | None = Field(None, gt=0, description="Client-side token rate limit (estimated).")
+    requests_per_second: float | None = Field(None, gt=0, description="Client-side request rate limit, per "
+                                              "engine actor (num_engines actors send up to num_engines x this).")
+    tokens_per_minute: int | None = Field(None, gt=0, description="Client-side token rate limit (estimated), "
+                                          "per engine actor.")
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts: exponential backoff with "
                              "jitter, Retry-After honoured (the openai client's policy).")

@@ -189,6 +189,15 @@ def resolve_data_path(path: str) -> Path | None:
 
 
 def _read_file(f: Path) -> pd.DataFrame:
+    try:
+        return _read_table(f)
+    except (ValueError, UnicodeDecodeError, OSError) as e:  # pandas/pyarrow parse errors, bad encodings
+        if isinstance(e, RaycatError):
+            raise
+        raise RaycatError(f"data.path: {f} cannot be read as {f.suffix.lower().lstrip('.')}: {e}") from e
+
+
+def _read_table(f: Path) -> pd.DataFrame:
     suffix = f.suffix.lower()
     if suffix == ".parquet":
         return pd.read_parquet(f)

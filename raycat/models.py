@@ -129,6 +129,22 @@ def prepare(name: str, root: Path | None = None) -> Path:
     return target
 
 
+def load_tokenizer(path: str, *, revision: str | None, trust_remote_code: bool, key: str):
+    """The tokenizer of a configured model, on the driver before any engine starts; a model that cannot
+    be loaded, or has no chat template to render prompts with, is a RaycatError naming ``key``."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # not found / offline / needs trust_remote_code / unknown type
+        raise RaycatError(f"{key}: cannot load the tokenizer of {path!r}: {e}") from e
+    if not tok.chat_template:
+        raise RaycatError(f"{key}: {path!r} has no chat template; raycat prompts instruct/chat models with "
+                          "their own template. Use an instruct model, or set chat_template in its "
+                          "tokenizer_config.json")
+    return tok
+
+
 def resolve(path: str) -> str:
     """``registry:<name>`` → prepared local dir; anything else (hub id, local dir) unchanged."""
     if path.startswith("registry:"):

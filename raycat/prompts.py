@@ -44,7 +44,7 @@ def messages_for(question: str, options: list[str], category: str, preset: str,
     about = f" about {category}" if category else ""
     # Only the user's system prompt has a {subject} slot; built-in texts are formatted once, so a
     # category containing braces is text, not a format field.
-    custom = system_prompt.replace("{subject}", category) if system_prompt is not None else None
+    custom = system_prompt.format(subject=category) if system_prompt is not None else None
     if not options:
         return [{"role": "system", "content": custom or _FREE_FORM_SYSTEM},
                 {"role": "user", "content": question}]
@@ -110,7 +110,8 @@ def label_tokens(tokenizer, max_options: int, preset: str) -> LabelTokens:
             continue
         for t in found:
             if t in owner:
-                raise ValueError(f"option labels {owner[t]!r} and {lab!r} share token id {t}")
+                raise RaycatError(f"option labels {owner[t]!r} and {lab!r} share token id {t} in this tokenizer: "
+                                  "their probabilities cannot be told apart; use the other score.prompt.preset")
             owner[t] = lab
         ids[lab] = tuple(found)
     return LabelTokens(ids=ids, multi_token=tuple(multi))

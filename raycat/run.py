@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 
-from raycat import evaluate, progress, report, rundir, score, split, teach, train
+from raycat import progress, rundir
 from raycat.config import RaycatConfig
 from raycat.errors import RaycatError
 from raycat.recipes import RECIPES, needs_cot
@@ -29,6 +29,9 @@ Show = Callable[[str, dict], None]  # (stage, its result) → the CLI's table
 def run_stage(stage: str, cfg: RaycatConfig, recipes: list[str] | None = None,
               show: Show = lambda stage, result: None) -> None:
     """Run one stage's driver; ``recipes`` (default: ``train.recipe``) for train and eval."""
+    # Imported here, not at the top: `raycat --help` / show-config must not pay for torch and sklearn.
+    from raycat import evaluate, report, score, split, teach, train
+
     recipes = recipes or [cfg.train.recipe]
     if stage == "score":
         show(stage, score.run(cfg))

@@ -76,9 +76,15 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read_json(path: str) -> Any:
+    from raycat.errors import RaycatError
+
     fs, p = _fs(path)
     with fs.open_input_stream(p) as f:
-        return json.loads(f.read())
+        data = f.read()
+    try:
+        return json.loads(data)
+    except ValueError as e:  # written atomically by raycat, so only an outside edit gets here
+        raise RaycatError(f"{path} is not valid JSON ({e}); restore it or delete it and rerun its stage") from e
 
 
 def write_parquet(path: str, df: pd.DataFrame) -> None:

@@ -20,7 +20,7 @@ import pandas as pd
 from raycat import engine_stage, progress, rundir
 from raycat.answers import normalize_number
 from raycat.config import RaycatConfig, save_config
-from raycat.engine import ScoreRequest, ScoreResult, engine_kwargs, make_engine
+from raycat.engine import Scorer, ScoreRequest, ScoreResult, engine_kwargs, make_engine
 from raycat.entropy import entropy_options, options_distribution
 from raycat.prompts import (
     LETTERS,
@@ -145,8 +145,9 @@ class ScoreBatch(engine_stage.EngineActor):
 
     def __init__(self, plan: ScorePlan):
         self.plan = plan
-        self.engine = make_engine(plan.backend, plan.model_path, need_full=plan.mode == "full" or bool(plan.sample_ids),
-                                  **(plan.engine_kwargs or {}))
+        need_full = plan.mode == "full" or bool(plan.sample_ids)
+        self.engine: Scorer = make_engine(plan.backend, plan.model_path, need_full=need_full,
+                                          **(plan.engine_kwargs or {}))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan
@@ -188,15 +189,14 @@ def run_pipeline(plan: ScorePlan, pool: engine_stage.Pool, todo: pd.DataFrame, p
 
 def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
     """Resolve the model and tokenizer-dependent facts on the driver: fails before any engine starts."""
-    from transformers import AutoTokenizer
 
     from raycat import models
     from raycat.prompts import label_tokens, template_hash
 
     s = cfg.score
     model_path = models.resolve(s.student.path)
-    tok = AutoTokenizer.from_pretrained(model_path, revision=s.student.revision,
-                                        trust_remote_code=s.student.trust_remote_code)
+    tok = models.load_tokenizer(model_path, revision=s.student.revision,
+                                trust_remote_code=s.student.trust_remote_code, key="score.student.path")
     n_max = int(questions["options"].map(len).max()) if len(questions) else 0
     th = template_hash(tok, s.prompt.preset, s.prompt.system_prompt)
     sample = frozenset() if s.entropy_mode == "full" else deviation_sample(questions["id"], s.deviation_sample)
@@ -212,7 +212,7 @@ def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
 
 
 def finalize(cfg: RaycatConfig, plan: ScorePlan, questions: pd.DataFrame, parts_dir: str) -> dict:
-    """Merge parts into scores.parquet / skipped.parquet and write metrics.json."""
+    """Merge parts into scores.parquet / skipped.parquet; returns the metrics (``run`` writes them)."""
     from raycat.score_metrics import score_metrics
 
     df = rundir.read_parts(parts_dir, OUTPUT_COLUMNS)

@@ -74,8 +74,11 @@ def run(cfg: RaycatConfig) -> dict:
     scores_path = rundir.join(run, "score", "scores.parquet")
     if not rundir.exists(scores_path):
         raise MissingInputError(f"{scores_path} not found: run `raycat score` with this config first")
+    questions_path = rundir.join(run, "questions", "questions.parquet")
+    if not rundir.exists(questions_path):
+        raise MissingInputError(f"{questions_path} not found: rerun `raycat score` with this config")
     scores = rundir.read_parquet(scores_path)
-    questions = rundir.read_parquet(rundir.join(run, "questions", "questions.parquet"))
+    questions = rundir.read_parquet(questions_path)
     keep = ["id", "entropy", "predicted", "correct", "idk", "option_mass", "template_hash", "entropy_mode"]
     df = questions.merge(scores[keep], on="id", how="inner", validate="one_to_one")
     # "I don't know" answers (paper preset) have no usable entropy rank; set aside, never silently.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -44,23 +45,28 @@ class TeachPlan:
 
 
 def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
-    from transformers import AutoTokenizer
 
     from raycat import models
 
     tc = cfg.teach
     if t.api is not None:  # the server applies its own chat template; we hash our prompt texts only
         path, th = t.api.model or t.model.path, teach_template_hash(None)
+        env = t.api.api_key_env
+        if env and not os.environ.get(env):  # found here, on the driver, before any actor starts
+            raise RaycatError(f"environment variable {env} (teach api.api_key_env) is not set; export it before "
+                              "`raycat teach` (on a cluster: in the job's environment)")
     else:
         path = models.resolve(t.model.path)
-        tok = AutoTokenizer.from_pretrained(path, revision=t.model.revision,
-                                            trust_remote_code=t.model.trust_remote_code)
+        tok = models.load_tokenizer(path, revision=t.model.revision, trust_remote_code=t.model.trust_remote_code,
+                                    key=f"teach teacher {t.model.path!r}")
         th = teach_template_hash(tok)
     s = tc.sampling
     schedule = tuple(attempt_schedule(Sampling(s.temperature, s.top_p, s.max_tokens, s.seed, s.n), tc.retries,
                                       tc.retry_temperatures))
+    # "kept": which attempt a row keeps (teach_core.teach_rows); cached rows were chosen by that rule.
     key_parts = {"model": t.model.path, "revision": t.model.revision, "dtype": t.model.dtype, "template": th,
-                 "prompt_version": TEACH_PROMPT_VERSION, "schedule": [asdict(x) for x in schedule]}
+                 "prompt_version": TEACH_PROMPT_VERSION, "schedule": [asdict(x) for x in schedule],
+                 "kept": "best-then-first"}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     return TeachPlan(name=t.model.path, model_path=path, revision=t.model.revision,
                      trust_remote_code=t.model.trust_remote_code, template_hash=th, cache_key=key,
@@ -144,7 +150,8 @@ def load_rows(cfg: RaycatConfig) -> tuple[pd.DataFrame, int]:
 
 
 def finalize(cfg: RaycatConfig, rows: pd.DataFrame, pool: int, plans: list[TeachPlan]) -> dict:
-    """Pick each row's result across the cascade, apply teach.on_wrong, write outputs and metrics."""
+    """Pick each row's result across the cascade, apply teach.on_wrong, write cot/skipped Parquet;
+    returns the metrics (``run`` writes them)."""
     tc = cfg.teach
     results = {p.name: read_cache(rundir.join(cfg.run_dir, "teach", "cache", p.cache_key))
                .drop_duplicates("id").set_index("id") for p in plans}
@@ -158,7 +165,7 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, pool: int, plans: list[Teach
                 if chosen["status"] == "verified":
                     break
         if chosen is None:
-            raise RuntimeError(f"row {r['id']} has no teacher result; rerun `raycat teach` to finish it")
+            raise RaycatError(f"row {r['id']} has no teacher result; rerun `raycat teach` to finish it")
         final, target, reason = resolve(chosen["status"], chosen["response"], r["gold"], tc.on_wrong)
         picked.append({**r.to_dict(), **chosen.to_dict(), "id": r["id"], "final_status": final,
                        "target": target, "reason": "; ".join(x for x in (reason, chosen["reason"]) if x)})

@@ -264,8 +264,6 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
     import time
     from contextlib import ExitStack
 
-    from transformers import AutoTokenizer
-
     from raycat import models
     from raycat.ray_env import ray_session
     from raycat.recipes import RECIPES
@@ -278,7 +276,8 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                     + (f" + {v['host_gib_per_worker']:.2f} GiB host" if v["host_gib_per_worker"] else "")
                     for k, v in pre["phases"].items())
         + f" (capacity {pre['device_capacity_gib']:.1f} GiB)")
-    tok = AutoTokenizer.from_pretrained(base_dir, revision=st.revision, trust_remote_code=st.trust_remote_code)
+    tok = models.load_tokenizer(base_dir, revision=st.revision, trust_remote_code=st.trust_remote_code,
+                                key="score.student.path")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     plans, skipped = plan_phases(cfg, tok, base_dir)
     root = rundir.join(cfg.run_dir, "train", tc.recipe)
@@ -308,13 +307,15 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                 say(f"{name}: {len(plan.encoded)} examples ({plan.phase.target} target), "
                     f"{tc.num_workers} worker(s), ZeRO-{tc.deepspeed.zero_stage}, {tc.method}")
                 t0 = time.time()
+                from ray.train import TrainingFailedError
+
                 try:
                     fit = fit_phase(cfg, plan, init, pad_id, pdir)
                     if getattr(fit.result, "error", None) is not None:
                         raise fit.result.error
-                except Exception as e:  # Ray Train raises after train.max_failures restarts
+                except TrainingFailedError as e:  # the workers failed train.max_failures + 1 times
                     raise RaycatError(f"{name} failed (after up to {tc.max_failures} restarts from its latest "
-                                      f"checkpoint; rerun the command to resume): {e}") from e
+                                      f"checkpoint; rerun the command to resume): {type(e).__name__}: {e}") from e
                 exp = export(cfg, fit.result, pdir, base_dir)
                 m = phase_metrics(plan, fit, exp["state"], time.time() - t0)
                 if "merged" in exp:

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from raycat.errors import RaycatError
 from raycat.prompts import answer_target, render_ids, train_messages
 
 IGNORE_INDEX = -100
 
 
-class TemplateError(ValueError):
+class TemplateError(RaycatError, ValueError):
     """The chat template cannot give a well-defined loss mask for this example."""
 
 
@@ -44,7 +45,7 @@ def stop_token_ids(tokenizer, model_dir: str | None = None, *, revision: str | N
         except OSError:  # no generation_config.json (locally or on the hub)
             local = os.path.join(model_dir, "generation_config.json")
             if os.path.isfile(local):  # there but unreadable: a silent fallback would train the wrong stop
-                raise
+                raise RaycatError(f"{local} cannot be read; fix or remove it") from None
             eos = None
         ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
     if not ids:

@@ -147,3 +147,60 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and "raycat" in capsys.readouterr().out
+
+
+def test_a_dumped_transformers_config_loads_again(tmp_path):
+    from raycat.config import dump_config, validate_config
+
+    cfg = validate_config({"data": {"source": "synthetic"}, "score": {"student": {"path": "m"},
+                                                                     "engine": {"backend": "transformers"}}})
+    p = tmp_path / "config.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p).score.engine.backend == "transformers"
+
+
+def test_a_system_prompt_with_stray_braces_fails_at_config_time():
+    from raycat.config import PromptConfig
+
+    with pytest.raises(ValueError, match="only {subject} may appear"):
+        PromptConfig(system_prompt="Answer {subject} in {format}")
+    PromptConfig(system_prompt="Answer {subject} as {{json}}")
+
+
+def test_missing_api_key_is_reported_on_the_driver_before_ray(tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.delenv("RAYCAT_NO_SUCH_KEY", raising=False)
+    run = tmp_path / "run"
+    (run / "split").mkdir(parents=True)
+    for band in ("easy", "medium", "hard"):
+        pd.DataFrame({"id": [f"{band}1"], "question": ["q?"], "options": [["x", "y"]], "category": ["c"],
+                      "gold": ["A"]}).to_parquet(run / "split" / f"{band}.parquet")
+    cfg = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "unused"}},
+           "teach": {"teachers": [{"model": {"path": "hosted"},
+                                   "api": {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "RAYCAT_NO_SUCH_KEY"}}]}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["teach", "--config", str(p)]) == 1
+    assert "RAYCAT_NO_SUCH_KEY" in capsys.readouterr().err and not ray.is_initialized()
+
+
+def test_an_unparseable_data_file_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"question": "q", "options": ["a", "b"], "answer": "A"}\n{"question": \n')
+    cfg = {"run_dir": str(tmp_path / "run"), "data": {"source": "generic", "path": str(bad),
+                                                      "columns": {"question": "question"}},
+           "score": {"student": {"path": "unused"}}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["score", "--config", str(p)]) == 1
+    assert "corpus.jsonl cannot be read as jsonl" in " ".join(capsys.readouterr().err.split())
+
+
+def test_cli_start_does_not_import_the_stages():
+    import subprocess
+    import sys
+
+    code = "import sys, raycat.cli; raycat.cli.build_parser(); print('torch' in sys.modules, 'sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

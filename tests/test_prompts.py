@@ -61,5 +61,5 @@ def test_braces_in_a_category_are_text_and_only_the_user_prompt_has_a_subject_sl
 
     m = messages_for("q?", ["a", "b"], "set {x} theory", "letters")
     assert "about set {x} theory" in m[0]["content"]
-    m = messages_for("q?", ["a", "b"], "law {", "paper", system_prompt="Questions on {subject}.")
-    assert m[0]["content"] == "Questions on law {."
+    m = messages_for("q?", ["a", "b"], "law {", "paper", system_prompt="Questions on {subject} {{x}}.")
+    assert m[0]["content"] == "Questions on law { {x}."
