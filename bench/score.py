@@ -76,8 +76,14 @@ def main() -> None:
         with torch.no_grad():
             for p in prompts:
                 ids = torch.tensor([p], device=dev)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
-                                     do_sample=False, output_scores=True, return_dict_in_generate=True)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=1,
+                    do_sample=False,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
                 ref.append(H.entropy_full(H.log_softmax(out.scores[-1][0].float().cpu().numpy())))
         results["reference"] = {"score_s": time.perf_counter() - t, "start_s": load_s}
 
@@ -86,7 +92,7 @@ def main() -> None:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.no_grad():
         for i in range(0, len(prompts), 16):
-            chunk = prompts[i:i + 16]
+            chunk = prompts[i : i + 16]
             width = max(map(len, chunk))
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
@@ -97,8 +103,14 @@ def main() -> None:
     del model
 
     t = time.perf_counter()
-    eng = VLLMEngine(path, dtype="float32" if dev == "cpu" else "bfloat16", device=args.device,
-                     max_model_len=1024, kv_cache_gib=1, need_full=False)
+    eng = VLLMEngine(
+        path,
+        dtype="float32" if dev == "cpu" else "bfloat16",
+        device=args.device,
+        max_model_len=1024,
+        kv_cache_gib=1,
+        need_full=False,
+    )
     start = time.perf_counter() - t
     t = time.perf_counter()
     eng.score([ScoreRequest(p, groups) for p in prompts], "options", 20, 1)
@@ -111,18 +123,36 @@ def main() -> None:
     from raycat.score import ScorePlan, run_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = validate_config({
-            "run_dir": tmp, "data": {"source": "synthetic"},
-            "score": {"student": {"path": path, "dtype": "float32" if dev == "cpu" else "bfloat16",
-                                  "max_model_len": 1024},
-                      "engine": {"device": args.device, "batch_size": 32, "kv_cache_gib": 1}},
-            "ray": {"num_cpus": os.cpu_count()}})
+        cfg = validate_config(
+            {
+                "run_dir": tmp,
+                "data": {"source": "synthetic"},
+                "score": {
+                    "student": {
+                        "path": path,
+                        "dtype": "float32" if dev == "cpu" else "bfloat16",
+                        "max_model_len": 1024,
+                    },
+                    "engine": {"device": args.device, "batch_size": 32, "kv_cache_gib": 1},
+                },
+                "ray": {"num_cpus": os.cpu_count()},
+            }
+        )
         import pandas as pd
 
-        plan = ScorePlan(model_path=path, revision=None, trust_remote_code=False, preset="letters",
-                         system_prompt=None, labels=label_tokens(tok, 4, "letters"), template_hash="bench",
-                         cache_key="bench", sample_ids=frozenset(), max_prompt_tokens=1000,
-                         engine_kwargs=engine_kwargs(cfg.score.student, cfg.score.engine))
+        plan = ScorePlan(
+            model_path=path,
+            revision=None,
+            trust_remote_code=False,
+            preset="letters",
+            system_prompt=None,
+            labels=label_tokens(tok, 4, "letters"),
+            template_hash="bench",
+            cache_key="bench",
+            sample_ids=frozenset(),
+            max_prompt_tokens=1000,
+            engine_kwargs=engine_kwargs(cfg.score.student, cfg.score.engine),
+        )
         t = time.perf_counter()
         with ray_session(cfg.ray):
             ray_init = time.perf_counter() - t
@@ -134,18 +164,25 @@ def main() -> None:
 
     peak = matmul_peak(args.threads)
     base = results.get("reference", results["batched"])["score_s"]
-    print(f"\nmodel {args.model} ({n_params / 1e6:.1f}M params), {args.n} prompts, {n_tokens} prompt tokens, "
-          f"device {args.device}, torch threads {args.threads}")
+    print(
+        f"\nmodel {args.model} ({n_params / 1e6:.1f}M params), {args.n} prompts, {n_tokens} prompt tokens, "
+        f"device {args.device}, torch threads {args.threads}"
+    )
     print(f"float32 matmul peak ({args.threads} thread(s), 2048^2): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'method':<10} {'start s':>8} {'score s':>8} {'rows/s':>8} {'x ref':>7} {'prefill GFLOP/s':>16} "
-          f"{'% peak':>7}")
+    print(
+        f"{'method':<10} {'start s':>8} {'score s':>8} {'rows/s':>8} {'x ref':>7} {'prefill GFLOP/s':>16} {'% peak':>7}"
+    )
     for name, r in results.items():
         flops = 2 * n_params * n_tokens / r["score_s"]
-        print(f"{name:<10} {r['start_s']:8.1f} {r['score_s']:8.2f} {args.n / r['score_s']:8.1f} "
-              f"{base / r['score_s']:7.2f} {flops / 1e9:16.1f} {100 * flops / peak:7.1f}")
+        print(
+            f"{name:<10} {r['start_s']:8.1f} {r['score_s']:8.2f} {args.n / r['score_s']:8.1f} "
+            f"{base / r['score_s']:7.2f} {flops / 1e9:16.1f} {100 * flops / peak:7.1f}"
+        )
     if "raycat" in results:
-        print(f"raycat pipeline wall incl. engine start: {results['raycat']['wall_s']:.1f} s; "
-              f"Ray Data overhead vs direct vLLM: {results['raycat']['score_s'] / results['vllm']['score_s']:.2f}x")
+        print(
+            f"raycat pipeline wall incl. engine start: {results['raycat']['wall_s']:.1f} s; "
+            f"Ray Data overhead vs direct vLLM: {results['raycat']['score_s'] / results['vllm']['score_s']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -53,12 +53,24 @@ def main() -> None:
     del eng
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = validate_config({
-            "run_dir": tmp, "data": {"source": "synthetic"}, "score": {"student": {"path": path}},
-            "teach": {"teachers": [{"model": {"path": path, "dtype": dtype, "max_model_len": 2048},
-                                    "engine": {"device": args.device, "batch_size": args.n, "kv_cache_gib": 2}}],
-                      "sampling": {"max_tokens": args.max_tokens}, "retries": 0},
-            "ray": {"num_cpus": os.cpu_count()}})
+        cfg = validate_config(
+            {
+                "run_dir": tmp,
+                "data": {"source": "synthetic"},
+                "score": {"student": {"path": path}},
+                "teach": {
+                    "teachers": [
+                        {
+                            "model": {"path": path, "dtype": dtype, "max_model_len": 2048},
+                            "engine": {"device": args.device, "batch_size": args.n, "kv_cache_gib": 2},
+                        }
+                    ],
+                    "sampling": {"max_tokens": args.max_tokens},
+                    "retries": 0,
+                },
+                "ray": {"num_cpus": os.cpu_count()},
+            }
+        )
         plan = teacher_plan(cfg, cfg.teach.teachers[0])
         cache = os.path.join(tmp, "cache")
         with ray_session(cfg.ray):

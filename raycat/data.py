@@ -97,8 +97,13 @@ def _mmlu_pro(r: dict, _cfg: DataConfig) -> dict:
     letter = r.get("answer")
     if not _missing(letter) and str(letter).strip().upper() != gold:
         raise _Bad("answer", f"letter {letter!r} disagrees with answer_index {idx} ({gold})")
-    return {"id": r.get("question_id"), "question": r.get("question"), "options": options, "gold": gold,
-            "category": r.get("category")}
+    return {
+        "id": r.get("question_id"),
+        "question": r.get("question"),
+        "options": options,
+        "gold": gold,
+        "category": r.get("category"),
+    }
 
 
 def _mmlu(r: dict, _cfg: DataConfig) -> dict:
@@ -109,8 +114,7 @@ def _mmlu(r: dict, _cfg: DataConfig) -> dict:
         raw = [r.get(f"choice{i}") for i in range(4)]
     options = [_text(o, "choices") for o in raw]
     gold = _gold_from_index(_index(r.get("answer"), "answer"), len(options), "answer")
-    return {"id": None, "question": r.get("question"), "options": options, "gold": gold,
-            "category": r.get("subject")}
+    return {"id": None, "question": r.get("question"), "options": options, "gold": gold, "category": r.get("subject")}
 
 
 def _medmcqa(r: dict, _cfg: DataConfig) -> dict:
@@ -119,8 +123,13 @@ def _medmcqa(r: dict, _cfg: DataConfig) -> dict:
     if cop == -1:
         raise _Bad("cop", "no published answer (cop=-1, the MedMCQA test split)", "Use the validation split")
     gold = _gold_from_index(cop, 4, "cop")
-    return {"id": r.get("id"), "question": r.get("question"), "options": options, "gold": gold,
-            "category": r.get("subject_name")}
+    return {
+        "id": r.get("id"),
+        "question": r.get("question"),
+        "options": options,
+        "gold": gold,
+        "category": r.get("subject_name"),
+    }
 
 
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
@@ -151,7 +160,7 @@ def _generic(r: dict, cfg: DataConfig) -> dict:
     if fmt == "letter":
         letter = _text(raw, field).strip().upper()
         if len(letter) != 1 or letter not in LETTERS[: len(options)]:
-            raise _Bad(field, f"gold {raw!r} is not among the option letters {LETTERS[:len(options)]!r}")
+            raise _Bad(field, f"gold {raw!r} is not among the option letters {LETTERS[: len(options)]!r}")
         gold = letter
     elif fmt in ("index0", "index1"):
         gold = _gold_from_index(_index(raw, field, base=1 if fmt == "index1" else 0), len(options), field)
@@ -164,12 +173,21 @@ def _generic(r: dict, cfg: DataConfig) -> dict:
         gold = normalize_number(str(raw)) if not _missing(raw) else None
         if gold is None:
             raise _Bad(field, f"gold {raw!r} is not a number")
-    return {"id": r.get(cols.id) if cols.id else None, "question": r.get(cols.question), "options": options,
-            "gold": gold, "category": r.get(cols.category) if cols.category else None}
+    return {
+        "id": r.get(cols.id) if cols.id else None,
+        "question": r.get(cols.question),
+        "options": options,
+        "gold": gold,
+        "category": r.get(cols.category) if cols.category else None,
+    }
 
 
 ADAPTERS: dict[str, Callable[[dict, DataConfig], dict]] = {
-    "mmlu_pro": _mmlu_pro, "mmlu": _mmlu, "medmcqa": _medmcqa, "gsm8k": _gsm8k, "generic": _generic,
+    "mmlu_pro": _mmlu_pro,
+    "mmlu": _mmlu,
+    "medmcqa": _medmcqa,
+    "gsm8k": _gsm8k,
+    "generic": _generic,
 }
 
 
@@ -269,8 +287,14 @@ def _validate(rec: dict, src: str, row_label: str) -> dict:
         category = ""
     elif not isinstance(category, str):
         raise _Bad("category", f"expected text, got {type(category).__name__} {category!r}")
-    return {"id": str(rid), "question": question, "options": list(options), "gold": str(rec["gold"]),
-            "category": category, "source": src}
+    return {
+        "id": str(rid),
+        "question": question,
+        "options": list(options),
+        "gold": str(rec["gold"]),
+        "category": category,
+        "source": src,
+    }
 
 
 def _json_safe(row: dict) -> dict:
@@ -292,8 +316,11 @@ def load_questions(cfg: DataConfig) -> tuple[pd.DataFrame, list[dict], int]:
         try:
             rec = _validate(adapter(raw, cfg), cfg.source, label)
             if rec["id"] in seen:
-                raise _Bad("id", f"duplicate id {rec['id']!r} (first seen at row {seen[rec['id']]})",
-                           "Ids must be unique; fix the source or drop the duplicate")
+                raise _Bad(
+                    "id",
+                    f"duplicate id {rec['id']!r} (first seen at row {seen[rec['id']]})",
+                    "Ids must be unique; fix the source or drop the duplicate",
+                )
             seen[rec["id"]] = label
             good.append(rec)
         except _Bad as b:

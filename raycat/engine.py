@@ -66,8 +66,9 @@ class Scorer(Protocol):
 
     vocab_size: int
 
-    def score(self, requests: list[ScoreRequest], mode: str, top_k: int,
-              free_form_max_tokens: int) -> list[ScoreResult]: ...
+    def score(
+        self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
+    ) -> list[ScoreResult]: ...
 
     def close(self) -> None: ...
 
@@ -81,11 +82,23 @@ def _dtype(dtype: str, device: str) -> str:
 class VLLMEngine:
     """vLLM ``LLM`` in the current process (inside a Ray actor in the pipeline)."""
 
-    def __init__(self, model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
-                 max_model_len: int = 2048, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 kv_cache_gib: float = 1.0,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = True, seed: int = 0,
-                 trust_remote_code: bool = False, need_full: bool = True):
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        max_model_len: int = 2048,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        kv_cache_gib: float = 1.0,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        need_full: bool = True,
+    ):
         if tensor_parallel_size * pipeline_parallel_size == 1:
             # Engine core and model in this process: when Ray stops the actor nothing can outlive it.
             # With vLLM's default subprocesses, an actor killed at shutdown orphaned EngineCore (seen here).
@@ -100,17 +113,25 @@ class VLLMEngine:
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(
-            model=model, tokenizer=model, revision=revision, dtype=_dtype(dtype, device),
-            max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size, seed=seed,
-            enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
+            model=model,
+            tokenizer=model,
+            revision=revision,
+            dtype=_dtype(dtype, device),
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            trust_remote_code=trust_remote_code,
             # Full-vocab logprobs need an unlimited cap; otherwise 128 covers option ids and top-k.
-            max_logprobs=-1 if need_full else 128, **kwargs,
+            max_logprobs=-1 if need_full else 128,
+            **kwargs,
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
-    def score(self, requests: list[ScoreRequest], mode: str, top_k: int,
-              free_form_max_tokens: int) -> list[ScoreResult]:
+    def score(
+        self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
+    ) -> list[ScoreResult]:
         from vllm import SamplingParams, TokensPrompt
 
         # Per row an options request (MCQ), plus a full-vocab or top-k request when the mode or the
@@ -151,7 +172,8 @@ class VLLMEngine:
                 res.greedy_text = comp.text
             if kind == "options":
                 res.option_logprobs = H.group_logprobs(
-                    {t: v.logprob for t, v in first.items()}, req.option_groups).tolist()
+                    {t: v.logprob for t, v in first.items()}, req.option_groups
+                ).tolist()
             elif kind == "full":
                 lp = np.fromiter((v.logprob for v in first.values()), dtype=np.float64, count=len(first))
                 res.entropy_full = H.entropy_full(lp)
@@ -165,14 +187,25 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, seed=sampling.seed, n=sampling.n)
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            n=sampling.n,
+        )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         # The prompt is prefilled once for all n samples: count its tokens on the first sample only.
-        return [Generation(text=c.text, prompt_tokens=len(o.prompt_token_ids) if j == 0 else 0,
-                           completion_tokens=len(c.token_ids),
-                           finish_reason="length" if c.finish_reason == "length" else "stop")
-                for o in outs for j, c in enumerate(o.outputs)]
+        return [
+            Generation(
+                text=c.text,
+                prompt_tokens=len(o.prompt_token_ids) if j == 0 else 0,
+                completion_tokens=len(c.token_ids),
+                finish_reason="length" if c.finish_reason == "length" else "stop",
+            )
+            for o in outs
+            for j, c in enumerate(o.outputs)
+        ]
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
@@ -185,8 +218,16 @@ class VLLMEngine:
 class TransformersEngine:
     """Reference engine: one unpadded forward pass per prompt, log-softmax in float64."""
 
-    def __init__(self, model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
-                 trust_remote_code: bool = False, need_full: bool = True):
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+        need_full: bool = True,
+    ):
         # need_full is always honoured: every forward pass has the full-vocabulary logits. vLLM-only
         # settings (parallelism, KV cache, eager mode) are refused by EngineConfig, not swallowed here.
         del need_full
@@ -195,11 +236,17 @@ class TransformersEngine:
 
         self.torch = torch
         self.device = "cuda" if device == "gpu" else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision,
-                                                       trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model, revision=revision, dtype=getattr(torch, _dtype(dtype, device)),
-            trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                model,
+                revision=revision,
+                dtype=getattr(torch, _dtype(dtype, device)),
+                trust_remote_code=trust_remote_code,
+            )
+            .to(self.device)
+            .eval()
+        )
         self.vocab_size = self.model.config.vocab_size
 
     def first_token_logprobs(self, prompt_ids: list[int]) -> np.ndarray:
@@ -211,12 +258,14 @@ class TransformersEngine:
     def _greedy_text(self, prompt_ids: list[int], max_tokens: int) -> str:
         with self.torch.no_grad():
             ids = self.torch.tensor([prompt_ids], device=self.device)
-            out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids),
-                                      max_new_tokens=max_tokens, do_sample=False)
-        return self.tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+            out = self.model.generate(
+                input_ids=ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False
+            )
+        return self.tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
 
-    def score(self, requests: list[ScoreRequest], mode: str, top_k: int,
-              free_form_max_tokens: int) -> list[ScoreResult]:
+    def score(
+        self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
+    ) -> list[ScoreResult]:
         results = []
         for r in requests:
             lp = self.first_token_logprobs(r.prompt_ids)
@@ -238,16 +287,28 @@ class TransformersEngine:
         for i, p in enumerate([p for p in prompts for _ in range(sampling.n)]):
             self.torch.manual_seed(sampling.seed + i)
             ids = self.torch.tensor([p], device=self.device)
-            kwargs = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
-                      if sampling.temperature > 0 else {"do_sample": False})
+            kwargs = (
+                {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+                if sampling.temperature > 0
+                else {"do_sample": False}
+            )
             with self.torch.no_grad():
-                seq = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids),
-                                          max_new_tokens=sampling.max_tokens, **kwargs)[0, len(p):]
+                seq = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=self.torch.ones_like(ids),
+                    max_new_tokens=sampling.max_tokens,
+                    **kwargs,
+                )[0, len(p) :]
             eos = self.tokenizer.eos_token_id
             stopped = eos is not None and len(seq) and int(seq[-1]) == eos
-            out.append(Generation(text=self.tokenizer.decode(seq, skip_special_tokens=True), prompt_tokens=len(p),
-                                  completion_tokens=len(seq),
-                                  finish_reason="stop" if stopped or len(seq) < sampling.max_tokens else "length"))
+            out.append(
+                Generation(
+                    text=self.tokenizer.decode(seq, skip_special_tokens=True),
+                    prompt_tokens=len(p),
+                    completion_tokens=len(seq),
+                    finish_reason="stop" if stopped or len(seq) < sampling.max_tokens else "length",
+                )
+            )
         return out
 
     def close(self) -> None:
@@ -258,15 +319,21 @@ def engine_kwargs(model, engine) -> dict:
     """Engine constructor arguments from a ModelConfig and an EngineConfig, for ``engine.backend``.
 
     Revision and trust_remote_code come from the model config too, so every loader gets them."""
-    common = dict(revision=model.revision, trust_remote_code=model.trust_remote_code, dtype=model.dtype,
-                  device=engine.device)
+    common = dict(
+        revision=model.revision, trust_remote_code=model.trust_remote_code, dtype=model.dtype, device=engine.device
+    )
     if engine.backend == "transformers":
         return common
-    return dict(**common, max_model_len=model.max_model_len,
-                tensor_parallel_size=engine.tensor_parallel_size,
-                pipeline_parallel_size=engine.pipeline_parallel_size, kv_cache_gib=engine.kv_cache_gib,
-                gpu_memory_utilization=engine.gpu_memory_utilization, enforce_eager=engine.enforce_eager,
-                seed=engine.seed)
+    return dict(
+        **common,
+        max_model_len=model.max_model_len,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        pipeline_parallel_size=engine.pipeline_parallel_size,
+        kv_cache_gib=engine.kv_cache_gib,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        enforce_eager=engine.enforce_eager,
+        seed=engine.seed,
+    )
 
 
 def make_engine(backend: str, model: str, **kwargs) -> VLLMEngine | TransformersEngine:

@@ -63,12 +63,22 @@ class Prestage:
 def check_columns(stage: str, rows: pd.DataFrame, required: Sequence[str]) -> None:
     missing = [c for c in required if c not in rows.columns]
     if missing:
-        raise RaycatError(f"{stage}: input rows lack column(s) {', '.join(missing)} (they have "
-                          f"{', '.join(map(str, rows.columns))}); rerun the upstream stage with this raycat version")
+        raise RaycatError(
+            f"{stage}: input rows lack column(s) {', '.join(missing)} (they have "
+            f"{', '.join(map(str, rows.columns))}); rerun the upstream stage with this raycat version"
+        )
 
 
-def run(stage: str, rows: pd.DataFrame, actor: type[EngineActor], plan: Any, pool: Pool, parts_dir: str,
-        on_rows: Callable[[int], None] = lambda n: None, pre: Sequence[Prestage] = ()) -> int:
+def run(
+    stage: str,
+    rows: pd.DataFrame,
+    actor: type[EngineActor],
+    plan: Any,
+    pool: Pool,
+    parts_dir: str,
+    on_rows: Callable[[int], None] = lambda n: None,
+    pre: Sequence[Prestage] = (),
+) -> int:
     """Run ``actor`` over ``rows``; every finished block becomes a part in ``parts_dir``. Returns rows written."""
     check_columns(stage, rows, actor.REQUIRED_COLUMNS)
     if not len(rows):
@@ -78,13 +88,24 @@ def run(stage: str, rows: pd.DataFrame, actor: type[EngineActor], plan: Any, poo
     # The driver already holds the validated rows, so blocks come straight from it (no read tasks to
     # schedule). Blocks of a few batches keep the stream moving and progress visible.
     block = 4 * pool.batch_size
-    ds = ray.data.from_pandas([rows.iloc[i:i + block] for i in range(0, len(rows), block)])
+    ds = ray.data.from_pandas([rows.iloc[i : i + block] for i in range(0, len(rows), block)])
     for p in pre:
-        ds = ds.map_batches(p.cls, fn_constructor_kwargs={"plan": p.plan}, batch_format="pandas",
-                            batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-                            num_cpus=p.num_cpus)
+        ds = ds.map_batches(
+            p.cls,
+            fn_constructor_kwargs={"plan": p.plan},
+            batch_format="pandas",
+            batch_size=pool.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=p.num_cpus,
+        )
     # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
-    ds = ds.map_batches(actor, fn_constructor_kwargs={"plan": plan}, batch_format="pandas",
-                        batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.size),
-                        num_gpus=pool.num_gpus, num_cpus=pool.num_cpus)
+    ds = ds.map_batches(
+        actor,
+        fn_constructor_kwargs={"plan": plan},
+        batch_format="pandas",
+        batch_size=pool.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=pool.size),
+        num_gpus=pool.num_gpus,
+        num_cpus=pool.num_cpus,
+    )
     return rundir.write_parts(ds.iter_batches(batch_size=None, batch_format="pandas"), parts_dir, on_rows)

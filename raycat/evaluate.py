@@ -25,8 +25,19 @@ from raycat.errors import MissingInputError
 from raycat.prompts import TRAIN_PROMPT_VERSION, render_ids, train_messages
 from raycat.recipes import RECIPES
 
-PART_COLUMNS = ["id", "model", "kind", "text", "extracted", "correct", "completion_tokens", "finish_reason",
-                "band", "category", "skip_reason"]
+PART_COLUMNS = [
+    "id",
+    "model",
+    "kind",
+    "text",
+    "extracted",
+    "correct",
+    "completion_tokens",
+    "finish_reason",
+    "band",
+    "category",
+    "skip_reason",
+]
 
 
 INPUT_COLUMNS = ("id", "question", "options", "category", "gold", "band")
@@ -60,11 +71,16 @@ def bootstrap_ci(correct: np.ndarray, resamples: int, seed: int, level: float = 
 
 def accuracy_table(df: pd.DataFrame, resamples: int, seed: int) -> dict:
     """Accuracy with CI overall, per band and per category (categories with n >= 10)."""
+
     def one(part: pd.DataFrame) -> dict:
         c = part["correct"].to_numpy(dtype=bool)
         lo, hi = bootstrap_ci(c, resamples, seed)
-        return {"n": int(len(c)), "accuracy": float(c.mean()) if len(c) else None, "ci95": [lo, hi],
-                "unparsed": int(part["extracted"].isna().sum())}
+        return {
+            "n": int(len(c)),
+            "accuracy": float(c.mean()) if len(c) else None,
+            "ci95": [lo, hi],
+            "unparsed": int(part["extracted"].isna().sum()),
+        }
 
     out = {"overall": one(df), "per_band": {}, "per_category": {}}
     for band in ("easy", "medium", "hard"):
@@ -85,8 +101,9 @@ class EvalBatch(engine_stage.EngineActor):
 
         self.t = plan
         kw = plan.engine_kwargs or {}
-        self.tok = AutoTokenizer.from_pretrained(plan.path, revision=kw.get("revision"),
-                                                 trust_remote_code=kw.get("trust_remote_code", False))
+        self.tok = AutoTokenizer.from_pretrained(
+            plan.path, revision=kw.get("revision"), trust_remote_code=kw.get("trust_remote_code", False)
+        )
         self.engine = make_engine(plan.backend, plan.path, need_full=False, **kw)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -94,9 +111,21 @@ class EvalBatch(engine_stage.EngineActor):
         for i, r in enumerate(batch.to_dict(orient="records")):
             opts = list(r["options"]) if r["options"] is not None else []
             ids = render_ids(self.tok, train_messages(r["question"], opts, r["category"] or "", self.t.kind))
-            row = {"id": r["id"], "model": self.t.name, "kind": self.t.kind, "text": None, "extracted": None,
-                   "correct": False, "completion_tokens": 0, "finish_reason": None, "band": r["band"],
-                   "category": r["category"], "skip_reason": "", "_n": len(opts), "_gold": r["gold"]}
+            row = {
+                "id": r["id"],
+                "model": self.t.name,
+                "kind": self.t.kind,
+                "text": None,
+                "extracted": None,
+                "correct": False,
+                "completion_tokens": 0,
+                "finish_reason": None,
+                "band": r["band"],
+                "category": r["category"],
+                "skip_reason": "",
+                "_n": len(opts),
+                "_gold": r["gold"],
+            }
             if len(ids) > self.t.max_prompt_tokens:
                 row["skip_reason"] = f"prompt has {len(ids)} tokens > eval.max_model_len - max_tokens"
             else:
@@ -140,12 +169,29 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
 
     def add(name: str, path: str, kind: str, content: str, revision: str | None) -> None:
         budget = ec.max_tokens_answer if kind == "answer" else ec.max_tokens_cot
-        key = hashlib.sha256(json.dumps([content, kind, budget, ec.max_model_len, ec.seed, TRAIN_PROMPT_VERSION,
-                                         ec.dtype]).encode()).hexdigest()[:16]
-        model = ModelConfig(path=path, revision=revision, dtype=ec.dtype, max_model_len=ec.max_model_len,
-                            trust_remote_code=st.trust_remote_code)
-        out.append(EvalTarget(name, path, kind, key, max_tokens=budget, max_prompt_tokens=ec.max_model_len - budget,
-                              seed=ec.seed, backend=ec.engine.backend, engine_kwargs=engine_kwargs(model, ec.engine)))
+        key = hashlib.sha256(
+            json.dumps([content, kind, budget, ec.max_model_len, ec.seed, TRAIN_PROMPT_VERSION, ec.dtype]).encode()
+        ).hexdigest()[:16]
+        model = ModelConfig(
+            path=path,
+            revision=revision,
+            dtype=ec.dtype,
+            max_model_len=ec.max_model_len,
+            trust_remote_code=st.trust_remote_code,
+        )
+        out.append(
+            EvalTarget(
+                name,
+                path,
+                kind,
+                key,
+                max_tokens=budget,
+                max_prompt_tokens=ec.max_model_len - budget,
+                seed=ec.seed,
+                backend=ec.engine.backend,
+                engine_kwargs=engine_kwargs(model, ec.engine),
+            )
+        )
 
     if ec.include_base:
         add("base", base, ec.base_prompt, f"base:{st.path}:{st.revision}", st.revision)
@@ -161,8 +207,13 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
                 if not os.path.exists(os.path.join(merged, "config.json")):
                     from raycat.lora_merge import merge_lora
 
-                    merge_lora(base, model, merged, revision=st.revision,  # vLLM serves the merged weights
-                               trust_remote_code=st.trust_remote_code)
+                    merge_lora(
+                        base,
+                        model,
+                        merged,
+                        revision=st.revision,  # vLLM serves the merged weights
+                        trust_remote_code=st.trust_remote_code,
+                    )
                 model = merged
             add(f"{recipe}/{phase.name}", model, phase.target, rundir.read_json(done)["hash"] + _dir_hash(model), None)
     return out
@@ -173,8 +224,9 @@ def test_rows(cfg: RaycatConfig) -> pd.DataFrame:
     if not rundir.exists(path):
         if not rundir.exists(rundir.join(cfg.run_dir, "split", "thresholds.json")):
             raise MissingInputError(f"{path} not found: run `raycat split` with this config first")
-        raise MissingInputError(f"{path} not found: the split has no held-out set; set split.test_fraction > 0 "
-                                "and rerun `raycat split`")
+        raise MissingInputError(
+            f"{path} not found: the split has no held-out set; set split.test_fraction > 0 and rerun `raycat split`"
+        )
     df = rundir.read_parquet(path)
     if cfg.eval.limit is not None and cfg.eval.limit < len(df):
         df = df.sample(n=cfg.eval.limit, random_state=cfg.eval.seed).sort_index()
@@ -201,17 +253,29 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, done: list[EvalTarget], wall
         got = got[got["id"].isin(set(rows["id"]))]
         frames.append(got)
         scored = got[got["skip_reason"].fillna("") == ""]
-        metrics[t.name] = {**accuracy_table(scored, ec.bootstrap_resamples, ec.seed), "kind": t.kind,
-                           "path": t.path, "cache_key": t.key, "skipped": int(len(got) - len(scored)),
-                           "mean_completion_tokens": float(scored["completion_tokens"].mean()) if len(scored) else None}
+        metrics[t.name] = {
+            **accuracy_table(scored, ec.bootstrap_resamples, ec.seed),
+            "kind": t.kind,
+            "path": t.path,
+            "cache_key": t.key,
+            "skipped": int(len(got) - len(scored)),
+            "mean_completion_tokens": float(scored["completion_tokens"].mean()) if len(scored) else None,
+        }
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PART_COLUMNS)
     d = rundir.join(cfg.run_dir, "eval")
     rundir.write_parquet(rundir.join(d, "eval.parquet"), out)
-    result = {"test_rows": int(len(rows)), "models": metrics,
-              "provenance": {"prompt_version": TRAIN_PROMPT_VERSION, "greedy": True, "seed": ec.seed,
-                             "bootstrap_resamples": ec.bootstrap_resamples,
-                             "bands": "the student's pre-training entropy bands (split thresholds)"},
-              "wall_s": round(wall_s, 2)}
+    result = {
+        "test_rows": int(len(rows)),
+        "models": metrics,
+        "provenance": {
+            "prompt_version": TRAIN_PROMPT_VERSION,
+            "greedy": True,
+            "seed": ec.seed,
+            "bootstrap_resamples": ec.bootstrap_resamples,
+            "bands": "the student's pre-training entropy bands (split thresholds)",
+        },
+        "wall_s": round(wall_s, 2),
+    }
     rundir.write_json(rundir.join(d, "metrics.json"), result)
     return result
 

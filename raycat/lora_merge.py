@@ -23,8 +23,9 @@ def localize(path: str) -> str:
     return local
 
 
-def merge_lora(base_dir: str, adapter_dir: str, out_dir: str, *, revision: str | None = None,
-               trust_remote_code: bool = False) -> str:
+def merge_lora(
+    base_dir: str, adapter_dir: str, out_dir: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> str:
     """The adapter in ``adapter_dir`` merged into ``base_dir``'s weights, saved (with the adapter's
     tokenizer) as a plain HF model dir at ``out_dir`` (local or cloud); returns ``out_dir``.
     ``revision`` and ``trust_remote_code`` apply to the base model, as when it was trained."""

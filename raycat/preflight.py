@@ -48,8 +48,9 @@ def version_problems(cfg: RaycatConfig) -> tuple[list[str], list[str]]:
             continue
         if not _in_range(v, lo, hi):
             warnings.append(f"{pkg} {v} is outside the tested range {lo}..{hi}")
-    engines = [cfg.score.engine, cfg.eval.engine] + ([t.engine for t in cfg.teach.teachers if t.api is None]
-                                                     if cfg.teach else [])
+    engines = [cfg.score.engine, cfg.eval.engine] + (
+        [t.engine for t in cfg.teach.teachers if t.api is None] if cfg.teach else []
+    )
     if any(e.backend == "vllm" for e in engines):
         found = {}
         for dist in VLLM_TESTED:
@@ -58,8 +59,10 @@ def version_problems(cfg: RaycatConfig) -> tuple[list[str], list[str]]:
             except metadata.PackageNotFoundError:
                 pass
         if not found:
-            errors.append("an engine uses backend 'vllm' but vllm is not installed (pip install -e '.[cpu]' on "
-                          "CPU, '.[gpu]' on GPU), or set the engines' backend to 'transformers'")
+            errors.append(
+                "an engine uses backend 'vllm' but vllm is not installed (pip install -e '.[cpu]' on "
+                "CPU, '.[gpu]' on GPU), or set the engines' backend to 'transformers'"
+            )
         for dist, v in found.items():
             lo, hi = VLLM_TESTED[dist]
             if not _in_range(v, lo, hi):
@@ -77,8 +80,10 @@ def stage_asks(cfg: RaycatConfig) -> dict[str, dict[str, float]]:
     asks = {"score": _engine_ask(cfg.score.engine), "eval": _engine_ask(cfg.eval.engine)}
     if cfg.teach:
         local = [t.engine for t in cfg.teach.teachers if t.api is None]
-        asks["teach"] = {"CPU": max([_engine_ask(e)["CPU"] for e in local] or [0.25]),
-                         "GPU": max([_engine_ask(e)["GPU"] for e in local] or [0])}
+        asks["teach"] = {
+            "CPU": max([_engine_ask(e)["CPU"] for e in local] or [0.25]),
+            "GPU": max([_engine_ask(e)["GPU"] for e in local] or [0]),
+        }
     t = cfg.train
     asks["train"] = {"CPU": t.cpus_per_worker * t.num_workers, "GPU": t.num_workers if t.device == "gpu" else 0}
     return asks

@@ -27,7 +27,8 @@ def say(stage: str, msg: str) -> None:
 @contextmanager
 def rows(label: str, total: int) -> Iterator[Callable[[int], None]]:
     """A progress bar for ``total`` rows; yields ``advance(n)``."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
         task = progress.add_task(escape(label), total=total)
         yield lambda n: progress.advance(task, n)

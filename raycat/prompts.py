@@ -39,15 +39,15 @@ def answer_labels(n: int, preset: str) -> list[str]:
     return option_labels(n, preset) + ([IDK_LABEL] if preset == "paper" else [])
 
 
-def messages_for(question: str, options: list[str], category: str, preset: str,
-                 system_prompt: str | None = None) -> list[dict[str, str]]:
+def messages_for(
+    question: str, options: list[str], category: str, preset: str, system_prompt: str | None = None
+) -> list[dict[str, str]]:
     about = f" about {category}" if category else ""
     # Only the user's system prompt has a {subject} slot; built-in texts are formatted once, so a
     # category containing braces is text, not a format field.
     custom = system_prompt.format(subject=category) if system_prompt is not None else None
     if not options:
-        return [{"role": "system", "content": custom or _FREE_FORM_SYSTEM},
-                {"role": "user", "content": question}]
+        return [{"role": "system", "content": custom or _FREE_FORM_SYSTEM}, {"role": "user", "content": question}]
     labels = option_labels(len(options), preset)
     body = "\n".join(f"{lab}. {opt}" for lab, opt in zip(labels, options, strict=True))
     if preset == "paper":
@@ -62,8 +62,16 @@ def messages_for(question: str, options: list[str], category: str, preset: str,
 def template_hash(tokenizer, preset: str, system_prompt: str | None) -> str:
     """Hash of everything that shapes the prompt tokens: chat template, preset texts, version."""
     h = hashlib.sha256()
-    for part in (tokenizer.chat_template or "", PROMPT_VERSION, preset, system_prompt or "",
-                 _LETTERS_SYSTEM, _PAPER_SYSTEM, _FREE_FORM_SYSTEM, type(tokenizer).__name__):
+    for part in (
+        tokenizer.chat_template or "",
+        PROMPT_VERSION,
+        preset,
+        system_prompt or "",
+        _LETTERS_SYSTEM,
+        _PAPER_SYSTEM,
+        _FREE_FORM_SYSTEM,
+        type(tokenizer).__name__,
+    ):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -110,8 +118,10 @@ def label_tokens(tokenizer, max_options: int, preset: str) -> LabelTokens:
             continue
         for t in found:
             if t in owner:
-                raise RaycatError(f"option labels {owner[t]!r} and {lab!r} share token id {t} in this tokenizer: "
-                                  "their probabilities cannot be told apart; use the other score.prompt.preset")
+                raise RaycatError(
+                    f"option labels {owner[t]!r} and {lab!r} share token id {t} in this tokenizer: "
+                    "their probabilities cannot be told apart; use the other score.prompt.preset"
+                )
             owner[t] = lab
         ids[lab] = tuple(found)
     return LabelTokens(ids=ids, multi_token=tuple(multi))
@@ -134,8 +144,10 @@ def teach_messages(question: str, options: list[str], category: str) -> list[dic
         return [{"role": "system", "content": _TEACH_FREE}, {"role": "user", "content": question}]
     body = "\n".join(f"{lab}. {opt}" for lab, opt in zip(LETTERS, options, strict=False))
     about = f" in {category}" if category else ""
-    return [{"role": "system", "content": _TEACH_MCQ.format(about=about)},
-            {"role": "user", "content": f"Question: {question}\nOptions:\n{body}"}]
+    return [
+        {"role": "system", "content": _TEACH_MCQ.format(about=about)},
+        {"role": "user", "content": f"Question: {question}\nOptions:\n{body}"},
+    ]
 
 
 def teach_template_hash(tokenizer) -> str:
@@ -151,13 +163,18 @@ def teach_template_hash(tokenizer) -> str:
 # Option labels here are always letters, whatever score.prompt.preset: the teacher's CoT ends in
 # [[LETTER]], and numeric ids make "10" two tokens in Qwen-style tokenizers (method.md 10.1).
 TRAIN_PROMPT_VERSION = "train-v1"
-_TRAIN_ANSWER_MCQ = ("The following is a multiple choice question{about}. "
-                     "Answer with only the letter of the correct option in [[LETTER]] format.")
+_TRAIN_ANSWER_MCQ = (
+    "The following is a multiple choice question{about}. "
+    "Answer with only the letter of the correct option in [[LETTER]] format."
+)
 _TRAIN_ANSWER_FREE = "Solve the following problem. Answer with only the final number in [[NUMBER]] format."
-_TRAIN_COT_MCQ = ("The following is a multiple choice question{about}. Think step by step, then give the "
-                  "final answer on the last line as [[LETTER]].")
-_TRAIN_COT_FREE = ("Solve the following problem. Think step by step, then give the final answer on the last "
-                   "line as [[NUMBER]].")
+_TRAIN_COT_MCQ = (
+    "The following is a multiple choice question{about}. Think step by step, then give the "
+    "final answer on the last line as [[LETTER]]."
+)
+_TRAIN_COT_FREE = (
+    "Solve the following problem. Think step by step, then give the final answer on the last line as [[NUMBER]]."
+)
 
 
 def train_messages(question: str, options: list[str], category: str, kind: str) -> list[dict[str, str]]:
@@ -170,8 +187,10 @@ def train_messages(question: str, options: list[str], category: str, kind: str) 
     about = f" about {category}" if category else ""
     system = (_TRAIN_ANSWER_MCQ if kind == "answer" else _TRAIN_COT_MCQ).format(about=about)
     body = "\n".join(f"{lab}. {opt}" for lab, opt in zip(LETTERS, options, strict=False))
-    return [{"role": "system", "content": system},
-            {"role": "user", "content": f"Question: {question}\nOptions:\n{body}"}]
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"Question: {question}\nOptions:\n{body}"},
+    ]
 
 
 def answer_target(gold: str) -> str:
@@ -181,8 +200,14 @@ def answer_target(gold: str) -> str:
 
 def train_template_hash(tokenizer) -> str:
     h = hashlib.sha256()
-    for part in (tokenizer.chat_template or "", TRAIN_PROMPT_VERSION, _TRAIN_ANSWER_MCQ, _TRAIN_ANSWER_FREE,
-                 _TRAIN_COT_MCQ, _TRAIN_COT_FREE):
+    for part in (
+        tokenizer.chat_template or "",
+        TRAIN_PROMPT_VERSION,
+        _TRAIN_ANSWER_MCQ,
+        _TRAIN_ANSWER_FREE,
+        _TRAIN_COT_MCQ,
+        _TRAIN_COT_FREE,
+    ):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]

@@ -23,9 +23,16 @@ def stage_questions(cfg: RaycatConfig) -> tuple[str, pd.DataFrame, dict]:
     quarantine = rundir.join(out, "quarantine.jsonl")
     if bad or rundir.exists(quarantine):
         rundir.write_text(quarantine, "".join(json.dumps(b) + "\n" for b in bad))
-    summary = {"source": d.source, "path": d.path, "rows_read": n_read, "valid": n_valid,
-               "selected": int(len(df)), "quarantined": len(bad),
-               "quarantine_reasons": pd.Series([b["field"] + ": " + b["reason"].split(" (")[0] for b in bad],
-                                               dtype=str).value_counts().to_dict()}
+    summary = {
+        "source": d.source,
+        "path": d.path,
+        "rows_read": n_read,
+        "valid": n_valid,
+        "selected": int(len(df)),
+        "quarantined": len(bad),
+        "quarantine_reasons": pd.Series([b["field"] + ": " + b["reason"].split(" (")[0] for b in bad], dtype=str)
+        .value_counts()
+        .to_dict(),
+    }
     rundir.write_json(rundir.join(out, "summary.json"), summary)
     return path, df, summary

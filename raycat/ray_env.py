@@ -18,8 +18,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         # "local" rather than a bare init: a stale cluster file must not attach us to a dead head.
         address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
         kwargs = {"num_cpus": cfg.num_cpus} if address == "local" and cfg.num_cpus else {}
-        ray.init(address=address, include_dashboard=False if address == "local" else None,
-                 log_to_driver=True, **kwargs)
+        ray.init(address=address, include_dashboard=False if address == "local" else None, log_to_driver=True, **kwargs)
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # raycat draws one rich progress bar per stage instead

@@ -31,21 +31,27 @@ RECIPES: dict[str, tuple[Phase, ...]] = {
     "complexity_aware": (Phase("phase1", ("easy", "medium"), "answer"), Phase("phase2", ("hard",), "cot")),
     "sft_all": (Phase("phase1", BANDS, "answer"),),
     "distill_all": (Phase("phase1", BANDS, "cot"),),
-    "curriculum": (Phase("phase1", ("easy",), "answer"), Phase("phase2", ("medium",), "answer"),
-                   Phase("phase3", ("hard",), "answer")),
+    "curriculum": (
+        Phase("phase1", ("easy",), "answer"),
+        Phase("phase2", ("medium",), "answer"),
+        Phase("phase3", ("hard",), "answer"),
+    ),
     "random_split": (Phase("phase1", ("easy", "medium"), "answer"), Phase("phase2", ("hard",), "cot")),
 }
 
-NO_COT = ("no teacher CoT for this row: the teacher failed on it (see teach/skipped.parquet) or teach.bands / "
-          "teach.limit did not cover it")
+NO_COT = (
+    "no teacher CoT for this row: the teacher failed on it (see teach/skipped.parquet) or teach.bands / "
+    "teach.limit did not cover it"
+)
 
 
 def needs_cot(recipe: str) -> bool:
     return any(p.target == "cot" for p in RECIPES[recipe])
 
 
-def select(recipe: str, bands: dict[str, pd.DataFrame], cot: pd.DataFrame | None,
-           seed: int) -> tuple[list[tuple[Phase, pd.DataFrame]], pd.DataFrame]:
+def select(
+    recipe: str, bands: dict[str, pd.DataFrame], cot: pd.DataFrame | None, seed: int
+) -> tuple[list[tuple[Phase, pd.DataFrame]], pd.DataFrame]:
     """(phase, rows) per phase in order, and the skipped rows with ``phase`` and ``skip_reason``.
 
     ``bands`` maps easy/medium/hard to the split stage's rows; ``cot`` has ``id, target`` (teach/cot.parquet).
@@ -62,8 +68,9 @@ def select(recipe: str, bands: dict[str, pd.DataFrame], cot: pd.DataFrame | None
     for phase, rows in zip(phases, chosen, strict=True):
         rows = rows.reset_index(drop=True).drop(columns=["target"], errors="ignore")
         if phase.target == "cot":
-            targets = (cot.drop_duplicates("id").set_index("id")["target"] if cot is not None
-                       else pd.Series(dtype=object))
+            targets = (
+                cot.drop_duplicates("id").set_index("id")["target"] if cot is not None else pd.Series(dtype=object)
+            )
             rows = rows.assign(target=rows["id"].map(targets))
             missing = rows["target"].isna()
             skipped.append(rows.loc[missing, ["id"]].assign(phase=phase.name, skip_reason=NO_COT))

@@ -15,8 +15,13 @@ from raycat.errors import MissingInputError
 
 BANDS = ("easy", "medium", "hard")
 # What the stages write that the report reads; a run directory with none of them has nothing to report.
-OUTPUTS = ("score/metrics.json", "score/scores.parquet", "split/thresholds.json", "teach/metrics.json",
-           "eval/metrics.json")
+OUTPUTS = (
+    "score/metrics.json",
+    "score/scores.parquet",
+    "split/thresholds.json",
+    "teach/metrics.json",
+    "eval/metrics.json",
+)
 
 
 def _read(run: str, *parts: str):
@@ -52,8 +57,9 @@ def plots(run: str) -> dict[str, bytes]:
         for ok, color, label in ((True, "tab:green", "correct"), (False, "tab:red", "wrong")):
             ax.hist(s.loc[s["correct"].astype(bool) == ok, "entropy"], bins=bins, alpha=0.6, color=color, label=label)
         if thresholds:
-            for t, name, ls in zip(thresholds["thresholds"], ("easy | medium", "medium | hard"), ("--", ":"),
-                                   strict=True):
+            for t, name, ls in zip(
+                thresholds["thresholds"], ("easy | medium", "medium | hard"), ("--", ":"), strict=True
+            ):
                 ax.axvline(t, color="k", ls=ls, lw=1, label=f"{name} at {t:.3f}")
         ax.set_xlabel("answer-token entropy (nats)")
         ax.set_ylabel("questions")
@@ -83,8 +89,10 @@ def plots(run: str) -> dict[str, bytes]:
             m = ev["models"][name]
             cells = [m["overall"], *(m["per_band"][b] for b in BANDS)]
             acc = [c["accuracy"] if c["n"] else 0.0 for c in cells]
-            err = [[max(0.0, a - c["ci95"][0]) if c["n"] else 0 for a, c in zip(acc, cells, strict=True)],
-                   [max(0.0, c["ci95"][1] - a) if c["n"] else 0 for a, c in zip(acc, cells, strict=True)]]
+            err = [
+                [max(0.0, a - c["ci95"][0]) if c["n"] else 0 for a, c in zip(acc, cells, strict=True)],
+                [max(0.0, c["ci95"][1] - a) if c["n"] else 0 for a, c in zip(acc, cells, strict=True)],
+            ]
             ax.bar(np.arange(len(groups)) + i * width, acc, width, yerr=err, capsize=2, label=name)
         ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
         ax.set_ylabel("accuracy (95% CI)")
@@ -97,8 +105,11 @@ def plots(run: str) -> dict[str, bytes]:
     if est:
         a = teach["accounting"]
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.bar(["complexity-aware\n(measured)", "distill all\n(estimate)"],
-               [a["prompt_tokens"] + a["completion_tokens"], est["tokens"]], color=["tab:blue", "tab:gray"])
+        ax.bar(
+            ["complexity-aware\n(measured)", "distill all\n(estimate)"],
+            [a["prompt_tokens"] + a["completion_tokens"], est["tokens"]],
+            color=["tab:blue", "tab:gray"],
+        )
         ax.set_ylabel("teacher tokens")
         ax.set_title(f"Teacher tokens: {est['saving_pct']:.1f}% saved")
         out["teacher_tokens.png"] = _png(fig)
@@ -128,8 +139,9 @@ def _loss_curves(run: str) -> list[tuple[str, list[int], list[float]]]:
             m = _read(run, "train", recipe, phase, "metrics.json")
             if not m or not m["history"]:
                 continue
-            out.append((f"{recipe}/{phase}", [offset + h["step"] for h in m["history"]],
-                        [h["loss"] for h in m["history"]]))
+            out.append(
+                (f"{recipe}/{phase}", [offset + h["step"] for h in m["history"]], [h["loss"] for h in m["history"]])
+            )
             offset += m["history"][-1]["step"]
     return out
 
@@ -145,30 +157,48 @@ def markdown(run: str, images: list[str]) -> str:
     sc, th = _read(run, "score", "metrics.json"), _read(run, "split", "thresholds.json")
     manifest = _read(run, "manifest.json")
     if sc:
-        lines += ["## Complexity estimate (student entropy)", "",
-                  "| metric | value | source |", "|---|---|---|",
-                  f"| questions scored | {sc['scored']} | score/metrics.json `scored` |",
-                  f"| student accuracy (single token) | {sc['accuracy']:.4f} | score/metrics.json `accuracy` |",
-                  f"| ROC AUC (−entropy → correct; paper ≈ 0.73) | "
-                  f"{'n/a' if sc['roc_auc'] is None else round(sc['roc_auc'], 4)} | score/metrics.json `roc_auc` |"]
+        lines += [
+            "## Complexity estimate (student entropy)",
+            "",
+            "| metric | value | source |",
+            "|---|---|---|",
+            f"| questions scored | {sc['scored']} | score/metrics.json `scored` |",
+            f"| student accuracy (single token) | {sc['accuracy']:.4f} | score/metrics.json `accuracy` |",
+            f"| ROC AUC (−entropy → correct; paper ≈ 0.73) | "
+            f"{'n/a' if sc['roc_auc'] is None else round(sc['roc_auc'], 4)} | score/metrics.json `roc_auc` |",
+        ]
         if th:
-            lines.append(f"| band thresholds (nats) | {th['thresholds'][0]:.4f} / {th['thresholds'][1]:.4f} | "
-                         "split/thresholds.json `thresholds` |")
-            lines.append(f"| train rows easy / medium / hard | {th['counts']['easy']} / {th['counts']['medium']} / "
-                         f"{th['counts']['hard']} | split/thresholds.json `counts` |")
-            lines.append(f"| test rows easy / medium / hard | {th['test_counts']['easy']} / "
-                         f"{th['test_counts']['medium']} / {th['test_counts']['hard']} | split/thresholds.json "
-                         "`test_counts` |")
+            lines.append(
+                f"| band thresholds (nats) | {th['thresholds'][0]:.4f} / {th['thresholds'][1]:.4f} | "
+                "split/thresholds.json `thresholds` |"
+            )
+            lines.append(
+                f"| train rows easy / medium / hard | {th['counts']['easy']} / {th['counts']['medium']} / "
+                f"{th['counts']['hard']} | split/thresholds.json `counts` |"
+            )
+            lines.append(
+                f"| test rows easy / medium / hard | {th['test_counts']['easy']} / "
+                f"{th['test_counts']['medium']} / {th['test_counts']['hard']} | split/thresholds.json "
+                "`test_counts` |"
+            )
         lines.append("")
     ev = _read(run, "eval", "metrics.json")
     if ev:
-        lines += ["## Accuracy on held-out questions (greedy; 95% bootstrap CI)", "",
-                  f"{ev['test_rows']} test questions; bands are the student's own pre-training entropy bands. "
-                  "Source: eval/metrics.json `models.<model>`.", "",
-                  "| model | prompt | overall | easy | medium | hard | unparsed |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Accuracy on held-out questions (greedy; 95% bootstrap CI)",
+            "",
+            f"{ev['test_rows']} test questions; bands are the student's own pre-training entropy bands. "
+            "Source: eval/metrics.json `models.<model>`.",
+            "",
+            "| model | prompt | overall | easy | medium | hard | unparsed |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, m in ev["models"].items():
-            lines.append(f"| {name} | {m['kind']} | {_fmt_acc(m['overall'])} | "
-                         + " | ".join(_fmt_acc(m["per_band"][b]) for b in BANDS) + f" | {m['overall']['unparsed']} |")
+            lines.append(
+                f"| {name} | {m['kind']} | {_fmt_acc(m['overall'])} | "
+                + " | ".join(_fmt_acc(m["per_band"][b]) for b in BANDS)
+                + f" | {m['overall']['unparsed']} |"
+            )
         lines.append("")
     te = _read(run, "teach", "metrics.json")
     if te:
@@ -176,22 +206,32 @@ def markdown(run: str, images: list[str]) -> str:
         lines += ["## Teacher", "", "| metric | value | source |", "|---|---|---|"]
         for status, n in sorted(te["status"].items()):
             lines.append(f"| rows {status} | {n} | teach/metrics.json `status.{status}` |")
-        lines.append(f"| prompt / completion tokens | {a['prompt_tokens']} / {a['completion_tokens']} | "
-                     "teach/metrics.json `accounting` |")
+        lines.append(
+            f"| prompt / completion tokens | {a['prompt_tokens']} / {a['completion_tokens']} | "
+            "teach/metrics.json `accounting` |"
+        )
         est = a.get("distill_all_estimate")
         if est:
-            lines.append(f"| distill-all tokens (estimate over {a['pool_rows']} pool rows) | {est['tokens']:.0f} | "
-                         "teach/metrics.json `accounting.distill_all_estimate.tokens` |")
-            lines.append(f"| teacher tokens saved | {est['saving_pct']:.1f}% | "
-                         "teach/metrics.json `accounting.distill_all_estimate.saving_pct` |")
+            lines.append(
+                f"| distill-all tokens (estimate over {a['pool_rows']} pool rows) | {est['tokens']:.0f} | "
+                "teach/metrics.json `accounting.distill_all_estimate.tokens` |"
+            )
+            lines.append(
+                f"| teacher tokens saved | {est['saving_pct']:.1f}% | "
+                "teach/metrics.json `accounting.distill_all_estimate.saving_pct` |"
+            )
         for name, d in a["per_teacher"].items():
             if "cost" in d:
                 lines.append(f"| cost, {name} | {d['cost']:.4f} {d['currency']} | teach/metrics.json |")
         lines.append("")
     recipes = _recipes(run)
     if recipes:
-        lines += ["## Training", "", "| recipe / phase | rows | steps | loss first → last | tokens/s | padding | "
-                  "wall s | source |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Training",
+            "",
+            "| recipe / phase | rows | steps | loss first → last | tokens/s | padding | wall s | source |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for recipe in recipes:
             for phase in ("phase1", "phase2", "phase3"):
                 m = _read(run, "train", recipe, phase, "metrics.json")
@@ -200,8 +240,10 @@ def markdown(run: str, images: list[str]) -> str:
                 loss = f"{m['first_loss']:.4f} → {m['last_loss']:.4f}" if m["steps"] else "–"
                 tps = f"{m['mean_tokens_per_s']:.0f}" if m["mean_tokens_per_s"] else "–"
                 pad = f"{m['padding_waste']:.1%}" if m["padding_waste"] is not None else "–"
-                lines.append(f"| {recipe}/{phase} | {m['examples']} | {m['steps']} | {loss} | {tps} | {pad} | "
-                             f"{m['wall_s']} | train/{recipe}/{phase}/metrics.json |")
+                lines.append(
+                    f"| {recipe}/{phase} | {m['examples']} | {m['steps']} | {loss} | {tps} | {pad} | "
+                    f"{m['wall_s']} | train/{recipe}/{phase}/metrics.json |"
+                )
         lines.append("")
     if manifest:
         lines += ["## Stages", "", "| stage | status | hash | wall s |", "|---|---|---|---|"]
@@ -214,9 +256,14 @@ def markdown(run: str, images: list[str]) -> str:
         lines.append("")
     if images:
         lines += ["## Plots", ""] + [x for n in images for x in (f"![{n}](plots/{n})", "")]
-    lines += ["## Provenance", "", f"Everything above is read from `{run}`: the run's resolved config is "
-              "`config.yaml`; each stage's inputs, model and template hashes are in its `metrics.json` and "
-              "`manifest.json`. Rebuild with `raycat report " + run + "`.", ""]
+    lines += [
+        "## Provenance",
+        "",
+        f"Everything above is read from `{run}`: the run's resolved config is "
+        "`config.yaml`; each stage's inputs, model and template hashes are in its `metrics.json` and "
+        "`manifest.json`. Rebuild with `raycat report " + run + "`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -234,10 +281,14 @@ def _md_to_html(md: str, images: dict[str, bytes]) -> str:
                 data = base64.b64encode(images[src.removeprefix("plots/")]).decode()
                 child.attrSet("src", f"data:image/png;base64,{data}")
     body = mdit.renderer.render(tokens, mdit.options, {})
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>raycat report</title><style>{style}</style>" \
-           f"</head><body>{body}</body></html>\n"
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>raycat report</title><style>{style}</style>"
+        f"</head><body>{body}</body></html>\n"
+    )
 
 
 def build(run: str) -> dict:
@@ -248,8 +299,10 @@ def build(run: str) -> dict:
     if not rundir.exists(run):
         raise MissingInputError(f"run directory {run} does not exist")
     if not (any(rundir.exists(rundir.join(run, o)) for o in OUTPUTS) or _recipes(run)):
-        raise MissingInputError(f"run directory {run} holds no stage outputs to report on (looked for "
-                          f"{', '.join(OUTPUTS)} and train/<recipe>/)")
+        raise MissingInputError(
+            f"run directory {run} holds no stage outputs to report on (looked for "
+            f"{', '.join(OUTPUTS)} and train/<recipe>/)"
+        )
     images = plots(run)
     d = rundir.join(run, "report")
     for name, data in images.items():
@@ -257,7 +310,10 @@ def build(run: str) -> dict:
     md = markdown(run, list(images))
     rundir.write_text(rundir.join(d, "report.md"), md)
     rundir.write_text(rundir.join(d, "report.html"), _md_to_html(md, images))
-    summary = {"report_md": rundir.join(d, "report.md"), "report_html": rundir.join(d, "report.html"),
-               "plots": sorted(images)}
+    summary = {
+        "report_md": rundir.join(d, "report.md"),
+        "report_html": rundir.join(d, "report.html"),
+        "plots": sorted(images),
+    }
     rundir.write_text(rundir.join(d, "index.json"), json.dumps(summary, indent=2) + "\n")
     return summary

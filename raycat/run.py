@@ -26,8 +26,9 @@ STAGES = ("score", "split", "teach", "train", "eval", "report")
 Show = Callable[[str, dict], None]  # (stage, its result) → the CLI's table
 
 
-def run_stage(stage: str, cfg: RaycatConfig, recipes: list[str] | None = None,
-              show: Show = lambda stage, result: None) -> None:
+def run_stage(
+    stage: str, cfg: RaycatConfig, recipes: list[str] | None = None, show: Show = lambda stage, result: None
+) -> None:
     """Run one stage's driver; ``recipes`` (default: ``train.recipe``) for train and eval."""
     # Imported here, not at the top: `raycat --help` / show-config must not pay for torch and sklearn.
     from raycat import evaluate, report, score, split, teach, train
@@ -85,8 +86,9 @@ def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):
 def stage_hashes(cfg: RaycatConfig, recipes: list[str]) -> dict[str, str]:
     out, up = {}, ""
     for stage in STAGES:
-        up = hashlib.sha256(json.dumps([up, stage, _section(cfg, stage, recipes)], sort_keys=True,
-                                       default=str).encode()).hexdigest()[:16]
+        up = hashlib.sha256(
+            json.dumps([up, stage, _section(cfg, stage, recipes)], sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
         out[stage] = up
     return out
 
@@ -96,7 +98,7 @@ def plan(cfg: RaycatConfig, recipes: list[str], manifest: dict, start: str | Non
     hashes = stage_hashes(cfg, recipes)
     forced = set()
     if start:
-        forced = set(STAGES[STAGES.index(start):])
+        forced = set(STAGES[STAGES.index(start) :])
     if only:
         forced = {only}
     steps = []
@@ -122,8 +124,13 @@ def read_manifest(cfg: RaycatConfig) -> dict:
     return rundir.read_json(path) if rundir.exists(path) else {"stages": {}}
 
 
-def run(cfg: RaycatConfig, recipes: list[str], start: str | None = None, only: str | None = None,
-        show: Show = lambda stage, result: None) -> dict:
+def run(
+    cfg: RaycatConfig,
+    recipes: list[str],
+    start: str | None = None,
+    only: str | None = None,
+    show: Show = lambda stage, result: None,
+) -> dict:
     """Run the stage graph for ``recipes``: every stage whose hash changed (or ``start`` onwards, or
     ``only``), in one Ray session. Returns the manifest."""
     from raycat.preflight import resource_problems, version_problems

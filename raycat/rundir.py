@@ -108,9 +108,11 @@ def list_files(directory: str, suffix: str) -> list[str]:
         return []
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
     prefix = directory.rstrip("/")
-    return sorted(f"{prefix}/{i.base_name}" for i in infos
-                  if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
-                  and not i.base_name.startswith(".tmp-"))
+    return sorted(
+        f"{prefix}/{i.base_name}"
+        for i in infos
+        if i.type == pafs.FileType.File and i.base_name.endswith(suffix) and not i.base_name.startswith(".tmp-")
+    )
 
 
 def write_parts(batches: Iterable[pd.DataFrame], directory: str, on_rows: Callable[[int], None]) -> int:

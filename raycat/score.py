@@ -32,9 +32,23 @@ from raycat.prompts import (
 )
 
 OUTPUT_COLUMNS = [
-    "id", "status", "skip_reason", "entropy", "entropy_options", "entropy_full", "entropy_topk",
-    "entropy_topk_bound", "predicted", "correct", "idk", "option_mass", "option_probs", "greedy_text",
-    "prompt_tokens", "gold", "category",
+    "id",
+    "status",
+    "skip_reason",
+    "entropy",
+    "entropy_options",
+    "entropy_full",
+    "entropy_topk",
+    "entropy_topk_bound",
+    "predicted",
+    "correct",
+    "idk",
+    "option_mass",
+    "option_probs",
+    "greedy_text",
+    "prompt_tokens",
+    "gold",
+    "category",
 ]
 
 
@@ -64,10 +78,18 @@ class ScorePlan:
 
 def cache_key(cfg: RaycatConfig, model_path: str, template_hash: str) -> str:
     s = cfg.score
-    parts = {"model": model_path, "revision": s.student.revision, "dtype": s.student.dtype,
-             "template": template_hash, "prompt_version": PROMPT_VERSION, "mode": s.entropy_mode,
-             "top_k": s.top_k if s.entropy_mode == "topk" else None, "preset": s.prompt.preset,
-             "system_prompt": s.prompt.system_prompt, "free_form_max_tokens": s.free_form_max_tokens}
+    parts = {
+        "model": model_path,
+        "revision": s.student.revision,
+        "dtype": s.student.dtype,
+        "template": template_hash,
+        "prompt_version": PROMPT_VERSION,
+        "mode": s.entropy_mode,
+        "top_k": s.top_k if s.entropy_mode == "topk" else None,
+        "preset": s.prompt.preset,
+        "system_prompt": s.prompt.system_prompt,
+        "free_form_max_tokens": s.free_form_max_tokens,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -79,8 +101,13 @@ def deviation_sample(ids: pd.Series, n: int) -> frozenset[str]:
 
 def row_result(res: ScoreResult, n_options: int, gold: str, mode: str, preset: str) -> dict:
     """Pure: one engine result → the output columns of one scored row."""
-    out: dict = {"entropy_full": res.entropy_full, "entropy_topk": res.entropy_topk,
-                 "entropy_topk_bound": res.entropy_topk_bound, "greedy_text": res.greedy_text, "idk": False}
+    out: dict = {
+        "entropy_full": res.entropy_full,
+        "entropy_topk": res.entropy_topk,
+        "entropy_topk_bound": res.entropy_topk_bound,
+        "greedy_text": res.greedy_text,
+        "idk": False,
+    }
     if n_options:
         lp = np.asarray(res.option_logprobs)
         probs, mass = options_distribution(lp)
@@ -111,8 +138,9 @@ class RenderPrompts:
         from transformers import AutoTokenizer
 
         self.plan = plan
-        self.tok = AutoTokenizer.from_pretrained(plan.model_path, revision=plan.revision,
-                                                 trust_remote_code=plan.trust_remote_code)
+        self.tok = AutoTokenizer.from_pretrained(
+            plan.model_path, revision=plan.revision, trust_remote_code=plan.trust_remote_code
+        )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan
@@ -125,11 +153,14 @@ class RenderPrompts:
                 reason = "free-form question has no options to score; use score.entropy_mode=full or topk"
             elif opts and p.labels.groups(len(opts), p.preset) is None:
                 bad = [lab for lab in p.labels.multi_token if lab in answer_labels(len(opts), p.preset)]
-                reason = (f"option label(s) {bad} are not single tokens for this tokenizer; "
-                          "use score.prompt.preset=letters")
+                reason = (
+                    f"option label(s) {bad} are not single tokens for this tokenizer; use score.prompt.preset=letters"
+                )
             elif len(prompt) >= p.max_prompt_tokens:
-                reason = (f"prompt has {len(prompt)} tokens, over score.student.max_model_len "
-                          f"({p.max_prompt_tokens}); raise it")
+                reason = (
+                    f"prompt has {len(prompt)} tokens, over score.student.max_model_len "
+                    f"({p.max_prompt_tokens}); raise it"
+                )
             ids.append(prompt)
             reasons.append(reason)
         out = batch.copy()
@@ -146,8 +177,9 @@ class ScoreBatch(engine_stage.EngineActor):
     def __init__(self, plan: ScorePlan):
         self.plan = plan
         need_full = plan.mode == "full" or bool(plan.sample_ids)
-        self.engine: Scorer = make_engine(plan.backend, plan.model_path, need_full=need_full,
-                                          **(plan.engine_kwargs or {}))
+        self.engine: Scorer = make_engine(
+            plan.backend, plan.model_path, need_full=need_full, **(plan.engine_kwargs or {})
+        )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan
@@ -157,15 +189,22 @@ class ScoreBatch(engine_stage.EngineActor):
         for i in todo:
             r = rows[i]
             groups = p.labels.groups(len(r["options"]), p.preset) if len(r["options"]) else []
-            requests.append(ScoreRequest(prompt_ids=list(r["prompt_ids"]), option_groups=groups,
-                                         want_full=r["id"] in p.sample_ids))
+            requests.append(
+                ScoreRequest(prompt_ids=list(r["prompt_ids"]), option_groups=groups, want_full=r["id"] in p.sample_ids)
+            )
         results = self.engine.score(requests, p.mode, p.top_k, p.free_form_max_tokens) if requests else []
         out = []
         scored = dict(zip(todo, results, strict=True))
         for i, r in enumerate(rows):
             row = {c: None for c in OUTPUT_COLUMNS}
-            row.update(id=r["id"], gold=r["gold"], category=r["category"], prompt_tokens=len(r["prompt_ids"]),
-                       option_probs=[], idk=False)
+            row.update(
+                id=r["id"],
+                gold=r["gold"],
+                category=r["category"],
+                prompt_tokens=len(r["prompt_ids"]),
+                option_probs=[],
+                idk=False,
+            )
             if i in scored:
                 row.update(row_result(scored[i], len(r["options"]), r["gold"], p.mode, p.preset))
                 row.update(status="scored", skip_reason="")
@@ -179,12 +218,14 @@ def done_ids(parts_dir: str) -> set[str]:
     return set(rundir.read_parts(parts_dir, OUTPUT_COLUMNS)["id"])
 
 
-def run_pipeline(plan: ScorePlan, pool: engine_stage.Pool, todo: pd.DataFrame, parts_dir: str,
-                 on_rows=lambda n: None) -> int:
+def run_pipeline(
+    plan: ScorePlan, pool: engine_stage.Pool, todo: pd.DataFrame, parts_dir: str, on_rows=lambda n: None
+) -> int:
     """Score ``todo``; write each finished block as an atomic part. Returns rows written."""
     # Rendering is light: a fraction of a CPU, so render + one engine fit on a 2-core machine.
-    return engine_stage.run("score", todo, ScoreBatch, plan, pool, parts_dir, on_rows,
-                            pre=[engine_stage.Prestage(RenderPrompts, plan)])
+    return engine_stage.run(
+        "score", todo, ScoreBatch, plan, pool, parts_dir, on_rows, pre=[engine_stage.Prestage(RenderPrompts, plan)]
+    )
 
 
 def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
@@ -195,18 +236,27 @@ def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
 
     s = cfg.score
     model_path = models.resolve(s.student.path)
-    tok = models.load_tokenizer(model_path, revision=s.student.revision,
-                                trust_remote_code=s.student.trust_remote_code, key="score.student.path")
+    tok = models.load_tokenizer(
+        model_path, revision=s.student.revision, trust_remote_code=s.student.trust_remote_code, key="score.student.path"
+    )
     n_max = int(questions["options"].map(len).max()) if len(questions) else 0
     th = template_hash(tok, s.prompt.preset, s.prompt.system_prompt)
     sample = frozenset() if s.entropy_mode == "full" else deviation_sample(questions["id"], s.deviation_sample)
     return ScorePlan(
-        model_path=model_path, revision=s.student.revision, trust_remote_code=s.student.trust_remote_code,
-        preset=s.prompt.preset, system_prompt=s.prompt.system_prompt,
-        labels=label_tokens(tok, max(n_max, 1), s.prompt.preset), template_hash=th,
-        cache_key=cache_key(cfg, s.student.path, th), sample_ids=sample,
-        max_prompt_tokens=s.student.max_model_len - s.free_form_max_tokens, mode=s.entropy_mode,
-        top_k=s.top_k, free_form_max_tokens=s.free_form_max_tokens, backend=s.engine.backend,
+        model_path=model_path,
+        revision=s.student.revision,
+        trust_remote_code=s.student.trust_remote_code,
+        preset=s.prompt.preset,
+        system_prompt=s.prompt.system_prompt,
+        labels=label_tokens(tok, max(n_max, 1), s.prompt.preset),
+        template_hash=th,
+        cache_key=cache_key(cfg, s.student.path, th),
+        sample_ids=sample,
+        max_prompt_tokens=s.student.max_model_len - s.free_form_max_tokens,
+        mode=s.entropy_mode,
+        top_k=s.top_k,
+        free_form_max_tokens=s.free_form_max_tokens,
+        backend=s.engine.backend,
         engine_kwargs=engine_kwargs(s.student, s.engine),
     )
 
@@ -236,10 +286,18 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions: pd.DataFrame, parts_
     metrics = score_metrics(df)
     metrics["missing"] = int(len(questions) - len(df))
     metrics["provenance"] = {
-        "model": s.student.path, "model_revision": s.student.revision, "resolved_model_path": plan.model_path,
-        "template_hash": plan.template_hash, "prompt_version": PROMPT_VERSION, "prompt_preset": plan.preset,
-        "entropy_mode": s.entropy_mode, "top_k": s.top_k, "logits": "raw (no generation-config processors)",
-        "engine": s.engine.backend, "dtype": s.student.dtype, "cache_key": plan.cache_key,
+        "model": s.student.path,
+        "model_revision": s.student.revision,
+        "resolved_model_path": plan.model_path,
+        "template_hash": plan.template_hash,
+        "prompt_version": PROMPT_VERSION,
+        "prompt_preset": plan.preset,
+        "entropy_mode": s.entropy_mode,
+        "top_k": s.top_k,
+        "logits": "raw (no generation-config processors)",
+        "engine": s.engine.backend,
+        "dtype": s.student.dtype,
+        "cache_key": plan.cache_key,
     }
     return metrics
 
@@ -258,13 +316,21 @@ def run(cfg: RaycatConfig) -> dict:
     parts = rundir.join(cfg.run_dir, "score", "parts", plan.cache_key)
     done = done_ids(parts) & set(questions["id"])
     todo = len(questions) - len(done)
-    progress.say("score", f"{len(questions)} questions ({qsum['quarantined']} quarantined), {len(done)} already "
-                 f"scored under key {plan.cache_key}, {todo} to do")
+    progress.say(
+        "score",
+        f"{len(questions)} questions ({qsum['quarantined']} quarantined), {len(done)} already "
+        f"scored under key {plan.cache_key}, {todo} to do",
+    )
     written = 0
     if todo:
         with ray_session(cfg.ray), progress.rows("scoring", todo) as advance:
-            written = run_pipeline(plan, engine_stage.Pool.of(cfg.score.engine),
-                                   questions[~questions["id"].isin(done)], parts, on_rows=advance)
+            written = run_pipeline(
+                plan,
+                engine_stage.Pool.of(cfg.score.engine),
+                questions[~questions["id"].isin(done)],
+                parts,
+                on_rows=advance,
+            )
     metrics = finalize(cfg, plan, questions, parts)
     metrics["questions"] = qsum
     metrics["wall_s"] = round(time.time() - t0, 2)

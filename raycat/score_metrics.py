@@ -18,8 +18,7 @@ def _f(x) -> float | None:
 def _deviation(approx: pd.Series, full: pd.Series) -> dict:
     diff = (approx - full).abs()
     rho = spearmanr(approx, full).statistic if len(full) > 2 else None
-    return {"n": int(len(full)), "mean_abs_nats": _f(diff.mean()), "max_abs_nats": _f(diff.max()),
-            "spearman": _f(rho)}
+    return {"n": int(len(full)), "mean_abs_nats": _f(diff.mean()), "max_abs_nats": _f(diff.max()), "spearman": _f(rho)}
 
 
 def score_metrics(df: pd.DataFrame, bins: int = 20) -> dict:
@@ -30,9 +29,10 @@ def score_metrics(df: pd.DataFrame, bins: int = 20) -> dict:
     correct = valid["correct"].astype(bool).to_numpy()
     ent = valid["entropy"].astype(float).to_numpy()
     m: dict = {
-        "rows": int(len(df)), "scored": int(len(scored)), "idk": int(idk.sum()),
-        "skipped": {str(k): int(v) for k, v in df.loc[df["status"] == "skipped", "skip_reason"]
-                    .value_counts().items()},
+        "rows": int(len(df)),
+        "scored": int(len(scored)),
+        "idk": int(idk.sum()),
+        "skipped": {str(k): int(v) for k, v in df.loc[df["status"] == "skipped", "skip_reason"].value_counts().items()},
         "accuracy": _f(correct.mean()) if len(valid) else None,
         "roc_auc": roc_auc(correct, ent) if len(valid) else None,
         "roc_auc_convention": "positive = correct answer, score = -entropy",
@@ -46,8 +46,12 @@ def score_metrics(df: pd.DataFrame, bins: int = 20) -> dict:
     m["per_category"] = cats
     if len(ent):
         counts, edges = np.histogram(ent, bins=bins)
-        m["entropy"] = {"mean": float(ent.mean()), "min": float(ent.min()), "max": float(ent.max()),
-                        "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
+        m["entropy"] = {
+            "mean": float(ent.mean()),
+            "min": float(ent.min()),
+            "max": float(ent.max()),
+            "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+        }
     mass = valid["option_mass"].dropna().astype(float)
     if len(mass):
         m["option_mass"] = {"mean": float(mass.mean()), "median": float(mass.median()), "min": float(mass.min())}

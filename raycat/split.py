@@ -55,15 +55,23 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
     bands = {b: pool[pool["band"] == b] for b in BANDS}
     before = {b: int(len(v)) for b, v in bands.items()}
     if cfg.balance_per_band is not None:
-        bands = {b: v.sample(n=min(cfg.balance_per_band, len(v)), random_state=cfg.seed).sort_index()
-                 for b, v in bands.items()}
+        bands = {
+            b: v.sample(n=min(cfg.balance_per_band, len(v)), random_state=cfg.seed).sort_index()
+            for b, v in bands.items()
+        }
     info = {
-        "method": method, "quantiles": list(cfg.quantiles) if method == "quantiles" else None,
-        "thresholds": [t_low, t_high], "rule": "easy < t_low <= medium < t_high <= hard",
-        "pool_rows": int(len(pool)), "test_rows": int(len(test)), "counts_before_balancing": before,
+        "method": method,
+        "quantiles": list(cfg.quantiles) if method == "quantiles" else None,
+        "thresholds": [t_low, t_high],
+        "rule": "easy < t_low <= medium < t_high <= hard",
+        "pool_rows": int(len(pool)),
+        "test_rows": int(len(test)),
+        "counts_before_balancing": before,
         "counts": {b: int(len(v)) for b, v in bands.items()},
         "test_counts": {b: int((test["band"] == b).sum()) for b in BANDS},
-        "balance_per_band": cfg.balance_per_band, "test_fraction": cfg.test_fraction, "seed": cfg.seed,
+        "balance_per_band": cfg.balance_per_band,
+        "test_fraction": cfg.test_fraction,
+        "seed": cfg.seed,
     }
     return bands, test, info
 

@@ -14,7 +14,7 @@ LETTERS = "ABCDEFGHIJ"
 def _distractors(answer: int, digits: int, k: int, rng: random.Random) -> list[int]:
     # Near misses a model could plausibly produce: off-by-small, off-by-ten, digit slips.
     candidates = {answer + d for d in (-2, -1, 1, 2, -10, 10, -100, 100, 11, -11)}
-    candidates |= {answer + rng.randint(-10 ** digits, 10 ** digits) for _ in range(20)}
+    candidates |= {answer + rng.randint(-(10**digits), 10**digits) for _ in range(20)}
     candidates = sorted(c for c in candidates if c != answer and c >= 0)
     rng.shuffle(candidates)
     return candidates[:k]
@@ -30,12 +30,14 @@ def generate_arithmetic(num_questions: int, max_digits: int, num_options: int, s
         answer = a + b
         options = [answer, *_distractors(answer, digits, num_options - 1, rng)]
         rng.shuffle(options)
-        rows.append({
-            "id": f"synthetic-{seed}-{i}",
-            "question": f"What is {a} + {b}?",
-            "options": [str(o) for o in options],
-            "gold": LETTERS[options.index(answer)],
-            "category": f"{digits}-digit",
-            "source": "synthetic",
-        })
+        rows.append(
+            {
+                "id": f"synthetic-{seed}-{i}",
+                "question": f"What is {a} + {b}?",
+                "options": [str(o) for o in options],
+                "gold": LETTERS[options.index(answer)],
+                "category": f"{digits}-digit",
+                "source": "synthetic",
+            }
+        )
     return rows

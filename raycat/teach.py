@@ -24,8 +24,20 @@ from raycat.errors import MissingInputError, RaycatError, StageFailed
 from raycat.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
 from raycat.teach_core import accounting, attempt_schedule, resolve, teach_rows
 
-PART_COLUMNS = ["id", "teacher", "response", "extracted", "status", "reason", "attempts", "prompt_tokens",
-                "completion_tokens", "engine_seconds", "gpu_seconds", "finish_reason"]
+PART_COLUMNS = [
+    "id",
+    "teacher",
+    "response",
+    "extracted",
+    "status",
+    "reason",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "engine_seconds",
+    "gpu_seconds",
+    "finish_reason",
+]
 
 
 @dataclass(frozen=True)
@@ -53,28 +65,52 @@ def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
         path, th = t.api.model or t.model.path, teach_template_hash(None)
         env = t.api.api_key_env
         if env and not os.environ.get(env):  # found here, on the driver, before any actor starts
-            raise RaycatError(f"environment variable {env} (teach api.api_key_env) is not set; export it before "
-                              "`raycat teach` (on a cluster: in the job's environment)")
+            raise RaycatError(
+                f"environment variable {env} (teach api.api_key_env) is not set; export it before "
+                "`raycat teach` (on a cluster: in the job's environment)"
+            )
     else:
         path = models.resolve(t.model.path)
-        tok = models.load_tokenizer(path, revision=t.model.revision, trust_remote_code=t.model.trust_remote_code,
-                                    key=f"teach teacher {t.model.path!r}")
+        tok = models.load_tokenizer(
+            path,
+            revision=t.model.revision,
+            trust_remote_code=t.model.trust_remote_code,
+            key=f"teach teacher {t.model.path!r}",
+        )
         th = teach_template_hash(tok)
     s = tc.sampling
-    schedule = tuple(attempt_schedule(Sampling(s.temperature, s.top_p, s.max_tokens, s.seed, s.n), tc.retries,
-                                      tc.retry_temperatures))
+    schedule = tuple(
+        attempt_schedule(Sampling(s.temperature, s.top_p, s.max_tokens, s.seed, s.n), tc.retries, tc.retry_temperatures)
+    )
     # "kept": which attempt a row keeps (teach_core.teach_rows); cached rows were chosen by that rule.
-    key_parts = {"model": t.model.path, "revision": t.model.revision, "dtype": t.model.dtype, "template": th,
-                 "prompt_version": TEACH_PROMPT_VERSION, "schedule": [asdict(x) for x in schedule],
-                 "kept": "best-then-first"}
+    key_parts = {
+        "model": t.model.path,
+        "revision": t.model.revision,
+        "dtype": t.model.dtype,
+        "template": th,
+        "prompt_version": TEACH_PROMPT_VERSION,
+        "schedule": [asdict(x) for x in schedule],
+        "kept": "best-then-first",
+    }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
-    return TeachPlan(name=t.model.path, model_path=path, revision=t.model.revision,
-                     trust_remote_code=t.model.trust_remote_code, template_hash=th, cache_key=key,
-                     schedule=schedule, max_prompt_tokens=t.model.max_model_len - s.max_tokens,
-                     gpus=(t.engine.tensor_parallel_size * t.engine.pipeline_parallel_size
-                           if t.engine.device == "gpu" and t.api is None else 0),
-                     api=t.api.model_dump() if t.api is not None else None, backend=t.engine.backend,
-                     engine_kwargs=engine_kwargs(t.model, t.engine))
+    return TeachPlan(
+        name=t.model.path,
+        model_path=path,
+        revision=t.model.revision,
+        trust_remote_code=t.model.trust_remote_code,
+        template_hash=th,
+        cache_key=key,
+        schedule=schedule,
+        max_prompt_tokens=t.model.max_model_len - s.max_tokens,
+        gpus=(
+            t.engine.tensor_parallel_size * t.engine.pipeline_parallel_size
+            if t.engine.device == "gpu" and t.api is None
+            else 0
+        ),
+        api=t.api.model_dump() if t.api is not None else None,
+        backend=t.engine.backend,
+        engine_kwargs=engine_kwargs(t.model, t.engine),
+    )
 
 
 INPUT_COLUMNS = ("id", "question", "options", "category", "gold")
@@ -96,8 +132,9 @@ class TeachBatch(engine_stage.EngineActor):
             return
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(plan.model_path, revision=plan.revision,
-                                                 trust_remote_code=plan.trust_remote_code)
+        self.tok = AutoTokenizer.from_pretrained(
+            plan.model_path, revision=plan.revision, trust_remote_code=plan.trust_remote_code
+        )
         self.engine = make_engine(plan.backend, plan.model_path, need_full=False, **(plan.engine_kwargs or {}))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -110,8 +147,10 @@ class TeachBatch(engine_stage.EngineActor):
             if self.tok is not None:
                 prompt = render_ids(self.tok, messages)
                 if len(prompt) >= p.max_prompt_tokens:
-                    reason = (f"prompt has {len(prompt)} tokens; model.max_model_len - sampling.max_tokens "
-                              f"is {p.max_prompt_tokens}")
+                    reason = (
+                        f"prompt has {len(prompt)} tokens; model.max_model_len - sampling.max_tokens "
+                        f"is {p.max_prompt_tokens}"
+                    )
             rows.append({"prompt": prompt, "n_options": len(opts), "gold": r["gold"], "skip_reason": reason})
         res = teach_rows(self.engine, rows, list(p.schedule))
         out = pd.DataFrame(res)
@@ -153,8 +192,12 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, pool: int, plans: list[Teach
     """Pick each row's result across the cascade, apply teach.on_wrong, write cot/skipped Parquet;
     returns the metrics (``run`` writes them)."""
     tc = cfg.teach
-    results = {p.name: read_cache(rundir.join(cfg.run_dir, "teach", "cache", p.cache_key))
-               .drop_duplicates("id").set_index("id") for p in plans}
+    results = {
+        p.name: read_cache(rundir.join(cfg.run_dir, "teach", "cache", p.cache_key))
+        .drop_duplicates("id")
+        .set_index("id")
+        for p in plans
+    }
     picked = []
     for _, r in rows.iterrows():
         chosen = None
@@ -167,8 +210,16 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, pool: int, plans: list[Teach
         if chosen is None:
             raise RaycatError(f"row {r['id']} has no teacher result; rerun `raycat teach` to finish it")
         final, target, reason = resolve(chosen["status"], chosen["response"], r["gold"], tc.on_wrong)
-        picked.append({**r.to_dict(), **chosen.to_dict(), "id": r["id"], "final_status": final,
-                       "target": target, "reason": "; ".join(x for x in (reason, chosen["reason"]) if x)})
+        picked.append(
+            {
+                **r.to_dict(),
+                **chosen.to_dict(),
+                "id": r["id"],
+                "final_status": final,
+                "target": target,
+                "reason": "; ".join(x for x in (reason, chosen["reason"]) if x),
+            }
+        )
     out = pd.DataFrame(picked)
     out["teach_prompt_version"] = TEACH_PROMPT_VERSION
     out["teacher_template_hash"] = out["teacher"].map({p.name: p.template_hash for p in plans})
@@ -177,17 +228,26 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, pool: int, plans: list[Teach
     rundir.write_parquet(rundir.join(d, "skipped.parquet"), out[out["target"].isna()])
     # Accounting counts every attempt of every teacher that worked on these rows.
     ids = set(rows["id"])
-    spent = pd.concat([r.reset_index().loc[lambda f: f["id"].isin(ids)] for r in results.values()],
-                      ignore_index=True)
-    prices = {t.model.path: (t.price.prompt_per_mtok, t.price.completion_per_mtok, t.price.currency)
-              if t.price else None for t in tc.teachers}
-    metrics = {"rows": int(len(out)), "bands": tc.bands,
-               "status": {s: int(n) for s, n in out["final_status"].value_counts().items()},
-               "attempt_status": {s: int(n) for s, n in out["status"].value_counts().items()},
-               "accounting": accounting(spent, pool, prices),
-               "provenance": {"prompt_version": TEACH_PROMPT_VERSION, "on_wrong": tc.on_wrong,
-                              "teachers": [{"model": p.name, "revision": p.revision, "cache_key": p.cache_key,
-                                            "template_hash": p.template_hash} for p in plans]}}
+    spent = pd.concat([r.reset_index().loc[lambda f: f["id"].isin(ids)] for r in results.values()], ignore_index=True)
+    prices = {
+        t.model.path: (t.price.prompt_per_mtok, t.price.completion_per_mtok, t.price.currency) if t.price else None
+        for t in tc.teachers
+    }
+    metrics = {
+        "rows": int(len(out)),
+        "bands": tc.bands,
+        "status": {s: int(n) for s, n in out["final_status"].value_counts().items()},
+        "attempt_status": {s: int(n) for s, n in out["status"].value_counts().items()},
+        "accounting": accounting(spent, pool, prices),
+        "provenance": {
+            "prompt_version": TEACH_PROMPT_VERSION,
+            "on_wrong": tc.on_wrong,
+            "teachers": [
+                {"model": p.name, "revision": p.revision, "cache_key": p.cache_key, "template_hash": p.template_hash}
+                for p in plans
+            ],
+        },
+    }
     failed = metrics["status"].get("failed", 0)
     metrics["failure_ratio"] = failed / len(out) if len(out) else 0.0
     return metrics
@@ -212,8 +272,11 @@ def run(cfg: RaycatConfig) -> dict:
         cache = rundir.join(cfg.run_dir, "teach", "cache", plan.cache_key)
         have = read_cache(cache)
         todo = rows[~rows["id"].isin(solved) & ~rows["id"].isin(set(have["id"]))]
-        progress.say("teach", f"({i + 1}/{len(plans)}) {plan.name}: {len(rows)} rows, {len(solved)} solved by "
-                     f"earlier teachers, {len(rows) - len(solved) - len(todo)} cached, {len(todo)} to generate")
+        progress.say(
+            "teach",
+            f"({i + 1}/{len(plans)}) {plan.name}: {len(rows)} rows, {len(solved)} solved by "
+            f"earlier teachers, {len(rows) - len(solved) - len(todo)} cached, {len(todo)} to generate",
+        )
         if len(todo):
             with ray_session(cfg.ray), progress.rows("teaching", len(todo)) as advance:
                 written += run_teacher(t, plan, todo, cache, on_rows=advance)
@@ -225,7 +288,11 @@ def run(cfg: RaycatConfig) -> dict:
     rundir.write_json(rundir.join(cfg.run_dir, "teach", "metrics.json"), m)
     save_config(cfg, "teach")
     if m["failure_ratio"] > cfg.teach.max_failure_ratio:
-        raise StageFailed("teach", f"{m['status'].get('failed', 0)} of {m['rows']} rows failed "
-                          f"({m['failure_ratio']:.0%} > teach.max_failure_ratio); finished rows are kept, see "
-                          "teach/skipped.parquet", m)
+        raise StageFailed(
+            "teach",
+            f"{m['status'].get('failed', 0)} of {m['rows']} rows failed "
+            f"({m['failure_ratio']:.0%} > teach.max_failure_ratio); finished rows are kept, see "
+            "teach/skipped.parquet",
+            m,
+        )
     return m

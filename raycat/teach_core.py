@@ -37,9 +37,20 @@ def teach_rows(engine: Generator, rows: list[dict], schedule: list[Sampling]) ->
     ``teach.on_wrong: keep`` the kept wrong response is the earliest, sampled at the schedule's first
     (normally lowest) temperature, not the last and most random retry.
     """
-    res = [{"response": None, "extracted": None, "status": "failed" if r["skip_reason"] else "no_answer",
-            "reason": r["skip_reason"], "attempts": 0, "prompt_tokens": 0, "completion_tokens": 0,
-            "engine_seconds": 0.0, "finish_reason": None} for r in rows]
+    res = [
+        {
+            "response": None,
+            "extracted": None,
+            "status": "failed" if r["skip_reason"] else "no_answer",
+            "reason": r["skip_reason"],
+            "attempts": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "engine_seconds": 0.0,
+            "finish_reason": None,
+        }
+        for r in rows
+    ]
     pending = [i for i, r in enumerate(rows) if not r["skip_reason"]]
     for sampling in schedule:
         if not pending:
@@ -51,7 +62,7 @@ def teach_rows(engine: Generator, rows: list[dict], schedule: list[Sampling]) ->
         stopped = set()
         for k, i in enumerate(pending):
             r = res[i]
-            samples = flat[k * n:(k + 1) * n]
+            samples = flat[k * n : (k + 1) * n]
             g = _best(samples, rows[i])
             if g.error is not None:
                 r["reason"] = g.error
@@ -73,11 +84,13 @@ def teach_rows(engine: Generator, rows: list[dict], schedule: list[Sampling]) ->
 
 def _best(samples: list, row: dict):
     """Of one attempt's n samples: a verified one, else one with an answer, else the first."""
+
     def rank(g):
         if g.error is not None:
             return 3
         got = extract_answer(g.text, int(row["n_options"]))
         return 0 if got == row["gold"] else (1 if got is not None else 2)
+
     return min(samples, key=rank)
 
 
@@ -99,17 +112,28 @@ def accounting(rows: pd.DataFrame, pool_size: int, prices: dict[str, tuple[float
     """Token, time and cost totals, and the labelled estimate of CoT for every pool row."""
     per_teacher = {}
     for name, g in rows.groupby("teacher"):
-        d = {"rows": int(len(g)), "attempts": int(g["attempts"].sum()),
-             "prompt_tokens": int(g["prompt_tokens"].sum()), "completion_tokens": int(g["completion_tokens"].sum()),
-             "engine_seconds": float(g["engine_seconds"].sum()), "gpu_seconds": float(g["gpu_seconds"].sum())}
+        d = {
+            "rows": int(len(g)),
+            "attempts": int(g["attempts"].sum()),
+            "prompt_tokens": int(g["prompt_tokens"].sum()),
+            "completion_tokens": int(g["completion_tokens"].sum()),
+            "engine_seconds": float(g["engine_seconds"].sum()),
+            "gpu_seconds": float(g["gpu_seconds"].sum()),
+        }
         price = prices.get(name)
         if price:
             d["cost"] = (d["prompt_tokens"] * price[0] + d["completion_tokens"] * price[1]) / 1e6
             d["currency"] = price[2]
         per_teacher[str(name)] = d
     total_p, total_c = int(rows["prompt_tokens"].sum()), int(rows["completion_tokens"].sum())
-    out = {"per_teacher": per_teacher, "prompt_tokens": total_p, "completion_tokens": total_c,
-           "total_tokens": total_p + total_c, "rows_taught": int(len(rows)), "pool_rows": int(pool_size)}
+    out = {
+        "per_teacher": per_teacher,
+        "prompt_tokens": total_p,
+        "completion_tokens": total_c,
+        "total_tokens": total_p + total_c,
+        "rows_taught": int(len(rows)),
+        "pool_rows": int(pool_size),
+    }
     costs = [d["cost"] for d in per_teacher.values() if "cost" in d]
     if costs:
         out["cost"] = float(sum(costs))
@@ -118,7 +142,8 @@ def accounting(rows: pd.DataFrame, pool_size: int, prices: dict[str, tuple[float
         est = mean_tokens * pool_size
         out["distill_all_estimate"] = {
             "label": "estimate: measured mean tokens per taught row x pool rows",
-            "mean_tokens_per_row": mean_tokens, "tokens": est,
+            "mean_tokens_per_row": mean_tokens,
+            "tokens": est,
             "saving_pct": 100.0 * (1 - (total_p + total_c) / est),
         }
         if costs:

@@ -72,17 +72,27 @@ class OpenAITeacher:
     async client is bound to an event loop, so the object keeps its own loop and runs each batch on it.
     """
 
-    def __init__(self, base_url: str, model: str, api_key_env: str | None, max_concurrency: int = 16,
-                 requests_per_second: float | None = None, tokens_per_minute: int | None = None,
-                 timeout_s: float = 120.0, max_retries: int = 5):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None,
+        max_concurrency: int = 16,
+        requests_per_second: float | None = None,
+        tokens_per_minute: int | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+    ):
         import openai
 
         key = "EMPTY"
         if api_key_env:
             key = os.environ.get(api_key_env, "")
             if not key:
-                raise RaycatError(f"environment variable {api_key_env} (teach api.api_key_env) is not set where the "
-                                   "teacher runs; export it before `raycat teach` (on a cluster: in the job's env)")
+                raise RaycatError(
+                    f"environment variable {api_key_env} (teach api.api_key_env) is not set where the "
+                    "teacher runs; export it before `raycat teach` (on a cluster: in the job's env)"
+                )
         self._key = key
         self.base_url, self.model = base_url, model
         self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
@@ -105,8 +115,9 @@ class OpenAITeacher:
         # apart from the answer. It is the CoT we distil: keep it, ahead of the answer, so the training
         # target has it and verification still reads the final [[answer]] (the last one in the text).
         extra = getattr(message, "model_extra", None) or {}
-        reasoning = getattr(message, "reasoning_content", None) or extra.get("reasoning_content") \
-            or extra.get("reasoning")
+        reasoning = (
+            getattr(message, "reasoning_content", None) or extra.get("reasoning_content") or extra.get("reasoning")
+        )
         if isinstance(reasoning, str) and reasoning.strip():
             return f"{reasoning.strip()}\n\n{content}"
         return content
@@ -117,9 +128,14 @@ class OpenAITeacher:
             await self._limiter.acquire(est)
             try:
                 r = await self._client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=sampling.temperature, top_p=sampling.top_p,
-                    max_tokens=sampling.max_tokens, seed=sampling.seed,
-                    **({"n": sampling.n} if sampling.n > 1 else {}))
+                    model=self.model,
+                    messages=messages,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_tokens,
+                    seed=sampling.seed,
+                    **({"n": sampling.n} if sampling.n > 1 else {}),
+                )
                 choices = list(getattr(r, "choices", None) or [])[: sampling.n]
                 if len(choices) < sampling.n:
                     raise BadResponse(f"server returned {len(choices)} choices for n={sampling.n}")
@@ -130,11 +146,15 @@ class OpenAITeacher:
                 return [Generation("", 0, 0, "error", error=err) for _ in range(sampling.n)]
         usage = r.usage
         # Usage is per request: book it on the first sample so totals stay exact.
-        return [Generation(text=self._text(c.message),
-                           prompt_tokens=(usage.prompt_tokens if usage else 0) if j == 0 else 0,
-                           completion_tokens=(usage.completion_tokens if usage else 0) if j == 0 else 0,
-                           finish_reason="length" if c.finish_reason == "length" else "stop")
-                for j, c in enumerate(choices)]
+        return [
+            Generation(
+                text=self._text(c.message),
+                prompt_tokens=(usage.prompt_tokens if usage else 0) if j == 0 else 0,
+                completion_tokens=(usage.completion_tokens if usage else 0) if j == 0 else 0,
+                finish_reason="length" if c.finish_reason == "length" else "stop",
+            )
+            for j, c in enumerate(choices)
+        ]
 
     async def _all(self, prompts: list[list[dict]], sampling: Sampling) -> list[Generation]:
         per_prompt = await asyncio.gather(*(self._one(m, sampling) for m in prompts))

@@ -69,8 +69,10 @@ def load_inputs(cfg: RaycatConfig) -> tuple[dict[str, pd.DataFrame], pd.DataFram
     cot_path = rundir.join(cfg.run_dir, "teach", "cot.parquet")
     cot = rundir.read_parquet(cot_path) if rundir.exists(cot_path) else None
     if cot is None and needs_cot(cfg.train.recipe):
-        raise MissingInputError(f"{cot_path} not found: recipe '{cfg.train.recipe}' trains on teacher CoT; run "
-                                "`raycat teach` first (teach.bands=all for distill_all / random_split)")
+        raise MissingInputError(
+            f"{cot_path} not found: recipe '{cfg.train.recipe}' trains on teacher CoT; run "
+            "`raycat teach` first (teach.bands=all for distill_all / random_split)"
+        )
     return bands, cot
 
 
@@ -79,9 +81,11 @@ def check_template(cfg: RaycatConfig, tokenizer, bands: dict[str, pd.DataFrame])
     mine = template_hash(tokenizer, cfg.score.prompt.preset, cfg.score.prompt.system_prompt)
     seen = set().union(*(set(b["template_hash"].dropna()) for b in bands.values() if "template_hash" in b))
     if seen and seen != {mine} and not cfg.train.allow_template_mismatch:
-        raise RaycatError(f"the student's chat template (hash {mine}) differs from the one the rows were scored "
-                         f"with ({', '.join(sorted(seen))}): rescore with this student, or set "
-                         "train.allow_template_mismatch=true to train anyway")
+        raise RaycatError(
+            f"the student's chat template (hash {mine}) differs from the one the rows were scored "
+            f"with ({', '.join(sorted(seen))}): rescore with this student, or set "
+            "train.allow_template_mismatch=true to train anyway"
+        )
     return mine
 
 
@@ -94,15 +98,22 @@ def model_shape(model_dir: str, trust_remote_code: bool) -> dict:
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
     text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
-    return {"params": sum(p.numel() for p in m.parameters()), "hidden": text.hidden_size,
-            "layers": text.num_hidden_layers, "vocab": text.vocab_size, "model": m}
+    return {
+        "params": sum(p.numel() for p in m.parameters()),
+        "hidden": text.hidden_size,
+        "layers": text.num_hidden_layers,
+        "vocab": text.vocab_size,
+        "model": m,
+    }
 
 
 def lora_trainable(meta_model, lora: dict) -> int:
     from peft import LoraConfig, get_peft_model
 
-    peft = get_peft_model(meta_model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
-                                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+    peft = get_peft_model(
+        meta_model,
+        LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"], task_type="CAUSAL_LM"),
+    )
     return sum(p.numel() for p in peft.parameters() if p.requires_grad)
 
 
@@ -112,23 +123,40 @@ def preflight(cfg: RaycatConfig, model_dir: str, phases: list[Phase]) -> dict:
 
     tc = cfg.train
     if tc.tracking != "none" and importlib.util.find_spec(tc.tracking) is None:
-        raise RaycatError(f"train.tracking={tc.tracking} needs the {tc.tracking} package: pip install {tc.tracking}, "
-                         "or set train.tracking=none")
+        raise RaycatError(
+            f"train.tracking={tc.tracking} needs the {tc.tracking} package: pip install {tc.tracking}, "
+            "or set train.tracking=none"
+        )
     shape = model_shape(model_dir, cfg.score.student.trust_remote_code)
     trainable = lora_trainable(shape["model"], tc.lora.model_dump()) if tc.method == "lora" else shape["params"]
     bf16 = _bf16(cfg)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     device_cap = tc.worker_memory_gib or (80.0 if tc.device == "gpu" else ram / tc.num_workers)
     host_cap = tc.host_memory_per_worker_gib or ram / tc.num_workers
-    out = {"params": shape["params"], "trainable_params": trainable, "device_capacity_gib": device_cap,
-           "host_capacity_gib": host_cap, "phases": {}}
+    out = {
+        "params": shape["params"],
+        "trainable_params": trainable,
+        "device_capacity_gib": device_cap,
+        "host_capacity_gib": host_cap,
+        "phases": {},
+    }
     for ph in phases:
         pc = tc.phase(ph.name)
-        est = estimate(total_params=shape["params"], trainable_params=trainable, world=tc.num_workers,
-                       zero_stage=tc.deepspeed.zero_stage, offload_optimizer=tc.deepspeed.offload_optimizer,
-                       offload_param=tc.deepspeed.offload_param, bf16=bf16, micro_batch_size=pc.micro_batch_size,
-                       max_length=pc.max_length, hidden_size=shape["hidden"], num_layers=shape["layers"],
-                       vocab_size=shape["vocab"], gradient_checkpointing=tc.gradient_checkpointing)
+        est = estimate(
+            total_params=shape["params"],
+            trainable_params=trainable,
+            world=tc.num_workers,
+            zero_stage=tc.deepspeed.zero_stage,
+            offload_optimizer=tc.deepspeed.offload_optimizer,
+            offload_param=tc.deepspeed.offload_param,
+            bf16=bf16,
+            micro_batch_size=pc.micro_batch_size,
+            max_length=pc.max_length,
+            hidden_size=shape["hidden"],
+            num_layers=shape["layers"],
+            vocab_size=shape["vocab"],
+            gradient_checkpointing=tc.gradient_checkpointing,
+        )
         out["phases"][ph.name] = est
         problem = check_fit(est, device_cap, host_cap, same_pool=tc.device == "cpu")
         if problem:
@@ -157,13 +185,25 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
         enc = enc.sample(frac=1.0, random_state=tc.seed).reset_index(drop=True)  # one seeded shuffle
         # Everything that changes the trained weights (not save/log cadence): rows, tokens, labels,
         # hyper-parameters, parallel layout, the student, and the previous phase's hash.
-        h = _hash({"prev": prev, "phase": phase.name, "target": phase.target, "rows": enc["id"].tolist(),
-                   "inputs": _hash(enc["input_ids"].map(list).tolist()),
-                   "labels": _hash(enc["labels"].map(list).tolist()), "hp": pc.model_dump(), "method": tc.method,
-                   "lora": tc.lora.model_dump() if tc.method == "lora" else None,
-                   "deepspeed": tc.deepspeed.model_dump(), "precision": _bf16(cfg), "workers": tc.num_workers,
-                   "student": cfg.score.student.model_dump(), "template": train_template_hash(tokenizer),
-                   "seed": tc.seed})
+        h = _hash(
+            {
+                "prev": prev,
+                "phase": phase.name,
+                "target": phase.target,
+                "rows": enc["id"].tolist(),
+                "inputs": _hash(enc["input_ids"].map(list).tolist()),
+                "labels": _hash(enc["labels"].map(list).tolist()),
+                "hp": pc.model_dump(),
+                "method": tc.method,
+                "lora": tc.lora.model_dump() if tc.method == "lora" else None,
+                "deepspeed": tc.deepspeed.model_dump(),
+                "precision": _bf16(cfg),
+                "workers": tc.num_workers,
+                "student": cfg.score.student.model_dump(),
+                "template": train_template_hash(tokenizer),
+                "seed": tc.seed,
+            }
+        )
         plans.append(PhasePlan(phase=phase, rows=rows, encoded=enc, hash=h, score_template_hash=th))
         prev = h
     return plans, pd.concat(skipped_frames, ignore_index=True)
@@ -174,15 +214,32 @@ def _loop_config(cfg: RaycatConfig, plan: PhasePlan, init: dict, total_steps: in
     # Workers do not share the driver's working directory.
     path = os.path.abspath(st.path) if os.path.exists(st.path) else st.path
     return LoopConfig(
-        student_path=path, student_revision=st.revision, trust_remote_code=st.trust_remote_code,
-        init_model=init["model"], init_adapter=init["adapter"], method=tc.method, lora=tc.lora.model_copy(),
-        zero_stage=tc.deepspeed.zero_stage, offload_optimizer=tc.deepspeed.offload_optimizer,
-        offload_param=tc.deepspeed.offload_param, bf16=_bf16(cfg), device=tc.device,
-        threads=max(1, int(tc.cpus_per_worker)), gradient_checkpointing=tc.gradient_checkpointing,
-        recipe=tc.recipe, phase_name=plan.phase.name, phase=tc.phase(plan.phase.name).model_copy(),
-        total_steps=total_steps, pad_id=pad_id, seed=tc.seed, save_steps=tc.save_steps,
-        log_every_steps=tc.log_every_steps, tracking=tc.tracking, tracking_uri=tc.tracking_uri,
-        tracking_project=tc.tracking_project)
+        student_path=path,
+        student_revision=st.revision,
+        trust_remote_code=st.trust_remote_code,
+        init_model=init["model"],
+        init_adapter=init["adapter"],
+        method=tc.method,
+        lora=tc.lora.model_copy(),
+        zero_stage=tc.deepspeed.zero_stage,
+        offload_optimizer=tc.deepspeed.offload_optimizer,
+        offload_param=tc.deepspeed.offload_param,
+        bf16=_bf16(cfg),
+        device=tc.device,
+        threads=max(1, int(tc.cpus_per_worker)),
+        gradient_checkpointing=tc.gradient_checkpointing,
+        recipe=tc.recipe,
+        phase_name=plan.phase.name,
+        phase=tc.phase(plan.phase.name).model_copy(),
+        total_steps=total_steps,
+        pad_id=pad_id,
+        seed=tc.seed,
+        save_steps=tc.save_steps,
+        log_every_steps=tc.log_every_steps,
+        tracking=tc.tracking,
+        tracking_uri=tc.tracking_uri,
+        tracking_project=tc.tracking_project,
+    )
 
 
 def fit_phase(cfg: RaycatConfig, plan: PhasePlan, init: dict, pad_id: int, phase_dir: str) -> FitResult:
@@ -196,8 +253,9 @@ def fit_phase(cfg: RaycatConfig, plan: PhasePlan, init: dict, pad_id: int, phase
     tc = cfg.train
     pc = tc.phase(plan.phase.name)
     frame, repeated = pad_to_world(plan.encoded, tc.num_workers, tc.seed)
-    total = total_steps(len(frame), tc.num_workers, pc.micro_batch_size, pc.gradient_accumulation_steps,
-                        pc.epochs, pc.max_steps)
+    total = total_steps(
+        len(frame), tc.num_workers, pc.micro_batch_size, pc.gradient_accumulation_steps, pc.epochs, pc.max_steps
+    )
     table = pa.Table.from_pandas(frame[["input_ids", "labels"]], preserve_index=False)
     step = max(1, math.ceil(len(frame) / 8))
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(frame), step)])
@@ -205,15 +263,18 @@ def fit_phase(cfg: RaycatConfig, plan: PhasePlan, init: dict, pad_id: int, phase
         train_loop,
         # Ray Train wants a dict here; the typed config travels inside it.
         train_loop_config={"loop": _loop_config(cfg, plan, init, total, pad_id)},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.device == "gpu",
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.device == "gpu", resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
         datasets={"train": ds},
         # Ordered, equal shards: a resumed worker skips exactly the micro-batches it already trained on.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=RunConfig(name=f"{plan.phase.name}-{plan.hash}",
-                             storage_path=rundir.absolute(rundir.join(phase_dir, "checkpoints")),
-                             failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep)),
+        run_config=RunConfig(
+            name=f"{plan.phase.name}-{plan.hash}",
+            storage_path=rundir.absolute(rundir.join(phase_dir, "checkpoints")),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
+        ),
     )
     return FitResult(result=trainer.fit(), repeated_rows=repeated, total_steps=total)
 
@@ -228,8 +289,13 @@ def export(cfg: RaycatConfig, result, phase_dir: str, base_dir: str) -> dict:
     out = {"model": model_dir, "state": state}
     if cfg.train.method == "lora" and cfg.train.lora.merge:
         st = cfg.score.student
-        out["merged"] = merge_lora(base_dir, model_dir, rundir.join(phase_dir, "merged"), revision=st.revision,
-                                   trust_remote_code=st.trust_remote_code)
+        out["merged"] = merge_lora(
+            base_dir,
+            model_dir,
+            rundir.join(phase_dir, "merged"),
+            revision=st.revision,
+            trust_remote_code=st.trust_remote_code,
+        )
     return out
 
 
@@ -241,20 +307,31 @@ def phase_metrics(plan: PhasePlan, fit: FitResult, state: dict, wall_s: float) -
     enc = plan.encoded
     padded = state["padded_tokens"]
     return {
-        "phase": plan.phase.name, "target": plan.phase.target, "bands": list(plan.phase.bands),
-        "hash": plan.hash, "rows": int(len(plan.rows)), "examples": int(len(enc)),
+        "phase": plan.phase.name,
+        "target": plan.phase.target,
+        "bands": list(plan.phase.bands),
+        "hash": plan.hash,
+        "rows": int(len(plan.rows)),
+        "examples": int(len(enc)),
         "repeated_rows_for_equal_shards": fit.repeated_rows,
         "truncated": int(enc["truncated"].sum()) if len(enc) else 0,
         "tokens": int(enc["num_tokens"].sum()) if len(enc) else 0,
         "target_tokens": int(enc["num_target_tokens"].sum()) if len(enc) else 0,
-        "steps": len(hist), "total_steps": fit.total_steps,
-        "first_loss": hist[0]["loss"] if hist else None, "last_loss": hist[-1]["loss"] if hist else None,
+        "steps": len(hist),
+        "total_steps": fit.total_steps,
+        "first_loss": hist[0]["loss"] if hist else None,
+        "last_loss": hist[-1]["loss"] if hist else None,
         "per_epoch": [{"epoch": e, "mean_loss": sum(v) / len(v), "steps": len(v)} for e, v in sorted(epochs.items())],
-        "mean_tokens_per_s": (sum(h["tokens"] for h in hist) / sum(h["tokens"] / h["tokens_per_s"] for h in hist)
-                              if hist and all(h["tokens_per_s"] > 0 for h in hist) else None),
+        "mean_tokens_per_s": (
+            sum(h["tokens"] for h in hist) / sum(h["tokens"] / h["tokens_per_s"] for h in hist)
+            if hist and all(h["tokens_per_s"] > 0 for h in hist)
+            else None
+        ),
         "padding_waste": 1 - state["real_tokens"] / padded if padded else None,
-        "resumed_from_step": state.get("resumed_from_step"), "init_fingerprint": state.get("init_fingerprint"),
-        "checkpoints": str(fit.result.path), "wall_s": round(wall_s, 2),
+        "resumed_from_step": state.get("resumed_from_step"),
+        "init_fingerprint": state.get("init_fingerprint"),
+        "checkpoints": str(fit.result.path),
+        "wall_s": round(wall_s, 2),
         "history": hist,
     }
 
@@ -271,21 +348,33 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
     tc, st = cfg.train, cfg.score.student
     base_dir = models.resolve(st.path)
     pre = preflight(cfg, base_dir, list(RECIPES[tc.recipe]))  # before Ray or any accelerator
-    say(f"pre-flight: {pre['params'] / 1e6:.1f}M parameters ({pre['trainable_params'] / 1e6:.2f}M trainable), "
-        + "; ".join(f"{k}: ~{v['device_gib_per_worker']:.2f} GiB/worker on device"
-                    + (f" + {v['host_gib_per_worker']:.2f} GiB host" if v["host_gib_per_worker"] else "")
-                    for k, v in pre["phases"].items())
-        + f" (capacity {pre['device_capacity_gib']:.1f} GiB)")
-    tok = models.load_tokenizer(base_dir, revision=st.revision, trust_remote_code=st.trust_remote_code,
-                                key="score.student.path")
+    say(
+        f"pre-flight: {pre['params'] / 1e6:.1f}M parameters ({pre['trainable_params'] / 1e6:.2f}M trainable), "
+        + "; ".join(
+            f"{k}: ~{v['device_gib_per_worker']:.2f} GiB/worker on device"
+            + (f" + {v['host_gib_per_worker']:.2f} GiB host" if v["host_gib_per_worker"] else "")
+            for k, v in pre["phases"].items()
+        )
+        + f" (capacity {pre['device_capacity_gib']:.1f} GiB)"
+    )
+    tok = models.load_tokenizer(
+        base_dir, revision=st.revision, trust_remote_code=st.trust_remote_code, key="score.student.path"
+    )
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     plans, skipped = plan_phases(cfg, tok, base_dir)
     root = rundir.join(cfg.run_dir, "train", tc.recipe)
     rundir.write_parquet(rundir.join(root, "skipped.parquet"), skipped)
-    summary = {"recipe": tc.recipe, "method": tc.method, "zero_stage": tc.deepspeed.zero_stage,
-               "num_workers": tc.num_workers, "preflight": pre, "skipped": skipped.groupby(
-                   ["phase", "skip_reason"]).size().reset_index(name="n").to_dict("records") if len(skipped) else [],
-               "phases": {}}
+    summary = {
+        "recipe": tc.recipe,
+        "method": tc.method,
+        "zero_stage": tc.deepspeed.zero_stage,
+        "num_workers": tc.num_workers,
+        "preflight": pre,
+        "skipped": skipped.groupby(["phase", "skip_reason"]).size().reset_index(name="n").to_dict("records")
+        if len(skipped)
+        else [],
+        "phases": {},
+    }
     init: dict = {"model": None, "adapter": None}
     ray_started = False
     with ExitStack() as stack:
@@ -299,13 +388,17 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                 status = "cached"
             else:
                 if len(plan.encoded) == 0:
-                    raise RaycatError(f"{name}: no rows to train on ({plan.phase.target} target, bands "
-                                      f"{'+'.join(plan.phase.bands)}); see {root}/skipped.parquet")
+                    raise RaycatError(
+                        f"{name}: no rows to train on ({plan.phase.target} target, bands "
+                        f"{'+'.join(plan.phase.bands)}); see {root}/skipped.parquet"
+                    )
                 if not ray_started:  # only when something is left to train
                     stack.enter_context(ray_session(cfg.ray))
                     ray_started = True
-                say(f"{name}: {len(plan.encoded)} examples ({plan.phase.target} target), "
-                    f"{tc.num_workers} worker(s), ZeRO-{tc.deepspeed.zero_stage}, {tc.method}")
+                say(
+                    f"{name}: {len(plan.encoded)} examples ({plan.phase.target} target), "
+                    f"{tc.num_workers} worker(s), ZeRO-{tc.deepspeed.zero_stage}, {tc.method}"
+                )
                 t0 = time.time()
                 from ray.train import TrainingFailedError
 
@@ -314,8 +407,10 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                     if getattr(fit.result, "error", None) is not None:
                         raise fit.result.error
                 except TrainingFailedError as e:  # the workers failed train.max_failures + 1 times
-                    raise RaycatError(f"{name} failed (after up to {tc.max_failures} restarts from its latest "
-                                      f"checkpoint; rerun the command to resume): {type(e).__name__}: {e}") from e
+                    raise RaycatError(
+                        f"{name} failed (after up to {tc.max_failures} restarts from its latest "
+                        f"checkpoint; rerun the command to resume): {type(e).__name__}: {e}"
+                    ) from e
                 exp = export(cfg, fit.result, pdir, base_dir)
                 m = phase_metrics(plan, fit, exp["state"], time.time() - t0)
                 if "merged" in exp:
@@ -323,8 +418,11 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                 rundir.write_json(rundir.join(pdir, "metrics.json"), m)
                 rundir.write_json(done_path, {"hash": plan.hash})
                 status = "trained"
-            summary["phases"][name] = {**{k: v for k, v in m.items() if k != "history"}, "status": status,
-                                       "model": rundir.join(pdir, "model")}
+            summary["phases"][name] = {
+                **{k: v for k, v in m.items() if k != "history"},
+                "status": status,
+                "model": rundir.join(pdir, "model"),
+            }
             model_dir = rundir.absolute(rundir.join(pdir, "model"))  # workers have their own cwd
             lora = tc.method == "lora"
             init = {"model": None if lora else model_dir, "adapter": model_dir if lora else None}

@@ -49,8 +49,10 @@ def stop_token_ids(tokenizer, model_dir: str | None = None, *, revision: str | N
             eos = None
         ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
     if not ids:
-        raise TemplateError("the student tokenizer has no EOS token and generation_config.json names none; "
-                            "set eos_token in tokenizer_config.json so training can teach the model to stop")
+        raise TemplateError(
+            "the student tokenizer has no EOS token and generation_config.json names none; "
+            "set eos_token in tokenizer_config.json so training can teach the model to stop"
+        )
     return ids
 
 
@@ -61,28 +63,33 @@ class Encoded:
     truncated: bool
 
 
-def encode(tokenizer, messages: list[dict[str, str]], target: str, stop_ids: set[int], max_length: int,
-           overlong: str) -> Encoded | str:
+def encode(
+    tokenizer, messages: list[dict[str, str]], target: str, stop_ids: set[int], max_length: int, overlong: str
+) -> Encoded | str:
     """One example, or the reason it cannot be used (over-long under 'drop', nothing left to learn)."""
     target = target.strip()  # templates such as Llama-3's trim content; the mask must match what is rendered
     if not target:
         raise TemplateError("empty target")
     prompt_ids = render_ids(tokenizer, messages)
-    full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": target}],
-                                              tokenize=False, add_generation_prompt=False)
+    full_text = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": target}], tokenize=False, add_generation_prompt=False
+    )
     full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
     n = len(prompt_ids)
     if full_ids[:n] != prompt_ids:
-        raise TemplateError("the chat template renders the prompt differently with and without the assistant "
-                            "turn, so training tokens would not match inference tokens")
+        raise TemplateError(
+            "the chat template renders the prompt differently with and without the assistant "
+            "turn, so training tokens would not match inference tokens"
+        )
     completion = full_ids[n:]
     stop_at = next((i for i, t in enumerate(completion) if t in stop_ids), None)
     if stop_at is None:
-        raise TemplateError(f"the assistant turn does not end with a stop token {sorted(stop_ids)}; the model "
-                            "would never learn to stop")
+        raise TemplateError(
+            f"the assistant turn does not end with a stop token {sorted(stop_ids)}; the model would never learn to stop"
+        )
     if stop_at == 0:
         raise TemplateError("the assistant turn is empty after rendering")
-    labels = [IGNORE_INDEX] * n + completion[:stop_at + 1] + [IGNORE_INDEX] * (len(completion) - stop_at - 1)
+    labels = [IGNORE_INDEX] * n + completion[: stop_at + 1] + [IGNORE_INDEX] * (len(completion) - stop_at - 1)
     if len(full_ids) <= max_length:
         return Encoded(full_ids, labels, False)
     if overlong == "drop":
@@ -93,8 +100,9 @@ def encode(tokenizer, messages: list[dict[str, str]], target: str, stop_ids: set
     return Encoded(ids, labels, True)
 
 
-def encode_rows(tokenizer, rows: pd.DataFrame, kind: str, stop_ids: set[int], max_length: int,
-                overlong: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def encode_rows(
+    tokenizer, rows: pd.DataFrame, kind: str, stop_ids: set[int], max_length: int, overlong: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows with ``question, options, category, gold`` (+ ``target`` for kind 'cot') → (encoded, skipped).
 
     A template problem is an error naming the row; a too-long example is skipped with its reason."""
@@ -110,9 +118,16 @@ def encode_rows(tokenizer, rows: pd.DataFrame, kind: str, stop_ids: set[int], ma
         if isinstance(enc, str):
             skipped.append({"id": r.id, "skip_reason": enc})
             continue
-        out.append({"id": r.id, "input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated,
-                    "num_tokens": len(enc.input_ids),
-                    "num_target_tokens": sum(x != IGNORE_INDEX for x in enc.labels)})
+        out.append(
+            {
+                "id": r.id,
+                "input_ids": enc.input_ids,
+                "labels": enc.labels,
+                "truncated": enc.truncated,
+                "num_tokens": len(enc.input_ids),
+                "num_target_tokens": sum(x != IGNORE_INDEX for x in enc.labels),
+            }
+        )
     cols = ["id", "input_ids", "labels", "truncated", "num_tokens", "num_target_tokens"]
     return pd.DataFrame(out, columns=cols), pd.DataFrame(skipped, columns=["id", "skip_reason"])
 
@@ -124,7 +139,7 @@ def collate(input_ids: list, labels: list, pad_id: int) -> dict[str, np.ndarray]
     lab = np.full((len(input_ids), width), IGNORE_INDEX, dtype=np.int64)
     att = np.zeros((len(input_ids), width), dtype=np.int64)
     for i, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
-        ids[i, :len(x)], lab[i, :len(y)], att[i, :len(x)] = x, y, 1
+        ids[i, : len(x)], lab[i, : len(y)], att[i, : len(x)] = x, y, 1
     return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
 
@@ -138,8 +153,9 @@ def pad_to_world(frame: pd.DataFrame, world: int, seed: int) -> tuple[pd.DataFra
     return pd.concat([frame, frame.iloc[pick]], ignore_index=True), extra
 
 
-def total_steps(rows: int, world: int, micro_batch_size: int, accumulation: int, epochs: int,
-                max_steps: int | None) -> int:
+def total_steps(
+    rows: int, world: int, micro_batch_size: int, accumulation: int, epochs: int, max_steps: int | None
+) -> int:
     """Optimizer steps of a phase: DeepSpeed's accumulation runs across epoch ends, as in the loop."""
     batches = math.ceil(rows / world / micro_batch_size)
     total = math.ceil(batches * epochs / accumulation)

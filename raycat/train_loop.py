@@ -61,9 +61,20 @@ class LoopConfig:
         return {"recipe": self.recipe, "phase": self.phase_name, **self.phase.model_dump()}
 
 
-def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_param: bool, bf16: bool,
-                     micro_batch_size: int, accumulation: int, world: int, clipping: float, lr: float,
-                     weight_decay: float, gpu: bool) -> dict:
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    offload_optimizer: bool,
+    offload_param: bool,
+    bf16: bool,
+    micro_batch_size: int,
+    accumulation: int,
+    world: int,
+    clipping: float,
+    lr: float,
+    weight_decay: float,
+    gpu: bool,
+) -> dict:
     zero: dict = {"stage": zero_stage}
     if zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers full weights on rank 0
@@ -75,7 +86,7 @@ def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_param:
         "zero_optimization": zero,
         # A client torch AdamW needs no compiled op; DeepSpeed only vouches for its own optimizers.
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
     }
     if clipping > 0:
         cfg["gradient_clipping"] = clipping
@@ -95,8 +106,9 @@ def scheduler_factory(kind: str, total_steps: int, warmup_steps: int):
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if kind == "constant" and warmup_steps > 0 else kind
-    return lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=warmup_steps,
-                                           num_training_steps=total_steps)
+    return lambda optimizer: get_scheduler(
+        name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
+    )
 
 
 def _no_shm_build() -> None:
@@ -125,8 +137,8 @@ def _load_model(c: LoopConfig, ds_config: dict):
 
         keep = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(
-        src, dtype=dtype, revision=None if c.init_model else c.student_revision,
-        trust_remote_code=c.trust_remote_code)
+        src, dtype=dtype, revision=None if c.init_model else c.student_revision, trust_remote_code=c.trust_remote_code
+    )
     model.config.use_cache = False
     if c.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -137,9 +149,17 @@ def _load_model(c: LoopConfig, ds_config: dict):
             model = PeftModel.from_pretrained(model, localize(c.init_adapter), is_trainable=True)
         else:
             lc = c.lora
-            model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                     target_modules=lc.target_modules, bias="none",
-                                                     task_type="CAUSAL_LM"))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lc.r,
+                    lora_alpha=lc.alpha,
+                    lora_dropout=lc.dropout,
+                    target_modules=lc.target_modules,
+                    bias="none",
+                    task_type="CAUSAL_LM",
+                ),
+            )
         if c.gradient_checkpointing:
             model.enable_input_require_grads()
     return model, base, keep
@@ -167,8 +187,9 @@ def _tracker(c: LoopConfig):
     if c.tracking == "mlflow":
         from ray.air.integrations.mlflow import setup_mlflow
 
-        mlflow = setup_mlflow(c.hparams, tracking_uri=c.tracking_uri, experiment_name=c.tracking_project,
-                              rank_zero_only=True)
+        mlflow = setup_mlflow(
+            c.hparams, tracking_uri=c.tracking_uri, experiment_name=c.tracking_project, rank_zero_only=True
+        )
         return lambda m, step: mlflow.log_metrics(m, step=step)
     if c.tracking == "wandb":
         from ray.air.integrations.wandb import setup_wandb
@@ -188,8 +209,10 @@ def _collate_fn(pad_id: int):
         """Ragged token lists from the Ray Data shard -> right-padded tensors (in Ray's prefetch thread)."""
 
         def __call__(self, batch):
-            return {k: torch.from_numpy(v)
-                    for k, v in collate(list(batch["input_ids"]), list(batch["labels"]), pad_id).items()}
+            return {
+                k: torch.from_numpy(v)
+                for k, v in collate(list(batch["input_ids"]), list(batch["labels"]), pad_id).items()
+            }
 
     return PadCollate()
 
@@ -214,21 +237,42 @@ def train_loop(config: dict) -> None:
     # zero.Init sizes the world (otherwise it sees world size 1).
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     p = c.phase
-    ds_config = deepspeed_config(zero_stage=c.zero_stage, offload_optimizer=c.offload_optimizer,
-                                 offload_param=c.offload_param, bf16=c.bf16, micro_batch_size=p.micro_batch_size,
-                                 accumulation=p.gradient_accumulation_steps, world=world,
-                                 clipping=p.gradient_clipping, lr=p.lr, weight_decay=p.weight_decay, gpu=gpu)
+    ds_config = deepspeed_config(
+        zero_stage=c.zero_stage,
+        offload_optimizer=c.offload_optimizer,
+        offload_param=c.offload_param,
+        bf16=c.bf16,
+        micro_batch_size=p.micro_batch_size,
+        accumulation=p.gradient_accumulation_steps,
+        world=world,
+        clipping=p.gradient_clipping,
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        gpu=gpu,
+    )
     model, base_dir, _keep = _load_model(c, ds_config)
     params = [x for x in model.parameters() if x.requires_grad]
     init_fp = fingerprint(model, c.zero_stage)
     optimizer = None if c.offload_optimizer else torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=params, config=ds_config,
-        lr_scheduler=scheduler_factory(p.lr_scheduler, c.total_steps, int(p.warmup_ratio * c.total_steps)))
+        model=model,
+        optimizer=optimizer,
+        model_parameters=params,
+        config=ds_config,
+        lr_scheduler=scheduler_factory(p.lr_scheduler, c.total_steps, int(p.warmup_ratio * c.total_steps)),
+    )
     device = engine.device
     lora = c.method == "lora"
-    state = {"epoch": 0, "batch": 0, "micro_steps": 0, "history": [], "resumed_from_step": None,
-             "real_tokens": 0, "padded_tokens": 0, "init_fingerprint": init_fp}
+    state = {
+        "epoch": 0,
+        "batch": 0,
+        "micro_steps": 0,
+        "history": [],
+        "resumed_from_step": None,
+        "real_tokens": 0,
+        "padded_tokens": 0,
+        "init_fingerprint": init_fp,
+    }
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -248,8 +292,9 @@ def train_loop(config: dict) -> None:
                 if rank == 0:
                     out = os.path.join(d, "hf")
                     engine.module.save_pretrained(out, state_dict=sd, safe_serialization=True)
-                    AutoTokenizer.from_pretrained(base_dir, revision=c.student_revision,
-                                                  trust_remote_code=c.trust_remote_code).save_pretrained(out)
+                    AutoTokenizer.from_pretrained(
+                        base_dir, revision=c.student_revision, trust_remote_code=c.trust_remote_code
+                    ).save_pretrained(out)
             if rank == 0:
                 with open(os.path.join(d, "state.json"), "w") as f:
                     json.dump(state, f)
@@ -267,9 +312,13 @@ def train_loop(config: dict) -> None:
     for epoch in range(state["epoch"], p.epochs):
         if done:
             break
-        batches = shard.iter_torch_batches(batch_size=p.micro_batch_size, collate_fn=to_torch,
-                                           local_shuffle_buffer_size=p.micro_batch_size * 8,
-                                           local_shuffle_seed=c.seed + epoch, prefetch_batches=1)
+        batches = shard.iter_torch_batches(
+            batch_size=p.micro_batch_size,
+            collate_fn=to_torch,
+            local_shuffle_buffer_size=p.micro_batch_size * 8,
+            local_shuffle_seed=c.seed + epoch,
+            prefetch_batches=1,
+        )
         for i, batch in enumerate(batches):
             if epoch == state["epoch"] and i < state["batch"]:
                 continue  # consumed before the checkpoint we resumed from
@@ -289,9 +338,14 @@ def train_loop(config: dict) -> None:
             dist.all_reduce(agg)
             dt = time.time() - t_step
             step = engine.global_steps
-            metrics = {"step": step, "epoch": epoch, "loss": agg[0].item() / agg[1].item(),
-                       "lr": engine.get_lr()[0], "tokens_per_s": agg[2].item() / max(dt, 1e-9),
-                       "tokens": int(agg[2].item())}
+            metrics = {
+                "step": step,
+                "epoch": epoch,
+                "loss": agg[0].item() / agg[1].item(),
+                "lr": engine.get_lr()[0],
+                "tokens_per_s": agg[2].item() / max(dt, 1e-9),
+                "tokens": int(agg[2].item()),
+            }
             state["history"].append(metrics)
             step_loss, step_micro, step_tokens, t_step = 0.0, 0, 0, time.time()
             if log is not None and step % c.log_every_steps == 0:

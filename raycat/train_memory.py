@@ -10,15 +10,28 @@ the numbers, before any accelerator is asked for.
 
 from __future__ import annotations
 
-GIB = 1024 ** 3
+GIB = 1024**3
 # Share of a worker's memory the estimate may fill: the rest is CUDA context, allocator fragmentation,
 # communication buckets and prefetch buffers, which the formula does not model.
 USABLE = 0.9
 
 
-def estimate(*, total_params: int, trainable_params: int, world: int, zero_stage: int, offload_optimizer: bool,
-             offload_param: bool, bf16: bool, micro_batch_size: int, max_length: int, hidden_size: int,
-             num_layers: int, vocab_size: int, gradient_checkpointing: bool) -> dict:
+def estimate(
+    *,
+    total_params: int,
+    trainable_params: int,
+    world: int,
+    zero_stage: int,
+    offload_optimizer: bool,
+    offload_param: bool,
+    bf16: bool,
+    micro_batch_size: int,
+    max_length: int,
+    hidden_size: int,
+    num_layers: int,
+    vocab_size: int,
+    gradient_checkpointing: bool,
+) -> dict:
     w = 2 if bf16 else 4
     opt_bytes = 8 + (4 if bf16 else 0)  # Adam m, v (+ fp32 master copy when weights are bf16)
     weights = total_params * w / (world if zero_stage == 3 else 1)
@@ -36,10 +49,14 @@ def estimate(*, total_params: int, trainable_params: int, world: int, zero_stage
         host["optimizer"] = device.pop("optimizer")
     if offload_param:
         host["weights"] = device.pop("weights")
-    return {"device_gib_per_worker": sum(device.values()) / GIB, "host_gib_per_worker": sum(host.values()) / GIB,
-            "device_breakdown_gib": {k: round(v / GIB, 3) for k, v in device.items()},
-            "host_breakdown_gib": {k: round(v / GIB, 3) for k, v in host.items()},
-            "bytes_per_weight": w, "optimizer_bytes_per_trainable_param": opt_bytes}
+    return {
+        "device_gib_per_worker": sum(device.values()) / GIB,
+        "host_gib_per_worker": sum(host.values()) / GIB,
+        "device_breakdown_gib": {k: round(v / GIB, 3) for k, v in device.items()},
+        "host_breakdown_gib": {k: round(v / GIB, 3) for k, v in host.items()},
+        "bytes_per_weight": w,
+        "optimizer_bytes_per_trainable_param": opt_bytes,
+    }
 
 
 def check_fit(est: dict, device_capacity_gib: float, host_capacity_gib: float, same_pool: bool) -> str | None:
@@ -50,16 +67,22 @@ def check_fit(est: dict, device_capacity_gib: float, host_capacity_gib: float, s
     parts = ", ".join(f"{k} {v:.2f}" for k, v in est["device_breakdown_gib"].items())
     if same_pool:
         if dev + host > device_capacity_gib:
-            return (f"needs ~{dev + host:.1f} GiB per worker ({parts}; offloaded {host:.2f}) but only "
-                    f"{device_capacity_gib:.1f} GiB is usable per worker ({USABLE:.0%} of its memory); use more "
-                    "workers, ZeRO-3, LoRA, gradient checkpointing or a smaller micro_batch_size/max_length")
+            return (
+                f"needs ~{dev + host:.1f} GiB per worker ({parts}; offloaded {host:.2f}) but only "
+                f"{device_capacity_gib:.1f} GiB is usable per worker ({USABLE:.0%} of its memory); use more "
+                "workers, ZeRO-3, LoRA, gradient checkpointing or a smaller micro_batch_size/max_length"
+            )
         return None
     if dev > device_capacity_gib:
-        return (f"needs ~{dev:.1f} GiB of accelerator memory per worker ({parts}) but a worker has "
-                f"{device_capacity_gib:.1f} GiB usable ({USABLE:.0%} of its memory); use more workers, ZeRO-3, "
-                "offload, LoRA, gradient checkpointing or a smaller micro_batch_size/max_length "
-                "(train.worker_memory_gib sets the capacity)")
+        return (
+            f"needs ~{dev:.1f} GiB of accelerator memory per worker ({parts}) but a worker has "
+            f"{device_capacity_gib:.1f} GiB usable ({USABLE:.0%} of its memory); use more workers, ZeRO-3, "
+            "offload, LoRA, gradient checkpointing or a smaller micro_batch_size/max_length "
+            "(train.worker_memory_gib sets the capacity)"
+        )
     if host > host_capacity_gib:
-        return (f"offloaded states need ~{host:.1f} GiB of host RAM per worker but {host_capacity_gib:.1f} GiB is "
-                f"usable (train.host_memory_per_worker_gib x {USABLE:.0%}); use more nodes or offload less")
+        return (
+            f"offloaded states need ~{host:.1f} GiB of host RAM per worker but {host_capacity_gib:.1f} GiB is "
+            f"usable (train.host_memory_per_worker_gib x {USABLE:.0%}); use more nodes or offload less"
+        )
     return None

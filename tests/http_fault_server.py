@@ -54,13 +54,24 @@ class FaultServer:
                 content = "" if mode == "empty" else f"Thinking step by step. [[{letter}]]"
                 message = {"role": "assistant", "content": content}
                 if mode == "reasoning":
-                    message = {"role": "assistant", "content": f"[[{letter}]]",
-                               "reasoning_content": "Option B looks tempting: [[B]]? No, the first one."}
-                return self._send(200, {
-                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": i, "finish_reason": "stop", "message": message}
-                                for i in range(body.get("n", 1))],
-                    "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}})
+                    message = {
+                        "role": "assistant",
+                        "content": f"[[{letter}]]",
+                        "reasoning_content": "Option B looks tempting: [[B]]? No, the first one.",
+                    }
+                return self._send(
+                    200,
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": i, "finish_reason": "stop", "message": message} for i in range(body.get("n", 1))
+                        ],
+                        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+                    },
+                )
 
             def _send(self, code, obj, headers=None):
                 self._raw(code, json.dumps(obj).encode(), headers)

@@ -7,8 +7,11 @@ from raycat.cli import main
 
 
 def config(tmp_path, **data):
-    tree = {"run_dir": str(tmp_path / "run"), "data": {"source": "synthetic", **data},
-            "score": {"student": {"path": "unused/model"}}}
+    tree = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "synthetic", **data},
+        "score": {"student": {"path": "unused/model"}},
+    }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(tree))
     return p
@@ -30,9 +33,11 @@ def test_invalid_config_fails_before_ray_starts(tmp_path, capsys):
 
 def test_bad_row_stops_score_with_row_and_field(tmp_path, capsys):
     (tmp_path / "d.jsonl").write_text(json.dumps({"question": "Q", "options": ["a", "b"], "answer": "C"}) + "\n")
-    tree = {"run_dir": str(tmp_path / "run"),
-            "data": {"source": "generic", "path": str(tmp_path / "d.jsonl"), "columns": {}},
-            "score": {"student": {"path": "unused/model"}}}
+    tree = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "generic", "path": str(tmp_path / "d.jsonl"), "columns": {}},
+        "score": {"student": {"path": "unused/model"}},
+    }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(tree))
     assert main(["score", "--config", str(p)]) == 1
@@ -49,11 +54,28 @@ def test_split_command_writes_bands_and_thresholds(tmp_path):
     from raycat import rundir
 
     run = tmp_path / "run"
-    q = pd.DataFrame({"id": [f"q{i}" for i in range(20)], "question": "Q", "options": [["a", "b"]] * 20,
-                      "gold": "A", "category": "", "source": "synthetic"})
-    s = pd.DataFrame({"id": q.id, "entropy": [i / 10 for i in range(20)], "predicted": "A", "correct": True,
-                      "idk": [i == 0 for i in range(20)], "option_mass": 0.9, "template_hash": "h",
-                      "entropy_mode": "options"})
+    q = pd.DataFrame(
+        {
+            "id": [f"q{i}" for i in range(20)],
+            "question": "Q",
+            "options": [["a", "b"]] * 20,
+            "gold": "A",
+            "category": "",
+            "source": "synthetic",
+        }
+    )
+    s = pd.DataFrame(
+        {
+            "id": q.id,
+            "entropy": [i / 10 for i in range(20)],
+            "predicted": "A",
+            "correct": True,
+            "idk": [i == 0 for i in range(20)],
+            "option_mass": 0.9,
+            "template_hash": "h",
+            "entropy_mode": "options",
+        }
+    )
     rundir.write_parquet(str(run / "questions" / "questions.parquet"), q)
     rundir.write_parquet(str(run / "score" / "scores.parquet"), s)
     assert main(["split", "--config", str(config(tmp_path)), "split.balance_per_band=4"]) == 0

@@ -23,8 +23,15 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
 
 
 def test_dotted_overrides_parse_yaml_scalars(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL), ["score.engine.batch_size=7", "split.quantiles=[0.1, 0.9]",
-                                                  "score.student.trust_remote_code=true", "data.limit=5"])
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        [
+            "score.engine.batch_size=7",
+            "split.quantiles=[0.1, 0.9]",
+            "score.student.trust_remote_code=true",
+            "data.limit=5",
+        ],
+    )
     assert cfg.score.engine.batch_size == 7
     assert cfg.split.quantiles == (0.1, 0.9)
     assert cfg.score.student.trust_remote_code is True
@@ -38,8 +45,11 @@ def test_unknown_keys_are_rejected_with_the_dotted_key(tmp_path):
 
 
 def test_all_errors_reported_at_once_with_keys(tmp_path):
-    tree = {"data": {"source": "mmlu_pro"}, "score": {"student": {"path": "m"}, "entropy_mode": "nope"},
-            "split": {"quantiles": [0.8, 0.2]}}
+    tree = {
+        "data": {"source": "mmlu_pro"},
+        "score": {"student": {"path": "m"}, "entropy_mode": "nope"},
+        "split": {"quantiles": [0.8, 0.2]},
+    }
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, tree))
     msg = str(e.value)

@@ -19,19 +19,35 @@ def load(source, path, **kw):
 
 
 def test_mmlu_pro_parquet_schema(tmp_path):
-    rows = [{"question_id": 70, "question": "Q?", "options": ["a", "b", "c"], "answer": "C", "answer_index": 2,
-             "cot_content": "", "category": "law", "src": "ori_mmlu-law"}]
+    rows = [
+        {
+            "question_id": 70,
+            "question": "Q?",
+            "options": ["a", "b", "c"],
+            "answer": "C",
+            "answer_index": 2,
+            "cot_content": "",
+            "category": "law",
+            "src": "ori_mmlu-law",
+        }
+    ]
     pd.DataFrame(rows).to_parquet(tmp_path / "test.parquet")
     df, bad, n = load("mmlu_pro", str(tmp_path / "test.parquet"))
     assert n == 1 and not bad
     rec = df.iloc[0]
-    assert (rec.id, rec.gold, rec.category, list(rec.options), rec.source) == ("70", "C", "law", ["a", "b", "c"],
-                                                                               "mmlu_pro")
+    assert (rec.id, rec.gold, rec.category, list(rec.options), rec.source) == (
+        "70",
+        "C",
+        "law",
+        ["a", "b", "c"],
+        "mmlu_pro",
+    )
 
 
 def test_mmlu_hub_schema_and_csv_export(tmp_path):
-    p = jsonl(tmp_path / "m.jsonl", [{"question": "Q", "subject": "anatomy", "choices": ["w", "x", "y", "z"],
-                                      "answer": 3}])
+    p = jsonl(
+        tmp_path / "m.jsonl", [{"question": "Q", "subject": "anatomy", "choices": ["w", "x", "y", "z"], "answer": 3}]
+    )
     df, _, _ = load("mmlu", p)
     assert df.iloc[0].gold == "D" and df.iloc[0].category == "anatomy" and df.iloc[0].id == "mmlu-0"
     d = tmp_path / "csv"
@@ -44,8 +60,16 @@ def test_mmlu_hub_schema_and_csv_export(tmp_path):
 
 
 def test_medmcqa_schema_cop_is_zero_based(tmp_path):
-    row = {"id": "abc", "question": "Q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0,
-           "subject_name": "Anatomy"}
+    row = {
+        "id": "abc",
+        "question": "Q",
+        "opa": "a",
+        "opb": "b",
+        "opc": "c",
+        "opd": "d",
+        "cop": 0,
+        "subject_name": "Anatomy",
+    }
     df, _, _ = load("medmcqa", jsonl(tmp_path / "m.jsonl", [row]))
     assert (df.iloc[0].id, df.iloc[0].gold, df.iloc[0].category) == ("abc", "A", "Anatomy")
 
@@ -57,8 +81,10 @@ def test_medmcqa_test_split_without_answers_is_explained(tmp_path):
 
 
 def test_gsm8k_final_answer_is_normalized(tmp_path):
-    rows = [{"question": "How many?", "answer": "5 + 7 = <<5+7=12>>12\n#### 1,234"},
-            {"question": "Q2", "answer": "...\n#### 72.0"}]
+    rows = [
+        {"question": "How many?", "answer": "5 + 7 = <<5+7=12>>12\n#### 1,234"},
+        {"question": "Q2", "answer": "...\n#### 72.0"},
+    ]
     df, _, _ = load("gsm8k", jsonl(tmp_path / "g.jsonl", rows))
     assert list(df.gold) == ["1234", "72"] and list(df.options.map(len)) == [0, 0]
 
@@ -70,10 +96,14 @@ def test_generic_columns_and_answer_formats(tmp_path):
     df, _, _ = load("generic", p, columns=cols, answer_format="text")
     assert (df.iloc[0].id, df.iloc[0].gold, df.iloc[0].category) == ("a", "B", "bio")
     pd.DataFrame([{"q": "Q", "opts": ["x", "y", "z"], "ans": 3}]).to_parquet(tmp_path / "g.parquet")
-    df, _, _ = load("generic", str(tmp_path / "g.parquet"),
-                    columns=ColumnMap(question="q", options="opts", answer="ans"), answer_format="index1")
+    df, _, _ = load(
+        "generic",
+        str(tmp_path / "g.parquet"),
+        columns=ColumnMap(question="q", options="opts", answer="ans"),
+        answer_format="index1",
+    )
     assert df.iloc[0].gold == "C"
-    (tmp_path / "n.csv").write_text("question,answer\nHow much?,\"$1,000\"\n")
+    (tmp_path / "n.csv").write_text('question,answer\nHow much?,"$1,000"\n')
     df, _, _ = load("generic", str(tmp_path / "n.csv"), columns=ColumnMap(options=None), answer_format="number")
     assert df.iloc[0].gold == "1000" and list(df.iloc[0].options) == []
 
@@ -92,8 +122,14 @@ def test_unreachable_hub_name_gives_a_clear_error():
         load("mmlu_pro", "TIGER-Lab/MMLU-Pro-definitely-not-cached")
 
 
-GOOD = {"question_id": 1, "question": "Q", "options": ["a", "b", "c"], "answer": "A", "answer_index": 0,
-        "category": "c"}
+GOOD = {
+    "question_id": 1,
+    "question": "Q",
+    "options": ["a", "b", "c"],
+    "answer": "A",
+    "answer_index": 0,
+    "category": "c",
+}
 BAD_ROWS = [
     ({"question": None}, "question", "missing value"),
     ({"question": "   "}, "question", "empty text"),

@@ -28,8 +28,14 @@ def engines(tiny_model_dir):
 @pytest.fixture(scope="module")
 def requests_(tiny_tokenizer):
     labels = label_tokens(tiny_tokenizer, 10, "letters")
-    return [ScoreRequest(render_ids(tiny_tokenizer, messages_for(q, o, "", "letters")),
-                         labels.groups(len(o), "letters"), want_full=False) for q, o in QUESTIONS]
+    return [
+        ScoreRequest(
+            render_ids(tiny_tokenizer, messages_for(q, o, "", "letters")),
+            labels.groups(len(o), "letters"),
+            want_full=False,
+        )
+        for q, o in QUESTIONS
+    ]
 
 
 def test_options_and_full_match_the_reference(engines, requests_):
@@ -39,8 +45,7 @@ def test_options_and_full_match_the_reference(engines, requests_):
         lp = ref.first_token_logprobs(req.prompt_ids)  # float64 log-softmax of raw logits
         assert res.entropy_full == pytest.approx(H.entropy_full(lp), abs=1e-4)
         ref_opts = H.group_logprobs(dict(enumerate(lp)), req.option_groups)
-        assert H.entropy_options(np.array(res.option_logprobs)) == pytest.approx(H.entropy_options(ref_opts),
-                                                                                abs=1e-4)
+        assert H.entropy_options(np.array(res.option_logprobs)) == pytest.approx(H.entropy_options(ref_opts), abs=1e-4)
         np.testing.assert_allclose(res.option_logprobs, ref_opts, atol=1e-4)
         assert res.greedy_token_id == int(lp.argmax())
 

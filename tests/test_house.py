@@ -67,10 +67,15 @@ def test_teach_driver_checks_its_columns_before_ray(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "split").mkdir(parents=True)
     for band in ("easy", "medium", "hard"):
-        pd.DataFrame({"id": [f"{band}1"], "question": ["q?"], "options": [["x", "y"]],
-                      "category": ["c"]}).to_parquet(run / "split" / f"{band}.parquet")
-    cfg = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "unused"}},
-           "teach": {"teachers": [{"model": {"path": "unused"}}]}}
+        pd.DataFrame({"id": [f"{band}1"], "question": ["q?"], "options": [["x", "y"]], "category": ["c"]}).to_parquet(
+            run / "split" / f"{band}.parquet"
+        )
+    cfg = {
+        "run_dir": str(run),
+        "data": {"source": "synthetic"},
+        "score": {"student": {"path": "unused"}},
+        "teach": {"teachers": [{"model": {"path": "unused"}}]},
+    }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
     assert main(["teach", "--config", str(p)]) == 1
@@ -80,8 +85,9 @@ def test_teach_driver_checks_its_columns_before_ray(tmp_path, capsys):
 
 
 def test_pool_resources_follow_the_engine_config():
-    gpu = engine_stage.Pool.of(EngineConfig(device="gpu", tensor_parallel_size=2, pipeline_parallel_size=2,
-                                            num_engines=3, cpus_per_engine=4))
+    gpu = engine_stage.Pool.of(
+        EngineConfig(device="gpu", tensor_parallel_size=2, pipeline_parallel_size=2, num_engines=3, cpus_per_engine=4)
+    )
     assert (gpu.size, gpu.num_gpus, gpu.num_cpus) == (3, 4, 4)
     assert engine_stage.Pool.of(EngineConfig(device="gpu"), remote=True).num_gpus == 0
     assert engine_stage.Pool.of(EngineConfig(device="cpu")).num_gpus == 0
@@ -152,8 +158,9 @@ def test_version_flag(capsys):
 def test_a_dumped_transformers_config_loads_again(tmp_path):
     from raycat.config import dump_config, validate_config
 
-    cfg = validate_config({"data": {"source": "synthetic"}, "score": {"student": {"path": "m"},
-                                                                     "engine": {"backend": "transformers"}}})
+    cfg = validate_config(
+        {"data": {"source": "synthetic"}, "score": {"student": {"path": "m"}, "engine": {"backend": "transformers"}}}
+    )
     p = tmp_path / "config.yaml"
     p.write_text(dump_config(cfg))
     assert load_config(p).score.engine.backend == "transformers"
@@ -174,11 +181,22 @@ def test_missing_api_key_is_reported_on_the_driver_before_ray(tmp_path, monkeypa
     run = tmp_path / "run"
     (run / "split").mkdir(parents=True)
     for band in ("easy", "medium", "hard"):
-        pd.DataFrame({"id": [f"{band}1"], "question": ["q?"], "options": [["x", "y"]], "category": ["c"],
-                      "gold": ["A"]}).to_parquet(run / "split" / f"{band}.parquet")
-    cfg = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "unused"}},
-           "teach": {"teachers": [{"model": {"path": "hosted"},
-                                   "api": {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "RAYCAT_NO_SUCH_KEY"}}]}}
+        pd.DataFrame(
+            {"id": [f"{band}1"], "question": ["q?"], "options": [["x", "y"]], "category": ["c"], "gold": ["A"]}
+        ).to_parquet(run / "split" / f"{band}.parquet")
+    cfg = {
+        "run_dir": str(run),
+        "data": {"source": "synthetic"},
+        "score": {"student": {"path": "unused"}},
+        "teach": {
+            "teachers": [
+                {
+                    "model": {"path": "hosted"},
+                    "api": {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "RAYCAT_NO_SUCH_KEY"},
+                }
+            ]
+        },
+    }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
     assert main(["teach", "--config", str(p)]) == 1
@@ -188,9 +206,11 @@ def test_missing_api_key_is_reported_on_the_driver_before_ray(tmp_path, monkeypa
 def test_an_unparseable_data_file_names_the_file(tmp_path, capsys):
     bad = tmp_path / "corpus.jsonl"
     bad.write_text('{"question": "q", "options": ["a", "b"], "answer": "A"}\n{"question": \n')
-    cfg = {"run_dir": str(tmp_path / "run"), "data": {"source": "generic", "path": str(bad),
-                                                      "columns": {"question": "question"}},
-           "score": {"student": {"path": "unused"}}}
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "generic", "path": str(bad), "columns": {"question": "question"}},
+        "score": {"student": {"path": "unused"}},
+    }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
     assert main(["score", "--config", str(p)]) == 1

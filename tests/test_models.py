@@ -18,9 +18,15 @@ def test_parts_are_found_without_importing_and_concatenated_in_order(tmp_path, m
         (pkg / "data" / f"part{i}.bin").write_bytes(payload)
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    spec = models.RegistryModel(packages=("p1", "p2"), modules=("raycat_fake_part1", "raycat_fake_part2"),
-                                filename="joined.gguf", sha256="", upstream="u", license="l",
-                                part_files=("data/part1.bin", "data/part2.bin"))
+    spec = models.RegistryModel(
+        packages=("p1", "p2"),
+        modules=("raycat_fake_part1", "raycat_fake_part2"),
+        filename="joined.gguf",
+        sha256="",
+        upstream="u",
+        license="l",
+        part_files=("data/part1.bin", "data/part2.bin"),
+    )
     work = tmp_path / "work"
     work.mkdir()
     out = models._gguf_path(spec, work)

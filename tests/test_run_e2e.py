@@ -30,26 +30,46 @@ def tiny_config(run_dir: Path, model: Path, *, teach: bool = True) -> dict:
         "data": {"source": "synthetic", "synthetic": {"num_questions": 40, "seed": 0}},
         "score": {"student": lm, "entropy_mode": "options", "deviation_sample": 0, "engine": engine},
         "split": {"test_fraction": 0.25},
-        "train": {"recipe": "complexity_aware" if teach else "sft_all", "method": "lora", "num_workers": 1,
-                  "deepspeed": {"zero_stage": 0}, "save_steps": 100,
-                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-                  "phase1": {"epochs": 1, "max_steps": 2, "micro_batch_size": 4, "max_length": 256, "lr": 0.003},
-                  "phase2": {"epochs": 1, "max_steps": 2, "micro_batch_size": 2, "max_length": 256, "lr": 0.003}},
-        "eval": {"dtype": "float32", "max_model_len": 512, "max_tokens_answer": 8, "max_tokens_cot": 16,
-                 "include_base": teach, "bootstrap_resamples": 200, "engine": engine},
+        "train": {
+            "recipe": "complexity_aware" if teach else "sft_all",
+            "method": "lora",
+            "num_workers": 1,
+            "deepspeed": {"zero_stage": 0},
+            "save_steps": 100,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "phase1": {"epochs": 1, "max_steps": 2, "micro_batch_size": 4, "max_length": 256, "lr": 0.003},
+            "phase2": {"epochs": 1, "max_steps": 2, "micro_batch_size": 2, "max_length": 256, "lr": 0.003},
+        },
+        "eval": {
+            "dtype": "float32",
+            "max_model_len": 512,
+            "max_tokens_answer": 8,
+            "max_tokens_cot": 16,
+            "include_base": teach,
+            "bootstrap_resamples": 200,
+            "engine": engine,
+        },
         "ray": {"num_cpus": 2},
     }
     if teach:
         # The tiny teacher is random, so its answers are wrong: fall back to the gold answer as the target.
-        tree["teach"] = {"teachers": [{"model": lm, "engine": {**engine, "batch_size": 16}}],
-                         "sampling": {"max_tokens": 16}, "retries": 0, "on_wrong": "fallback_to_answer",
-                         "max_failure_ratio": 1.0}
+        tree["teach"] = {
+            "teachers": [{"model": lm, "engine": {**engine, "batch_size": 16}}],
+            "sampling": {"max_tokens": 16},
+            "retries": 0,
+            "on_wrong": "fallback_to_answer",
+            "max_failure_ratio": 1.0,
+        }
     return tree
 
 
 def _raycat(cfg: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "raycat.cli", "run", "--config", str(cfg), *args],
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "raycat.cli", "run", "--config", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 
@@ -61,7 +81,8 @@ def test_run_end_to_end_then_resume_rules(tmp_path, tiny_model_dir):
     _raycat(cfg)
     manifest = json.loads((run / "manifest.json").read_text())
     assert {s: e["status"] for s, e in manifest["stages"].items()} == {
-        s: "done" for s in ("score", "split", "teach", "train", "eval", "report")}
+        s: "done" for s in ("score", "split", "teach", "train", "eval", "report")
+    }
     ev = json.loads((run / "eval/metrics.json").read_text())
     assert list(ev["models"]) == ["base", "complexity_aware/phase1", "complexity_aware/phase2"]
     assert ev["test_rows"] == 10 and all(m["overall"]["n"] == 10 for m in ev["models"].values())
@@ -96,17 +117,30 @@ def _free_port() -> int:
 
 def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
     """`ray start --head` on loopback, `ray job submit --working-dir`, wait, check the run dir, stop the head."""
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     bindir = Path(sys.executable).parent
     gcs, dash = _free_port(), _free_port()
     # Ray's unix sockets live under --temp-dir and may not exceed 107 bytes: a short dir of our own.
     temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
-    head = subprocess.Popen([str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}",
-                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-                             "--disable-usage-stats", f"--temp-dir={temp}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(
+        [
+            str(bindir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{dash}"
         wait_http(f"{url}/api/version", head, 120, "the Ray head's dashboard")
@@ -114,9 +148,28 @@ def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
         job.mkdir()
         run = tmp_path / "job-run"
         (job / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(run, tiny_model_dir, teach=False)))
-        r = subprocess.run([str(bindir / "ray"), "job", "submit", "--address", url, "--working-dir", str(job), "--",
-                            sys.executable, "-m", "raycat.cli", "run", "--config", "tiny.yaml"],
-                           env=env, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [
+                str(bindir / "ray"),
+                "job",
+                "submit",
+                "--address",
+                url,
+                "--working-dir",
+                str(job),
+                "--",
+                sys.executable,
+                "-m",
+                "raycat.cli",
+                "run",
+                "--config",
+                "tiny.yaml",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0 and "succeeded" in r.stdout, (r.stdout + r.stderr)[-4000:]
         manifest = json.loads((run / "manifest.json").read_text())
         assert manifest["stages"]["teach"]["status"] == "not configured"
@@ -125,9 +178,25 @@ def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
         assert list(ev["models"]) == ["sft_all/phase1"]
         assert (run / "report/report.md").exists()
         # No stage leaves engines or training workers behind on the cluster.
-        actors = subprocess.run([str(bindir / "ray"), "list", "actors", "--address", url, "--filter", "state=ALIVE",
-                                 "--format", "json", "--limit", "1000"], env=env, capture_output=True, text=True,
-                                timeout=120)
+        actors = subprocess.run(
+            [
+                str(bindir / "ray"),
+                "list",
+                "actors",
+                "--address",
+                url,
+                "--filter",
+                "state=ALIVE",
+                "--format",
+                "json",
+                "--limit",
+                "1000",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert actors.returncode == 0, actors.stderr[-2000:]
         alive = [a["class_name"] for a in json.loads(actors.stdout)]
         assert not [c for c in alive if c.startswith(("MapWorker", "RayTrainWorker", "TrainController"))], alive
@@ -149,12 +218,17 @@ def _outputs(run: Path) -> dict:
         return pd.read_parquet(run / rel)[cols].sort_values("id").reset_index(drop=True)
 
     ev = frame("eval/eval.parquet", ["id", "model", "extracted", "correct"])
-    return {"scores": frame("score/scores.parquet", ["id", "entropy", "predicted"]),
-            "hard": frame("split/hard.parquet", ["id"]), "test": frame("split/test.parquet", ["id"]),
-            "cot": frame("teach/cot.parquet", ["id", "target"]),
-            "eval": ev.sort_values(["model", "id"]).reset_index(drop=True),
-            "loss": [json.loads((run / f"train/complexity_aware/{p}/metrics.json").read_text())["last_loss"]
-                     for p in ("phase1", "phase2")]}
+    return {
+        "scores": frame("score/scores.parquet", ["id", "entropy", "predicted"]),
+        "hard": frame("split/hard.parquet", ["id"]),
+        "test": frame("split/test.parquet", ["id"]),
+        "cot": frame("teach/cot.parquet", ["id", "target"]),
+        "eval": ev.sort_values(["model", "id"]).reset_index(drop=True),
+        "loss": [
+            json.loads((run / f"train/complexity_aware/{p}/metrics.json").read_text())["last_loss"]
+            for p in ("phase1", "phase2")
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +248,12 @@ def test_killed_run_resumes_to_the_same_outputs(tmp_path, tiny_model_dir, refere
 
     run, cfg = tmp_path / "run", tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(run, tiny_model_dir)))
-    proc = subprocess.Popen([sys.executable, "-m", "raycat.cli", "run", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raycat.cli", "run", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 600
         while time.time() < deadline:

@@ -30,8 +30,14 @@ def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
 
 
 def test_accuracy_table_per_band_and_category():
-    df = pd.DataFrame({"correct": [True, False, True, True] * 5, "extracted": ["A", None, "B", "C"] * 5,
-                       "band": ["easy", "easy", "hard", "medium"] * 5, "category": ["x"] * 12 + ["y"] * 8})
+    df = pd.DataFrame(
+        {
+            "correct": [True, False, True, True] * 5,
+            "extracted": ["A", None, "B", "C"] * 5,
+            "band": ["easy", "easy", "hard", "medium"] * 5,
+            "category": ["x"] * 12 + ["y"] * 8,
+        }
+    )
     t = accuracy_table(df, 100, 0)
     assert t["overall"]["n"] == 20 and t["overall"]["accuracy"] == 0.75 and t["overall"]["unparsed"] == 5
     assert t["per_band"]["easy"]["accuracy"] == 0.5 and t["per_band"]["hard"]["accuracy"] == 1.0
@@ -75,34 +81,74 @@ def make_run_dir(run: Path) -> None:
     rng = np.random.default_rng(0)
     (run / "score").mkdir(parents=True)
     ent = rng.random(200) * 1.5
-    pd.DataFrame({"id": [f"q{i}" for i in range(200)], "entropy": ent,
-                  "correct": rng.random(200) > ent / 1.5}).to_parquet(run / "score/scores.parquet")
+    pd.DataFrame(
+        {"id": [f"q{i}" for i in range(200)], "entropy": ent, "correct": rng.random(200) > ent / 1.5}
+    ).to_parquet(run / "score/scores.parquet")
     (run / "score/metrics.json").write_text(json.dumps({"scored": 200, "accuracy": 0.51, "roc_auc": 0.7321}))
     (run / "split").mkdir()
-    (run / "split/thresholds.json").write_text(json.dumps({
-        "thresholds": [0.37, 1.12], "counts": {"easy": 40, "medium": 80, "hard": 40},
-        "test_counts": {"easy": 10, "medium": 20, "hard": 10}}))
+    (run / "split/thresholds.json").write_text(
+        json.dumps(
+            {
+                "thresholds": [0.37, 1.12],
+                "counts": {"easy": 40, "medium": 80, "hard": 40},
+                "test_counts": {"easy": 10, "medium": 20, "hard": 10},
+            }
+        )
+    )
     (run / "teach").mkdir()
-    (run / "teach/metrics.json").write_text(json.dumps({"status": {"verified": 35, "dropped_wrong": 5}, "accounting": {
-        "prompt_tokens": 8000, "completion_tokens": 12000, "pool_rows": 160, "per_teacher": {},
-        "distill_all_estimate": {"tokens": 80000, "saving_pct": 75.0}}}))
+    (run / "teach/metrics.json").write_text(
+        json.dumps(
+            {
+                "status": {"verified": 35, "dropped_wrong": 5},
+                "accounting": {
+                    "prompt_tokens": 8000,
+                    "completion_tokens": 12000,
+                    "pool_rows": 160,
+                    "per_teacher": {},
+                    "distill_all_estimate": {"tokens": 80000, "saving_pct": 75.0},
+                },
+            }
+        )
+    )
     cell = {"n": 10, "accuracy": 0.6, "ci95": [0.3, 0.9], "unparsed": 1}
-    models = {name: {"kind": kind, "overall": {**cell, "n": 40, "accuracy": acc, "ci95": [acc - 0.1, acc + 0.1]},
-                     "per_band": {"easy": cell, "medium": {**cell, "n": 20}, "hard": cell}, "per_category": {}}
-              for name, kind, acc in (("base", "answer", 0.425), ("complexity_aware/phase1", "answer", 0.55),
-                                      ("complexity_aware/phase2", "cot", 0.625))}
+    models = {
+        name: {
+            "kind": kind,
+            "overall": {**cell, "n": 40, "accuracy": acc, "ci95": [acc - 0.1, acc + 0.1]},
+            "per_band": {"easy": cell, "medium": {**cell, "n": 20}, "hard": cell},
+            "per_category": {},
+        }
+        for name, kind, acc in (
+            ("base", "answer", 0.425),
+            ("complexity_aware/phase1", "answer", 0.55),
+            ("complexity_aware/phase2", "cot", 0.625),
+        )
+    }
     (run / "eval").mkdir()
     (run / "eval/metrics.json").write_text(json.dumps({"test_rows": 40, "models": models}))
     for phase, n in (("phase1", 120), ("phase2", 35)):
         d = run / "train/complexity_aware" / phase
         d.mkdir(parents=True)
-        hist = [{"step": i + 1, "loss": 2.0 / (i + 1), "epoch": 0, "tokens": 100, "tokens_per_s": 50.0}
-                for i in range(6)]
-        d.joinpath("metrics.json").write_text(json.dumps({
-            "examples": n, "steps": 6, "first_loss": 2.0, "last_loss": 2.0 / 6, "mean_tokens_per_s": 50.0,
-            "padding_waste": 0.125, "wall_s": 30.5, "history": hist}))
-    (run / "manifest.json").write_text(json.dumps({"stages": {"score": {"status": "done", "hash": "abc",
-                                                                       "wall_s": 12.5}}}))
+        hist = [
+            {"step": i + 1, "loss": 2.0 / (i + 1), "epoch": 0, "tokens": 100, "tokens_per_s": 50.0} for i in range(6)
+        ]
+        d.joinpath("metrics.json").write_text(
+            json.dumps(
+                {
+                    "examples": n,
+                    "steps": 6,
+                    "first_loss": 2.0,
+                    "last_loss": 2.0 / 6,
+                    "mean_tokens_per_s": 50.0,
+                    "padding_waste": 0.125,
+                    "wall_s": 30.5,
+                    "history": hist,
+                }
+            )
+        )
+    (run / "manifest.json").write_text(
+        json.dumps({"stages": {"score": {"status": "done", "hash": "abc", "wall_s": 12.5}}})
+    )
 
 
 def test_report_files_plots_and_numbers_match_the_metrics(tmp_path):
@@ -111,8 +157,13 @@ def test_report_files_plots_and_numbers_match_the_metrics(tmp_path):
     run = tmp_path / "run"
     make_run_dir(run)
     out = build(str(run))
-    assert out["plots"] == ["accuracy_by_band.png", "entropy_histogram.png", "loss_curves.png", "roc.png",
-                            "teacher_tokens.png"]
+    assert out["plots"] == [
+        "accuracy_by_band.png",
+        "entropy_histogram.png",
+        "loss_curves.png",
+        "roc.png",
+        "teacher_tokens.png",
+    ]
     for name in out["plots"]:
         data = (run / "report/plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000  # a real, non-empty image
@@ -154,7 +205,7 @@ def test_report_html_is_commonmark_with_tables_and_escapes_raw_html(tmp_path):
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert html.count("<table>") == 5 and "<th>metric</th>" in html and "<td>0.7321</td>" in html
     assert "<td>score/metrics.json <code>scored</code></td>" in html  # inline code is rendered
-    assert "src=\"plots/" not in html  # every plot inlined: the file stands alone
+    assert 'src="plots/' not in html  # every plot inlined: the file stands alone
 
 
 def test_report_names_the_stage_being_written_not_running(tmp_path):
@@ -162,8 +213,10 @@ def test_report_names_the_stage_being_written_not_running(tmp_path):
 
     run = tmp_path / "run"
     make_run_dir(run)
-    stages = {"score": {"status": "done", "hash": "abc", "wall_s": 12.5},
-              "report": {"status": "running", "hash": "def", "started": 1.0}}
+    stages = {
+        "score": {"status": "done", "hash": "abc", "wall_s": 12.5},
+        "report": {"status": "running", "hash": "def", "started": 1.0},
+    }
     (run / "manifest.json").write_text(json.dumps({"stages": stages}))
     build(str(run))
     md = (run / "report/report.md").read_text()

@@ -17,11 +17,23 @@ pytestmark = pytest.mark.integration  # every test runs `raycat score` on a loca
 def write_config(tmp_path: Path, model: Path, **score) -> Path:
     tree = {
         "run_dir": str(tmp_path / "run"),
-        "data": {"source": "generic", "path": str(make_corpus(tmp_path / "corpus.jsonl")),
-                 "columns": {"id": "qid", "question": "question", "options": "options", "answer": "answer",
-                             "category": "topic"}},
-        "score": {"student": {"path": str(model), "dtype": "float32", "max_model_len": 512},
-                  "deviation_sample": 8, "engine": {"batch_size": 4, "kv_cache_gib": 0.25}, **score},
+        "data": {
+            "source": "generic",
+            "path": str(make_corpus(tmp_path / "corpus.jsonl")),
+            "columns": {
+                "id": "qid",
+                "question": "question",
+                "options": "options",
+                "answer": "answer",
+                "category": "topic",
+            },
+        },
+        "score": {
+            "student": {"path": str(model), "dtype": "float32", "max_model_len": 512},
+            "deviation_sample": 8,
+            "engine": {"batch_size": 4, "kv_cache_gib": 0.25},
+            **score,
+        },
         "split": {"test_fraction": 0.2},
         "ray": {"num_cpus": 2},
     }
@@ -48,7 +60,7 @@ def test_vllm_in_ray_data_scores_every_question(vllm_run):
     df = read_scores(tmp)
     assert sorted(df.id) == sorted([f"q{i:03d}" for i in range(N_QUESTIONS)] + ["ten"])
     assert df.id.is_unique and (df.status == "scored").all()
-    assert df.entropy.between(0, 10 ** 0.5).all()
+    assert df.entropy.between(0, 10**0.5).all()
     assert (df.entropy == df.entropy_options).all()
     assert df.predicted.isin(list("ABCDEFGHIJ")).all()
     assert (df.correct == (df.predicted == df.gold)).all()
@@ -108,8 +120,9 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(vllm_run, tmp_pat
 
 
 def test_transformers_backend_paper_preset_reports_multi_token_labels(tmp_path, tiny_model_dir):
-    cfg = write_config(tmp_path, tiny_model_dir, prompt={"preset": "paper"},
-                       engine={"backend": "transformers", "batch_size": 8})
+    cfg = write_config(
+        tmp_path, tiny_model_dir, prompt={"preset": "paper"}, engine={"backend": "transformers", "batch_size": 8}
+    )
     assert main(["score", "--config", str(cfg)]) == 0
     skipped = rundir.read_parquet(str(tmp_path / "run" / "score" / "skipped.parquet"))
     assert list(skipped.id) == ["ten"]
@@ -127,10 +140,17 @@ def test_transformers_backend_paper_preset_reports_multi_token_labels(tmp_path, 
 def test_free_form_questions_in_full_mode(tmp_path, tiny_model_dir):
     rows = [{"question": f"What is {i} + {i}?", "answer": f"work\n#### {2 * i}"} for i in range(6)]
     (tmp_path / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tree = {"run_dir": str(tmp_path / "run"), "data": {"source": "gsm8k", "path": str(tmp_path / "gsm.jsonl")},
-            "score": {"student": {"path": str(tiny_model_dir), "dtype": "float32", "max_model_len": 512},
-                      "entropy_mode": "full", "free_form_max_tokens": 4,
-                      "engine": {"backend": "transformers"}}, "ray": {"num_cpus": 2}}
+    tree = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "gsm8k", "path": str(tmp_path / "gsm.jsonl")},
+        "score": {
+            "student": {"path": str(tiny_model_dir), "dtype": "float32", "max_model_len": 512},
+            "entropy_mode": "full",
+            "free_form_max_tokens": 4,
+            "engine": {"backend": "transformers"},
+        },
+        "ray": {"num_cpus": 2},
+    }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(tree))
     assert main(["score", "--config", str(p)]) == 0
@@ -140,13 +160,23 @@ def test_free_form_questions_in_full_mode(tmp_path, tiny_model_dir):
 
 
 def test_free_form_rows_in_options_mode_are_skipped_with_the_fix(tmp_path, tiny_model_dir):
-    (tmp_path / "n.jsonl").write_text("".join(json.dumps({"question": f"{i}+1?", "answer": i + 1}) + "\n"
-                                              for i in range(3)))
-    tree = {"run_dir": str(tmp_path / "run"),
-            "data": {"source": "generic", "path": str(tmp_path / "n.jsonl"), "columns": {"options": None},
-                     "answer_format": "number"},
-            "score": {"student": {"path": str(tiny_model_dir), "dtype": "float32", "max_model_len": 512},
-                      "engine": {"backend": "transformers"}}, "ray": {"num_cpus": 2}}
+    (tmp_path / "n.jsonl").write_text(
+        "".join(json.dumps({"question": f"{i}+1?", "answer": i + 1}) + "\n" for i in range(3))
+    )
+    tree = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {
+            "source": "generic",
+            "path": str(tmp_path / "n.jsonl"),
+            "columns": {"options": None},
+            "answer_format": "number",
+        },
+        "score": {
+            "student": {"path": str(tiny_model_dir), "dtype": "float32", "max_model_len": 512},
+            "engine": {"backend": "transformers"},
+        },
+        "ray": {"num_cpus": 2},
+    }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(tree))
     assert main(["score", "--config", str(p)]) == 0

@@ -19,8 +19,11 @@ class ScriptedEngine:
         out = []
         for p in prompts:
             text = self.scripts[p[0]].pop(0)
-            out.append(Generation("", 0, 0, "error", error=text[4:]) if text.startswith("ERR:")
-                       else Generation(text, len(p), 10, "stop"))
+            out.append(
+                Generation("", 0, 0, "error", error=text[4:])
+                if text.startswith("ERR:")
+                else Generation(text, len(p), 10, "stop")
+            )
         return out
 
 
@@ -32,8 +35,9 @@ def test_schedule_uses_retry_temperatures_and_new_seeds():
 
 def test_retries_until_verified_and_counts_every_attempt():
     eng = ScriptedEngine({1: ["[[B]]"], 2: ["[[A]]", "hmm", "[[C]]"], 3: ["no", "no", "no"]})
-    rows = [{"prompt": [i, 0, 0], "n_options": 4, "gold": g, "skip_reason": ""}
-            for i, g in ((1, "B"), (2, "C"), (3, "D"))]
+    rows = [
+        {"prompt": [i, 0, 0], "n_options": 4, "gold": g, "skip_reason": ""} for i, g in ((1, "B"), (2, "C"), (3, "D"))
+    ]
     rows.append({"prompt": [4], "n_options": 4, "gold": "A", "skip_reason": "prompt too long"})
     res = teach_rows(eng, rows, attempt_schedule(Sampling(0.0, 1.0, 50, 0), 2, [0.7]))
     assert [r["status"] for r in res] == ["verified", "verified", "no_answer", "failed"]
@@ -44,16 +48,19 @@ def test_retries_until_verified_and_counts_every_attempt():
     assert [c.temperature for c in eng.calls] == [0.0, 0.7, 0.7]
 
 
-@pytest.mark.parametrize("status,policy,final,target", [
-    ("verified", "drop", "verified", "COT"),
-    ("wrong", "drop", "dropped_wrong", None),
-    ("no_answer", "drop", "dropped_no_answer", None),
-    ("wrong", "keep", "kept_wrong", "COT"),
-    ("no_answer", "keep", "dropped_no_answer", None),
-    ("wrong", "fallback_to_answer", "fallback_to_answer", "[[C]]"),
-    ("no_answer", "fallback_to_answer", "fallback_to_answer", "[[C]]"),
-    ("failed", "keep", "failed", None),
-])
+@pytest.mark.parametrize(
+    "status,policy,final,target",
+    [
+        ("verified", "drop", "verified", "COT"),
+        ("wrong", "drop", "dropped_wrong", None),
+        ("no_answer", "drop", "dropped_no_answer", None),
+        ("wrong", "keep", "kept_wrong", "COT"),
+        ("no_answer", "keep", "dropped_no_answer", None),
+        ("wrong", "fallback_to_answer", "fallback_to_answer", "[[C]]"),
+        ("no_answer", "fallback_to_answer", "fallback_to_answer", "[[C]]"),
+        ("failed", "keep", "failed", None),
+    ],
+)
 def test_policy(status, policy, final, target):
     got_final, got_target, reason = resolve(status, "COT", "C", policy)
     assert (got_final, got_target) == (final, target)
@@ -61,9 +68,16 @@ def test_policy(status, policy, final, target):
 
 
 def test_accounting_and_distill_all_estimate():
-    rows = pd.DataFrame({"teacher": ["t1", "t1", "t2"], "attempts": [1, 2, 1], "prompt_tokens": [100, 200, 100],
-                         "completion_tokens": [300, 600, 300], "engine_seconds": [1.0, 2.0, 1.0],
-                         "gpu_seconds": [1.0, 2.0, 0.0]})
+    rows = pd.DataFrame(
+        {
+            "teacher": ["t1", "t1", "t2"],
+            "attempts": [1, 2, 1],
+            "prompt_tokens": [100, 200, 100],
+            "completion_tokens": [300, 600, 300],
+            "engine_seconds": [1.0, 2.0, 1.0],
+            "gpu_seconds": [1.0, 2.0, 0.0],
+        }
+    )
     a = accounting(rows, pool_size=12, prices={"t1": (1.0, 2.0, "USD"), "t2": None})
     assert a["total_tokens"] == 1600 and a["per_teacher"]["t1"]["attempts"] == 3
     assert a["per_teacher"]["t1"]["cost"] == pytest.approx((300 * 1 + 900 * 2) / 1e6)

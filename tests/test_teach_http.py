@@ -24,8 +24,10 @@ SECRET = "sk-raycat-test-DO-NOT-LOG-7f3a9c"
 
 
 def rows_for(modes):
-    return [{"prompt": [{"role": "user", "content": f"Q{i} mode={m}"}], "n_options": 4, "gold": "A",
-             "skip_reason": ""} for i, m in enumerate(modes)]
+    return [
+        {"prompt": [{"role": "user", "content": f"Q{i} mode={m}"}], "n_options": 4, "gold": "A", "skip_reason": ""}
+        for i, m in enumerate(modes)
+    ]
 
 
 def test_faults_are_retried_or_recorded_never_hung(monkeypatch):
@@ -106,8 +108,14 @@ def test_a_bug_propagates_but_api_errors_become_failed_rows(monkeypatch):
 def test_reasoning_content_is_kept_ahead_of_the_answer():
     with FaultServer() as srv:
         t = OpenAITeacher(srv.url, "teacher", None, timeout_s=5, max_retries=0)
-        rows = [{"prompt": [{"role": "user", "content": "Q mode=reasoning"}], "n_options": 4, "gold": "A",
-                 "skip_reason": ""}]
+        rows = [
+            {
+                "prompt": [{"role": "user", "content": "Q mode=reasoning"}],
+                "n_options": 4,
+                "gold": "A",
+                "skip_reason": "",
+            }
+        ]
         res = teach_rows(t, rows, attempt_schedule(Sampling(0.0, 1.0, 64, 0), 0, [0.7]))
         t.close()
     assert res[0]["response"] == "Option B looks tempting: [[B]]? No, the first one.\n\n[[A]]"
@@ -137,10 +145,18 @@ def write_split(run: Path, n: int = 6):
     from raycat import rundir
 
     for band, k in (("easy", 2), ("medium", 2), ("hard", n)):
-        df = pd.DataFrame({"id": [f"{band}{i}" for i in range(k)], "question": [f"Q {band}{i} mode=ok"
-                                                                               for i in range(k)],
-                           "options": [["x", "y"]] * k, "gold": "A", "category": "", "source": "t",
-                           "entropy": 1.0, "band": band})
+        df = pd.DataFrame(
+            {
+                "id": [f"{band}{i}" for i in range(k)],
+                "question": [f"Q {band}{i} mode=ok" for i in range(k)],
+                "options": [["x", "y"]] * k,
+                "gold": "A",
+                "category": "",
+                "source": "t",
+                "entropy": 1.0,
+                "band": band,
+            }
+        )
         rundir.write_parquet(str(run / "split" / f"{band}.parquet"), df)
 
 
@@ -149,11 +165,21 @@ def test_api_key_never_reaches_outputs_or_logs(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("RAYCAT_TEST_KEY", SECRET)
     write_split(tmp_path / "run")
     with FaultServer() as srv:
-        tree = {"run_dir": str(tmp_path / "run"), "data": {"source": "synthetic"},
-                "score": {"student": {"path": "unused"}}, "ray": {"num_cpus": 2},
-                "teach": {"teachers": [{"model": {"path": "hosted-teacher"},
-                                        "api": {"base_url": srv.url, "api_key_env": "RAYCAT_TEST_KEY"},
-                                        "price": {"prompt_per_mtok": 3, "completion_per_mtok": 15}}]}}
+        tree = {
+            "run_dir": str(tmp_path / "run"),
+            "data": {"source": "synthetic"},
+            "score": {"student": {"path": "unused"}},
+            "ray": {"num_cpus": 2},
+            "teach": {
+                "teachers": [
+                    {
+                        "model": {"path": "hosted-teacher"},
+                        "api": {"base_url": srv.url, "api_key_env": "RAYCAT_TEST_KEY"},
+                        "price": {"prompt_per_mtok": 3, "completion_per_mtok": 15},
+                    }
+                ]
+            },
+        }
         p = tmp_path / "c.yaml"
         p.write_text(yaml.safe_dump(tree))
         assert main(["teach", "--config", str(p)]) == 0
@@ -180,16 +206,48 @@ def test_real_vllm_openai_server_on_loopback(tmp_path, tiny_model_dir):
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
-         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--max-model-len", "512", "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(tiny_model_dir),
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--enforce-eager",
+            "--kv-cache-memory-bytes",
+            str(256 << 20),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", server, 240, "vLLM server",
-                  log=lambda: (tmp_path / "server.log").read_text()[-3000:])
+        wait_http(
+            f"http://127.0.0.1:{port}/health",
+            server,
+            240,
+            "vLLM server",
+            log=lambda: (tmp_path / "server.log").read_text()[-3000:],
+        )
         t = OpenAITeacher(f"http://127.0.0.1:{port}/v1", "tiny", None, timeout_s=60, max_retries=1)
-        rows = [{"prompt": [{"role": "user", "content": f"Question {i}? A. yes B. no"}], "n_options": 2,
-                 "gold": "A", "skip_reason": ""} for i in range(4)]
+        rows = [
+            {
+                "prompt": [{"role": "user", "content": f"Question {i}? A. yes B. no"}],
+                "n_options": 2,
+                "gold": "A",
+                "skip_reason": "",
+            }
+            for i in range(4)
+        ]
         res = teach_rows(t, rows, attempt_schedule(Sampling(0.0, 1.0, 8, 0), 1, [0.7]))
         assert all(r["status"] in ("verified", "wrong", "no_answer") for r in res)
         assert all(r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 for r in res)
@@ -210,11 +268,18 @@ def test_teacher_down_stops_with_a_clear_error_and_keeps_outputs(tmp_path, capsy
     with socket.socket() as s:  # a port nobody listens on: connection refused at once
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    tree = {"run_dir": str(tmp_path / "run"), "data": {"source": "synthetic"},
-            "score": {"student": {"path": "unused"}}, "ray": {"num_cpus": 2},
-            "teach": {"teachers": [{"model": {"path": "t"},
-                                    "api": {"base_url": f"http://127.0.0.1:{dead}/v1", "max_retries": 0}}],
-                      "max_failure_ratio": 0.5}}
+    tree = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "synthetic"},
+        "score": {"student": {"path": "unused"}},
+        "ray": {"num_cpus": 2},
+        "teach": {
+            "teachers": [
+                {"model": {"path": "t"}, "api": {"base_url": f"http://127.0.0.1:{dead}/v1", "max_retries": 0}}
+            ],
+            "max_failure_ratio": 0.5,
+        },
+    }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(tree))
     assert main(["teach", "--config", str(p)]) == 1
@@ -235,8 +300,13 @@ def test_cascade_asks_the_next_teacher_only_for_unsolved_rows(tmp_path):
     rundir.write_parquet(str(run / "split" / "hard.parquet"), hard)
     with FaultServer() as srv:
         teachers = [{"model": {"path": f"answers-{x}"}, "api": {"base_url": srv.url}} for x in "AB"]
-        tree = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "unused"}},
-                "ray": {"num_cpus": 2}, "teach": {"teachers": teachers, "retries": 0}}
+        tree = {
+            "run_dir": str(run),
+            "data": {"source": "synthetic"},
+            "score": {"student": {"path": "unused"}},
+            "ray": {"num_cpus": 2},
+            "teach": {"teachers": teachers, "retries": 0},
+        }
         p = tmp_path / "c.yaml"
         p.write_text(yaml.safe_dump(tree))
         assert main(["teach", "--config", str(p)]) == 0

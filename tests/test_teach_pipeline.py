@@ -16,15 +16,34 @@ N = 24
 def config(tmp, model, **teach):
     tree = {
         "run_dir": str(tmp / "run"),
-        "data": {"source": "generic", "path": str(make_corpus(tmp / "corpus.jsonl", N)),
-                 "columns": {"id": "qid", "question": "question", "options": "options", "answer": "answer",
-                             "category": "topic"}},
-        "score": {"student": {"path": str(model), "dtype": "float32", "max_model_len": 512},
-                  "deviation_sample": 0, "engine": {"backend": "transformers"}},
-        "teach": {"teachers": [{"model": {"path": str(model), "dtype": "float32", "max_model_len": 512},
-                                "engine": {"batch_size": 8, "kv_cache_gib": 0.25},
-                                "price": {"prompt_per_mtok": 1.0, "completion_per_mtok": 4.0}}],
-                  "sampling": {"max_tokens": 12}, "retries": 1, **teach},
+        "data": {
+            "source": "generic",
+            "path": str(make_corpus(tmp / "corpus.jsonl", N)),
+            "columns": {
+                "id": "qid",
+                "question": "question",
+                "options": "options",
+                "answer": "answer",
+                "category": "topic",
+            },
+        },
+        "score": {
+            "student": {"path": str(model), "dtype": "float32", "max_model_len": 512},
+            "deviation_sample": 0,
+            "engine": {"backend": "transformers"},
+        },
+        "teach": {
+            "teachers": [
+                {
+                    "model": {"path": str(model), "dtype": "float32", "max_model_len": 512},
+                    "engine": {"batch_size": 8, "kv_cache_gib": 0.25},
+                    "price": {"prompt_per_mtok": 1.0, "completion_per_mtok": 4.0},
+                }
+            ],
+            "sampling": {"max_tokens": 12},
+            "retries": 1,
+            **teach,
+        },
         "ray": {"num_cpus": 2},
     }
     p = tmp / "c.yaml"
@@ -60,7 +79,8 @@ def test_hard_band_then_all_bands_share_the_cache(split_run, tiny_model_dir):
     a = m["accounting"]
     assert a["completion_tokens"] == int(skipped.completion_tokens.sum()) > 0
     assert a["per_teacher"][str(tiny_model_dir)]["cost"] == pytest.approx(
-        (a["prompt_tokens"] * 1.0 + a["completion_tokens"] * 4.0) / 1e6)
+        (a["prompt_tokens"] * 1.0 + a["completion_tokens"] * 4.0) / 1e6
+    )
     assert a["pool_rows"] == N + 1 and 0 < a["distill_all_estimate"]["saving_pct"] < 100
 
     cfg_all = config(tmp, tiny_model_dir, bands="all", on_wrong="fallback_to_answer")

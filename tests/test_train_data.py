@@ -27,8 +27,16 @@ def family(request, tiny_model_dir, tiny_llama3_dir):
 
 
 def _rows(n: int, with_target: bool = False) -> pd.DataFrame:
-    rows = [{"id": f"q{i}", "question": f"What is {i} plus {i}?", "options": ["one", "two", "three", "four"],
-             "gold": "ABCD"[i % 4], "category": "math" if i % 2 else ""} for i in range(n)]
+    rows = [
+        {
+            "id": f"q{i}",
+            "question": f"What is {i} plus {i}?",
+            "options": ["one", "two", "three", "four"],
+            "gold": "ABCD"[i % 4],
+            "category": "math" if i % 2 else "",
+        }
+        for i in range(n)
+    ]
     df = pd.DataFrame(rows)
     if with_target:
         df["target"] = [f"Add them: {2 * i}. So the answer is [[{'ABCD'[i % 4]}]]" for i in range(n)]
@@ -57,13 +65,13 @@ def test_mask_covers_exactly_the_assistant_turn_and_its_stop_token(family, kind)
     assert trained == list(range(trained[0], trained[-1] + 1))
     # Everything before the span is the prompt exactly as inference renders it.
     prompt_text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert ids[:trained[0]] == tok(prompt_text, add_special_tokens=False)["input_ids"]
+    assert ids[: trained[0]] == tok(prompt_text, add_special_tokens=False)["input_ids"]
     # The span is the target followed by the end-of-turn token, which *is* trained.
     end = "<|im_end|>" if name == "chatml" else "<|eot_id|>"
     assert ids[trained[-1]] == tok.convert_tokens_to_ids(end)
     assert tok.decode([ids[i] for i in trained]) == target + end
     # What the template writes after the stop token (ChatML's newline) is not trained.
-    tail = ids[trained[-1] + 1:]
+    tail = ids[trained[-1] + 1 :]
     assert tok.decode(tail) == ("\n" if name == "chatml" else "")
     if name == "llama3":
         assert ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>") and ids.count(ids[0]) == 1  # one BOS
@@ -98,8 +106,10 @@ def test_overlong_rows_are_dropped_or_truncated_and_counted(tiny_model_dir):
 
 def test_template_without_a_stop_token_is_an_error_naming_the_row(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(TemplateError, match=r"row 'q0'.*never learn to stop"):
         encode_rows(tok, _rows(1), "answer", {tok.convert_tokens_to_ids("<|im_end|>")}, 512, "drop")
 
@@ -126,6 +136,7 @@ def test_pad_to_world_repeats_rows_so_shards_are_equal():
 
 
 # --- recipes: which rows each phase trains on ---
+
 
 def _bands() -> dict[str, pd.DataFrame]:
     ids = {"easy": range(0, 3), "medium": range(3, 9), "hard": range(9, 12)}
@@ -155,8 +166,11 @@ def test_baselines_select_their_rows():
     distill, skipped = select("distill_all", _bands(), _cot(range(12)), seed=0)
     assert len(distill) == 1 and distill[0][0].target == "cot" and len(distill[0][1]) == 12 and skipped.empty
     cur, _ = select("curriculum", _bands(), None, seed=0)
-    assert [(p.name, p.target, len(r)) for p, r in cur] == [("phase1", "answer", 3), ("phase2", "answer", 6),
-                                                            ("phase3", "answer", 3)]
+    assert [(p.name, p.target, len(r)) for p, r in cur] == [
+        ("phase1", "answer", 3),
+        ("phase2", "answer", 6),
+        ("phase3", "answer", 3),
+    ]
     assert _ids(cur[0][1]) == ["q0", "q1", "q2"] and _ids(cur[2][1]) == ["q9", "q10", "q11"]
 
 

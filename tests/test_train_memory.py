@@ -21,10 +21,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def llama70b_dir(tmp_path_factory) -> Path:
     """config.json of Llama-3.1-70B's shape (no weights: the estimate counts parameters on the meta device)."""
     d = tmp_path_factory.mktemp("llama70b")
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
-        "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
-        "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 8192,
+                "intermediate_size": 28672,
+                "num_hidden_layers": 80,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+                "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False,
+            }
+        )
+    )
     return d
 
 
@@ -38,7 +51,7 @@ def test_70b_lora_zero3_fits_and_reports_its_numbers(llama70b_dir):
     assert 70.0e9 < pre["params"] < 71.0e9  # Llama-3.1-70B: 70.6B
     assert 0.5e9 < pre["trainable_params"] < 1.0e9  # r=64 on all 7 projections of 80 layers: 0.83B
     p2 = pre["phases"]["phase2"]
-    assert p2["device_breakdown_gib"]["weights"] == pytest.approx(pre["params"] * 2 / 16 / 1024 ** 3, rel=1e-3)
+    assert p2["device_breakdown_gib"]["weights"] == pytest.approx(pre["params"] * 2 / 16 / 1024**3, rel=1e-3)
     assert p2["device_gib_per_worker"] < 80
 
 
@@ -47,18 +60,35 @@ def test_70b_full_fits_only_with_offload(llama70b_dir):
     pre = preflight(cfg, str(llama70b_dir), list(RECIPES[cfg.train.recipe]))
     p2 = pre["phases"]["phase2"]
     assert p2["device_gib_per_worker"] < 80 and 40 < p2["host_gib_per_worker"] < 240
-    no_offload = _cfg("llama-3.1-70b-mmlu-pro-full.yaml", "train.deepspeed.offload_optimizer=false",
-                      "train.deepspeed.offload_param=false")
-    with pytest.raises(RaycatError, match=r"train pre-flight, phase2: needs ~\d+\.\d GiB of accelerator memory per "
-                                         r"worker \(weights .*optimizer.*\) but a worker has 72\.0 GiB usable"):
+    no_offload = _cfg(
+        "llama-3.1-70b-mmlu-pro-full.yaml",
+        "train.deepspeed.offload_optimizer=false",
+        "train.deepspeed.offload_param=false",
+    )
+    with pytest.raises(
+        RaycatError,
+        match=r"train pre-flight, phase2: needs ~\d+\.\d GiB of accelerator memory per "
+        r"worker \(weights .*optimizer.*\) but a worker has 72\.0 GiB usable",
+    ):
         preflight(no_offload, str(llama70b_dir), list(RECIPES["complexity_aware"]))
 
 
 def test_estimate_follows_zero_stage_sharding():
-    kw = dict(total_params=1_000_000_000, trainable_params=1_000_000_000, world=8, offload_optimizer=False,
-              offload_param=False, bf16=True, micro_batch_size=1, max_length=16, hidden_size=16, num_layers=1,
-              vocab_size=16, gradient_checkpointing=True)
-    gib = 1024 ** 3
+    kw = dict(
+        total_params=1_000_000_000,
+        trainable_params=1_000_000_000,
+        world=8,
+        offload_optimizer=False,
+        offload_param=False,
+        bf16=True,
+        micro_batch_size=1,
+        max_length=16,
+        hidden_size=16,
+        num_layers=1,
+        vocab_size=16,
+        gradient_checkpointing=True,
+    )
+    gib = 1024**3
     z0, z2, z3 = (estimate(zero_stage=s, **kw)["device_breakdown_gib"] for s in (0, 2, 3))
     assert z0["weights"] == z2["weights"] == pytest.approx(2e9 / gib, rel=1e-3)
     assert z3["weights"] == pytest.approx(2e9 / 8 / gib, rel=1e-3)
@@ -69,8 +99,9 @@ def test_estimate_follows_zero_stage_sharding():
 
 
 def test_deepspeed_config_uses_ds_optimizer_only_with_offload():
-    kw = dict(bf16=False, micro_batch_size=4, accumulation=2, world=2, clipping=1.0, lr=1e-4, weight_decay=0.0,
-              gpu=False)
+    kw = dict(
+        bf16=False, micro_batch_size=4, accumulation=2, world=2, clipping=1.0, lr=1e-4, weight_decay=0.0, gpu=False
+    )
     plain = deepspeed_config(zero_stage=2, offload_optimizer=False, offload_param=False, **kw)
     assert plain["train_batch_size"] == 16 and "optimizer" not in plain and plain["gradient_clipping"] == 1.0
     off = deepspeed_config(zero_stage=3, offload_optimizer=True, offload_param=True, **kw)
@@ -109,8 +140,9 @@ def test_lr_schedules_warm_up_then_hold_or_decay():
 def test_phase_lookup_names_the_known_phases():
     cfg = _cfg("demo-cpu.yaml")
     assert cfg.train.phase("phase2") is cfg.train.phase2
-    with pytest.raises(ConfigError, match="train.phase4: no such training phase; the config has phase1, phase2, "
-                                          "phase3"):
+    with pytest.raises(
+        ConfigError, match="train.phase4: no such training phase; the config has phase1, phase2, phase3"
+    ):
         cfg.train.phase("phase4")
 
 

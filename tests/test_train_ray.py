@@ -19,15 +19,24 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def config(run: Path, model_dir: Path, **train) -> dict:
-    base = {"method": "lora", "num_workers": 2, "deepspeed": {"zero_stage": 2}, "save_steps": 2,
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-            "phase1": {"epochs": 2, "lr": 0.003, "micro_batch_size": 4, "max_length": 256},
-            "phase2": {"epochs": 2, "lr": 0.003, "micro_batch_size": 2, "max_length": 256}}
+    base = {
+        "method": "lora",
+        "num_workers": 2,
+        "deepspeed": {"zero_stage": 2},
+        "save_steps": 2,
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "phase1": {"epochs": 2, "lr": 0.003, "micro_batch_size": 4, "max_length": 256},
+        "phase2": {"epochs": 2, "lr": 0.003, "micro_batch_size": 2, "max_length": 256},
+    }
     for k, v in train.items():
         base[k] = {**base[k], **v} if isinstance(v, dict) and k in base else v
-    return {"run_dir": str(run), "data": {"source": "synthetic"},
-            "score": {"student": {"path": str(model_dir), "max_model_len": 512}}, "train": base,
-            "ray": {"num_cpus": 2}}
+    return {
+        "run_dir": str(run),
+        "data": {"source": "synthetic"},
+        "score": {"student": {"path": str(model_dir), "max_model_len": 512}},
+        "train": base,
+        "ray": {"num_cpus": 2},
+    }
 
 
 def _tensors(model_dir: Path) -> dict:
@@ -98,8 +107,11 @@ def test_full_zero3_two_phases_gathers_weights_for_export(tmp_path, tiny_model_d
     from raycat.train import run_train
 
     run = make_run(tmp_path / "run", tiny_model_dir)
-    cfg = validate_config(config(run, tiny_model_dir, method="full", deepspeed={"zero_stage": 3},
-                                  phase1={"lr": 0.001}, phase2={"lr": 0.001}))
+    cfg = validate_config(
+        config(
+            run, tiny_model_dir, method="full", deepspeed={"zero_stage": 3}, phase1={"lr": 0.001}, phase2={"lr": 0.001}
+        )
+    )
     s = run_train(cfg, say=lambda m: None)
     p1, p2 = s["phases"]["phase1"], s["phases"]["phase2"]
     assert p1["last_loss"] < p1["first_loss"] and p2["last_loss"] < p2["first_loss"]
@@ -127,13 +139,18 @@ def _train_workers(root_pid: int) -> list:
 @pytest.mark.integration
 def test_killed_worker_in_phase2_resumes_from_checkpoint_without_redoing_phase1(tmp_path, tiny_model_dir):
     run = make_run(tmp_path / "run", tiny_model_dir)
-    tree = config(run, tiny_model_dir, save_steps=20, max_failures=2,
-                  phase2={"epochs": 50, "micro_batch_size": 1, "lr": 0.001})
+    tree = config(
+        run, tiny_model_dir, save_steps=20, max_failures=2, phase2={"epochs": 50, "micro_batch_size": 1, "lr": 0.001}
+    )
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(tree))
     ckpts = run / "train/complexity_aware/phase2/checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "raycat.cli", "train", "--config", str(cfg_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raycat.cli", "train", "--config", str(cfg_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     killed = None
     try:
         deadline = time.time() + 400
@@ -169,8 +186,20 @@ def test_other_zero_stage_and_method_combinations(tmp_path, tiny_model_dir, stag
 
     run = make_run(tmp_path / "run", tiny_model_dir)
     lr = {"lr": 0.003 if method == "lora" else 0.001}
-    s = run_train(validate_config(config(run, tiny_model_dir, method=method, deepspeed={"zero_stage": stage},
-                                         gradient_checkpointing=True, phase1=lr, phase2=lr)), say=lambda m: None)
+    s = run_train(
+        validate_config(
+            config(
+                run,
+                tiny_model_dir,
+                method=method,
+                deepspeed={"zero_stage": stage},
+                gradient_checkpointing=True,
+                phase1=lr,
+                phase2=lr,
+            )
+        ),
+        say=lambda m: None,
+    )
     p1, p2 = s["phases"]["phase1"], s["phases"]["phase2"]
     assert p1["last_loss"] < p1["first_loss"] and p2["last_loss"] < p2["first_loss"]
     _assert_phase2_started_from_phase1(s["phases"])
@@ -181,11 +210,20 @@ def test_curriculum_runs_three_phases_each_from_the_last(tmp_path, tiny_model_di
     from raycat.train import run_train
 
     run = make_run(tmp_path / "run", tiny_model_dir)
-    tree = config(run, tiny_model_dir, recipe="curriculum", num_workers=1, deepspeed={"zero_stage": 0},
-                  phase3={"epochs": 2, "lr": 0.003, "micro_batch_size": 2, "max_length": 256})
+    tree = config(
+        run,
+        tiny_model_dir,
+        recipe="curriculum",
+        num_workers=1,
+        deepspeed={"zero_stage": 0},
+        phase3={"epochs": 2, "lr": 0.003, "micro_batch_size": 2, "max_length": 256},
+    )
     s = run_train(validate_config(tree), say=lambda m: None)
     assert [(k, v["target"], v["examples"]) for k, v in s["phases"].items()] == [
-        ("phase1", "answer", 6), ("phase2", "answer", 12), ("phase3", "answer", 6)]
+        ("phase1", "answer", 6),
+        ("phase2", "answer", 12),
+        ("phase3", "answer", 6),
+    ]
     for prev, cur in (("phase1", "phase2"), ("phase2", "phase3")):
         _assert_phase2_started_from_phase1({"phase1": s["phases"][prev], "phase2": s["phases"][cur]})
 
@@ -242,7 +280,11 @@ def test_template_mismatch_with_scoring_is_an_error_unless_allowed(tmp_path, tin
 def test_train_cli_names_the_missing_stage(tmp_path, tiny_model_dir):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(config(tmp_path / "empty-run", tiny_model_dir)))
-    r = subprocess.run([sys.executable, "-m", "raycat.cli", "train", "--config", str(cfg_path)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "raycat.cli", "train", "--config", str(cfg_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
     assert "pre-flight" in r.stderr and "run `raycat split`" in " ".join(r.stderr.split())
