@@ -205,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raycat", description="Complexity-aware fine-tuning on Ray.")
     p.add_argument("--version", action="version", version=f"raycat {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (*HELP.items(), ("show-config", "print the resolved config and exit")):
+    # One subcommand per stage (report takes a run dir, not a config: below) plus show-config.
+    commands = [(name, HELP[name]) for name in STAGES if name != "report"]
+    for name, help_ in (*commands, ("show-config", "print the resolved config and exit")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. score.engine.batch_size=16")
