@@ -215,6 +215,9 @@ class PriceConfig(Strict):
     currency: str = Field("USD", description="Label for reports.")
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class ApiConfig(Strict):
     """An OpenAI-compatible HTTP endpoint (hosted teachers, or a vLLM server)."""
 
@@ -242,6 +245,16 @@ class ApiConfig(Strict):
         description="Retries on 429/5xx/timeouts: exponential backoff with "
         "jitter, Retry-After honoured (the openai client's policy).",
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> ApiConfig:
+        # The value itself is never echoed: if it is a key, an error message must not leak it.
+        if self.api_key_env is not None and not _ENV_NAME.fullmatch(self.api_key_env):
+            raise ValueError(
+                "api_key_env: must be the NAME of an environment variable (letters, digits, _), "
+                "not the key itself; e.g. api_key_env: OPENROUTER_API_KEY, then export that variable"
+            )
+        return self
 
 
 class TeacherConfig(Strict):
@@ -412,6 +425,11 @@ class RaycatConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation (`raycat eval`).")
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    def _is_api(self, engine_key: str) -> bool:
+        if not engine_key.startswith("teach.") or self.teach is None:
+            return False
+        return self.teach.teachers[int(engine_key.split(".")[2])].api is not None
+
     @model_validator(mode="after")
     def _check(self) -> RaycatConfig:
         if self.score.entropy_mode == "options" and self.data.source == "gsm8k":
@@ -422,6 +440,14 @@ class RaycatConfig(Strict):
         engines = [("score.engine", self.score.engine)]
         if self.teach is not None:
             engines += [(f"teach.teachers.{i}.engine", t.engine) for i, t in enumerate(self.teach.teachers)]
+        # Models that run on GPU to score or teach are evaluated there too (an HTTP teacher's engine
+        # settings only size its client actors, so it does not count).
+        on_gpu = [key for key, e in engines if e.device == "gpu" and not self._is_api(key)]
+        if on_gpu and self.eval.engine.device == "cpu":
+            raise ValueError(
+                f"eval.engine.device: {on_gpu[0]} runs on gpu but eval would run the trained models on "
+                "the CPU default engine; add an eval: section with engine.device: gpu"
+            )
         engines.append(("eval.engine", self.eval.engine))
         for key, e in engines:
             if e.tensor_parallel_size * e.pipeline_parallel_size > 1 and e.device != "gpu":

@@ -1,12 +1,15 @@
-"""What a stage tells the user while it runs: one-line messages and a rows progress bar.
+"""What a stage tells the user while it runs: one-line messages and rows progress.
 
 Stage drivers call ``say`` and ``rows``; only the CLI prints tables. Text is printed without rich
-markup interpretation, so a path or a question containing ``[/]`` prints as written.
+markup interpretation, so a path or a question containing ``[/]`` prints as written. On a terminal
+``rows`` draws a rich bar; without one (``ray job logs``, ``kubectl logs``, CI) a bar shows only its
+last frame, so plain lines are printed instead, every ``RAYCAT_PROGRESS_INTERVAL_S`` seconds (30).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -24,11 +27,41 @@ def say(stage: str, msg: str) -> None:
     console.print(Text.assemble((stage, "bold"), ": ", msg))
 
 
+def _interval_s() -> float:
+    return float(os.environ.get("RAYCAT_PROGRESS_INTERVAL_S", "30"))
+
+
+def _line(done: int, total: int, elapsed: float) -> str:
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 and done < total else ""
+    return f"{done}/{total} rows ({done / total:.0%}), {rate:.2f} rows/s{eta}, {elapsed:.0f} s elapsed"
+
+
 @contextmanager
 def rows(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar for ``total`` rows; yields ``advance(n)``."""
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
-        task = progress.add_task(escape(label), total=total)
-        yield lambda n: progress.advance(task, n)
+    """Progress over ``total`` rows; yields ``advance(n)``."""
+    if console.is_terminal:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task(escape(label), total=total)
+            yield lambda n: progress.advance(task, n)
+        return
+    t0 = time.monotonic()
+    state = {"done": 0, "printed_at": t0, "printed": -1}
+
+    def advance(n: int) -> None:
+        state["done"] += n
+        now = time.monotonic()
+        if now - state["printed_at"] >= _interval_s() or state["done"] >= total:
+            say(label, _line(state["done"], total, now - t0))
+            state["printed_at"], state["printed"] = now, state["done"]
+
+    say(label, f"0/{total} rows")
+    yield advance
+    if state["printed"] != state["done"]:  # the last line says where it ended
+        say(label, _line(state["done"], total, time.monotonic() - t0))

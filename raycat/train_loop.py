@@ -199,6 +199,17 @@ def _tracker(c: LoopConfig):
     return None
 
 
+def all_reduce_step(values: list[float], device) -> list[float]:
+    """Sum a step's per-rank totals over the data-parallel group. The tensor lives on the engine's
+    device: NCCL reduces CUDA tensors only, so a CPU tensor would stop a GPU run at its first step."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def _collate_fn(pad_id: int):
     import torch
     from ray.data.collate_fn import NumpyBatchCollateFn
@@ -222,7 +233,6 @@ def train_loop(config: dict) -> None:
     import deepspeed
     import ray.train
     import torch
-    import torch.distributed as dist
     from transformers import AutoTokenizer
 
     c: LoopConfig = config["loop"]
@@ -334,17 +344,16 @@ def train_loop(config: dict) -> None:
             state["epoch"], state["batch"], state["micro_steps"] = epoch, i + 1, engine.micro_steps
             if not boundary:
                 continue
-            agg = torch.tensor([step_loss, step_micro, step_tokens], dtype=torch.float64)
-            dist.all_reduce(agg)
+            agg = all_reduce_step([step_loss, step_micro, step_tokens], device)
             dt = time.time() - t_step
             step = engine.global_steps
             metrics = {
                 "step": step,
                 "epoch": epoch,
-                "loss": agg[0].item() / agg[1].item(),
+                "loss": agg[0] / agg[1],
                 "lr": engine.get_lr()[0],
-                "tokens_per_s": agg[2].item() / max(dt, 1e-9),
-                "tokens": int(agg[2].item()),
+                "tokens_per_s": agg[2] / max(dt, 1e-9),
+                "tokens": int(agg[2]),
             }
             state["history"].append(metrics)
             step_loss, step_micro, step_tokens, t_step = 0.0, 0, 0, time.time()

@@ -95,3 +95,32 @@ def test_dump_round_trips(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_gpu_configs_evaluate_on_gpu_with_the_teachers_budget(path):
+    cfg = load_config(path)
+    if cfg.score.engine.device != "gpu":
+        return
+    assert cfg.eval.engine.device == "gpu"
+    if cfg.teach is not None:  # a phase-2 model answers with CoT as long as the teacher's
+        assert cfg.eval.max_tokens_cot >= cfg.teach.sampling.max_tokens
+    assert cfg.eval.max_model_len > cfg.eval.max_tokens_cot
+
+
+def test_scoring_on_gpu_but_evaluating_on_cpu_is_refused(tmp_path):
+    tree = {**MINIMAL, "score": {**MINIMAL["score"], "engine": {"device": "gpu"}}}
+    with pytest.raises(ConfigError, match="eval.engine.device: score.engine runs on gpu"):
+        load_config(write(tmp_path, tree))
+    tree["eval"] = {"engine": {"device": "gpu"}}
+    load_config(write(tmp_path, tree))
+
+
+def test_api_key_env_must_be_a_variable_name_and_a_key_is_never_echoed(tmp_path):
+    secret = "sk-or-v1-0123456789abcdef"
+    teach = {"teachers": [{"model": {"path": "hosted"}, "api": {"base_url": "http://x/v1", "api_key_env": secret}}]}
+    with pytest.raises(ConfigError, match="NAME of an environment variable") as e:
+        load_config(write(tmp_path, {**MINIMAL, "teach": teach}))
+    assert secret not in str(e.value)
+    teach["teachers"][0]["api"]["api_key_env"] = "OPENROUTER_API_KEY"
+    load_config(write(tmp_path, {**MINIMAL, "teach": teach}))

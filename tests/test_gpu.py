@@ -62,6 +62,10 @@ def _all_reduce_worker(rank: int, world_size: int, port: int) -> None:
         assert t.device.type == "cuda"
         expected = world_size * (world_size + 1) / 2
         assert torch.equal(t.cpu(), torch.full((1024,), expected)), t[:4]
+        # raycat's per-step metrics reduction, as the Ray Train workers call it on GPU
+        from raycat.train_loop import all_reduce_step
+
+        assert all_reduce_step([float(rank + 1), 1.0, 10.0], torch.device(f"cuda:{rank}")) == [expected, 2.0, 20.0]
     finally:
         dist.destroy_process_group()
 

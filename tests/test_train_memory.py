@@ -151,3 +151,21 @@ def test_train_config_errors_name_the_key():
         _cfg("demo-cpu.yaml", "train.deepspeed.offload_param=true")
     with pytest.raises(ConfigError, match="train.recipe"):
         _cfg("demo-cpu.yaml", "train.recipe=everything")
+
+
+def test_step_totals_are_reduced_on_the_engines_device(monkeypatch):
+    # NCCL reduces CUDA tensors only: the step totals must be built on the engine's device.
+    import torch
+    import torch.distributed as dist
+
+    from raycat.train_loop import all_reduce_step
+
+    seen = []
+
+    def fake_all_reduce(t):
+        seen.append(t.device)
+        t.mul_(2)  # two ranks with equal totals
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    assert all_reduce_step([1.5, 2.0, 10.0], torch.device("cpu")) == [3.0, 4.0, 20.0]
+    assert seen == [torch.device("cpu")]
