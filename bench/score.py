@@ -151,6 +151,10 @@ def main() -> None:
             cache_key="bench",
             sample_ids=frozenset(),
             max_prompt_tokens=1000,
+            mode=cfg.score.entropy_mode,
+            top_k=cfg.score.top_k,
+            free_form_max_tokens=cfg.score.free_form_max_tokens,
+            backend=cfg.score.engine.backend,
             engine_kwargs=engine_kwargs(cfg.score.student, cfg.score.engine),
         )
         t = time.perf_counter()

@@ -425,11 +425,6 @@ class RaycatConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation (`raycat eval`).")
     ray: RayConfig = Field(default_factory=RayConfig)
 
-    def _is_api(self, engine_key: str) -> bool:
-        if not engine_key.startswith("teach.") or self.teach is None:
-            return False
-        return self.teach.teachers[int(engine_key.split(".")[2])].api is not None
-
     @model_validator(mode="after")
     def _check(self) -> RaycatConfig:
         if self.score.entropy_mode == "options" and self.data.source == "gsm8k":
@@ -437,19 +432,22 @@ class RaycatConfig(Strict):
                 "score.entropy_mode: 'options' needs multiple-choice questions and gsm8k is free-form: "
                 "use score.entropy_mode=full or topk"
             )
-        engines = [("score.engine", self.score.engine)]
+        # (key, engine, whether it loads a model here): an HTTP teacher's engine settings only size
+        # its client actors.
+        engines = [("score.engine", self.score.engine, True)]
         if self.teach is not None:
-            engines += [(f"teach.teachers.{i}.engine", t.engine) for i, t in enumerate(self.teach.teachers)]
-        # Models that run on GPU to score or teach are evaluated there too (an HTTP teacher's engine
-        # settings only size its client actors, so it does not count).
-        on_gpu = [key for key, e in engines if e.device == "gpu" and not self._is_api(key)]
+            engines += [
+                (f"teach.teachers.{i}.engine", t.engine, t.api is None) for i, t in enumerate(self.teach.teachers)
+            ]
+        # Models that run on GPU to score or teach are evaluated there too.
+        on_gpu = [key for key, e, local in engines if local and e.device == "gpu"]
         if on_gpu and self.eval.engine.device == "cpu":
             raise ValueError(
                 f"eval.engine.device: {on_gpu[0]} runs on gpu but eval would run the trained models on "
                 "the CPU default engine; add an eval: section with engine.device: gpu"
             )
-        engines.append(("eval.engine", self.eval.engine))
-        for key, e in engines:
+        engines.append(("eval.engine", self.eval.engine, True))
+        for key, e, _ in engines:
             if e.tensor_parallel_size * e.pipeline_parallel_size > 1 and e.device != "gpu":
                 raise ValueError(f"{key}.device: model parallelism (tensor/pipeline_parallel_size > 1) needs gpu")
         return self

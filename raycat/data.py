@@ -210,8 +210,6 @@ def _read_file(f: Path) -> pd.DataFrame:
     try:
         return _read_table(f)
     except (ValueError, UnicodeDecodeError, OSError) as e:  # pandas/pyarrow parse errors, bad encodings
-        if isinstance(e, RaycatError):
-            raise
         raise RaycatError(f"data.path: {f} cannot be read as {f.suffix.lower().lstrip('.')}: {e}") from e
 
 

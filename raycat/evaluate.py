@@ -51,11 +51,11 @@ class EvalTarget:
     path: str  # an HF model dir vLLM can load (LoRA adapters are merged first)
     kind: str  # "answer" | "cot": the prompt it was trained on
     key: str  # cache key: model content + prompt + generation budget
-    max_tokens: int = 16  # generation budget for this prompt kind
-    max_prompt_tokens: int = 2032  # eval.max_model_len - max_tokens
-    seed: int = 0
-    backend: str = "vllm"
-    engine_kwargs: dict | None = None  # engine.engine_kwargs(...) for the backend
+    max_tokens: int  # generation budget for this prompt kind
+    max_prompt_tokens: int  # eval.max_model_len - max_tokens
+    seed: int
+    backend: str
+    engine_kwargs: dict  # engine.engine_kwargs(...) for the backend
 
 
 def bootstrap_ci(correct: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
@@ -100,9 +100,9 @@ class EvalBatch(engine_stage.EngineActor):
         from transformers import AutoTokenizer
 
         self.t = plan
-        kw = plan.engine_kwargs or {}
+        kw = plan.engine_kwargs
         self.tok = AutoTokenizer.from_pretrained(
-            plan.path, revision=kw.get("revision"), trust_remote_code=kw.get("trust_remote_code", False)
+            plan.path, revision=kw["revision"], trust_remote_code=kw["trust_remote_code"]
         )
         self.engine = make_engine(plan.backend, plan.path, need_full=False, **kw)
 

@@ -69,11 +69,11 @@ class ScorePlan:
     cache_key: str
     sample_ids: frozenset[str]
     max_prompt_tokens: int
-    mode: str = "options"
-    top_k: int = 20
-    free_form_max_tokens: int = 16
-    backend: str = "vllm"
-    engine_kwargs: dict | None = None  # engine.engine_kwargs(...) for the backend
+    mode: str
+    top_k: int
+    free_form_max_tokens: int
+    backend: str
+    engine_kwargs: dict  # engine.engine_kwargs(...) for the backend
 
 
 def cache_key(cfg: RaycatConfig, model_path: str, template_hash: str) -> str:
@@ -177,9 +177,7 @@ class ScoreBatch(engine_stage.EngineActor):
     def __init__(self, plan: ScorePlan):
         self.plan = plan
         need_full = plan.mode == "full" or bool(plan.sample_ids)
-        self.engine: Scorer = make_engine(
-            plan.backend, plan.model_path, need_full=need_full, **(plan.engine_kwargs or {})
-        )
+        self.engine: Scorer = make_engine(plan.backend, plan.model_path, need_full=need_full, **plan.engine_kwargs)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan

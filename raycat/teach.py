@@ -51,9 +51,9 @@ class TeachPlan:
     schedule: tuple[Sampling, ...]
     max_prompt_tokens: int
     gpus: float
+    backend: str
+    engine_kwargs: dict  # engine.engine_kwargs(...) for the backend
     api: dict | None = None  # ApiConfig fields for an HTTP teacher
-    backend: str = "vllm"
-    engine_kwargs: dict | None = None  # engine.engine_kwargs(...) for the backend
 
 
 def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
@@ -135,7 +135,7 @@ class TeachBatch(engine_stage.EngineActor):
         self.tok = AutoTokenizer.from_pretrained(
             plan.model_path, revision=plan.revision, trust_remote_code=plan.trust_remote_code
         )
-        self.engine = make_engine(plan.backend, plan.model_path, need_full=False, **(plan.engine_kwargs or {}))
+        self.engine = make_engine(plan.backend, plan.model_path, need_full=False, **plan.engine_kwargs)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan

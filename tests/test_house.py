@@ -18,6 +18,12 @@ PKG = Path(__file__).resolve().parents[1] / "raycat"
 STAGE_MODULES = {"score", "split", "teach", "train", "evaluate", "report"}
 
 
+def write_config(tmp_path: Path, tree: dict) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
 def _imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -76,8 +82,7 @@ def test_teach_driver_checks_its_columns_before_ray(tmp_path, capsys):
         "score": {"student": {"path": "unused"}},
         "teach": {"teachers": [{"model": {"path": "unused"}}]},
     }
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(cfg))
+    p = write_config(tmp_path, cfg)
     assert main(["teach", "--config", str(p)]) == 1
     err = capsys.readouterr().err
     assert "teach: input rows lack column(s) gold" in " ".join(err.split())
@@ -129,8 +134,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 def test_cli_prints_errors_without_markup(tmp_path, capsys):
     run = tmp_path / "odd[/]dir[bold]"
     cfg = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "unused"}}}
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(cfg))
+    p = write_config(tmp_path, cfg)
     assert main(["split", "--config", str(p)]) == 1  # no scores yet: a RaycatError naming the path
     assert "odd[/]dir[bold]" in "".join(capsys.readouterr().err.split())
 
@@ -143,8 +147,7 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
 
     monkeypatch.setattr(split, "run", boom)
     cfg = {"run_dir": str(tmp_path / "run"), "data": {"source": "synthetic"}, "score": {"student": {"path": "u"}}}
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(cfg))
+    p = write_config(tmp_path, cfg)
     with pytest.raises(ZeroDivisionError):
         main(["split", "--config", str(p)])
 
@@ -197,8 +200,7 @@ def test_missing_api_key_is_reported_on_the_driver_before_ray(tmp_path, monkeypa
             ]
         },
     }
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(cfg))
+    p = write_config(tmp_path, cfg)
     assert main(["teach", "--config", str(p)]) == 1
     assert "RAYCAT_NO_SUCH_KEY" in capsys.readouterr().err and not ray.is_initialized()
 
@@ -211,8 +213,7 @@ def test_an_unparseable_data_file_names_the_file(tmp_path, capsys):
         "data": {"source": "generic", "path": str(bad), "columns": {"question": "question"}},
         "score": {"student": {"path": "unused"}},
     }
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(cfg))
+    p = write_config(tmp_path, cfg)
     assert main(["score", "--config", str(p)]) == 1
     assert "corpus.jsonl cannot be read as jsonl" in " ".join(capsys.readouterr().err.split())
 

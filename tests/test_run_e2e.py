@@ -171,6 +171,8 @@ def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
             timeout=900,
         )
         assert r.returncode == 0 and "succeeded" in r.stdout, (r.stdout + r.stderr)[-4000:]
+        # The job log has no TTY: plain progress lines, ending with the rate, instead of a bar's last frame.
+        assert "scoring: 0/" in r.stdout and "rows (100%)" in r.stdout and "rows/s" in r.stdout, r.stdout[-4000:]
         manifest = json.loads((run / "manifest.json").read_text())
         assert manifest["stages"]["teach"]["status"] == "not configured"
         assert manifest["stages"]["eval"]["status"] == "done"
