@@ -73,6 +73,15 @@ class Scorer(Protocol):
     def close(self) -> None: ...
 
 
+def _lora_rank_slot(adapter_dir: str) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds the adapter's rank."""
+    import json
+
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        r = int(json.load(f)["r"])
+    return next(s for s in (8, 16, 32, 64, 128, 256, 320, 512) if s >= r)
+
+
 def _dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
@@ -98,6 +107,7 @@ class VLLMEngine:
         seed: int = 0,
         trust_remote_code: bool = False,
         need_full: bool = True,
+        lora_adapter: str | None = None,
     ):
         if tensor_parallel_size * pipeline_parallel_size == 1:
             # Engine core and model in this process: when Ray stops the actor nothing can outlive it.
@@ -112,6 +122,13 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.lora = None
+        if lora_adapter is not None:
+            # vLLM serves the adapter on top of the base weights: no merged copy of the model is written.
+            from vllm.lora.request import LoRARequest
+
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(lora_adapter))
+            self.lora = LoRARequest("adapter", 1, lora_adapter)
         self.llm = LLM(
             model=model,
             tokenizer=model,
@@ -194,7 +211,9 @@ class VLLMEngine:
             seed=sampling.seed,
             n=sampling.n,
         )
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self.lora
+        )
         # The prompt is prefilled once for all n samples: count its tokens on the first sample only.
         return [
             Generation(
@@ -227,6 +246,7 @@ class TransformersEngine:
         device: str = "cpu",
         trust_remote_code: bool = False,
         need_full: bool = True,
+        lora_adapter: str | None = None,
     ):
         # need_full is always honoured: every forward pass has the full-vocabulary logits. vLLM-only
         # settings (parallelism, KV cache, eager mode) are refused by EngineConfig, not swallowed here.
@@ -247,6 +267,10 @@ class TransformersEngine:
             .to(self.device)
             .eval()
         )
+        if lora_adapter is not None:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, lora_adapter).merge_and_unload().eval()
         self.vocab_size = self.model.config.vocab_size
 
     def first_token_logprobs(self, prompt_ids: list[int]) -> np.ndarray:

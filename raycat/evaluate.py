@@ -48,7 +48,8 @@ class EvalTarget:
     """One model under test and everything its actors need."""
 
     name: str  # "base" or "<recipe>/<phase>"
-    path: str  # an HF model dir vLLM can load (LoRA adapters are merged first)
+    path: str  # the model the engine loads: hub id, local dir or URI (fetched on the worker's node)
+    adapter: str | None  # a LoRA adapter dir served on top of ``path`` (vLLM's LoRA support)
     kind: str  # "answer" | "cot": the prompt it was trained on
     key: str  # cache key: model content + prompt + generation budget
     max_tokens: int  # generation budget for this prompt kind
@@ -99,12 +100,16 @@ class EvalBatch(engine_stage.EngineActor):
     def __init__(self, plan: EvalTarget):
         from transformers import AutoTokenizer
 
+        from raycat import models
+
         self.t = plan
         kw = plan.engine_kwargs
+        path = models.local(plan.path)  # on this node: trained models in an s3:// run dir are fetched here
         self.tok = AutoTokenizer.from_pretrained(
-            plan.path, revision=kw["revision"], trust_remote_code=kw["trust_remote_code"]
+            path, revision=kw["revision"], trust_remote_code=kw["trust_remote_code"]
         )
-        self.engine = make_engine(plan.backend, plan.path, need_full=False, **kw)
+        adapter = models.local(plan.adapter) if plan.adapter else None
+        self.engine = make_engine(plan.backend, path, need_full=False, lora_adapter=adapter, **kw)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows, prompts, idx = [], [], []
@@ -142,32 +147,28 @@ class EvalBatch(engine_stage.EngineActor):
 
 
 def _dir_hash(path: str) -> str:
-    """Content hash of a local model dir's config and weight file sizes+names (cheap, changes on retrain)."""
-    import os
-
+    """Content hash of a model dir (local or URI): file names and sizes, and the JSON files' contents
+    (cheap, and changes on retrain)."""
     h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        p = os.path.join(path, name)
-        if os.path.isfile(p):
-            h.update(name.encode())
-            h.update(str(os.path.getsize(p)).encode())
-            if name.endswith(".json"):
-                with open(p, "rb") as f:
-                    h.update(f.read())
+    for f in rundir.list_files(path, ""):
+        name = f.rsplit("/", 1)[-1]
+        h.update(name.encode())
+        h.update(str(rundir.size(f)).encode())
+        if name.endswith(".json"):
+            h.update(rundir.read_bytes(f))
     return h.hexdigest()[:16]
 
 
 def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
-    """The base student plus every finished phase of each recipe, in training order."""
-    import os
-
+    """The base student plus every finished phase of each recipe, in training order. LoRA phases are
+    served as adapters on the base student; full phases load their own model dir."""
     from raycat import models
 
     ec, st = cfg.eval, cfg.score.student
-    base = models.resolve(st.path)
+    base = models.portable(st.path)
     out = []
 
-    def add(name: str, path: str, kind: str, content: str, revision: str | None) -> None:
+    def add(name: str, path: str, adapter: str | None, kind: str, content: str, revision: str | None) -> None:
         budget = ec.max_tokens_answer if kind == "answer" else ec.max_tokens_cot
         key = hashlib.sha256(
             json.dumps([content, kind, budget, ec.max_model_len, ec.seed, TRAIN_PROMPT_VERSION, ec.dtype]).encode()
@@ -183,6 +184,7 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
             EvalTarget(
                 name,
                 path,
+                adapter,
                 kind,
                 key,
                 max_tokens=budget,
@@ -194,7 +196,7 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
         )
 
     if ec.include_base:
-        add("base", base, ec.base_prompt, f"base:{st.path}:{st.revision}", st.revision)
+        add("base", base, None, ec.base_prompt, f"base:{st.path}:{st.revision}", st.revision)
     for recipe in recipes:
         for phase in RECIPES[recipe]:
             pdir = rundir.join(cfg.run_dir, "train", recipe, phase.name)
@@ -202,20 +204,11 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
             if not rundir.exists(done):
                 raise MissingInputError(f"{done} not found: run `raycat train` (train.recipe={recipe}) first")
             model = rundir.absolute(rundir.join(pdir, "model"))
-            if os.path.exists(os.path.join(model, "adapter_config.json")):
-                merged = rundir.absolute(rundir.join(pdir, "merged"))
-                if not os.path.exists(os.path.join(merged, "config.json")):
-                    from raycat.lora_merge import merge_lora
-
-                    merge_lora(
-                        base,
-                        model,
-                        merged,
-                        revision=st.revision,  # vLLM serves the merged weights
-                        trust_remote_code=st.trust_remote_code,
-                    )
-                model = merged
-            add(f"{recipe}/{phase.name}", model, phase.target, rundir.read_json(done)["hash"] + _dir_hash(model), None)
+            content = rundir.read_json(done)["hash"] + _dir_hash(model)
+            if rundir.exists(rundir.join(model, "adapter_config.json")):
+                add(f"{recipe}/{phase.name}", base, model, phase.target, content, st.revision)
+            else:
+                add(f"{recipe}/{phase.name}", model, None, phase.target, content, None)
     return out
 
 
@@ -257,6 +250,7 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, done: list[EvalTarget], wall
             **accuracy_table(scored, ec.bootstrap_resamples, ec.seed),
             "kind": t.kind,
             "path": t.path,
+            "adapter": t.adapter,
             "cache_key": t.key,
             "skipped": int(len(got) - len(scored)),
             "mean_completion_tokens": float(scored["completion_tokens"].mean()) if len(scored) else None,
@@ -295,7 +289,7 @@ def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
         progress.say("eval", f"{t.name} ({t.kind} prompt): {len(rows)} test rows, {len(todos[t.name])} to do")
     if any(len(v) for v in todos.values()):
         # One model at a time: each pool's engines end (freeing their GPUs) before the next model loads.
-        with ray_session(cfg.ray):
+        with ray_session(cfg.ray, cfg.run_dir):
             for t in tgts:
                 if len(todos[t.name]):
                     with progress.rows(f"eval {t.name}", len(todos[t.name])) as advance:

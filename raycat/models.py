@@ -151,8 +151,89 @@ def load_tokenizer(path: str, *, revision: str | None, trust_remote_code: bool, 
     return tok
 
 
+def is_uri(path: str) -> bool:
+    """An object-store URI; ``file://`` is a local (shared-mount) path, used in place."""
+    return "://" in path and not path.startswith("file://")
+
+
+# What a tokenizer and the pre-flight read; the weights are left on the object store.
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5")
+
+
+def _listing(fs, root: str, weights: bool) -> list[tuple[str, int, int]]:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    out = []
+    for i in infos:
+        rel = i.path[len(root) :].lstrip("/")
+        if i.type != pafs.FileType.File or (not weights and rel.endswith(_WEIGHTS)):
+            continue
+        out.append((rel, int(i.size or 0), int(i.mtime_ns or 0)))
+    return sorted(out)
+
+
+def localize(uri: str, *, weights: bool = True) -> str:
+    """A model dir on an object store (``s3://``, ``gs://``...) copied once per node into
+    ``$RAYCAT_CACHE/uri/``; returns the local dir. The copy is keyed by the URI and its listing (names,
+    sizes, modification times), so a retrained model at the same URI is fetched again, and the older copy
+    of that URI is removed. ``weights=False`` fetches only what a tokenizer or config reader needs."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    files = _listing(fs, root.rstrip("/"), weights)
+    if not files:
+        raise MissingInputError(f"{uri}: no files there (is the URI right, and are the credentials for it set?)")
+    ident = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    version = hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+    base = Path(os.environ.get("RAYCAT_CACHE", Path.home() / ".cache" / "raycat")) / "uri"
+    target = base / f"{ident}-{version}{'' if weights else '-meta'}"
+    if (target / ".complete").is_file():
+        return str(target)
+    tmp = base / f".tmp-{ident}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        for rel, _, _ in files:
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(f"{root.rstrip('/')}/{rel}", str(dst), source_filesystem=fs)
+        (tmp / ".complete").write_text(uri + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process on this node won the race; keep its copy
+            if not (target / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in base.glob(f"{ident}-*"):  # older versions of this URI, of the same kind
+        if old != target and old.name.endswith("-meta") != weights:
+            shutil.rmtree(old, ignore_errors=True)
+    return str(target)
+
+
 def resolve(path: str) -> str:
-    """``registry:<name>`` → prepared local dir; anything else (hub id, local dir) unchanged."""
+    """For the driver: ``registry:<name>`` → prepared local dir; a URI → its tokenizer and config files
+    on local disk (no weights); anything else (hub id, local dir) unchanged."""
     if path.startswith("registry:"):
         return str(prepare(path.removeprefix("registry:")))
-    return path
+    if is_uri(path):
+        return localize(path, weights=False)
+    return path.removeprefix("file://")
+
+
+def local(path: str) -> str:
+    """For a worker about to load weights: ``registry:<name>`` prepared and a URI copied on this node
+    (each cached per node); a hub id or local dir unchanged."""
+    if path.startswith("registry:"):
+        return str(prepare(path.removeprefix("registry:")))
+    if is_uri(path):
+        return localize(path)
+    return path.removeprefix("file://")
+
+
+def portable(path: str) -> str:
+    """A model reference that means the same on every node: a relative local dir made absolute (workers
+    do not share the driver's working directory); registry names, hub ids and URIs unchanged."""
+    if path.startswith("registry:") or is_uri(path) or not os.path.exists(path):
+        return path
+    return os.path.abspath(path)

@@ -3,6 +3,7 @@ the cluster vs what it has. Runs before any model is loaded; problems come back 
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
 
 from packaging.specifiers import SpecifierSet
@@ -96,3 +97,34 @@ def resource_problems(cfg: RaycatConfig, available: dict[str, float]) -> list[st
             if ask[res] > available.get(res, 0) + 1e-9:
                 out.append(f"{stage} asks for {ask[res]:g} {res} but the cluster has {available.get(res, 0):g}")
     return out
+
+
+def storage_problem(run_dir: str, nodes: list[dict], driver_node: str, cwd: str) -> str | None:
+    """Why ``run_dir`` cannot hold this job's outputs on this cluster, or None.
+
+    ``nodes`` is ``ray.nodes()``. A local path works only when every stage's work runs on the driver's
+    node; elsewhere, workers would write checkpoints and parts to their own disks. A relative path inside
+    a ``ray job submit --working-dir`` upload lands in Ray's per-upload package dir: a new upload starts
+    from zero, and the outputs go when the head does."""
+    if "://" in run_dir:
+        return None
+    fix = (
+        "set run_dir to an object-store URI (s3://bucket/prefix, gs://bucket/prefix) or, for a disk "
+        "mounted at the same path on every node, file:///that/path"
+    )
+    if not os.path.isabs(run_dir) and "/runtime_resources/working_dir_files/" in cwd + "/":
+        return f"run_dir {run_dir!r} is relative to this job's uploaded working dir, a per-upload copy; {fix}"
+
+    def works(n: dict) -> bool:
+        r = n.get("Resources", {})
+        return bool(n.get("Alive")) and (r.get("CPU", 0) > 0 or r.get("GPU", 0) > 0)
+
+    others = [n for n in nodes if n.get("NodeID") != driver_node and works(n)]
+    here = [n for n in nodes if n.get("NodeID") == driver_node and works(n)]
+    if others or not here:
+        where = f"{len(others)} other node(s)" if others else "other nodes (this one has no CPUs or GPUs for it)"
+        return (
+            f"run_dir {run_dir!r} is a local path, but this Ray cluster runs work on {where}, "
+            f"which do not see this node's disk; {fix}"
+        )
+    return None

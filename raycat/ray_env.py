@@ -10,7 +10,9 @@ from raycat.config import RayConfig
 
 
 @contextmanager
-def ray_session(cfg: RayConfig) -> Iterator[None]:
+def ray_session(cfg: RayConfig, run_dir: str | None = None) -> Iterator[None]:
+    """A Ray session for one stage or a whole run. With ``run_dir``, a newly opened session first checks
+    that every node can reach it (``preflight.storage_problem``)."""
     import ray
 
     started = False
@@ -20,6 +22,14 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         kwargs = {"num_cpus": cfg.num_cpus} if address == "local" and cfg.num_cpus else {}
         ray.init(address=address, include_dashboard=False if address == "local" else None, log_to_driver=True, **kwargs)
         started = True
+    if started and run_dir is not None:
+        from raycat.errors import RaycatError
+        from raycat.preflight import storage_problem
+
+        problem = storage_problem(run_dir, ray.nodes(), ray.get_runtime_context().get_node_id(), os.getcwd())
+        if problem:
+            ray.shutdown()
+            raise RaycatError(f"pre-flight: {problem}")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # raycat draws one rich progress bar per stage instead
     try:

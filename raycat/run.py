@@ -151,7 +151,7 @@ def run(
     path = rundir.join(cfg.run_dir, "manifest.json")
     manifest.update({"recipes": recipes, "config": rundir.join(cfg.run_dir, "config.yaml")})
     # One Ray session for the whole job; each stage's actors end with its pipeline or fit.
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, cfg.run_dir):
         import ray
 
         available = ray.cluster_resources()

@@ -50,6 +50,15 @@ def upload_dir(local_dir: str, dest: str) -> None:
     pafs.copy_files(local_dir, p, destination_filesystem=fs)
 
 
+def replace_dir(local_dir: str, dest: str) -> None:
+    """``dest``'s contents replaced by ``local_dir``'s (files of an earlier, interrupted export at the
+    same place must not mix with this one). Readers wait for a marker the caller writes afterwards."""
+    fs, p = _fs(dest)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir_contents(p, missing_dir_ok=True)
+    upload_dir(local_dir, dest)
+
+
 def list_dirs(directory: str) -> list[str]:
     fs, p = _fs(directory)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
@@ -99,6 +108,17 @@ def write_parquet(path: str, df: pd.DataFrame) -> None:
 def read_parquet(path: str) -> pd.DataFrame:
     fs, p = _fs(path)
     return pq.read_table(p, filesystem=fs).to_pandas(ignore_metadata=True)
+
+
+def size(path: str) -> int:
+    fs, p = _fs(path)
+    return int(fs.get_file_info(p).size)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
 
 
 def list_files(directory: str, suffix: str) -> list[str]:

@@ -137,9 +137,11 @@ class RenderPrompts:
     def __init__(self, plan: ScorePlan):
         from transformers import AutoTokenizer
 
+        from raycat import models
+
         self.plan = plan
         self.tok = AutoTokenizer.from_pretrained(
-            plan.model_path, revision=plan.revision, trust_remote_code=plan.trust_remote_code
+            models.local(plan.model_path), revision=plan.revision, trust_remote_code=plan.trust_remote_code
         )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -175,9 +177,12 @@ class ScoreBatch(engine_stage.EngineActor):
     REQUIRED_COLUMNS = INPUT_COLUMNS
 
     def __init__(self, plan: ScorePlan):
+        from raycat import models
+
         self.plan = plan
         need_full = plan.mode == "full" or bool(plan.sample_ids)
-        self.engine: Scorer = make_engine(plan.backend, plan.model_path, need_full=need_full, **plan.engine_kwargs)
+        path = models.local(plan.model_path)  # on this node: registry models and URIs are fetched here
+        self.engine: Scorer = make_engine(plan.backend, path, need_full=need_full, **plan.engine_kwargs)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan
@@ -233,9 +238,12 @@ def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
     from raycat.prompts import label_tokens, template_hash
 
     s = cfg.score
-    model_path = models.resolve(s.student.path)
+    model_path = models.portable(s.student.path)  # workers fetch the weights (models.local)
     tok = models.load_tokenizer(
-        model_path, revision=s.student.revision, trust_remote_code=s.student.trust_remote_code, key="score.student.path"
+        models.resolve(model_path),
+        revision=s.student.revision,
+        trust_remote_code=s.student.trust_remote_code,
+        key="score.student.path",
     )
     n_max = int(questions["options"].map(len).max()) if len(questions) else 0
     th = template_hash(tok, s.prompt.preset, s.prompt.system_prompt)
@@ -321,7 +329,7 @@ def run(cfg: RaycatConfig) -> dict:
     )
     written = 0
     if todo:
-        with ray_session(cfg.ray), progress.rows("scoring", todo) as advance:
+        with ray_session(cfg.ray, cfg.run_dir), progress.rows("scoring", todo) as advance:
             written = run_pipeline(
                 plan,
                 engine_stage.Pool.of(cfg.score.engine),

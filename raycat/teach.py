@@ -70,9 +70,9 @@ def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
                 "`raycat teach` (on a cluster: in the job's environment)"
             )
     else:
-        path = models.resolve(t.model.path)
+        path = models.portable(t.model.path)  # workers fetch the weights (models.local)
         tok = models.load_tokenizer(
-            path,
+            models.resolve(path),
             revision=t.model.revision,
             trust_remote_code=t.model.trust_remote_code,
             key=f"teach teacher {t.model.path!r}",
@@ -132,10 +132,11 @@ class TeachBatch(engine_stage.EngineActor):
             return
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(
-            plan.model_path, revision=plan.revision, trust_remote_code=plan.trust_remote_code
-        )
-        self.engine = make_engine(plan.backend, plan.model_path, need_full=False, **plan.engine_kwargs)
+        from raycat import models
+
+        path = models.local(plan.model_path)  # on this node: registry models and URIs are fetched here
+        self.tok = AutoTokenizer.from_pretrained(path, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
+        self.engine = make_engine(plan.backend, path, need_full=False, **plan.engine_kwargs)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         p = self.plan
@@ -278,7 +279,7 @@ def run(cfg: RaycatConfig) -> dict:
             f"earlier teachers, {len(rows) - len(solved) - len(todo)} cached, {len(todo)} to generate",
         )
         if len(todo):
-            with ray_session(cfg.ray), progress.rows("teaching", len(todo)) as advance:
+            with ray_session(cfg.ray, cfg.run_dir), progress.rows("teaching", len(todo)) as advance:
                 written += run_teacher(t, plan, todo, cache, on_rows=advance)
             have = read_cache(cache)
         solved |= set(have.loc[have["status"] == "verified", "id"]) & set(rows["id"])

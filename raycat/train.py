@@ -25,7 +25,6 @@ import pandas as pd
 from raycat import rundir
 from raycat.config import RaycatConfig, save_config
 from raycat.errors import MissingInputError, RaycatError
-from raycat.lora_merge import merge_lora
 from raycat.prompts import template_hash, train_template_hash
 from raycat.recipes import Phase, needs_cot, select
 from raycat.train_data import encode_rows, pad_to_world, stop_token_ids, total_steps
@@ -209,16 +208,19 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
     return plans, pd.concat(skipped_frames, ignore_index=True)
 
 
-def _loop_config(cfg: RaycatConfig, plan: PhasePlan, init: dict, total_steps: int, pad_id: int) -> LoopConfig:
+def _loop_config(
+    cfg: RaycatConfig, plan: PhasePlan, init: dict, total_steps: int, pad_id: int, phase_dir: str
+) -> LoopConfig:
+    from raycat import models
+
     tc, st = cfg.train, cfg.score.student
-    # Workers do not share the driver's working directory.
-    path = os.path.abspath(st.path) if os.path.exists(st.path) else st.path
     return LoopConfig(
-        student_path=path,
+        student_path=models.portable(st.path),  # workers do not share the driver's working directory
         student_revision=st.revision,
         trust_remote_code=st.trust_remote_code,
         init_model=init["model"],
         init_adapter=init["adapter"],
+        model_dir=rundir.absolute(rundir.join(phase_dir, "model")),
         method=tc.method,
         lora=tc.lora.model_copy(),
         zero_stage=tc.deepspeed.zero_stage,
@@ -262,7 +264,7 @@ def fit_phase(cfg: RaycatConfig, plan: PhasePlan, init: dict, pad_id: int, phase
     trainer = TorchTrainer(
         train_loop,
         # Ray Train wants a dict here; the typed config travels inside it.
-        train_loop_config={"loop": _loop_config(cfg, plan, init, total, pad_id)},
+        train_loop_config={"loop": _loop_config(cfg, plan, init, total, pad_id, phase_dir)},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.device == "gpu", resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
@@ -279,22 +281,28 @@ def fit_phase(cfg: RaycatConfig, plan: PhasePlan, init: dict, pad_id: int, phase
     return FitResult(result=trainer.fit(), repeated_rows=repeated, total_steps=total)
 
 
-def export(cfg: RaycatConfig, result, phase_dir: str, base_dir: str) -> dict:
-    """Copy the final checkpoint's HF dir to ``model/``; merge LoRA into ``merged/`` on request."""
+def export(cfg: RaycatConfig, result, phase_dir: str, params: int) -> dict:
+    """The phase's outputs after a fit: rank 0 already wrote the HF dir to ``model/``; the loop state is
+    read from the final checkpoint (one small file, not the whole checkpoint); LoRA is merged into
+    ``merged/`` on request, as a Ray task on a node with room for it."""
+    ckpt = result.checkpoint
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/state.json") as f:
+        state = json.loads(f.read())
     model_dir = rundir.join(phase_dir, "model")
-    with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, "state.json")) as f:
-            state = json.load(f)
-        rundir.upload_dir(os.path.join(d, "hf"), model_dir)
     out = {"model": model_dir, "state": state}
     if cfg.train.method == "lora" and cfg.train.lora.merge:
+        from raycat.lora_merge import merge_remote
+
         st = cfg.score.student
-        out["merged"] = merge_lora(
-            base_dir,
-            model_dir,
-            rundir.join(phase_dir, "merged"),
+        out["merged"] = merge_remote(
+            st.path,
+            rundir.absolute(model_dir),
+            rundir.absolute(rundir.join(phase_dir, "merged")),
             revision=st.revision,
             trust_remote_code=st.trust_remote_code,
+            dtype="bfloat16" if _bf16(cfg) else "float32",
+            params=params,
+            num_cpus=cfg.train.cpus_per_worker,
         )
     return out
 
@@ -393,7 +401,7 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                         f"{'+'.join(plan.phase.bands)}); see {root}/skipped.parquet"
                     )
                 if not ray_started:  # only when something is left to train
-                    stack.enter_context(ray_session(cfg.ray))
+                    stack.enter_context(ray_session(cfg.ray, cfg.run_dir))
                     ray_started = True
                 say(
                     f"{name}: {len(plan.encoded)} examples ({plan.phase.target} target), "
@@ -411,7 +419,7 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                         f"{name} failed (after up to {tc.max_failures} restarts from its latest "
                         f"checkpoint; rerun the command to resume): {type(e).__name__}: {e}"
                     ) from e
-                exp = export(cfg, fit.result, pdir, base_dir)
+                exp = export(cfg, fit.result, pdir, pre["params"])
                 m = phase_metrics(plan, fit, exp["state"], time.time() - t0)
                 if "merged" in exp:
                     m["merged"] = exp["merged"]

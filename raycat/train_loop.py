@@ -6,7 +6,8 @@ Checkpoints: every rank writes its DeepSpeed shard and reports it (Ray Train mer
 directories; a checkpoint reported by rank 0 alone loses the other ranks' ZeRO shards). A restart
 (worker failure, or a rerun of the same command) resumes from the latest one via
 ``ray.train.get_checkpoint()``, skipping the micro-batches already consumed in that epoch. The final
-checkpoint also holds the phase's HF export in ``hf/`` (ZeRO-3 weights gathered to rank 0).
+checkpoint is followed by the phase's HF export, which rank 0 writes straight into the phase's
+``model/`` dir in the run dir (ZeRO-3 weights gathered to rank 0): nothing travels through the driver.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from raycat import rundir
 from raycat.config import LoraSettings, PhaseConfig
-from raycat.lora_merge import localize
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,12 @@ class LoopConfig:
 
     Paths are absolute or URIs: workers do not share the driver's working directory."""
 
-    student_path: str  # as configured (hub id, local dir or registry:<name>); resolved in the worker
+    student_path: str  # hub id, absolute local dir, URI or registry:<name>; fetched on the worker's node
     student_revision: str | None
     trust_remote_code: bool
     init_model: str | None  # full fine-tuning: the previous phase's model dir
     init_adapter: str | None  # LoRA: the previous phase's adapter dir
+    model_dir: str  # where rank 0 writes this phase's HF export (a run-dir path or URI)
     method: Literal["lora", "full"]
     lora: LoraSettings
     zero_stage: int
@@ -127,8 +129,8 @@ def _load_model(c: LoopConfig, ds_config: dict):
     from raycat import models
 
     dtype = torch.bfloat16 if c.bf16 else torch.float32
-    base = models.resolve(c.student_path)
-    src = localize(c.init_model) if c.init_model else base
+    base = models.local(c.student_path)
+    src = models.local(c.init_model) if c.init_model else base
     keep = None
     if ds_config["zero_optimization"]["stage"] == 3:
         # Under an active HfDeepSpeedConfig, from_pretrained loads straight into ZeRO-3 partitions
@@ -146,7 +148,7 @@ def _load_model(c: LoopConfig, ds_config: dict):
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if c.init_adapter:
-            model = PeftModel.from_pretrained(model, localize(c.init_adapter), is_trainable=True)
+            model = PeftModel.from_pretrained(model, models.local(c.init_adapter), is_trainable=True)
         else:
             lc = c.lora
             model = get_peft_model(
@@ -293,18 +295,24 @@ def train_loop(config: dict) -> None:
         state["resumed_from_step"] = engine.global_steps
     log = _tracker(c) if rank == 0 else None
 
+    def export() -> None:
+        # Collective under ZeRO-3 (every rank gathers its partitions); rank 0 writes the HF dir.
+        sd = engine._zero3_consolidated_16bit_state_dict() if c.zero_stage == 3 else None
+        if rank != 0:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            engine.module.save_pretrained(d, state_dict=sd, safe_serialization=True)
+            AutoTokenizer.from_pretrained(
+                base_dir, revision=c.student_revision, trust_remote_code=c.trust_remote_code
+            ).save_pretrained(d)
+            rundir.replace_dir(d, c.model_dir)
+
     def save(final: bool, metrics: dict) -> None:
+        if final:  # before the final report: once the driver sees it, the phase's model dir is complete
+            export()
         with tempfile.TemporaryDirectory() as d:
             # Collective on every rank: each writes its own ZeRO shard; Ray merges rank directories.
             engine.save_checkpoint(os.path.join(d, "deepspeed"), tag="ckpt", exclude_frozen_parameters=lora)
-            if final:
-                sd = engine._zero3_consolidated_16bit_state_dict() if c.zero_stage == 3 else None
-                if rank == 0:
-                    out = os.path.join(d, "hf")
-                    engine.module.save_pretrained(out, state_dict=sd, safe_serialization=True)
-                    AutoTokenizer.from_pretrained(
-                        base_dir, revision=c.student_revision, trust_remote_code=c.trust_remote_code
-                    ).save_pretrained(out)
             if rank == 0:
                 with open(os.path.join(d, "state.json"), "w") as f:
                     json.dump(state, f)
@@ -357,8 +365,15 @@ def train_loop(config: dict) -> None:
             }
             state["history"].append(metrics)
             step_loss, step_micro, step_tokens, t_step = 0.0, 0, 0, time.time()
-            if log is not None and step % c.log_every_steps == 0:
-                log(metrics, step)
+            if step % c.log_every_steps == 0:
+                if rank == 0:  # Ray forwards worker stdout to the driver: `ray job logs` shows training
+                    print(
+                        f"train {c.recipe}/{c.phase_name}: step {step}/{c.total_steps} epoch {epoch} "
+                        f"loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} tokens/s {metrics['tokens_per_s']:.0f}",
+                        flush=True,
+                    )
+                if log is not None:
+                    log(metrics, step)
             done = step >= max_steps
             if step % c.save_steps == 0 and not done:
                 save(False, metrics)

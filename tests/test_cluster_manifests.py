@@ -1,16 +1,124 @@
-"""The cluster manifests parse, pin the tested Ray (constraints.txt, within pyproject's range), keep token auth
-on and the dashboard private."""
+"""The cluster files (cluster/, .dockerignore) parse and keep the properties cluster/README.md lists: the
+tested Ray pinned everywhere, token auth on (KubeRay authOptions; RAY_AUTH_MODE on every launcher
+`ray start`), keys only from Secrets, GPU tolerations, an HF cache, an idle timeout longer than a stage
+handoff, object-store run dirs in every documented submit command, a small non-editable image build.
+
+KubeRay field names are those of the CRD reference (KubeRay v1.6.2, generated from
+ray-operator/apis/ray/v1); the launcher is validated with Ray's own schema, as `ray up` does."""
 
 from __future__ import annotations
 
 import re
+import shlex
 import tomllib
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+KUBERAY = ("raycluster.yaml", "rayjob.yaml")
 RAY = re.search(r"^ray==([\d.]+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+KEY_LIKE = re.compile(r"(^|_)(KEY|TOKEN|SECRET|PASSWORD|CREDENTIALS?)(_|$)")  # HF_TOKEN, AWS_ACCESS_KEY_ID
+OBJECT_STORE = re.compile(r"^(s3|gs)://[^/]+/")
+HF_CACHE_VOLUMES = {"emptyDir", "persistentVolumeClaim", "hostPath"}
+
+# KubeRay v1.6.2 API reference: the fields these manifests may use, so that a misspelt one fails here,
+# without a cluster (the API server prunes unknown fields of a custom resource).
+RAYJOB_SPEC = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
+    "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
+    "ttlSecondsAfterFinished", "preRunningDeadlineSeconds", "shutdownAfterJobFinishes", "suspend",
+}  # fmt: skip
+RAYCLUSTER_SPEC = {
+    "upgradeStrategy", "authOptions", "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations",
+    "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs",
+}  # fmt: skip
+AUTH_OPTIONS = {"mode", "secretName", "enableK8sTokenAuth"}
+AUTOSCALER_OPTIONS = {
+    "resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds", "upscalingMode",
+    "version", "env", "envFrom", "volumeMounts",
+}  # fmt: skip
+HEAD_GROUP = {"template", "headService", "enableIngress", "resources", "labels", "rayStartParams", "serviceType"}
+WORKER_GROUP = {
+    "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "resources",
+    "labels", "rayStartParams", "template", "scaleStrategy", "numOfHosts",
+}  # fmt: skip
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _kuberay() -> list[tuple[str, dict, dict]]:
+    """(file name, document, RayClusterSpec) of each KubeRay manifest; a RayJob embeds its cluster spec."""
+    out = []
+    for name in KUBERAY:
+        doc = _load(CLUSTER / "kuberay" / name)
+        out.append((name, doc, doc["spec"].get("rayClusterSpec", doc["spec"])))
+    return out
+
+
+def _example_secrets() -> dict[str, dict]:
+    """The Secrets of cluster/kuberay/secrets.example.yaml by name."""
+    docs = yaml.safe_load_all((CLUSTER / "kuberay/secrets.example.yaml").read_text())
+    return {d["metadata"]["name"]: d for d in docs}
+
+
+def _groups(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+
+
+def _containers(group: dict) -> list[dict]:
+    return group["template"]["spec"]["containers"]
+
+
+def _all_env_names(node) -> list[str]:
+    """Every env var name anywhere in a manifest (containers, autoscalerOptions, submitter template)."""
+    if isinstance(node, dict):
+        names = [e["name"] for e in node.get("env", []) if isinstance(e, dict) and "name" in e]
+        return names + [n for v in node.values() for n in _all_env_names(v)]
+    if isinstance(node, list):
+        return [n for v in node for n in _all_env_names(v)]
+    return []
+
+
+def _api_key_envs(node) -> set[str]:
+    """The variables the shipped configs' hosted teachers read their key from (api.api_key_env)."""
+    if isinstance(node, dict):
+        own = {node["api_key_env"]} if isinstance(node.get("api_key_env"), str) else set()
+        return own.union(*(_api_key_envs(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_api_key_envs(v) for v in node))
+    return set()
+
+
+def _raycat_run_dir(argv: list[str]) -> str:
+    """Parse a documented `raycat ...` command with raycat's own CLI and resolve its run_dir (the
+    `run_dir=` override, else the config's own); /configs/ is where the RayJob mounts jobs/configs/."""
+    from raycat.cli import build_parser
+    from raycat.config import load_config
+
+    assert argv[0] == "raycat", argv
+    args = build_parser().parse_args(argv[1:])
+    config = ROOT / "jobs" / "configs" / Path(args.config).name
+    assert args.config in (f"jobs/configs/{config.name}", f"/configs/{config.name}") and config.is_file()
+    return load_config(config, args.overrides).run_dir
+
+
+def _submitted_commands(text: str, yaml_comments: bool) -> list[list[str]]:
+    """argv of the command after ` -- ` in every `ray job submit` line of a markdown text, or of the
+    comments of a YAML file (backslash continuations joined; inline code ends at its backtick)."""
+    if yaml_comments:
+        text = "\n".join(line.split("#", 1)[1] for line in text.splitlines() if line.lstrip().startswith("#"))
+    text = re.sub(r"\\\n\s*", " ", text)
+    commands = []
+    for line in text.splitlines():
+        if "ray job submit" in line and " -- " in line:
+            cmd = line.split(" -- ", 1)[1].split("`")[0]
+            commands.append(shlex.split(cmd, comments=True))
+    return commands
 
 
 def test_ray_version_is_pinned_consistently():
@@ -19,31 +127,167 @@ def test_ray_version_is_pinned_consistently():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     ray_req = next(Requirement(d) for d in deps if d.startswith("ray["))
     assert ray_req.specifier.contains(RAY)  # the tested pin is inside the declared range
-    launcher = yaml.safe_load((ROOT / "cluster/ray-cluster.aws.yaml").read_text())
+    launcher = _load(CLUSTER / "ray-cluster.aws.yaml")
     assert f"ray:{RAY}-" in launcher["docker"]["image"]
-    for name in ("raycluster.yaml", "rayjob.yaml"):
-        doc = yaml.safe_load((ROOT / "cluster/kuberay" / name).read_text())
-        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    for _, _, spec in _kuberay():
         assert spec["rayVersion"] == RAY
-    assert f"rayproject/ray:{RAY}-" in (ROOT / "cluster/Dockerfile").read_text()
+        for group in _groups(spec):
+            assert all(f"ray{RAY}" in c["image"] for c in _containers(group))
+    assert f"rayproject/ray:{RAY}-" in (CLUSTER / "Dockerfile").read_text()
 
 
-def _containers(spec: dict) -> list[dict]:
-    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
-    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+def test_kuberay_manifests_use_only_crd_field_names():
+    for name, doc, spec in _kuberay():
+        assert doc["apiVersion"] == "ray.io/v1"
+        if doc["kind"] == "RayJob":
+            assert set(doc["spec"]) <= RAYJOB_SPEC, name
+        assert set(spec) <= RAYCLUSTER_SPEC, name
+        assert set(spec["authOptions"]) <= AUTH_OPTIONS, name
+        assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS, name
+        assert set(spec["headGroupSpec"]) <= HEAD_GROUP, name
+        assert all(set(g) <= WORKER_GROUP for g in spec["workerGroupSpecs"]), name
 
 
-def test_token_auth_on_and_dashboard_not_public():
-    launcher = yaml.safe_load((ROOT / "cluster/ray-cluster.aws.yaml").read_text())
+def test_kuberay_token_auth_via_auth_options_not_hand_set_env():
+    """KubeRay's authOptions (mode: token) sets RAY_AUTH_MODE and RAY_AUTH_TOKEN itself from the Secret
+    (key auth_token); a manifest that also set them could disagree with it."""
+    example = _example_secrets()
+    for name, doc, spec in _kuberay():
+        assert spec["authOptions"]["mode"] == "token", name
+        assert "auth_token" in example[spec["authOptions"]["secretName"]]["stringData"]
+        assert "enableK8sTokenAuth" not in spec["authOptions"]  # KubeRay rejects it for a RayJob
+        assert not [n for n in _all_env_names(doc) if n.startswith("RAY_AUTH")], name
+        assert "RAY_AUTH" not in doc["spec"].get("runtimeEnvYAML", "")
+
+
+def test_dashboard_not_public():
+    launcher = _load(CLUSTER / "ray-cluster.aws.yaml")
     head_cmd = " ".join(launcher["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmd and "RAY_AUTH_MODE=disabled" not in head_cmd
-    for name in ("raycluster.yaml", "rayjob.yaml"):
-        doc = yaml.safe_load((ROOT / "cluster/kuberay" / name).read_text())
-        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
-        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
-        for c in _containers(spec):
-            env = {e["name"]: e for e in c["env"]}
-            assert env["RAY_AUTH_MODE"]["value"] == "token"
-            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]  # never a literal token
-    rt = yaml.safe_load((ROOT / "cluster/runtime_env.yaml").read_text())
-    assert not any(k.endswith(("_KEY", "HF_TOKEN", "AUTH_TOKEN")) for k in rt.get("env_vars", {}))
+    for name, _, spec in _kuberay():
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP", name
+        assert not spec["headGroupSpec"].get("enableIngress", False), name
+
+
+def test_keys_reach_every_raycat_container_only_from_secrets():
+    configs = [_load(p) for p in sorted((ROOT / "jobs/configs").glob("*.yaml"))]
+    needed = {"HF_TOKEN", "WANDB_API_KEY"} | _api_key_envs(configs)
+    assert "OPENROUTER_API_KEY" in needed  # the shipped hosted-teacher configs
+    secrets = _example_secrets()
+    for name, doc, spec in _kuberay():
+        for group in _groups(spec):
+            for c in _containers(group):
+                env = {e["name"]: e for e in c["env"]}
+                assert needed <= set(env), (name, c["name"], needed - set(env))
+                for var, e in env.items():
+                    if KEY_LIKE.search(var):
+                        ref = e["valueFrom"]["secretKeyRef"]  # never a literal value
+                        assert "value" not in e and ref["optional"] is True, (name, var)
+                        assert ref["key"] in secrets[ref["name"]]["stringData"], (name, var)
+        # Nor through the job: its entrypoint and runtime_env are stored with it and shown.
+        job_text = doc["spec"].get("entrypoint", "") + "\n" + doc["spec"].get("runtimeEnvYAML", "")
+        assert not [w for w in re.findall(r"[A-Z][A-Z0-9_]+", job_text) if KEY_LIKE.search(w)], name
+    for secret in secrets.values():
+        assert set(secret["stringData"].values()) == {"REPLACE_ME"}  # placeholders only
+    rt = _load(CLUSTER / "runtime_env.yaml")
+    assert not any(KEY_LIKE.search(k) for k in rt.get("env_vars", {}))
+
+
+def test_gpu_worker_groups_request_gpus_and_tolerate_the_gpu_taint():
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    for name, _, spec in _kuberay():
+        assert spec["workerGroupSpecs"], name
+        for group in spec["workerGroupSpecs"]:  # every shipped worker group is a GPU group
+            gpus = [int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in _containers(group)]
+            assert max(gpus) > 0, (name, group["groupName"])
+            assert toleration in group["template"]["spec"].get("tolerations", []), (name, group["groupName"])
+
+
+def test_every_pod_mounts_an_hf_cache_at_hf_home():
+    for name, _, spec in _kuberay():
+        for group in _groups(spec):
+            volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+            for c in _containers(group):
+                hf_home = next(e["value"] for e in c["env"] if e["name"] == "HF_HOME")
+                mount = next(m for m in c["volumeMounts"] if m["mountPath"] == hf_home)
+                assert HF_CACHE_VOLUMES & set(volumes[mount["name"]]), (name, c["name"])
+
+
+def test_idle_timeout_outlasts_a_stage_handoff():
+    raycluster = _kuberay()[0][2]
+    assert raycluster["enableInTreeAutoscaling"] is True
+    for name, _, spec in _kuberay():
+        if spec.get("enableInTreeAutoscaling"):
+            assert spec["autoscalerOptions"]["idleTimeoutSeconds"] >= 300, name
+            assert all(g.get("idleTimeoutSeconds", 300) >= 300 for g in spec["workerGroupSpecs"]), name
+        else:  # no autoscaler: a fixed-size cluster, nothing is scaled down between stages
+            assert all(g["minReplicas"] == g["maxReplicas"] for g in spec["workerGroupSpecs"]), name
+    assert _load(CLUSTER / "ray-cluster.aws.yaml")["idle_timeout_minutes"] >= 5
+
+
+def test_rayjob_runs_raycat_with_an_object_store_run_dir():
+    job = _load(CLUSTER / "kuberay/rayjob.yaml")["spec"]
+    assert OBJECT_STORE.match(_raycat_run_dir(shlex.split(job["entrypoint"])))
+    assert job["entrypoint"].startswith("raycat run ")
+    assert job["submissionMode"] == "K8sJobMode"  # a submitter Job: `kubectl logs -f job/<name>` follows it
+    # ttlSecondsAfterFinished only acts with shutdownAfterJobFinishes.
+    assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    configs = next(v["name"] for v in head["volumes"] if v.get("configMap", {}).get("name") == "raycat-config")
+    assert {"name": configs, "mountPath": "/configs"} in head["containers"][0]["volumeMounts"]
+
+
+def test_documented_submit_commands_use_object_store_run_dirs():
+    docs = [
+        CLUSTER / "README.md",
+        *sorted(CLUSTER.glob("*.yaml")),
+        *sorted((CLUSTER / "kuberay").glob("*.yaml")),
+        ROOT / "jobs/README.md",
+    ]
+    seen = 0
+    for doc in docs:
+        for argv in _submitted_commands(doc.read_text(), yaml_comments=doc.suffix == ".yaml"):
+            assert OBJECT_STORE.match(_raycat_run_dir(argv)), (doc.name, argv)
+            seen += 1
+    assert seen >= 6  # the launcher, KubeRay and runtime_env commands, jobs/README.md's table
+    for doc in (CLUSTER / "README.md", CLUSTER / "ray-cluster.aws.yaml"):
+        assert "RAY_AUTH_MODE=token" in doc.read_text()  # what a client needs to send its token
+
+
+def test_runtime_env_installs_raycat_gpu_from_the_uploaded_working_dir():
+    packages = _load(CLUSTER / "runtime_env.yaml")["pip"]["packages"]
+    assert "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}[gpu]" in packages
+    assert not [p for p in packages if p.split()[0] in ("-e", "--editable") or p.startswith(".")]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "gpu" in extras
+
+
+def test_dockerignore_keeps_the_build_context_small():
+    patterns = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {"runs", ".venv", ".git", "**/__pycache__", "**/*.egg-info", ".pytest_cache", "**/*.safetensors"} <= patterns
+
+
+def test_image_and_launcher_install_raycat_not_editable():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    launcher = _load(CLUSTER / "ray-cluster.aws.yaml")
+    installs = [line for line in dockerfile.splitlines() if line.startswith("RUN") and "pip install" in line]
+    installs += [c for c in launcher["setup_commands"] if "pip install" in c]
+    assert len(installs) == 2
+    for cmd in installs:
+        words = shlex.split(cmd.removeprefix("RUN "))
+        assert "-e" not in words and "--editable" not in words, cmd
+        assert any(w.endswith("[gpu]") for w in words), cmd
+
+
+def test_launcher_config_is_valid_filters_rsync_and_turns_token_auth_on():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = _load(CLUSTER / "ray-cluster.aws.yaml")
+    validate_config(prepare_config(_load(CLUSTER / "ray-cluster.aws.yaml")))  # as `ray up` does
+    assert raw["rsync_filter"] == [".gitignore"]
+    assert {"runs/", ".venv/", "**/.git"} <= set(raw["rsync_exclude"])
+    # Every `ray start` runs with token auth; the token comes from the client's ~/.ray/auth_token.
+    starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start ") for c in starts)
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "ray get-auth-token --generate" in (CLUSTER / "ray-cluster.aws.yaml").read_text()

@@ -56,7 +56,7 @@ def _assert_phase2_started_from_phase1(phases: dict) -> None:
     assert any(abs(phases["phase1"]["init_fingerprint"][k] - v) > 1e-6 for k, v in fp.items())
 
 
-def _generate_vllm(model_dir: Path) -> int:
+def _generate_vllm(model_dir: Path, adapter: str | None = None) -> str:
     from transformers import AutoTokenizer
 
     from raycat.engine import Sampling, VLLMEngine
@@ -64,12 +64,13 @@ def _generate_vllm(model_dir: Path) -> int:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = render_ids(tok, train_messages("What is 3 plus one?", ["x", "y", "z", "w"], "math", "answer"))
-    llm = VLLMEngine(str(model_dir), dtype="float32", max_model_len=512, kv_cache_gib=0.25)
+    llm = VLLMEngine(str(model_dir), dtype="float32", max_model_len=512, kv_cache_gib=0.25, lora_adapter=adapter)
     try:
         gen = llm.generate([ids], Sampling(0.0, 1.0, 8, 0, 1))
     finally:
-        del llm
-    return gen[0].completion_tokens
+        llm.close()
+    assert gen[0].completion_tokens > 0
+    return gen[0].text
 
 
 @pytest.mark.vllm
@@ -88,13 +89,14 @@ def test_lora_zero2_two_phases_export_merge_and_rerun(tmp_path, tiny_model_dir):
     assert p1["last_loss"] < 0.5 * p1["first_loss"]  # a memorisable toy set
     assert p2["last_loss"] < p2["first_loss"]
     _assert_phase2_started_from_phase1(s["phases"])
-    # The adapter loads in transformers (peft) and generates; the merged model loads in vLLM and generates.
+    # The adapter loads in transformers (peft) and generates; the merged model (a Ray task's output)
+    # loads in vLLM, and vLLM serving the adapter on the base model (what eval does) answers the same.
     model = AutoPeftModelForCausalLM.from_pretrained(p2["model"])
     import torch
 
     out = model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > 3
-    assert _generate_vllm(Path(p2["merged"])) > 0
+    assert _generate_vllm(Path(p2["merged"])) == _generate_vllm(tiny_model_dir, adapter=p2["model"])
     # A rerun of the same command trains nothing.
     t0 = time.time()
     again = run_train(cfg, say=lambda m: None)
@@ -119,7 +121,7 @@ def test_full_zero3_two_phases_gathers_weights_for_export(tmp_path, tiny_model_d
     weights = _tensors(Path(p2["model"]))
     base = _tensors(Path(tiny_model_dir))
     assert set(weights) == set(base) and all(weights[k].shape == base[k].shape for k in base)  # gathered, not shards
-    assert _generate_vllm(Path(p2["model"])) > 0
+    _generate_vllm(Path(p2["model"]))  # the gathered full weights load in vLLM and generate
 
 
 def _train_workers(root_pid: int) -> list:
