@@ -108,7 +108,9 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         need_full: bool = True,
         lora_adapter: str | None = None,
+        log_level: str = "WARNING",
     ):
+        os.environ["VLLM_LOGGING_LEVEL"] = log_level  # read when vllm is first imported, just below
         if tensor_parallel_size * pipeline_parallel_size == 1:
             # Engine core and model in this process: when Ray stops the actor nothing can outlive it.
             # With vLLM's default subprocesses, an actor killed at shutdown orphaned EngineCore (seen here).
@@ -348,8 +350,11 @@ def engine_kwargs(model, engine) -> dict:
     )
     if engine.backend == "transformers":
         return common
+    from raycat.progress import vllm_log_level
+
     return dict(
         **common,
+        log_level=vllm_log_level(),
         max_model_len=model.max_model_len,
         tensor_parallel_size=engine.tensor_parallel_size,
         pipeline_parallel_size=engine.pipeline_parallel_size,

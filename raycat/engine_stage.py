@@ -40,6 +40,8 @@ class Pool:
     batch_size: int
     num_gpus: float
     num_cpus: float
+    # > 1: the engine spans this many GPUs (tensor x pipeline parallel), one placement-group bundle each.
+    gpu_bundles: int = 0
 
     @classmethod
     def of(cls, e: EngineConfig, *, remote: bool = False) -> Pool:
@@ -48,7 +50,32 @@ class Pool:
         if remote:
             return cls(e.num_engines, e.batch_size, 0, 0.25)
         gpus = e.tensor_parallel_size * e.pipeline_parallel_size if e.device == "gpu" else 0
+        if gpus > 1:
+            return cls(e.num_engines, e.batch_size, 0, e.cpus_per_engine, gpu_bundles=gpus)
         return cls(e.num_engines, e.batch_size, gpus, e.cpus_per_engine)
+
+    def placement_bundles(self) -> list[dict[str, float]]:
+        """One bundle per GPU of a multi-GPU engine; bundle 0 also holds the actor's CPUs."""
+        return [{"GPU": 1, "CPU": self.num_cpus if i == 0 else 1} for i in range(self.gpu_bundles)]
+
+    def remote_args(self) -> dict[str, Any]:
+        """``map_batches`` resource arguments. A multi-GPU engine's actor asks for no GPU itself: it runs
+        in its own STRICT_PACK placement group (one node), and vLLM's Ray executor places its workers in
+        the group's GPU bundles, as vLLM's Ray Data examples do."""
+        if self.gpu_bundles <= 1:
+            return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+        bundles = self.placement_bundles()
+
+        def in_placement_group() -> dict[str, Any]:
+            import ray
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            pg = ray.util.placement_group(bundles, strategy="STRICT_PACK")
+            return {
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+            }
+
+        return {"num_gpus": 0, "num_cpus": self.num_cpus, "ray_remote_args_fn": in_placement_group}
 
 
 @dataclass(frozen=True)
@@ -105,7 +132,6 @@ def run(
         batch_format="pandas",
         batch_size=pool.batch_size,
         compute=ray.data.ActorPoolStrategy(size=pool.size),
-        num_gpus=pool.num_gpus,
-        num_cpus=pool.num_cpus,
+        **pool.remote_args(),
     )
     return rundir.write_parts(ds.iter_batches(batch_size=None, batch_format="pandas"), parts_dir, on_rows)

@@ -23,6 +23,18 @@ if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 160  # job logs have no TTY: rich's default of 80 columns cut the tables' CIs off
 
 
+def verbose() -> bool:
+    """``RAYCAT_VERBOSE=1`` keeps Ray Data's and vLLM's INFO logs in the console (off by default: they
+    bury the progress and loss lines in job logs)."""
+    return os.environ.get("RAYCAT_VERBOSE", "") not in ("", "0", "false")
+
+
+def vllm_log_level() -> str:
+    """The log level engines start vLLM with: the user's ``VLLM_LOGGING_LEVEL`` if set, else INFO when
+    verbose, else WARNING. Decided on the driver, so actors on other nodes follow it."""
+    return os.environ.get("VLLM_LOGGING_LEVEL") or ("INFO" if verbose() else "WARNING")
+
+
 def say(stage: str, msg: str) -> None:
     console.print(Text.assemble((stage, "bold"), ": ", msg))
 

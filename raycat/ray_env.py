@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from raycat import progress
 from raycat.config import RayConfig
 
 
@@ -30,6 +32,8 @@ def ray_session(cfg: RayConfig, run_dir: str | None = None) -> Iterator[None]:
         if problem:
             ray.shutdown()
             raise RaycatError(f"pre-flight: {problem}")
+    if not progress.verbose():  # Ray Data's per-dataset INFO lines; RAYCAT_VERBOSE=1 keeps them
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # raycat draws one rich progress bar per stage instead
     try:

@@ -79,3 +79,48 @@ def test_nccl_all_reduce_sums_device_tensors_across_two_processes():
         port = s.getsockname()[1]
     # A failed assertion in a worker re-raises here (ProcessRaisedException) and fails the test.
     mp.spawn(_all_reduce_worker, args=(2, port), nprocs=2, join=True)
+
+
+class _Greedy:
+    """A tiny engine stage for the TP check: greedy tokens of a fixed prompt per row."""
+
+    REQUIRED_COLUMNS = ("id",)
+
+    def __init__(self, plan):
+        from raycat.engine import make_engine
+
+        self.engine = make_engine("vllm", plan["model"], **plan["kw"])
+
+    def __call__(self, batch):
+        from raycat.engine import Sampling
+
+        gens = self.engine.generate([[5, 6, 7, 8]] * len(batch), Sampling(0.0, 1.0, 8, 0, 1))
+        return batch.assign(text=[g.text for g in gens])
+
+
+@pytest.mark.vllm
+@pytest.mark.gpu(count=2)
+def test_tensor_parallel_engine_runs_in_its_placement_group(tmp_path):
+    """A TP=2 engine inside the Ray Data actor pool (STRICT_PACK placement group, vLLM's Ray executor)
+    answers as a TP=1 engine does."""
+    import pandas as pd
+    import ray
+
+    from raycat import engine_stage, rundir
+    from raycat.config import EngineConfig
+
+    model = str(build_tiny_model(tmp_path / "m"))
+    rows = pd.DataFrame({"id": ["a", "b"]})
+    texts = {}
+    ray.init(address="local", num_gpus=2, include_dashboard=False)
+    try:
+        for tp in (1, 2):
+            e = EngineConfig(device="gpu", tensor_parallel_size=tp, batch_size=2)
+            kw = {"dtype": "float32", "device": "gpu", "max_model_len": 256, "tensor_parallel_size": tp}
+            parts = str(tmp_path / f"tp{tp}")
+            n = engine_stage.run("gpu", rows, _Greedy, {"model": model, "kw": kw}, engine_stage.Pool.of(e), parts)
+            assert n == 2
+            texts[tp] = sorted(rundir.read_parts(parts, ["id", "text"])["text"])
+    finally:
+        ray.shutdown()
+    assert texts[1] == texts[2] and texts[1][0]

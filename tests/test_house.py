@@ -93,9 +93,36 @@ def test_pool_resources_follow_the_engine_config():
     gpu = engine_stage.Pool.of(
         EngineConfig(device="gpu", tensor_parallel_size=2, pipeline_parallel_size=2, num_engines=3, cpus_per_engine=4)
     )
-    assert (gpu.size, gpu.num_gpus, gpu.num_cpus) == (3, 4, 4)
+    # A 4-GPU engine (TP 2 x PP 2): its actor asks for no GPU itself; each engine gets a STRICT_PACK
+    # placement group of 4 GPU bundles (vLLM's Ray executor fills them), the first holding the actor's CPUs.
+    assert (gpu.size, gpu.num_gpus, gpu.num_cpus, gpu.gpu_bundles) == (3, 0, 4, 4)
+    assert gpu.placement_bundles() == [{"GPU": 1, "CPU": 4}] + [{"GPU": 1, "CPU": 1}] * 3
+    args = gpu.remote_args()
+    assert (args["num_gpus"], args["num_cpus"]) == (0, 4) and callable(args["ray_remote_args_fn"])
+    one = engine_stage.Pool.of(EngineConfig(device="gpu", cpus_per_engine=2))
+    assert one.remote_args() == {"num_gpus": 1, "num_cpus": 2}  # one GPU: a plain actor, no placement group
     assert engine_stage.Pool.of(EngineConfig(device="gpu"), remote=True).num_gpus == 0
-    assert engine_stage.Pool.of(EngineConfig(device="cpu")).num_gpus == 0
+    assert engine_stage.Pool.of(EngineConfig(device="cpu")).remote_args() == {"num_gpus": 0, "num_cpus": 1}
+
+
+def test_multi_gpu_engine_placement_group_is_strict_pack(monkeypatch):
+    import ray
+
+    made = {}
+
+    def fake_pg(bundles, strategy):  # records the request; the real call needs a cluster with GPUs
+        made.update(bundles=bundles, strategy=strategy)
+        return object()
+
+    monkeypatch.setattr(ray.util, "placement_group", fake_pg)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pool = engine_stage.Pool.of(EngineConfig(device="gpu", tensor_parallel_size=2))
+    got = pool.remote_args()["ray_remote_args_fn"]()
+    assert made == {"bundles": [{"GPU": 1, "CPU": 1}] * 2, "strategy": "STRICT_PACK"}
+    strategy = got["scheduling_strategy"]
+    assert isinstance(strategy, PlacementGroupSchedulingStrategy)
+    assert strategy.placement_group_capture_child_tasks  # vLLM's workers land in the same group
 
 
 def test_transformers_backend_refuses_vllm_only_settings():

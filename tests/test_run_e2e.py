@@ -1,23 +1,18 @@
-"""`raycat run` end to end on tiny local models (real vLLM, real Ray Train + DeepSpeed), its resume
-rules, and the same job submitted to a local Ray head with `ray job submit`."""
+"""`raycat run` end to end on tiny local models (real vLLM, real Ray Train + DeepSpeed) and its resume
+rules. The same job on a multi-node cluster through `ray job submit` is tests/test_cluster.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.helpers import wait_http
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.filterwarnings("ignore")]
 
@@ -109,110 +104,6 @@ def test_run_end_to_end_then_resume_rules(tmp_path, tiny_model_dir):
     assert "phase1: already trained" in both and "phase2: already trained" in both
     ev = json.loads((run / "eval/metrics.json").read_text())
     assert list(ev["models"]) == ["base", "complexity_aware/phase1", "complexity_aware/phase2", "sft_all/phase1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
-    """`ray start --head` on loopback, `ray job submit --working-dir`, wait, check the run dir, stop the head."""
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    bindir = Path(sys.executable).parent
-    gcs, dash = _free_port(), _free_port()
-    # Ray's unix sockets live under --temp-dir and may not exceed 107 bytes: a short dir of our own.
-    temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
-    head = subprocess.Popen(
-        [
-            str(bindir / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={gcs}",
-            f"--dashboard-port={dash}",
-            "--dashboard-host=127.0.0.1",
-            "--num-cpus=2",
-            "--disable-usage-stats",
-            f"--temp-dir={temp}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{dash}"
-        wait_http(f"{url}/api/version", head, 120, "the Ray head's dashboard")
-        job = tmp_path / "job"
-        job.mkdir()
-        run = tmp_path / "job-run"
-        (job / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(run, tiny_model_dir, teach=False)))
-        r = subprocess.run(
-            [
-                str(bindir / "ray"),
-                "job",
-                "submit",
-                "--address",
-                url,
-                "--working-dir",
-                str(job),
-                "--",
-                sys.executable,
-                "-m",
-                "raycat.cli",
-                "run",
-                "--config",
-                "tiny.yaml",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert r.returncode == 0 and "succeeded" in r.stdout, (r.stdout + r.stderr)[-4000:]
-        # The job log has no TTY: plain progress lines, ending with the rate, instead of a bar's last frame.
-        assert "scoring: 0/" in r.stdout and "rows (100%)" in r.stdout and "rows/s" in r.stdout, r.stdout[-4000:]
-        manifest = json.loads((run / "manifest.json").read_text())
-        assert manifest["stages"]["teach"]["status"] == "not configured"
-        assert manifest["stages"]["eval"]["status"] == "done"
-        ev = json.loads((run / "eval/metrics.json").read_text())
-        assert list(ev["models"]) == ["sft_all/phase1"]
-        assert (run / "report/report.md").exists()
-        # No stage leaves engines or training workers behind on the cluster.
-        actors = subprocess.run(
-            [
-                str(bindir / "ray"),
-                "list",
-                "actors",
-                "--address",
-                url,
-                "--filter",
-                "state=ALIVE",
-                "--format",
-                "json",
-                "--limit",
-                "1000",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert actors.returncode == 0, actors.stderr[-2000:]
-        alive = [a["class_name"] for a in json.loads(actors.stdout)]
-        assert not [c for c in alive if c.startswith(("MapWorker", "RayTrainWorker", "TrainController"))], alive
-    finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the daemons it started
-            try:
-                head.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _outputs(run: Path) -> dict:

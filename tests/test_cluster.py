@@ -1,0 +1,338 @@
+"""A simulated multi-node cluster on loopback, submitted to as the README says.
+
+A real S3-compatible server (moto's server mode), a Ray head with 0 CPUs started by `ray start --head`
+with token authentication on, and two worker nodes joined with `ray start --address`, each in its own
+mount namespace where the test's temp dirs (models, local run dirs, the head's Ray dirs) are hidden
+behind an empty tmpfs and HOME / TMPDIR are private: anything that works only through the head's
+local disk fails here. The job is the README's `ray job submit` line, with only its placeholders
+(<head>, the dashboard port, <bucket>) filled in and the config it names replaced by a tiny one.
+Everything is started and stopped by PID (process groups this module created).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BUCKET = "raycat-test"
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def readme_submit_command() -> str:
+    """The README's cluster `ray job submit` command, joined into one shell line."""
+    text = README.read_text()
+    block = re.search(r"```bash\n(RAY_AUTH_MODE=token ray job submit[^`]*?)```", text)
+    assert block, "README lost its `RAY_AUTH_MODE=token ray job submit` block"
+    return block.group(1).replace("\\\n", " ").strip()
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_up(url: str, proc: subprocess.Popen, timeout_s: float, what: str, log: Path) -> None:
+    """Any HTTP answer (a 401 from an authenticating server too) means the server is up."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        assert proc.poll() is None, f"{what} exited: {log.read_text()[-3000:]}"
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            assert time.time() < deadline, f"{what} did not come up in {timeout_s:.0f} s"
+            time.sleep(1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops the daemons it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class Cluster:
+    def __init__(self, root: Path, dashboard: str, env: dict, client_env: dict, s3):
+        self.root, self.dashboard, self.env, self.client_env, self.s3 = root, dashboard, env, client_env, s3
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "ray"), *args], env=self.client_env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def jobs(self) -> list[dict]:
+        r = self.ray("list", "jobs", "--address", self.dashboard, "--format", "json", "--limit", "100")
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout)
+
+    def alive_actors(self) -> list[str]:
+        r = self.ray("list", "actors", "--address", self.dashboard, "--filter", "state=ALIVE", "--format", "json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        return [a["class_name"] for a in json.loads(r.stdout)]
+
+    def s3_exists(self, key: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.s3.get_file_info(f"{BUCKET}/{key}").type != pafs.FileType.NotFound
+
+    def s3_json(self, key: str):
+        with self.s3.open_input_stream(f"{BUCKET}/{key}") as f:
+            return json.loads(f.read())
+
+    def s3_find(self, prefix: str, needle: str) -> bool:
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True)
+        return any(needle in i.path for i in self.s3.get_file_info(sel))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_model_dir):
+    if not shutil.which("unshare") or not _can_unshare():
+        pytest.skip("needs `unshare --mount` (root or user namespaces) to give each worker node private disk")
+    import boto3
+    import pyarrow.fs as pafs
+
+    # Short: Ray's unix sockets live under the head's --temp-dir and may not exceed 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
+    procs: list[subprocess.Popen] = []
+    try:
+        s3_port, gcs, dash = _free_port(), _free_port(), _free_port()
+        aws = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        moto = _start(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+            dict(os.environ),
+            root / "s3.log",
+        )
+        procs.append(moto)
+        _wait_up(aws["AWS_ENDPOINT_URL"], moto, 60, "moto's S3 server", root / "s3.log")
+        os.environ.update(aws)  # this test process reads the bucket too; removed again below
+        boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+        s3 = pafs.S3FileSystem(endpoint_override=aws["AWS_ENDPOINT_URL"], access_key="testing", secret_key="testing")
+        s3.create_dir(f"{BUCKET}/models/student")
+        pafs.copy_files(str(tiny_model_dir), f"{BUCKET}/models/student", destination_filesystem=s3)
+
+        # The user's machine: a HOME with a Ray token, as `ray get-auth-token --generate` leaves it.
+        home = root / "home"
+        home.mkdir()
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        base.update(aws, RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}:{os.environ['PATH']}")
+        gen = subprocess.run(
+            [str(BIN / "ray"), "get-auth-token", "--generate"], env={**base, "HOME": str(home)}, capture_output=True
+        )
+        assert gen.returncode == 0, gen.stderr[-2000:]
+        token = (home / ".ray" / "auth_token").read_text().strip()
+
+        head_env = {**base, "HOME": str(home)}  # no RAY_AUTH_MODE: the token file turns auth on
+        head = _start(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={gcs}",
+                f"--dashboard-port={dash}",
+                "--dashboard-host=127.0.0.1",
+                "--num-cpus=0",  # as in the manifests: the head runs drivers, no work
+                "--disable-usage-stats",
+                f"--temp-dir={root / 'head'}",
+            ],
+            head_env,
+            root / "head.log",
+        )
+        procs.append(head)
+        dashboard = f"http://127.0.0.1:{dash}"
+        _wait_up(f"{dashboard}/api/version", head, 120, "the Ray head's dashboard", root / "head.log")
+        head_log = (root / "head.log").read_text()
+        assert "Token authentication is enabled" in head_log, head_log[-2000:]
+
+        hidden = [str(tmp_path_factory.getbasetemp()), str(root)]
+        for i in range(2):
+            scratch = f"{root}/node{i}"
+            inner = " && ".join(
+                [*(f"mount -t tmpfs tmpfs {shlex.quote(h)}" for h in hidden)]
+                + [
+                    f"mkdir -p {scratch}/home {scratch}/tmp",
+                    f"HOME={scratch}/home TMPDIR={scratch}/tmp exec {shlex.quote(str(BIN / 'ray'))} start "
+                    f"--address=127.0.0.1:{gcs} --block --num-cpus=1 --disable-usage-stats",
+                ]
+            )
+            worker_env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+            procs.append(
+                _start(
+                    ["unshare", "--mount", "--propagation", "private", "sh", "-c", inner],
+                    worker_env,
+                    root / f"worker{i}.log",
+                )
+            )
+        client_env = {**base, "HOME": str(home), "RAY_AUTH_MODE": "token"}
+        c = Cluster(root, dashboard, head_env, client_env, s3)
+        deadline = time.time() + 120
+        while True:
+            r = c.ray("list", "nodes", "--address", dashboard, "--format", "json")
+            if r.returncode == 0 and sum(n["state"] == "ALIVE" for n in json.loads(r.stdout)) == 3:
+                break
+            for p in procs:
+                assert p.poll() is None, f"a cluster process exited: {p.args}"
+            assert time.time() < deadline, f"worker nodes did not join: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+            time.sleep(2)
+        yield c
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            os.environ.pop(k, None)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _job_dir(tmp_path: Path, tree: dict) -> Path:
+    """A working dir holding, at the path the README names, a tiny config instead of the 3B one."""
+    job = tmp_path / "job"
+    cmd = readme_submit_command()
+    config = re.search(r"--config (\S+)", cmd).group(1)
+    (job / config).parent.mkdir(parents=True)
+    (job / config).write_text(yaml.safe_dump(tree))
+    return job
+
+
+def _submit(c: Cluster, job: Path, run_prefix: str, *extra: str, wait: bool = True):
+    cmd = readme_submit_command()
+    port = c.dashboard.rsplit(":", 1)[1]
+    cmd = cmd.replace("<head>:8265", f"127.0.0.1:{port}").replace("s3://<bucket>/raycat/", f"s3://{BUCKET}/")
+    cmd = re.sub(rf"s3://{BUCKET}/\S+", f"s3://{BUCKET}/{run_prefix}", cmd) + "".join(
+        f" {shlex.quote(e)}" for e in extra
+    )
+    env = {k: v for k, v in c.client_env.items() if k != "RAY_AUTH_MODE"}  # the README line sets it itself
+    if not wait:
+        return subprocess.Popen(
+            ["bash", "-c", cmd],
+            cwd=job,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    return subprocess.run(["bash", "-c", cmd], cwd=job, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def tiny_cluster_config() -> dict:
+    from tests.test_run_e2e import tiny_config
+
+    tree = tiny_config(Path("unused"), Path("unused"))
+    tree.pop("run_dir")  # the README line's run_dir=s3://... override sets it
+    tree.pop("ray")  # attach to the cluster as it is
+    student = f"s3://{BUCKET}/models/student"  # the worker nodes cannot see the test's local files
+    tree["score"]["student"]["path"] = tree["teach"]["teachers"][0]["model"]["path"] = student
+    t = tree["train"]
+    t["num_workers"] = 2  # one worker per node: DeepSpeed over gloo between the two nodes
+    t["save_steps"] = 1
+    t["phase2"] = {**t["phase2"], "max_steps": 12, "epochs": 12}  # long enough to be killed midway
+    return tree
+
+
+def test_readme_job_on_a_multinode_cluster_with_an_s3_run_dir_resumes_after_a_driver_kill(cluster, tmp_path):
+    job = _job_dir(tmp_path, tiny_cluster_config())
+    first = _submit(cluster, job, "run", wait=False)
+    try:
+        # Kill the driver (SIGKILL, by its PID as Ray reports it) once phase 2 has a checkpoint in S3.
+        deadline = time.time() + 900
+        ckpts = "run/train/complexity_aware/phase2/checkpoints"
+        while not cluster.s3_find(ckpts, "/step_"):
+            assert first.poll() is None, f"the job ended before phase 2 checkpointed: {first.stdout.read()[-4000:]}"
+            assert time.time() < deadline, "no phase-2 checkpoint in S3 after 15 minutes"
+            time.sleep(0.5)
+        (running,) = [j for j in cluster.jobs() if j["status"] == "RUNNING"]
+        os.kill(int(running["driver_info"]["pid"]), signal.SIGKILL)
+        first_out, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # the client this test started, not the job
+            first.wait()
+    assert first.returncode != 0, first_out[-3000:]
+    assert not cluster.s3_exists("run/train/complexity_aware/phase2/done.json")
+
+    second = _submit(cluster, job, "run")
+    out = second.stdout + second.stderr
+    assert second.returncode == 0 and "succeeded" in out, out[-5000:]
+    manifest = cluster.s3_json("run/manifest.json")
+    assert {s: e["status"] for s, e in manifest["stages"].items()} == {
+        s: "done" for s in ("score", "split", "teach", "train", "eval", "report")
+    }
+    p2 = cluster.s3_json("run/train/complexity_aware/phase2/metrics.json")
+    assert p2["resumed_from_step"] and p2["resumed_from_step"] >= 1 and p2["steps"] == 12  # from S3, not from 0
+    assert "phase1: already trained" in " ".join(out.split())
+    ev = cluster.s3_json("run/eval/metrics.json")
+    assert list(ev["models"]) == ["base", "complexity_aware/phase1", "complexity_aware/phase2"]
+    assert (
+        ev["models"]["complexity_aware/phase2"]["adapter"] == f"s3://{BUCKET}/run/train/complexity_aware/phase2/model"
+    )
+    assert all(m["overall"]["n"] == 10 for m in ev["models"].values())
+    assert cluster.s3_exists("run/report/report.html") and cluster.s3_exists("run/report/report.md")
+    # Logs without a TTY: plain progress lines and rank 0's loss lines reach `ray job submit`'s output.
+    assert "scoring: 0/" in out or "scoring:" in first_out
+    assert "rows/s" in out + first_out
+    assert re.search(r"train complexity_aware/phase2: step \d+/12 epoch \d+ loss [\d.]+", out), out[-5000:]
+    # No stage leaves engines or training workers behind on the cluster.
+    alive = cluster.alive_actors()
+    assert not [a for a in alive if a.startswith(("MapWorker", "RayTrainWorker", "TrainController"))], alive
+
+    # A full fine-tune next to it in the same run dir: eval loads the full model dir from S3.
+    full = _submit(cluster, job, "run", "train.recipe=sft_all", "train.method=full")
+    assert full.returncode == 0, (full.stdout + full.stderr)[-5000:]
+    ev = cluster.s3_json("run/eval/metrics.json")
+    m = ev["models"]["sft_all/phase1"]
+    assert m["adapter"] is None and m["path"] == f"s3://{BUCKET}/run/train/sft_all/phase1/model"
+    assert m["overall"]["n"] == 10
+
+
+def test_a_local_run_dir_is_refused_before_anything_runs(cluster, tmp_path):
+    tree = tiny_cluster_config()
+    job = _job_dir(tmp_path, tree)
+    local = tmp_path / "local-run"
+    r = _submit(cluster, job, "unused", f"run_dir={local}")
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode != 0
+    assert "pre-flight: run_dir" in out and "is a local path" in out and "2 other node(s)" in out, out[-3000:]
+    assert not local.exists()  # refused before any stage wrote anything
