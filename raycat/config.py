@@ -97,8 +97,11 @@ class ModelConfig(Strict):
 
 
 class EngineConfig(Strict):
-    backend: Literal["vllm", "transformers"] = Field(
-        "vllm", description="'vllm' is the product path; 'transformers' is the reference/fallback."
+    backend: Literal["vllm", "transformers", "null"] = Field(
+        "vllm",
+        description="'vllm' is the product path; 'transformers' is the reference/fallback; 'null' loads no "
+        "model and scores every option alike (uniform): it measures raycat's data plane (bench/corpus.py), "
+        "never a model, and cannot generate.",
     )
     device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines run; 'gpu' asks Ray for GPUs.")
     num_engines: int = Field(1, ge=1, description="Engine replicas (Ray actors); one per GPU or TP group.")

@@ -348,7 +348,7 @@ def engine_kwargs(model, engine) -> dict:
     common = dict(
         revision=model.revision, trust_remote_code=model.trust_remote_code, dtype=model.dtype, device=engine.device
     )
-    if engine.backend == "transformers":
+    if engine.backend in ("transformers", "null"):
         return common
     from raycat.progress import vllm_log_level
 
@@ -365,9 +365,36 @@ def engine_kwargs(model, engine) -> dict:
     )
 
 
-def make_engine(backend: str, model: str, **kwargs) -> VLLMEngine | TransformersEngine:
+class NullEngine:
+    """No model: every option gets the same log-probability (entropy log k). It measures what raycat's
+    data plane costs around an engine (bench/corpus.py); it says nothing about a model."""
+
+    vocab_size = 0
+
+    def __init__(self, model: str, **_settings):
+        del model  # nothing is loaded
+
+    def score(
+        self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
+    ) -> list[ScoreResult]:
+        if mode != "options":
+            raise ValueError("backend 'null' scores options only (score.entropy_mode=options)")
+        return [
+            ScoreResult(option_logprobs=[-float(np.log(len(r.option_groups)))] * len(r.option_groups)) for r in requests
+        ]
+
+    def generate(self, prompts: list, sampling: Sampling) -> list[Generation]:
+        raise ValueError("backend 'null' cannot generate: use vllm or transformers for teach and eval")
+
+    def close(self) -> None:
+        pass
+
+
+def make_engine(backend: str, model: str, **kwargs) -> VLLMEngine | TransformersEngine | NullEngine:
     # Keep CPU tests and demos on one thread per engine: on 2 busy cores, 2 OpenMP threads collapse ~6x.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if backend == "vllm":
         return VLLMEngine(model, **kwargs)
+    if backend == "null":
+        return NullEngine(model, **kwargs)
     return TransformersEngine(model, **kwargs)
