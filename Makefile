@@ -49,6 +49,7 @@ test-gpu: install
 bench: install
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/corpus.py
 
 lint: install
 	$(BIN)/ruff check raycat tests bench jobs && $(BIN)/ruff format --check raycat tests bench jobs

@@ -30,12 +30,15 @@ COLUMNS = ["id", "question", "options", "gold", "category", "source"]
 
 class BadRowError(RaycatError, ValueError):
     def __init__(self, row: int | str, field: str, reason: str, fix: str = ""):
-        self.row, self.field, self.reason = row, field, reason
+        self.row, self.field, self.reason, self.fix = row, field, reason, fix
         msg = f"bad input row {row}, field '{field}': {reason}"
         if fix:
             msg += f". {fix}"
         msg += ". Set data.on_bad_rows=quarantine to set such rows aside instead."
         super().__init__(msg)
+
+    def __reduce__(self):  # raised in a Ray task: rebuilt on the driver from its fields
+        return (BadRowError, (self.row, self.field, self.reason, self.fix))
 
 
 class _Bad(Exception):

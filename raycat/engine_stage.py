@@ -1,10 +1,11 @@
 """The Ray Data shell shared by every stage that runs a model: score, teach and eval.
 
-rows (pandas, on the driver) → ``from_pandas`` blocks → optional light CPU stages → a fixed-size
-actor pool, one engine per actor (``EngineActor`` subclasses) → each finished block written by the
-driver as an atomic Parquet part (``rundir.write_parts``: the stage's resume state). The actor's
-constructor takes one frozen plan holding everything it needs; the input columns it reads are
-declared (``REQUIRED_COLUMNS``) and checked before any engine starts.
+rows (a Ray Dataset read on the workers, or a small pandas frame from the driver) → optionally, rows
+whose ids already have a part are dropped (on a worker) → optional light CPU stages → a fixed-size
+actor pool, one engine per actor (``EngineActor`` subclasses) → each finished block written by a
+worker as an atomic Parquet part (``rundir.write_part``: the stage's resume state). The driver only
+counts rows for progress. The actor's constructor takes one frozen plan holding everything it needs;
+the input columns it reads are declared (``REQUIRED_COLUMNS``) and checked before any engine starts.
 """
 
 from __future__ import annotations
@@ -87,35 +88,68 @@ class Prestage:
     num_cpus: float = 0.25
 
 
-def check_columns(stage: str, rows: pd.DataFrame, required: Sequence[str]) -> None:
-    missing = [c for c in required if c not in rows.columns]
+def check_columns(stage: str, rows: pd.DataFrame | Sequence[str], required: Sequence[str]) -> None:
+    """``rows``: a frame, or the column names of a dataset."""
+    have = list(rows.columns) if isinstance(rows, pd.DataFrame) else list(rows)
+    missing = [c for c in required if c not in have]
     if missing:
         raise RaycatError(
             f"{stage}: input rows lack column(s) {', '.join(missing)} (they have "
-            f"{', '.join(map(str, rows.columns))}); rerun the upstream stage with this raycat version"
+            f"{', '.join(map(str, have))}); rerun the upstream stage with this raycat version"
         )
+
+
+class SkipDone:
+    """Ray Data stage: drops rows whose ids already have a part in ``parts_dir`` (read once, here on a
+    worker, so the driver never holds the done ids)."""
+
+    def __init__(self, parts_dir: str):
+        ids = [rundir.read_parquet_columns(f, ["id"])["id"] for f in rundir.list_files(parts_dir, ".parquet")]
+        self.done = set(pd.concat(ids, ignore_index=True)) if ids else set()
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return batch[~batch["id"].isin(self.done)] if self.done else batch
+
+
+def _write(batch: pd.DataFrame, directory: str) -> pd.DataFrame:
+    return pd.DataFrame({"rows": [rundir.write_part(batch, directory)]})
 
 
 def run(
     stage: str,
-    rows: pd.DataFrame,
+    rows: Any,
     actor: type[EngineActor],
     plan: Any,
     pool: Pool,
     parts_dir: str,
     on_rows: Callable[[int], None] = lambda n: None,
     pre: Sequence[Prestage] = (),
+    skip_done: bool = False,
 ) -> int:
-    """Run ``actor`` over ``rows``; every finished block becomes a part in ``parts_dir``. Returns rows written."""
-    check_columns(stage, rows, actor.REQUIRED_COLUMNS)
-    if not len(rows):
-        return 0
+    """Run ``actor`` over ``rows`` (a ``ray.data.Dataset`` or a pandas frame); every finished block
+    becomes a part in ``parts_dir``, written by a worker. ``skip_done``: leave out ids that already have
+    a part. Returns rows written."""
     import ray
 
-    # The driver already holds the validated rows, so blocks come straight from it (no read tasks to
-    # schedule). Blocks of a few batches keep the stream moving and progress visible.
-    block = 4 * pool.batch_size
-    ds = ray.data.from_pandas([rows.iloc[i : i + block] for i in range(0, len(rows), block)])
+    parts_dir = rundir.absolute(parts_dir)  # written by workers, which do not share the driver's cwd
+    if isinstance(rows, pd.DataFrame):
+        check_columns(stage, rows, actor.REQUIRED_COLUMNS)
+        if not len(rows):
+            return 0
+        # Small inputs (a band, the test set) come from the driver; blocks of a few batches keep the
+        # stream moving and progress visible.
+        block = 4 * pool.batch_size
+        ds = ray.data.from_pandas([rows.iloc[i : i + block] for i in range(0, len(rows), block)])
+    else:  # a Dataset's columns are checked by the caller, from its source's schema (no execution)
+        ds = rows
+    if skip_done:
+        ds = ds.map_batches(
+            SkipDone,
+            fn_constructor_kwargs={"parts_dir": parts_dir},
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0.1,
+        )
     for p in pre:
         ds = ds.map_batches(
             p.cls,
@@ -134,4 +168,14 @@ def run(
         compute=ray.data.ActorPoolStrategy(size=pool.size),
         **pool.remote_args(),
     )
-    return rundir.write_parts(ds.iter_batches(batch_size=None, batch_format="pandas"), parts_dir, on_rows)
+    # Parts are written where the block was made: rows never travel through the driver.
+    ds = ds.map_batches(
+        _write, fn_kwargs={"directory": parts_dir}, batch_size=None, batch_format="pandas", num_cpus=0.1
+    )
+    written = 0
+    for counts in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        n = int(counts["rows"].sum())
+        if n:
+            written += n
+            on_rows(n)
+    return written

@@ -1,4 +1,8 @@
-"""Questions stage: load a corpus through its adapter, validate, write questions/ in the run dir."""
+"""Questions stage: load a corpus through its adapter, validate, write questions/ in the run dir.
+
+``build`` is the pure work (read, validate, de-duplicate, select, write); ``stage_questions`` runs it as
+a Ray task, so the corpus is read on a worker and only the summary comes back to the driver.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,42 @@ from raycat.config import RaycatConfig
 from raycat.data import load_questions, select_rows
 
 
-def stage_questions(cfg: RaycatConfig) -> tuple[str, pd.DataFrame, dict]:
-    """Returns (questions.parquet path, the questions, summary). Quarantined rows go to quarantine.jsonl."""
+def block_rows(cfg: RaycatConfig) -> int:
+    """Rows per Parquet row group of questions.parquet, which is also a block of the score pipeline: a
+    few engine batches, so parts (the resume state) and progress arrive every few batches."""
+    return max(16, 4 * cfg.score.engine.batch_size)
+
+
+def path(run_dir: str) -> str:
+    return rundir.join(run_dir, "questions", "questions.parquet")
+
+
+def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([rundir.read_row_groups(p, [int(g)]) for p, g in zip(batch["path"], batch["group"], strict=True)])
+
+
+def dataset(run_dir: str):
+    """questions.parquet as a Ray Dataset read on the workers: one block per row group, each read by a
+    small task (a fraction of a CPU, so reading never waits on CPUs the engines hold). Ray Data's own
+    Parquet reader lists files in a 1-CPU task, which waits forever on a node the engines fill."""
+    import ray
+
+    p = rundir.absolute(path(run_dir))
+    items = [{"path": p, "group": g} for g in rundir.row_groups(p)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=0.1)
+
+
+def build(cfg: RaycatConfig) -> dict:
+    """Write questions.parquet (and quarantine.jsonl); return the summary. Quarantined rows go to
+    quarantine.jsonl with the reason."""
     d = cfg.data
     df, bad, n_read = load_questions(d)
     n_valid = len(df)
     df = select_rows(df, d.limit, d.sample, d.seed)
     out = rundir.join(cfg.run_dir, "questions")
-    path = rundir.join(out, "questions.parquet")
-    rundir.write_parquet(path, df)
+    # Each row group is one read task and one block of the score pipeline, on the workers.
+    rundir.write_parquet(path(cfg.run_dir), df, row_group_size=block_rows(cfg))
     quarantine = rundir.join(out, "quarantine.jsonl")
     if bad or rundir.exists(quarantine):
         rundir.write_text(quarantine, "".join(json.dumps(b) + "\n" for b in bad))
@@ -33,6 +64,19 @@ def stage_questions(cfg: RaycatConfig) -> tuple[str, pd.DataFrame, dict]:
         "quarantine_reasons": pd.Series([b["field"] + ": " + b["reason"].split(" (")[0] for b in bad], dtype=str)
         .value_counts()
         .to_dict(),
+        "max_options": int(df["options"].map(len).max()) if len(df) else 0,
     }
     rundir.write_json(rundir.join(out, "summary.json"), summary)
-    return path, df, summary
+    return summary
+
+
+def stage_questions(cfg: RaycatConfig) -> dict:
+    """``build`` as a Ray task (call inside a Ray session): the driver holds the summary, not the rows.
+    A bad row (data.on_bad_rows=error) comes back as the same error, naming the row and field."""
+    import ray
+
+    from raycat.ray_env import remote_call
+
+    # Workers do not share the driver's working directory: they get the run dir as an absolute path.
+    cfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})
+    return remote_call(ray.remote(num_cpus=1)(build), cfg)

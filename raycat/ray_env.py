@@ -41,3 +41,21 @@ def ray_session(cfg: RayConfig, run_dir: str | None = None) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+def remote_call(task, *args, **kwargs):
+    """``ray.get(task.remote(...))``, with a raycat error raised in the task re-raised as itself (the
+    user's one-line message, not a remote traceback)."""
+    import ray
+
+    from raycat.errors import RaycatError
+
+    try:
+        return ray.get(task.remote(*args, **kwargs))
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause
+        while cause is not None and not isinstance(cause, RaycatError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if isinstance(cause, RaycatError):
+            raise cause from None
+        raise

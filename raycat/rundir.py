@@ -6,11 +6,10 @@ place (on object stores a single PUT is already atomic, and the rename is a copy
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import pandas as pd
@@ -96,13 +95,39 @@ def read_json(path: str) -> Any:
         raise RaycatError(f"{path} is not valid JSON ({e}); restore it or delete it and rerun its stage") from e
 
 
-def write_parquet(path: str, df: pd.DataFrame) -> None:
+def write_parquet(path: str, df: pd.DataFrame, row_group_size: int | None = None) -> None:
+    """``row_group_size``: rows per row group, the unit ``row_groups`` / ``read_row_groups`` split a
+    file into for parallel reads."""
     buf = io.BytesIO()
     # No pandas metadata: frames coming out of Ray Data carry ArrowDtype annotations that plain
     # pandas cannot read back; the Arrow schema alone round-trips every column we write.
     table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, row_group_size=row_group_size)
     write_bytes(path, buf.getvalue())
+
+
+def parquet_columns(path: str) -> list[str]:
+    fs, p = _fs(path)
+    with fs.open_input_file(p) as f:
+        return list(pq.ParquetFile(f).schema_arrow.names)
+
+
+def row_groups(path: str) -> list[int]:
+    """The row groups of a Parquet file (its footer only is read)."""
+    fs, p = _fs(path)
+    with fs.open_input_file(p) as f:
+        return list(range(pq.ParquetFile(f).num_row_groups))
+
+
+def read_row_groups(path: str, groups: list[int]) -> pd.DataFrame:
+    fs, p = _fs(path)
+    with fs.open_input_file(p) as f:
+        return pq.ParquetFile(f).read_row_groups(groups).to_pandas(ignore_metadata=True)
+
+
+def read_parquet_columns(path: str, columns: list[str]) -> pd.DataFrame:
+    fs, p = _fs(path)
+    return pq.read_table(p, filesystem=fs, columns=columns).to_pandas(ignore_metadata=True)
 
 
 def read_parquet(path: str) -> pd.DataFrame:
@@ -135,19 +160,18 @@ def list_files(directory: str, suffix: str) -> list[str]:
     )
 
 
-def write_parts(batches: Iterable[pd.DataFrame], directory: str, on_rows: Callable[[int], None]) -> int:
-    """Write each finished batch as its own atomic part file; returns rows written.
+def write_part(batch: pd.DataFrame, directory: str) -> int:
+    """Write one finished batch as an atomic part file named after its ids; returns its rows.
 
     Part files are the resume state of a stage: whatever was written survives an interruption, and a
-    rerun skips the ids found in them.
+    rerun skips the ids found in them. The name is a digest of the batch's ids, so a batch computed
+    again (a retried Ray task) replaces its part instead of adding a duplicate.
     """
-    written = 0
-    for batch in batches:
-        if len(batch):
-            write_parquet(join(directory, f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"), batch)
-            written += len(batch)
-            on_rows(len(batch))
-    return written
+    if not len(batch):
+        return 0
+    digest = hashlib.sha256("\n".join(sorted(map(str, batch["id"]))).encode()).hexdigest()[:24]
+    write_parquet(join(directory, f"part-{digest}.parquet"), batch)
+    return len(batch)
 
 
 def read_parts(directory: str, columns: list[str]) -> pd.DataFrame:

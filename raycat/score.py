@@ -1,11 +1,14 @@
 """Score stage: student answer-token entropy for every question.
 
-Ray Data pipeline: questions.parquet → render prompts with the student's chat template (CPU actors)
-→ engine actor pool (vLLM; one engine per GPU or TP group) → the driver writes each finished block
-as an atomic Parquet part under ``score/parts/<cache key>/``. A rerun skips ids already written
-under the same key (model, revision, dtype, template hash, prompt version, entropy mode), so an
-interrupted run resumes without losing or duplicating rows. The pure per-row maths is in
-``row_result``; metrics in ``raycat.score_metrics``.
+The driver leaves the data path: a Ray task reads and validates the corpus into questions.parquet;
+a Ray Data pipeline reads it on the workers → drops ids already scored → renders prompts with the
+student's chat template (CPU actor) → engine actor pool (vLLM; one engine per GPU or TP group) →
+each finished block written by a worker as an atomic Parquet part under
+``score/parts/<cache key>/``; a last Ray task merges the parts and computes the metrics. A rerun
+skips ids already written under the same key (model, revision, dtype, template hash, prompt version,
+entropy mode), so an interrupted run resumes without losing or duplicating rows. The driver holds
+counts, the plan and the metrics, never the rows. The pure per-row maths is in ``row_result``;
+metrics in ``raycat.score_metrics``.
 """
 
 from __future__ import annotations
@@ -221,33 +224,58 @@ def done_ids(parts_dir: str) -> set[str]:
     return set(rundir.read_parts(parts_dir, OUTPUT_COLUMNS)["id"])
 
 
-def run_pipeline(
-    plan: ScorePlan, pool: engine_stage.Pool, todo: pd.DataFrame, parts_dir: str, on_rows=lambda n: None
-) -> int:
-    """Score ``todo``; write each finished block as an atomic part. Returns rows written."""
+def resume_state(questions_path: str, parts_dir: str, n_sample: int) -> dict:
+    """On a worker: how many questions there are, how many already have a part under this cache key,
+    and the deviation sample (ids only, a few hundred)."""
+    ids = rundir.read_parquet_columns(questions_path, ["id"])["id"]
+    done = done_ids(parts_dir)
+    return {
+        "questions": int(len(ids)),
+        "done": int(ids.isin(done).sum()) if done else 0,
+        "sample_ids": sorted(deviation_sample(ids, n_sample)) if n_sample else [],
+    }
+
+
+def run_pipeline(plan: ScorePlan, pool: engine_stage.Pool, rows, parts_dir: str, on_rows=lambda n: None) -> int:
+    """Score ``rows`` (a Dataset or a frame) except ids already in ``parts_dir``; each finished block is
+    written as an atomic part by a worker. Returns rows written."""
     # Rendering is light: a fraction of a CPU, so render + one engine fit on a 2-core machine.
     return engine_stage.run(
-        "score", todo, ScoreBatch, plan, pool, parts_dir, on_rows, pre=[engine_stage.Prestage(RenderPrompts, plan)]
+        "score",
+        rows,
+        ScoreBatch,
+        plan,
+        pool,
+        parts_dir,
+        on_rows,
+        pre=[engine_stage.Prestage(RenderPrompts, plan)],
+        skip_done=True,
     )
 
 
-def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
-    """Resolve the model and tokenizer-dependent facts on the driver: fails before any engine starts."""
+def student_tokenizer(cfg: RaycatConfig):
+    """The student's tokenizer on the driver (its files only), before anything heavy starts."""
+    from raycat import models
 
+    s = cfg.score
+    return models.load_tokenizer(
+        models.resolve(models.portable(s.student.path)),
+        revision=s.student.revision,
+        trust_remote_code=s.student.trust_remote_code,
+        key="score.student.path",
+    )
+
+
+def prepare_plan(cfg: RaycatConfig, tok, n_max: int, sample_ids) -> ScorePlan:
+    """The tokenizer-dependent facts, resolved on the driver before any engine starts. ``n_max``: the
+    most options any question has; ``sample_ids``: the deviation sample."""
     from raycat import models
     from raycat.prompts import label_tokens, template_hash
 
     s = cfg.score
     model_path = models.portable(s.student.path)  # workers fetch the weights (models.local)
-    tok = models.load_tokenizer(
-        models.resolve(model_path),
-        revision=s.student.revision,
-        trust_remote_code=s.student.trust_remote_code,
-        key="score.student.path",
-    )
-    n_max = int(questions["options"].map(len).max()) if len(questions) else 0
     th = template_hash(tok, s.prompt.preset, s.prompt.system_prompt)
-    sample = frozenset() if s.entropy_mode == "full" else deviation_sample(questions["id"], s.deviation_sample)
+    sample = frozenset() if s.entropy_mode == "full" else frozenset(sample_ids)
     return ScorePlan(
         model_path=model_path,
         revision=s.student.revision,
@@ -267,15 +295,18 @@ def prepare_plan(cfg: RaycatConfig, questions: pd.DataFrame) -> ScorePlan:
     )
 
 
-def finalize(cfg: RaycatConfig, plan: ScorePlan, questions: pd.DataFrame, parts_dir: str) -> dict:
-    """Merge parts into scores.parquet / skipped.parquet; returns the metrics (``run`` writes them)."""
+def finalize(cfg: RaycatConfig, plan: ScorePlan, questions_path: str, parts_dir: str) -> dict:
+    """Merge parts into scores.parquet / skipped.parquet; returns the metrics (``run`` writes them).
+    Runs as a Ray task: the rows stay on a worker."""
     from raycat.score_metrics import score_metrics
 
+    questions = rundir.read_parquet_columns(questions_path, ["id"])
     df = rundir.read_parts(parts_dir, OUTPUT_COLUMNS)
     df = df[df["id"].isin(set(questions["id"]))]
+    # Parts are written at least once: a worker of a killed run can finish a part the rerun also
+    # computes (same model, same key, same values). Each id counts once; the extra copies are reported.
     dupes = int(df["id"].duplicated().sum())
-    if dupes:
-        raise RuntimeError(f"{dupes} duplicate ids in {parts_dir}; this is a raycat bug, please report it")
+    df = df.drop_duplicates("id", keep="first")
     have = set(df["id"])  # once: inside the comprehension it was rebuilt per row, O(n^2)
     df = df.set_index("id").loc[[i for i in questions["id"] if i in have]].reset_index()
     s = cfg.score
@@ -290,6 +321,7 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions: pd.DataFrame, parts_
     rundir.write_parquet(rundir.join(out, "scores.parquet"), df[df["status"] == "scored"])
     rundir.write_parquet(rundir.join(out, "skipped.parquet"), df[df["status"] == "skipped"])
     metrics = score_metrics(df)
+    metrics["duplicate_part_rows_dropped"] = dupes
     metrics["missing"] = int(len(questions) - len(df))
     metrics["provenance"] = {
         "model": s.student.path,
@@ -312,32 +344,37 @@ def run(cfg: RaycatConfig) -> dict:
     """The score stage: questions → entropy for every row (resuming under the cache key) → metrics."""
     import time
 
-    from raycat.questions import stage_questions
-    from raycat.ray_env import ray_session
+    import ray
+
+    from raycat import questions as Q
+    from raycat.prompts import template_hash
+    from raycat.ray_env import ray_session, remote_call
 
     t0 = time.time()
-    _, questions, qsum = stage_questions(cfg)
-    engine_stage.check_columns("score", questions, INPUT_COLUMNS)
-    plan = prepare_plan(cfg, questions)
-    parts = rundir.join(cfg.run_dir, "score", "parts", plan.cache_key)
-    done = done_ids(parts) & set(questions["id"])
-    todo = len(questions) - len(done)
-    progress.say(
-        "score",
-        f"{len(questions)} questions ({qsum['quarantined']} quarantined), {len(done)} already "
-        f"scored under key {plan.cache_key}, {todo} to do",
-    )
-    written = 0
-    if todo:
-        with ray_session(cfg.ray, cfg.run_dir), progress.rows("scoring", todo) as advance:
-            written = run_pipeline(
-                plan,
-                engine_stage.Pool.of(cfg.score.engine),
-                questions[~questions["id"].isin(done)],
-                parts,
-                on_rows=advance,
-            )
-    metrics = finalize(cfg, plan, questions, parts)
+    s = cfg.score
+    tok = student_tokenizer(cfg)  # a missing model or chat template fails here, before Ray
+    qpath = rundir.absolute(Q.path(cfg.run_dir))
+    with ray_session(cfg.ray, cfg.run_dir):
+        qsum = Q.stage_questions(cfg)
+        n_sample = 0 if s.entropy_mode == "full" else s.deviation_sample
+        key = cache_key(cfg, s.student.path, template_hash(tok, s.prompt.preset, s.prompt.system_prompt))
+        parts = rundir.absolute(rundir.join(cfg.run_dir, "score", "parts", key))
+        state = remote_call(ray.remote(num_cpus=1)(resume_state), qpath, parts, n_sample)
+        plan = prepare_plan(cfg, tok, qsum["max_options"], state["sample_ids"])
+        todo = state["questions"] - state["done"]
+        progress.say(
+            "score",
+            f"{state['questions']} questions ({qsum['quarantined']} quarantined), {state['done']} already "
+            f"scored under key {plan.cache_key}, {todo} to do",
+        )
+        written = 0
+        if todo:
+            engine_stage.check_columns("score", rundir.parquet_columns(qpath), INPUT_COLUMNS)
+            rows = Q.dataset(cfg.run_dir)
+            with progress.rows("scoring", todo) as advance:
+                written = run_pipeline(plan, engine_stage.Pool.of(s.engine), rows, parts, on_rows=advance)
+        wcfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})  # workers have their own cwd
+        metrics = remote_call(ray.remote(num_cpus=1)(finalize), wcfg, plan, qpath, parts)
     metrics["questions"] = qsum
     metrics["wall_s"] = round(time.time() - t0, 2)
     metrics["rows_this_run"] = written

@@ -42,7 +42,8 @@ def make_corpus(path: Path, n: int = N_QUESTIONS) -> Path:
 
 def kill_after_first_part(stage: str, config: Path, parts_root: Path, timeout_s: float = 240) -> int:
     """Run `raycat <stage>` in its own session, SIGKILL the whole session (driver, Ray, engines) as soon
-    as the first part file appears, and return the rows the parts hold."""
+    as the first part file appears, and return the rows the parts hold once no more appear (workers
+    write parts, and one that had a block in hand may finish its atomic write after the kill)."""
     import pandas as pd
 
     proc = subprocess.Popen(
@@ -59,6 +60,12 @@ def kill_after_first_part(stage: str, config: Path, parts_root: Path, timeout_s:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # only the session this helper started
         proc.wait()
+    seen, stable_since = None, time.time()
+    while time.time() - stable_since < 5 and time.time() < deadline + 60:
+        now = sorted(parts_root.glob("*/part-*.parquet"))
+        if now != seen:
+            seen, stable_since = now, time.time()
+        time.sleep(0.2)
     return sum(len(pd.read_parquet(p)) for p in parts_root.glob("*/part-*.parquet"))
 
 

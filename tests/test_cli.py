@@ -1,6 +1,7 @@
 import json
 
 import pandas as pd
+import pytest
 import yaml
 
 from raycat.cli import main
@@ -31,18 +32,26 @@ def test_invalid_config_fails_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
-def test_bad_row_stops_score_with_row_and_field(tmp_path, capsys):
+@pytest.mark.integration
+def test_bad_row_stops_score_with_row_and_field(tmp_path, capsys, tiny_model_dir):
+    """The corpus is read in a Ray task on a worker; its bad-row error still reaches the user as one
+    line naming the row and field (not a remote traceback), and Ray is shut down."""
+    import ray
+
     (tmp_path / "d.jsonl").write_text(json.dumps({"question": "Q", "options": ["a", "b"], "answer": "C"}) + "\n")
     tree = {
         "run_dir": str(tmp_path / "run"),
         "data": {"source": "generic", "path": str(tmp_path / "d.jsonl"), "columns": {}},
-        "score": {"student": {"path": "unused/model"}},
+        "score": {"student": {"path": str(tiny_model_dir)}},
+        "ray": {"num_cpus": 2},
     }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(tree))
     assert main(["score", "--config", str(p)]) == 1
     err = capsys.readouterr().err.replace("\n", " ")
     assert "bad input row 0, field 'answer'" in err and "on_bad_rows=quarantine" in err
+    assert "Traceback" not in err and "RayTaskError" not in err
+    assert not ray.is_initialized()
 
 
 def test_split_without_scores_says_what_to_run(tmp_path, capsys):

@@ -232,7 +232,13 @@ def test_missing_api_key_is_reported_on_the_driver_before_ray(tmp_path, monkeypa
     assert "RAYCAT_NO_SUCH_KEY" in capsys.readouterr().err and not ray.is_initialized()
 
 
-def test_an_unparseable_data_file_names_the_file(tmp_path, capsys):
+def test_an_unparseable_data_file_names_the_file(tmp_path):
+    # The questions stage's work (run as a Ray task by `raycat score`; tests/test_cli.py checks that
+    # its errors reach the user as one line).
+    from raycat import questions
+    from raycat.config import validate_config
+    from raycat.errors import RaycatError
+
     bad = tmp_path / "corpus.jsonl"
     bad.write_text('{"question": "q", "options": ["a", "b"], "answer": "A"}\n{"question": \n')
     cfg = {
@@ -240,9 +246,8 @@ def test_an_unparseable_data_file_names_the_file(tmp_path, capsys):
         "data": {"source": "generic", "path": str(bad), "columns": {"question": "question"}},
         "score": {"student": {"path": "unused"}},
     }
-    p = write_config(tmp_path, cfg)
-    assert main(["score", "--config", str(p)]) == 1
-    assert "corpus.jsonl cannot be read as jsonl" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(RaycatError, match="corpus.jsonl cannot be read as jsonl"):
+        questions.build(validate_config(cfg))
 
 
 def test_cli_start_does_not_import_the_stages():

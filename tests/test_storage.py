@@ -108,3 +108,42 @@ def test_lora_rank_slot(tmp_path):
     for r, slot in ((4, 8), (8, 8), (9, 16), (64, 64), (300, 320)):
         (tmp_path / "adapter_config.json").write_text(json.dumps({"r": r}))
         assert _lora_rank_slot(str(tmp_path)) == slot
+
+
+def test_parts_are_named_after_their_ids_so_a_retried_block_replaces_its_part(tmp_path):
+    import pandas as pd
+
+    from raycat import rundir
+
+    d = str(tmp_path / "parts")
+    a = pd.DataFrame({"id": ["q2", "q1"], "v": [1, 2]})
+    assert rundir.write_part(a, d) == 2
+    assert rundir.write_part(a.iloc[::-1], d) == 2  # the same block again (a retried task): same part
+    assert rundir.write_part(pd.DataFrame({"id": ["q3"], "v": [3]}), d) == 1
+    assert rundir.write_part(pd.DataFrame({"id": [], "v": []}), d) == 0  # nothing written for nothing
+    files = rundir.list_files(d, ".parquet")
+    assert len(files) == 2 and all(f.rsplit("/", 1)[1].startswith("part-") for f in files)
+    assert sorted(rundir.read_parts(d, ["id", "v"])["id"]) == ["q1", "q2", "q3"]
+
+
+def test_questions_are_written_in_row_groups_that_read_back_in_order(tmp_path):
+    import pandas as pd
+
+    from raycat import questions, rundir
+    from raycat.config import validate_config
+
+    cfg = validate_config(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "data": {"source": "synthetic", "synthetic": {"num_questions": 50}},
+            "score": {"student": {"path": "unused"}, "engine": {"batch_size": 4}},
+        }
+    )
+    summary = questions.build(cfg)
+    assert summary["selected"] == 50 and summary["max_options"] == 4
+    p = questions.path(cfg.run_dir)
+    groups = rundir.row_groups(p)
+    assert questions.block_rows(cfg) == 16 and len(groups) == 4  # 16 + 16 + 16 + 2 rows
+    back = pd.concat([rundir.read_row_groups(p, [g]) for g in groups], ignore_index=True)
+    assert list(back["id"]) == list(rundir.read_parquet(p)["id"])
+    assert "options" in rundir.parquet_columns(p)
