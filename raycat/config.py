@@ -449,7 +449,20 @@ class RaycatConfig(Strict):
                 f"eval.engine.device: {on_gpu[0]} runs on gpu but eval would run the trained models on "
                 "the CPU default engine; add an eval: section with engine.device: gpu"
             )
+        if self.train.tracking == "mlflow" and self.train.tracking_uri is None and "://" in self.run_dir:
+            # MLflow's default ./mlruns is relative to a Ray Train worker: on a cluster it lands on
+            # that worker's disk and goes with it.
+            raise ValueError(
+                "train.tracking_uri: an object-store run_dir means a cluster, where MLflow's default "
+                "./mlruns would land on a training worker's disk; set train.tracking_uri to your MLflow "
+                "server (http://...) or a shared store"
+            )
+        for key, e, local in engines:
+            if local and e.backend == "null" and not key.startswith("score."):
+                raise ValueError(f"{key}.backend: 'null' loads no model and cannot generate; use vllm or transformers")
         engines.append(("eval.engine", self.eval.engine, True))
+        if self.eval.engine.backend == "null":
+            raise ValueError("eval.engine.backend: 'null' loads no model and cannot generate; use vllm or transformers")
         for key, e, _ in engines:
             if e.tensor_parallel_size * e.pipeline_parallel_size > 1 and e.device != "gpu":
                 raise ValueError(f"{key}.device: model parallelism (tensor/pipeline_parallel_size > 1) needs gpu")

@@ -273,6 +273,14 @@ class TransformersEngine:
             from peft import PeftModel
 
             self.model = PeftModel.from_pretrained(self.model, lora_adapter).merge_and_unload().eval()
+        # Generate as vLLM does with explicit sampling parameters: the model's stop ids, none of its
+        # generation-config processors (e.g. Qwen's repetition_penalty 1.05 would change the text).
+        from transformers import GenerationConfig
+
+        gc = self.model.generation_config
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id, pad_token_id=gc.pad_token_id
+        )
         self.vocab_size = self.model.config.vocab_size
 
     def first_token_logprobs(self, prompt_ids: list[int]) -> np.ndarray:

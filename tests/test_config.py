@@ -124,3 +124,28 @@ def test_api_key_env_must_be_a_variable_name_and_a_key_is_never_echoed(tmp_path)
     assert secret not in str(e.value)
     teach["teachers"][0]["api"]["api_key_env"] = "OPENROUTER_API_KEY"
     load_config(write(tmp_path, {**MINIMAL, "teach": teach}))
+
+
+def test_mlflow_on_a_cluster_needs_a_tracking_uri():
+    from raycat.config import ConfigError, validate_config
+
+    tree = {
+        "run_dir": "s3://bucket/run",
+        "data": {"source": "synthetic"},
+        "score": {"student": {"path": "m"}},
+        "train": {"tracking": "mlflow"},
+    }
+    with pytest.raises(ConfigError, match="train.tracking_uri"):
+        validate_config(tree)
+    tree["train"]["tracking_uri"] = "http://mlflow.internal:5000"
+    assert validate_config(tree).train.tracking_uri == "http://mlflow.internal:5000"
+    assert validate_config({**tree, "run_dir": "runs/x", "train": {"tracking": "mlflow"}})  # local: ./mlruns
+
+
+def test_null_backend_only_scores():
+    from raycat.config import ConfigError, validate_config
+
+    base = {"data": {"source": "synthetic"}, "score": {"student": {"path": "m"}, "engine": {"backend": "null"}}}
+    assert validate_config(base).score.engine.backend == "null"
+    with pytest.raises(ConfigError, match="eval.engine.backend: 'null'"):
+        validate_config({**base, "eval": {"engine": {"backend": "null"}}})

@@ -257,3 +257,19 @@ def test_cli_start_does_not_import_the_stages():
     code = "import sys, raycat.cli; raycat.cli.build_parser(); print('torch' in sys.modules, 'sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_transformers_engine_generates_without_the_models_generation_processors(tmp_path):
+    """vLLM applies only the sampling parameters it is given; the reference engine must too."""
+    import json as _json
+
+    from raycat.engine import TransformersEngine
+    from raycat.tiny_models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m")
+    gc = _json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(_json.dumps({**gc, "repetition_penalty": 1.5, "top_k": 3}))
+    e = TransformersEngine(str(model), dtype="float32")
+    g = e.model.generation_config
+    assert g.repetition_penalty in (None, 1.0) and g.top_k in (None, 50)  # unset: neutral at generate time
+    assert g.eos_token_id == gc["eos_token_id"]  # the stop ids stay
