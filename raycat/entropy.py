@@ -45,7 +45,8 @@ def entropy_options(option_logprobs: np.ndarray) -> float:
     lp = np.asarray(option_logprobs, dtype=np.float64)
     q = lp - np.logaddexp.reduce(lp)
     p = np.exp(q)
-    return float(-(p * q).sum())
+    # 0 log 0 = 0: an option the model gives no mass at all (log p = -inf) adds nothing, not NaN.
+    return float(-(p * np.where(p > 0, q, 0.0)).sum())
 
 
 def entropy_topk(topk_logprobs: np.ndarray, vocab_size: int) -> tuple[float, float]:

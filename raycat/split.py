@@ -15,7 +15,7 @@ import pandas as pd
 
 from raycat import rundir
 from raycat.config import RaycatConfig, SplitConfig, save_config
-from raycat.errors import MissingInputError
+from raycat.errors import MissingInputError, RaycatError
 
 BANDS = ("easy", "medium", "hard")
 
@@ -91,6 +91,12 @@ def run(cfg: RaycatConfig) -> dict:
     df = questions.merge(scores[keep], on="id", how="inner", validate="one_to_one")
     # "I don't know" answers (paper preset) have no usable entropy rank; set aside, never silently.
     idk = df["idk"].astype(bool)
+    missing = df[~idk & df["entropy"].isna()]
+    if len(missing):  # np.quantile would turn one NaN into NaN thresholds and every row into "hard"
+        raise RaycatError(
+            f"{len(missing)} scored row(s) have no entropy (e.g. {', '.join(map(str, missing['id'][:3]))}) in "
+            f"{scores_path}; rerun `raycat score` (a scores.parquet edited by hand, or an older raycat)"
+        )
     skipped = df[idk].assign(skip_reason="student answered 'I don't know' (paper preset fallback)")
     bands, test, info = split_frame(df[~idk], cfg.split)
     placed = set(test["id"]).union(*(set(v["id"]) for v in bands.values()))

@@ -106,3 +106,31 @@ def test_report_of_a_missing_run_dir_fails_naming_it(tmp_path, capsys):
     assert main(["report", str(missing)]) == 1
     assert str(missing) in capsys.readouterr().err.replace("\n", "")
     assert not missing.exists()
+
+
+def test_split_refuses_scored_rows_without_entropy(tmp_path, capsys):
+    from raycat import rundir
+
+    run = tmp_path / "run"
+    ids = [f"q{i}" for i in range(6)]
+    q = pd.DataFrame(
+        {"id": ids, "question": "Q", "options": [["a", "b"]] * 6, "gold": "A", "category": "", "source": "s"}
+    )
+    s = pd.DataFrame(
+        {
+            "id": ids,
+            "entropy": [0.1, None, 0.3, 0.4, 0.5, 0.6],
+            "predicted": "A",
+            "correct": True,
+            "idk": False,
+            "option_mass": 0.9,
+            "template_hash": "h",
+            "entropy_mode": "options",
+        }
+    )
+    rundir.write_parquet(str(run / "questions" / "questions.parquet"), q)
+    rundir.write_parquet(str(run / "score" / "scores.parquet"), s)
+    assert main(["split", "--config", str(config(tmp_path))]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 scored row(s) have no entropy (e.g. q1)" in err and "rerun `raycat score`" in err
+    assert not (run / "split" / "thresholds.json").exists()

@@ -48,3 +48,12 @@ def test_roc_auc_convention_low_entropy_predicts_correct():
     assert H.roc_auc(correct, np.array([0.1, 0.2, 0.9, 1.0])) == 1.0
     assert H.roc_auc(correct, np.array([0.9, 1.0, 0.1, 0.2])) == 0.0
     assert H.roc_auc(np.ones(3, dtype=bool), np.zeros(3)) is None
+
+
+def test_an_option_with_no_mass_adds_nothing_not_nan():
+    import numpy as np
+
+    from raycat.entropy import entropy_options
+
+    h = entropy_options(np.array([np.log(0.5), np.log(0.5), -np.inf]))
+    assert h == pytest.approx(np.log(2))
