@@ -253,10 +253,30 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+_VALUED = ("--config", "--recipes", "--from", "--only")  # options that take the next token as their value
+
+
+def overrides_last(argv: list[str]) -> list[str]:
+    """``key=value`` overrides moved after the options, so ``raycat run --config c.yaml a=1 --recipes r``
+    parses as written (argparse stops its positional list at the first option that follows it)."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in _VALUED and i + 1 < len(argv):
+            rest += argv[i : i + 2]
+            i += 2
+            continue
+        (overrides if "=" in tok and not tok.startswith("-") else rest).append(tok)
+        i += 1
+    return rest + overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     """The error boundary: a RaycatError (a problem the user can fix) is one red line and exit code 1
     (2 for a config error); anything else is a bug or an environment failure and keeps its traceback."""
-    args = build_parser().parse_args(argv)
+    import sys
+
+    args = build_parser().parse_args(overrides_last(sys.argv[1:] if argv is None else argv))
     try:
         return _dispatch(args)
     except ConfigError as e:

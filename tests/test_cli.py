@@ -134,3 +134,13 @@ def test_split_refuses_scored_rows_without_entropy(tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "1 scored row(s) have no entropy (e.g. q1)" in err and "rerun `raycat score`" in err
     assert not (run / "split" / "thresholds.json").exists()
+
+
+def test_overrides_may_come_before_options():
+    from raycat.cli import build_parser, overrides_last
+
+    argv = ["run", "--config", "c.yaml", "run_dir=s3://b/r", "--recipes", "sft_all", "train.method=full"]
+    args = build_parser().parse_args(overrides_last(argv))
+    assert args.recipes == "sft_all" and args.overrides == ["run_dir=s3://b/r", "train.method=full"]
+    # An option's value is never taken for an override, even when it contains "=".
+    assert overrides_last(["score", "--config", "a=b.yaml", "x=1"]) == ["score", "--config", "a=b.yaml", "x=1"]
