@@ -49,8 +49,10 @@ def test_bad_row_stops_score_with_row_and_field(tmp_path, capsys, tiny_model_dir
     p.write_text(yaml.safe_dump(tree))
     assert main(["score", "--config", str(p)]) == 1
     err = capsys.readouterr().err.replace("\n", " ")
-    assert "bad input row 0, field 'answer'" in err and "on_bad_rows=quarantine" in err
-    assert "Traceback" not in err and "RayTaskError" not in err
+    # Our one line, as raised on the driver: not Ray's wrapper with the worker's traceback. (Other
+    # "Traceback" text can come from earlier tests' logging handlers writing to a closed capture.)
+    assert "raycat score: bad input row 0, field 'answer'" in err and "on_bad_rows=quarantine" in err
+    assert "RayTaskError" not in err and "ray::build" not in err
     assert not ray.is_initialized()
 
 
