@@ -104,8 +104,7 @@ class SkipDone:
     worker, so the driver never holds the done ids)."""
 
     def __init__(self, parts_dir: str):
-        ids = [rundir.read_parquet_columns(f, ["id"])["id"] for f in rundir.list_files(parts_dir, ".parquet")]
-        self.done = set(pd.concat(ids, ignore_index=True)) if ids else set()
+        self.done = rundir.part_ids(parts_dir)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return batch[~batch["id"].isin(self.done)] if self.done else batch

@@ -56,8 +56,12 @@ REGISTRY: dict[str, RegistryModel] = {
 }
 
 
+def _cache_base() -> Path:
+    return Path(os.environ.get("RAYCAT_CACHE", Path.home() / ".cache" / "raycat"))
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("RAYCAT_CACHE", Path.home() / ".cache" / "raycat")) / "models"
+    return _cache_base() / "models"
 
 
 def _sha256(path: Path) -> str:
@@ -186,7 +190,7 @@ def localize(uri: str, *, weights: bool = True) -> str:
         raise MissingInputError(f"{uri}: no files there (is the URI right, and are the credentials for it set?)")
     ident = hashlib.sha256(uri.encode()).hexdigest()[:16]
     version = hashlib.sha256(repr(files).encode()).hexdigest()[:16]
-    base = Path(os.environ.get("RAYCAT_CACHE", Path.home() / ".cache" / "raycat")) / "uri"
+    base = _cache_base() / "uri"
     target = base / f"{ident}-{version}{'' if weights else '-meta'}"
     if (target / ".complete").is_file():
         return str(target)

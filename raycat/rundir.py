@@ -174,6 +174,11 @@ def write_part(batch: pd.DataFrame, directory: str) -> int:
     return len(batch)
 
 
+def part_ids(directory: str) -> set[str]:
+    """The ids that already have a part in ``directory`` (the id column only)."""
+    return {i for f in list_files(directory, ".parquet") for i in read_parquet_columns(f, ["id"])["id"]}
+
+
 def read_parts(directory: str, columns: list[str]) -> pd.DataFrame:
     frames = [read_parquet(f) for f in list_files(directory, ".parquet")]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)

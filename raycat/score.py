@@ -220,15 +220,11 @@ class ScoreBatch(engine_stage.EngineActor):
         return pd.DataFrame(out, columns=OUTPUT_COLUMNS)
 
 
-def done_ids(parts_dir: str) -> set[str]:
-    return set(rundir.read_parts(parts_dir, OUTPUT_COLUMNS)["id"])
-
-
 def resume_state(questions_path: str, parts_dir: str, n_sample: int) -> dict:
     """On a worker: how many questions there are, how many already have a part under this cache key,
     and the deviation sample (ids only, a few hundred)."""
     ids = rundir.read_parquet_columns(questions_path, ["id"])["id"]
-    done = done_ids(parts_dir)
+    done = rundir.part_ids(parts_dir)
     return {
         "questions": int(len(ids)),
         "done": int(ids.isin(done).sum()) if done else 0,

@@ -182,3 +182,18 @@ def test_free_form_rows_in_options_mode_are_skipped_with_the_fix(tmp_path, tiny_
     assert main(["score", "--config", str(p)]) == 0
     skipped = rundir.read_parquet(str(tmp_path / "run" / "score" / "skipped.parquet"))
     assert len(skipped) == 3 and skipped.skip_reason.str.contains("entropy_mode=full or topk").all()
+
+
+@pytest.mark.vllm
+def test_relative_run_dir_as_in_the_demo_config(tmp_path, tiny_model_dir, monkeypatch):
+    """The demo config's run_dir is relative (runs/demo-cpu); the corpus task, the part writers and the
+    merge run in Ray workers, which must still write under the user's working directory."""
+    cfg = write_config(tmp_path, tiny_model_dir)
+    tree = yaml.safe_load(cfg.read_text())
+    tree["run_dir"] = "runs/rel"
+    tree["data"]["limit"] = 40
+    cfg.write_text(yaml.safe_dump(tree))
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", "--config", "config.yaml"]) == 0
+    assert len(rundir.read_parquet(str(tmp_path / "runs/rel/score/scores.parquet"))) == 40
+    assert list((tmp_path / "runs/rel/score/parts").iterdir())
