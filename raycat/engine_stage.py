@@ -1,11 +1,12 @@
 """The Ray Data shell shared by every stage that runs a model: score, teach and eval.
 
-rows (a Ray Dataset read on the workers, or a small pandas frame from the driver) → optionally, rows
-whose ids already have a part are dropped (on a worker) → optional light CPU stages → a fixed-size
-actor pool, one engine per actor (``EngineActor`` subclasses) → each finished block written by a
-worker as an atomic Parquet part (``rundir.write_part``: the stage's resume state). The driver only
-counts rows for progress. The actor's constructor takes one frozen plan holding everything it needs;
-the input columns it reads are declared (``REQUIRED_COLUMNS``) and checked before any engine starts.
+rows (a Ray Dataset read on the workers, or a small pandas frame) → optionally, rows already done are
+dropped (on a worker; done = their (id, row_hash) key has a part, ``raycat.rowkey``) → optional
+light CPU stages → a fixed-size actor pool, one engine per actor (``EngineActor`` subclasses) →
+each finished block written by a worker as an atomic Parquet part (``rundir.write_part``: the
+stage's resume state). The driver only counts rows for progress. The actor's constructor takes one
+frozen plan holding everything it needs; the input columns it reads are declared
+(``REQUIRED_COLUMNS``) and checked before any engine starts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from raycat import rundir
+from raycat import rowkey, rundir
 from raycat.config import EngineConfig
 from raycat.errors import RaycatError
 
@@ -99,15 +100,53 @@ def check_columns(stage: str, rows: pd.DataFrame | Sequence[str], required: Sequ
         )
 
 
-class SkipDone:
-    """Ray Data stage: drops rows whose ids already have a part in ``parts_dir`` (read once, here on a
-    worker, so the driver never holds the done ids)."""
+# A resume rule: (parts dir, required status or None). A row is done when its (id, row_hash) key has a
+# part there (with that status): its own stage's parts, or e.g. an earlier teacher's verified rows.
+Done = tuple[str, "str | None"]
 
-    def __init__(self, parts_dir: str):
-        self.done = rundir.part_ids(parts_dir)
+
+def done_keys(done: Sequence[Done]) -> list[set[str]]:
+    return [rundir.part_keys(d, status) for d, status in done]
+
+
+class SkipDone:
+    """Ray Data stage: drops rows already done (read once, here on a worker, so the driver never holds
+    the done keys)."""
+
+    def __init__(self, done: Sequence[Done]):
+        self.done = set().union(*done_keys(done)) if done else set()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return batch[~batch["id"].isin(self.done)] if self.done else batch
+        return batch[~rowkey.keys(batch).isin(self.done)] if self.done else batch
+
+
+def todo_count(rows_path: str, done: Sequence[Done]) -> dict:
+    """On a worker: the rows of ``rows_path``, how many each rule marks done (each rule counting only
+    rows no earlier rule took) and how many are left."""
+    keys = rowkey.keys(rundir.read_parquet_columns(rows_path, ["id", "row_hash"]))
+    left = keys
+    counts = []
+    for d in done_keys(done):
+        hit = left.isin(d)
+        counts.append(int(hit.sum()))
+        left = left[~hit]
+    return {"rows": int(len(keys)), "done": counts, "todo": int(len(left))}
+
+
+def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([rundir.read_row_groups(p, [int(g)]) for p, g in zip(batch["path"], batch["group"], strict=True)])
+
+
+def parquet_dataset(path: str):
+    """A Parquet file as a Ray Dataset read on the workers: one block per row group, each read by a
+    small task (a fraction of a CPU, so reading never waits on CPUs the engines hold). Ray Data's own
+    Parquet reader lists files in a 1-CPU task, which waits forever on a node the engines fill."""
+    import ray
+
+    p = rundir.absolute(path)
+    items = [{"path": p, "group": g} for g in rundir.row_groups(p)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=0.1)
 
 
 def _write(batch: pd.DataFrame, directory: str) -> pd.DataFrame:
@@ -123,11 +162,11 @@ def run(
     parts_dir: str,
     on_rows: Callable[[int], None] = lambda n: None,
     pre: Sequence[Prestage] = (),
-    skip_done: bool = False,
+    skip: Sequence[Done] = (),
 ) -> int:
     """Run ``actor`` over ``rows`` (a ``ray.data.Dataset`` or a pandas frame); every finished block
-    becomes a part in ``parts_dir``, written by a worker. ``skip_done``: leave out ids that already have
-    a part. Returns rows written."""
+    becomes a part in ``parts_dir``, written by a worker. ``skip``: leave out rows those rules mark
+    done (see ``Done``). Returns rows written."""
     import ray
 
     parts_dir = rundir.absolute(parts_dir)  # written by workers, which do not share the driver's cwd
@@ -135,16 +174,16 @@ def run(
         check_columns(stage, rows, actor.REQUIRED_COLUMNS)
         if not len(rows):
             return 0
-        # Small inputs (a band, the test set) come from the driver; blocks of a few batches keep the
-        # stream moving and progress visible.
+        # A frame from the driver (benches, tests); blocks of a few batches keep the stream moving and
+        # progress visible. Stages read their rows on the workers (``parquet_dataset``).
         block = 4 * pool.batch_size
         ds = ray.data.from_pandas([rows.iloc[i : i + block] for i in range(0, len(rows), block)])
     else:  # a Dataset's columns are checked by the caller, from its source's schema (no execution)
         ds = rows
-    if skip_done:
+    if skip:
         ds = ds.map_batches(
             SkipDone,
-            fn_constructor_kwargs={"parts_dir": parts_dir},
+            fn_constructor_kwargs={"done": [(rundir.absolute(d), st) for d, st in skip]},
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.1,

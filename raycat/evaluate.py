@@ -1,10 +1,11 @@
 """Eval stage: greedy answers of the base student and of every trained phase on the held-out test set.
 
-Ray Data pipeline per model: test rows → one vLLM actor (the model under test; its GPUs are freed
-when the pool ends) → render with the student's chat template and the prompt the model was trained
-on (answer or CoT) → greedy, seeded generation → ``[[X]]`` extraction shared with the teacher stage
-→ atomic Parquet parts under ``eval/<model>/parts/<key>/`` (key: model content hash, prompt kind,
-generation budget). Reruns resume per row. Bands are the student's own pre-training entropy bands.
+Ray Data pipeline per model: test rows (eval/rows.parquet, read on the workers) → one vLLM actor
+(the model under test; its GPUs are freed when the pool ends) → render with the student's chat
+template and the prompt the model was trained on (answer or CoT) → greedy, seeded generation →
+``[[X]]`` extraction shared with the teacher stage → atomic Parquet parts under
+``eval/<model>/parts/<key>/`` (key: model content hash, prompt kind, generation budget). Reruns
+resume per row (same id and content). Bands are the student's own pre-training entropy bands.
 Metrics (pure): accuracy overall / per band / per category with seeded bootstrap CIs.
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycat import engine_stage, progress, rundir
+from raycat import engine_stage, progress, rowkey, rundir
 from raycat.answers import extract_answer
 from raycat.config import ModelConfig, RaycatConfig, save_config
 from raycat.engine import Sampling, engine_kwargs, make_engine
@@ -27,6 +28,7 @@ from raycat.recipes import RECIPES
 
 PART_COLUMNS = [
     "id",
+    "row_hash",
     "model",
     "kind",
     "text",
@@ -40,7 +42,7 @@ PART_COLUMNS = [
 ]
 
 
-INPUT_COLUMNS = ("id", "question", "options", "category", "gold", "band")
+INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold", "band")
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class EvalBatch(engine_stage.EngineActor):
             ids = render_ids(self.tok, train_messages(r["question"], opts, r["category"] or "", self.t.kind))
             row = {
                 "id": r["id"],
+                "row_hash": r["row_hash"],
                 "model": self.t.name,
                 "kind": self.t.kind,
                 "text": None,
@@ -196,7 +199,7 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
         )
 
     if ec.include_base:
-        add("base", base, None, ec.base_prompt, f"base:{st.path}:{st.revision}", st.revision)
+        add("base", base, None, ec.base_prompt, f"base:{st.path}:{st.revision}:{rundir.fingerprint(base)}", st.revision)
     for recipe in recipes:
         for phase in RECIPES[recipe]:
             pdir = rundir.join(cfg.run_dir, "train", recipe, phase.name)
@@ -212,7 +215,12 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
     return out
 
 
-def test_rows(cfg: RaycatConfig) -> pd.DataFrame:
+def rows_path(run_dir: str) -> str:
+    return rundir.join(run_dir, "eval", "rows.parquet")
+
+
+def check_inputs(cfg: RaycatConfig) -> None:
+    """On the driver, from the Parquet footer only: the held-out set exists with the columns the actors read."""
     path = rundir.join(cfg.run_dir, "split", "test.parquet")
     if not rundir.exists(path):
         if not rundir.exists(rundir.join(cfg.run_dir, "split", "thresholds.json")):
@@ -220,30 +228,44 @@ def test_rows(cfg: RaycatConfig) -> pd.DataFrame:
         raise MissingInputError(
             f"{path} not found: the split has no held-out set; set split.test_fraction > 0 and rerun `raycat split`"
         )
-    df = rundir.read_parquet(path)
+    engine_stage.check_columns("eval", rundir.parquet_columns(path), INPUT_COLUMNS)
+
+
+def prepare(cfg: RaycatConfig) -> int:
+    """On a worker: the held-out rows (``eval.limit`` applied) written to eval/rows.parquet, in row
+    groups of a few engine batches (the blocks of the eval pipeline); returns their count."""
+    df = rundir.read_parquet(rundir.join(cfg.run_dir, "split", "test.parquet"))
     if cfg.eval.limit is not None and cfg.eval.limit < len(df):
         df = df.sample(n=cfg.eval.limit, random_state=cfg.eval.seed).sort_index()
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    rundir.write_parquet(rows_path(cfg.run_dir), df, row_group_size=max(4, 4 * cfg.eval.engine.batch_size))
+    return int(len(df))
 
 
 def read_parts(parts_dir: str) -> pd.DataFrame:
     return rundir.read_parts(parts_dir, PART_COLUMNS)
 
 
-def run_target(cfg: RaycatConfig, t: EvalTarget, todo: pd.DataFrame, parts_dir: str, on_rows) -> int:
-    return engine_stage.run("eval", todo, EvalBatch, t, engine_stage.Pool.of(cfg.eval.engine), parts_dir, on_rows)
+def run_target(cfg: RaycatConfig, t: EvalTarget, rows, parts_dir: str, on_rows) -> int:
+    """One model over ``rows`` (a Dataset or a frame), leaving out rows it already answered."""
+    pool = engine_stage.Pool.of(cfg.eval.engine)
+    return engine_stage.run("eval", rows, EvalBatch, t, pool, parts_dir, on_rows, skip=[(parts_dir, None)])
 
 
 def parts_dir(cfg: RaycatConfig, t: EvalTarget) -> str:
     return rundir.join(cfg.run_dir, "eval", t.name.replace("/", "__"), "parts", t.key)
 
 
-def finalize(cfg: RaycatConfig, rows: pd.DataFrame, done: list[EvalTarget], wall_s: float) -> dict:
+def finalize(cfg: RaycatConfig, done: list[EvalTarget]) -> dict:
+    """On a worker: every model's answers on eval/rows.parquet merged into eval.parquet; the metrics."""
     ec = cfg.eval
+    rows = rundir.read_parquet_columns(rows_path(cfg.run_dir), ["id", "row_hash"])
+    want = set(rowkey.keys(rows))
     frames, metrics = [], {}
-    for t in done:
-        got = read_parts(parts_dir(cfg, t)).drop_duplicates("id")
-        got = got[got["id"].isin(set(rows["id"]))]
+    for t in done:  # only this content's rows: an id reused by another data.path is a new row
+        got = read_parts(parts_dir(cfg, t))
+        got = got.assign(_key=rowkey.keys(got)).loc[lambda f: f["_key"].isin(want)]
+        got = got.drop_duplicates("_key").drop(columns=["_key"])
         frames.append(got)
         scored = got[got["skip_reason"].fillna("") == ""]
         metrics[t.name] = {
@@ -268,9 +290,7 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, done: list[EvalTarget], wall
             "bootstrap_resamples": ec.bootstrap_resamples,
             "bands": "the student's pre-training entropy bands (split thresholds)",
         },
-        "wall_s": round(wall_s, 2),
     }
-    rundir.write_json(rundir.join(d, "metrics.json"), result)
     return result
 
 
@@ -278,22 +298,28 @@ def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
     """The eval stage: the base student and every finished phase of ``recipes`` on the held-out rows."""
     import time
 
-    from raycat.ray_env import ray_session
+    import ray
+
+    from raycat.ray_env import ray_session, remote_call
 
     t0 = time.time()
-    rows = test_rows(cfg)
-    engine_stage.check_columns("eval", rows, INPUT_COLUMNS)
+    check_inputs(cfg)
     tgts = targets(cfg, recipes or [cfg.train.recipe])
-    todos = {t.name: rows[~rows["id"].isin(set(read_parts(parts_dir(cfg, t))["id"]))] for t in tgts}
-    for t in tgts:
-        progress.say("eval", f"{t.name} ({t.kind} prompt): {len(rows)} test rows, {len(todos[t.name])} to do")
-    if any(len(v) for v in todos.values()):
-        # One model at a time: each pool's engines end (freeing their GPUs) before the next model loads.
-        with ray_session(cfg.ray, cfg.run_dir):
-            for t in tgts:
-                if len(todos[t.name]):
-                    with progress.rows(f"eval {t.name}", len(todos[t.name])) as advance:
-                        run_target(cfg, t, todos[t.name], parts_dir(cfg, t), on_rows=advance)
-    m = finalize(cfg, rows, tgts, time.time() - t0)
+    wcfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})  # workers have their own cwd
+    path = rows_path(wcfg.run_dir)
+    # One model at a time: each pool's engines end (freeing their GPUs) before the next model loads.
+    with ray_session(cfg.ray, cfg.run_dir):
+        n_rows = remote_call(ray.remote(num_cpus=1)(prepare), wcfg)
+        for t in tgts:
+            parts = parts_dir(wcfg, t)
+            n = remote_call(ray.remote(num_cpus=0.1)(engine_stage.todo_count), path, [(parts, None)])
+            progress.say("eval", f"{t.name} ({t.kind} prompt): {n_rows} test rows, {n['todo']} to do")
+            if n["todo"]:
+                rows = engine_stage.parquet_dataset(path)
+                with progress.rows(f"eval {t.name}", n["todo"]) as advance:
+                    run_target(wcfg, t, rows, parts, on_rows=advance)
+        m = remote_call(ray.remote(num_cpus=1)(finalize), wcfg, tgts)
+    m["wall_s"] = round(time.time() - t0, 2)
+    rundir.write_json(rundir.join(cfg.run_dir, "eval", "metrics.json"), m)
     save_config(cfg, "eval")
     return m

@@ -10,7 +10,7 @@ import json
 
 import pandas as pd
 
-from raycat import rundir
+from raycat import rowkey, rundir
 from raycat.config import RaycatConfig
 from raycat.data import load_questions, select_rows
 
@@ -25,20 +25,11 @@ def path(run_dir: str) -> str:
     return rundir.join(run_dir, "questions", "questions.parquet")
 
 
-def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
-    return pd.concat([rundir.read_row_groups(p, [int(g)]) for p, g in zip(batch["path"], batch["group"], strict=True)])
-
-
 def dataset(run_dir: str):
-    """questions.parquet as a Ray Dataset read on the workers: one block per row group, each read by a
-    small task (a fraction of a CPU, so reading never waits on CPUs the engines hold). Ray Data's own
-    Parquet reader lists files in a 1-CPU task, which waits forever on a node the engines fill."""
-    import ray
+    """questions.parquet as a Ray Dataset read on the workers, one block per row group."""
+    from raycat.engine_stage import parquet_dataset
 
-    p = rundir.absolute(path(run_dir))
-    items = [{"path": p, "group": g} for g in rundir.row_groups(p)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=0.1)
+    return parquet_dataset(path(run_dir))
 
 
 def build(cfg: RaycatConfig) -> dict:
@@ -47,7 +38,7 @@ def build(cfg: RaycatConfig) -> dict:
     d = cfg.data
     df, bad, n_read = load_questions(d)
     n_valid = len(df)
-    df = select_rows(df, d.limit, d.sample, d.seed)
+    df = rowkey.add(select_rows(df, d.limit, d.sample, d.seed))  # every cache downstream keys on it
     out = rundir.join(cfg.run_dir, "questions")
     # Each row group is one read task and one block of the score pipeline, on the workers.
     rundir.write_parquet(path(cfg.run_dir), df, row_group_size=block_rows(cfg))

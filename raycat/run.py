@@ -69,13 +69,34 @@ def effective_config(cfg: RaycatConfig, recipes: list[str]) -> RaycatConfig:
     return cfg
 
 
+def data_fingerprint(cfg: RaycatConfig) -> str:
+    """The input files' fingerprint (names, sizes, mtimes): a data file edited in place reruns score."""
+    from raycat.data import resolve_data_path
+
+    if cfg.data.path is None:  # synthetic data: the config is the whole input
+        return ""
+    local = resolve_data_path(cfg.data.path)
+    return rundir.fingerprint(str(local)) if local is not None else ""
+
+
 def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):
+    """What a stage reads: its config section, and the fingerprints of the files and model dirs it reads
+    (a model retrained in place, or a data file edited in place, is a new input)."""
     if stage == "score":
-        return {"data": cfg.data.model_dump(mode="json"), "score": cfg.score.model_dump(mode="json")}
+        return {
+            "data": cfg.data.model_dump(mode="json"),
+            "score": cfg.score.model_dump(mode="json"),
+            "inputs": [data_fingerprint(cfg), rundir.fingerprint(cfg.score.student.path)],
+        }
     if stage == "split":
         return cfg.split.model_dump(mode="json")
     if stage == "teach":
-        return cfg.teach.model_dump(mode="json") if cfg.teach else None
+        if cfg.teach is None:
+            return None
+        return {
+            "teach": cfg.teach.model_dump(mode="json"),
+            "inputs": [rundir.fingerprint(t.model.path) for t in cfg.teach.teachers if t.api is None],
+        }
     if stage == "train":
         return {"train": cfg.train.model_dump(mode="json", exclude={"recipe"}), "recipes": recipes}
     if stage == "eval":

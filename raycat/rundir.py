@@ -174,9 +174,42 @@ def write_part(batch: pd.DataFrame, directory: str) -> int:
     return len(batch)
 
 
-def part_ids(directory: str) -> set[str]:
-    """The ids that already have a part in ``directory`` (the id column only)."""
-    return {i for f in list_files(directory, ".parquet") for i in read_parquet_columns(f, ["id"])["id"]}
+def part_keys(directory: str, status: str | None = None) -> set[str]:
+    """The (id, row_hash) keys (``rowkey.keys``) that already have a part in ``directory``; with
+    ``status``, only rows whose ``status`` column equals it. Parts of an older raycat, without a
+    row_hash, count as not done: their rows are computed again."""
+    from raycat import rowkey
+
+    out: set[str] = set()
+    for f in list_files(directory, ".parquet"):
+        have = parquet_columns(f)
+        if "row_hash" not in have:
+            continue
+        cols = ["id", "row_hash"] + (["status"] if status is not None else [])
+        df = read_parquet_columns(f, cols)
+        if status is not None:
+            df = df[df["status"] == status]
+        out.update(rowkey.keys(df))
+    return out
+
+
+def fingerprint(path: str) -> str:
+    """A cheap content fingerprint of a local or URI file or directory: every file's relative name,
+    size and modification time (weights retrained in place keep their size, not their mtime). A path
+    that does not exist here (a hub id) gives "" (its revision is in the config)."""
+    try:
+        fs, p = _fs(path)
+        info = fs.get_file_info(p)
+    except (OSError, ValueError, pa.ArrowException):
+        return ""
+    if info.type == pafs.FileType.NotFound:
+        return ""
+    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    h = hashlib.sha256()
+    for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        mtime = i.mtime_ns if i.mtime_ns is not None else ""
+        h.update(f"{i.path[len(p) :]}\0{i.size}\0{mtime}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def read_parts(directory: str, columns: list[str]) -> pd.DataFrame:

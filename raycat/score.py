@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycat import engine_stage, progress, rundir
+from raycat import engine_stage, progress, rowkey, rundir
 from raycat.answers import normalize_number
 from raycat.config import RaycatConfig, save_config
 from raycat.engine import Scorer, ScoreRequest, ScoreResult, engine_kwargs, make_engine
@@ -36,6 +36,7 @@ from raycat.prompts import (
 
 OUTPUT_COLUMNS = [
     "id",
+    "row_hash",
     "status",
     "skip_reason",
     "entropy",
@@ -55,7 +56,7 @@ OUTPUT_COLUMNS = [
 ]
 
 
-INPUT_COLUMNS = ("id", "question", "options", "category", "gold")
+INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def cache_key(cfg: RaycatConfig, model_path: str, template_hash: str) -> str:
     s = cfg.score
     parts = {
         "model": model_path,
+        "model_files": rundir.fingerprint(model_path),  # a local or URI dir retrained in place is a new model
         "revision": s.student.revision,
         "dtype": s.student.dtype,
         "template": template_hash,
@@ -205,6 +207,7 @@ class ScoreBatch(engine_stage.EngineActor):
             row = {c: None for c in OUTPUT_COLUMNS}
             row.update(
                 id=r["id"],
+                row_hash=r["row_hash"],
                 gold=r["gold"],
                 category=r["category"],
                 prompt_tokens=len(r["prompt_ids"]),
@@ -221,13 +224,13 @@ class ScoreBatch(engine_stage.EngineActor):
 
 
 def resume_state(questions_path: str, parts_dir: str, n_sample: int) -> dict:
-    """On a worker: how many questions there are, how many already have a part under this cache key,
-    and the deviation sample (ids only, a few hundred)."""
-    ids = rundir.read_parquet_columns(questions_path, ["id"])["id"]
-    done = rundir.part_ids(parts_dir)
+    """On a worker: how many questions there are, how many already have a part under this cache key
+    (same id and content), and the deviation sample (ids only, a few hundred)."""
+    counts = engine_stage.todo_count(questions_path, [(parts_dir, None)])
+    ids = rundir.read_parquet_columns(questions_path, ["id"])["id"] if n_sample else None
     return {
-        "questions": int(len(ids)),
-        "done": int(ids.isin(done).sum()) if done else 0,
+        "questions": counts["rows"],
+        "done": counts["done"][0],
         "sample_ids": sorted(deviation_sample(ids, n_sample)) if n_sample else [],
     }
 
@@ -245,7 +248,7 @@ def run_pipeline(plan: ScorePlan, pool: engine_stage.Pool, rows, parts_dir: str,
         parts_dir,
         on_rows,
         pre=[engine_stage.Prestage(RenderPrompts, plan)],
-        skip_done=True,
+        skip=[(parts_dir, None)],
     )
 
 
@@ -296,15 +299,16 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions_path: str, parts_dir:
     Runs as a Ray task: the rows stay on a worker."""
     from raycat.score_metrics import score_metrics
 
-    questions = rundir.read_parquet_columns(questions_path, ["id"])
+    questions = rundir.read_parquet_columns(questions_path, ["id", "row_hash"])
+    qkeys = rowkey.keys(questions)
     df = rundir.read_parts(parts_dir, OUTPUT_COLUMNS)
-    df = df[df["id"].isin(set(questions["id"]))]
+    # A part row counts only for the same id *and* content: an id reused by another data.path is new.
+    df = df.assign(_key=rowkey.keys(df)).loc[lambda f: f["_key"].isin(set(qkeys))]
     # Parts are written at least once: a worker of a killed run can finish a part the rerun also
-    # computes (same model, same key, same values). Each id counts once; the extra copies are reported.
-    dupes = int(df["id"].duplicated().sum())
-    df = df.drop_duplicates("id", keep="first")
-    have = set(df["id"])  # once: inside the comprehension it was rebuilt per row, O(n^2)
-    df = df.set_index("id").loc[[i for i in questions["id"] if i in have]].reset_index()
+    # computes (same model, same key, same values). Each row counts once; the extra copies are reported.
+    dupes = int(df["_key"].duplicated().sum())
+    df = df.drop_duplicates("_key", keep="first").set_index("_key")
+    df = df.loc[qkeys[qkeys.isin(df.index)]].reset_index(drop=True)  # questions' order
     s = cfg.score
     df["model"] = s.student.path
     df["model_revision"] = s.student.revision or ""

@@ -1,11 +1,11 @@
-"""Split stage: entropy → easy / medium / hard bands. Pure pandas/numpy, no Ray, no GPU.
+"""Split stage: entropy → easy / medium / hard bands. Pure pandas/numpy in one Ray task, no GPU.
 
 Bands are half-open and bounded on both sides: easy < t_low <= medium < t_high <= hard (the
 paper's v1/v2 medium band had no upper bound and overlapped hard; method.md 10.3). A band is a
 function of the entropy value alone, so ties always land together and the split is deterministic.
 Thresholds come from the training pool only; an optional held-out test set is drawn first.
 Quantiles are exact (numpy, linear interpolation) over the entropy column: 8 bytes a row, so even
-10M questions fit comfortably in the driver's memory.
+10M questions fit comfortably in one worker's memory.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from raycat import rundir
+from raycat import rowkey, rundir
 from raycat.config import RaycatConfig, SplitConfig, save_config
 from raycat.errors import MissingInputError, RaycatError
 
@@ -76,8 +76,9 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
     return bands, test, info
 
 
-def run(cfg: RaycatConfig) -> dict:
-    """The split stage: scores → easy / medium / hard (+ test) Parquet files and thresholds.json."""
+def split_files(cfg: RaycatConfig) -> dict:
+    """Scores + questions → easy / medium / hard (+ test) Parquet files and thresholds.json (the
+    pure work; ``run`` runs it as a Ray task, so the rows stay on a worker)."""
     run = cfg.run_dir
     scores_path = rundir.join(run, "score", "scores.parquet")
     if not rundir.exists(scores_path):
@@ -87,8 +88,21 @@ def run(cfg: RaycatConfig) -> dict:
         raise MissingInputError(f"{questions_path} not found: rerun `raycat score` with this config")
     scores = rundir.read_parquet(scores_path)
     questions = rundir.read_parquet(questions_path)
-    keep = ["id", "entropy", "predicted", "correct", "idk", "option_mass", "template_hash", "entropy_mode"]
-    df = questions.merge(scores[keep], on="id", how="inner", validate="one_to_one")
+    keep = ["id", "row_hash", "entropy", "predicted", "correct", "idk", "option_mass", "template_hash", "entropy_mode"]
+    if "row_hash" not in scores or "row_hash" not in questions:
+        raise MissingInputError(f"{scores_path} was written by an older raycat: rerun `raycat score`")
+    # The same id and content: questions.parquet is rewritten by each score run, scores only when it finishes.
+    df = questions.merge(scores[keep], on=["id", "row_hash"], how="inner", validate="one_to_one")
+    skipped_path = rundir.join(run, "score", "skipped.parquet")  # rows the score stage set aside, with the reason
+    accounted = set(rowkey.keys(scores))
+    if rundir.exists(skipped_path):
+        accounted |= set(rowkey.keys(rundir.read_parquet_columns(skipped_path, ["id", "row_hash"])))
+    stale = int((~rowkey.keys(questions).isin(accounted)).sum())
+    if stale:
+        raise MissingInputError(
+            f"{stale} question(s) of {questions_path} have no score for their current content in "
+            f"{scores_path} (an interrupted or older `raycat score`); rerun `raycat score`"
+        )
     # "I don't know" answers (paper preset) have no usable entropy rank; set aside, never silently.
     idk = df["idk"].astype(bool)
     missing = df[~idk & df["entropy"].isna()]
@@ -110,5 +124,17 @@ def run(cfg: RaycatConfig) -> dict:
     rundir.write_parquet(rundir.join(out, "skipped.parquet"), skipped)
     info["skipped"] = {"idk": int(idk.sum()), "not_drawn_by_balancing": int(len(unsampled))}
     rundir.write_json(rundir.join(out, "thresholds.json"), info)
+    return info
+
+
+def run(cfg: RaycatConfig) -> dict:
+    """The split stage, as a Ray task: the bands are written on a worker; the driver gets the summary."""
+    import ray
+
+    from raycat.ray_env import ray_session, remote_call
+
+    wcfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})  # workers have their own cwd
+    with ray_session(cfg.ray, cfg.run_dir):
+        info = remote_call(ray.remote(num_cpus=1)(split_files), wcfg)
     save_config(cfg, "split")
     return info

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-from raycat import engine_stage, progress, rundir
+from raycat import engine_stage, progress, rowkey, rundir
 from raycat.config import RaycatConfig, TeacherConfig, save_config
 from raycat.engine import Sampling, engine_kwargs, make_engine
 from raycat.errors import MissingInputError, RaycatError, StageFailed
@@ -26,6 +26,7 @@ from raycat.teach_core import accounting, attempt_schedule, resolve, teach_rows
 
 PART_COLUMNS = [
     "id",
+    "row_hash",
     "teacher",
     "response",
     "extracted",
@@ -85,6 +86,7 @@ def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
     # "kept": which attempt a row keeps (teach_core.teach_rows); cached rows were chosen by that rule.
     key_parts = {
         "model": t.model.path,
+        "model_files": rundir.fingerprint(path) if t.api is None else "",  # a dir retrained in place is new
         "revision": t.model.revision,
         "dtype": t.model.dtype,
         "template": th,
@@ -113,7 +115,7 @@ def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
     )
 
 
-INPUT_COLUMNS = ("id", "question", "options", "category", "gold")
+INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold")
 
 
 class TeachBatch(engine_stage.EngineActor):
@@ -156,7 +158,8 @@ class TeachBatch(engine_stage.EngineActor):
         res = teach_rows(self.engine, rows, list(p.schedule))
         out = pd.DataFrame(res)
         out.insert(0, "id", batch["id"].to_numpy())
-        out.insert(1, "teacher", p.name)
+        out.insert(1, "row_hash", batch["row_hash"].to_numpy())
+        out.insert(2, "teacher", p.name)
         out["gpu_seconds"] = out["engine_seconds"] * p.gpus
         return out[PART_COLUMNS]
 
@@ -165,20 +168,41 @@ def read_cache(cache_dir: str) -> pd.DataFrame:
     return rundir.read_parts(cache_dir, PART_COLUMNS)
 
 
-def run_teacher(t: TeacherConfig, plan: TeachPlan, todo: pd.DataFrame, cache_dir: str, on_rows) -> int:
-    pool = engine_stage.Pool.of(t.engine, remote=plan.api is not None)
-    return engine_stage.run("teach", todo, TeachBatch, plan, pool, cache_dir, on_rows)
+def cache_dir(cfg: RaycatConfig, plan: TeachPlan) -> str:
+    return rundir.join(cfg.run_dir, "teach", "cache", plan.cache_key)
 
 
-def load_rows(cfg: RaycatConfig) -> tuple[pd.DataFrame, int]:
-    """(rows to teach, training-pool size). Bands come from the split stage's Parquet files."""
+def rows_path(run_dir: str) -> str:
+    return rundir.join(run_dir, "teach", "rows.parquet")
+
+
+def block_rows(cfg: RaycatConfig) -> int:
+    """Rows per row group of teach/rows.parquet: one block of the teach pipeline, a few engine batches."""
+    return max(4, 4 * max(t.engine.batch_size for t in cfg.teach.teachers))
+
+
+def taught_bands(cfg: RaycatConfig) -> list[str]:
+    return ["easy", "medium", "hard"] if cfg.teach.bands == "all" else list(cfg.teach.bands)
+
+
+def check_inputs(cfg: RaycatConfig) -> None:
+    """On the driver, from the Parquet footers only: the bands to teach exist and have the columns the
+    actors read (so a missing column fails before Ray or any engine starts)."""
+    for band in taught_bands(cfg):
+        path = rundir.join(cfg.run_dir, "split", f"{band}.parquet")
+        if not rundir.exists(path):
+            raise MissingInputError(f"{path} not found: run `raycat split` with this config first")
+        engine_stage.check_columns("teach", rundir.parquet_columns(path), INPUT_COLUMNS)
+
+
+def prepare(cfg: RaycatConfig) -> dict:
+    """On a worker: the rows to teach (the chosen bands of the split, ``teach.limit`` applied) written
+    to teach/rows.parquet; returns their count and the training-pool size."""
     tc = cfg.teach
-    bands = ["easy", "medium", "hard"] if tc.bands == "all" else list(tc.bands)
+    bands = taught_bands(cfg)
     frames = []
     for band in ("easy", "medium", "hard", "test"):
         path = rundir.join(cfg.run_dir, "split", f"{band}.parquet")
-        if band in bands and not rundir.exists(path):
-            raise MissingInputError(f"{path} not found: run `raycat split` with this config first")
         if rundir.exists(path):
             frames.append(rundir.read_parquet(path).assign(band=band))
     all_rows = pd.concat(frames, ignore_index=True)
@@ -186,60 +210,70 @@ def load_rows(cfg: RaycatConfig) -> tuple[pd.DataFrame, int]:
     rows = all_rows[all_rows["band"].isin(bands)].reset_index(drop=True)
     if tc.limit is not None and tc.limit < len(rows):
         rows = rows.sample(n=tc.limit, random_state=tc.seed).sort_index().reset_index(drop=True)
-    return rows, pool
+    rundir.write_parquet(rows_path(cfg.run_dir), rows, row_group_size=block_rows(cfg))
+    info = {"rows": int(len(rows)), "pool": pool}
+    rundir.write_json(rundir.join(cfg.run_dir, "teach", "rows.json"), info)
+    return info
 
 
-def finalize(cfg: RaycatConfig, rows: pd.DataFrame, pool: int, plans: list[TeachPlan]) -> dict:
-    """Pick each row's result across the cascade, apply teach.on_wrong, write cot/skipped Parquet;
-    returns the metrics (``run`` writes them)."""
-    tc = cfg.teach
-    results = {
-        p.name: read_cache(rundir.join(cfg.run_dir, "teach", "cache", p.cache_key))
-        .drop_duplicates("id")
-        .set_index("id")
-        for p in plans
-    }
-    picked = []
-    for _, r in rows.iterrows():
-        chosen = None
-        for p in plans:  # first verified wins; otherwise the last teacher that answered
-            res = results[p.name]
-            if r["id"] in res.index:
-                chosen = res.loc[r["id"]]
-                if chosen["status"] == "verified":
-                    break
-        if chosen is None:
-            raise RaycatError(f"row {r['id']} has no teacher result; rerun `raycat teach` to finish it")
-        final, target, reason = resolve(chosen["status"], chosen["response"], r["gold"], tc.on_wrong)
-        picked.append(
-            {
-                **r.to_dict(),
-                **chosen.to_dict(),
-                "id": r["id"],
-                "final_status": final,
-                "target": target,
-                "reason": "; ".join(x for x in (reason, chosen["reason"]) if x),
-            }
+def _cascade(rows: pd.DataFrame, results: list[pd.DataFrame]) -> pd.DataFrame:
+    """Each row's result across the teachers, in cascade order: the first verified one, otherwise the
+    last teacher that answered. ``results``: one frame per teacher, with ``_key`` (rowkey.keys)."""
+    # Rank: verified rows by teacher order first, then the others by reverse teacher order.
+    both = pd.concat(
+        [r.assign(_rank=(r["status"] != "verified") * (10_000 - 2 * i) + i) for i, r in enumerate(results)],
+        ignore_index=True,
+    )
+    best = both.sort_values("_rank", kind="stable").drop_duplicates("_key").set_index("_key")
+    missing = rows["_key"][~rows["_key"].isin(best.index)]
+    if len(missing):
+        raise RaycatError(
+            f"{len(missing)} row(s) have no teacher result (e.g. {missing.iloc[0].split(rowkey.SEP)[0]}); "
+            "rerun `raycat teach` to finish them"
         )
-    out = pd.DataFrame(picked)
+    return best.loc[rows["_key"]].drop(columns=["_rank"]).reset_index(drop=True)
+
+
+def finalize(cfg: RaycatConfig, plans: list[TeachPlan]) -> dict:
+    """On a worker: pick each row's result across the cascade, apply teach.on_wrong, write cot/skipped
+    Parquet; returns the metrics (``run`` writes them)."""
+    tc = cfg.teach
+    rows = rundir.read_parquet(rows_path(cfg.run_dir))
+    rows["_key"] = rowkey.keys(rows)
+    want = set(rows["_key"])
+    results = []
+    for p in plans:  # only this content's rows: an id reused by another data.path is a new row
+        res = read_cache(cache_dir(cfg, p))
+        res = res.assign(_key=rowkey.keys(res)).loc[lambda f: f["_key"].isin(want)]
+        results.append(res.drop_duplicates("_key"))
+    chosen = _cascade(rows, results).drop(columns=["id", "row_hash"])
+    resolved = [
+        resolve(st, resp, gold, tc.on_wrong)
+        for st, resp, gold in zip(chosen["status"], chosen["response"], rows["gold"], strict=True)
+    ]
+    out = pd.concat([rows.drop(columns=["_key"]), chosen], axis=1)
+    out["final_status"] = [f for f, _, _ in resolved]
+    out["target"] = [t for _, t, _ in resolved]
+    whys = zip([why for _, _, why in resolved], chosen["reason"], strict=True)
+    out["reason"] = ["; ".join(x for x in pair if x) for pair in whys]
     out["teach_prompt_version"] = TEACH_PROMPT_VERSION
     out["teacher_template_hash"] = out["teacher"].map({p.name: p.template_hash for p in plans})
     d = rundir.join(cfg.run_dir, "teach")
     rundir.write_parquet(rundir.join(d, "cot.parquet"), out[out["target"].notna()])
     rundir.write_parquet(rundir.join(d, "skipped.parquet"), out[out["target"].isna()])
     # Accounting counts every attempt of every teacher that worked on these rows.
-    ids = set(rows["id"])
-    spent = pd.concat([r.reset_index().loc[lambda f: f["id"].isin(ids)] for r in results.values()], ignore_index=True)
+    spent = pd.concat(results, ignore_index=True)
     prices = {
         t.model.path: (t.price.prompt_per_mtok, t.price.completion_per_mtok, t.price.currency) if t.price else None
         for t in tc.teachers
     }
+    n_pool = int(rundir.read_json(rundir.join(d, "rows.json"))["pool"])
     metrics = {
         "rows": int(len(out)),
         "bands": tc.bands,
         "status": {s: int(n) for s, n in out["final_status"].value_counts().items()},
         "attempt_status": {s: int(n) for s, n in out["status"].value_counts().items()},
-        "accounting": accounting(spent, pool, prices),
+        "accounting": accounting(spent, n_pool, prices),
         "provenance": {
             "prompt_version": TEACH_PROMPT_VERSION,
             "on_wrong": tc.on_wrong,
@@ -254,36 +288,46 @@ def finalize(cfg: RaycatConfig, rows: pd.DataFrame, pool: int, plans: list[Teach
     return metrics
 
 
+def run_teacher(t: TeacherConfig, plan: TeachPlan, rows, cache: str, on_rows, skip=()) -> int:
+    """One teacher over ``rows`` (a Dataset or a frame), leaving out rows the ``skip`` rules mark done."""
+    pool = engine_stage.Pool.of(t.engine, remote=plan.api is not None)
+    return engine_stage.run("teach", rows, TeachBatch, plan, pool, cache, on_rows, skip=skip)
+
+
 def run(cfg: RaycatConfig) -> dict:
     """The teach stage: every teacher of the cascade on the rows no earlier teacher solved, then
     ``teach.on_wrong`` and the accounting. Stops with an error when too many rows failed."""
     import time
 
-    from raycat.ray_env import ray_session
+    import ray
+
+    from raycat.ray_env import ray_session, remote_call
 
     if cfg.teach is None:
         raise RaycatError("the config has no teach: section (teach.teachers lists the teacher models)")
     t0 = time.time()
-    rows, pool = load_rows(cfg)
-    engine_stage.check_columns("teach", rows, INPUT_COLUMNS)
-    plans = [teacher_plan(cfg, t) for t in cfg.teach.teachers]
-    solved: set[str] = set()
+    check_inputs(cfg)
+    plans = [teacher_plan(cfg, t) for t in cfg.teach.teachers]  # tokenizers and keys fail here, before Ray
+    wcfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})  # workers have their own cwd
+    path = rows_path(wcfg.run_dir)
     written = 0
-    for i, (t, plan) in enumerate(zip(cfg.teach.teachers, plans, strict=True)):
-        cache = rundir.join(cfg.run_dir, "teach", "cache", plan.cache_key)
-        have = read_cache(cache)
-        todo = rows[~rows["id"].isin(solved) & ~rows["id"].isin(set(have["id"]))]
-        progress.say(
-            "teach",
-            f"({i + 1}/{len(plans)}) {plan.name}: {len(rows)} rows, {len(solved)} solved by "
-            f"earlier teachers, {len(rows) - len(solved) - len(todo)} cached, {len(todo)} to generate",
-        )
-        if len(todo):
-            with ray_session(cfg.ray, cfg.run_dir), progress.rows("teaching", len(todo)) as advance:
-                written += run_teacher(t, plan, todo, cache, on_rows=advance)
-            have = read_cache(cache)
-        solved |= set(have.loc[have["status"] == "verified", "id"]) & set(rows["id"])
-    m = finalize(cfg, rows, pool, plans)
+    with ray_session(cfg.ray, cfg.run_dir):
+        remote_call(ray.remote(num_cpus=1)(prepare), wcfg)
+        # Rows a teacher already answered (same id and content) or an earlier teacher verified are
+        # left out on the workers.
+        for i, (t, plan) in enumerate(zip(cfg.teach.teachers, plans, strict=True)):
+            skip = [(cache_dir(wcfg, plan), None)] + [(cache_dir(wcfg, p), "verified") for p in plans[:i]]
+            n = remote_call(ray.remote(num_cpus=0.1)(engine_stage.todo_count), path, skip)
+            progress.say(
+                "teach",
+                f"({i + 1}/{len(plans)}) {plan.name}: {n['rows']} rows, {sum(n['done'][1:])} solved by "
+                f"earlier teachers, {n['done'][0]} cached, {n['todo']} to generate",
+            )
+            if n["todo"]:
+                rows = engine_stage.parquet_dataset(path)
+                with progress.rows("teaching", n["todo"]) as advance:
+                    written += run_teacher(t, plan, rows, cache_dir(wcfg, plan), advance, skip)
+        m = remote_call(ray.remote(num_cpus=1)(finalize), wcfg, plans)
     m["wall_s"] = round(time.time() - t0, 2)
     m["rows_this_run"] = written
     rundir.write_json(rundir.join(cfg.run_dir, "teach", "metrics.json"), m)

@@ -62,7 +62,7 @@ def test_split_without_scores_says_what_to_run(tmp_path, capsys):
 
 
 def test_split_command_writes_bands_and_thresholds(tmp_path):
-    from raycat import rundir
+    from raycat import rowkey, rundir
 
     run = tmp_path / "run"
     q = pd.DataFrame(
@@ -87,8 +87,9 @@ def test_split_command_writes_bands_and_thresholds(tmp_path):
             "entropy_mode": "options",
         }
     )
+    q = rowkey.add(q)
     rundir.write_parquet(str(run / "questions" / "questions.parquet"), q)
-    rundir.write_parquet(str(run / "score" / "scores.parquet"), s)
+    rundir.write_parquet(str(run / "score" / "scores.parquet"), s.assign(row_hash=q.row_hash))
     assert main(["split", "--config", str(config(tmp_path)), "split.balance_per_band=4"]) == 0
     info = json.loads((run / "split" / "thresholds.json").read_text())
     assert info["counts"] == {"easy": 4, "medium": 4, "hard": 4}
@@ -111,7 +112,7 @@ def test_report_of_a_missing_run_dir_fails_naming_it(tmp_path, capsys):
 
 
 def test_split_refuses_scored_rows_without_entropy(tmp_path, capsys):
-    from raycat import rundir
+    from raycat import rowkey, rundir
 
     run = tmp_path / "run"
     ids = [f"q{i}" for i in range(6)]
@@ -130,8 +131,9 @@ def test_split_refuses_scored_rows_without_entropy(tmp_path, capsys):
             "entropy_mode": "options",
         }
     )
+    q = rowkey.add(q)
     rundir.write_parquet(str(run / "questions" / "questions.parquet"), q)
-    rundir.write_parquet(str(run / "score" / "scores.parquet"), s)
+    rundir.write_parquet(str(run / "score" / "scores.parquet"), s.assign(row_hash=q.row_hash))
     assert main(["split", "--config", str(config(tmp_path))]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "1 scored row(s) have no entropy (e.g. q1)" in err and "rerun `raycat score`" in err

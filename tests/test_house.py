@@ -73,9 +73,8 @@ def test_teach_driver_checks_its_columns_before_ray(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "split").mkdir(parents=True)
     for band in ("easy", "medium", "hard"):
-        pd.DataFrame({"id": [f"{band}1"], "question": ["q?"], "options": [["x", "y"]], "category": ["c"]}).to_parquet(
-            run / "split" / f"{band}.parquet"
-        )
+        row = {"id": [f"{band}1"], "row_hash": ["h"], "question": ["q?"], "options": [["x", "y"]], "category": ["c"]}
+        pd.DataFrame(row).to_parquet(run / "split" / f"{band}.parquet")
     cfg = {
         "run_dir": str(run),
         "data": {"source": "synthetic"},
@@ -211,9 +210,8 @@ def test_missing_api_key_is_reported_on_the_driver_before_ray(tmp_path, monkeypa
     run = tmp_path / "run"
     (run / "split").mkdir(parents=True)
     for band in ("easy", "medium", "hard"):
-        pd.DataFrame(
-            {"id": [f"{band}1"], "question": ["q?"], "options": [["x", "y"]], "category": ["c"], "gold": ["A"]}
-        ).to_parquet(run / "split" / f"{band}.parquet")
+        row = {"id": [f"{band}1"], "row_hash": ["h"], "question": ["q?"], "options": [["x", "y"]], "category": ["c"]}
+        pd.DataFrame({**row, "gold": ["A"]}).to_parquet(run / "split" / f"{band}.parquet")
     cfg = {
         "run_dir": str(run),
         "data": {"source": "synthetic"},

@@ -142,7 +142,7 @@ def test_rate_limiter_spaces_requests_and_tokens():
 
 
 def write_split(run: Path, n: int = 6):
-    from raycat import rundir
+    from raycat import rowkey, rundir
 
     for band, k in (("easy", 2), ("medium", 2), ("hard", n)):
         df = pd.DataFrame(
@@ -157,7 +157,7 @@ def write_split(run: Path, n: int = 6):
                 "band": band,
             }
         )
-        rundir.write_parquet(str(run / "split" / f"{band}.parquet"), df)
+        rundir.write_parquet(str(run / "split" / f"{band}.parquet"), rowkey.add(df))
 
 
 @pytest.mark.integration  # `raycat teach` runs the HTTP teacher in Ray Data
@@ -291,13 +291,13 @@ def test_teacher_down_stops_with_a_clear_error_and_keeps_outputs(tmp_path, capsy
 
 @pytest.mark.integration  # `raycat teach` runs the HTTP teacher in Ray Data
 def test_cascade_asks_the_next_teacher_only_for_unsolved_rows(tmp_path):
-    from raycat import rundir
+    from raycat import rowkey, rundir
 
     run = tmp_path / "run"
     write_split(run)
     hard = rundir.read_parquet(str(run / "split" / "hard.parquet"))
     hard["gold"] = ["A", "B"] * 3  # the first teacher always answers A, the second always B
-    rundir.write_parquet(str(run / "split" / "hard.parquet"), hard)
+    rundir.write_parquet(str(run / "split" / "hard.parquet"), rowkey.add(hard))
     with FaultServer() as srv:
         teachers = [{"model": {"path": f"answers-{x}"}, "api": {"base_url": srv.url}} for x in "AB"]
         tree = {

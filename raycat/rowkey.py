@@ -1,0 +1,37 @@
+"""Row identity for every row-level cache: the row's id plus a hash of its content.
+
+Sources whose id is the row number (GSM8K, MMLU CSV, generic data without an id column) reuse ids
+when ``data.path`` / ``split`` / ``subset`` change. Score parts, the teacher cache and eval parts are
+therefore keyed by (id, ``row_hash``): a reused id with new content is computed again, never handed
+the old question's entropy, CoT or answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pandas as pd
+
+SEP = "\x1f"  # cannot occur in a JSON-encoded hash and is vanishingly rare in ids
+
+
+def row_hash(question: str, options, gold: str, category: str) -> str:
+    """What a model is shown (question, options, category in the prompt) and graded against (gold)."""
+    body = json.dumps([question, [str(o) for o in options], str(gold), category or ""], ensure_ascii=False)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def add(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with its ``row_hash`` column (canonical question records)."""
+    hashes = [
+        row_hash(q, list(o), g, c)
+        for q, o, g, c in zip(df["question"], df["options"], df["gold"], df["category"], strict=True)
+    ]
+    return df.assign(row_hash=pd.Series(hashes, index=df.index, dtype=object))
+
+
+def keys(df: pd.DataFrame) -> pd.Series:
+    """One string per row: id and row_hash. Rows of an older raycat (no row_hash) match nothing."""
+    h = df["row_hash"].astype(str) if "row_hash" in df else pd.Series("", index=df.index)
+    return df["id"].astype(str) + SEP + h
