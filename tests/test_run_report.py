@@ -54,6 +54,23 @@ def test_a_teacher_parameter_changes_teach_and_everything_downstream_only():
     assert [s for s in STAGES if a[s] != d[s]] == ["train", "eval", "report"]
 
 
+def test_a_data_file_or_model_dir_edited_in_place_reruns_its_stage(tmp_path):
+    import os
+
+    data, model = tmp_path / "q.jsonl", tmp_path / "student"
+    data.write_text('{"question": "q?", "options": ["a", "b"], "answer": "A"}\n')
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"w" * 8)
+    over = ["data.source=generic", f"data.path={data}", f"score.student.path={model}"]
+    a = stage_hashes(load_config(DEMO, over), ["complexity_aware"])
+    assert a == stage_hashes(load_config(DEMO, over), ["complexity_aware"])
+    data.write_text('{"question": "other?", "options": ["a", "b"], "answer": "B"}\n')
+    b = stage_hashes(load_config(DEMO, over), ["complexity_aware"])
+    assert [s for s in STAGES if a[s] != b[s]] == list(STAGES)  # same config, new data: everything reruns
+    os.utime(model / "model.safetensors", ns=(1, 1))  # the student retrained in place (same size)
+    assert stage_hashes(load_config(DEMO, over), ["complexity_aware"])["score"] != b["score"]
+
+
 def test_plan_skips_done_stages_and_honours_from_and_only():
     cfg = load_config(DEMO)
     hashes = stage_hashes(cfg, ["complexity_aware"])
