@@ -119,6 +119,9 @@ def _train_table(summary: dict, cfg: RaycatConfig) -> None:
     for col in ("phase", "status", "rows", "steps", "loss", "tok/s", "pad", "wall s"):
         t.add_column(col, no_wrap=True)
     for name, m in summary["phases"].items():
+        if m["status"] == "empty":  # train.on_empty_phase=skip
+            _row(t, name, "empty: not trained", "0", "0", "n/a", "n/a", "n/a", "0")
+            continue
         loss = f"{m['first_loss']:.3f}→{m['last_loss']:.3f}" if m["steps"] else "n/a"
         _row(
             t,
@@ -156,6 +159,8 @@ def _eval_table(m: dict, cfg: RaycatConfig) -> None:
             str(d["overall"]["unparsed"]),
         )
     console.print(t)
+    for name, why in m.get("not_trained", {}).items():
+        console.print(Text(f"{name}: not trained, not evaluated: {why}"))
 
 
 def _report_line(out: dict, cfg: RaycatConfig) -> None:

@@ -359,6 +359,13 @@ class TrainConfig(Strict):
     allow_template_mismatch: bool = Field(
         False, description="Train even when the student's chat template differs from the one scoring used."
     )
+    on_empty_phase: Literal["skip", "error"] = Field(
+        "skip",
+        description="A phase with no rows to train on (e.g. the teacher verified no hard row): 'skip' it "
+        "(the next phase starts from the previous model; eval and the report still run and state it) or "
+        "'error'. Default 'skip': an empty phase is a finding of the run, and the phases, eval and report "
+        "before it are worth keeping.",
+    )
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end of a phase).")
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per phase.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint (Ray Train).")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raycat.answers import normalize_number
+from raycat.answers import parse_number
 from raycat.config import DataConfig
 from raycat.errors import MissingInputError, RaycatError
 from raycat.synthetic import generate_arithmetic
@@ -143,9 +143,9 @@ def _gsm8k(r: dict, _cfg: DataConfig) -> dict:
     m = _GSM8K_FINAL.search(answer)
     if not m:
         raise _Bad("answer", "no '#### <number>' final answer")
-    gold = normalize_number(m.group(1))
+    gold = parse_number(m.group(1))
     if gold is None:
-        raise _Bad("answer", f"final answer {m.group(1)!r} is not a number")
+        raise _Bad("answer", f"final answer {m.group(1)!r} is not exactly one number")
     return {"id": None, "question": r.get("question"), "options": [], "gold": gold, "category": "gsm8k"}
 
 
@@ -173,9 +173,9 @@ def _generic(r: dict, cfg: DataConfig) -> dict:
             raise _Bad(field, f"gold {text!r} is not one of the options")
         gold = LETTERS[options.index(text)]
     else:
-        gold = normalize_number(str(raw)) if not _missing(raw) else None
+        gold = parse_number(str(raw)) if not _missing(raw) else None
         if gold is None:
-            raise _Bad(field, f"gold {raw!r} is not a number")
+            raise _Bad(field, f"gold {raw!r} is not exactly one number")
     return {
         "id": r.get(cols.id) if cols.id else None,
         "question": r.get(cols.question),

@@ -42,6 +42,13 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # "stop", "length" or "error"
     error: str | None = None  # set when the request failed for good (after the client's retries)
+    # Where the answer part of ``text`` starts: after a reasoning model's separate reasoning trace, which
+    # is kept in ``text`` (it is the CoT we distil) but may weigh options before the final answer.
+    answer_start: int = 0
+
+    @property
+    def answer_text(self) -> str:
+        return self.text[self.answer_start :]
 
 
 @dataclass(frozen=True)

@@ -206,12 +206,26 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
             done = rundir.join(pdir, "done.json")
             if not rundir.exists(done):
                 raise MissingInputError(f"{done} not found: run `raycat train` (train.recipe={recipe}) first")
+            state = rundir.read_json(done)
+            if state.get("empty"):  # train.on_empty_phase=skip: no model to evaluate (see empty_phases)
+                continue
             model = rundir.absolute(rundir.join(pdir, "model"))
-            content = rundir.read_json(done)["hash"] + _dir_hash(model)
+            content = state["hash"] + _dir_hash(model)
             if rundir.exists(rundir.join(model, "adapter_config.json")):
                 add(f"{recipe}/{phase.name}", base, model, phase.target, content, st.revision)
             else:
                 add(f"{recipe}/{phase.name}", model, None, phase.target, content, None)
+    return out
+
+
+def empty_phases(cfg: RaycatConfig, recipes: list[str]) -> dict[str, str]:
+    """Phases that had no rows to train on (train.on_empty_phase=skip): name → why; eval states them."""
+    out = {}
+    for recipe in recipes:
+        for phase in RECIPES[recipe]:
+            done = rundir.join(cfg.run_dir, "train", recipe, phase.name, "done.json")
+            if rundir.exists(done) and rundir.read_json(done).get("empty"):
+                out[f"{recipe}/{phase.name}"] = rundir.read_json(done)["empty"]
     return out
 
 
@@ -319,6 +333,7 @@ def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
                 with progress.rows(f"eval {t.name}", n["todo"]) as advance:
                     run_target(wcfg, t, rows, parts, on_rows=advance)
         m = remote_call(ray.remote(num_cpus=1)(finalize), wcfg, tgts)
+    m["not_trained"] = empty_phases(cfg, recipes or [cfg.train.recipe])
     m["wall_s"] = round(time.time() - t0, 2)
     rundir.write_json(rundir.join(cfg.run_dir, "eval", "metrics.json"), m)
     save_config(cfg, "eval")

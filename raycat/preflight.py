@@ -71,6 +71,25 @@ def version_problems(cfg: RaycatConfig) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
+def empty_phase_risks(cfg: RaycatConfig, recipes: list[str]) -> list[str]:
+    """Warnings, before anything runs, for settings that make a CoT phase likely to have no rows: its
+    rows are only the teacher's verified (or kept) ones, at most ``teach.limit`` of them."""
+    from raycat.recipes import needs_cot
+
+    tc = cfg.teach
+    if tc is None or tc.limit is None or not any(needs_cot(r) for r in recipes):
+        return []
+    # One optimizer step of the smallest CoT phase across all workers; fewer rows than this is a phase
+    # of at most one step even if the teacher verifies every one.
+    step = cfg.train.phase2.micro_batch_size * cfg.train.num_workers
+    if tc.limit >= max(step, 32):
+        return []
+    return [
+        f"teach.limit={tc.limit}: the CoT phase trains only on the verified (or on_wrong-kept) rows among at "
+        f"most {tc.limit}; it may well be empty (train.on_empty_phase={cfg.train.on_empty_phase})"
+    ]
+
+
 def _engine_ask(e: EngineConfig) -> dict[str, float]:
     gpus = e.tensor_parallel_size * e.pipeline_parallel_size if e.device == "gpu" else 0
     return {"CPU": e.cpus_per_engine * e.num_engines, "GPU": gpus * e.num_engines}

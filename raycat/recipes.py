@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from raycat import rowkey
+
 BANDS = ("easy", "medium", "hard")
 
 
@@ -54,7 +56,8 @@ def select(
 ) -> tuple[list[tuple[Phase, pd.DataFrame]], pd.DataFrame]:
     """(phase, rows) per phase in order, and the skipped rows with ``phase`` and ``skip_reason``.
 
-    ``bands`` maps easy/medium/hard to the split stage's rows; ``cot`` has ``id, target`` (teach/cot.parquet).
+    ``bands`` maps easy/medium/hard to the split stage's rows; ``cot`` has ``id, row_hash, target``
+    (teach/cot.parquet).
     """
     phases = RECIPES[recipe]
     if recipe == "random_split":
@@ -68,10 +71,13 @@ def select(
     for phase, rows in zip(phases, chosen, strict=True):
         rows = rows.reset_index(drop=True).drop(columns=["target"], errors="ignore")
         if phase.target == "cot":
+            # By id and content: a CoT written for another question under the same id is not this row's.
             targets = (
-                cot.drop_duplicates("id").set_index("id")["target"] if cot is not None else pd.Series(dtype=object)
+                cot.assign(_key=rowkey.keys(cot)).drop_duplicates("_key").set_index("_key")["target"]
+                if cot is not None
+                else pd.Series(dtype=object)
             )
-            rows = rows.assign(target=rows["id"].map(targets))
+            rows = rows.assign(target=rowkey.keys(rows).map(targets))
             missing = rows["target"].isna()
             skipped.append(rows.loc[missing, ["id"]].assign(phase=phase.name, skip_reason=NO_COT))
             rows = rows[~missing].reset_index(drop=True)

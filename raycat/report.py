@@ -137,7 +137,7 @@ def _loss_curves(run: str) -> list[tuple[str, list[int], list[float]]]:
         offset = 0
         for phase in ("phase1", "phase2", "phase3"):
             m = _read(run, "train", recipe, phase, "metrics.json")
-            if not m or not m["history"]:
+            if not m or not m.get("history"):  # absent, or an empty phase (train.on_empty_phase=skip)
                 continue
             out.append(
                 (f"{recipe}/{phase}", [offset + h["step"] for h in m["history"]], [h["loss"] for h in m["history"]])
@@ -199,6 +199,8 @@ def markdown(run: str, images: list[str]) -> str:
                 + " | ".join(_fmt_acc(m["per_band"][b]) for b in BANDS)
                 + f" | {m['overall']['unparsed']} |"
             )
+        for name, why in ev.get("not_trained", {}).items():
+            lines.append(f"| {name} | not trained: {why} (train.on_empty_phase=skip) | | | | | |")
         lines.append("")
     te = _read(run, "teach", "metrics.json")
     if te:
@@ -236,6 +238,12 @@ def markdown(run: str, images: list[str]) -> str:
             for phase in ("phase1", "phase2", "phase3"):
                 m = _read(run, "train", recipe, phase, "metrics.json")
                 if not m:
+                    continue
+                if m.get("status") == "empty":
+                    lines.append(
+                        f"| {recipe}/{phase} | 0 | not trained: {m['reason']} | | | | | "
+                        f"train/{recipe}/{phase}/metrics.json |"
+                    )
                     continue
                 loss = f"{m['first_loss']:.4f} → {m['last_loss']:.4f}" if m["steps"] else "–"
                 tps = f"{m['mean_tokens_per_s']:.0f}" if m["mean_tokens_per_s"] else "–"

@@ -154,7 +154,7 @@ def run(
 ) -> dict:
     """Run the stage graph for ``recipes``: every stage whose hash changed (or ``start`` onwards, or
     ``only``), in one Ray session. Returns the manifest."""
-    from raycat.preflight import resource_problems, version_problems
+    from raycat.preflight import empty_phase_risks, resource_problems, version_problems
     from raycat.ray_env import ray_session
 
     def say(msg: str) -> None:
@@ -165,7 +165,7 @@ def run(
     manifest = read_manifest(cfg)
     steps = plan(cfg, recipes, manifest, start, only)
     errors, warnings = version_problems(cfg)
-    for w in warnings:
+    for w in warnings + empty_phase_risks(cfg, recipes):
         say(f"pre-flight warning: {w}")
     if errors:
         raise RaycatError("pre-flight: " + "; ".join(errors))

@@ -13,8 +13,18 @@ import pandas as pd
 from raycat.answers import extract_answer
 from raycat.engine import Generator, Sampling
 
-# Per attempt: verified | wrong | no_answer (best first). Per row before any attempt: failed (with a reason).
-_RANK = {"verified": 0, "wrong": 1, "no_answer": 2}
+# Per attempt: verified | wrong | truncated | no_answer (best first). Per row before any attempt: failed
+# (with a reason). "truncated": cut off by sampling.max_tokens; never verified, whatever it contains, since
+# a CoT that stops mid-sentence is not a training target even when an answer appeared before the cut.
+_RANK = {"verified": 0, "wrong": 1, "truncated": 2, "no_answer": 3}
+
+
+def judge(g, row: dict) -> tuple[str, str | None]:
+    """(attempt status, extracted answer) of one generation for ``row`` (n_options, gold)."""
+    extracted = extract_answer(g.answer_text, int(row["n_options"]))
+    if g.finish_reason == "length":
+        return "truncated", extracted
+    return ("verified" if extracted == row["gold"] else "no_answer" if extracted is None else "wrong"), extracted
 
 
 def attempt_schedule(first: Sampling, retries: int, temperatures: list[float]) -> list[Sampling]:
@@ -70,8 +80,7 @@ def teach_rows(engine: Generator, rows: list[dict], schedule: list[Sampling]) ->
                     r["status"] = "failed"
                 stopped.add(i)
                 continue
-            extracted = extract_answer(g.text, int(rows[i]["n_options"]))
-            status = "verified" if extracted == rows[i]["gold"] else ("no_answer" if extracted is None else "wrong")
+            status, extracted = judge(g, rows[i])
             if r["attempts"] == 0 or _RANK[status] < _RANK[r["status"]]:  # strictly better: earlier wins ties
                 r.update(response=g.text, extracted=extracted, finish_reason=g.finish_reason, status=status)
             r["attempts"] += 1
@@ -86,10 +95,7 @@ def _best(samples: list, row: dict):
     """Of one attempt's n samples: a verified one, else one with an answer, else the first."""
 
     def rank(g):
-        if g.error is not None:
-            return 3
-        got = extract_answer(g.text, int(row["n_options"]))
-        return 0 if got == row["gold"] else (1 if got is not None else 2)
+        return len(_RANK) if g.error is not None else _RANK[judge(g, row)[0]]
 
     return min(samples, key=rank)
 
@@ -100,7 +106,10 @@ def resolve(attempt_status: str, response: str | None, gold: str, on_wrong: str)
         return "verified", response, ""
     if attempt_status == "failed":
         return "failed", None, "teacher did not produce a response"
-    what = "wrong answer" if attempt_status == "wrong" else "no [[answer]] found"
+    what = {
+        "wrong": "wrong answer",
+        "truncated": "cut off at teach.sampling.max_tokens (raise it)",
+    }.get(attempt_status, "no valid [[answer]] (none, an invalid one, or a hedge)")
     if on_wrong == "keep" and attempt_status == "wrong":  # the first wrong attempt: teach_rows keeps that one
         return "kept_wrong", response, f"{what}; kept (teach.on_wrong=keep)"
     if on_wrong == "fallback_to_answer":

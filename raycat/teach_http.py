@@ -109,18 +109,20 @@ class OpenAITeacher:
         return text.replace(self._key, "***") if self._key not in ("", "EMPTY") else text
 
     @staticmethod
-    def _text(message) -> str:
+    def _text(message) -> tuple[str, int]:
+        """(text, where its answer part starts)."""
         content = message.content or ""
         # Reasoning models (vLLM's reasoning parsers, DeepSeek-R1 style APIs) return the chain of thought
         # apart from the answer. It is the CoT we distil: keep it, ahead of the answer, so the training
-        # target has it and verification still reads the final [[answer]] (the last one in the text).
+        # target has it; verification reads the answer part only (the trace may weigh other options).
         extra = getattr(message, "model_extra", None) or {}
         reasoning = (
             getattr(message, "reasoning_content", None) or extra.get("reasoning_content") or extra.get("reasoning")
         )
         if isinstance(reasoning, str) and reasoning.strip():
-            return f"{reasoning.strip()}\n\n{content}"
-        return content
+            head = f"{reasoning.strip()}\n\n"
+            return head + content, len(head)
+        return content, 0
 
     async def _one(self, messages, sampling: Sampling) -> list[Generation]:
         est = sum(len(m["content"]) for m in messages) // 4 + sampling.max_tokens
@@ -146,15 +148,19 @@ class OpenAITeacher:
                 return [Generation("", 0, 0, "error", error=err) for _ in range(sampling.n)]
         usage = r.usage
         # Usage is per request: book it on the first sample so totals stay exact.
-        return [
-            Generation(
-                text=self._text(c.message),
-                prompt_tokens=(usage.prompt_tokens if usage else 0) if j == 0 else 0,
-                completion_tokens=(usage.completion_tokens if usage else 0) if j == 0 else 0,
-                finish_reason="length" if c.finish_reason == "length" else "stop",
+        out = []
+        for j, c in enumerate(choices):
+            text, start = self._text(c.message)
+            out.append(
+                Generation(
+                    text=text,
+                    prompt_tokens=(usage.prompt_tokens if usage else 0) if j == 0 else 0,
+                    completion_tokens=(usage.completion_tokens if usage else 0) if j == 0 else 0,
+                    finish_reason="length" if c.finish_reason == "length" else "stop",
+                    answer_start=start,
+                )
             )
-            for j, c in enumerate(choices)
-        ]
+        return out
 
     async def _all(self, prompts: list[list[dict]], sampling: Sampling) -> list[Generation]:
         per_prompt = await asyncio.gather(*(self._one(m, sampling) for m in prompts))

@@ -118,23 +118,26 @@ def build_tiny_train_run(root: Path, model_dir: Path, n: int = 24) -> Path:
     import pandas as pd
     from transformers import AutoTokenizer
 
+    from raycat import rowkey
     from raycat.prompts import template_hash
 
     th = template_hash(AutoTokenizer.from_pretrained(model_dir), "letters", None)
-    df = pd.DataFrame(
-        [
-            {
-                "id": f"q{i}",
-                "question": f"What is {i} plus one?",
-                "options": ["x", "y", "z", "w"],
-                "gold": "ABCD"[i % 4],
-                "category": "math",
-                "source": "synthetic",
-                "entropy": i / 10,
-                "template_hash": th,
-            }
-            for i in range(n)
-        ]
+    df = rowkey.add(
+        pd.DataFrame(
+            [
+                {
+                    "id": f"q{i}",
+                    "question": f"What is {i} plus one?",
+                    "options": ["x", "y", "z", "w"],
+                    "gold": "ABCD"[i % 4],
+                    "category": "math",
+                    "source": "synthetic",
+                    "entropy": i / 10,
+                    "template_hash": th,
+                }
+                for i in range(n)
+            ]
+        )
     )
     (root / "split").mkdir(parents=True)
     (root / "teach").mkdir()
@@ -146,6 +149,7 @@ def build_tiny_train_run(root: Path, model_dir: Path, n: int = 24) -> Path:
     pd.DataFrame(
         {
             "id": hard["id"],
+            "row_hash": hard["row_hash"],
             "target": [f"{i} plus one. So [[{g}]]" for i, g in zip(range(q3, n), hard["gold"], strict=True)],
         }
     ).to_parquet(root / "teach/cot.parquet")

@@ -383,6 +383,16 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
         else [],
         "phases": {},
     }
+    empty = {
+        p.phase.name: f"no rows to train on ({p.phase.target} target, bands {'+'.join(p.phase.bands)}); "
+        f"see {root}/skipped.parquet"
+        for p in plans
+        if len(p.encoded) == 0
+    }
+    if empty and tc.on_empty_phase == "error":  # before any phase trains
+        raise RaycatError(
+            "; ".join(f"{k}: {v}" for k, v in empty.items()) + ". Set train.on_empty_phase=skip to go on without it"
+        )
     init: dict = {"model": None, "adapter": None}
     ray_started = False
     with ExitStack() as stack:
@@ -390,16 +400,18 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
             name = plan.phase.name
             pdir = rundir.join(root, name)
             done_path = rundir.join(pdir, "done.json")
+            if name in empty:  # nothing to train: no model; the next phase starts from the last one
+                why = empty[name]
+                say(f"{name}: skipped, {why} (train.on_empty_phase=skip)")
+                rundir.write_json(rundir.join(pdir, "metrics.json"), {"status": "empty", "reason": why})
+                rundir.write_json(done_path, {"hash": plan.hash, "empty": why})
+                summary["phases"][name] = {"status": "empty", "reason": why, "examples": 0}
+                continue
             if rundir.exists(done_path) and rundir.read_json(done_path).get("hash") == plan.hash:
                 m = rundir.read_json(rundir.join(pdir, "metrics.json"))
                 say(f"{name}: already trained (hash {plan.hash}), skipping")
                 status = "cached"
             else:
-                if len(plan.encoded) == 0:
-                    raise RaycatError(
-                        f"{name}: no rows to train on ({plan.phase.target} target, bands "
-                        f"{'+'.join(plan.phase.bands)}); see {root}/skipped.parquet"
-                    )
                 if not ray_started:  # only when something is left to train
                     stack.enter_context(ray_session(cfg.ray, cfg.run_dir))
                     ray_started = True

@@ -84,9 +84,14 @@ def test_gsm8k_final_answer_is_normalized(tmp_path):
     rows = [
         {"question": "How many?", "answer": "5 + 7 = <<5+7=12>>12\n#### 1,234"},
         {"question": "Q2", "answer": "...\n#### 72.0"},
+        {"question": "Q3", "answer": "...\n#### -3/4"},  # by value, not "the last number" (was "4")
+        {"question": "Q4", "answer": "...\n#### 2.5e3"},
     ]
     df, _, _ = load("gsm8k", jsonl(tmp_path / "g.jsonl", rows))
-    assert list(df.gold) == ["1234", "72"] and list(df.options.map(len)) == [0, 0]
+    assert list(df.gold) == ["1234", "72", "-0.75", "2500"] and list(df.options.map(len)) == [0, 0, 0, 0]
+    bad = [{"question": "Q", "answer": "...\n#### 16 or 18"}]
+    with pytest.raises(BadRowError, match="row 0, field 'answer'.*not exactly one number"):
+        load("gsm8k", jsonl(tmp_path / "b.jsonl", bad))
 
 
 def test_generic_columns_and_answer_formats(tmp_path):

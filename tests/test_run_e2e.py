@@ -237,3 +237,26 @@ def test_killed_run_resumes_to_the_same_outputs(tmp_path, tiny_model_dir, refere
     for k in ("hard", "test", "cot", "eval"):
         pd.testing.assert_frame_equal(a[k], b[k])
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_an_empty_cot_phase_is_skipped_and_eval_and_report_say_so(tmp_path, tiny_model_dir):
+    """The user's path from the issue: `raycat run` with teach.limit=1; the (random) teacher verifies
+    nothing, so phase 2 has no rows. The run finishes: phase 1 is evaluated and the report says why
+    phase 2 is missing."""
+    run, cfg = tmp_path / "run", tmp_path / "cfg.yaml"
+    tree = tiny_config(run, tiny_model_dir)
+    for section in (tree["score"], tree["eval"], tree["teach"]["teachers"][0]):
+        section["engine"] = {"backend": "transformers", "batch_size": 16}
+    tree["teach"].update(limit=1, on_wrong="drop")
+    cfg.write_text(yaml.safe_dump(tree))
+    err = " ".join(_raycat(cfg).stderr.split())
+    assert "pre-flight warning: teach.limit=1" in err
+    assert "phase2: skipped, no rows to train on (cot target, bands hard)" in err
+    phases = json.loads((run / "train/complexity_aware/metrics.json").read_text())["phases"]
+    assert phases["phase1"]["status"] == "trained" and phases["phase2"]["status"] == "empty"
+    ev = json.loads((run / "eval/metrics.json").read_text())
+    assert list(ev["models"]) == ["base", "complexity_aware/phase1"]
+    assert "no rows to train on" in ev["not_trained"]["complexity_aware/phase2"]
+    report = (run / "report/report.md").read_text()
+    assert "| complexity_aware/phase2 | not trained: no rows to train on" in report

@@ -19,11 +19,12 @@ class ScriptedEngine:
         out = []
         for p in prompts:
             text = self.scripts[p[0]].pop(0)
-            out.append(
-                Generation("", 0, 0, "error", error=text[4:])
-                if text.startswith("ERR:")
-                else Generation(text, len(p), 10, "stop")
-            )
+            if text.startswith("ERR:"):
+                out.append(Generation("", 0, 0, "error", error=text[4:]))
+            elif text.startswith("LEN:"):  # cut off by max_tokens
+                out.append(Generation(text[4:], len(p), 10, "length"))
+            else:
+                out.append(Generation(text, len(p), 10, "stop"))
         return out
 
 
@@ -48,6 +49,27 @@ def test_retries_until_verified_and_counts_every_attempt():
     assert [c.temperature for c in eng.calls] == [0.0, 0.7, 0.7]
 
 
+def test_a_completion_cut_off_by_max_tokens_is_never_verified():
+    # The right answer appears before the cut: still not a training target (it ends mid-sentence).
+    eng = ScriptedEngine({1: ["LEN:so [[B]] because the", "[[B]]"], 2: ["LEN:[[B]] and then", "LEN:[[B]] but"]})
+    rows = [{"prompt": [i], "n_options": 4, "gold": "B", "skip_reason": ""} for i in (1, 2)]
+    res = teach_rows(eng, rows, attempt_schedule(Sampling(0.0, 1.0, 8, 0), 1, [0.7]))
+    assert [r["status"] for r in res] == ["verified", "truncated"]
+    assert res[0]["response"] == "[[B]]" and res[0]["finish_reason"] == "stop"
+    final, target, reason = resolve("truncated", res[1]["response"], "B", "keep")
+    assert (final, target) == ("dropped_truncated", None) and "max_tokens" in reason
+
+
+def test_a_hedged_or_invalid_last_answer_is_retried_not_verified():
+    eng = ScriptedEngine({1: ["[[A]] or [[B]]", "[[B]] then [[E]]", "[[B]]"]})
+    res = teach_rows(
+        eng,
+        [{"prompt": [1], "n_options": 4, "gold": "B", "skip_reason": ""}],
+        attempt_schedule(Sampling(0.0, 1.0, 8, 0), 2, [0.7]),
+    )
+    assert res[0]["status"] == "verified" and res[0]["attempts"] == 3 and res[0]["response"] == "[[B]]"
+
+
 @pytest.mark.parametrize(
     "status,policy,final,target",
     [
@@ -59,6 +81,8 @@ def test_retries_until_verified_and_counts_every_attempt():
         ("wrong", "fallback_to_answer", "fallback_to_answer", "[[C]]"),
         ("no_answer", "fallback_to_answer", "fallback_to_answer", "[[C]]"),
         ("failed", "keep", "failed", None),
+        ("truncated", "keep", "dropped_truncated", None),
+        ("truncated", "fallback_to_answer", "fallback_to_answer", "[[C]]"),
     ],
 )
 def test_policy(status, policy, final, target):

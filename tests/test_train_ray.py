@@ -290,3 +290,23 @@ def test_train_cli_names_the_missing_stage(tmp_path, tiny_model_dir):
     )
     assert r.returncode == 1
     assert "pre-flight" in r.stderr and "run `raycat split`" in " ".join(r.stderr.split())
+
+
+@pytest.mark.integration
+def test_an_empty_phase_with_on_empty_phase_error_stops_before_any_training(tmp_path, tiny_model_dir):
+    import pandas as pd
+
+    run = make_run(tmp_path / "run", tiny_model_dir)
+    pd.read_parquet(run / "teach/cot.parquet").iloc[:0].to_parquet(run / "teach/cot.parquet")  # nothing verified
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(run, tiny_model_dir, on_empty_phase="error")))
+    r = subprocess.run(
+        [sys.executable, "-m", "raycat.cli", "train", "--config", str(cfg_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 1 and "phase2: no rows to train on (cot target, bands hard)" in err
+    assert "train.on_empty_phase=skip" in err
+    assert not (run / "train/complexity_aware/phase1/done.json").exists()  # phase 1 did not train first
