@@ -51,8 +51,10 @@ def _score_table(m: dict, cfg: RaycatConfig) -> None:
         ("questions read / valid / quarantined", f"{q['rows_read']} / {q['valid']} / {q['quarantined']}"),
         ("questions selected (data.limit / data.sample)", str(q["selected"])),
         ("scored / skipped / IDK", f"{m['scored']} / {sum(m['skipped'].values())} / {m['idk']}"),
-        ("accuracy", _fmt(m["accuracy"])),
-        ("ROC AUC (−entropy → correct)", _fmt(m["roc_auc"])),
+        ("accuracy (arg-max among options)", _fmt(m["accuracy"])),
+        ("ROC AUC (−entropy → correct, arg-max among options)", _fmt(m["roc_auc"])),
+        ("accuracy (decoded token, as the paper)", _fmt(m.get("accuracy_greedy"))),
+        ("ROC AUC (decoded token; paper ≈ 0.73)", _fmt(m.get("roc_auc_greedy"))),
         ("mean entropy (nats)", _fmt(m.get("entropy", {}).get("mean"))),
         ("mean option mass", _fmt(m.get("option_mass", {}).get("mean"))),
     ]
@@ -103,10 +105,13 @@ def _teach_table(m: dict, cfg: RaycatConfig) -> None:
         )
         if "cost" in d:
             _row(t, f"{name}: cost", f"{d['cost']:.4f} {d['currency']}")
-    est = a.get("distill_all_estimate")
-    if est:
-        _row(t, f"distill-all tokens ({a['pool_rows']} pool rows, estimate)", f"{est['tokens']:.0f}")
-        _row(t, "teacher tokens saved vs distill-all (estimate)", f"{est['saving_pct']:.1f}%")
+    for band, d in a.get("per_band", {}).items():
+        _row(t, f"teacher tokens, {band} ({'taught' if d['taught'] else 'not taught'})", f"{d['tokens']:.0f}")
+        if d["basis"] != "measured":
+            _row(t, f"  {band}: basis", d["basis"])
+    sv = a.get("saving")
+    if sv and sv["saving_pct"] is not None:
+        _row(t, f"teacher tokens saved vs every band ({sv['basis']})", f"{sv['saving_pct']:.1f}%")
     _row(t, "rows this run / wall s", f"{m['rows_this_run']} / {m['wall_s']}")
     console.print(t)
 
@@ -141,8 +146,11 @@ def _train_table(summary: dict, cfg: RaycatConfig) -> None:
 
 
 def _eval_table(m: dict, cfg: RaycatConfig) -> None:
-    t = Table(title=f"eval — accuracy on {m['test_rows']} held-out questions (95% bootstrap CI)")
-    for col in ("model", "overall", "easy", "medium", "hard", "unparsed"):
+    t = Table(
+        title=f"eval — accuracy on the {m.get('compared_rows', m['test_rows'])} held-out questions every model "
+        f"answered, of {m['test_rows']} (95% bootstrap CI)"
+    )
+    for col in ("model", "overall", "easy", "medium", "hard", "band avg", "unparsed"):
         t.add_column(col, no_wrap=True)
 
     def cell(d: dict) -> str:
@@ -156,9 +164,18 @@ def _eval_table(m: dict, cfg: RaycatConfig) -> None:
             name,
             cell(d["overall"]),
             *(cell(d["per_band"][b]) for b in ("easy", "medium", "hard")),
+            _fmt(d.get("band_average")),
             str(d["overall"]["unparsed"]),
         )
     console.print(t)
+    if m.get("paired"):
+        p = Table(title="paired differences, a − b on the same rows (paired bootstrap 95% CI)")
+        for col in ("a", "b", "a − b", "95% CI"):
+            p.add_column(col, no_wrap=True)
+        for d in m["paired"]:
+            if d["diff"] is not None:
+                _row(p, d["a"], d["b"], f"{d['diff']:+.3f}", f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+        console.print(p)
     for name, why in m.get("not_trained", {}).items():
         console.print(Text(f"{name}: not trained, not evaluated: {why}"))
 

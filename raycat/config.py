@@ -192,6 +192,11 @@ class SplitConfig(Strict):
     )
     test_fraction: float = Field(0.0, ge=0, lt=1, description="Held-out test fraction (seeded), before quantiles.")
     balance_per_band: int | None = Field(None, ge=1, description="Sample at most N rows per band (seeded).")
+    test_balance: bool = Field(
+        False,
+        description="Band-balanced test set: keep the same number of held-out rows in each band (the smallest "
+        "band's count, seeded); the others are listed in skipped.parquet, never moved into training.",
+    )
     seed: int = Field(42, description="Seed for the test hold-out and balancing.")
 
     @model_validator(mode="after")

@@ -72,6 +72,18 @@ def bootstrap_ci(correct: np.ndarray, resamples: int, seed: int, level: float = 
     return float(lo), float(hi)
 
 
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> dict:
+    """Accuracy difference a − b on the same rows, with a paired percentile bootstrap CI (the rows are
+    resampled once for both models, so the CI reflects the models' disagreement, not the row draw twice)."""
+    x = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if len(x) == 0:
+        return {"n": 0, "diff": None, "ci95": [None, None]}
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"n": int(len(x)), "diff": float(x.mean()), "ci95": [float(lo), float(hi)]}
+
+
 def accuracy_table(df: pd.DataFrame, resamples: int, seed: int) -> dict:
     """Accuracy with CI overall, per band and per category (categories with n >= 10)."""
 
@@ -88,6 +100,9 @@ def accuracy_table(df: pd.DataFrame, resamples: int, seed: int) -> dict:
     out = {"overall": one(df), "per_band": {}, "per_category": {}}
     for band in ("easy", "medium", "hard"):
         out["per_band"][band] = one(df[df["band"] == band])
+    # The unweighted mean of the band accuracies: comparable across test sets with other band mixes.
+    accs = [out["per_band"][b]["accuracy"] for b in ("easy", "medium", "hard")]
+    out["band_average"] = float(np.mean(accs)) if all(a is not None for a in accs) else None
     for cat, part in df.groupby("category"):
         if len(part) >= 10:
             out["per_category"][str(cat)] = one(part)
@@ -270,42 +285,89 @@ def parts_dir(cfg: RaycatConfig, t: EvalTarget) -> str:
     return rundir.join(cfg.run_dir, "eval", t.name.replace("/", "__"), "parts", t.key)
 
 
+SINGLE_TOKEN_BASE = "base (single-token, from score)"
+
+
 def finalize(cfg: RaycatConfig, done: list[EvalTarget]) -> dict:
-    """On a worker: every model's answers on eval/rows.parquet merged into eval.parquet; the metrics."""
+    """On a worker: every model's answers on eval/rows.parquet merged into eval.parquet; the metrics.
+
+    Every model is compared on the same rows: a row that any model could not be asked (its prompt too
+    long for that model's generation budget) is left out of every model's accuracy and counted. The
+    base student is also reported in the single-token format it was scored in (its score-stage answer,
+    no [[X]] format to learn), so the baseline is not 0 by construction."""
     ec = cfg.eval
-    rows = rundir.read_parquet_columns(rows_path(cfg.run_dir), ["id", "row_hash"])
-    want = set(rowkey.keys(rows))
-    frames, metrics = [], {}
+    rows = rundir.read_parquet(rows_path(cfg.run_dir))
+    rows["_key"] = rowkey.keys(rows)
+    want = set(rows["_key"])
+    got: dict[str, pd.DataFrame] = {}
     for t in done:  # only this content's rows: an id reused by another data.path is a new row
-        got = read_parts(parts_dir(cfg, t))
-        got = got.assign(_key=rowkey.keys(got)).loc[lambda f: f["_key"].isin(want)]
-        got = got.drop_duplicates("_key").drop(columns=["_key"])
-        frames.append(got)
-        scored = got[got["skip_reason"].fillna("") == ""]
+        g = read_parts(parts_dir(cfg, t))
+        g = g.assign(_key=rowkey.keys(g)).loc[lambda f: f["_key"].isin(want)].drop_duplicates("_key")
+        got[t.name] = g.set_index("_key")
+    excluded: dict[str, str] = {}
+    for name, g in got.items():
+        for key, why in g.loc[g["skip_reason"].fillna("") != "", "skip_reason"].items():
+            excluded.setdefault(key, f"{name}: {why}")
+        for key in want - set(g.index):
+            excluded.setdefault(key, f"{name}: no answer recorded")
+    common = [k for k in rows["_key"] if k not in excluded]
+    frames, metrics, correct = [], {}, {}
+    if ec.include_base and "correct" in rows:
+        r = rows.set_index("_key").loc[common]
+        single = pd.DataFrame({"correct": r["correct"].astype(bool), "band": r["band"], "category": r["category"]})
+        single["extracted"] = r["predicted"]
+        metrics[SINGLE_TOKEN_BASE] = {
+            **accuracy_table(single, ec.bootstrap_resamples, ec.seed),
+            "kind": "single-token (the score stage's answer: arg-max among the option tokens)",
+            "path": cfg.score.student.path,
+            "adapter": None,
+            "cache_key": None,
+            "skipped": 0,
+            "mean_completion_tokens": 1.0,
+        }
+        correct[SINGLE_TOKEN_BASE] = single["correct"].to_numpy()
+    for t in done:
+        g = got[t.name]
+        frames.append(g.reset_index(drop=True).assign(compared=g.index.isin(common)))
+        scored = g.loc[[k for k in common if k in g.index]]
+        correct[t.name] = scored["correct"].astype(bool).to_numpy()
         metrics[t.name] = {
             **accuracy_table(scored, ec.bootstrap_resamples, ec.seed),
             "kind": t.kind,
             "path": t.path,
             "adapter": t.adapter,
             "cache_key": t.key,
-            "skipped": int(len(got) - len(scored)),
+            "skipped": int((g["skip_reason"].fillna("") != "").sum()),
             "mean_completion_tokens": float(scored["completion_tokens"].mean()) if len(scored) else None,
         }
+    names = list(metrics)
+    paired = [
+        {"a": a, "b": b, **paired_bootstrap(correct[a], correct[b], ec.bootstrap_resamples, ec.seed)}
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    ]
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PART_COLUMNS)
-    d = rundir.join(cfg.run_dir, "eval")
-    rundir.write_parquet(rundir.join(d, "eval.parquet"), out)
-    result = {
+    rundir.write_parquet(rundir.join(cfg.run_dir, "eval", "eval.parquet"), out)
+    reasons = pd.Series(list(excluded.values()), dtype=str)
+    return {
         "test_rows": int(len(rows)),
+        "compared_rows": len(common),
+        "excluded_rows": {
+            "n": len(excluded),
+            "rule": "a row any model could not be asked is left out of every model's accuracy (paired comparison)",
+            "reasons": reasons.str.split(":").str[0].value_counts().to_dict() if len(reasons) else {},
+        },
         "models": metrics,
+        "paired": paired,
         "provenance": {
             "prompt_version": TRAIN_PROMPT_VERSION,
             "greedy": True,
             "seed": ec.seed,
             "bootstrap_resamples": ec.bootstrap_resamples,
             "bands": "the student's pre-training entropy bands (split thresholds)",
+            "paired": "a − b on the same rows; paired percentile bootstrap 95% CI",
         },
     }
-    return result
 
 
 def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:

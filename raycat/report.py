@@ -10,6 +10,8 @@ import base64
 import io
 import json
 
+import pandas as pd
+
 from raycat import rundir
 from raycat.errors import MissingInputError
 
@@ -38,6 +40,13 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def metric_rows(scores: pd.DataFrame) -> pd.DataFrame:
+    """The rows score/metrics.json's accuracy and roc_auc are computed from (scored, not "I don't
+    know"): the plots show exactly these."""
+    idk = scores["idk"].astype(bool) if "idk" in scores else pd.Series(False, index=scores.index)
+    return scores[scores["entropy"].notna() & ~idk]
+
+
 def plots(run: str) -> dict[str, bytes]:
     import matplotlib
 
@@ -49,8 +58,7 @@ def plots(run: str) -> dict[str, bytes]:
     scores_path = rundir.join(run, "score", "scores.parquet")
     thresholds = _read(run, "split", "thresholds.json")
     if rundir.exists(scores_path):
-        s = rundir.read_parquet(scores_path)
-        s = s[s["entropy"].notna()]
+        s = metric_rows(rundir.read_parquet(scores_path))
         fig, ax = plt.subplots(figsize=(6, 3.5))
         lo, hi = float(s["entropy"].min()), float(s["entropy"].max())
         bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 30)
@@ -101,17 +109,21 @@ def plots(run: str) -> dict[str, bytes]:
         ax.set_title("Held-out accuracy by student entropy band")
         out["accuracy_by_band.png"] = _png(fig)
     teach = _read(run, "teach", "metrics.json")
-    est = teach and teach["accounting"].get("distill_all_estimate")
-    if est:
-        a = teach["accounting"]
+    sv = teach and teach["accounting"].get("saving")
+    if sv and sv["saving_pct"] is not None:
+        per_band = teach["accounting"]["per_band"]
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.bar(
-            ["complexity-aware\n(measured)", "distill all\n(estimate)"],
-            [a["prompt_tokens"] + a["completion_tokens"], est["tokens"]],
-            color=["tab:blue", "tab:gray"],
+        names = list(per_band)
+        measured = [per_band[b]["measured_tokens"] for b in names]
+        estimated = [per_band[b]["estimated_tokens"] for b in names]
+        ax.bar(names, measured, color="tab:blue", label="measured")
+        ax.bar(names, estimated, bottom=measured, color="tab:gray", label="estimated")
+        ax.set_xticks(
+            range(len(names)), [f"{b}\n({'taught' if per_band[b]['taught'] else 'not taught'})" for b in names]
         )
         ax.set_ylabel("teacher tokens")
-        ax.set_title(f"Teacher tokens: {est['saving_pct']:.1f}% saved")
+        ax.legend(fontsize=7)
+        ax.set_title(f"Teacher tokens: {sv['saving_pct']:.1f}% saved ({sv['basis']})")
         out["teacher_tokens.png"] = _png(fig)
     curves = _loss_curves(run)
     if curves:
@@ -146,6 +158,10 @@ def _loss_curves(run: str) -> list[tuple[str, list[int], list[float]]]:
     return out
 
 
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def _fmt_acc(c: dict) -> str:
     if not c["n"]:
         return "–"
@@ -163,9 +179,14 @@ def markdown(run: str, images: list[str]) -> str:
             "| metric | value | source |",
             "|---|---|---|",
             f"| questions scored | {sc['scored']} | score/metrics.json `scored` |",
-            f"| student accuracy (single token) | {sc['accuracy']:.4f} | score/metrics.json `accuracy` |",
-            f"| ROC AUC (−entropy → correct; paper ≈ 0.73) | "
-            f"{'n/a' if sc['roc_auc'] is None else round(sc['roc_auc'], 4)} | score/metrics.json `roc_auc` |",
+            f"| student accuracy, arg-max among the option tokens | {_num(sc['accuracy'])} | "
+            "score/metrics.json `accuracy` |",
+            f"| ROC AUC (−entropy → correct), arg-max among the option tokens | {_num(sc['roc_auc'])} | "
+            "score/metrics.json `roc_auc` |",
+            f"| student accuracy, decoded token (invalid and IDK rows dropped, as the paper) | "
+            f"{_num(sc.get('accuracy_greedy'))} | score/metrics.json `accuracy_greedy` |",
+            f"| ROC AUC, decoded token (the paper's ≈ 0.73 is this one) | {_num(sc.get('roc_auc_greedy'))} | "
+            "score/metrics.json `roc_auc_greedy` |",
         ]
         if th:
             lines.append(
@@ -187,21 +208,37 @@ def markdown(run: str, images: list[str]) -> str:
         lines += [
             "## Accuracy on held-out questions (greedy; 95% bootstrap CI)",
             "",
-            f"{ev['test_rows']} test questions; bands are the student's own pre-training entropy bands. "
-            "Source: eval/metrics.json `models.<model>`.",
+            f"{ev.get('compared_rows', ev['test_rows'])} of {ev['test_rows']} test questions, the same rows for "
+            "every model (a row any model could not be asked is left out of all; "
+            f"{ev.get('excluded_rows', {}).get('n', 0)} left out). Bands are the student's own pre-training "
+            "entropy bands; band avg is the unweighted mean of the three. Source: eval/metrics.json `models.<model>`.",
             "",
-            "| model | prompt | overall | easy | medium | hard | unparsed |",
-            "|---|---|---|---|---|---|---|",
+            "| model | prompt | overall | easy | medium | hard | band avg | unparsed |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, m in ev["models"].items():
             lines.append(
                 f"| {name} | {m['kind']} | {_fmt_acc(m['overall'])} | "
                 + " | ".join(_fmt_acc(m["per_band"][b]) for b in BANDS)
-                + f" | {m['overall']['unparsed']} |"
+                + f" | {_num(m.get('band_average'))} | {m['overall']['unparsed']} |"
             )
         for name, why in ev.get("not_trained", {}).items():
-            lines.append(f"| {name} | not trained: {why} (train.on_empty_phase=skip) | | | | | |")
+            lines.append(f"| {name} | not trained: {why} (train.on_empty_phase=skip) | | | | | | |")
         lines.append("")
+        if ev.get("paired"):
+            lines += [
+                "### Paired differences (same rows; paired bootstrap 95% CI)",
+                "",
+                "| a | b | a − b | 95% CI | rows | source |",
+                "|---|---|---|---|---|---|",
+            ]
+            for d in ev["paired"]:
+                if d["diff"] is not None:
+                    lines.append(
+                        f"| {d['a']} | {d['b']} | {d['diff']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | "
+                        f"{d['n']} | eval/metrics.json `paired` |"
+                    )
+            lines.append("")
     te = _read(run, "teach", "metrics.json")
     if te:
         a = te["accounting"]
@@ -212,15 +249,16 @@ def markdown(run: str, images: list[str]) -> str:
             f"| prompt / completion tokens | {a['prompt_tokens']} / {a['completion_tokens']} | "
             "teach/metrics.json `accounting` |"
         )
-        est = a.get("distill_all_estimate")
-        if est:
+        for band, d in a.get("per_band", {}).items():
             lines.append(
-                f"| distill-all tokens (estimate over {a['pool_rows']} pool rows) | {est['tokens']:.0f} | "
-                "teach/metrics.json `accounting.distill_all_estimate.tokens` |"
+                f"| teacher tokens, {band} band ({d['rows']} rows, {'taught' if d['taught'] else 'not taught'}) | "
+                f"{d['tokens']:.0f} ({d['basis']}) | teach/metrics.json `accounting.per_band.{band}` |"
             )
+        sv = a.get("saving")
+        if sv and sv["saving_pct"] is not None:
             lines.append(
-                f"| teacher tokens saved | {est['saving_pct']:.1f}% | "
-                "teach/metrics.json `accounting.distill_all_estimate.saving_pct` |"
+                f"| teacher tokens saved vs teaching every band ({sv['basis']}) | {sv['saving_pct']:.1f}% | "
+                "teach/metrics.json `accounting.saving` |"
             )
         for name, d in a["per_teacher"].items():
             if "cost" in d:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from raycat.config import RaycatConfig, save_config
 from raycat.engine import Scorer, ScoreRequest, ScoreResult, engine_kwargs, make_engine
 from raycat.entropy import entropy_options, options_distribution
 from raycat.prompts import (
+    IDK_LABEL,
     LETTERS,
     PROMPT_VERSION,
     LabelTokens,
@@ -46,6 +48,8 @@ OUTPUT_COLUMNS = [
     "entropy_topk_bound",
     "predicted",
     "correct",
+    "predicted_greedy",
+    "correct_greedy",
     "idk",
     "option_mass",
     "option_probs",
@@ -104,8 +108,29 @@ def deviation_sample(ids: pd.Series, n: int) -> frozenset[str]:
     return frozenset(ranked[:n])
 
 
-def row_result(res: ScoreResult, n_options: int, gold: str, mode: str, preset: str) -> dict:
-    """Pure: one engine result → the output columns of one scored row."""
+def greedy_answer(res: ScoreResult, n_options: int, preset: str, groups: list[list[int]] | None) -> str:
+    """The option the decoded answer names, as the paper reads it: a letter, "IDK" for the paper
+    preset's "0", or "" when the decoded answer is no option label (invalid). Single-token labels: the
+    greedy token; multi-token labels ("10"): the first word of the greedy text."""
+    labels = answer_labels(n_options, preset)
+    if groups:
+        k = next((j for j, g in enumerate(groups) if res.greedy_token_id in g), None)
+    else:
+        m = re.match(r"\s*\(?([A-Za-z0-9]+)", res.greedy_text or "")
+        k = labels.index(m.group(1)) if m and m.group(1) in labels else None
+    if k is None:
+        return ""
+    return "IDK" if labels[k] == IDK_LABEL else LETTERS[k]
+
+
+def row_result(
+    res: ScoreResult, n_options: int, gold: str, mode: str, preset: str, groups: list[list[int]] | None = None
+) -> dict:
+    """Pure: one engine result → the output columns of one scored row.
+
+    Two correctness labels: ``correct`` is the arg-max among the option tokens (always a valid option);
+    ``correct_greedy`` is the paper's: the decoded token, a non-option answer counting as invalid.
+    ``groups``: the token ids of each answer label (None: multi-token labels, read from the text)."""
     out: dict = {
         "entropy_full": res.entropy_full,
         "entropy_topk": res.entropy_topk,
@@ -114,6 +139,9 @@ def row_result(res: ScoreResult, n_options: int, gold: str, mode: str, preset: s
         "idk": False,
     }
     if n_options:
+        out["predicted_greedy"] = greedy_answer(res, n_options, preset, groups)
+        out["correct_greedy"] = out["predicted_greedy"] == gold
+    if n_options and res.option_logprobs:
         lp = np.asarray(res.option_logprobs)
         probs, mass = options_distribution(lp)
         k = int(probs.argmax())
@@ -123,9 +151,14 @@ def row_result(res: ScoreResult, n_options: int, gold: str, mode: str, preset: s
         out["option_mass"] = mass
         out["option_probs"] = probs.tolist()
         out["entropy_options"] = entropy_options(lp)
+    elif n_options:  # multi-token labels in full/topk mode: no option distribution, the decoded answer
+        out["idk"] = out["predicted_greedy"] == "IDK"
+        out["predicted"], out["correct"] = out["predicted_greedy"], out["correct_greedy"]
+        out["option_mass"], out["option_probs"], out["entropy_options"] = None, [], None
     else:
         out["predicted"] = normalize_number(res.greedy_text) or ""
         out["correct"] = out["predicted"] == gold
+        out["predicted_greedy"], out["correct_greedy"] = out["predicted"], out["correct"]
         out["option_mass"] = None
         out["option_probs"] = []
         out["entropy_options"] = None
@@ -158,10 +191,13 @@ class RenderPrompts:
             reason = ""
             if not opts and p.mode == "options":
                 reason = "free-form question has no options to score; use score.entropy_mode=full or topk"
-            elif opts and p.labels.groups(len(opts), p.preset) is None:
+            elif opts and p.mode == "options" and p.labels.groups(len(opts), p.preset) is None:
+                # Only the options distribution needs single-token labels; full/topk entropy and the
+                # decoded answer do not.
                 bad = [lab for lab in p.labels.multi_token if lab in answer_labels(len(opts), p.preset)]
                 reason = (
-                    f"option label(s) {bad} are not single tokens for this tokenizer; use score.prompt.preset=letters"
+                    f"option label(s) {bad} are not single tokens for this tokenizer; use "
+                    "score.prompt.preset=letters or score.entropy_mode=full"
                 )
             elif len(prompt) >= p.max_prompt_tokens:
                 reason = (
@@ -193,12 +229,15 @@ class ScoreBatch(engine_stage.EngineActor):
         p = self.plan
         rows = batch.to_dict(orient="records")
         todo = [i for i, r in enumerate(rows) if not r["skip_reason"]]
-        requests = []
+        requests, groups = [], {}
         for i in todo:
             r = rows[i]
-            groups = p.labels.groups(len(r["options"]), p.preset) if len(r["options"]) else []
+            groups[i] = p.labels.groups(len(r["options"]), p.preset) if len(r["options"]) else []
+            # Multi-token labels (full/topk mode only): a short greedy answer is decoded instead.
             requests.append(
-                ScoreRequest(prompt_ids=list(r["prompt_ids"]), option_groups=groups, want_full=r["id"] in p.sample_ids)
+                ScoreRequest(
+                    prompt_ids=list(r["prompt_ids"]), option_groups=groups[i] or [], want_full=r["id"] in p.sample_ids
+                )
             )
         results = self.engine.score(requests, p.mode, p.top_k, p.free_form_max_tokens) if requests else []
         out = []
@@ -215,10 +254,10 @@ class ScoreBatch(engine_stage.EngineActor):
                 idk=False,
             )
             if i in scored:
-                row.update(row_result(scored[i], len(r["options"]), r["gold"], p.mode, p.preset))
+                row.update(row_result(scored[i], len(r["options"]), r["gold"], p.mode, p.preset, groups[i]))
                 row.update(status="scored", skip_reason="")
             else:
-                row.update(status="skipped", skip_reason=r["skip_reason"], correct=False)
+                row.update(status="skipped", skip_reason=r["skip_reason"], correct=False, correct_greedy=False)
             out.append(row)
         return pd.DataFrame(out, columns=OUTPUT_COLUMNS)
 

@@ -38,6 +38,24 @@ def score_metrics(df: pd.DataFrame, bins: int = 20) -> dict:
         "roc_auc_convention": "positive = correct answer, score = -entropy",
     }
     m["gini"] = abs(2 * m["roc_auc"] - 1) if m["roc_auc"] is not None else None
+    m["correctness"] = {
+        "correct": "arg-max among the option tokens (always an option); accuracy, roc_auc, split and report use it",
+        "correct_greedy": "the decoded token, as the paper: a non-option answer is invalid; accuracy_greedy and "
+        "roc_auc_greedy drop invalid and 'I don't know' rows, as the paper does before its ROC AUC (~0.73)",
+    }
+    if "correct_greedy" in scored:
+        g = scored[scored["predicted_greedy"].fillna("").astype(str).ne("") & scored["predicted_greedy"].ne("IDK")]
+        yg = g["correct_greedy"].astype(bool).to_numpy()
+        m["greedy"] = {
+            "rows": int(len(g)),
+            "invalid": int((scored["predicted_greedy"].fillna("").astype(str) == "").sum()),
+            "idk": int((scored["predicted_greedy"] == "IDK").sum()),
+            "agree_with_options_argmax": _f((scored["predicted_greedy"] == scored["predicted"]).mean())
+            if len(scored)
+            else None,
+        }
+        m["accuracy_greedy"] = _f(yg.mean()) if len(g) else None
+        m["roc_auc_greedy"] = roc_auc(yg, g["entropy"].astype(float).to_numpy()) if len(g) else None
     cats = {}
     for cat, g in valid.groupby("category"):
         if len(g) >= MIN_CATEGORY_ROWS:

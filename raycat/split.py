@@ -30,20 +30,44 @@ def assign_bands(entropy: np.ndarray, t_low: float, t_high: float) -> np.ndarray
     return np.where(e < t_low, "easy", np.where(e < t_high, "medium", "hard"))
 
 
-def holdout_mask(ids: pd.Series, fraction: float, seed: int) -> np.ndarray:
-    """Seeded test selection that depends on the id set, not on row order."""
+def _norm(text) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def duplicate_groups(df: pd.DataFrame) -> pd.Series:
+    """A group label per row: rows whose normalised question and option set are identical share one
+    (MMLU-Pro has 158 such groups, MMLU test 106); each label is the group's smallest id."""
+    key = [
+        _norm(q) + "\x1f" + "\x1f".join(sorted(_norm(o) for o in opts))
+        for q, opts in zip(df["question"], df["options"], strict=True)
+    ]
+    ids = df["id"].astype(str)
+    return ids.groupby(pd.Series(key, index=df.index)).transform("min")
+
+
+def holdout_mask(ids: pd.Series, fraction: float, seed: int, groups: pd.Series | None = None) -> np.ndarray:
+    """Seeded test selection that depends on the id set, not on row order. With ``groups`` (one label
+    per row), whole groups are drawn, so duplicates never straddle train and test; groups are taken in
+    seeded order until the test set holds ``round(fraction * rows)`` rows or more."""
     n_test = int(round(fraction * len(ids)))
-    order = np.argsort(ids.to_numpy().astype(str), kind="stable")
-    chosen = order[np.random.default_rng(seed).permutation(len(ids))[:n_test]]
-    mask = np.zeros(len(ids), dtype=bool)
-    mask[chosen] = True
-    return mask
+    labels = (groups if groups is not None else ids).astype(str).to_numpy()
+    uniq = np.unique(labels)  # sorted: the draw depends on the labels, not on row order
+    order = uniq[np.random.default_rng(seed).permutation(len(uniq))]
+    sizes = pd.Series(labels).value_counts()
+    taken, chosen = 0, []
+    for g in order:
+        if taken >= n_test:
+            break
+        chosen.append(g)
+        taken += int(sizes[g])
+    return np.isin(labels, chosen)
 
 
 def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
     """Returns ({band: rows}, test rows, thresholds info). Each row keeps its entropy and gets a band."""
     df = df.reset_index(drop=True)
-    test_mask = holdout_mask(df["id"], cfg.test_fraction, cfg.seed)
+    groups = duplicate_groups(df)
+    test_mask = holdout_mask(df["id"], cfg.test_fraction, cfg.seed, groups)
     pool, test = df[~test_mask].copy(), df[test_mask].copy()
     if cfg.thresholds is not None:
         t_low, t_high, method = *cfg.thresholds, "absolute"
@@ -52,6 +76,10 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
         method = "quantiles"
     pool["band"] = assign_bands(pool["entropy"].to_numpy(), t_low, t_high)
     test["band"] = assign_bands(test["entropy"].to_numpy(), t_low, t_high)
+    test_before = {b: int((test["band"] == b).sum()) for b in BANDS}
+    if cfg.test_balance and len(test):
+        n = min(test_before.values())
+        test = pd.concat([test[test["band"] == b].sample(n=n, random_state=cfg.seed) for b in BANDS]).sort_index()
     bands = {b: pool[pool["band"] == b] for b in BANDS}
     before = {b: int(len(v)) for b, v in bands.items()}
     if cfg.balance_per_band is not None:
@@ -69,8 +97,15 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
         "counts_before_balancing": before,
         "counts": {b: int(len(v)) for b, v in bands.items()},
         "test_counts": {b: int((test["band"] == b).sum()) for b in BANDS},
+        "test_counts_before_balancing": test_before,
+        "test_balance": cfg.test_balance,
         "balance_per_band": cfg.balance_per_band,
         "test_fraction": cfg.test_fraction,
+        "duplicate_groups": {
+            "groups": int(groups.duplicated(keep=False).groupby(groups).any().sum()),
+            "rows": int(groups.duplicated(keep=False).sum()),
+            "rule": "identical normalised question + option set: the whole group goes to train or to test",
+        },
         "seed": cfg.seed,
     }
     return bands, test, info
@@ -89,6 +124,7 @@ def split_files(cfg: RaycatConfig) -> dict:
     scores = rundir.read_parquet(scores_path)
     questions = rundir.read_parquet(questions_path)
     keep = ["id", "row_hash", "entropy", "predicted", "correct", "idk", "option_mass", "template_hash", "entropy_mode"]
+    keep += [c for c in ("predicted_greedy", "correct_greedy") if c in scores]
     if "row_hash" not in scores or "row_hash" not in questions:
         raise MissingInputError(f"{scores_path} was written by an older raycat: rerun `raycat score`")
     # The same id and content: questions.parquet is rewritten by each score run, scores only when it finishes.
@@ -114,7 +150,9 @@ def split_files(cfg: RaycatConfig) -> dict:
     skipped = df[idk].assign(skip_reason="student answered 'I don't know' (paper preset fallback)")
     bands, test, info = split_frame(df[~idk], cfg.split)
     placed = set(test["id"]).union(*(set(v["id"]) for v in bands.values()))
-    unsampled = df[~idk & ~df["id"].isin(placed)].assign(skip_reason="not drawn by split.balance_per_band")
+    unsampled = df[~idk & ~df["id"].isin(placed)].assign(
+        skip_reason="not drawn by split.balance_per_band or split.test_balance"
+    )
     skipped = pd.concat([skipped, unsampled], ignore_index=True)
     out = rundir.join(run, "split")
     for band, rows in bands.items():

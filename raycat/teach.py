@@ -22,7 +22,7 @@ from raycat.config import RaycatConfig, TeacherConfig, save_config
 from raycat.engine import Sampling, engine_kwargs, make_engine
 from raycat.errors import MissingInputError, RaycatError, StageFailed
 from raycat.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
-from raycat.teach_core import accounting, attempt_schedule, resolve, teach_rows
+from raycat.teach_core import accounting, attempt_schedule, band_accounting, resolve, teach_rows
 
 PART_COLUMNS = [
     "id",
@@ -195,6 +195,17 @@ def check_inputs(cfg: RaycatConfig) -> None:
         engine_stage.check_columns("teach", rundir.parquet_columns(path), INPUT_COLUMNS)
 
 
+def pool_keys(cfg: RaycatConfig) -> pd.DataFrame:
+    """``_key, band`` of every training-pool row (the split's easy / medium / hard files)."""
+    frames = []
+    for band in ("easy", "medium", "hard"):
+        path = rundir.join(cfg.run_dir, "split", f"{band}.parquet")
+        if rundir.exists(path):
+            f = rundir.read_parquet_columns(path, ["id", "row_hash"])
+            frames.append(pd.DataFrame({"_key": rowkey.keys(f), "band": band}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["_key", "band"])
+
+
 def prepare(cfg: RaycatConfig) -> dict:
     """On a worker: the rows to teach (the chosen bands of the split, ``teach.limit`` applied) written
     to teach/rows.parquet; returns their count and the training-pool size."""
@@ -211,9 +222,7 @@ def prepare(cfg: RaycatConfig) -> dict:
     if tc.limit is not None and tc.limit < len(rows):
         rows = rows.sample(n=tc.limit, random_state=tc.seed).sort_index().reset_index(drop=True)
     rundir.write_parquet(rows_path(cfg.run_dir), rows, row_group_size=block_rows(cfg))
-    info = {"rows": int(len(rows)), "pool": pool}
-    rundir.write_json(rundir.join(cfg.run_dir, "teach", "rows.json"), info)
-    return info
+    return {"rows": int(len(rows)), "pool": pool}
 
 
 def _cascade(rows: pd.DataFrame, results: list[pd.DataFrame]) -> pd.DataFrame:
@@ -267,13 +276,24 @@ def finalize(cfg: RaycatConfig, plans: list[TeachPlan]) -> dict:
         t.model.path: (t.price.prompt_per_mtok, t.price.completion_per_mtok, t.price.currency) if t.price else None
         for t in tc.teachers
     }
-    n_pool = int(rundir.read_json(rundir.join(d, "rows.json"))["pool"])
+    pool = pool_keys(cfg)
+    spent_pool = pd.concat(  # every band, from this run or an earlier one sharing the cache
+        [
+            c.assign(_key=rowkey.keys(c)).loc[lambda f: f["_key"].isin(set(pool["_key"]))].drop_duplicates("_key")
+            for c in (read_cache(cache_dir(cfg, p)) for p in plans)
+        ],
+        ignore_index=True,
+    )
     metrics = {
         "rows": int(len(out)),
         "bands": tc.bands,
         "status": {s: int(n) for s, n in out["final_status"].value_counts().items()},
         "attempt_status": {s: int(n) for s, n in out["status"].value_counts().items()},
-        "accounting": accounting(spent, n_pool, prices),
+        "accounting": {
+            **accounting(spent, prices),
+            "pool_rows": int(len(pool)),
+            **band_accounting(pool, spent_pool, taught_bands(cfg)),
+        },
         "provenance": {
             "prompt_version": TEACH_PROMPT_VERSION,
             "on_wrong": tc.on_wrong,

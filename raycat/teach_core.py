@@ -117,8 +117,8 @@ def resolve(attempt_status: str, response: str | None, gold: str, on_wrong: str)
     return f"dropped_{attempt_status}", None, f"{what} after all attempts (teach.on_wrong={on_wrong})"
 
 
-def accounting(rows: pd.DataFrame, pool_size: int, prices: dict[str, tuple[float, float, str] | None]) -> dict:
-    """Token, time and cost totals, and the labelled estimate of CoT for every pool row."""
+def accounting(rows: pd.DataFrame, prices: dict[str, tuple[float, float, str] | None]) -> dict:
+    """Token, time and cost totals of ``rows`` (every teacher's result for the rows taught)."""
     per_teacher = {}
     for name, g in rows.groupby("teacher"):
         d = {
@@ -140,21 +140,64 @@ def accounting(rows: pd.DataFrame, pool_size: int, prices: dict[str, tuple[float
         "prompt_tokens": total_p,
         "completion_tokens": total_c,
         "total_tokens": total_p + total_c,
-        "rows_taught": int(len(rows)),
-        "pool_rows": int(pool_size),
+        "rows_taught": int(rows["_key"].nunique()) if "_key" in rows else int(len(rows)),
     }
     costs = [d["cost"] for d in per_teacher.values() if "cost" in d]
     if costs:
         out["cost"] = float(sum(costs))
-    if total_p + total_c > 0:  # rows that all failed measure nothing to extrapolate from
-        mean_tokens = (total_p + total_c) / len(rows)
-        est = mean_tokens * pool_size
-        out["distill_all_estimate"] = {
-            "label": "estimate: measured mean tokens per taught row x pool rows",
-            "mean_tokens_per_row": mean_tokens,
-            "tokens": est,
-            "saving_pct": 100.0 * (1 - (total_p + total_c) / est),
-        }
-        if costs:
-            out["distill_all_estimate"]["cost"] = out["cost"] / len(rows) * pool_size
     return out
+
+
+BANDS = ("easy", "medium", "hard")
+
+
+def band_accounting(pool: pd.DataFrame, spent: pd.DataFrame, taught: list[str]) -> dict:
+    """Teacher tokens per band of the training pool, and the saving of teaching only ``taught``.
+
+    ``pool``: ``_key, band`` of every training row; ``spent``: every teacher result found for pool rows
+    (``_key``, prompt and completion tokens over all attempts), from this run or any earlier one sharing
+    the cache. A band's tokens are measured for the rows the teacher has answered; the rest are
+    estimated from that band's measured mean per row (or, for a band never taught, from the mean of the
+    measured rows of all bands) and labelled so. The saving compares the taught bands' tokens with all
+    bands' tokens and says whether both are measured."""
+    tokens = (spent["prompt_tokens"] + spent["completion_tokens"]).groupby(spent["_key"]).sum()
+    measured_all = tokens[tokens.index.isin(set(pool["_key"]))]
+    overall_mean = float(measured_all.mean()) if len(measured_all) else None
+    per_band, bases = {}, []
+    for band in BANDS:
+        keys = pool.loc[pool["band"] == band, "_key"]
+        got = tokens.reindex(keys).dropna()
+        d = {"rows": int(len(keys)), "taught": band in taught, "measured_rows": int(len(got))}
+        d["measured_tokens"] = int(got.sum())
+        missing = len(keys) - len(got)
+        mean, source = (
+            (float(got.mean()), "this band's measured mean per row")
+            if len(got)
+            else (overall_mean, "the measured mean per row of all bands")
+        )
+        d["estimated_rows"] = int(missing)
+        d["estimated_tokens"] = float(missing * mean) if missing and mean is not None else 0.0
+        if missing and mean is None:
+            d["basis"] = "unknown: no row of any band was measured"
+        elif missing:
+            d["basis"] = f"measured for {len(got)} rows, estimated for {missing} from {source}"
+        else:
+            d["basis"] = "measured"
+        d["tokens"] = d["measured_tokens"] + d["estimated_tokens"]
+        per_band[band] = d
+        bases.append(d["basis"])
+    spent_taught = sum(per_band[b]["tokens"] for b in BANDS if b in taught)
+    every = sum(per_band[b]["tokens"] for b in BANDS)
+    exact = all(b == "measured" for b in bases)
+    saving = {
+        "taught_bands_tokens": spent_taught,
+        "all_bands_tokens": every,
+        "saving_pct": 100.0 * (1 - spent_taught / every) if every else None,
+        "basis": "measured" if exact else "estimate",
+        "label": (
+            "measured: teacher tokens of the taught bands vs all bands, every row answered by the teacher"
+            if exact
+            else "estimate: some rows were not taught; their tokens are extrapolated per band (see per_band.basis)"
+        ),
+    }
+    return {"per_band": per_band, "saving": saving}

@@ -156,7 +156,26 @@ def pad_to_world(frame: pd.DataFrame, world: int, seed: int) -> tuple[pd.DataFra
 def total_steps(
     rows: int, world: int, micro_batch_size: int, accumulation: int, epochs: int, max_steps: int | None
 ) -> int:
-    """Optimizer steps of a phase: DeepSpeed's accumulation runs across epoch ends, as in the loop."""
+    """Optimizer steps of a phase, as the loop takes them: windows of ``accumulation`` micro-batches
+    within an epoch, the epoch's last window possibly shorter (applied, not dropped)."""
     batches = math.ceil(rows / world / micro_batch_size)
-    total = math.ceil(batches * epochs / accumulation)
+    total = math.ceil(batches / accumulation) * epochs
     return min(total, max_steps) if max_steps else total
+
+
+def target_tokens(labels) -> int:
+    """Tokens a causal-LM loss is computed on: labels after the shift (the first position predicts
+    nothing), not masked with -100."""
+    return int((labels[..., 1:] != -100).sum())
+
+
+def window_loss(model, batch: dict, n_window: int, world: int):
+    """One micro-batch's share of its accumulation window's token-weighted loss, scaled for DeepSpeed.
+
+    The window's loss is (sum of token losses over every micro-batch of every rank) / (target tokens of
+    the window across ranks, ``n_window``), so every target token weighs the same whatever the lengths
+    of the examples around it (a mean of per-micro-batch means over-weights short CoTs). transformers
+    divides the summed loss by ``num_items_in_batch``; the data-parallel all-reduce averages gradients
+    over ``world`` ranks, which the factor undoes. Returns (loss to backward, its unscaled value)."""
+    loss = model(**batch, num_items_in_batch=n_window).loss
+    return loss * world, loss

@@ -12,6 +12,7 @@ checkpoint is followed by the phase's HF export, which rank 0 writes straight in
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -237,6 +238,8 @@ def train_loop(config: dict) -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from raycat.train_data import target_tokens, window_loss
+
     c: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -324,47 +327,59 @@ def train_loop(config: dict) -> None:
 
     max_steps = c.total_steps
     done = engine.global_steps >= max_steps
-    step_loss, step_micro, step_tokens, t_step = 0.0, 0, 0, time.time()
     metrics: dict = {}
+    gas = p.gradient_accumulation_steps
     engine.train()
     for epoch in range(state["epoch"], p.epochs):
         if done:
             break
-        batches = shard.iter_torch_batches(
-            batch_size=p.micro_batch_size,
-            collate_fn=to_torch,
-            local_shuffle_buffer_size=p.micro_batch_size * 8,
-            local_shuffle_seed=c.seed + epoch,
-            prefetch_batches=1,
+        batches = iter(
+            shard.iter_torch_batches(
+                batch_size=p.micro_batch_size,
+                collate_fn=to_torch,
+                local_shuffle_buffer_size=p.micro_batch_size * 8,
+                local_shuffle_seed=c.seed + epoch,
+                prefetch_batches=1,
+            )
         )
-        for i, batch in enumerate(batches):
-            if epoch == state["epoch"] and i < state["batch"]:
-                continue  # consumed before the checkpoint we resumed from
-            batch = {k: v.to(device) for k, v in batch.items()}
-            boundary = engine.is_gradient_accumulation_boundary()
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            real = int(batch["attention_mask"].sum())
+        skip = state["batch"] if epoch == state["epoch"] else 0
+        for _ in itertools.islice(batches, skip):  # consumed before the checkpoint we resumed from
+            pass
+        consumed = skip
+        while not done:
+            # One optimizer step per window of `gas` micro-batches; an epoch's last window may be
+            # shorter and is applied. Shards are equal, so every rank sees the same window sizes.
+            window = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(batches, gas)]
+            if not window:
+                break
+            t_step = time.time()
+            local_targets = sum(target_tokens(b["labels"]) for b in window)
+            n_window = int(all_reduce_step([local_targets], device)[0])  # the window's tokens, all ranks
+            window_sum, real = 0.0, 0
+            for j, batch in enumerate(window):
+                engine.set_gradient_accumulation_boundary(j == len(window) - 1)
+                loss, value = window_loss(engine, batch, max(n_window, 1), world)
+                engine.backward(loss, scale_wrt_gas=False)  # already normalised over the window
+                window_sum += value.item()
+                real += int(batch["attention_mask"].sum())
+                state["padded_tokens"] += int(batch["attention_mask"].numel())
+            engine.step()  # the boundary: gradients reduced across ranks, one optimizer update
             state["real_tokens"] += real
-            state["padded_tokens"] += int(batch["attention_mask"].numel())
-            step_loss, step_micro, step_tokens = step_loss + loss.item(), step_micro + 1, step_tokens + real
-            state["epoch"], state["batch"], state["micro_steps"] = epoch, i + 1, engine.micro_steps
-            if not boundary:
-                continue
-            agg = all_reduce_step([step_loss, step_micro, step_tokens], device)
+            consumed += len(window)
+            state["epoch"], state["batch"], state["micro_steps"] = epoch, consumed, engine.micro_steps
+            agg = all_reduce_step([window_sum, real], device)
             dt = time.time() - t_step
             step = engine.global_steps
             metrics = {
                 "step": step,
                 "epoch": epoch,
-                "loss": agg[0] / agg[1],
+                "loss": agg[0],  # token-weighted mean over the window (each share was divided by n_window)
                 "lr": engine.get_lr()[0],
-                "tokens_per_s": agg[2] / max(dt, 1e-9),
-                "tokens": int(agg[2]),
+                "tokens_per_s": agg[1] / max(dt, 1e-9),
+                "tokens": int(agg[1]),
+                "target_tokens": n_window,
             }
             state["history"].append(metrics)
-            step_loss, step_micro, step_tokens, t_step = 0.0, 0, 0, time.time()
             if step % c.log_every_steps == 0:
                 if rank == 0:  # Ray forwards worker stdout to the driver: `ray job logs` shows training
                     print(
@@ -379,8 +394,6 @@ def train_loop(config: dict) -> None:
                 save(False, metrics)
             elif step % c.log_every_steps == 0:
                 ray.train.report(metrics)
-            if done:
-                break
-        else:
+        if not done:  # the epoch's data ran out
             state["epoch"], state["batch"] = epoch + 1, 0
     save(True, metrics or {"step": engine.global_steps})

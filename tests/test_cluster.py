@@ -304,11 +304,16 @@ def test_readme_job_on_a_multinode_cluster_with_an_s3_run_dir_resumes_after_a_dr
     assert p2["resumed_from_step"] and p2["resumed_from_step"] >= 1 and p2["steps"] == 12  # from S3, not from 0
     assert "phase1: already trained" in " ".join(out.split())
     ev = cluster.s3_json("run/eval/metrics.json")
-    assert list(ev["models"]) == ["base", "complexity_aware/phase1", "complexity_aware/phase2"]
+    assert list(ev["models"]) == [
+        "base (single-token, from score)",
+        "base",
+        "complexity_aware/phase1",
+        "complexity_aware/phase2",
+    ]
     assert (
         ev["models"]["complexity_aware/phase2"]["adapter"] == f"s3://{BUCKET}/run/train/complexity_aware/phase2/model"
     )
-    assert all(m["overall"]["n"] == 10 for m in ev["models"].values())
+    assert all(m["overall"]["n"] == ev["compared_rows"] for m in ev["models"].values())
     assert cluster.s3_exists("run/report/report.html") and cluster.s3_exists("run/report/report.md")
     # Logs without a TTY: plain progress lines and rank 0's loss lines reach `ray job submit`'s output.
     assert "scoring: 0/" in out or "scoring:" in first_out

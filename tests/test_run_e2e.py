@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+SINGLE = "base (single-token, from score)"  # raycat.evaluate.SINGLE_TOKEN_BASE
 pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.filterwarnings("ignore")]
 
 
@@ -96,8 +97,9 @@ def test_run_end_to_end_then_resume_rules(tmp_path, tiny_model_dir):
         s: "done" for s in ("score", "split", "teach", "train", "eval", "report")
     }
     ev = json.loads((run / "eval/metrics.json").read_text())
-    assert list(ev["models"]) == ["base", "complexity_aware/phase1", "complexity_aware/phase2"]
-    assert ev["test_rows"] == 10 and all(m["overall"]["n"] == 10 for m in ev["models"].values())
+    assert list(ev["models"]) == [SINGLE, "base", "complexity_aware/phase1", "complexity_aware/phase2"]
+    assert ev["test_rows"] == 10 and all(m["overall"]["n"] == ev["compared_rows"] for m in ev["models"].values())
+    assert ev["compared_rows"] + ev["excluded_rows"]["n"] == 10 and len(ev["paired"]) == 6
     assert (run / "report/report.html").stat().st_size > 10_000
     # LoRA phases are served by vLLM as adapters on the base student: no merged copy is written.
     assert ev["models"]["complexity_aware/phase2"]["adapter"] == str(run / "train/complexity_aware/phase2/model")
@@ -120,8 +122,9 @@ def test_run_end_to_end_then_resume_rules(tmp_path, tiny_model_dir):
         assert f"run: {stage}: up to date" in both
     assert "phase1: already trained" in both and "phase2: already trained" in both
     ev = json.loads((run / "eval/metrics.json").read_text())
-    assert list(ev["models"]) == ["base", "complexity_aware/phase1", "complexity_aware/phase2", "sft_all/phase1"]
-    changed_data_path_recomputes_exactly_the_changed_rows(tmp_path, run, cfg, list(ev["models"]))
+    models = ["base", "complexity_aware/phase1", "complexity_aware/phase2", "sft_all/phase1"]
+    assert list(ev["models"]) == [SINGLE, *models]
+    changed_data_path_recomputes_exactly_the_changed_rows(tmp_path, run, cfg, models)
 
 
 def changed_data_path_recomputes_exactly_the_changed_rows(tmp_path: Path, run: Path, cfg: Path, models) -> None:
@@ -256,7 +259,7 @@ def test_an_empty_cot_phase_is_skipped_and_eval_and_report_say_so(tmp_path, tiny
     phases = json.loads((run / "train/complexity_aware/metrics.json").read_text())["phases"]
     assert phases["phase1"]["status"] == "trained" and phases["phase2"]["status"] == "empty"
     ev = json.loads((run / "eval/metrics.json").read_text())
-    assert list(ev["models"]) == ["base", "complexity_aware/phase1"]
+    assert list(ev["models"]) == [SINGLE, "base", "complexity_aware/phase1"]
     assert "no rows to train on" in ev["not_trained"]["complexity_aware/phase2"]
     report = (run / "report/report.md").read_text()
     assert "| complexity_aware/phase2 | not trained: no rows to train on" in report

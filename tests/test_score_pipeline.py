@@ -135,6 +135,14 @@ def test_transformers_backend_paper_preset_reports_multi_token_labels(tmp_path, 
     assert main(["split", "--config", str(cfg)]) == 0
     info = json.loads((tmp_path / "run" / "split" / "thresholds.json").read_text())
     assert info["skipped"]["idk"] == int(df.idk.sum())
+    # Full-vocabulary entropy needs no single-token labels: the ten-option row is scored, its answer
+    # read from the decoded text.
+    assert main(["score", "--config", str(cfg), "score.entropy_mode=full"]) == 0
+    full = read_scores(tmp_path)
+    assert len(full) == N_QUESTIONS + 1 and "ten" in set(full.id) and full.entropy.notna().all()
+    assert full.predicted_greedy.isin(list("ABCDEFGHIJ") + ["IDK", ""]).all()
+    assert (full.correct_greedy == (full.predicted_greedy == full.gold)).all()
+    assert "roc_auc_greedy" in json.loads((tmp_path / "run" / "score" / "metrics.json").read_text())
 
 
 def test_free_form_questions_in_full_mode(tmp_path, tiny_model_dir):

@@ -36,6 +36,70 @@ def test_row_result_free_form_reads_the_number():
     assert out["option_mass"] is None
 
 
+def test_two_correctness_labels_options_argmax_and_the_decoded_token():
+    groups = [[10, 11], [20], [30]]  # token ids spelling A ("A", " A"), B, C
+    lp = list(np.log([0.1, 0.6, 0.1]))
+    argmax_b = row_result(ScoreResult(option_logprobs=lp, greedy_token_id=20), 3, "B", "options", "letters", groups)
+    assert argmax_b["correct"] and argmax_b["predicted_greedy"] == "B" and argmax_b["correct_greedy"]
+    # The decoded token is no option label (e.g. "The"): invalid for the paper, still B by arg-max.
+    other = row_result(ScoreResult(option_logprobs=lp, greedy_token_id=99), 3, "B", "options", "letters", groups)
+    assert other["correct"] and other["predicted_greedy"] == "" and not other["correct_greedy"]
+    spaced = row_result(ScoreResult(option_logprobs=lp, greedy_token_id=11), 3, "B", "options", "letters", groups)
+    assert spaced["predicted_greedy"] == "A" and not spaced["correct_greedy"]
+
+
+@pytest.mark.parametrize("text,want", [("10", "J"), (" 3.", "C"), ("0", "IDK"), ("The answer", "")])
+def test_paper_preset_multi_token_labels_in_full_mode_read_the_decoded_answer(text, want):
+    res = ScoreResult(greedy_text=text, greedy_token_id=16, entropy_full=1.5)  # "1": only the first token
+    out = row_result(res, 10, "J", "full", "paper", None)
+    assert out["predicted"] == out["predicted_greedy"] == want and out["correct"] == (want == "J")
+    assert out["entropy"] == 1.5 and out["entropy_options"] is None and out["idk"] == (want == "IDK")
+
+
+def test_greedy_accuracy_and_auc_drop_invalid_and_idk_rows_as_the_paper():
+    from raycat.score_metrics import score_metrics
+
+    df = pd.DataFrame(
+        {
+            "status": "scored",
+            "skip_reason": "",
+            "idk": False,
+            "entropy": [0.1, 0.2, 0.9, 1.0, 0.5, 0.6],
+            "correct": [True, True, False, False, True, False],
+            "predicted": ["A", "A", "B", "B", "A", "B"],
+            "predicted_greedy": ["A", "A", "B", "B", "", "IDK"],
+            "correct_greedy": [True, True, False, False, False, False],
+            "category": "c",
+            "option_mass": 0.9,
+            "entropy_full": None,
+        }
+    )
+    m = score_metrics(df)
+    assert m["greedy"] == {"rows": 4, "invalid": 1, "idk": 1, "agree_with_options_argmax": pytest.approx(4 / 6)}
+    assert m["accuracy_greedy"] == 0.5 and m["roc_auc_greedy"] == 1.0
+    assert m["accuracy"] == pytest.approx(0.5) and "paper" in m["correctness"]["correct_greedy"]
+
+
+def test_report_plots_use_the_rows_of_the_metrics():
+    from raycat.report import metric_rows
+    from raycat.score_metrics import score_metrics
+
+    df = pd.DataFrame(
+        {
+            "status": "scored",
+            "skip_reason": "",
+            "idk": [False, False, True, False],
+            "entropy": [0.1, 0.9, 0.2, 0.4],
+            "correct": [True, False, False, True],
+            "category": "c",
+            "option_mass": 0.9,
+            "entropy_full": None,
+        }
+    )
+    rows = metric_rows(df)
+    assert len(rows) == 3 and rows["correct"].mean() == score_metrics(df)["accuracy"]
+
+
 def test_cache_key_tracks_what_changes_the_numbers():
     base = cache_key(cfg(), "m", "t")
     assert base == cache_key(cfg(engine={"batch_size": 3, "num_engines": 2}), "m", "t")  # batching: same rows

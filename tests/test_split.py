@@ -7,7 +7,15 @@ from raycat.split import assign_bands, holdout_mask, quantile_thresholds, split_
 
 
 def frame(entropies):
-    return pd.DataFrame({"id": [f"q{i}" for i in range(len(entropies))], "entropy": entropies})
+    n = len(entropies)
+    return pd.DataFrame(
+        {
+            "id": [f"q{i}" for i in range(n)],
+            "question": [f"question {i}" for i in range(n)],
+            "options": [["x", "y"]] * n,
+            "entropy": entropies,
+        }
+    )
 
 
 def test_exact_quantile_thresholds_on_known_input():
@@ -75,3 +83,29 @@ def test_balancing_samples_n_per_band_seeded():
     assert info["counts_before_balancing"] == {"easy": 100, "medium": 200, "hard": 100}
     again, _, _ = split_frame(frame(e), SplitConfig(balance_per_band=30, seed=5))
     assert all(set(bands[b]["id"]) == set(again[b]["id"]) for b in bands)
+
+
+def test_duplicate_questions_never_straddle_train_and_test():
+    df = frame(list(np.linspace(0, 2, 60)))
+    # Ten groups of three identical questions (case, spacing and option order differ).
+    for g in range(10):
+        for k, i in enumerate(range(3 * g, 3 * g + 3)):
+            df.at[i, "question"] = [f"Same Q {g}?", f"same q {g}?", f"  same   Q {g}? "][k]
+            df.at[i, "options"] = [["a", "b"], ["b", "a"], ["A", "b"]][k]
+    for seed in range(5):
+        bands, test, info = split_frame(df, SplitConfig(test_fraction=0.2, seed=seed))
+        train_ids = set().union(*(set(v["id"]) for v in bands.values()))
+        for g in range(10):
+            members = {f"q{i}" for i in range(3 * g, 3 * g + 3)}
+            assert members <= train_ids or members <= set(test["id"]), (seed, g)
+        assert len(test) >= 12 and len(test) <= 14  # 20 % of 60, whole groups
+    assert info["duplicate_groups"]["groups"] == 10 and info["duplicate_groups"]["rows"] == 30
+
+
+def test_band_balanced_test_set():
+    e = list(np.linspace(0, 1, 200) ** 3)  # skewed: most rows at low entropy
+    _, test, info = split_frame(frame(e), SplitConfig(test_fraction=0.3, seed=3, test_balance=True))
+    counts = test["band"].value_counts().to_dict()
+    assert len(set(counts.values())) == 1 and info["test_counts"] == {b: counts[b] for b in ("easy", "medium", "hard")}
+    before = info["test_counts_before_balancing"]
+    assert sum(before.values()) == 60 and min(before.values()) == counts["easy"] and len(test) < 60

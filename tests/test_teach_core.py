@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from raycat.engine import Generation, Sampling
-from raycat.teach_core import accounting, attempt_schedule, resolve, teach_rows
+from raycat.teach_core import accounting, attempt_schedule, band_accounting, resolve, teach_rows
 
 
 class ScriptedEngine:
@@ -91,9 +91,10 @@ def test_policy(status, policy, final, target):
     assert (reason == "") == (final == "verified")
 
 
-def test_accounting_and_distill_all_estimate():
+def test_accounting_totals_and_costs():
     rows = pd.DataFrame(
         {
+            "_key": ["a", "b", "a"],
             "teacher": ["t1", "t1", "t2"],
             "attempts": [1, 2, 1],
             "prompt_tokens": [100, 200, 100],
@@ -102,12 +103,39 @@ def test_accounting_and_distill_all_estimate():
             "gpu_seconds": [1.0, 2.0, 0.0],
         }
     )
-    a = accounting(rows, pool_size=12, prices={"t1": (1.0, 2.0, "USD"), "t2": None})
-    assert a["total_tokens"] == 1600 and a["per_teacher"]["t1"]["attempts"] == 3
+    a = accounting(rows, prices={"t1": (1.0, 2.0, "USD"), "t2": None})
+    assert a["total_tokens"] == 1600 and a["per_teacher"]["t1"]["attempts"] == 3 and a["rows_taught"] == 2
     assert a["per_teacher"]["t1"]["cost"] == pytest.approx((300 * 1 + 900 * 2) / 1e6)
-    est = a["distill_all_estimate"]
-    assert est["tokens"] == pytest.approx(1600 / 3 * 12) and est["saving_pct"] == pytest.approx(75.0)
-    assert "estimate" in est["label"]
+
+
+def _pool():
+    return pd.DataFrame(
+        {
+            "_key": [f"e{i}" for i in range(2)] + [f"m{i}" for i in range(4)] + ["h0", "h1"],
+            "band": ["easy"] * 2 + ["medium"] * 4 + ["hard"] * 2,
+        }
+    )
+
+
+def test_saving_is_measured_when_every_band_was_taught():
+    # A distill-all run earlier in the same cache answered every row: the saving is measured.
+    spent = pd.DataFrame(
+        {"_key": list(_pool()["_key"]), "prompt_tokens": 10, "completion_tokens": [10] * 6 + [90, 190]}
+    )
+    b = band_accounting(_pool(), spent, ["hard"])
+    assert b["per_band"]["hard"]["tokens"] == 100 + 200 and b["per_band"]["easy"]["basis"] == "measured"
+    assert b["saving"]["basis"] == "measured"
+    assert b["saving"]["saving_pct"] == pytest.approx(100 * (1 - 300 / (300 + 6 * 20)))
+
+
+def test_saving_is_an_estimate_labelled_when_bands_were_not_taught():
+    spent = pd.DataFrame({"_key": ["h0", "h1", "m0"], "prompt_tokens": [10, 10, 5], "completion_tokens": [90, 190, 15]})
+    b = band_accounting(_pool(), spent, ["hard"])
+    med, easy = b["per_band"]["medium"], b["per_band"]["easy"]
+    assert med["measured_tokens"] == 20 and med["estimated_tokens"] == 3 * 20  # this band's own mean
+    assert "estimated for 3 from this band's measured mean" in med["basis"]
+    assert easy["estimated_tokens"] == pytest.approx(2 * (300 + 20) / 3)  # no easy row measured: all bands' mean
+    assert b["saving"]["basis"] == "estimate" and "estimate" in b["saving"]["label"]
 
 
 def test_request_errors_stop_the_row_and_keep_earlier_answers():

@@ -81,7 +81,8 @@ def test_hard_band_then_all_bands_share_the_cache(split_run, tiny_model_dir):
     assert a["per_teacher"][str(tiny_model_dir)]["cost"] == pytest.approx(
         (a["prompt_tokens"] * 1.0 + a["completion_tokens"] * 4.0) / 1e6
     )
-    assert a["pool_rows"] == N + 1 and 0 < a["distill_all_estimate"]["saving_pct"] < 100
+    assert a["pool_rows"] == N + 1 and 0 < a["saving"]["saving_pct"] < 100
+    assert a["per_band"]["hard"]["basis"] == "measured" and a["saving"]["basis"] == "estimate"
 
     cfg_all = config(tmp, tiny_model_dir, bands="all", on_wrong="fallback_to_answer")
     assert main(["teach", "--config", str(cfg_all)]) == 0

@@ -183,3 +183,53 @@ def test_random_split_keeps_band_sizes_with_random_disjoint_rows():
     again, _ = select("random_split", _bands(), _cot(range(12)), seed=1)
     assert list(again[1][1]["id"]) == list(r2["id"])  # seeded
     assert set(RECIPES) == {"complexity_aware", "sft_all", "distill_all", "curriculum", "random_split"}
+
+
+def test_accumulated_window_loss_weighs_every_target_token_like_one_big_batch():
+    """Two micro-batches of very different target lengths (a short answer, a long CoT) accumulated as
+    one window give the gradient of one batch holding both; a mean of per-micro-batch means does not."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raycat.train_data import collate, target_tokens, total_steps, window_loss
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = LlamaForCausalLM(cfg).float()
+    short_ids = list(range(3, 13))
+    short_lab = [-100] * 7 + short_ids[7:]  # 3 target tokens
+    long_ids = list(range(5, 45))
+    long_lab = [-100] * 4 + long_ids[4:]  # 36 target tokens
+
+    def t(d):
+        return {k: torch.from_numpy(v) for k, v in d.items()}
+
+    micro = [t(collate([short_ids], [short_lab], 0)), t(collate([long_ids], [long_lab], 0))]
+    both = t(collate([short_ids, long_ids], [short_lab, long_lab], 0))
+
+    def grads(loss_fn):
+        model.zero_grad()
+        loss_fn()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference = grads(lambda: model(**both).loss.backward())  # mean over all target tokens of the window
+    n = sum(target_tokens(b["labels"]) for b in micro)
+    assert n == 3 + 36
+
+    def window():
+        for b in micro:
+            window_loss(model, b, n, world=1)[0].backward()
+
+    torch.testing.assert_close(grads(window), reference, atol=1e-6, rtol=1e-4)
+
+    def mean_of_means():  # the old accumulation: each micro-batch's mean loss / accumulation steps
+        for b in micro:
+            (model(**b).loss / len(micro)).backward()
+
+    assert not torch.allclose(grads(mean_of_means), reference, atol=1e-4)
+    # The data-parallel all-reduce averages over ranks; the loss share is scaled up to undo it.
+    assert window_loss(model, micro[0], n, world=4)[0].item() == pytest.approx(
+        4 * window_loss(model, micro[0], n, 1)[1].item()
+    )
+    # Steps per epoch: the last, shorter window is a step too (5 micro-batches, 2 per window -> 3 steps).
+    assert total_steps(rows=20, world=1, micro_batch_size=4, accumulation=2, epochs=2, max_steps=None) == 6
