@@ -73,6 +73,12 @@ class DataConfig(Strict):
         "option text itself, or a number (free-form).",
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="For source 'synthetic'.")
+    medmcqa_cop_base: Literal[0, 1] | None = Field(
+        None,
+        description="MedMCQA's answer column 'cop': 0-based on the HF Hub, 1-based in the release files "
+        "(train.json / dev.json). Unset: detected from the whole file (a 0 means 0-based, a 4 means "
+        "1-based) and stated in the questions summary; set it when the file cannot tell.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

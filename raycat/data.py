@@ -21,6 +21,7 @@ import pandas as pd
 
 from raycat.answers import parse_number
 from raycat.config import DataConfig
+from raycat.data_files import SUFFIXES, BadLine, columns_of, read_records
 from raycat.errors import MissingInputError, RaycatError
 from raycat.synthetic import generate_arithmetic
 
@@ -39,6 +40,13 @@ class BadRowError(RaycatError, ValueError):
 
     def __reduce__(self):  # raised in a Ray task: rebuilt on the driver from its fields
         return (BadRowError, (self.row, self.field, self.reason, self.fix))
+
+
+class _BadAt(Exception):
+    """A bad line found while reading a file (not JSON...), with its own place: file and line."""
+
+    def __init__(self, where: str, field: str, reason: str, text: str):
+        self.where, self.field, self.reason, self.text = where, field, reason, text
 
 
 class _Bad(Exception):
@@ -120,11 +128,12 @@ def _mmlu(r: dict, _cfg: DataConfig) -> dict:
     return {"id": None, "question": r.get("question"), "options": options, "gold": gold, "category": r.get("subject")}
 
 
-def _medmcqa(r: dict, _cfg: DataConfig) -> dict:
+def _medmcqa(r: dict, cfg: DataConfig) -> dict:
     options = [_text(r.get(k), k) for k in ("opa", "opb", "opc", "opd")]
     cop = _index(r.get("cop"), "cop")
     if cop == -1:
         raise _Bad("cop", "no published answer (cop=-1, the MedMCQA test split)", "Use the validation split")
+    cop -= cfg.medmcqa_cop_base or 0  # load_questions sets the base (detected or configured)
     gold = _gold_from_index(cop, 4, "cop")
     return {
         "id": r.get("id"),
@@ -209,42 +218,60 @@ def resolve_data_path(path: str) -> Path | None:
     return p if p.exists() else None
 
 
-def _read_file(f: Path) -> pd.DataFrame:
-    try:
-        return _read_table(f)
-    except (ValueError, UnicodeDecodeError, OSError) as e:  # pandas/pyarrow parse errors, bad encodings
-        raise RaycatError(f"data.path: {f} cannot be read as {f.suffix.lower().lstrip('.')}: {e}") from e
+def required_columns(cfg: DataConfig) -> list[str | tuple[str, ...]]:
+    """The fields a source's adapter reads; a tuple is a set of alternatives (any one suffices)."""
+    if cfg.source == "generic":
+        cols = cfg.columns
+        need: list[str | tuple[str, ...]] = [cols.question, cols.answer]
+        if isinstance(cols.options, list):
+            need += cols.options
+        elif cols.options is not None:
+            need.append(cols.options)
+        return need + [c for c in (cols.id, cols.category) if c]
+    return {
+        "mmlu_pro": ["question", "options", "answer_index"],
+        "mmlu": ["question", "answer", ("choices", "choice0")],
+        "medmcqa": ["question", "opa", "opb", "opc", "opd", "cop"],
+        "gsm8k": ["question", "answer"],
+    }[cfg.source]
 
 
-def _read_table(f: Path) -> pd.DataFrame:
-    suffix = f.suffix.lower()
-    if suffix == ".parquet":
-        return pd.read_parquet(f)
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(f, lines=suffix == ".jsonl", dtype=False)
-    if suffix == ".csv":
-        # keep_default_na=False: an option literally reading "None" or "NA" is text, not missing.
-        return pd.read_csv(f, dtype=str, keep_default_na=False, na_values=[""])
-    raise RaycatError(f"unsupported data file {f}: use .parquet, .jsonl, .json or .csv")
+def check_columns(cfg: DataConfig, have: set[str], where: str) -> None:
+    """A file or hub split whose columns are not the adapter's fails here, naming what it expects."""
+    missing = [c for c in required_columns(cfg) if not (set(c) & have if isinstance(c, tuple) else c in have)]
+    if missing:
+        names = [" or ".join(c) if isinstance(c, tuple) else c for c in missing]
+        expected = [" or ".join(c) if isinstance(c, tuple) else c for c in required_columns(cfg)]
+        raise RaycatError(
+            f"{where}: no column(s) {', '.join(names)} for data.source={cfg.source} (it reads "
+            f"{', '.join(expected)}; the file has {', '.join(sorted(map(str, have))) or 'no columns'}). "
+            + (
+                "Fix data.columns"
+                if cfg.source == "generic"
+                else "Pick the matching data.source or data.source=generic"
+            )
+        )
 
 
-def read_raw(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
-    """Yield (row label, raw row dict) in a stable order: file name, then row number."""
+def read_raw(cfg: DataConfig) -> Iterator[tuple[str, dict | BadLine]]:
+    """Yield (row label, raw row dict or a BadLine) in a stable order: file name, then row number."""
     assert cfg.path is not None
     local = resolve_data_path(cfg.path)
     if local is None:
         yield from _read_hub(cfg)
         return
     files = sorted(f for f in local.rglob("*") if f.is_file()) if local.is_dir() else [local]
-    files = [f for f in files if f.suffix.lower() in (".parquet", ".jsonl", ".json", ".csv")]
+    files = [f for f in files if f.suffix.lower() in SUFFIXES]
     if not files:
         raise MissingInputError(f"data.path {cfg.path}: no .parquet/.jsonl/.json/.csv files found")
     for f in files:
-        df = _read_file(f)
+        records = read_records(f)
+        if records:
+            check_columns(cfg, columns_of(records), f"data.path {f}")
         # The MMLU CSV export has one file per subject (<subject>_<split>.csv) and no subject column.
         subject = re.sub(r"_(dev|val|test|train)$", "", f.stem)
-        for i, row in enumerate(df.to_dict(orient="records")):
-            if cfg.source == "mmlu" and "subject" not in row:
+        for i, row in enumerate(records):
+            if isinstance(row, dict) and cfg.source == "mmlu" and "subject" not in row:
                 row["subject"] = subject
             label = f"{f.name}:{i}" if len(files) > 1 else str(i)
             yield label, row
@@ -260,6 +287,7 @@ def _read_hub(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
             f"data.path {cfg.path!r} is not a local file and loading it from the hub failed: {e}. "
             "Point data.path at a local file in the same schema if the hub is unreachable."
         ) from e
+    check_columns(cfg, set(ds.column_names), f"data.path {cfg.path} (hub split {cfg.split})")
     for i, row in enumerate(ds):
         yield str(i), row
 
@@ -302,19 +330,62 @@ def _json_safe(row: dict) -> dict:
     return json.loads(pd.Series(row).to_json(default_handler=str))
 
 
+def _cop_base(cfg: DataConfig, raws: list[tuple[str, dict | BadLine]]) -> tuple[int, str]:
+    """MedMCQA's ``cop`` convention for a whole file, never per row: (base, how it was decided)."""
+    if cfg.medmcqa_cop_base is not None:
+        return cfg.medmcqa_cop_base, "set by data.medmcqa_cop_base"
+    values = set()
+    for _, r in raws:
+        if isinstance(r, dict):
+            try:
+                values.add(int(r.get("cop")))
+            except (TypeError, ValueError):
+                pass
+    values.discard(-1)  # the test split's "no published answer": says nothing about the convention
+    if not values:
+        return 0, "no published answers in the file (cop = -1)"
+    if 0 in values and 4 in values:
+        raise RaycatError(
+            f"data.path {cfg.path}: MedMCQA 'cop' takes both 0 and 4, so neither convention (0-based on the "
+            "hub, 1-based in the release files) fits every row; check the file"
+        )
+    if 4 in values:
+        return 1, "detected: 1-based (a cop of 4 occurs; the MedMCQA release files' convention)"
+    if 0 in values:
+        return 0, "detected: 0-based (a cop of 0 occurs; the HF Hub's convention)"
+    raise RaycatError(
+        f"data.path {cfg.path}: MedMCQA 'cop' values {sorted(values)} fit both 0-based (hub) and 1-based (release "
+        "files) answers; set data.medmcqa_cop_base to 0 or 1"
+    )
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
 def load_questions(cfg: DataConfig) -> tuple[pd.DataFrame, list[dict], int]:
-    """Return (valid questions, quarantined rows with reasons, rows read)."""
+    """Return (valid questions, quarantined rows with reasons, rows read). ``df.attrs["notes"]`` holds
+    what the summary should state: conventions detected, rows flagged but kept."""
     if cfg.source == "synthetic":
         rows = generate_arithmetic(**cfg.synthetic.model_dump())
         return pd.DataFrame(rows, columns=COLUMNS), [], len(rows)
     adapter = ADAPTERS[cfg.source]
+    raws = list(read_raw(cfg))
+    if not raws:
+        raise RaycatError(f"data.path {cfg.path}: no rows (an empty file); point data.path at the questions")
+    notes: dict = {}
+    if cfg.source == "medmcqa":
+        base, how = _cop_base(cfg, raws)
+        cfg = cfg.model_copy(update={"medmcqa_cop_base": base})
+        notes["medmcqa_cop"] = how
     good: list[dict] = []
     bad: list[dict] = []
     seen: dict[str, str] = {}
-    n_read = 0
-    for label, raw in read_raw(cfg):
-        n_read += 1
+    duplicated: list[str] = []
+    for label, raw in raws:
         try:
+            if isinstance(raw, BadLine):
+                raise _BadAt(raw.where, "(line)", raw.reason, raw.text)
             rec = _validate(adapter(raw, cfg), cfg.source, label)
             if rec["id"] in seen:
                 raise _Bad(
@@ -323,13 +394,34 @@ def load_questions(cfg: DataConfig) -> tuple[pd.DataFrame, list[dict], int]:
                     "Ids must be unique; fix the source or drop the duplicate",
                 )
             seen[rec["id"]] = label
+            texts = [_norm(o) for o in rec["options"]]
+            if len(set(texts)) < len(texts):
+                gold = texts[LETTERS.index(rec["gold"])]
+                if texts.count(gold) > 1:  # two options read the same and one is the answer: ambiguous
+                    raise _Bad(
+                        "options",
+                        f"the gold option's text {rec['options'][LETTERS.index(rec['gold'])]!r} "
+                        "appears more than once, so the answer is ambiguous",
+                    )
+                duplicated.append(rec["id"])
             good.append(rec)
+        except _BadAt as b:
+            if cfg.on_bad_rows == "error":
+                raise BadRowError(b.where, b.field, b.reason) from None
+            bad.append({"row": b.where, "field": b.field, "reason": b.reason, "raw": b.text})
         except _Bad as b:
             if cfg.on_bad_rows == "error":
                 raise BadRowError(label, b.field, b.reason, b.fix) from None
             bad.append({"row": label, "field": b.field, "reason": b.reason, "raw": _json_safe(raw)})
+    if duplicated:
+        notes["duplicate_option_texts"] = {
+            "rows": len(duplicated),
+            "ids": duplicated[:20],
+            "rule": "kept: two options read the same (case and spacing ignored), but not the gold one",
+        }
     df = pd.DataFrame(good, columns=COLUMNS)
-    return df, bad, n_read
+    df.attrs["notes"] = notes
+    return df, bad, len(raws)
 
 
 def select_rows(df: pd.DataFrame, limit: int | None, sample: int | None, seed: int) -> pd.DataFrame:

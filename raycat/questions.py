@@ -37,6 +37,7 @@ def build(cfg: RaycatConfig) -> dict:
     quarantine.jsonl with the reason."""
     d = cfg.data
     df, bad, n_read = load_questions(d)
+    notes = df.attrs.get("notes", {})
     n_valid = len(df)
     df = rowkey.add(select_rows(df, d.limit, d.sample, d.seed))  # every cache downstream keys on it
     out = rundir.join(cfg.run_dir, "questions")
@@ -56,6 +57,7 @@ def build(cfg: RaycatConfig) -> dict:
         .value_counts()
         .to_dict(),
         "max_options": int(df["options"].map(len).max()) if len(df) else 0,
+        **notes,
     }
     rundir.write_json(rundir.join(out, "summary.json"), summary)
     return summary

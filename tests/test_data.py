@@ -7,6 +7,7 @@ import pytest
 
 from raycat.config import ColumnMap, DataConfig
 from raycat.data import BadRowError, load_questions
+from raycat.errors import RaycatError
 
 
 def jsonl(path, rows):
@@ -211,3 +212,83 @@ def test_hub_loader_reads_a_hub_style_repository_layout(tmp_path):
     assert [r["question_id"] for _, r in got] == [0, 1, 2]
     got = list(_read_hub(DataConfig(source="mmlu_pro", path=str(tmp_path), split="validation")))
     assert len(got) == 1
+
+
+# --- input handling: every problem names file, line/row and field ---
+
+MCQ = {"question": "Q?", "options": ["a", "b"], "answer": "A"}
+COLS = ColumnMap(question="question", options="options", answer="answer")
+
+
+def test_jsonl_syntax_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(MCQ) + "\n" + json.dumps(MCQ) + "\n" + '{"question": "Q?", "opt')  # cut off
+    with pytest.raises(BadRowError, match=r"row d.jsonl line 3, field '\(line\)': not valid JSON.*last line.*cut off"):
+        load("generic", str(p), columns=COLS)
+    p.write_text(json.dumps(MCQ) + "\nnot json at all\n" + json.dumps(MCQ) + "\n")
+    df, bad, n = load("generic", str(p), columns=COLS, on_bad_rows="quarantine")
+    assert n == 3 and len(df) == 2 and bad[0]["row"] == "d.jsonl line 2" and "not valid JSON" in bad[0]["reason"]
+    assert list(df.id) == ["generic-0", "generic-2"]  # ids stay row numbers: fixing line 2 renames nothing
+
+
+def test_a_byte_order_mark_is_read_normally(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_bytes(b"\xef\xbb\xbfquestion,options_a,options_b,answer\nQ?,x,y,B\n")
+    df, _, _ = load(
+        "generic", str(p), columns=ColumnMap(question="question", options=["options_a", "options_b"], answer="answer")
+    )
+    assert df.iloc[0].question == "Q?" and df.iloc[0].gold == "B"
+    j = tmp_path / "d.jsonl"
+    j.write_bytes(b"\xef\xbb\xbf" + json.dumps(MCQ).encode() + b"\n")
+    assert load("generic", str(j), columns=COLS)[0].iloc[0].question == "Q?"
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(json.dumps(MCQ).encode() + b"\n" + b'{"question": "caf\xe9"}\n')  # latin-1, not UTF-8
+    with pytest.raises(RaycatError, match=r"d.jsonl line 2, column 18: not valid UTF-8 \(byte 0xe9\)"):
+        load("generic", str(p), columns=COLS)
+
+
+def test_an_input_with_no_rows_is_an_error(tmp_path):
+    for name, text in (("e.jsonl", "\n\n"), ("e.csv", ""), ("e.json", "[]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(RaycatError, match="no rows"):
+            load("generic", str(tmp_path / name), columns=COLS)
+
+
+def test_a_csv_whose_header_is_not_the_adapters_names_the_expected_columns(tmp_path):
+    p = tmp_path / "physics_test.csv"
+    p.write_text("Question,A,B,C,D,Answer\nQ?,1,2,3,4,A\n")  # another export's header
+    with pytest.raises(RaycatError, match=r"no column\(s\) question, answer, choices or choice0 for data.source=mmlu"):
+        load("mmlu", str(p))
+
+
+def test_duplicate_option_texts_are_flagged_and_an_ambiguous_gold_is_a_bad_row(tmp_path):
+    rows = [
+        {"question": "Q1?", "options": ["yes", "Yes ", "no"], "answer": "C"},  # duplicate, gold not among them
+        {"question": "Q2?", "options": ["yes", "yes", "no"], "answer": "A"},  # the gold's text twice
+    ]
+    df, bad, _ = load("generic", jsonl(tmp_path / "d.jsonl", rows), columns=COLS, on_bad_rows="quarantine")
+    assert list(df.id) == ["generic-0"] and df.attrs["notes"]["duplicate_option_texts"]["ids"] == ["generic-0"]
+    assert bad[0]["row"] == "1" and bad[0]["field"] == "options" and "ambiguous" in bad[0]["reason"]
+
+
+def _medmcqa(cop, i=0):
+    return {"id": f"m{i}", "question": f"Q{i}", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": cop}
+
+
+def test_medmcqa_release_files_are_json_lines_with_one_based_cop(tmp_path):
+    # train.json / dev.json of the MedMCQA release: JSON Lines under .json, cop 1..4.
+    p = tmp_path / "dev.json"
+    p.write_text("".join(json.dumps(_medmcqa(c, i)) + "\n" for i, c in enumerate([1, 4, 2, 3])))
+    df, _, _ = load("medmcqa", str(p))
+    assert list(df.gold) == ["A", "D", "B", "C"] and "1-based" in df.attrs["notes"]["medmcqa_cop"]
+    # The hub's convention, detected from the whole file, never per row.
+    p.write_text("".join(json.dumps(_medmcqa(c, i)) + "\n" for i, c in enumerate([0, 3, 1, 2])))
+    df, _, _ = load("medmcqa", str(p))
+    assert list(df.gold) == ["A", "D", "B", "C"] and "0-based" in df.attrs["notes"]["medmcqa_cop"]
+    p.write_text("".join(json.dumps(_medmcqa(c, i)) + "\n" for i, c in enumerate([1, 2, 3])))
+    with pytest.raises(RaycatError, match="set data.medmcqa_cop_base"):
+        load("medmcqa", str(p))
+    assert list(load("medmcqa", str(p), medmcqa_cop_base=1)[0].gold) == ["A", "B", "C"]

@@ -1,0 +1,117 @@
+"""Reading local data files into raw records, with errors a user can act on.
+
+Every problem names the file and line: invalid UTF-8, a JSON Lines line that is not JSON (a truncated
+last line), a CSV that pandas cannot parse. A UTF-8 byte-order mark is read normally. A ``.json`` file
+may be a JSON array, a column-oriented object, or JSON Lines (the MedMCQA release files are JSON Lines
+under a ``.json`` suffix).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from raycat.errors import RaycatError
+
+SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """One line of a JSON Lines file that is not a JSON object: a bad row, named by file and line."""
+
+    where: str  # "<file> line <n>"
+    reason: str
+    text: str
+
+
+def _decode(f: Path) -> str:
+    data = f.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark is not part of the first column's name
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RaycatError(
+            f"data.path: {f} line {line}, column {col}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
+def _json_lines(f: Path, text: str) -> list[dict | BadLine]:
+    out: list[dict | BadLine] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            last = n == len(text.splitlines())
+            hint = " (the last line: was the file cut off?)" if last else ""
+            out.append(BadLine(f"{f.name} line {n}", f"not valid JSON: {e.msg} at column {e.colno}{hint}", line[:200]))
+            continue
+        if not isinstance(obj, dict):
+            out.append(BadLine(f"{f.name} line {n}", f"expected a JSON object, got {type(obj).__name__}", line[:200]))
+            continue
+        out.append(obj)
+    return out
+
+
+def _json(f: Path, text: str) -> list[dict | BadLine]:
+    head = text.lstrip()[:1]
+    if head == "[" or head == "{":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if head == "{" and e.msg == "Extra data":  # several objects, one per line: JSON Lines
+                return _json_lines(f, text)
+            raise RaycatError(f"data.path: {f} line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+        if isinstance(obj, list):
+            bad = [i for i, r in enumerate(obj) if not isinstance(r, dict)]
+            if bad:
+                raise RaycatError(f"data.path: {f}: item {bad[0]} of the JSON array is not an object")
+            return obj
+        if isinstance(obj, dict) and all(isinstance(v, list | dict) for v in obj.values()):
+            return pd.DataFrame(obj).to_dict(orient="records")  # column-oriented, as pandas writes it
+        return [obj]
+    if not head:
+        return []
+    raise RaycatError(f"data.path: {f} line 1: not JSON (starts with {text.lstrip()[:20]!r})")
+
+
+def read_records(f: Path) -> list[dict | BadLine]:
+    """The raw records of one data file, in file order (blank JSON Lines lines skipped)."""
+    suffix = f.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            return pd.read_parquet(f).to_dict(orient="records")
+        except (OSError, ValueError) as e:
+            raise RaycatError(f"data.path: {f} cannot be read as Parquet: {e}") from e
+    if suffix not in SUFFIXES:
+        raise RaycatError(f"unsupported data file {f}: use .parquet, .jsonl, .json or .csv")
+    text = _decode(f)
+    if not text.strip():
+        return []
+    if suffix == ".jsonl":
+        return _json_lines(f, text)
+    if suffix == ".json":
+        return _json(f, text)
+    try:
+        # keep_default_na=False: an option literally reading "None" or "NA" is text, not missing.
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
+    except (ValueError, pd.errors.ParserError) as e:
+        raise RaycatError(f"data.path: {f} cannot be read as CSV: {e}") from e
+    return df.to_dict(orient="records")
+
+
+def columns_of(records: list[dict | BadLine]) -> set[str]:
+    """The fields of a file's records (the union: JSON Lines rows may omit optional fields)."""
+    out: set[str] = set()
+    for r in records:
+        if isinstance(r, dict):
+            out.update(r)
+    return out
