@@ -244,7 +244,7 @@ def test_an_unparseable_data_file_names_the_file(tmp_path):
         "data": {"source": "generic", "path": str(bad), "columns": {"question": "question"}},
         "score": {"student": {"path": "unused"}},
     }
-    with pytest.raises(RaycatError, match="corpus.jsonl cannot be read as jsonl"):
+    with pytest.raises(RaycatError, match=r"row corpus.jsonl line 2, field .\(line\).: not valid JSON"):
         questions.build(validate_config(cfg))
 
 
