@@ -1,8 +1,10 @@
 """Split stage: entropy → easy / medium / hard bands. Pure pandas/numpy in one Ray task, no GPU.
 
 Bands are half-open and bounded on both sides: easy < t_low <= medium < t_high <= hard (the
-paper's v1/v2 medium band had no upper bound and overlapped hard; method.md 10.3). A band is a
-function of the entropy value alone, so ties always land together and the split is deterministic.
+paper's v1/v2 medium band had no upper bound and overlapped hard; method.md 10.3). Training rows are
+banded by rank of (entropy, id): the same as the thresholds when entropies are distinct, and when
+many rows share one value (coarse entropies), the rows tied at a threshold are split by id, so the
+band sizes follow the quantiles and the split stays deterministic.
 Thresholds come from the training pool only; an optional held-out test set is drawn first.
 Quantiles are exact (numpy, linear interpolation) over the entropy column: 8 bytes a row, so even
 10M questions fit comfortably in one worker's memory.
@@ -23,6 +25,19 @@ BANDS = ("easy", "medium", "hard")
 def quantile_thresholds(entropy: np.ndarray, quantiles: tuple[float, float]) -> tuple[float, float]:
     lo, hi = np.quantile(np.asarray(entropy, dtype=np.float64), quantiles, method="linear")
     return float(lo), float(hi)
+
+
+def rank_bands(entropy: np.ndarray, ids: np.ndarray, quantiles: tuple[float, float]) -> np.ndarray:
+    """Quantile bands by rank of (entropy, id). Without ties this is exactly ``assign_bands`` at the
+    linear quantiles (ceil(q * (n - 1)) rows fall below the q-quantile); with ties (coarse entropies,
+    many confident answers at 0.0) the rows tied at a threshold are split by id, so band sizes still
+    follow the quantiles instead of the easy band emptying into medium."""
+    n = len(entropy)
+    order = np.lexsort((np.asarray(ids).astype(str), np.asarray(entropy, dtype=np.float64)))
+    n_low, n_high = (int(np.ceil(q * (n - 1))) if n else 0 for q in quantiles)
+    bands = np.empty(n, dtype=object)
+    bands[order[:n_low]], bands[order[n_low:n_high]], bands[order[n_high:]] = "easy", "medium", "hard"
+    return bands.astype(str)
 
 
 def assign_bands(entropy: np.ndarray, t_low: float, t_high: float) -> np.ndarray:
@@ -74,7 +89,11 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
     else:
         t_low, t_high = quantile_thresholds(pool["entropy"].to_numpy(), cfg.quantiles)
         method = "quantiles"
-    pool["band"] = assign_bands(pool["entropy"].to_numpy(), t_low, t_high)
+    if method == "quantiles":
+        pool["band"] = rank_bands(pool["entropy"].to_numpy(), pool["id"].to_numpy(), cfg.quantiles)
+    else:
+        pool["band"] = assign_bands(pool["entropy"].to_numpy(), t_low, t_high)
+    ties = int(((pool["entropy"] == t_low) | (pool["entropy"] == t_high)).sum()) if method == "quantiles" else 0
     test["band"] = assign_bands(test["entropy"].to_numpy(), t_low, t_high)
     test_before = {b: int((test["band"] == b).sum()) for b in BANDS}
     if cfg.test_balance and len(test):
@@ -91,7 +110,9 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
         "method": method,
         "quantiles": list(cfg.quantiles) if method == "quantiles" else None,
         "thresholds": [t_low, t_high],
-        "rule": "easy < t_low <= medium < t_high <= hard",
+        "rule": "easy < t_low <= medium < t_high <= hard"
+        + ("; training rows by rank of (entropy, id), so rows tied at a threshold are split by id" if ties else ""),
+        "rows_at_a_threshold": ties,
         "pool_rows": int(len(pool)),
         "test_rows": int(len(test)),
         "counts_before_balancing": before,

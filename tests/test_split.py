@@ -109,3 +109,15 @@ def test_band_balanced_test_set():
     assert len(set(counts.values())) == 1 and info["test_counts"] == {b: counts[b] for b in ("easy", "medium", "hard")}
     before = info["test_counts_before_balancing"]
     assert sum(before.values()) == 60 and min(before.values()) == counts["easy"] and len(test) < 60
+
+
+def test_ties_at_a_threshold_are_split_by_id_so_band_sizes_follow_the_quantiles():
+    # Coarse entropies: 40 % of rows at exactly 0.0 (confident answers). By value alone every one of
+    # them would be medium (0.0 is the 25 % quantile) and the easy band would be empty.
+    e = [0.0] * 40 + list(np.linspace(0.1, 2.0, 60))
+    bands, _, info = split_frame(frame(e), SplitConfig())
+    sizes = {b: len(v) for b, v in bands.items()}
+    assert sizes == {"easy": 25, "medium": 50, "hard": 25} and info["rows_at_a_threshold"] == 40
+    assert set(bands["easy"]["id"]) == set(sorted(f"q{i}" for i in range(40))[:25])  # zeros, lowest ids
+    again, _, _ = split_frame(frame(e).sample(frac=1, random_state=3), SplitConfig())
+    assert set(again["easy"]["id"]) == set(bands["easy"]["id"])  # by id, not by row order
