@@ -27,7 +27,7 @@ def main() -> None:
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from raycat import models
+    from raycat import models, rowkey
     from raycat.config import validate_config
     from raycat.engine import Sampling, VLLMEngine
     from raycat.prompts import render_ids, teach_messages
@@ -75,7 +75,8 @@ def main() -> None:
         cache = os.path.join(tmp, "cache")
         with ray_session(cfg.ray):
             t = time.perf_counter()
-            run_teacher(cfg.teach.teachers[0], plan, pd.DataFrame(qs), cache, on_rows=lambda n: None)
+            rows = rowkey.add(pd.DataFrame(qs))  # the stage keys its cache on (id, row_hash)
+            run_teacher(cfg.teach.teachers[0], plan, rows, cache, on_rows=lambda n: None)
             wall = time.perf_counter() - t
         ray_tokens = int(read_cache(cache)["completion_tokens"].sum())
     ray_s = max(wall - start, 1e-9)

@@ -102,7 +102,28 @@ class LabelTokens:
         return [list(self.ids[lab]) for lab in labels]
 
 
-def label_tokens(tokenizer, max_options: int, preset: str) -> LabelTokens:
+def generation_context(tokenizer, preset: str, system_prompt: str | None) -> str:
+    """The text a rendered prompt ends with (the chat template's generation prompt): the context the
+    answer label is written in."""
+    return tokenizer.apply_chat_template(
+        messages_for("?", ["x", "y"], "", preset, system_prompt), tokenize=False, add_generation_prompt=True
+    )
+
+
+def _in_context(tokenizer, context: str, label: str) -> int | None:
+    """The one token ``label`` adds after ``context``, if it adds exactly one and leaves the context's
+    tokens as they were. SentencePiece-style tokenizers write "A" after a newline as "A", while
+    ``encode("A")`` alone gives "▁A": the in-context spelling is the one the model answers with."""
+    base = tokenizer(context, add_special_tokens=False)["input_ids"]
+    both = tokenizer(context + label, add_special_tokens=False)["input_ids"]
+    if len(both) == len(base) + 1 and both[: len(base)] == base:
+        return both[-1]
+    return None
+
+
+def label_tokens(tokenizer, max_options: int, preset: str, context: str | None = None) -> LabelTokens:
+    """The token ids of each answer label: its spellings alone ("A", " A") and, given the rendered
+    generation prompt's ``context``, the token it is written as right after that prompt."""
     labels = answer_labels(max_options, preset)
     ids: dict[str, tuple[int, ...]] = {}
     multi: list[str] = []
@@ -113,6 +134,10 @@ def label_tokens(tokenizer, max_options: int, preset: str) -> LabelTokens:
             toks = tokenizer.encode(spelling, add_special_tokens=False)
             if len(toks) == 1 and toks[0] not in found:
                 found.append(toks[0])
+        if context is not None and found:  # a label no single token spells alone stays multi-token
+            t = _in_context(tokenizer, context, lab)
+            if t is not None and t not in found:
+                found.append(t)
         if not found:
             multi.append(lab)
             continue

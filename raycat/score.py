@@ -98,6 +98,7 @@ def cache_key(cfg: RaycatConfig, model_path: str, template_hash: str) -> str:
         "preset": s.prompt.preset,
         "system_prompt": s.prompt.system_prompt,
         "free_form_max_tokens": s.free_form_max_tokens,
+        "label_tokens": "alone+in-context",  # the label spellings summed into the options distribution
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -308,7 +309,7 @@ def prepare_plan(cfg: RaycatConfig, tok, n_max: int, sample_ids) -> ScorePlan:
     """The tokenizer-dependent facts, resolved on the driver before any engine starts. ``n_max``: the
     most options any question has; ``sample_ids``: the deviation sample."""
     from raycat import models
-    from raycat.prompts import label_tokens, template_hash
+    from raycat.prompts import generation_context, label_tokens, template_hash
 
     s = cfg.score
     model_path = models.portable(s.student.path)  # workers fetch the weights (models.local)
@@ -320,7 +321,9 @@ def prepare_plan(cfg: RaycatConfig, tok, n_max: int, sample_ids) -> ScorePlan:
         trust_remote_code=s.student.trust_remote_code,
         preset=s.prompt.preset,
         system_prompt=s.prompt.system_prompt,
-        labels=label_tokens(tok, max(n_max, 1), s.prompt.preset),
+        labels=label_tokens(
+            tok, max(n_max, 1), s.prompt.preset, generation_context(tok, s.prompt.preset, s.prompt.system_prompt)
+        ),
         template_hash=th,
         cache_key=cache_key(cfg, s.student.path, th),
         sample_ids=sample,

@@ -63,3 +63,41 @@ def test_braces_in_a_category_are_text_and_only_the_user_prompt_has_a_subject_sl
     assert "about set {x} theory" in m[0]["content"]
     m = messages_for("q?", ["a", "b"], "law {", "paper", system_prompt="Questions on {subject} {{x}}.")
     assert m[0]["content"] == "Questions on law { {x}."
+
+
+def sentencepiece_style_tokenizer():
+    """A Unigram tokenizer with a Metaspace pre-tokenizer, as SentencePiece models (Llama-2, Mistral,
+    Gemma) are converted: "A" alone becomes "▁A", but "A" after a newline is the bare "A"."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.ascii_letters + string.digits + " .,:?!\n<>|_/[]()'\"-")
+    vocab = [("<unk>", 0.0)] + [(c, -5.0) for c in chars] + [("▁", -3.0)]
+    vocab += [("▁" + c, -2.0) for c in string.ascii_letters + string.digits]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<unk>")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<model>\n{% endif %}"
+    )
+    return tok
+
+
+def test_label_tokens_include_the_in_context_spelling_of_sentencepiece_tokenizers():
+    from raycat.prompts import generation_context, messages_for, render_ids
+
+    tok = sentencepiece_style_tokenizer()
+    alone = label_tokens(tok, 4, "letters")
+    assert tok.convert_ids_to_tokens(list(alone.ids["A"])) == ["▁A"]  # what encode("A") gives
+    ctx = generation_context(tok, "letters", None)
+    labels = label_tokens(tok, 4, "letters", ctx)
+    assert tok.convert_ids_to_tokens(list(labels.ids["A"])) == ["▁A", "A"]
+    # ... and "A" is indeed the token a rendered prompt is continued with.
+    prompt = render_ids(tok, messages_for("Which?", ["x", "y", "z", "w"], "", "letters"))
+    answered = tok(tok.decode(prompt) + "A", add_special_tokens=False)["input_ids"]
+    assert answered[: len(prompt)] == prompt and answered[-1] in labels.ids["A"]
+    assert answered[-1] not in alone.ids["A"]  # the options distribution missed the model's answer
