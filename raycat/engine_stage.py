@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 
 from raycat import rowkey, rundir
@@ -134,7 +135,13 @@ def todo_count(rows_path: str, done: Sequence[Done]) -> dict:
 
 
 def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
-    return pd.concat([rundir.read_row_groups(p, [int(g)]) for p, g in zip(batch["path"], batch["group"], strict=True)])
+    df = pd.concat([rundir.read_row_groups(p, [int(g)]) for p, g in zip(batch["path"], batch["group"], strict=True)])
+    # List columns (options) arrive as numpy arrays; Ray Data would try its tensor type on them, fail on
+    # ragged lengths and fall back to pickling with a warning. Plain lists become Arrow lists.
+    for c in df.columns:
+        if len(df) and df[c].dtype == object and isinstance(df[c].iloc[0], np.ndarray):
+            df[c] = df[c].map(list)
+    return df
 
 
 def parquet_dataset(path: str):

@@ -71,11 +71,13 @@ def test_hard_band_then_all_bands_share_the_cache(split_run, tiny_model_dir):
     assert main(["teach", "--config", str(cfg)]) == 0
     m = metrics(tmp)
     assert m["rows"] == len(hard) and m["rows_this_run"] == len(hard)
-    # A random tiny model writes no [[X]]: every row is retried once, then dropped, and says why.
-    assert m["status"] == {"dropped_no_answer": len(hard)}
+    # A random tiny model rambles to max_tokens: every row is retried once, then dropped, and says why
+    # (a completion cut off by max_tokens is never verified).
+    assert m["status"] == {"dropped_truncated": len(hard)}
     skipped = pd.read_parquet(tmp / "run" / "teach" / "skipped.parquet")
     assert sorted(skipped.id) == sorted(hard.id) and (skipped.attempts == 2).all()
-    assert skipped.reason.str.contains("no \\[\\[answer\\]\\] found").all()
+    assert skipped.reason.str.contains("cut off at teach.sampling.max_tokens").all()
+    assert (skipped.finish_reason == "length").all()
     a = m["accounting"]
     assert a["completion_tokens"] == int(skipped.completion_tokens.sum()) > 0
     assert a["per_teacher"][str(tiny_model_dir)]["cost"] == pytest.approx(
