@@ -87,6 +87,14 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _listed(stdout: str) -> list[dict]:
+    """`ray list ... --format json` output; with nothing to list it prints "No resource in the
+    cluster" instead of an empty JSON list."""
+    if stdout.strip().startswith("No resource"):
+        return []
+    return json.loads(stdout)
+
+
 class Cluster:
     def __init__(self, root: Path, dashboard: str, env: dict, client_env: dict, s3):
         self.root, self.dashboard, self.env, self.client_env, self.s3 = root, dashboard, env, client_env, s3
@@ -99,12 +107,12 @@ class Cluster:
     def jobs(self) -> list[dict]:
         r = self.ray("list", "jobs", "--address", self.dashboard, "--format", "json", "--limit", "100")
         assert r.returncode == 0, r.stderr[-2000:]
-        return json.loads(r.stdout)
+        return _listed(r.stdout)
 
     def alive_actors(self) -> list[str]:
         r = self.ray("list", "actors", "--address", self.dashboard, "--filter", "state=ALIVE", "--format", "json")
         assert r.returncode == 0, r.stderr[-2000:]
-        return [a["class_name"] for a in json.loads(r.stdout)]
+        return [a["class_name"] for a in _listed(r.stdout)]
 
     def s3_exists(self, key: str) -> bool:
         import pyarrow.fs as pafs
@@ -211,7 +219,8 @@ def cluster(tmp_path_factory, tiny_model_dir):
         deadline = time.time() + 120
         while True:
             r = c.ray("list", "nodes", "--address", dashboard, "--format", "json")
-            if r.returncode == 0 and sum(n["state"] == "ALIVE" for n in json.loads(r.stdout)) == 3:
+            nodes = _listed(r.stdout) if r.returncode == 0 else []
+            if sum(n["state"] == "ALIVE" for n in nodes) == 3:
                 break
             for p in procs:
                 assert p.poll() is None, f"a cluster process exited: {p.args}"
