@@ -62,7 +62,8 @@ class EvalTarget:
 
 
 def bootstrap_ci(correct: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of a mean of 0/1 outcomes; (nan, nan) for an empty set."""
+    """Percentile bootstrap CI of a mean of per-row values (0/1 outcomes, or paired differences of them);
+    (nan, nan) for an empty set."""
     x = np.asarray(correct, dtype=np.float64)
     if len(x) == 0:
         return float("nan"), float("nan")
@@ -78,10 +79,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int, le
     x = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if len(x) == 0:
         return {"n": 0, "diff": None, "ci95": [None, None]}
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"n": int(len(x)), "diff": float(x.mean()), "ci95": [float(lo), float(hi)]}
+    lo, hi = bootstrap_ci(x, resamples, seed, level)  # the bootstrap of the per-row differences
+    return {"n": int(len(x)), "diff": float(x.mean()), "ci95": [lo, hi]}
 
 
 def accuracy_table(df: pd.DataFrame, resamples: int, seed: int) -> dict:
@@ -239,8 +238,9 @@ def empty_phases(cfg: RaycatConfig, recipes: list[str]) -> dict[str, str]:
     for recipe in recipes:
         for phase in RECIPES[recipe]:
             done = rundir.join(cfg.run_dir, "train", recipe, phase.name, "done.json")
-            if rundir.exists(done) and rundir.read_json(done).get("empty"):
-                out[f"{recipe}/{phase.name}"] = rundir.read_json(done)["empty"]
+            why = rundir.read_json(done).get("empty") if rundir.exists(done) else None
+            if why:
+                out[f"{recipe}/{phase.name}"] = why
     return out
 
 

@@ -206,23 +206,19 @@ def pool_keys(cfg: RaycatConfig) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["_key", "band"])
 
 
-def prepare(cfg: RaycatConfig) -> dict:
+def prepare(cfg: RaycatConfig) -> int:
     """On a worker: the rows to teach (the chosen bands of the split, ``teach.limit`` applied) written
-    to teach/rows.parquet; returns their count and the training-pool size."""
+    to teach/rows.parquet; returns their count."""
     tc = cfg.teach
-    bands = taught_bands(cfg)
-    frames = []
-    for band in ("easy", "medium", "hard", "test"):
-        path = rundir.join(cfg.run_dir, "split", f"{band}.parquet")
-        if rundir.exists(path):
-            frames.append(rundir.read_parquet(path).assign(band=band))
-    all_rows = pd.concat(frames, ignore_index=True)
-    pool = int(all_rows["band"].isin(["easy", "medium", "hard"]).sum())
-    rows = all_rows[all_rows["band"].isin(bands)].reset_index(drop=True)
+    frames = [
+        rundir.read_parquet(rundir.join(cfg.run_dir, "split", f"{band}.parquet")).assign(band=band)
+        for band in taught_bands(cfg)  # check_inputs found each of them
+    ]
+    rows = pd.concat(frames, ignore_index=True)
     if tc.limit is not None and tc.limit < len(rows):
         rows = rows.sample(n=tc.limit, random_state=tc.seed).sort_index().reset_index(drop=True)
     rundir.write_parquet(rows_path(cfg.run_dir), rows, row_group_size=block_rows(cfg))
-    return {"rows": int(len(rows)), "pool": pool}
+    return int(len(rows))
 
 
 def _cascade(rows: pd.DataFrame, results: list[pd.DataFrame]) -> pd.DataFrame:
@@ -250,11 +246,15 @@ def finalize(cfg: RaycatConfig, plans: list[TeachPlan]) -> dict:
     rows = rundir.read_parquet(rows_path(cfg.run_dir))
     rows["_key"] = rowkey.keys(rows)
     want = set(rows["_key"])
-    results = []
-    for p in plans:  # only this content's rows: an id reused by another data.path is a new row
+    pool = pool_keys(cfg)
+    in_pool = set(pool["_key"])
+    results, spent_pool = [], []
+    for p in plans:  # each cache read once; only this content's rows (a reused id is a new row)
         res = read_cache(cache_dir(cfg, p))
-        res = res.assign(_key=rowkey.keys(res)).loc[lambda f: f["_key"].isin(want)]
-        results.append(res.drop_duplicates("_key"))
+        res = res.assign(_key=rowkey.keys(res))
+        results.append(res.loc[res["_key"].isin(want)].drop_duplicates("_key"))
+        # Every band, from this run or an earlier one sharing the cache: the per-band accounting.
+        spent_pool.append(res.loc[res["_key"].isin(in_pool)].drop_duplicates("_key"))
     chosen = _cascade(rows, results).drop(columns=["id", "row_hash"])
     resolved = [
         resolve(st, resp, gold, tc.on_wrong)
@@ -276,14 +276,6 @@ def finalize(cfg: RaycatConfig, plans: list[TeachPlan]) -> dict:
         t.model.path: (t.price.prompt_per_mtok, t.price.completion_per_mtok, t.price.currency) if t.price else None
         for t in tc.teachers
     }
-    pool = pool_keys(cfg)
-    spent_pool = pd.concat(  # every band, from this run or an earlier one sharing the cache
-        [
-            c.assign(_key=rowkey.keys(c)).loc[lambda f: f["_key"].isin(set(pool["_key"]))].drop_duplicates("_key")
-            for c in (read_cache(cache_dir(cfg, p)) for p in plans)
-        ],
-        ignore_index=True,
-    )
     metrics = {
         "rows": int(len(out)),
         "bands": tc.bands,
@@ -292,7 +284,7 @@ def finalize(cfg: RaycatConfig, plans: list[TeachPlan]) -> dict:
         "accounting": {
             **accounting(spent, prices),
             "pool_rows": int(len(pool)),
-            **band_accounting(pool, spent_pool, taught_bands(cfg)),
+            **band_accounting(pool, pd.concat(spent_pool, ignore_index=True), taught_bands(cfg)),
         },
         "provenance": {
             "prompt_version": TEACH_PROMPT_VERSION,
