@@ -205,3 +205,18 @@ def test_relative_run_dir_as_in_the_demo_config(tmp_path, tiny_model_dir, monkey
     assert main(["score", "--config", "config.yaml"]) == 0
     assert len(rundir.read_parquet(str(tmp_path / "runs/rel/score/scores.parquet"))) == 40
     assert list((tmp_path / "runs/rel/score/parts").iterdir())
+    # Split, and teach's rows / parts / merge, also run in Ray workers with the relative run_dir.
+    tree["split"] = {"test_fraction": 0.2}
+    lm = {"path": str(tiny_model_dir), "dtype": "float32", "max_model_len": 512}
+    tree["teach"] = {
+        "teachers": [{"model": lm, "engine": {"backend": "transformers", "batch_size": 8}}],
+        "sampling": {"max_tokens": 8},
+        "retries": 0,
+        "max_failure_ratio": 1.0,
+    }
+    cfg.write_text(yaml.safe_dump(tree))
+    assert main(["split", "--config", "config.yaml"]) == 0
+    assert main(["teach", "--config", "config.yaml"]) == 0
+    hard = rundir.read_parquet(str(tmp_path / "runs/rel/split/hard.parquet"))
+    m = json.loads((tmp_path / "runs/rel/teach/metrics.json").read_text())
+    assert m["rows"] == len(hard) > 0 and list((tmp_path / "runs/rel/teach/cache").iterdir())
