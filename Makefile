@@ -48,6 +48,7 @@ test-gpu: install
 
 bench: install
 	$(BIN)/python bench/score.py
+	$(BIN)/python bench/teach.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/corpus.py
 

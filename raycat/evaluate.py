@@ -21,7 +21,7 @@ import pandas as pd
 from raycat import engine_stage, progress, rowkey, rundir
 from raycat.answers import extract_answer
 from raycat.config import ModelConfig, RaycatConfig, save_config
-from raycat.engine import Sampling, engine_kwargs, make_engine
+from raycat.engine import Sampling, engine_kwargs, make_engine, resolve_dtype
 from raycat.errors import MissingInputError
 from raycat.prompts import TRAIN_PROMPT_VERSION, render_ids, train_messages
 from raycat.recipes import RECIPES
@@ -188,7 +188,17 @@ def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
     def add(name: str, path: str, adapter: str | None, kind: str, content: str, revision: str | None) -> None:
         budget = ec.max_tokens_answer if kind == "answer" else ec.max_tokens_cot
         key = hashlib.sha256(
-            json.dumps([content, kind, budget, ec.max_model_len, ec.seed, TRAIN_PROMPT_VERSION, ec.dtype]).encode()
+            json.dumps(
+                [
+                    content,
+                    kind,
+                    budget,
+                    ec.max_model_len,
+                    ec.seed,
+                    TRAIN_PROMPT_VERSION,
+                    resolve_dtype(ec.dtype, ec.engine.device),
+                ]
+            ).encode()
         ).hexdigest()[:16]
         model = ModelConfig(
             path=path,

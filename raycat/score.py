@@ -24,7 +24,7 @@ import pandas as pd
 from raycat import engine_stage, progress, rowkey, rundir
 from raycat.answers import normalize_number
 from raycat.config import RaycatConfig, save_config
-from raycat.engine import Scorer, ScoreRequest, ScoreResult, engine_kwargs, make_engine
+from raycat.engine import Scorer, ScoreRequest, ScoreResult, engine_kwargs, make_engine, resolve_dtype
 from raycat.entropy import entropy_options, options_distribution
 from raycat.prompts import (
     IDK_LABEL,
@@ -90,7 +90,7 @@ def cache_key(cfg: RaycatConfig, model_path: str, template_hash: str) -> str:
         "model": model_path,
         "model_files": rundir.fingerprint(model_path),  # a local or URI dir retrained in place is a new model
         "revision": s.student.revision,
-        "dtype": s.student.dtype,
+        "dtype": resolve_dtype(s.student.dtype, s.engine.device),  # what "auto" means on this machine
         "template": template_hash,
         "prompt_version": PROMPT_VERSION,
         "mode": s.entropy_mode,
@@ -376,7 +376,7 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions_path: str, parts_dir:
         "top_k": s.top_k,
         "logits": "raw (no generation-config processors)",
         "engine": s.engine.backend,
-        "dtype": s.student.dtype,
+        "dtype": resolve_dtype(s.student.dtype, s.engine.device),  # what "auto" means on this machine
         "cache_key": plan.cache_key,
     }
     return metrics

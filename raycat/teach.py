@@ -19,7 +19,7 @@ import pandas as pd
 
 from raycat import engine_stage, progress, rowkey, rundir
 from raycat.config import RaycatConfig, TeacherConfig, save_config
-from raycat.engine import Sampling, engine_kwargs, make_engine
+from raycat.engine import Sampling, engine_kwargs, make_engine, resolve_dtype
 from raycat.errors import MissingInputError, RaycatError, StageFailed
 from raycat.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
 from raycat.teach_core import accounting, attempt_schedule, band_accounting, resolve, teach_rows
@@ -88,7 +88,7 @@ def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
         "model": t.model.path,
         "model_files": rundir.fingerprint(path) if t.api is None else "",  # a dir retrained in place is new
         "revision": t.model.revision,
-        "dtype": t.model.dtype,
+        "dtype": resolve_dtype(t.model.dtype, t.engine.device) if t.api is None else t.model.dtype,
         "template": th,
         "prompt_version": TEACH_PROMPT_VERSION,
         "schedule": [asdict(x) for x in schedule],

@@ -229,6 +229,7 @@ def _loop_config(
         bf16=_bf16(cfg),
         device=tc.device,
         threads=max(1, int(tc.cpus_per_worker)),
+        batching=tc.batching,
         gradient_checkpointing=tc.gradient_checkpointing,
         recipe=tc.recipe,
         phase_name=plan.phase.name,

@@ -5,9 +5,12 @@ BOS); the example is the full conversation with the assistant turn. Labels cover
 **up to and including the first stop token** (end-of-turn / EOS), so the model learns to stop; what a
 template writes after it (ChatML's trailing newline) is masked. Everything here is pure: no Ray, no torch.
 
-Padding, not packing: a batch is right-padded to its longest example (``collate``); the training loop
-measures the wasted fraction per phase (``padding_waste`` in its metrics), so a user can see when packing
-would pay.
+Micro-batches (``train.batching``): ``packed`` (default) concatenates a micro-batch's examples into one
+row with position ids restarting per example, so no token is padding and, since transformers builds a
+block-diagonal causal mask from such position ids (flash-attention: varlen kernels), no example attends
+to another: the loss equals the padded batch's (``pack``); ``padded`` right-pads to the longest example
+(``collate``); ``grouped`` pads micro-batches of similar lengths (``length_groups``). The training loop
+measures the wasted fraction per phase (``padding_waste`` in its metrics).
 """
 
 from __future__ import annotations
@@ -141,6 +144,29 @@ def collate(input_ids: list, labels: list, pad_id: int) -> dict[str, np.ndarray]
     for i, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
         ids[i, : len(x)], lab[i, : len(y)], att[i, : len(x)] = x, y, 1
     return {"input_ids": ids, "labels": lab, "attention_mask": att}
+
+
+def pack(input_ids: list, labels: list) -> dict[str, np.ndarray]:
+    """The micro-batch's examples as one row, isolated by position ids that restart at 0 per example.
+
+    Each example's first token is unlabelled: after the causal shift it would be predicted from the
+    previous example's last token (in a padded batch it is predicted from nothing)."""
+    ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in input_ids])
+    lab = np.concatenate([np.asarray(y, dtype=np.int64) for y in labels])
+    lengths = [len(x) for x in input_ids]
+    lab[np.cumsum([0] + lengths[:-1])] = IGNORE_INDEX
+    pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+    return {"input_ids": ids[None], "labels": lab[None], "position_ids": pos[None]}
+
+
+def length_groups(lengths: list[int], micro_batch_size: int, seed: int) -> list[int]:
+    """An order of ``lengths``' indices whose consecutive runs of ``micro_batch_size`` have similar
+    lengths: sorted by length inside the (already shuffled) buffer, the micro-batches then shuffled so
+    steps do not go from short to long (HF's ``group_by_length`` idea)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    runs = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    np.random.default_rng(seed).shuffle(runs)
+    return [i for r in runs for i in r]
 
 
 def pad_to_world(frame: pd.DataFrame, world: int, seed: int) -> tuple[pd.DataFrame, int]:

@@ -45,6 +45,7 @@ class LoopConfig:
     bf16: bool
     device: Literal["cpu", "gpu"]
     threads: int  # torch threads per CPU worker
+    batching: Literal["packed", "grouped", "padded"]
     gradient_checkpointing: bool
     recipe: str
     phase_name: str
@@ -213,22 +214,60 @@ def all_reduce_step(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _collate_fn(pad_id: int):
+def micro_batches(shard, c: LoopConfig, epoch: int):
+    """This worker's micro-batches for an epoch as torch tensors, in ``train.batching``'s form.
+
+    Deterministic for a given epoch (Ray Data's seeded local shuffle, seeded grouping), so a resumed
+    run skips exactly the micro-batches it had consumed."""
     import torch
-    from ray.data.collate_fn import NumpyBatchCollateFn
 
-    from raycat.train_data import collate
+    from raycat.train_data import collate, length_groups, pack
 
-    class PadCollate(NumpyBatchCollateFn):
-        """Ragged token lists from the Ray Data shard -> right-padded tensors (in Ray's prefetch thread)."""
+    mb = c.phase.micro_batch_size
+    group = 8 if c.batching == "grouped" else 1  # micro-batches sorted together
+    batches = shard.iter_batches(
+        batch_size=mb * group,
+        batch_format="numpy",
+        local_shuffle_buffer_size=mb * 8,
+        local_shuffle_seed=c.seed + epoch,
+        prefetch_batches=1,
+    )
+    for k, b in enumerate(batches):
+        ids, labels = list(b["input_ids"]), list(b["labels"])
+        order = list(range(len(ids)))
+        if group > 1:
+            order = length_groups([len(x) for x in ids], mb, seed=c.seed + 7919 * epoch + k)
+        for i in range(0, len(order), mb):
+            sel = order[i : i + mb]
+            x, y = [ids[j] for j in sel], [labels[j] for j in sel]
+            arrays = pack(x, y) if c.batching == "packed" else collate(x, y, c.pad_id)
+            yield {name: torch.from_numpy(v) for name, v in arrays.items()}
 
-        def __call__(self, batch):
-            return {
-                k: torch.from_numpy(v)
-                for k, v in collate(list(batch["input_ids"]), list(batch["labels"]), pad_id).items()
-            }
 
-    return PadCollate()
+def check_packing(engine, device) -> None:
+    """Refuse packing for a model whose attention does not isolate packed examples (e.g. custom code
+    that ignores position ids when building its mask): the second of two packed examples must get the
+    logits it gets alone. One tiny forward pass; under ZeRO-3 every rank runs it (it is collective)."""
+    import torch
+
+    a, b = [11, 12, 13, 14, 15], [21, 22, 23]
+    packed = {
+        "input_ids": torch.tensor([a + b], device=device),
+        "position_ids": torch.tensor([list(range(len(a))) + list(range(len(b)))], device=device),
+    }
+    alone = {"input_ids": torch.tensor([b], device=device)}
+    was_training = engine.module.training
+    engine.module.eval()  # no dropout
+    with torch.no_grad():
+        got = engine(**packed, use_cache=False).logits[0, len(a) :].float()
+        want = engine(**alone, use_cache=False).logits[0].float()
+    engine.module.train(was_training)
+    err = float((got - want).abs().max())
+    if err > 1e-2 * max(1.0, float(want.abs().max())):
+        raise RuntimeError(
+            f"train.batching=packed: this model's attention lets packed examples see each other (logits off "
+            f"by {err:.3g}); set train.batching=grouped or padded"
+        )
 
 
 def train_loop(config: dict) -> None:
@@ -323,7 +362,8 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
     shard = ray.train.get_dataset_shard("train")
-    to_torch = _collate_fn(c.pad_id)
+    if c.batching == "packed":
+        check_packing(engine, device)
 
     max_steps = c.total_steps
     done = engine.global_steps >= max_steps
@@ -333,15 +373,7 @@ def train_loop(config: dict) -> None:
     for epoch in range(state["epoch"], p.epochs):
         if done:
             break
-        batches = iter(
-            shard.iter_torch_batches(
-                batch_size=p.micro_batch_size,
-                collate_fn=to_torch,
-                local_shuffle_buffer_size=p.micro_batch_size * 8,
-                local_shuffle_seed=c.seed + epoch,
-                prefetch_batches=1,
-            )
-        )
+        batches = micro_batches(shard, c, epoch)
         skip = state["batch"] if epoch == state["epoch"] else 0
         for _ in itertools.islice(batches, skip):  # consumed before the checkpoint we resumed from
             pass
@@ -361,8 +393,9 @@ def train_loop(config: dict) -> None:
                 loss, value = window_loss(engine, batch, max(n_window, 1), world)
                 engine.backward(loss, scale_wrt_gas=False)  # already normalised over the window
                 window_sum += value.item()
-                real += int(batch["attention_mask"].sum())
-                state["padded_tokens"] += int(batch["attention_mask"].numel())
+                mask = batch.get("attention_mask")  # packed rows have none: every token is real
+                real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                state["padded_tokens"] += batch["input_ids"].numel()
             engine.step()  # the boundary: gradients reduced across ranks, one optimizer update
             state["real_tokens"] += real
             consumed += len(window)

@@ -80,3 +80,27 @@ def test_generate_returns_n_samples_per_prompt_prompt_major(engines, requests_):
     assert len(gens) == 6
     assert [g.prompt_tokens > 0 for g in gens] == [True, False, False] * 2  # prompt counted once
     assert all(0 < g.completion_tokens <= 6 for g in gens)
+
+
+def test_full_vocab_statistics_survive_chunked_prefill_and_mixed_batches(engines, tiny_tokenizer):
+    """More prompt tokens than one engine step takes, so the scheduler prefills some prompts in chunks
+    (the in-sampler processor sees those rows at every chunk); MCQ and free-form rows in one batch."""
+    ref, llm = engines
+    budget = llm.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    labels = label_tokens(tiny_tokenizer, 10, "letters")
+    reqs = []
+    for i in range(64):
+        q, o = QUESTIONS[i % len(QUESTIONS)]
+        filler = " ".join(["context"] * (10 + i % 40))  # varied lengths
+        ids = render_ids(tiny_tokenizer, messages_for(f"{filler} {q} ({i})", o, "", "letters"))
+        reqs.append(ScoreRequest(ids, labels.groups(len(o), "letters") if i % 3 else [], want_full=i % 2 == 0))
+    assert sum(len(r.prompt_ids) for r in reqs) > 2 * budget
+    got = llm.score(reqs, "options", 5, 1)
+    want = ref.score(reqs, "full", 5, 1)
+    for r, g, w in zip(reqs, got, want, strict=True):
+        if r.want_full:
+            assert g.entropy_full == pytest.approx(w.entropy_full, abs=1e-4)
+        else:
+            assert g.entropy_full is None
+        if r.option_groups:
+            np.testing.assert_allclose(g.option_logprobs, w.option_logprobs, atol=1e-4)

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from raycat.config import validate_config
-from raycat.engine import ScoreResult
+from raycat.engine import ScoreResult, resolve_dtype
 from raycat.score import cache_key, deviation_sample, row_result
 
 
@@ -106,7 +106,10 @@ def test_cache_key_tracks_what_changes_the_numbers():
     assert base != cache_key(cfg(entropy_mode="full"), "m", "t")
     assert base != cache_key(cfg(), "m", "other-template")
     assert base != cache_key(cfg(student={"path": "m", "revision": "abc"}), "m", "t")
-    assert base != cache_key(cfg(student={"path": "m", "dtype": "bfloat16"}), "m", "t")
+    fp32 = cache_key(cfg(student={"path": "m", "dtype": "float32"}), "m", "t")
+    assert fp32 != cache_key(cfg(student={"path": "m", "dtype": "bfloat16"}), "m", "t")
+    # 'auto' is keyed by what it resolves to on this machine: the same numbers as naming that dtype
+    assert base == cache_key(cfg(student={"path": "m", "dtype": resolve_dtype("auto", "cpu")}), "m", "t")
     assert base != cache_key(cfg(prompt={"preset": "paper"}), "m", "t")
 
 
