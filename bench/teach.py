@@ -7,6 +7,7 @@ Same model, dtype ('auto', as raycat picks), threads (all CPUs) and greedy sampl
 direct engine generates for n prompts in one call. The pipeline runs twice, on those n prompts and on
 2n (one engine batch of n each), so the difference of the two walls is the stage's time for n more
 prompts with the engine start cancelled out; the ratio is completion tokens/s of stage vs direct.
+A third run of the 2n rows in engine batches of n/4 shows what a small `engine.batch_size` costs.
 """
 
 from __future__ import annotations
@@ -57,14 +58,14 @@ def main() -> None:
     eng.close()
     del eng
 
-    def stage(n: int) -> tuple[float, int]:
+    def stage(n: int, batch_size: int) -> tuple[float, int]:
         """(wall seconds incl. engine start, completion tokens) of the teach stage on the first n rows."""
         with tempfile.TemporaryDirectory() as tmp:
             teacher = {
                 "model": {"path": path, "dtype": dtype, "max_model_len": 2048},
                 "engine": {
                     "device": args.device,
-                    "batch_size": args.n,
+                    "batch_size": batch_size,
                     "kv_cache_gib": 2,
                     "cpus_per_engine": max(threads - 0.5, 1),  # ceil -> all threads; light tasks fit beside
                 },
@@ -87,17 +88,22 @@ def main() -> None:
                 wall = time.perf_counter() - t
             return wall, int(read_cache(cache)["completion_tokens"].sum())
 
-    (wall1, tok1), (wall2, tok2) = stage(args.n), stage(2 * args.n)
+    (wall1, tok1), (wall2, tok2) = stage(args.n, args.n), stage(2 * args.n, args.n)
+    small = max(1, args.n // 4)
+    wall_small, tok_small = stage(2 * args.n, small)  # same rows in batches of n/4: what a small batch_size costs
     ray_s, ray_tokens = max(wall2 - wall1, 1e-9), tok2 - tok1
     print(f"\nmodel {args.model}, dtype {dtype}, {threads} threads, {args.n} prompts, max_tokens {args.max_tokens}")
-    print(
-        f"engine start (direct): {start:.1f} s; stage wall incl. engine start: {wall1:.1f} s (n), {wall2:.1f} s (2n)"
-    )
+    print(f"engine start (direct): {start:.1f} s; stage wall incl. engine start: {wall1:.1f} s (n), {wall2:.1f} s (2n)")
     print(f"direct vLLM : {direct_tokens} completion tokens in {direct_s:.2f} s = {direct_tokens / direct_s:.1f} tok/s")
     print(f"raycat teach: {ray_tokens} more completion tokens in {ray_s:.2f} s more = {ray_tokens / ray_s:.1f} tok/s")
     print(
         f"Ray Data stage / direct throughput ratio: {(ray_tokens / ray_s) / (direct_tokens / direct_s):.2f}"
         " (goal >= 0.91, i.e. within 1.1x)"
+    )
+    print(
+        f"2n rows in engine batches of {small} vs {args.n}: wall {wall_small:.1f} vs {wall2:.1f} s "
+        f"({wall_small / wall2:.2f}x; a generate call waits for its longest completion, so bigger batches "
+        "keep vLLM's continuous batching full)"
     )
 
 

@@ -338,7 +338,8 @@ class LoraSettings(Strict):
 class DeepSpeedSettings(Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2,
-        description="ZeRO stage: 0 = DDP-like, 2 = shard grads+optimizer, 3 = shard parameters too (needed past ~13B).",
+        description="ZeRO stage: 0 = DDP-like, 2 = shard grads+optimizer, 3 = shard parameters too (needed past "
+        "~13B). One worker without offload runs stage 0: there is nothing to partition.",
     )
     offload_optimizer: bool = Field(
         False,

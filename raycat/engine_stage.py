@@ -11,6 +11,7 @@ frozen plan holding everything it needs; the input columns it reads are declared
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -66,7 +67,14 @@ class Pool:
         in its own STRICT_PACK placement group (one node), and vLLM's Ray executor places its workers in
         the group's GPU bundles, as vLLM's Ray Data examples do."""
         if self.gpu_bundles <= 1:
-            return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+            args: dict[str, Any] = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+            if not self.num_gpus:
+                # A CPU engine computes with the CPUs it was given (rounded up). Set for the whole actor
+                # process, not by the engine's constructor: Ray Data calls the actor from another thread,
+                # whose OpenMP thread count would stay at Ray's default, and vLLM's CPU attention
+                # refuses a thread count that differs from the one its metadata was built with.
+                args["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(math.ceil(self.num_cpus))}}
+            return args
         bundles = self.placement_bundles()
 
         def in_placement_group() -> dict[str, Any]:

@@ -272,6 +272,7 @@ def check_packing(engine, device) -> None:
 
 def train_loop(config: dict) -> None:
     """The worker entry point; ``config`` is Ray Train's ``train_loop_config``: ``{"loop": LoopConfig}``."""
+    entered = time.time()  # start-up accounting (before the heavy imports): the driver knows when the fit began
     import deepspeed
     import ray.train
     import torch
@@ -335,6 +336,8 @@ def train_loop(config: dict) -> None:
                 state = json.load(f)
         engine.micro_steps = state["micro_steps"]  # not in DS's own checkpoint; keeps accumulation aligned
         state["resumed_from_step"] = engine.global_steps
+    # Wall-clock times (this attempt): entered the loop, model + DeepSpeed ready, first step done.
+    state["timing"] = {"entered": entered, "ready": time.time(), "first_step_done": None}
     log = _tracker(c) if rank == 0 else None
 
     def export() -> None:
@@ -370,6 +373,7 @@ def train_loop(config: dict) -> None:
     metrics: dict = {}
     gas = p.gradient_accumulation_steps
     engine.train()
+    t_prev = time.time()  # a step's time runs from the previous step's end: it includes fetching its batches
     for epoch in range(state["epoch"], p.epochs):
         if done:
             break
@@ -381,10 +385,11 @@ def train_loop(config: dict) -> None:
         while not done:
             # One optimizer step per window of `gas` micro-batches; an epoch's last window may be
             # shorter and is applied. Shards are equal, so every rank sees the same window sizes.
+            t_fetch = time.time()
             window = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(batches, gas)]
             if not window:
                 break
-            t_step = time.time()
+            fetch_s = time.time() - t_fetch
             local_targets = sum(target_tokens(b["labels"]) for b in window)
             n_window = int(all_reduce_step([local_targets], device)[0])  # the window's tokens, all ranks
             window_sum, real = 0.0, 0
@@ -401,7 +406,10 @@ def train_loop(config: dict) -> None:
             consumed += len(window)
             state["epoch"], state["batch"], state["micro_steps"] = epoch, consumed, engine.micro_steps
             agg = all_reduce_step([window_sum, real], device)
-            dt = time.time() - t_step
+            now = time.time()
+            dt, t_prev = now - t_prev, now
+            if state["timing"]["first_step_done"] is None:
+                state["timing"]["first_step_done"] = now
             step = engine.global_steps
             metrics = {
                 "step": step,
@@ -411,6 +419,7 @@ def train_loop(config: dict) -> None:
                 "tokens_per_s": agg[1] / max(dt, 1e-9),
                 "tokens": int(agg[1]),
                 "target_tokens": n_window,
+                "fetch_s": round(fetch_s, 4),  # waiting for this step's micro-batches (the data feed)
             }
             state["history"].append(metrics)
             if step % c.log_every_steps == 0:
@@ -427,6 +436,7 @@ def train_loop(config: dict) -> None:
                 save(False, metrics)
             elif step % c.log_every_steps == 0:
                 ray.train.report(metrics)
+            t_prev = time.time()  # a checkpoint is not the next step's time
         if not done:  # the epoch's data ran out
             state["epoch"], state["batch"] = epoch + 1, 0
     save(True, metrics or {"step": engine.global_steps})

@@ -101,7 +101,9 @@ def test_pool_resources_follow_the_engine_config():
     one = engine_stage.Pool.of(EngineConfig(device="gpu", cpus_per_engine=2))
     assert one.remote_args() == {"num_gpus": 1, "num_cpus": 2}  # one GPU: a plain actor, no placement group
     assert engine_stage.Pool.of(EngineConfig(device="gpu"), remote=True).num_gpus == 0
-    assert engine_stage.Pool.of(EngineConfig(device="cpu")).remote_args() == {"num_gpus": 0, "num_cpus": 1}
+    # a CPU engine: its process computes with the CPUs it was given, rounded up (every thread of it)
+    cpu = engine_stage.Pool.of(EngineConfig(device="cpu", cpus_per_engine=1.5)).remote_args()
+    assert cpu == {"num_gpus": 0, "num_cpus": 1.5, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
 
 
 def test_multi_gpu_engine_placement_group_is_strict_pack(monkeypatch):

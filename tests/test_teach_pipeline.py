@@ -36,7 +36,9 @@ def config(tmp, model, **teach):
             "teachers": [
                 {
                     "model": {"path": str(model), "dtype": "float32", "max_model_len": 512},
-                    "engine": {"batch_size": 8, "kv_cache_gib": 0.25},
+                    # the product's threading: 2 OpenMP threads in the engine actor (Ray Data calls it from
+                    # another thread than the one that built the engine)
+                    "engine": {"batch_size": 8, "kv_cache_gib": 0.25, "cpus_per_engine": 1.5},
                     "price": {"prompt_per_mtok": 1.0, "completion_per_mtok": 4.0},
                 }
             ],
