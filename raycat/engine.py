@@ -9,7 +9,7 @@ Both engines take token ids, so they see exactly the prompt that was rendered an
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -90,6 +90,7 @@ def _lora_rank_slot(adapter_dir: str) -> int:
     return next(s for s in (8, 16, 32, 64, 128, 256, 320, 512) if s >= r)
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 matmul instructions (x86 AVX512-BF16 / AMX, Arm BF16)."""
     try:
@@ -432,10 +433,6 @@ def engine_kwargs(model, engine) -> dict:
     common = dict(
         revision=model.revision, trust_remote_code=model.trust_remote_code, dtype=model.dtype, device=engine.device
     )
-    if engine.device == "cpu":
-        # A fractional reservation (e.g. 1.5 on a 2-core node, leaving half a CPU to Ray Data's light
-        # read/render/write tasks) still computes on the whole last core.
-        common["threads"] = math.ceil(engine.cpus_per_engine)
     if engine.backend in ("transformers", "null"):
         return common
     from raycat.progress import vllm_log_level
@@ -478,17 +475,8 @@ class NullEngine:
         pass
 
 
-def make_engine(
-    backend: str, model: str, *, threads: int | None = None, **kwargs
-) -> VLLMEngine | TransformersEngine | NullEngine:
-    """``threads``: compute threads for a CPU engine, the CPUs Ray gave its actor (``cpus_per_engine``).
-
-    Set before the engine loads: vLLM's CPU worker refuses ``torch.set_num_threads`` afterwards."""
-    if threads is not None:
-        import torch
-
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
+def make_engine(backend: str, model: str, **kwargs) -> VLLMEngine | TransformersEngine | NullEngine:
+    # Threads: a CPU engine's actor process starts with OMP_NUM_THREADS = its CPUs (engine_stage.Pool).
     if backend == "vllm":
         return VLLMEngine(model, **kwargs)
     if backend == "null":

@@ -20,7 +20,7 @@ import pandas as pd
 
 from raycat import engine_stage, progress, rowkey, rundir
 from raycat.answers import extract_answer
-from raycat.config import ModelConfig, RaycatConfig, save_config
+from raycat.config import ModelConfig, RaycatConfig, cache_root, for_workers, save_config
 from raycat.engine import Sampling, engine_kwargs, make_engine, resolve_dtype
 from raycat.errors import MissingInputError
 from raycat.prompts import TRAIN_PROMPT_VERSION, render_ids, train_messages
@@ -292,7 +292,7 @@ def run_target(cfg: RaycatConfig, t: EvalTarget, rows, parts_dir: str, on_rows) 
 
 
 def parts_dir(cfg: RaycatConfig, t: EvalTarget) -> str:
-    return rundir.join(cfg.run_dir, "eval", t.name.replace("/", "__"), "parts", t.key)
+    return rundir.join(cache_root(cfg), "eval", t.name.replace("/", "__"), "parts", t.key)
 
 
 SINGLE_TOKEN_BASE = "base (single-token, from score)"
@@ -391,7 +391,7 @@ def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
     t0 = time.time()
     check_inputs(cfg)
     tgts = targets(cfg, recipes or [cfg.train.recipe])
-    wcfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})  # workers have their own cwd
+    wcfg = for_workers(cfg)
     path = rows_path(wcfg.run_dir)
     # One model at a time: each pool's engines end (freeing their GPUs) before the next model loads.
     with ray_session(cfg.ray, cfg.run_dir):

@@ -23,7 +23,7 @@ import pandas as pd
 
 from raycat import engine_stage, progress, rowkey, rundir
 from raycat.answers import normalize_number
-from raycat.config import RaycatConfig, save_config
+from raycat.config import RaycatConfig, cache_root, for_workers, save_config
 from raycat.engine import Scorer, ScoreRequest, ScoreResult, engine_kwargs, make_engine, resolve_dtype
 from raycat.entropy import entropy_options, options_distribution
 from raycat.prompts import (
@@ -400,7 +400,7 @@ def run(cfg: RaycatConfig) -> dict:
         qsum = Q.stage_questions(cfg)
         n_sample = 0 if s.entropy_mode == "full" else s.deviation_sample
         key = cache_key(cfg, s.student.path, template_hash(tok, s.prompt.preset, s.prompt.system_prompt))
-        parts = rundir.absolute(rundir.join(cfg.run_dir, "score", "parts", key))
+        parts = rundir.absolute(rundir.join(cache_root(cfg), "score", "parts", key))
         state = remote_call(ray.remote(num_cpus=1)(resume_state), qpath, parts, n_sample)
         plan = prepare_plan(cfg, tok, qsum["max_options"], state["sample_ids"])
         todo = state["questions"] - state["done"]
@@ -415,7 +415,7 @@ def run(cfg: RaycatConfig) -> dict:
             rows = Q.dataset(cfg.run_dir)
             with progress.rows("scoring", todo) as advance:
                 written = run_pipeline(plan, engine_stage.Pool.of(s.engine), rows, parts, on_rows=advance)
-        wcfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})  # workers have their own cwd
+        wcfg = for_workers(cfg)
         metrics = remote_call(ray.remote(num_cpus=1)(finalize), wcfg, plan, qpath, parts)
     metrics["questions"] = qsum
     metrics["wall_s"] = round(time.time() - t0, 2)

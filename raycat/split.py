@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from raycat import rowkey, rundir
-from raycat.config import RaycatConfig, SplitConfig, save_config
+from raycat.config import RaycatConfig, SplitConfig, for_workers, save_config
 from raycat.errors import MissingInputError, RaycatError
 
 BANDS = ("easy", "medium", "hard")
@@ -95,6 +95,20 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
         pool["band"] = assign_bands(pool["entropy"].to_numpy(), t_low, t_high)
     ties = int(((pool["entropy"] == t_low) | (pool["entropy"] == t_high)).sum()) if method == "quantiles" else 0
     test["band"] = assign_bands(test["entropy"].to_numpy(), t_low, t_high)
+    per_category = None
+    if cfg.per_category and method == "quantiles":
+        # The same quantiles within each category's training rows (a subject the student finds hard
+        # overall still gets an easy band); test rows use their category's thresholds (the global ones
+        # for a category with no training rows).
+        per_category = {}
+        cats_pool, cats_test = pool["category"].fillna(""), test["category"].fillna("")
+        for cat, idx in pool.groupby(cats_pool).groups.items():
+            part = pool.loc[idx]
+            pool.loc[idx, "band"] = rank_bands(part["entropy"].to_numpy(), part["id"].to_numpy(), cfg.quantiles)
+            lo, hi = quantile_thresholds(part["entropy"].to_numpy(), cfg.quantiles)
+            per_category[str(cat)] = [float(lo), float(hi)]
+            t = cats_test == cat
+            test.loc[t, "band"] = assign_bands(test.loc[t, "entropy"].to_numpy(), lo, hi)
     test_before = {b: int((test["band"] == b).sum()) for b in BANDS}
     if cfg.test_balance and len(test):
         n = min(test_before.values())
@@ -110,6 +124,7 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
         "method": method,
         "quantiles": list(cfg.quantiles) if method == "quantiles" else None,
         "thresholds": [t_low, t_high],
+        "per_category_thresholds": per_category,
         "rule": "easy < t_low <= medium < t_high <= hard"
         + ("; training rows by rank of (entropy, id), so rows tied at a threshold are split by id" if ties else ""),
         "rows_at_a_threshold": ties,
@@ -192,7 +207,7 @@ def run(cfg: RaycatConfig) -> dict:
 
     from raycat.ray_env import ray_session, remote_call
 
-    wcfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})  # workers have their own cwd
+    wcfg = for_workers(cfg)
     with ray_session(cfg.ray, cfg.run_dir):
         info = remote_call(ray.remote(num_cpus=1)(split_files), wcfg)
     save_config(cfg, "split")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from raycat import engine_stage, progress, rowkey, rundir
-from raycat.config import RaycatConfig, TeacherConfig, save_config
+from raycat.config import RaycatConfig, TeacherConfig, cache_root, for_workers, save_config
 from raycat.engine import Sampling, engine_kwargs, make_engine, resolve_dtype
 from raycat.errors import MissingInputError, RaycatError, StageFailed
 from raycat.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
@@ -169,7 +169,7 @@ def read_cache(cache_dir: str) -> pd.DataFrame:
 
 
 def cache_dir(cfg: RaycatConfig, plan: TeachPlan) -> str:
-    return rundir.join(cfg.run_dir, "teach", "cache", plan.cache_key)
+    return rundir.join(cache_root(cfg), "teach", "cache", plan.cache_key)
 
 
 def rows_path(run_dir: str) -> str:
@@ -320,7 +320,7 @@ def run(cfg: RaycatConfig) -> dict:
     t0 = time.time()
     check_inputs(cfg)
     plans = [teacher_plan(cfg, t) for t in cfg.teach.teachers]  # tokenizers and keys fail here, before Ray
-    wcfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})  # workers have their own cwd
+    wcfg = for_workers(cfg)
     path = rows_path(wcfg.run_dir)
     written = 0
     with ray_session(cfg.ray, cfg.run_dir):

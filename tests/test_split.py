@@ -121,3 +121,24 @@ def test_ties_at_a_threshold_are_split_by_id_so_band_sizes_follow_the_quantiles(
     assert set(bands["easy"]["id"]) == set(sorted(f"q{i}" for i in range(40))[:25])  # zeros, lowest ids
     again, _, _ = split_frame(frame(e).sample(frac=1, random_state=3), SplitConfig())
     assert set(again["easy"]["id"]) == set(bands["easy"]["id"])  # by id, not by row order
+
+
+def test_per_category_bands_use_each_categorys_own_quantiles():
+    """Law is hard for the student everywhere (entropy 1.0-1.9), math easy (0.0-0.9): globally all law
+    rows are hard or medium; per category each subject gets its own easy / medium / hard quarter."""
+    e = [i / 10 for i in range(10)] + [1 + i / 10 for i in range(10)]
+    df = frame(e).assign(category=["math"] * 10 + ["law"] * 10)
+    glob, _, _ = split_frame(df, SplitConfig())
+    assert set(glob["easy"]["category"]) == {"math"} and set(glob["hard"]["category"]) == {"law"}
+    per, _, info = split_frame(df, SplitConfig(per_category=True))
+    for cat in ("math", "law"):
+        counts = {b: int((per[b]["category"] == cat).sum()) for b in ("easy", "medium", "hard")}
+        assert counts == {"easy": 3, "medium": 4, "hard": 3}  # ceil(q * 9) rule within the 10 rows
+    assert info["per_category_thresholds"]["law"] == pytest.approx([1.225, 1.675])
+    assert info["per_category_thresholds"]["math"] == pytest.approx([0.225, 0.675])
+    # held-out rows are banded with their category's thresholds
+    _, test, info = split_frame(df, SplitConfig(per_category=True, test_fraction=0.2, seed=0))
+    assert len(test) == 4
+    for cat, part in test.groupby("category"):
+        lo, hi = info["per_category_thresholds"][cat]
+        assert (part["band"] == assign_bands(part["entropy"].to_numpy(), lo, hi)).all()

@@ -1,0 +1,259 @@
+"""``raycat study``: a grid of run configs (dotted keys x seeds) over one base config.
+
+Every variant is an ordinary run (its own run dir under ``<study>/variants/``, the same stage hashes
+and manifest as ``raycat run``), and all variants share one ``cache_dir``: every row-level cache
+(score parts, teacher answers, eval answers) is keyed by model, settings and row content, so a
+split-ratio sweep scores each question once and teaches each hard question once. Variants run one
+after another; each stage already uses the whole cluster. A rerun finds every stage up to date.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from raycat import rundir
+from raycat.config import ConfigError, RaycatConfig, Strict, _set_dotted, validate_config
+
+
+class VariantSpec(Strict):
+    name: str = Field(description="Label of the variant in the report.")
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted keys this variant sets.")
+
+
+class StudyConfig(Strict):
+    name: str | None = Field(None, description="Study name (default: the config file's stem).")
+    base: str | dict[str, Any] = Field(
+        description="The run config every variant starts from: a YAML path (relative to the study file) "
+        "or an inline mapping."
+    )
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted keys set for every variant.")
+    axes: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Grid: every combination of these dotted keys' values is a variant."
+    )
+    variants: list[VariantSpec] = Field(
+        default_factory=list, description="Explicit variants (crossed with the grid when both are given)."
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Each variant runs once per seed.")
+    seed_keys: list[str] = Field(
+        default_factory=lambda: ["train.seed"],
+        min_length=1,
+        description="Dotted keys a seed sets (training and data order by default; add "
+        "teach.sampling.seed to vary the teacher too).",
+    )
+    baseline: str | None = Field(
+        None, description="Variant label paired differences are taken against (default: first)."
+    )
+    run_dir: str | None = Field(None, description="Study directory (default: runs/studies/<name>).")
+    recipes: list[str] | None = Field(
+        None, description="Recipes each variant trains (default: the base's train.recipe)."
+    )
+    rescore_after: str | None = Field(
+        None,
+        description="Also score every question with the model after this phase of the first recipe (e.g. "
+        "'phase1'): the report's band migration (does phase 2 still target what is hard after phase 1?). "
+        "LoRA phases are merged for it (train.lora.merge).",
+    )
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str  # what differs from the base, e.g. "split.quantiles=[0.1, 0.9]"
+    overrides: tuple[tuple[str, Any], ...]
+    seed: int
+
+    @property
+    def slug(self) -> str:
+        """A directory name: readable, and unique through a short hash of the label."""
+        short = re.sub(r"[^A-Za-z0-9.=-]+", "_", self.label).strip("_")[:48] or "base"
+        return f"{short}-{hashlib.sha1(self.label.encode()).hexdigest()[:6]}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Study:
+    config: StudyConfig
+    name: str
+    root: str  # the study directory
+    base_tree: dict[str, Any]
+
+    def variants(self) -> list[Variant]:
+        return expand(self.config)
+
+    def variant_config(self, v: Variant) -> RaycatConfig:
+        tree = copy.deepcopy(self.base_tree)
+        for key, value in [*self.config.set.items(), *v.overrides]:
+            _set_dotted(tree, key, copy.deepcopy(value))
+        for key in self.config.seed_keys:
+            _set_dotted(tree, key, v.seed)
+        tree["run_dir"] = rundir.join(self.root, "variants", v.slug)
+        tree["cache_dir"] = rundir.join(self.root, "cache")
+        if self.config.rescore_after:
+            _set_dotted(tree, "train.lora.merge", True)  # the score engine loads plain weights
+        try:
+            return validate_config(tree)
+        except ConfigError as e:
+            raise ConfigError(f"study variant {v.label!r} (seed {v.seed}): {e}") from None
+
+    def recipes(self) -> list[str]:
+        return self.config.recipes or [validate_config(copy.deepcopy(self.base_tree)).train.recipe]
+
+
+def _label(pairs: list[tuple[str, Any]]) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in pairs) or "base"
+
+
+def expand(sc: StudyConfig) -> list[Variant]:
+    """Grid x explicit variants x seeds, in that order (seeds innermost)."""
+    keys = list(sc.axes)
+    grid = [list(zip(keys, combo, strict=True)) for combo in itertools.product(*(sc.axes[k] for k in keys))]
+    explicit = [(s.name, list(s.set.items())) for s in sc.variants] or [(None, [])]
+    out = []
+    for name, pairs in explicit:
+        for g in grid:
+            label = ", ".join(x for x in (name, _label(g) if g else None) if x) or "base"
+            for seed in sc.seeds:
+                out.append(Variant(label, tuple(pairs + g), seed))
+    labels = [(v.label, v.seed) for v in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError("study: two variants have the same label; give explicit variants distinct names")
+    return out
+
+
+def load_study(path) -> Study:
+    path = str(path)
+    p = Path(path)
+    if not rundir.exists(path):
+        raise ConfigError(f"study config not found: {path}")
+    try:
+        tree = yaml.safe_load(rundir.read_bytes(path).decode("utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(tree, dict) or "study" not in tree:
+        raise ConfigError(f"{path}: a study config has one top-level section, study: (base, axes, seeds, ...)")
+    from pydantic import ValidationError
+
+    try:
+        sc = StudyConfig.model_validate(tree["study"])
+    except ValidationError as err:
+        raise ConfigError(
+            "invalid study config:\n"
+            + "\n".join(f"  study.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        ) from None
+    if isinstance(sc.base, str):
+        bp = (p.parent / sc.base).resolve()
+        if not bp.is_file():
+            raise ConfigError(f"study.base: {bp} not found (a path is relative to the study file)")
+        base = yaml.safe_load(bp.read_text(encoding="utf-8")) or {}
+    else:
+        base = sc.base
+    name = sc.name or p.stem
+    study = Study(sc, name, sc.run_dir or rundir.join("runs", "studies", name), base)
+    if sc.baseline is not None and sc.baseline not in {v.label for v in study.variants()}:
+        raise ConfigError(
+            f"study.baseline {sc.baseline!r} is not a variant; variants: {sorted({v.label for v in study.variants()})}"
+        )
+    for v in study.variants():  # every variant validates before anything runs
+        study.variant_config(v)
+    return study
+
+
+def plan(study: Study) -> list[dict]:
+    """Per variant and stage: 'done' (finished with the same hash), 'run', 'off' (not configured);
+    ``same_as``: an earlier variant with the same stage hash, whose cached rows this one reuses.
+    ``estimate``: the work the config implies (questions, optimizer steps); counts are upper bounds
+    taken from the config, not measured."""
+    from raycat import run as runner
+
+    recipes = study.recipes()
+    seen: dict[tuple[str, str], str] = {}
+    out = []
+    for v in study.variants():
+        cfg = runner.effective_config(study.variant_config(v), recipes)
+        steps = runner.plan(cfg, recipes, runner.read_manifest(cfg), None, None)
+        row = {"variant": v.label, "seed": v.seed, "run_dir": cfg.run_dir, "stages": {}, "estimate": estimate(cfg)}
+        for stage, h, action in steps:
+            first = seen.setdefault((stage, h), f"{v.label} (seed {v.seed})")
+            row["stages"][stage] = {
+                "action": action,
+                "hash": h,
+                "same_as": None if first == f"{v.label} (seed {v.seed})" else first,
+            }
+        out.append(row)
+    return out
+
+
+def estimate(cfg: RaycatConfig) -> dict:
+    """Upper bounds from the config alone (before anything runs)."""
+    n = cfg.data.sample or cfg.data.limit
+    train_rows = None if n is None else int(n * (1 - cfg.split.test_fraction))
+    hard = None if train_rows is None else int(train_rows * (1 - cfg.split.quantiles[1]) + 1)
+    phases = {}
+    for name in ("phase1", "phase2"):
+        pc = cfg.train.phase(name)
+        phases[name] = pc.max_steps if pc.max_steps else None
+    return {
+        "questions": n,  # None: the whole corpus
+        "hard_rows": hard,
+        "teach_rows_max": min(hard, cfg.teach.limit) if hard is not None and cfg.teach and cfg.teach.limit else hard,
+        "max_steps": phases,
+        "basis": "config (upper bounds, not measured)",
+    }
+
+
+def run(study: Study, say=print) -> dict:
+    """Run every variant in order (each an ordinary ``raycat run``), then the comparison report."""
+    from raycat import run as runner
+    from raycat.config import dump_config
+    from raycat.study_report import build
+
+    recipes = study.recipes()
+    # Self-contained (base inline, run_dir fixed): `raycat report <study dir>` rebuilds the report from it.
+    frozen = {
+        **study.config.model_dump(mode="json"),
+        "name": study.name,
+        "base": study.base_tree,
+        "run_dir": study.root,
+    }
+    rundir.write_text(rundir.join(study.root, "study.yaml"), yaml.safe_dump({"study": frozen}, sort_keys=False))
+    variants = study.variants()
+    for i, v in enumerate(variants, 1):
+        cfg = study.variant_config(v)
+        say(f"study {study.name}: variant {i}/{len(variants)}: {v.label} (seed {v.seed}) -> {cfg.run_dir}")
+        rundir.write_text(rundir.join(cfg.run_dir, "config.yaml"), dump_config(cfg))
+        runner.run(cfg, recipes)
+        if study.config.rescore_after:
+            rescore(cfg, recipes[0], study.config.rescore_after, say)
+    return build(study)
+
+
+def rescore(cfg: RaycatConfig, recipe: str, phase: str, say=print) -> str | None:
+    """Score every question with the model after ``phase`` into ``<run>/rescore/<phase>/``; skipped when
+    that phase is not trained, or already rescored at its current hash."""
+    from raycat import score
+
+    pdir = rundir.join(cfg.run_dir, "train", recipe, phase)
+    done = rundir.join(pdir, "done.json")
+    model = rundir.join(pdir, "merged" if cfg.train.method == "lora" else "model")
+    if not rundir.exists(done) or rundir.read_json(done).get("empty") or not rundir.exists(model):
+        say(f"rescore: {recipe}/{phase} has no trained model; skipped")
+        return None
+    out = rundir.join(cfg.run_dir, "rescore", phase)
+    mark = rundir.join(out, "phase.json")
+    phase_hash = rundir.read_json(done)["hash"]
+    if rundir.exists(mark) and rundir.read_json(mark).get("hash") == phase_hash:
+        return out
+    c = cfg.model_copy(deep=True)
+    c.run_dir = out
+    c.score.student.path, c.score.student.revision = rundir.absolute(model), None
+    score.run(c)
+    rundir.write_json(mark, {"recipe": recipe, "phase": phase, "hash": phase_hash})
+    return out
