@@ -38,7 +38,7 @@ test-unit: install
 
 # The full suite CI runs: unit + integration + slow, in one pytest run.
 test: install
-	$(BIN)/python -m pytest -m "not gpu"
+	$(BIN)/python -m pytest -m "not gpu" --durations=30
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow

@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="compute threads for every method")
     ap.add_argument("--dtype", default="auto", help="engine dtype ('auto' = what raycat picks on this machine)")
     ap.add_argument("--skip-reference", action="store_true", help="skip the slow batch-size-1 baseline")
+    ap.add_argument("--json", help="append raycat's measured prefill rate to this file (for study scaling plans)")
     args = ap.parse_args()
 
     import torch
@@ -223,6 +224,23 @@ def main() -> None:
             f"raycat pipeline wall incl. engine start: {results['raycat']['wall_s']:.1f} s; steady-state "
             f"Ray Data overhead vs direct vLLM: {results['raycat']['score_s'] / results['vllm']['score_s']:.2f}x"
         )
+    if args.json and "raycat" in results:
+        from raycat import scaling
+
+        rec = scaling.record(
+            bench="bench/score.py",
+            kind="prefill",
+            model=args.model,
+            params=n_params,
+            device=args.device,
+            devices=1 if args.device == "gpu" else cfg.score.engine.cpus_per_engine,
+            tokens=n_tokens,
+            seconds=results["raycat"]["score_s"],
+            dtype=dtype_name,
+            basis="raycat score pipeline, steady state",
+        )
+        scaling.append_records(args.json, [rec])
+        print(f"wrote {args.json}: {rec['tokens_per_s_per_device']:.1f} prefill tok/s per device")
     if args.device == "gpu":
         print(f"GPU goal: raycat >= 20x the batch-1 reference (here {base / results['raycat']['score_s']:.1f}x)")
 

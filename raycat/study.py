@@ -63,6 +63,24 @@ class StudyConfig(Strict):
         "'phase1'): the report's band migration (does phase 2 still target what is hard after phase 1?). "
         "LoRA phases are merged for it (train.lora.merge).",
     )
+    scaling: ScalingSpec | None = Field(
+        None,
+        description="Add the cost of each variant to --plan: devices and memory per worker per stage, tokens, "
+        "device-hours (each labelled measured, extrapolated or unknown).",
+    )
+
+
+class ScalingSpec(Strict):
+    reference: str | None = Field(
+        None,
+        description="A finished run dir whose rows give the tokens per question, per taught row, per training "
+        "example and per eval answer (default: the first variant that has run).",
+    )
+    throughput: list[str] = Field(
+        default_factory=list,
+        description="JSON files written by bench/*.py --json (relative to the study file): measured tokens/s "
+        "per device, extrapolated across model sizes by FLOPs per token.",
+    )
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,7 @@ class Study:
     name: str
     root: str  # the study directory
     base_tree: dict[str, Any]
+    source: str = ""  # the study file (relative paths in it are relative to its folder)
 
     def variants(self) -> list[Variant]:
         return expand(self.config)
@@ -128,6 +147,16 @@ def expand(sc: StudyConfig) -> list[Variant]:
     return out
 
 
+def beside(study_file: str, path: str) -> str:
+    """``path`` as written in a study file: absolute or a URI as is, else relative to the file's folder
+    (which may itself be on an object store)."""
+    if "://" in path or Path(path).is_absolute():
+        return path
+    if "://" in study_file:
+        return rundir.join(study_file.rsplit("/", 1)[0], path)
+    return str((Path(study_file).parent / path).resolve())
+
+
 def load_study(path) -> Study:
     path = str(path)
     p = Path(path)
@@ -149,14 +178,14 @@ def load_study(path) -> Study:
             + "\n".join(f"  study.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         ) from None
     if isinstance(sc.base, str):
-        bp = (p.parent / sc.base).resolve()
-        if not bp.is_file():
+        bp = beside(path, sc.base)
+        if not rundir.exists(bp):
             raise ConfigError(f"study.base: {bp} not found (a path is relative to the study file)")
-        base = yaml.safe_load(bp.read_text(encoding="utf-8")) or {}
+        base = yaml.safe_load(rundir.read_bytes(bp).decode("utf-8")) or {}
     else:
         base = sc.base
     name = sc.name or p.stem
-    study = Study(sc, name, sc.run_dir or rundir.join("runs", "studies", name), base)
+    study = Study(sc, name, sc.run_dir or rundir.join("runs", "studies", name), base, path)
     if sc.baseline is not None and sc.baseline not in {v.label for v in study.variants()}:
         raise ConfigError(
             f"study.baseline {sc.baseline!r} is not a variant; variants: {sorted({v.label for v in study.variants()})}"
@@ -170,7 +199,8 @@ def plan(study: Study) -> list[dict]:
     """Per variant and stage: 'done' (finished with the same hash), 'run', 'off' (not configured);
     ``same_as``: an earlier variant with the same stage hash, whose cached rows this one reuses.
     ``estimate``: the work the config implies (questions, optimizer steps); counts are upper bounds
-    taken from the config, not measured."""
+    taken from the config, not measured. With ``study.scaling``: ``costs`` and ``memory`` per variant
+    (raycat.scaling)."""
     from raycat import run as runner
 
     recipes = study.recipes()
@@ -188,7 +218,31 @@ def plan(study: Study) -> list[dict]:
                 "same_as": None if first == f"{v.label} (seed {v.seed})" else first,
             }
         out.append(row)
+    if study.config.scaling is not None:
+        _add_costs(study, recipes, out)
     return out
+
+
+def _add_costs(study: Study, recipes: list[str], rows: list[dict]) -> None:
+    from raycat import run as runner
+    from raycat import scaling
+
+    sc = study.config.scaling
+    records = scaling.load_records([beside(study.source, p) for p in sc.throughput])
+    ref_dir = sc.reference or next(
+        (r["run_dir"] for r in rows if rundir.exists(rundir.join(r["run_dir"], "score", "scores.parquet"))), None
+    )
+    ref = scaling.reference_figures(ref_dir) if ref_dir else {"run_dir": None}
+    ref_cfg = None
+    if ref_dir and rundir.exists(rundir.join(ref_dir, "config.yaml")):
+        try:
+            ref_cfg = validate_config(yaml.safe_load(rundir.read_bytes(rundir.join(ref_dir, "config.yaml"))))
+        except ConfigError:
+            ref_cfg = None  # an older run's config; its data section is then not compared
+    for v, row in zip(study.variants(), rows, strict=True):
+        cfg = runner.effective_config(study.variant_config(v), recipes)
+        row["costs"] = scaling.costs(cfg, recipes, ref, ref_cfg, records)
+        row["memory"] = scaling.memory(cfg, recipes)
 
 
 def estimate(cfg: RaycatConfig) -> dict:

@@ -35,13 +35,19 @@ def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75))
     }
     teach = _read_json(rundir.join(run_dir, "teach", "metrics.json"))
     acc = (teach or {}).get("accounting", {})
-    trained = 0
-    for recipe_dir in (
-        rundir.list_dirs(rundir.join(run_dir, "train")) if rundir.exists(rundir.join(run_dir, "train")) else []
-    ):
-        for phase_dir in rundir.list_dirs(recipe_dir):
-            m = _read_json(rundir.join(phase_dir, "metrics.json"))
+    trained, final = 0, {}
+    train = rundir.join(run_dir, "train")
+    for recipe in rundir.list_dirs(train):
+        for phase in rundir.list_dirs(rundir.join(train, recipe)):
+            m = _read_json(rundir.join(train, recipe, phase, "metrics.json"))
             trained += sum(h["tokens"] for h in (m or {}).get("history", []))
+        # The recipe's final model: its last evaluated phase (a later phase may be empty and untrained),
+        # so variants compare what each recipe finally produced even where one variant's phase 2 is empty.
+        done = [n for n in models if n.startswith(f"{recipe}/")]
+        if done:
+            final[recipe] = max(done, key=lambda n: n.split("/", 1)[1])
+    for recipe, name in final.items():
+        models[f"{recipe} (final)"] = {**models[name], "is": name}
     return {
         "models": models,
         "confident_wrong": _confident_wrong(run_dir),
@@ -50,6 +56,7 @@ def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75))
         "teacher_tokens": acc.get("total_tokens"),
         "teacher_saving": acc.get("saving"),
         "training_tokens": trained,
+        "final": final,
     }
 
 
@@ -93,8 +100,9 @@ def _band_migration(run_dir: str, quantiles: tuple[float, float]) -> dict | None
     return out or None
 
 
-def mode_agreements(variants: list[dict], quantiles: tuple[float, float] = (0.25, 0.75)) -> list[dict]:
-    """Every two variants (same seed) whose scores used different entropy modes, on their shared rows."""
+def mode_agreements(variants: list[dict]) -> list[dict]:
+    """Every two variants (same seed, same split quantiles) whose scores used different entropy modes, on
+    their shared rows; bands by those quantiles."""
     from raycat.analyses import mode_agreement
 
     scored = []
@@ -105,10 +113,12 @@ def mode_agreements(variants: list[dict], quantiles: tuple[float, float] = (0.25
             scored.append((v, str(df["entropy_mode"].iloc[0]) if len(df) else "", df))
     out, done = [], set()
     for (va, ma, a), (vb, mb, b) in itertools.combinations(scored, 2):
-        if ma == mb or va["seed"] != vb["seed"] or (ma, mb) in done:
+        q = tuple(va.get("quantiles", (0.25, 0.75)))
+        if ma == mb or va["seed"] != vb["seed"] or q != tuple(vb.get("quantiles", q)) or (ma, mb, q) in done:
             continue
-        done.add((ma, mb))
-        out.append({"a": f"{va['label']} ({ma})", "b": f"{vb['label']} ({mb})", **mode_agreement(a, b, quantiles)})
+        done.add((ma, mb, q))
+        agree = mode_agreement(a, b, q)
+        out.append({"a": f"{va['label']} ({ma})", "b": f"{vb['label']} ({mb})", "quantiles": list(q), **agree})
     return out
 
 
@@ -151,6 +161,15 @@ def summarize(variants: list[dict]) -> list[dict]:
     return out
 
 
+def _eval_names(variant: dict, rows: pd.DataFrame) -> dict[str, str]:
+    """Report name -> eval.parquet model name, for the models this variant's eval answered."""
+    names = {m: m for m in set(rows["model"])}
+    for name, m in variant.get("numbers", {}).get("models", {}).items():
+        if m.get("is") in names:
+            names[name] = m["is"]
+    return names
+
+
 def paired(variants: list[dict], baseline: str, resamples: int = 1000, seed: int = 0) -> list[dict]:
     """Each variant's models against the baseline variant's same model, row by row on the test rows
     both answered, same seed paired with same seed, pooled over seeds."""
@@ -164,6 +183,7 @@ def paired(variants: list[dict], baseline: str, resamples: int = 1000, seed: int
         return df[df["compared"]] if "compared" in df else df
 
     base = {v["seed"]: rows(v["run_dir"]) for v in variants if v["label"] == baseline}
+    base_v = {v["seed"]: v for v in variants if v["label"] == baseline}
     out: dict[tuple[str, str], list[np.ndarray]] = {}
     for v in variants:
         if v["label"] == baseline or base.get(v["seed"]) is None:
@@ -171,9 +191,11 @@ def paired(variants: list[dict], baseline: str, resamples: int = 1000, seed: int
         mine, theirs = rows(v["run_dir"]), base[v["seed"]]
         if mine is None:
             continue
-        for model in sorted(set(mine["model"]) & set(theirs["model"])):
-            a = mine[mine["model"] == model][["id", "row_hash", "correct"]]
-            b = theirs[theirs["model"] == model][["id", "row_hash", "correct"]]
+        # Model names as the report shows them; "<recipe> (final)" is each side's own last phase.
+        ours, others = _eval_names(v, mine), _eval_names(base_v[v["seed"]], theirs)
+        for model in sorted(set(ours) & set(others)):
+            a = mine[mine["model"] == ours[model]][["id", "row_hash", "correct"]]
+            b = theirs[theirs["model"] == others[model]][["id", "row_hash", "correct"]]
             j = a.merge(b, on=["id", "row_hash"], suffixes=("_a", "_b"))
             out.setdefault((v["label"], model), []).append(
                 j["correct_a"].to_numpy(dtype=float) - j["correct_b"].to_numpy(dtype=float)
@@ -187,24 +209,40 @@ def paired(variants: list[dict], baseline: str, resamples: int = 1000, seed: int
 
 
 def build(study) -> dict:
-    """Write ``<study>/report/study.json`` and ``study.md``; returns the report."""
-    variants = [
-        {"label": v.label, "seed": v.seed, "run_dir": study.variant_config(v).run_dir} for v in study.variants()
-    ]
-    for v, spec in zip(variants, study.variants(), strict=True):
-        v["numbers"] = variant_numbers(v["run_dir"], tuple(study.variant_config(spec).split.quantiles))
+    """Write ``<study>/report/study.json``, ``study.md`` and the accuracy-vs-axis plot; returns the report."""
+    from raycat import study_plot
+
+    variants = []
+    for spec in study.variants():
+        cfg = study.variant_config(spec)  # validated once per variant
+        q = tuple(cfg.split.quantiles)
+        variants.append(
+            {
+                "label": spec.label,
+                "seed": spec.seed,
+                "values": [[k, v] for k, v in spec.overrides],
+                "run_dir": cfg.run_dir,
+                "quantiles": list(q),
+                "numbers": variant_numbers(cfg.run_dir, q),
+            }
+        )
     baseline = study.config.baseline or variants[0]["label"]
+    summary = summarize(variants)
     report = {
         "study": study.name,
         "baseline": baseline,
         "axes": {k: v for k, v in study.config.axes.items()},
         "seeds": study.config.seeds,
         "variants": variants,
-        "summary": summarize(variants),
+        "summary": summary,
         "paired": paired(variants, baseline),
         "mode_agreement": mode_agreements(variants),
+        "plot": study_plot.series(variants, summary, study.config.axes),
     }
     d = rundir.join(study.root, "report")
+    if report["plot"]:
+        report["plot"]["file"] = "accuracy_vs_axis.png"
+        study_plot.write_png(report["plot"], rundir.join(d, "accuracy_vs_axis.png"))
     rundir.write_json(rundir.join(d, "study.json"), report)
     rundir.write_text(rundir.join(d, "study.md"), markdown(report))
     return report
@@ -275,6 +313,12 @@ def markdown(r: dict) -> str:
             ]
             head = f"| {v['label']} | {v['seed']} | {phase} | {m['rows']} | "
             lines.append(head + " | ".join(cells) + f" | {_f(m['hard_still_hard'])} |")
+    if r.get("plot"):
+        lines += ["", f"## Accuracy vs {r['plot']['x_label']}", "", f"![accuracy]({r['plot']['file']})", ""]
+        lines += [f"{r['plot']['basis']}.", "", "| line | x | mean | 95% CI | seeds |", "|---|---|---|---|---|"]
+        for name, pts in r["plot"]["lines"].items():
+            for x, m, lo, hi, n in pts:
+                lines.append(f"| {name} | {x:g} | {_f(m)} | [{_f(lo)}, {_f(hi)}] | {n} |")
     if r.get("mode_agreement"):
         lines += ["", "## Entropy-mode agreement (same rows)", "", "| a | b | rows | Spearman | same band |"]
         lines += ["|---|---|---|---|---|"]

@@ -329,7 +329,7 @@ def startup(timing: dict | None, fit_started: float, wall_s: float, hist: list, 
     if not timing or timing.get("first_step_done") is None:
         return None
     hist = [h for h in hist if h["step"] > (resumed or 0)]  # this attempt's steps
-    steps_after_first = sum(h["tokens"] / h["tokens_per_s"] for h in hist[1:] if h["tokens_per_s"] > 0)
+    steps_after_first = sum(step_seconds(h) for h in hist[1:])
     first_done = timing["first_step_done"]
     return {
         "worker_group_s": round(timing["entered"] - fit_started, 2),
@@ -337,6 +337,13 @@ def startup(timing: dict | None, fit_started: float, wall_s: float, hist: list, 
         "first_step_s": round(first_done - timing["ready"], 2),
         "after_last_step_s": round(fit_started + wall_s - first_done - steps_after_first, 2),
     }
+
+
+def step_seconds(h: dict) -> float:
+    """A history entry's step time (recomputed for entries logged before ``step_s`` was recorded)."""
+    if "step_s" in h:
+        return h["step_s"]
+    return h["tokens"] / h["tokens_per_s"] if h["tokens_per_s"] > 0 else 0.0
 
 
 def phase_metrics(plan: PhasePlan, fit: FitResult, state: dict, wall_s: float, fit_started: float) -> dict:
@@ -363,16 +370,16 @@ def phase_metrics(plan: PhasePlan, fit: FitResult, state: dict, wall_s: float, f
         "last_loss": hist[-1]["loss"] if hist else None,
         "per_epoch": [{"epoch": e, "mean_loss": sum(v) / len(v), "steps": len(v)} for e, v in sorted(epochs.items())],
         "mean_tokens_per_s": (
-            sum(h["tokens"] for h in hist) / sum(h["tokens"] / h["tokens_per_s"] for h in hist)
-            if hist and all(h["tokens_per_s"] > 0 for h in hist)
+            sum(h["tokens"] for h in hist) / sum(map(step_seconds, hist))
+            if hist and sum(map(step_seconds, hist)) > 0
             else None
         ),
         "padding_waste": 1 - state["real_tokens"] / padded if padded else None,
         # Share of step time spent waiting for micro-batches from the Ray Data shard, after the first
         # step (whose wait for the dataset to start executing is start-up, see "startup").
         "data_feed_share": (
-            sum(h.get("fetch_s", 0.0) for h in hist[1:]) / sum(h["tokens"] / h["tokens_per_s"] for h in hist[1:])
-            if len(hist) > 1 and all(h["tokens_per_s"] > 0 for h in hist)
+            sum(h.get("fetch_s", 0.0) for h in hist[1:]) / sum(map(step_seconds, hist[1:]))
+            if len(hist) > 1 and sum(map(step_seconds, hist[1:])) > 0
             else None
         ),
         "resumed_from_step": state.get("resumed_from_step"),
@@ -456,12 +463,13 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                 if not ray_started:  # only when something is left to train
                     stack.enter_context(ray_session(cfg.ray, cfg.run_dir))
                     ray_started = True
+                stage = zero_stage(tc)
                 say(
                     f"{name}: {len(plan.encoded)} examples ({plan.phase.target} target), "
-                    f"{tc.num_workers} worker(s), ZeRO-{zero_stage(tc)}"
+                    f"{tc.num_workers} worker(s), ZeRO-{stage}"
                     + (
                         f" (configured {tc.deepspeed.zero_stage}: one worker has nothing to partition)"
-                        if zero_stage(tc) != tc.deepspeed.zero_stage
+                        if stage != tc.deepspeed.zero_stage
                         else ""
                     )
                     + f", {tc.method}"

@@ -417,6 +417,7 @@ def train_loop(config: dict) -> None:
                 "loss": agg[0],  # token-weighted mean over the window (each share was divided by n_window)
                 "lr": engine.get_lr()[0],
                 "tokens_per_s": agg[1] / max(dt, 1e-9),
+                "step_s": dt,  # from the previous step's end, so the batch fetch counts
                 "tokens": int(agg[1]),
                 "target_tokens": n_window,
                 "fetch_s": round(fetch_s, 4),  # waiting for this step's micro-batches (the data feed)

@@ -340,6 +340,37 @@ def test_readme_job_on_a_multinode_cluster_with_an_s3_run_dir_resumes_after_a_dr
     assert m["adapter"] is None and m["path"] == f"s3://{BUCKET}/run/train/sft_all/phase1/model"
     assert m["overall"]["n"] == 10
 
+    # A study kept on the object store: the study file and its base there, and `--plan`'s cost table
+    # reading tokens per row from this run's outputs in S3 (what a user checks before submitting it).
+    base = tiny_cluster_config()
+    study = {
+        "base": "base.yaml",
+        "run_dir": f"s3://{BUCKET}/studies/ratio",
+        "axes": {"split.quantiles": [[0.25, 0.75], [0.25, 0.5]]},
+        "scaling": {"reference": f"s3://{BUCKET}/run"},
+    }
+    for key, tree in (("studies/base.yaml", base), ("studies/s.yaml", {"study": study})):
+        with cluster.s3.open_output_stream(f"{BUCKET}/{key}") as f:
+            f.write(yaml.safe_dump(tree).encode())
+    plan = subprocess.run(
+        [str(BIN / "raycat"), "study", "--config", f"s3://{BUCKET}/studies/s.yaml", "--plan", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    rows = json.loads(plan.stdout)
+    assert [r["run_dir"].startswith(f"s3://{BUCKET}/studies/ratio/variants/") for r in rows] == [True, True]
+    scored = cluster.s3_json("run/score/metrics.json")["scored"]
+    for r in rows:
+        assert {st["action"] for st in r["stages"].values()} == {"run"}
+        assert r["costs"]["questions"]["value"] == scored  # measured: the reference scored the same data
+        tokens = r["costs"]["stages"]["score"]["tokens"]
+        assert tokens["value"] > 0 and f"s3://{BUCKET}/run" in tokens["basis"]
+        assert "measured on" in r["costs"]["stages"]["train"]["tokens"]["basis"]
+        assert r["memory"]["params"] > 0 and all(p["fits"] for p in r["memory"]["phases"].values())
+
 
 def test_a_local_run_dir_is_refused_before_anything_runs(cluster, tmp_path):
     tree = tiny_cluster_config()

@@ -124,3 +124,23 @@ def test_shipped_study_configs_validate_every_variant(path):
     s = load_study(path)  # every variant's config is validated here (no GPU, no cluster needed)
     assert len(s.variants()) >= 2
     assert s.config.baseline is None or s.config.baseline in {v.label for v in s.variants()}
+
+
+def test_accuracy_vs_axis_points_are_the_summary_means_with_quantiles_as_hard_fraction(tmp_path):
+    from raycat.study_plot import series, write_png
+
+    variants = [
+        {"label": "a", "values": [["split.quantiles", [0.25, 0.75]], ["train.method", "lora"]]},
+        {"label": "b", "values": [["split.quantiles", [0.25, 0.5]], ["train.method", "lora"]]},
+    ]
+    summary = [
+        {"variant": "b", "model": "m", "mean": 0.6, "ci95_across_seeds": [0.5, 0.7], "seeds": [0, 1]},
+        {"variant": "a", "model": "m", "mean": 0.4, "ci95_across_seeds": [None, None], "seeds": [0]},
+    ]
+    axes = {"train.method": ["lora"], "split.quantiles": [[0.25, 0.75], [0.25, 0.5]]}
+    plot = series(variants, summary, axes)
+    assert plot["axis"] == "split.quantiles"  # train.method is not numeric
+    assert plot["lines"] == {'m (train.method="lora")': [[0.25, 0.4, None, None, 1], [0.5, 0.6, 0.5, 0.7, 2]]}
+    write_png(plot, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert series(variants, summary, {"train.method": ["lora"]}) is None

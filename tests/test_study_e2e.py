@@ -29,7 +29,7 @@ def _finished(study: Path) -> dict:
 
 
 def test_a_two_by_two_study_scores_once_teaches_once_trains_four_times_and_reports_their_numbers(
-    tmp_path, tiny_model_dir
+    tmp_path, tiny_model_dir, monkeypatch, capsys
 ):
     base = tiny_config(tmp_path / "unused", tiny_model_dir)
     engine = {"backend": "transformers", "device": "cpu", "batch_size": 40}
@@ -41,11 +41,13 @@ def test_a_two_by_two_study_scores_once_teaches_once_trains_four_times_and_repor
     base["teach"]["on_wrong"] = "drop"
     del base["run_dir"]
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    # The user's path: a relative run_dir, resolved against the directory the command runs in.
+    monkeypatch.chdir(tmp_path)
     study = tmp_path / "study"
     spec = {
         "study": {
             "base": "base.yaml",
-            "run_dir": str(study),
+            "run_dir": "study",
             "axes": {"split.quantiles": [[0.25, 0.75], [0.25, 0.5]]},
             "seeds": [0, 1],
             "rescore_after": "phase1",
@@ -79,7 +81,8 @@ def test_a_two_by_two_study_scores_once_teaches_once_trains_four_times_and_repor
     for v in report["variants"]:
         ev = json.loads((Path(v["run_dir"]) / "eval/metrics.json").read_text())
         assert v["numbers"]["models"] and all(
-            m["accuracy"] == ev["models"][name]["overall"]["accuracy"] for name, m in v["numbers"]["models"].items()
+            m["accuracy"] == ev["models"][m.get("is", name)]["overall"]["accuracy"]
+            for name, m in v["numbers"]["models"].items()
         )
     for s in report["summary"]:
         runs = [v for v in report["variants"] if v["label"] == s["variant"]]
@@ -87,6 +90,15 @@ def test_a_two_by_two_study_scores_once_teaches_once_trains_four_times_and_repor
         assert s["mean"] == pytest.approx(sum(mine) / len(mine)) and len(s["seeds"]) == 2
     assert {p["variant"] for p in report["paired"]} == {"split.quantiles=[0.25, 0.5]"}
     assert (study / "report" / "study.md").read_text().startswith("# Study")
+    assert report["plot"]["axis"] == "split.quantiles" and (study / "report" / "accuracy_vs_axis.png").is_file()
+    for v in report["variants"]:
+        logged = [
+            h["tokens"]
+            for m in Path(v["run_dir"]).glob("train/*/*/metrics.json")
+            for h in json.loads(m.read_text()).get("history", [])
+        ]
+        assert v["numbers"]["training_tokens"] == sum(logged) > 0
+        assert v["numbers"]["final"] == {"complexity_aware": "complexity_aware/phase1"}  # phase 2 is empty
     # The analyses: every variant's pool re-scored after phase 1 (band migration over all its rows),
     # and its confident-wrong rows counted.
     for v in report["variants"]:
@@ -102,4 +114,27 @@ def test_a_two_by_two_study_scores_once_teaches_once_trains_four_times_and_repor
     assert _finished(study) == before
     assert sum(len(pd.read_parquet(p)) for p in student_parts.glob("part-*.parquet")) == 40
     # The report rebuilds from the study directory alone.
-    assert main(["report", str(study)]) == 0
+    assert main(["report", "study"]) == 0
+
+    # The cost plan: tokens per question measured on the first variant's rows, hours from a bench record.
+    from raycat import scaling
+
+    params = scaling.model_params(str(tiny_model_dir), False)["params"]
+    rec = {"kind": "prefill", "device": "cpu", "params": params, "tokens_per_s_per_device": 1000.0}
+    rec |= {"model": "tiny", "device_name": "here", "bench": "bench/score.py", "measured_at": "today"}
+    (tmp_path / "rates.json").write_text(json.dumps([rec]))
+    spec["study"]["scaling"] = {"throughput": ["rates.json"]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    assert main(["study", "--config", "s.yaml", "--plan", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    first = pd.read_parquet(variants[0] / "score/scores.parquet")
+    for r in rows:
+        assert {s["action"] for s in r["stages"].values()} <= {"skip", "off"}  # everything is done
+        score = r["costs"]["stages"]["score"]
+        assert score["tokens"]["value"] == pytest.approx(
+            40 * first.loc[first["status"] == "scored", "prompt_tokens"].mean()
+        )
+        assert score["device_hours"]["basis"].startswith("measured: tiny")
+        assert score["device_hours"]["value"] == pytest.approx(score["tokens"]["value"] / 1000.0 / 3600)
+        assert r["memory"]["phases"]["phase1"]["fits"] is True

@@ -1,0 +1,73 @@
+"""Accuracy against a numeric study axis: one line per model (and per value of the other axes), the
+mean across seeds with its t-interval. ``split.quantiles`` is drawn as the hard-band fraction."""
+
+from __future__ import annotations
+
+import json
+
+from raycat import rundir
+
+
+def axis_value(key: str, value) -> float | None:
+    """A number to put on the x axis for this axis value, or None."""
+    if key == "split.quantiles" and isinstance(value, list | tuple) and len(value) == 2:
+        return round(1.0 - float(value[1]), 6)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def x_label(key: str) -> str:
+    return "hard-band fraction (1 - split.quantiles[1])" if key == "split.quantiles" else key
+
+
+def series(variants: list[dict], summary: list[dict], axes: dict) -> dict | None:
+    """The first axis whose every value is numeric: points (x, mean, ci low, ci high, seeds) per line."""
+    values = {v["label"]: dict(v["values"]) for v in variants}
+    for key in axes:
+        xs = {label: axis_value(key, vals.get(key)) for label, vals in values.items()}
+        if len(set(xs.values())) < 2 or any(x is None for x in xs.values()):
+            continue
+        lines: dict[str, list] = {}
+        for s in summary:
+            if s["mean"] is None:
+                continue
+            rest = ", ".join(f"{k}={json.dumps(v)}" for k, v in values[s["variant"]].items() if k != key)
+            name = s["model"] + (f" ({rest})" if rest else "")
+            lo, hi = s["ci95_across_seeds"]
+            lines.setdefault(name, []).append([xs[s["variant"]], s["mean"], lo, hi, len(s["seeds"])])
+        return {
+            "axis": key,
+            "x_label": x_label(key),
+            "lines": {k: sorted(v) for k, v in lines.items()},
+            "basis": "mean accuracy on each variant's held-out rows across seeds; bars: t-interval across seeds",
+        }
+    return None
+
+
+def write_png(plot: dict, path: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in plot["lines"].items():
+        x = [p[0] for p in pts]
+        y = [p[1] for p in pts]
+        err = [
+            [p[1] - p[2] if p[2] is not None else 0 for p in pts],
+            [p[3] - p[1] if p[3] is not None else 0 for p in pts],
+        ]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xlabel(plot["x_label"])
+    ax.set_ylabel("held-out accuracy (mean across seeds)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Accuracy vs {plot['axis']}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    rundir.write_bytes(path, buf.getvalue())

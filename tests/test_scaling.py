@@ -1,0 +1,177 @@
+"""The cost plan: tokens from a reference run's measured rows, device-hours from bench records (measured
+or extrapolated by FLOPs per token), memory per worker from the model config alone."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from raycat import scaling
+from raycat.config import validate_config
+
+
+def _rec(kind: str, params: float, rate: float, device: str = "cpu", **extra) -> dict:
+    return {
+        "bench": "bench/x.py",
+        "kind": kind,
+        "model": f"m{params:g}",
+        "params": int(params),
+        "device": device,
+        "device_name": "test cpu",
+        "devices": 2.0,
+        "tokens": int(rate * 2 * 10),
+        "seconds": 10.0,
+        "tokens_per_s_per_device": rate,
+        "measured_at": "2026-11-30",
+        **extra,
+    }
+
+
+def test_rate_is_measured_for_the_benched_size_and_extrapolated_by_flops_otherwise():
+    recs = [_rec("prefill", 1e9, 1000.0), _rec("prefill", 8e9, 200.0), _rec("decode", 1e9, 50.0)]
+    r, basis = scaling.rate(recs, "prefill", "cpu", int(1e9))
+    assert r == 1000.0 and basis.startswith("measured: m1e+09")
+    # 70B is nearest (in log size) to the 8B record: 200 tok/s x 8/70.
+    r, basis = scaling.rate(recs, "prefill", "cpu", int(70e9))
+    assert r == pytest.approx(200.0 * 8 / 70) and basis.startswith("extrapolated by FLOPs per token from m8e+09")
+    r, basis = scaling.rate(recs, "prefill", "gpu", int(1e9))
+    assert r is None and "no gpu prefill throughput measured" in basis
+    # Training: a full-FT record scaled to LoRA with checkpointing: 6N -> 4N + 2N recompute = same FLOPs.
+    t = [_rec("train", 1e9, 100.0, method="full")]
+    r, _ = scaling.rate(t, "train", "cpu", int(1e9), method="lora", ckpt=False)
+    assert r == pytest.approx(100.0 * 6 / 4)
+    assert scaling.flops_per_token("train", 10, "lora", True) == scaling.flops_per_token("train", 10, "full", False)
+
+
+def test_append_records_replaces_the_same_measurement_and_keeps_others(tmp_path):
+    path = str(tmp_path / "r.json")
+    scaling.append_records(path, [_rec("prefill", 1e9, 1.0), _rec("decode", 1e9, 2.0)])
+    scaling.append_records(path, [_rec("prefill", 1e9, 3.0)])
+    recs = json.loads((tmp_path / "r.json").read_text())
+    assert sorted((r["kind"], r["tokens_per_s_per_device"]) for r in recs) == [("decode", 2.0), ("prefill", 3.0)]
+
+
+def _reference_run(root) -> str:
+    """A finished run's outputs with known token counts."""
+    (root / "score").mkdir(parents=True)
+    pd.DataFrame(
+        {"status": ["scored", "scored", "scored", "skipped"], "prompt_tokens": [100, 200, 300, 5000]}
+    ).to_parquet(root / "score" / "scores.parquet")
+    (root / "teach").mkdir()
+    acc = {"rows_taught": 4, "prompt_tokens": 800, "completion_tokens": 2000}
+    (root / "teach" / "metrics.json").write_text(json.dumps({"accounting": acc}))
+    for phase, examples, tokens in (("phase1", 10, 500), ("phase2", 4, 1200)):
+        d = root / "train" / "complexity_aware" / phase
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"examples": examples, "tokens": tokens}))
+    (root / "eval").mkdir()
+    pd.DataFrame({"kind": ["answer", "answer", "cot"], "completion_tokens": [2, 4, 300]}).to_parquet(
+        root / "eval" / "eval.parquet"
+    )
+    return str(root)
+
+
+def test_reference_figures_are_the_measured_means_of_finished_rows(tmp_path):
+    ref = scaling.reference_figures(_reference_run(tmp_path / "ref"))
+    assert ref["score"] == {"rows": 3, "prompt_tokens": 200.0}  # the skipped row is not a scored prompt
+    assert ref["teach"] == {"rows": 4, "prompt_tokens": 200.0, "completion_tokens": 500.0}
+    assert ref["train"] == {
+        "complexity_aware/phase1": {"rows": 10, "tokens": 50.0},
+        "complexity_aware/phase2": {"rows": 4, "tokens": 300.0},
+    }
+    assert ref["eval"]["answer"] == {"rows": 2, "completion_tokens": 3.0}
+
+
+def test_costs_multiply_config_rows_by_measured_tokens_and_divide_by_measured_rates(tmp_path, tiny_model_dir):
+    ref = scaling.reference_figures(_reference_run(tmp_path / "ref"))
+    cfg = validate_config(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "data": {"source": "synthetic", "sample": 1000},
+            "score": {"student": {"path": str(tiny_model_dir)}, "engine": {"cpus_per_engine": 2}},
+            "split": {"quantiles": [0.25, 0.75], "test_fraction": 0.2},
+            "teach": {"teachers": [{"model": {"path": str(tiny_model_dir)}}]},
+            "train": {"method": "full", "phase1": {"epochs": 2}, "phase2": {"epochs": 3}},
+        }
+    )
+    params = scaling.model_params(str(tiny_model_dir), False)["params"]
+    recs = [_rec("prefill", params, 400.0), _rec("train", params, 50.0, method="full")]
+    c = scaling.costs(cfg, ["complexity_aware"], ref, None, recs)
+    assert c["questions"]["value"] == 1000
+    score = c["stages"]["score"]
+    assert score["tokens"]["value"] == pytest.approx(1000 * 200.0)
+    assert score["device_hours"]["value"] == pytest.approx(1000 * 200.0 / 400.0 / 3600)
+    assert score["device_hours"]["basis"].startswith("measured")
+    assert score["wall_hours"]["value"] == pytest.approx(score["device_hours"]["value"] / 2)
+    # 800 pool rows: 200 hard taught x 500 completion tokens; no decode record -> no hours, and why.
+    teach = c["stages"]["teach"]
+    assert teach["tokens"]["value"] == pytest.approx(200 * 500.0)
+    assert teach["device_hours"]["value"] is None and "no cpu decode throughput" in teach["device_hours"]["basis"]
+    # phase1: 600 easy+medium x 2 epochs x 50 tokens; phase2: 200 hard x 3 epochs x 300 tokens.
+    train = c["stages"]["train"]
+    assert train["tokens"]["value"] == pytest.approx(600 * 2 * 50.0 + 200 * 3 * 300.0)
+    assert train["device_hours"]["value"] == pytest.approx(train["tokens"]["value"] / 50.0 / 3600)
+    # eval: 200 test rows x 3 models (base + 2 phases) x the mean generated tokens (2 + 4 + 300) / 3.
+    assert c["stages"]["eval"]["tokens"]["value"] == pytest.approx(200 * 3 * 102.0)
+    # ...and its prompts at the prefill rate: 200 x 3 x 200 prompt tokens / 400 tok/s.
+    prompts = c["stages"]["eval_prompts"]
+    assert prompts["tokens"]["value"] == pytest.approx(200 * 3 * 200.0)
+    assert prompts["device_hours"]["value"] == pytest.approx(200 * 3 * 200.0 / 400.0 / 3600)
+    assert c["device_hours_total"]["value"] is None  # teach and eval have no measured rate
+
+
+def test_no_reference_means_unknown_tokens_not_a_guess(tmp_path, tiny_model_dir):
+    cfg = validate_config(
+        {"run_dir": str(tmp_path), "data": {"source": "synthetic"}, "score": {"student": {"path": str(tiny_model_dir)}}}
+    )
+    c = scaling.costs(cfg, ["sft_all"], {"run_dir": None}, None, [])
+    assert c["questions"]["value"] is None and "unknown" in c["questions"]["basis"]
+    assert all(s["tokens"]["value"] is None for s in c["stages"].values())
+
+
+def _llama_70b_config(path) -> str:
+    """Llama-3.1-70B's shape, config only (the plan never reads weights)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    ).save_pretrained(path)
+    return str(path)
+
+
+def test_memory_per_worker_for_a_70b_lora_student_from_its_config_alone(tmp_path):
+    model = _llama_70b_config(tmp_path / "llama70b")
+    tree = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "synthetic"},
+        "score": {"student": {"path": model}},
+        "train": {
+            "method": "lora",
+            "device": "gpu",
+            "precision": "bf16",
+            "num_workers": 16,
+            "deepspeed": {"zero_stage": 3},
+            "gradient_checkpointing": True,
+            "worker_memory_gib": 80,
+            "lora": {"r": 64, "alpha": 128, "target_modules": ["q_proj", "v_proj"]},
+            "phase1": {"micro_batch_size": 1, "max_length": 1024},
+            "phase2": {"micro_batch_size": 1, "max_length": 4096},
+        },
+    }
+    m = scaling.memory(validate_config(tree), ["complexity_aware"])
+    assert m["params"] == pytest.approx(70.55e9, rel=0.01)
+    assert m["trainable_params"] < 0.01 * m["params"]
+    # bf16 weights sharded 16 ways: ~8.2 GiB of the per-worker figure; fits in 80 GB.
+    assert 8 < m["phases"]["phase1"]["device_gib_per_worker"] < 80 and m["phases"]["phase1"]["fits"]
+    tree["train"]["num_workers"] = 1  # the whole 141 GB of weights on one 80 GB GPU: refused, with the numbers
+    one = scaling.memory(validate_config(tree), ["complexity_aware"])["phases"]["phase1"]
+    assert one["fits"] is False and one["device_gib_per_worker"] > 130 and "GiB" in one["problem"]
