@@ -23,6 +23,7 @@ from pydantic import Field
 
 from raycat import rundir
 from raycat.config import ConfigError, RaycatConfig, Strict, _set_dotted, validate_config
+from raycat.errors import RaycatError
 
 
 class VariantSpec(Strict):
@@ -195,6 +196,17 @@ def load_study(path) -> Study:
     return study
 
 
+def reachable(study: Study) -> None:
+    """Fail with the fix, not a storage traceback, when the study directory cannot be read from here."""
+    try:
+        rundir.exists(study.root)
+    except OSError as e:
+        raise RaycatError(
+            f"study.run_dir {study.root} cannot be reached from this machine ({str(e).splitlines()[0][:200]}); "
+            "set study.run_dir to storage that this machine and the cluster can both reach"
+        ) from None
+
+
 def plan(study: Study) -> list[dict]:
     """Per variant and stage: 'done' (finished with the same hash), 'run', 'off' (not configured);
     ``same_as``: an earlier variant with the same stage hash, whose cached rows this one reuses.
@@ -203,6 +215,7 @@ def plan(study: Study) -> list[dict]:
     (raycat.scaling)."""
     from raycat import run as runner
 
+    reachable(study)
     recipes = study.recipes()
     seen: dict[tuple[str, str], str] = {}
     out = []
@@ -269,6 +282,7 @@ def run(study: Study, say=print) -> dict:
     from raycat.config import dump_config
     from raycat.study_report import build
 
+    reachable(study)
     recipes = study.recipes()
     # Self-contained (base inline, run_dir fixed): `raycat report <study dir>` rebuilds the report from it.
     frozen = {

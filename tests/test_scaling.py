@@ -4,6 +4,7 @@ or extrapolated by FLOPs per token), memory per worker from the model config alo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -175,3 +176,26 @@ def test_memory_per_worker_for_a_70b_lora_student_from_its_config_alone(tmp_path
     tree["train"]["num_workers"] = 1  # the whole 141 GB of weights on one 80 GB GPU: refused, with the numbers
     one = scaling.memory(validate_config(tree), ["complexity_aware"])["phases"]["phase1"]
     assert one["fits"] is False and one["device_gib_per_worker"] > 130 and "GiB" in one["problem"]
+
+
+def test_the_shipped_70b_config_plans_16_gpus_per_stage_and_extrapolates_a_benched_8b_rate(tmp_path):
+    import yaml
+
+    tree = yaml.safe_load((Path(__file__).parents[1] / "jobs/configs/llama-3.1-70b-mmlu-pro-lora.yaml").read_text())
+    tree["run_dir"] = str(tmp_path / "run")
+    tree["data"]["limit"] = 1000
+    tree["score"]["student"]["path"] = _llama_70b_config(tmp_path / "llama70b")  # its config.json only
+    cfg = validate_config(tree)
+    ref = scaling.reference_figures(_reference_run(tmp_path / "ref"))
+    gpu = [_rec("prefill", 8.03e9, 5000.0, device="gpu"), _rec("train", 8.03e9, 900.0, device="gpu", method="lora")]
+    c = scaling.costs(cfg, ["complexity_aware"], ref, None, gpu)
+    score, train = c["stages"]["score"], c["stages"]["train"]
+    assert (score["device"], score["devices"]) == ("gpu", 16)  # 4 engines x tensor parallel 4
+    assert (train["device"], train["devices"]) == ("gpu", 16)  # 16 workers
+    assert score["device_hours"]["basis"].startswith("extrapolated by FLOPs per token from m8.03e+09")
+    assert score["tokens_per_s_per_device"] == pytest.approx(5000.0 * 8.03e9 / score["params"])
+    # LoRA with gradient checkpointing (the config's) against a LoRA record without: 4N vs 6N per token.
+    assert train["tokens_per_s_per_device"] == pytest.approx(900.0 * 8.03e9 * 4 / (score["params"] * 6))
+    assert c["stages"]["eval"]["device_hours"]["value"] is None  # no GPU decode record: says so
+    m = scaling.memory(cfg, ["complexity_aware"])
+    assert all(p["fits"] for p in m["phases"].values())
