@@ -71,6 +71,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--json", help="append raycat's measured 1-worker training rate to this file (scaling plans)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "gpu"],
+        help="gpu: raycat on one GPU in bf16 only, for a --json record (the comparisons are CPU-only)",
+    )
     args = ap.parse_args()
 
     from raycat.config import validate_config
@@ -94,7 +100,8 @@ def main() -> None:
     from raycat.train import load_inputs
 
     results = {}
-    for workers, batching in ((1, "packed"), (2, "packed"), (1, "padded")):
+    runs = ((1, "packed"), (2, "packed"), (1, "padded")) if args.device == "cpu" else ((1, "packed"),)
+    for workers, batching in runs:
         name = f"raycat{workers}" if batching == "packed" else f"padded{workers}"
         run = build_tiny_train_run(work / name, model_dir, n=args.n)
         # Enough epochs for `steps` optimizer steps at this worker count; max_steps stops exactly there.
@@ -102,6 +109,8 @@ def main() -> None:
         train = {
             "recipe": "sft_all",
             "method": "full",
+            "device": args.device,
+            "precision": "bf16" if args.device == "gpu" else "fp32",
             "num_workers": workers,
             "batching": batching,
             "save_steps": 10**6,
@@ -130,7 +139,7 @@ def main() -> None:
         hist = metrics["history"][1:]
         tps = sum(h["tokens"] for h in hist) / sum(h["step_s"] for h in hist)
         results[name] = {
-            "devices": cfg.train.cpus_per_worker * workers,
+            "devices": workers if args.device == "gpu" else cfg.train.cpus_per_worker * workers,
             "tokens": sum(h["tokens"] for h in hist),
             "tokens_per_s": tps,
             "wall_s": wall,
@@ -139,7 +148,7 @@ def main() -> None:
             "startup": metrics["startup"],
             "feed": metrics["data_feed_share"],
         }
-        if name == "raycat1":
+        if name == "raycat1" and args.device == "cpu":
             tok = AutoTokenizer.from_pretrained(model_dir)
             bands, cot = load_inputs(cfg)
             ((_, rows),) = select("sft_all", bands, cot, 0)[0]
@@ -152,8 +161,8 @@ def main() -> None:
             }
     print(
         f"\nmodel: Llama hidden {args.hidden} x {args.layers} layers, {args.n} examples, micro-batch "
-        f"{args.micro_batch_size}, ZeRO-{args.zero_stage} (1 worker runs stage 0), full fine-tuning, fp32, "
-        "1 thread per worker"
+        f"{args.micro_batch_size}, ZeRO-{args.zero_stage} (1 worker runs stage 0), full fine-tuning, "
+        + ("bf16, 1 GPU" if args.device == "gpu" else "fp32, 1 thread per worker")
     )
     print(f"{'method':10} {'tokens/s':>10} {'wall s':>8} {'steps':>6} {'feed %':>7}")
     for k, v in results.items():
@@ -163,14 +172,15 @@ def main() -> None:
     for k, v in results.items():
         if v.get("startup"):
             print(f"{k:10} " + " / ".join(f"{x:.1f}" for x in v["startup"].values()))
-    bare, r1, r2 = (results[k]["tokens_per_s"] for k in ("bare", "raycat1", "raycat2"))
-    print(f"\nraycat 1 worker / bare loop  = {r1 / bare:.2f}x   (goal >= 0.9; DeepSpeed + Ray Data feed overhead)")
-    print(f"raycat 2 workers / 1 worker  = {r2 / r1:.2f}x   (goal >= 1.8 on 512x4; data-parallel scaling)")
-    print(
-        f"packed / padded micro-batches (1 worker) = {r1 / results['padded1']['tokens_per_s']:.2f}x real tokens/s; "
-        f"padding waste {results['raycat1']['padding_waste']:.1%} packed vs "
-        f"{results['padded1']['padding_waste']:.1%} padded"
-    )
+    if args.device == "cpu":
+        bare, r1, r2 = (results[k]["tokens_per_s"] for k in ("bare", "raycat1", "raycat2"))
+        print(f"\nraycat 1 worker / bare loop  = {r1 / bare:.2f}x   (goal >= 0.9; DeepSpeed + Ray Data feed overhead)")
+        print(f"raycat 2 workers / 1 worker  = {r2 / r1:.2f}x   (goal >= 1.8 on 512x4; data-parallel scaling)")
+        print(
+            f"packed / padded micro-batches (1 worker) = {r1 / results['padded1']['tokens_per_s']:.2f}x real "
+            f"tokens/s; padding waste {results['raycat1']['padding_waste']:.1%} packed vs "
+            f"{results['padded1']['padding_waste']:.1%} padded"
+        )
 
     if args.json:
         from transformers import AutoModelForCausalLM
@@ -184,13 +194,13 @@ def main() -> None:
             kind="train",
             model=f"tiny-llama-{args.hidden}x{args.layers}",
             params=params,
-            device="cpu",
+            device=args.device,
             devices=r["devices"],
             tokens=r["tokens"],
             seconds=r["tokens"] / r["tokens_per_s"],
             method="full",
             checkpointing=False,
-            dtype="float32",
+            dtype="bfloat16" if args.device == "gpu" else "float32",
             basis=f"raycat train, 1 worker, {args.steps} steps after the first",
         )
         scaling.append_records(args.json, [rec])

@@ -74,12 +74,28 @@ def append_records(path: str, new: list[dict]) -> None:
     rundir.write_text(path, json.dumps(keep + new, indent=2) + "\n")
 
 
+REQUIRED = ("kind", "model", "params", "device", "device_name", "tokens_per_s_per_device", "bench", "measured_at")
+
+
 def load_records(paths: list[str]) -> list[dict]:
+    """Bench records from JSON list files; a missing file or a record without a needed key is a config
+    error naming the file."""
+    from raycat.config import ConfigError
+
     out = []
     for p in paths:
-        recs = json.loads(rundir.read_bytes(p))
+        if not rundir.exists(p):
+            raise ConfigError(f"study.scaling.throughput: {p} not found (a path is relative to the study file)")
+        try:
+            recs = json.loads(rundir.read_bytes(p))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"study.scaling.throughput: {p} is not JSON: {e}") from None
         if not isinstance(recs, list):
-            raise ValueError(f"{p}: a throughput file is a JSON list of bench records (bench/*.py --json)")
+            raise ConfigError(f"study.scaling.throughput: {p} is not a JSON list of records (bench/*.py --json)")
+        for i, r in enumerate(recs):
+            missing = [k for k in REQUIRED if k not in r]
+            if missing:
+                raise ConfigError(f"study.scaling.throughput: {p} record {i} lacks {missing} (bench/*.py --json)")
         out += [{**r, "file": p} for r in recs]
     return out
 
@@ -105,7 +121,8 @@ def rate(records: list[dict], kind: str, device: str, params: int, method: str =
     )
     own = flops_per_token(kind, best["params"], best.get("method", "full"), best.get("checkpointing", False))
     scaled = best["tokens_per_s_per_device"] * own / flops_per_token(kind, params, method, ckpt)
-    if abs(best["params"] / params - 1) < 0.02 and best.get("method", "full") == method:
+    same_work = best.get("method", "full") == method and bool(best.get("checkpointing", False)) == ckpt
+    if abs(best["params"] / params - 1) < 0.02 and (kind != "train" or same_work):
         return scaled, f"measured: {src}"
     return scaled, f"extrapolated by FLOPs per token from {src} at {best['tokens_per_s_per_device']:.4g} tok/s/device"
 
@@ -129,7 +146,9 @@ def reference_figures(run_dir: str) -> dict:
     acc = (_json(rundir.join(run_dir, "teach", "metrics.json")) or {}).get("accounting") or {}
     if acc.get("rows_taught"):
         n = acc["rows_taught"]
+        status = (_json(rundir.join(run_dir, "teach", "metrics.json")) or {}).get("status") or {}
         out["teach"] = {
+            "verified_share": status.get("verified", 0) / n if status else None,
             "rows": n,
             "prompt_tokens": acc["prompt_tokens"] / n,  # per taught row, retries included
             "completion_tokens": acc["completion_tokens"] / n,
@@ -155,6 +174,10 @@ def reference_figures(run_dir: str) -> dict:
 # ---- the plan --------------------------------------------------------------------------------------
 
 
+def first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
 def _fig(value, basis: str) -> dict:
     return {"value": value, "basis": basis}
 
@@ -170,13 +193,20 @@ def model_params(path: str, trust_remote_code: bool, method: str = "full", lora:
     return out
 
 
+def _target(key: str) -> str | None:
+    recipe, phase = key.split("/", 1)
+    return next((p.target for p in RECIPES.get(recipe, ()) if p.name == phase), None)
+
+
 def _tokens_per_example(ref: dict, recipe: str, ph) -> tuple[float | None, str]:
     """Tokens per training example of a phase: measured where the reference trained it; else, for a phase
     it did not train (e.g. an empty phase 2), prompt plus target from what it measured elsewhere."""
     measured = (ref.get("train") or {}).get(f"{recipe}/{ph.name}")
     if measured:
         return measured["tokens"], f"measured on {measured['rows']} examples by {ref['run_dir']}"
-    same = [m for k, m in (ref.get("train") or {}).items() if k.endswith(f"/{ph.name}")]
+    same = [  # the same phase of another recipe, with the same kind of target
+        m for k, m in (ref.get("train") or {}).items() if k.endswith(f"/{ph.name}") and _target(k) == ph.target
+    ]
     sref, tref = ref.get("score"), ref.get("teach")
     if ph.target == "cot" and sref and tref:
         per = sref["prompt_tokens"] + tref["completion_tokens"]
@@ -188,8 +218,39 @@ def _tokens_per_example(ref: dict, recipe: str, ph) -> tuple[float | None, str]:
     return None, "no measured tokens per example"
 
 
+def _engine_ask(engine) -> dict[str, float]:
+    from raycat.preflight import _engine_ask as ask
+
+    return ask(engine)
+
+
+def taught_total(cfg: RaycatConfig, band_rows: dict, test: float | None) -> float:
+    bands = ["easy", "medium", "hard"] if cfg.teach is None or cfg.teach.bands == "all" else list(cfg.teach.bands)
+    taught = sum({**band_rows, "test": test or 0.0}[b] for b in bands)
+    return min(taught, cfg.teach.limit) if cfg.teach is not None and cfg.teach.limit else taught
+
+
+def _cot_rows(cfg: RaycatConfig, rows: float, taught: float, ref: dict) -> tuple[float, str]:
+    """A CoT phase trains only taught rows, and under on_wrong=drop only the verified share of them."""
+    rows = min(rows, taught)
+    tref = ref.get("teach") or {}
+    if cfg.teach is not None and cfg.teach.on_wrong == "drop" and tref.get("verified_share") is not None:
+        return rows * tref["verified_share"], (
+            f"x {tref['verified_share']:.2f} verified (measured on {tref['rows']} taught rows, on_wrong=drop)"
+        )
+    if cfg.teach is not None and cfg.teach.on_wrong == "drop":
+        return rows, "upper bound: on_wrong=drop removes the unverified rows, none measured"
+    return rows, f"every taught row (on_wrong={cfg.teach.on_wrong if cfg.teach else '-'})"
+
+
+def _tokenizer_note(ref_cfg: RaycatConfig | None, cfg: RaycatConfig) -> str:
+    if ref_cfg is None or ref_cfg.score.student.path == cfg.score.student.path:
+        return ""
+    return f" (tokenized by that run's student {ref_cfg.score.student.path}, not {cfg.score.student.path})"
+
+
 def _questions(cfg: RaycatConfig, ref_cfg: RaycatConfig | None, ref: dict) -> dict:
-    n = cfg.data.sample or cfg.data.limit
+    n = min([x for x in (cfg.data.sample, cfg.data.limit) if x] or [0]) or None  # the loader applies both
     if n:
         return _fig(n, "config (data.sample / data.limit)")
     if ref_cfg is not None and ref_cfg.data == cfg.data and "score" in ref:
@@ -215,13 +276,13 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
     def shape(path: str, trust: bool) -> dict | str:
         if path not in shapes:
             try:
-                shapes[path] = model_params(path, trust, cfg.train.method, cfg.train.lora.model_dump())
+                shapes[path] = model_params(path, trust)  # parameters only: no LoRA on a teacher's config
             except Exception as e:  # noqa: BLE001 - any failure to read the config is reported, not raised
-                shapes[path] = f"model config not readable: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                shapes[path] = f"model config not readable: {first_line(e)}"
         return shapes[path]
 
-    def stage(name: str, model: str, trust: bool, tokens: float | None, tok_basis: str, method="full", ckpt=False):
-        ask = asks[name.split("_")[0]]  # eval_prompts runs on the eval engines
+    def stage(name, model, trust, tokens, tok_basis, method="full", ckpt=False, ask=None):
+        ask = ask or asks[name.split("_")[0]]  # eval_prompts runs on the eval engines
         dev = "gpu" if ask["GPU"] else "cpu"
         devices = ask["GPU"] or ask["CPU"]
         s = shape(model, trust)
@@ -247,7 +308,7 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
     tokens = None if n is None or not sref else n * sref["prompt_tokens"]
     basis = (
         f"{n} questions x {sref['prompt_tokens']:.1f} prompt tokens, the mean of {sref['rows']} rows scored by "
-        f"{ref['run_dir']}"
+        f"{ref['run_dir']}" + _tokenizer_note(ref_cfg, cfg)
         if tokens is not None
         else "needs tokens per question measured by a finished run on this data"
     )
@@ -259,7 +320,7 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
         if cfg.teach.limit:
             taught = cfg.teach.limit if taught is None else min(taught, cfg.teach.limit)
         tref = ref.get("teach")
-        t = cfg.teach.teachers[0]  # later teachers only see the first one's failures
+        t = cfg.teach.teachers[0]  # later teachers only see the first one's failures; charged to the first
         # Completion tokens over a measured completion rate: the bench's rate includes its prompts' prefill.
         tok = None if not tref or taught is None else taught * tref["completion_tokens"]
         b = (
@@ -276,7 +337,8 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
                 "device_hours": _fig(None, "an HTTP teacher: its server's cost, not this cluster's"),
             }
         else:
-            out["stages"]["teach"] = stage("teach", t.model.path, t.model.trust_remote_code, tok, b)
+            ask = _engine_ask(t.engine)
+            out["stages"]["teach"] = stage("teach", t.model.path, t.model.trust_remote_code, tok, b, ask=ask)
 
     tc = cfg.train
     tokens, parts = 0.0, []
@@ -284,6 +346,9 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
         for ph in RECIPES[recipe]:
             per, how = _tokens_per_example(ref, recipe, ph)
             rows = None if band_rows is None else sum(band_rows[b] for b in ph.bands)
+            if ph.target == "cot" and rows is not None:
+                rows, note = _cot_rows(cfg, rows, taught_total(cfg, band_rows, test), ref)
+                how = f"{how}; {note}"
             if rows is None or per is None:
                 tokens = None
                 parts.append(f"{recipe}/{ph.name}: {how}")
@@ -306,7 +371,11 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
     if test is not None and eref and sref:
         gen = sum(v["completion_tokens"] * v["rows"] for v in eref.values()) / sum(v["rows"] for v in eref.values())
         tok = test * models * gen
-        b = f"{test:.0f} test rows x {models} models x {gen:.1f} generated tokens (mean of {ref['run_dir']}'s eval)"
+        b = (
+            f"{test:.0f} test rows x {models} models (upper bound: every phase trained) x {gen:.1f} generated "
+            f"tokens (mean of {ref['run_dir']}'s eval; the decode rate includes its bench's prompts, so with "
+            "eval_prompts this is an upper bound)"
+        )
     else:
         tok, b = None, "needs eval tokens measured by a finished run"
     out["stages"]["eval"] = stage("eval", st.path, st.trust_remote_code, tok, b)
@@ -318,10 +387,15 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
         else "needs prompt tokens measured by a finished run"
     )
     out["stages"]["eval_prompts"] = stage("eval_prompts", st.path, st.trust_remote_code, tok, b)
-    known = [s["device_hours"]["value"] for s in out["stages"].values() if "device_hours" in s]
+    known = [s["device_hours"]["value"] for s in out["stages"].values() if s["device"] != "api"]
+    ok = bool(known) and all(h is not None for h in known)
+    api = (
+        " (an HTTP teacher's tokens are not cluster hours)"
+        if any(x["device"] == "api" for x in out["stages"].values())
+        else ""
+    )
     out["device_hours_total"] = _fig(
-        sum(known) if known and all(h is not None for h in known) else None,
-        "sum of the stages" if known and all(h is not None for h in known) else "some stage has no estimate",
+        sum(known) if ok else None, ("sum of the stages" if ok else "some stage has no estimate") + api
     )
     return out
 
@@ -335,7 +409,7 @@ def memory(cfg: RaycatConfig, recipes: list[str]) -> dict:
     try:
         s = model_params(cfg.score.student.path, cfg.score.student.trust_remote_code, tc.method, tc.lora.model_dump())
     except Exception as e:  # noqa: BLE001
-        return {"error": f"model config not readable: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        return {"error": f"model config not readable: {first_line(e)}"}
     import os
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import itertools
 import json
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,8 @@ class ScalingSpec(Strict):
     reference: str | None = Field(
         None,
         description="A finished run dir whose rows give the tokens per question, per taught row, per training "
-        "example and per eval answer (default: the first variant that has run).",
+        "example and per eval answer (default: the first variant that has run); like any run_dir, relative "
+        "to the current directory.",
     )
     throughput: list[str] = Field(
         default_factory=list,
@@ -154,7 +156,8 @@ def beside(study_file: str, path: str) -> str:
     if "://" in path or Path(path).is_absolute():
         return path
     if "://" in study_file:
-        return rundir.join(study_file.rsplit("/", 1)[0], path)
+        scheme, rest = rundir.join(study_file.rsplit("/", 1)[0], path).split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"  # an object store does not resolve '..' itself
     return str((Path(study_file).parent / path).resolve())
 
 
@@ -198,11 +201,13 @@ def load_study(path) -> Study:
 
 def reachable(study: Study) -> None:
     """Fail with the fix, not a storage traceback, when the study directory cannot be read from here."""
+    from raycat.scaling import first_line
+
     try:
         rundir.exists(study.root)
     except OSError as e:
         raise RaycatError(
-            f"study.run_dir {study.root} cannot be reached from this machine ({str(e).splitlines()[0][:200]}); "
+            f"study.run_dir {study.root} cannot be reached from this machine ({first_line(e)}); "
             "set study.run_dir to storage that this machine and the cluster can both reach"
         ) from None
 
@@ -289,8 +294,14 @@ def run(study: Study, say=print) -> dict:
         **study.config.model_dump(mode="json"),
         "name": study.name,
         "base": study.base_tree,
-        "run_dir": study.root,
+        "run_dir": rundir.absolute(study.root),  # `raycat report` may run from another directory
     }
+    if study.config.scaling is not None:
+        sc = study.config.scaling
+        frozen["scaling"] = {
+            "reference": rundir.absolute(sc.reference) if sc.reference else None,
+            "throughput": [rundir.absolute(beside(study.source, p)) for p in sc.throughput],
+        }
     rundir.write_text(rundir.join(study.root, "study.yaml"), yaml.safe_dump({"study": frozen}, sort_keys=False))
     variants = study.variants()
     for i, v in enumerate(variants, 1):

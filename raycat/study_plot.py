@@ -28,6 +28,10 @@ def series(variants: list[dict], summary: list[dict], axes: dict) -> dict | None
         xs = {label: axis_value(key, vals.get(key)) for label, vals in values.items()}
         if len(set(xs.values())) < 2 or any(x is None for x in xs.values()):
             continue
+        # Two values on one x (e.g. quantiles with the same upper bound) would stack points: not this axis.
+        distinct = {json.dumps(vals.get(key)) for vals in values.values()}
+        if len(distinct) != len(set(xs.values())):
+            continue
         lines: dict[str, list] = {}
         for s in summary:
             if s["mean"] is None:
@@ -39,7 +43,7 @@ def series(variants: list[dict], summary: list[dict], axes: dict) -> dict | None
         return {
             "axis": key,
             "x_label": x_label(key),
-            "lines": {k: sorted(v) for k, v in lines.items()},
+            "lines": {k: sorted(v, key=lambda p: p[0]) for k, v in lines.items()},
             "basis": "mean accuracy on each variant's held-out rows across seeds; bars: t-interval across seeds",
         }
     return None

@@ -148,6 +148,7 @@ def summarize(variants: list[dict]) -> list[dict]:
                 "model": name,
                 "seeds": [r["seed"] for r in runs],
                 "accuracy": acc,
+                "is": sorted({r["is"] for r in runs if r.get("is")}),  # what "<recipe> (final)" stood for
                 "mean": float(np.mean(acc)) if acc else None,
                 "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
                 "ci95_across_seeds": _t_interval(acc),
@@ -269,7 +270,8 @@ def markdown(r: dict) -> str:
         ci = s["ci95_across_seeds"]
         bands = ", ".join(f"{b} {_f(a)}" for b, a in s["per_band_mean"].items())
         lines.append(
-            f"| {s['variant']} | {s['model']} | {len(s['seeds'])} | {_f(s['mean'])} | {_f(s['std'])} | "
+            f"| {s['variant']} | {s['model']}{' = ' + ' / '.join(s['is']) if s.get('is') else ''} | "
+            f"{len(s['seeds'])} | {_f(s['mean'])} | {_f(s['std'])} | "
             f"[{_f(ci[0])}, {_f(ci[1])}] | {bands} |"
         )
     lines += ["", "## Paired differences against the baseline (same test rows, same seeds)", ""]

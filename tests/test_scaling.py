@@ -39,10 +39,14 @@ def test_rate_is_measured_for_the_benched_size_and_extrapolated_by_flops_otherwi
     assert r == pytest.approx(200.0 * 8 / 70) and basis.startswith("extrapolated by FLOPs per token from m8e+09")
     r, basis = scaling.rate(recs, "prefill", "gpu", int(1e9))
     assert r is None and "no gpu prefill throughput measured" in basis
-    # Training: a full-FT record scaled to LoRA with checkpointing: 6N -> 4N + 2N recompute = same FLOPs.
+    # Training: a full-FT record scaled to LoRA without checkpointing (6N -> 4N per token) is not a
+    # measurement of that work, even at the same size; LoRA with checkpointing costs what full FT does.
     t = [_rec("train", 1e9, 100.0, method="full")]
-    r, _ = scaling.rate(t, "train", "cpu", int(1e9), method="lora", ckpt=False)
-    assert r == pytest.approx(100.0 * 6 / 4)
+    r, basis = scaling.rate(t, "train", "cpu", int(1e9), method="lora", ckpt=False)
+    assert r == pytest.approx(100.0 * 6 / 4) and basis.startswith("extrapolated")
+    r, basis = scaling.rate(t, "train", "cpu", int(1e9), method="full", ckpt=True)
+    assert r == pytest.approx(100.0 * 6 / 8) and basis.startswith("extrapolated")
+    assert scaling.rate(t, "train", "cpu", int(1e9), method="full")[1].startswith("measured")
     assert scaling.flops_per_token("train", 10, "lora", True) == scaling.flops_per_token("train", 10, "full", False)
 
 
@@ -77,7 +81,7 @@ def _reference_run(root) -> str:
 def test_reference_figures_are_the_measured_means_of_finished_rows(tmp_path):
     ref = scaling.reference_figures(_reference_run(tmp_path / "ref"))
     assert ref["score"] == {"rows": 3, "prompt_tokens": 200.0}  # the skipped row is not a scored prompt
-    assert ref["teach"] == {"rows": 4, "prompt_tokens": 200.0, "completion_tokens": 500.0}
+    assert ref["teach"] == {"rows": 4, "prompt_tokens": 200.0, "completion_tokens": 500.0, "verified_share": None}
     assert ref["train"] == {
         "complexity_aware/phase1": {"rows": 10, "tokens": 50.0},
         "complexity_aware/phase2": {"rows": 4, "tokens": 300.0},
@@ -199,3 +203,24 @@ def test_the_shipped_70b_config_plans_16_gpus_per_stage_and_extrapolates_a_bench
     assert c["stages"]["eval"]["device_hours"]["value"] is None  # no GPU decode record: says so
     m = scaling.memory(cfg, ["complexity_aware"])
     assert all(p["fits"] for p in m["phases"].values())
+
+
+def test_a_missing_or_incomplete_throughput_file_is_a_config_error_naming_it(tmp_path):
+    from raycat.config import ConfigError
+
+    with pytest.raises(ConfigError, match="nope.json not found"):
+        scaling.load_records([str(tmp_path / "nope.json")])
+    (tmp_path / "bad.json").write_text(json.dumps([{"kind": "prefill"}]))
+    with pytest.raises(ConfigError, match="bad.json record 0 lacks"):
+        scaling.load_records([str(tmp_path / "bad.json")])
+
+
+def test_an_unmeasured_phase_borrows_tokens_only_from_a_phase_with_the_same_target(tmp_path):
+    from raycat.recipes import RECIPES
+
+    ref = scaling.reference_figures(_reference_run(tmp_path / "ref"))  # complexity_aware phase1/phase2
+    curriculum_phase2 = RECIPES["curriculum"][1]  # an answer target; complexity_aware/phase2 is CoT
+    per, how = scaling._tokens_per_example(ref, "curriculum", curriculum_phase2)
+    assert per == 200.0 and how.startswith("estimated: measured prompt tokens")
+    per, how = scaling._tokens_per_example(ref, "sft_all", RECIPES["sft_all"][0])  # phase1, answer
+    assert per == 50.0 and "another recipe's phase1" in how

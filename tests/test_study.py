@@ -144,3 +144,33 @@ def test_accuracy_vs_axis_points_are_the_summary_means_with_quantiles_as_hard_fr
     write_png(plot, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert series(variants, summary, {"train.method": ["lora"]}) is None
+
+
+def test_an_unreachable_study_dir_is_one_clear_error(tmp_path, monkeypatch):
+    from raycat import study as study_mod
+    from raycat.errors import RaycatError
+
+    s = load_study(write_study(tmp_path, axes={"split.quantiles": [[0.25, 0.75], [0.25, 0.5]]}))
+
+    def unreachable(path):
+        raise OSError("Could not resolve host: my-bucket.s3.amazonaws.com\ncurl details")
+
+    monkeypatch.setattr(study_mod.rundir, "exists", unreachable)
+    with pytest.raises(RaycatError, match="cannot be reached from this machine .*Could not resolve host"):
+        plan(s)
+
+
+def test_a_study_file_on_an_object_store_resolves_parent_paths():
+    from raycat.study import beside
+
+    assert beside("s3://b/jobs/studies/s.yaml", "../configs/x.yaml") == "s3://b/jobs/configs/x.yaml"
+    assert beside("s3://b/s.yaml", "s3://c/x.yaml") == "s3://c/x.yaml"
+    assert beside("/a/b/s.yaml", "c.yaml") == "/a/b/c.yaml"
+
+
+def test_first_token_records_of_a_failed_batch_are_discarded():
+    first_token = pytest.importorskip("raycat.first_token")  # needs vllm
+    first_token._results.update({"k1": (1.0, []), "k2": (2.0, []), "other": (3.0, [])})
+    first_token.discard(["k1", "k2", "never-recorded"])
+    assert "k1" not in first_token._results and "k2" not in first_token._results
+    assert first_token.take("other") == (3.0, [])
