@@ -549,10 +549,36 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 _KEY_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*): ")
 
 
+def _fields_at(loc: list[str]) -> list[str]:
+    """The keys the config section at ``loc`` accepts (best effort through lists, dicts and unions)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    def models(tp) -> list[type[BaseModel]]:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return [tp]
+        return [m for a in typing.get_args(tp) for m in models(a)]
+
+    current: list[type[BaseModel]] = [RaycatConfig]
+    for part in loc:
+        if part.isdigit():
+            continue
+        nxt = []
+        for m in current:
+            if part in m.model_fields:
+                nxt += models(m.model_fields[part].annotation)
+        current = nxt
+    return sorted({f for m in current for f in m.model_fields})
+
+
 def _format_errors(err: ValidationError) -> str:
+    import difflib
+
     lines = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
+        # Union branches appear in the path as type tags (``list[literal[...]]``): not keys a user wrote.
+        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and "[" in p)]
         msg = e["msg"].removeprefix("Value error, ")
         # Cross-field validators name their key as "key: message"; attach it to the section path.
         m = _KEY_PREFIX.match(msg) if e["type"] == "value_error" else None
@@ -560,7 +586,12 @@ def _format_errors(err: ValidationError) -> str:
             loc, msg = [*loc, m.group(1)], msg[m.end() :]
         key = ".".join(loc) or "<root>"
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check the spelling (raycat show-config lists valid keys)"
+            close = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1]), n=1) if loc else []
+            msg = "unknown key; " + (
+                f"did you mean {'.'.join([*loc[:-1], close[0]])}?"
+                if close
+                else "remove it or check the spelling (raycat show-config lists valid keys)"
+            )
         elif e["type"] == "missing":
             msg = "required; set it in the YAML or as an override " + f"({key}=...)"
         elif "input" in e and e["type"] not in ("value_error",):

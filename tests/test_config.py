@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raycat.config import ConfigError, dump_config, load_config, parse_overrides
+from raycat.config import ConfigError, dump_config, load_config, parse_overrides, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"data": {"source": "synthetic"}, "score": {"student": {"path": "some/model"}}}
@@ -149,3 +149,16 @@ def test_null_backend_only_scores():
     assert validate_config(base).score.engine.backend == "null"
     with pytest.raises(ConfigError, match="eval.engine.backend: 'null'"):
         validate_config({**base, "eval": {"engine": {"backend": "null"}}})
+
+
+def test_a_misspelt_key_gets_a_did_you_mean_and_union_errors_name_only_user_keys():
+    base = {"data": {"source": "synthetic"}, "score": {"student": {"path": "m"}}}
+    with pytest.raises(ConfigError, match=r"score\.student\.dtyp: unknown key; did you mean score\.student\.dtype\?"):
+        validate_config({**base, "score": {"student": {"path": "m", "dtyp": "auto"}}})
+    teach = {"teachers": [{"model": {"path": "t"}, "engin": {}}]}
+    with pytest.raises(ConfigError, match=r"did you mean teach\.teachers\.0\.engine\?"):
+        validate_config({**base, "teach": teach})
+    with pytest.raises(ConfigError) as e:
+        validate_config({**base, "teach": {"teachers": [{"model": {"path": "t"}}], "bands": ["hard", "hardest"]}})
+    assert "teach.bands.1: Input should be 'easy', 'medium', 'hard' or 'test'" in str(e.value)
+    assert "literal[" not in str(e.value) and "list[" not in str(e.value)
