@@ -55,6 +55,7 @@ def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75))
         "not_trained": sorted(ev.get("not_trained", {})),
         "teacher_tokens": acc.get("total_tokens"),
         "teacher_saving": acc.get("saving"),
+        "teacher_cost": acc.get("cost"),  # measured tokens x the configured price; None without a price
         "training_tokens": trained,
         "final": final,
     }
@@ -283,15 +284,16 @@ def markdown(r: dict) -> str:
         "",
         "## Cost per run",
         "",
-        "| variant | seed | teacher tokens | teacher saving | training tokens (measured) |",
-        "|---|---|---|---|---|",
+        "| variant | seed | teacher tokens | teacher cost | teacher saving | training tokens (measured) |",
+        "|---|---|---|---|---|---|",
     ]
     for v in r["variants"]:
         n = v["numbers"]
         sav = n["teacher_saving"] or {}
         saving = f"{sav.get('saving_pct', 0):.1f} % ({sav.get('basis', '?')})" if sav else "–"
         lines.append(
-            f"| {v['label']} | {v['seed']} | {n['teacher_tokens'] or '–'} | {saving} | {n['training_tokens']} |"
+            f"| {v['label']} | {v['seed']} | {n['teacher_tokens'] or '–'} | {_f(n.get('teacher_cost'), 4)} | "
+            f"{saving} | {n['training_tokens']} |"
         )
     lines += ["", "## Confident-wrong rows (easy band, wrong answer)", ""]
     lines += ["| variant | seed | rows | share of easy | by category | models' accuracy on the held-out ones |"]

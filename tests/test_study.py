@@ -174,3 +174,20 @@ def test_first_token_records_of_a_failed_batch_are_discarded():
     first_token.discard(["k1", "k2", "never-recorded"])
     assert "k1" not in first_token._results and "k2" not in first_token._results
     assert first_token.take("other") == (3.0, [])
+
+
+def test_variant_numbers_read_teacher_tokens_cost_and_training_tokens_from_the_run(tmp_path):
+    import json
+
+    from raycat.study_report import variant_numbers
+
+    run = tmp_path / "v"
+    (run / "teach").mkdir(parents=True)
+    acc = {"total_tokens": 1234, "cost": 0.0042, "saving": {"saving_pct": 75.0, "basis": "measured"}}
+    (run / "teach" / "metrics.json").write_text(json.dumps({"accounting": acc}))
+    for phase, tokens in (("phase1", [10, 20]), ("phase2", [])):
+        d = run / "train" / "complexity_aware" / phase
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"history": [{"tokens": t} for t in tokens]} if tokens else {}))
+    n = variant_numbers(str(run))
+    assert (n["teacher_tokens"], n["teacher_cost"], n["training_tokens"]) == (1234, 0.0042, 30)
