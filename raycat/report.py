@@ -27,8 +27,7 @@ OUTPUTS = (
 
 
 def _read(run: str, *parts: str):
-    path = rundir.join(run, *parts)
-    return rundir.read_json(path) if rundir.exists(path) else None
+    return rundir.read_json_if_exists(rundir.join(run, *parts))
 
 
 def _png(fig) -> bytes:

@@ -83,6 +83,11 @@ def write_json(path: str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json_if_exists(path: str) -> Any:
+    """A finished stage's JSON, or None where that stage did not run."""
+    return read_json(path) if exists(path) else None
+
+
 def read_json(path: str) -> Any:
     from raycat.errors import RaycatError
 

@@ -10,6 +10,7 @@ FLOPs per token. Nothing is estimated where nothing was measured: the figure say
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -130,10 +131,6 @@ def rate(records: list[dict], kind: str, device: str, params: int, method: str =
 # ---- tokens per row, measured on a finished run ---------------------------------------------------
 
 
-def _json(path: str) -> dict | None:
-    return rundir.read_json(path) if rundir.exists(path) else None
-
-
 def reference_figures(run_dir: str) -> dict:
     """Tokens per row as a finished run measured them (absent where that stage did not run)."""
     out: dict = {"run_dir": run_dir}
@@ -143,10 +140,11 @@ def reference_figures(run_dir: str) -> dict:
         s = s[s["status"] == "scored"]
         if len(s):
             out["score"] = {"rows": len(s), "prompt_tokens": float(s["prompt_tokens"].mean())}
-    acc = (_json(rundir.join(run_dir, "teach", "metrics.json")) or {}).get("accounting") or {}
+    teach = rundir.read_json_if_exists(rundir.join(run_dir, "teach", "metrics.json")) or {}
+    acc = teach.get("accounting") or {}
     if acc.get("rows_taught"):
         n = acc["rows_taught"]
-        status = (_json(rundir.join(run_dir, "teach", "metrics.json")) or {}).get("status") or {}
+        status = teach.get("status") or {}
         out["teach"] = {
             "verified_share": status.get("verified", 0) / n if status else None,
             "rows": n,
@@ -156,7 +154,7 @@ def reference_figures(run_dir: str) -> dict:
     train = rundir.join(run_dir, "train")
     for recipe in rundir.list_dirs(train):
         for phase in rundir.list_dirs(rundir.join(train, recipe)):
-            m = _json(rundir.join(train, recipe, phase, "metrics.json")) or {}
+            m = rundir.read_json_if_exists(rundir.join(train, recipe, phase, "metrics.json")) or {}
             if m.get("examples"):
                 out.setdefault("train", {})[f"{recipe}/{phase}"] = {
                     "rows": m["examples"],
@@ -183,13 +181,20 @@ def _fig(value, basis: str) -> dict:
 
 
 def model_params(path: str, trust_remote_code: bool, method: str = "full", lora: dict | None = None) -> dict:
-    """Total (and LoRA-trainable) parameters from the model's config alone (meta device, no weights)."""
+    """Total (and LoRA-trainable) parameters from the model's config alone (meta device, no weights).
+    Cached per process: a study plans many variants of the same student."""
+    key = json.dumps(lora, sort_keys=True) if method == "lora" and lora else None
+    return dict(_model_params(path, trust_remote_code, key))
+
+
+@functools.lru_cache(maxsize=32)
+def _model_params(path: str, trust_remote_code: bool, lora_json: str | None) -> dict:
     from raycat import models
     from raycat.train import lora_trainable, model_shape
 
-    shape = model_shape(models.resolve(path), trust_remote_code)
+    shape = model_shape(models.resolve(path), trust_remote_code)  # a fresh meta model: PEFT wraps it in place
     out = {k: shape[k] for k in ("params", "hidden", "layers", "vocab")}
-    out["trainable"] = lora_trainable(shape["model"], lora) if method == "lora" and lora else shape["params"]
+    out["trainable"] = lora_trainable(shape["model"], json.loads(lora_json)) if lora_json else shape["params"]
     return out
 
 
@@ -216,12 +221,6 @@ def _tokens_per_example(ref: dict, recipe: str, ph) -> tuple[float | None, str]:
     if ph.target == "answer" and sref:
         return sref["prompt_tokens"], "estimated: measured prompt tokens (the answer target is a few tokens)"
     return None, "no measured tokens per example"
-
-
-def _engine_ask(engine) -> dict[str, float]:
-    from raycat.preflight import _engine_ask as ask
-
-    return ask(engine)
 
 
 def taught_total(cfg: RaycatConfig, band_rows: dict, test: float | None) -> float:
@@ -337,6 +336,8 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
                 "device_hours": _fig(None, "an HTTP teacher: its server's cost, not this cluster's"),
             }
         else:
+            from raycat.preflight import _engine_ask
+
             ask = _engine_ask(t.engine)
             out["stages"]["teach"] = stage("teach", t.model.path, t.model.trust_remote_code, tok, b, ask=ask)
 
@@ -402,24 +403,20 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
 
 def memory(cfg: RaycatConfig, recipes: list[str]) -> dict:
     """Device memory per training worker for each phase (the train pre-flight's estimate), and whether it fits."""
-    from raycat.train import _bf16, zero_stage
-    from raycat.train_memory import check_fit, estimate
+    from raycat.train import phase_estimate, worker_capacity
+    from raycat.train_memory import check_fit
 
     tc = cfg.train
     try:
         s = model_params(cfg.score.student.path, cfg.score.student.trust_remote_code, tc.method, tc.lora.model_dump())
     except Exception as e:  # noqa: BLE001
         return {"error": f"model config not readable: {first_line(e)}"}
-    import os
-
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    host = tc.host_memory_per_worker_gib or ram / tc.num_workers  # as the train pre-flight takes it
+    cap, host = worker_capacity(tc)
     if tc.worker_memory_gib:
-        cap, basis = tc.worker_memory_gib, "train.worker_memory_gib"
-    elif tc.device == "gpu":  # the train pre-flight's default too
-        cap, basis = 80.0, "assumed 80 GiB per GPU (set train.worker_memory_gib)"
+        basis = "train.worker_memory_gib"
+    elif tc.device == "gpu":
+        basis = "assumed 80 GiB per GPU (set train.worker_memory_gib)"
     else:
-        cap = ram / tc.num_workers
         basis = "this machine's RAM / train.num_workers"
     out = {
         "params": s["params"],
@@ -428,22 +425,7 @@ def memory(cfg: RaycatConfig, recipes: list[str]) -> dict:
         "phases": {},
     }
     for name in sorted({ph.name for r in recipes for ph in RECIPES[r]}):
-        pc = tc.phase(name)
-        est = estimate(
-            total_params=s["params"],
-            trainable_params=s["trainable"],
-            world=tc.num_workers,
-            zero_stage=zero_stage(tc),
-            offload_optimizer=tc.deepspeed.offload_optimizer,
-            offload_param=tc.deepspeed.offload_param,
-            bf16=_bf16(cfg),
-            micro_batch_size=pc.micro_batch_size,
-            max_length=pc.max_length,
-            hidden_size=s["hidden"],
-            num_layers=s["layers"],
-            vocab_size=s["vocab"],
-            gradient_checkpointing=tc.gradient_checkpointing,
-        )
+        est = phase_estimate(cfg, s, s["trainable"], name)
         problem = check_fit(est, cap, host, same_pool=tc.device == "cpu")
         out["phases"][name] = {
             "device_gib_per_worker": est["device_gib_per_worker"],

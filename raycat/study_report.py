@@ -18,13 +18,9 @@ import pandas as pd
 from raycat import rundir
 
 
-def _read_json(path: str) -> dict | None:
-    return rundir.read_json(path) if rundir.exists(path) else None
-
-
 def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75)) -> dict:
     """What one variant's outputs say (None where a stage did not run)."""
-    ev = _read_json(rundir.join(run_dir, "eval", "metrics.json")) or {}
+    ev = rundir.read_json_if_exists(rundir.join(run_dir, "eval", "metrics.json")) or {}
     models = {
         name: {
             "accuracy": m["overall"]["accuracy"],
@@ -33,13 +29,13 @@ def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75))
         }
         for name, m in ev.get("models", {}).items()
     }
-    teach = _read_json(rundir.join(run_dir, "teach", "metrics.json"))
+    teach = rundir.read_json_if_exists(rundir.join(run_dir, "teach", "metrics.json"))
     acc = (teach or {}).get("accounting", {})
     trained, final = 0, {}
     train = rundir.join(run_dir, "train")
     for recipe in rundir.list_dirs(train):
         for phase in rundir.list_dirs(rundir.join(train, recipe)):
-            m = _read_json(rundir.join(train, recipe, phase, "metrics.json"))
+            m = rundir.read_json_if_exists(rundir.join(train, recipe, phase, "metrics.json"))
             trained += sum(h["tokens"] for h in (m or {}).get("history", []))
         # The recipe's final model: its last evaluated phase (a later phase may be empty and untrained),
         # so variants compare what each recipe finally produced even where one variant's phase 2 is empty.

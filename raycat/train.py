@@ -128,10 +128,7 @@ def preflight(cfg: RaycatConfig, model_dir: str, phases: list[Phase]) -> dict:
         )
     shape = model_shape(model_dir, cfg.score.student.trust_remote_code)
     trainable = lora_trainable(shape["model"], tc.lora.model_dump()) if tc.method == "lora" else shape["params"]
-    bf16 = _bf16(cfg)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    device_cap = tc.worker_memory_gib or (80.0 if tc.device == "gpu" else ram / tc.num_workers)
-    host_cap = tc.host_memory_per_worker_gib or ram / tc.num_workers
+    device_cap, host_cap = worker_capacity(tc)
     out = {
         "params": shape["params"],
         "trainable_params": trainable,
@@ -140,27 +137,40 @@ def preflight(cfg: RaycatConfig, model_dir: str, phases: list[Phase]) -> dict:
         "phases": {},
     }
     for ph in phases:
-        pc = tc.phase(ph.name)
-        est = estimate(
-            total_params=shape["params"],
-            trainable_params=trainable,
-            world=tc.num_workers,
-            zero_stage=zero_stage(tc),
-            offload_optimizer=tc.deepspeed.offload_optimizer,
-            offload_param=tc.deepspeed.offload_param,
-            bf16=bf16,
-            micro_batch_size=pc.micro_batch_size,
-            max_length=pc.max_length,
-            hidden_size=shape["hidden"],
-            num_layers=shape["layers"],
-            vocab_size=shape["vocab"],
-            gradient_checkpointing=tc.gradient_checkpointing,
-        )
+        est = phase_estimate(cfg, shape, trainable, ph.name)
         out["phases"][ph.name] = est
         problem = check_fit(est, device_cap, host_cap, same_pool=tc.device == "cpu")
         if problem:
             raise RaycatError(f"train pre-flight, {ph.name}: {problem}")
     return out
+
+
+def worker_capacity(tc) -> tuple[float, float]:
+    """(device, host) GiB per worker: the configured ones, else 80 GB per GPU / this machine's RAM shared
+    by the workers."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    device_cap = tc.worker_memory_gib or (80.0 if tc.device == "gpu" else ram / tc.num_workers)
+    return device_cap, tc.host_memory_per_worker_gib or ram / tc.num_workers
+
+
+def phase_estimate(cfg: RaycatConfig, shape: dict, trainable: int, phase: str) -> dict:
+    """The memory estimate of one phase for a model of this shape (params, hidden, layers, vocab)."""
+    tc, pc = cfg.train, cfg.train.phase(phase)
+    return estimate(
+        total_params=shape["params"],
+        trainable_params=trainable,
+        world=tc.num_workers,
+        zero_stage=zero_stage(tc),
+        offload_optimizer=tc.deepspeed.offload_optimizer,
+        offload_param=tc.deepspeed.offload_param,
+        bf16=_bf16(cfg),
+        micro_batch_size=pc.micro_batch_size,
+        max_length=pc.max_length,
+        hidden_size=shape["hidden"],
+        num_layers=shape["layers"],
+        vocab_size=shape["vocab"],
+        gradient_checkpointing=tc.gradient_checkpointing,
+    )
 
 
 def _bf16(cfg: RaycatConfig) -> bool:

@@ -8,6 +8,7 @@ skip unless N CUDA devices are visible. Helpers shared between test modules live
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -75,3 +76,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present (only in the development checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def llama70b_dir(tmp_path_factory) -> Path:
+    """config.json of Llama-3.1-70B's shape (no weights: the estimate counts parameters on the meta device)."""
+    d = tmp_path_factory.mktemp("llama70b")
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 8192,
+                "intermediate_size": 28672,
+                "num_hidden_layers": 80,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+                "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False,
+            }
+        )
+    )
+    return d

@@ -136,25 +136,8 @@ def test_no_reference_means_unknown_tokens_not_a_guess(tmp_path, tiny_model_dir)
     assert all(s["tokens"]["value"] is None for s in c["stages"].values())
 
 
-def _llama_70b_config(path) -> str:
-    """Llama-3.1-70B's shape, config only (the plan never reads weights)."""
-    from transformers import LlamaConfig
-
-    LlamaConfig(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-    ).save_pretrained(path)
-    return str(path)
-
-
-def test_memory_per_worker_for_a_70b_lora_student_from_its_config_alone(tmp_path):
-    model = _llama_70b_config(tmp_path / "llama70b")
+def test_memory_per_worker_for_a_70b_lora_student_from_its_config_alone(tmp_path, llama70b_dir):
+    model = str(llama70b_dir)
     tree = {
         "run_dir": str(tmp_path / "run"),
         "data": {"source": "synthetic"},
@@ -182,13 +165,13 @@ def test_memory_per_worker_for_a_70b_lora_student_from_its_config_alone(tmp_path
     assert one["fits"] is False and one["device_gib_per_worker"] > 130 and "GiB" in one["problem"]
 
 
-def test_the_shipped_70b_config_plans_16_gpus_per_stage_and_extrapolates_a_benched_8b_rate(tmp_path):
+def test_the_shipped_70b_config_plans_16_gpus_per_stage_and_extrapolates_a_benched_8b_rate(tmp_path, llama70b_dir):
     import yaml
 
     tree = yaml.safe_load((Path(__file__).parents[1] / "jobs/configs/llama-3.1-70b-mmlu-pro-lora.yaml").read_text())
     tree["run_dir"] = str(tmp_path / "run")
     tree["data"]["limit"] = 1000
-    tree["score"]["student"]["path"] = _llama_70b_config(tmp_path / "llama70b")  # its config.json only
+    tree["score"]["student"]["path"] = str(llama70b_dir)  # its config.json only
     cfg = validate_config(tree)
     ref = scaling.reference_figures(_reference_run(tmp_path / "ref"))
     gpu = [_rec("prefill", 8.03e9, 5000.0, device="gpu"), _rec("train", 8.03e9, 900.0, device="gpu", method="lora")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,30 +14,6 @@ from raycat.train_loop import deepspeed_config, scheduler_factory
 from raycat.train_memory import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def llama70b_dir(tmp_path_factory) -> Path:
-    """config.json of Llama-3.1-70B's shape (no weights: the estimate counts parameters on the meta device)."""
-    d = tmp_path_factory.mktemp("llama70b")
-    (d / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "hidden_size": 8192,
-                "intermediate_size": 28672,
-                "num_hidden_layers": 80,
-                "num_attention_heads": 64,
-                "num_key_value_heads": 8,
-                "vocab_size": 128256,
-                "max_position_embeddings": 131072,
-                "rms_norm_eps": 1e-5,
-                "tie_word_embeddings": False,
-            }
-        )
-    )
-    return d
 
 
 def _cfg(name: str, *overrides: str):
