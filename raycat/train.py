@@ -1,14 +1,18 @@
-"""Train stage: the recipe's phases, one Ray Train ``TorchTrainer`` fit each, DeepSpeed in the workers.
+"""Train stage: the recipe's phases, DeepSpeed in Ray Train workers; consecutive phases left to train
+share one ``TorchTrainer`` fit (one worker group: no second worker start, process group or imports).
 
 Per phase, under ``train/<recipe>/<phase>/``:
-  ``checkpoints/``  Ray Train storage (every rank's ZeRO shard merged per checkpoint)
+  ``checkpoints/``  Ray Train storage (every rank's ZeRO shard merged per checkpoint) of the fits whose
+                    last phase this is: a fit of phases 1-2 keeps both phases' checkpoints under
+                    ``phase2/``, named after phase 2's hash, which chains phase 1's
   ``model/``        HF model dir (LoRA: adapter + tokenizer; full: weights + tokenizer)
   ``merged/``       LoRA merged into the base (train.lora.merge)
   ``skipped.parquet``, ``metrics.json`` (per step and per epoch), ``done.json`` (the phase's hash)
 
 A phase is done when ``done.json`` holds the phase's hash (its rows, targets, hyper-parameters and the
-previous phase's hash); a rerun skips it, so a failure in phase 2 never redoes phase 1. An unfinished
-phase is refit under the same Ray Train run name and resumes from its latest checkpoint.
+previous phase's hash); rank 0 writes it when the phase ends, inside the fit, so a failure in phase 2
+never redoes phase 1. Unfinished phases are refit under the same Ray Train run name (the last phase's)
+and resume from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 
@@ -30,6 +33,7 @@ from raycat.recipes import Phase, needs_cot, select
 from raycat.train_data import encode_rows, pad_to_world, stop_token_ids, total_steps
 from raycat.train_loop import LoopConfig, train_loop
 from raycat.train_memory import check_fit, estimate
+from raycat.train_metrics import phase_info
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,15 +46,6 @@ class PhasePlan:
     encoded: pd.DataFrame
     hash: str
     score_template_hash: str
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """What one ``fit_phase`` produced: Ray Train's Result, and the step count it trained for."""
-
-    result: Any  # ray.train.Result
-    repeated_rows: int  # rows repeated so every worker gets an equal shard
-    total_steps: int
 
 
 def _hash(obj) -> str:
@@ -231,7 +226,7 @@ def zero_stage(tc) -> int:
 
 
 def _loop_config(
-    cfg: RaycatConfig, plan: PhasePlan, init: dict, total_steps: int, pad_id: int, phase_dir: str
+    cfg: RaycatConfig, plan: PhasePlan, init: dict, total_steps: int, pad_id: int, phase_dir: str, info: dict
 ) -> LoopConfig:
     from raycat import models
 
@@ -243,6 +238,9 @@ def _loop_config(
         init_model=init["model"],
         init_adapter=init["adapter"],
         model_dir=rundir.absolute(rundir.join(phase_dir, "model")),
+        phase_dir=rundir.absolute(phase_dir),
+        phase_hash=plan.hash,
+        info=info,
         method=tc.method,
         lora=tc.lora.model_copy(),
         zero_stage=zero_stage(tc),
@@ -267,8 +265,12 @@ def _loop_config(
     )
 
 
-def fit_phase(cfg: RaycatConfig, plan: PhasePlan, init: dict, pad_id: int, phase_dir: str) -> FitResult:
-    """One TorchTrainer fit (resumes a half-done phase by run name)."""
+def fit_phases(cfg: RaycatConfig, group: list[tuple[PhasePlan, str, dict]], pad_id: int):
+    """One TorchTrainer fit for consecutive phases ``(plan, phase dir, init)``, run in order by the same
+    workers. Named after the last phase (its hash chains the others'), so a rerun of any tail of the
+    group finds the same run and resumes from its latest checkpoint."""
+    import time
+
     import pyarrow as pa
     import ray
     from ray.data import ExecutionOptions
@@ -276,138 +278,61 @@ def fit_phase(cfg: RaycatConfig, plan: PhasePlan, init: dict, pad_id: int, phase
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
-    pc = tc.phase(plan.phase.name)
-    frame, repeated = pad_to_world(plan.encoded, tc.num_workers, tc.seed)
-    total = total_steps(
-        len(frame), tc.num_workers, pc.micro_batch_size, pc.gradient_accumulation_steps, pc.epochs, pc.max_steps
-    )
-    table = pa.Table.from_pandas(frame[["input_ids", "labels"]], preserve_index=False)
-    step = max(1, math.ceil(len(frame) / 8))
-    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(frame), step)])
+    last, last_dir = group[-1][0], group[-1][1]
+    storage, name = rundir.absolute(rundir.join(last_dir, "checkpoints")), f"{last.phase.name}-{last.hash}"
+    loops, datasets = [], {}
+    for plan, pdir, init in group:
+        pc = tc.phase(plan.phase.name)
+        frame, repeated = pad_to_world(plan.encoded, tc.num_workers, tc.seed)
+        total = total_steps(
+            len(frame), tc.num_workers, pc.micro_batch_size, pc.gradient_accumulation_steps, pc.epochs, pc.max_steps
+        )
+        table = pa.Table.from_pandas(frame[["input_ids", "labels"]], preserve_index=False)
+        step = max(1, math.ceil(len(frame) / 8))
+        datasets[plan.phase.name] = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(frame), step)])
+        info = phase_info(plan.phase, plan.rows, plan.encoded, plan.hash, repeated, total, rundir.join(storage, name))
+        loops.append(_loop_config(cfg, plan, init, total, pad_id, pdir, info))
     trainer = TorchTrainer(
         train_loop,
-        # Ray Train wants a dict here; the typed config travels inside it.
-        train_loop_config={"loop": _loop_config(cfg, plan, init, total, pad_id, phase_dir)},
+        # Ray Train wants a dict here; the typed configs travel inside it.
+        train_loop_config={"phases": loops, "fit_started": time.time()},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.device == "gpu", resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
-        datasets={"train": ds},
+        datasets=datasets,
         # Ordered, equal shards: a resumed worker skips exactly the micro-batches it already trained on.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
-            name=f"{plan.phase.name}-{plan.hash}",
-            storage_path=rundir.absolute(rundir.join(phase_dir, "checkpoints")),
+            name=name,
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
         ),
     )
-    return FitResult(result=trainer.fit(), repeated_rows=repeated, total_steps=total)
+    return trainer.fit()
 
 
-def export(cfg: RaycatConfig, result, phase_dir: str, params: int) -> dict:
-    """The phase's outputs after a fit: rank 0 already wrote the HF dir to ``model/``; the loop state is
-    read from the final checkpoint (one small file, not the whole checkpoint); LoRA is merged into
-    ``merged/`` on request, as a Ray task on a node with room for it."""
-    ckpt = result.checkpoint
-    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/state.json") as f:
-        state = json.loads(f.read())
-    model_dir = rundir.join(phase_dir, "model")
-    out = {"model": model_dir, "state": state}
-    if cfg.train.method == "lora" and cfg.train.lora.merge:
-        from raycat.lora_merge import merge_remote
+def merge_lora(cfg: RaycatConfig, phase_dir: str, params: int) -> str:
+    """``train.lora.merge``: the phase's adapter merged into the base student under ``merged/``, as a
+    Ray task on a node with room for it."""
+    from raycat.lora_merge import merge_remote
 
-        st = cfg.score.student
-        out["merged"] = merge_remote(
-            st.path,
-            rundir.absolute(model_dir),
-            rundir.absolute(rundir.join(phase_dir, "merged")),
-            revision=st.revision,
-            trust_remote_code=st.trust_remote_code,
-            dtype="bfloat16" if _bf16(cfg) else "float32",
-            params=params,
-            num_cpus=cfg.train.cpus_per_worker,
-        )
-    return out
-
-
-def startup(timing: dict | None, fit_started: float, wall_s: float, hist: list, resumed: int | None) -> dict | None:
-    """Where a phase's wall time went besides its steps (the last attempt, if it was resumed): worker
-    group start (Ray Train placing the workers and the process group), model load + DeepSpeed init,
-    the first step (lazy allocation), and what followed the last step (final checkpoint, export).
-    Times are wall clocks of the driver and the workers: on one machine exact, on a cluster as
-    close as the nodes' clocks."""
-    if not timing or timing.get("first_step_done") is None:
-        return None
-    hist = [h for h in hist if h["step"] > (resumed or 0)]  # this attempt's steps
-    steps_after_first = sum(step_seconds(h) for h in hist[1:])
-    first_done = timing["first_step_done"]
-    return {
-        "worker_group_s": round(timing["entered"] - fit_started, 2),
-        "model_and_deepspeed_s": round(timing["ready"] - timing["entered"], 2),
-        "first_step_s": round(first_done - timing["ready"], 2),
-        "after_last_step_s": round(fit_started + wall_s - first_done - steps_after_first, 2),
-    }
-
-
-def step_seconds(h: dict) -> float:
-    """A history entry's step time (recomputed for entries logged before ``step_s`` was recorded)."""
-    if "step_s" in h:
-        return h["step_s"]
-    return h["tokens"] / h["tokens_per_s"] if h["tokens_per_s"] > 0 else 0.0
-
-
-def phase_metrics(plan: PhasePlan, fit: FitResult, state: dict, wall_s: float, fit_started: float) -> dict:
-    hist = state["history"]
-    epochs: dict[int, list[float]] = {}
-    for h in hist:
-        epochs.setdefault(h["epoch"], []).append(h["loss"])
-    enc = plan.encoded
-    padded = state["padded_tokens"]
-    return {
-        "phase": plan.phase.name,
-        "target": plan.phase.target,
-        "bands": list(plan.phase.bands),
-        "hash": plan.hash,
-        "rows": int(len(plan.rows)),
-        "examples": int(len(enc)),
-        "repeated_rows_for_equal_shards": fit.repeated_rows,
-        "truncated": int(enc["truncated"].sum()) if len(enc) else 0,
-        "tokens": int(enc["num_tokens"].sum()) if len(enc) else 0,
-        "target_tokens": int(enc["num_target_tokens"].sum()) if len(enc) else 0,
-        "steps": len(hist),
-        "total_steps": fit.total_steps,
-        "first_loss": hist[0]["loss"] if hist else None,
-        "last_loss": hist[-1]["loss"] if hist else None,
-        "per_epoch": [{"epoch": e, "mean_loss": sum(v) / len(v), "steps": len(v)} for e, v in sorted(epochs.items())],
-        "mean_tokens_per_s": (
-            sum(h["tokens"] for h in hist) / sum(map(step_seconds, hist))
-            if hist and sum(map(step_seconds, hist)) > 0
-            else None
-        ),
-        "padding_waste": 1 - state["real_tokens"] / padded if padded else None,
-        # Share of step time spent waiting for micro-batches from the Ray Data shard, after the first
-        # step (whose wait for the dataset to start executing is start-up, see "startup").
-        "data_feed_share": (
-            sum(h.get("fetch_s", 0.0) for h in hist[1:]) / sum(map(step_seconds, hist[1:]))
-            if len(hist) > 1 and sum(map(step_seconds, hist[1:])) > 0
-            else None
-        ),
-        "resumed_from_step": state.get("resumed_from_step"),
-        "init_fingerprint": state.get("init_fingerprint"),
-        "checkpoints": str(fit.result.path),
-        "wall_s": round(wall_s, 2),
-        "startup": startup(state.get("timing"), fit_started, wall_s, hist, state.get("resumed_from_step")),
-        "history": hist,
-    }
+    st = cfg.score.student
+    return merge_remote(
+        st.path,
+        rundir.absolute(rundir.join(phase_dir, "model")),
+        rundir.absolute(rundir.join(phase_dir, "merged")),
+        revision=st.revision,
+        trust_remote_code=st.trust_remote_code,
+        dtype="bfloat16" if _bf16(cfg) else "float32",
+        params=params,
+        num_cpus=cfg.train.cpus_per_worker,
+    )
 
 
 def run_train(cfg: RaycatConfig, say=print) -> dict:
     """Every phase of ``train.recipe`` in order; finished phases (same hash) are skipped."""
-    import time
-    from contextlib import ExitStack
-
     from raycat import models
-    from raycat.ray_env import ray_session
     from raycat.recipes import RECIPES
 
     tc, st = cfg.train, cfg.score.student
@@ -451,31 +376,34 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
         raise RaycatError(
             "; ".join(f"{k}: {v}" for k, v in empty.items()) + ". Set train.on_empty_phase=skip to go on without it"
         )
+    lora, merge = tc.method == "lora", tc.method == "lora" and tc.lora.merge
     init: dict = {"model": None, "adapter": None}
-    ray_started = False
-    with ExitStack() as stack:
-        for plan in plans:
-            name = plan.phase.name
-            pdir = rundir.join(root, name)
-            done_path = rundir.join(pdir, "done.json")
-            if name in empty:  # nothing to train: no model; the next phase starts from the last one
-                why = empty[name]
-                say(f"{name}: skipped, {why} (train.on_empty_phase=skip)")
-                rundir.write_json(rundir.join(pdir, "metrics.json"), {"status": "empty", "reason": why})
-                rundir.write_json(done_path, {"hash": plan.hash, "empty": why})
-                summary["phases"][name] = {"status": "empty", "reason": why, "examples": 0}
-                continue
-            if rundir.exists(done_path) and rundir.read_json(done_path).get("hash") == plan.hash:
-                m = rundir.read_json(rundir.join(pdir, "metrics.json"))
-                say(f"{name}: already trained (hash {plan.hash}), skipping")
-                status = "cached"
-            else:
-                if not ray_started:  # only when something is left to train
-                    stack.enter_context(ray_session(cfg.ray, cfg.run_dir))
-                    ray_started = True
-                stage = zero_stage(tc)
-                say(
-                    f"{name}: {len(plan.encoded)} examples ({plan.phase.target} target), "
+    groups: list[list[tuple[PhasePlan, str, dict]]] = []  # consecutive phases left to train: one fit each
+    group = None
+    for plan in plans:
+        name = plan.phase.name
+        pdir = rundir.join(root, name)
+        done_path = rundir.join(pdir, "done.json")
+        if name in empty:  # nothing to train: no model; the next phase starts from the last one
+            why = empty[name]
+            say(f"{name}: skipped, {why} (train.on_empty_phase=skip)")
+            rundir.write_json(rundir.join(pdir, "metrics.json"), {"status": "empty", "reason": why})
+            rundir.write_json(done_path, {"hash": plan.hash, "empty": why})
+            summary["phases"][name] = {"status": "empty", "reason": why, "examples": 0}
+            group = None
+            continue
+        if rundir.exists(done_path) and rundir.read_json(done_path).get("hash") == plan.hash:
+            say(f"{name}: already trained (hash {plan.hash}), skipping")
+            summary["phases"][name] = {"status": "cached"}
+            group = None
+        else:
+            if group is None:
+                group = []
+                groups.append(group)
+            stage = zero_stage(tc)
+            say(
+                f"{name}: {len(plan.encoded)} examples ({plan.phase.target} target), "
+                + (
                     f"{tc.num_workers} worker(s), ZeRO-{stage}"
                     + (
                         f" (configured {tc.deepspeed.zero_stage}: one worker has nothing to partition)"
@@ -483,34 +411,45 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                         else ""
                     )
                     + f", {tc.method}"
+                    if not group
+                    else f"same workers, after {group[-1][0].phase.name}"
                 )
-                t0 = time.time()
-                from ray.train import TrainingFailedError
+            )
+            group.append((plan, pdir, init))
+            summary["phases"][name] = {"status": "trained"}
+        model_dir = rundir.absolute(rundir.join(pdir, "model"))  # workers have their own cwd
+        init = {"model": None if lora else model_dir, "adapter": model_dir if lora else None}
+    if groups:
+        from ray.train import TrainingFailedError
 
+        from raycat.ray_env import ray_session
+
+        with ray_session(cfg.ray, cfg.run_dir):  # only when something is left to train
+            for group in groups:
+                names = "+".join(plan.phase.name for plan, _, _ in group)
                 try:
-                    fit = fit_phase(cfg, plan, init, pad_id, pdir)
-                    if getattr(fit.result, "error", None) is not None:
-                        raise fit.result.error
+                    result = fit_phases(cfg, group, pad_id)
+                    if getattr(result, "error", None) is not None:
+                        raise result.error
                 except TrainingFailedError as e:  # the workers failed train.max_failures + 1 times
                     raise RaycatError(
-                        f"{name} failed (after up to {tc.max_failures} restarts from its latest "
+                        f"{names} failed (after up to {tc.max_failures} restarts from the latest "
                         f"checkpoint; rerun the command to resume): {type(e).__name__}: {e}"
                     ) from e
-                exp = export(cfg, fit.result, pdir, pre["params"])
-                m = phase_metrics(plan, fit, exp["state"], time.time() - t0, t0)
-                if "merged" in exp:
-                    m["merged"] = exp["merged"]
-                rundir.write_json(rundir.join(pdir, "metrics.json"), m)
-                rundir.write_json(done_path, {"hash": plan.hash})
-                status = "trained"
-            summary["phases"][name] = {
-                **{k: v for k, v in m.items() if k != "history"},
-                "status": status,
-                "model": rundir.join(pdir, "model"),
-            }
-            model_dir = rundir.absolute(rundir.join(pdir, "model"))  # workers have their own cwd
-            lora = tc.method == "lora"
-            init = {"model": None if lora else model_dir, "adapter": model_dir if lora else None}
+    for plan in plans:  # what the workers wrote, in the recipe's order
+        name = plan.phase.name
+        if name in empty:
+            continue
+        pdir = rundir.join(root, name)
+        m = rundir.read_json(rundir.join(pdir, "metrics.json"))
+        if merge and "merged" not in m:  # also a phase a killed run finished but did not merge
+            m["merged"] = merge_lora(cfg, pdir, pre["params"])
+            rundir.write_json(rundir.join(pdir, "metrics.json"), m)
+        summary["phases"][name] = {
+            **{k: v for k, v in m.items() if k != "history"},
+            "status": summary["phases"][name]["status"],
+            "model": rundir.join(pdir, "model"),
+        }
     rundir.write_json(rundir.join(root, "metrics.json"), summary)
     return summary
 

@@ -1,13 +1,16 @@
-"""The Ray Train worker loop: one DeepSpeed engine per worker, LoRA or full, resumable per phase.
+"""The Ray Train worker loop: one DeepSpeed engine per worker and phase, LoRA or full, resumable per phase.
 
-Runs inside a ``TorchTrainer`` worker (rank = data-parallel rank). Rows come from this worker's Ray
-Data shard (``get_dataset_shard``), already tokenized and masked by the driver (``train_data``).
+Runs inside a ``TorchTrainer`` worker (rank = data-parallel rank). One worker group runs a recipe's
+consecutive phases one after another (each from the model the one before exported), so a phase after
+the first pays no worker-group start. Rows come from this worker's Ray Data shard of the phase
+(``get_dataset_shard(phase)``), already tokenized and masked by the driver (``train_data``).
 Checkpoints: every rank writes its DeepSpeed shard and reports it (Ray Train merges the rank
-directories; a checkpoint reported by rank 0 alone loses the other ranks' ZeRO shards). A restart
-(worker failure, or a rerun of the same command) resumes from the latest one via
-``ray.train.get_checkpoint()``, skipping the micro-batches already consumed in that epoch. The final
-checkpoint is followed by the phase's HF export, which rank 0 writes straight into the phase's
-``model/`` dir in the run dir (ZeRO-3 weights gathered to rank 0): nothing travels through the driver.
+directories; a checkpoint reported by rank 0 alone loses the other ranks' ZeRO shards); each names its
+phase. A restart (worker failure, or a rerun of the same command) resumes the phase of the latest one
+via ``ray.train.get_checkpoint()``, skipping the micro-batches already consumed in that epoch and the
+phases before it. A phase ends with its HF export, which rank 0 writes straight into the phase's
+``model/`` dir in the run dir (ZeRO-3 weights gathered to rank 0), then its final checkpoint, then its
+``metrics.json`` and ``done.json``: nothing travels through the driver.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class LoopConfig:
     init_model: str | None  # full fine-tuning: the previous phase's model dir
     init_adapter: str | None  # LoRA: the previous phase's adapter dir
     model_dir: str  # where rank 0 writes this phase's HF export (a run-dir path or URI)
+    phase_dir: str  # where rank 0 writes metrics.json and done.json when the phase ends
+    phase_hash: str  # what done.json records: the driver skips a phase whose done.json holds its hash
+    info: dict  # the driver's half of metrics.json (train_metrics.phase_info)
     method: Literal["lora", "full"]
     lora: LoraSettings
     zero_stage: int
@@ -188,19 +194,20 @@ def fingerprint(model, zero_stage: int) -> dict[str, float]:
 
 
 def _tracker(c: LoopConfig):
+    """``(log, close)`` for the phase's experiment-tracker run (one run per phase), or ``(None, None)``."""
     if c.tracking == "mlflow":
         from ray.air.integrations.mlflow import setup_mlflow
 
         mlflow = setup_mlflow(
             c.hparams, tracking_uri=c.tracking_uri, experiment_name=c.tracking_project, rank_zero_only=True
         )
-        return lambda m, step: mlflow.log_metrics(m, step=step)
+        return (lambda m, step: mlflow.log_metrics(m, step=step)), mlflow.end_run
     if c.tracking == "wandb":
         from ray.air.integrations.wandb import setup_wandb
 
         run = setup_wandb(c.hparams, project=c.tracking_project, rank_zero_only=True)
-        return lambda m, step: run.log(m, step=step)
-    return None
+        return (lambda m, step: run.log(m, step=step)), run.finish
+    return None, None
 
 
 def all_reduce_step(values: list[float], device) -> list[float]:
@@ -270,9 +277,65 @@ def check_packing(engine, device) -> None:
         )
 
 
+def _saved_state(ckpt) -> dict:
+    """The loop state of a checkpoint (one small file, not the whole checkpoint)."""
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/state.json") as f:
+        return json.loads(f.read())
+
+
+def _finish(c: LoopConfig, state: dict, wall_s: float) -> None:
+    """Rank 0, after the phase's export and final checkpoint: its metrics.json, then done.json."""
+    from raycat.train_metrics import phase_metrics
+
+    rundir.write_json(rundir.join(c.phase_dir, "metrics.json"), phase_metrics(c.info, state, wall_s, state["started"]))
+    rundir.write_json(rundir.join(c.phase_dir, "done.json"), {"hash": c.phase_hash})
+
+
 def train_loop(config: dict) -> None:
-    """The worker entry point; ``config`` is Ray Train's ``train_loop_config``: ``{"loop": LoopConfig}``."""
+    """The worker entry point; ``config`` is Ray Train's ``train_loop_config``: ``{"phases": [LoopConfig,
+    ...], "fit_started": the driver's clock at the fit}``, phases in the recipe's order."""
     entered = time.time()  # start-up accounting (before the heavy imports): the driver knows when the fit began
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    phases: list[LoopConfig] = config["phases"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    gpu = phases[0].device == "gpu"
+    if not gpu:
+        torch.set_num_threads(phases[0].threads)
+        _no_shm_build()
+    # Ray Train made the torch process group; DeepSpeed's comm layer must adopt it before ZeRO-3's
+    # zero.Init sizes the world (otherwise it sees world size 1).
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    names = [c.phase_name for c in phases]
+    start, resume = 0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        saved = _saved_state(ckpt)
+        # A checkpoint written before phases shared a worker group holds the fit's only (= last) phase.
+        at = names.index(saved.get("phase", names[-1])) if saved.get("phase", names[-1]) in names else None
+        if at is not None and saved.get("final"):  # exported and checkpointed; only its records may be missing
+            if rank == 0:
+                _finish(phases[at], saved, saved["wall_s"])
+            start = at + 1
+        elif at is not None:
+            start, resume = at, ckpt
+    started = config["fit_started"]
+    for c in phases[start:]:
+        _train_phase(c, rank, world, resume, entered, started)
+        resume = None
+        dist.barrier()  # the next phase loads the model rank 0 has just exported
+        entered = started = time.time()  # no worker-group start for the phases after the first
+
+
+def _train_phase(c: LoopConfig, rank: int, world: int, ckpt, entered: float, started: float) -> None:
+    """One phase on this worker: build the engine (from the previous phase's export), resume from
+    ``ckpt`` if given, train, export, final checkpoint, records; then free the engine."""
+    import gc
+
     import deepspeed
     import ray.train
     import torch
@@ -280,17 +343,8 @@ def train_loop(config: dict) -> None:
 
     from raycat.train_data import target_tokens, window_loss
 
-    c: LoopConfig = config["loop"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     gpu = c.device == "gpu"
     torch.manual_seed(c.seed)
-    if not gpu:
-        torch.set_num_threads(c.threads)
-        _no_shm_build()
-    # Ray Train made the torch process group; DeepSpeed's comm layer must adopt it before ZeRO-3's
-    # zero.Init sizes the world (otherwise it sees world size 1).
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     p = c.phase
     ds_config = deepspeed_config(
         zero_stage=c.zero_stage,
@@ -319,6 +373,7 @@ def train_loop(config: dict) -> None:
     device = engine.device
     lora = c.method == "lora"
     state = {
+        "phase": c.phase_name,
         "epoch": 0,
         "batch": 0,
         "micro_steps": 0,
@@ -328,17 +383,18 @@ def train_loop(config: dict) -> None:
         "padded_tokens": 0,
         "init_fingerprint": init_fp,
     }
-    ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="ckpt", load_module_strict=not lora)
             with open(os.path.join(d, "state.json")) as f:
                 state = json.load(f)
+        state["phase"] = c.phase_name
         engine.micro_steps = state["micro_steps"]  # not in DS's own checkpoint; keeps accumulation aligned
         state["resumed_from_step"] = engine.global_steps
-    # Wall-clock times (this attempt): entered the loop, model + DeepSpeed ready, first step done.
+    # Wall-clock times (this attempt): the phase began, entered the loop, model + DeepSpeed ready, first step done.
+    state["started"] = started
     state["timing"] = {"entered": entered, "ready": time.time(), "first_step_done": None}
-    log = _tracker(c) if rank == 0 else None
+    log, close_log = _tracker(c) if rank == 0 else (None, None)
 
     def export() -> None:
         # Collective under ZeRO-3 (every rank gathers its partitions); rank 0 writes the HF dir.
@@ -353,18 +409,19 @@ def train_loop(config: dict) -> None:
             rundir.replace_dir(d, c.model_dir)
 
     def save(final: bool, metrics: dict) -> None:
-        if final:  # before the final report: once the driver sees it, the phase's model dir is complete
+        if final:  # before the final checkpoint: a final checkpoint means the phase's model dir is complete
             export()
+            state["final"], state["wall_s"] = True, time.time() - started
         with tempfile.TemporaryDirectory() as d:
             # Collective on every rank: each writes its own ZeRO shard; Ray merges rank directories.
             engine.save_checkpoint(os.path.join(d, "deepspeed"), tag="ckpt", exclude_frozen_parameters=lora)
             if rank == 0:
                 with open(os.path.join(d, "state.json"), "w") as f:
                     json.dump(state, f)
-            name = f"step_{engine.global_steps:07d}" + ("_final" if final else "")
+            name = f"{c.phase_name}_step_{engine.global_steps:07d}" + ("_final" if final else "")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(c.phase_name)
     if c.batching == "packed":
         check_packing(engine, device)
 
@@ -441,3 +498,13 @@ def train_loop(config: dict) -> None:
         if not done:  # the epoch's data ran out
             state["epoch"], state["batch"] = epoch + 1, 0
     save(True, metrics or {"step": engine.global_steps})
+    if rank == 0:
+        _finish(c, state, time.time() - started)
+    if close_log is not None:
+        close_log()
+    # The next phase builds its own engine: drop this one's hooks, optimizer state and (GPU) memory.
+    engine.destroy()
+    engine = model = optimizer = params = _keep = None  # the closures above hold `engine` too
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()

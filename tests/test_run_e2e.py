@@ -179,33 +179,28 @@ def _outputs(run: Path) -> dict:
     def frame(rel, cols):
         return pd.read_parquet(run / rel)[cols].sort_values("id").reset_index(drop=True)
 
-    ev = frame("eval/eval.parquet", ["id", "model", "extracted", "correct"])
     return {
         "scores": frame("score/scores.parquet", ["id", "entropy", "predicted"]),
         "hard": frame("split/hard.parquet", ["id"]),
         "test": frame("split/test.parquet", ["id"]),
-        "cot": frame("teach/cot.parquet", ["id", "target"]),
-        "eval": ev.sort_values(["model", "id"]).reset_index(drop=True),
-        "loss": [
-            json.loads((run / f"train/complexity_aware/{p}/metrics.json").read_text())["last_loss"]
-            for p in ("phase1", "phase2")
-        ],
     }
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """One uninterrupted run, the yardstick for the interrupted ones."""
+    """One uninterrupted scoring and split, the yardstick for the interrupted run (the later stages are
+    deterministic given these, and their own resume is tested where they live)."""
     root = tmp_path_factory.mktemp("reference")
     cfg = root / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(root / "run", tiny_model_dir)))
-    _raycat(cfg)
+    _raycat(cfg, "--only", "score")
+    _raycat(cfg, "--only", "split")
     return root / "run"
 
 
 @pytest.mark.slow
 # Killed mid-train: tests/test_cluster.py (driver SIGKILL in phase 2, resumed from S3) and
-# tests/test_train_ray.py (a worker killed in phase 2) cover it; each case here costs two full runs.
+# tests/test_train_ray.py (a worker killed in phase 2) cover it; each case here costs a full run.
 @pytest.mark.parametrize("stage", ["score"])
 def test_killed_run_resumes_to_the_same_outputs(tmp_path, tiny_model_dir, reference_run, stage):
     import pandas as pd
@@ -234,12 +229,16 @@ def test_killed_run_resumes_to_the_same_outputs(tmp_path, tiny_model_dir, refere
         os.killpg(proc.pid, signal.SIGKILL)  # driver, Ray and engines: the session this test started
         proc.wait()
     assert json.loads((run / "manifest.json").read_text())["stages"][stage]["status"] == "running"
-    _raycat(cfg)
+    _raycat(cfg)  # the same command again finishes the run
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert {s: e["status"] for s, e in stages.items()} == {
+        s: "done" for s in ("score", "split", "teach", "train", "eval", "report")
+    }
     a, b = _outputs(reference_run), _outputs(run)
+    assert b["scores"]["id"].is_unique and len(b["scores"]) == 40  # nothing lost or doubled
     pd.testing.assert_frame_equal(a["scores"], b["scores"], atol=1e-5, rtol=0)
-    for k in ("hard", "test", "cot", "eval"):
+    for k in ("hard", "test"):
         pd.testing.assert_frame_equal(a[k], b[k])
-    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
 @pytest.mark.slow

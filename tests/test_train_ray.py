@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -85,6 +86,7 @@ def test_lora_zero2_two_phases_export_merge_and_rerun(tmp_path, tiny_model_dir):
     s = run_train(cfg, say=lambda m: None)
     p1, p2 = s["phases"]["phase1"], s["phases"]["phase2"]
     assert p1["status"] == p2["status"] == "trained"
+    p2_history = json.loads((run / f"train/{cfg.train.recipe}/phase2/metrics.json").read_text())["history"]
     assert p1["examples"] == 18 and p2["examples"] == 6 and p1["steps"] == 6  # 18 rows / 2 workers / 4 -> 3 x 2 epochs
     assert p1["last_loss"] < 0.5 * p1["first_loss"]  # a memorisable toy set
     assert p2["last_loss"] < p2["first_loss"]
@@ -97,10 +99,25 @@ def test_lora_zero2_two_phases_export_merge_and_rerun(tmp_path, tiny_model_dir):
     out = model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > 3
     assert _generate_vllm(Path(p2["merged"])) == _generate_vllm(tiny_model_dir, adapter=p2["model"])
+    # Both phases ran in one worker group (one fit, named after phase 2): phase 2 paid no worker start.
+    assert p2["startup"]["worker_group_s"] == 0 and p1["startup"]["worker_group_s"] > 0
+    assert p1["checkpoints"] == p2["checkpoints"] and p2["checkpoints"].endswith(
+        f"phase2/checkpoints/phase2-{p2['hash']}"
+    )
     # A rerun of the same command trains nothing.
     t0 = time.time()
     again = run_train(cfg, say=lambda m: None)
     assert {v["status"] for v in again["phases"].values()} == {"cached"} and time.time() - t0 < 60
+    # Phase 2 fit on its own (a new worker group, from phase 1's export) trains exactly as it did after
+    # phase 1 in the shared group.
+    import shutil
+
+    (run / f"train/{cfg.train.recipe}/phase2/done.json").unlink()
+    shutil.rmtree(run / f"train/{cfg.train.recipe}/phase2/checkpoints")
+    alone = run_train(cfg, say=lambda m: None)["phases"]
+    assert alone["phase1"]["status"] == "cached" and alone["phase2"]["startup"]["worker_group_s"] > 0
+    h_alone = json.loads((run / f"train/{cfg.train.recipe}/phase2/metrics.json").read_text())["history"]
+    assert [h["loss"] for h in h_alone] == pytest.approx([h["loss"] for h in p2_history], rel=1e-5)
 
 
 @pytest.mark.vllm
@@ -124,6 +141,18 @@ def test_full_zero3_two_phases_gathers_weights_for_export(tmp_path, tiny_model_d
     _generate_vllm(Path(p2["model"]))  # the gathered full weights load in vLLM and generate
 
 
+def _phase2_checkpointed(ckpts: Path) -> bool:
+    """Ray Train registered a phase-2 checkpoint. Phases 1 and 2 run in one fit named after phase 2, so
+    its snapshot lists phase 1's checkpoints first."""
+    for snap in ckpts.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if "phase2_step_" in snap.read_text():
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def _train_workers(root_pid: int) -> list:
     import psutil
 
@@ -142,7 +171,7 @@ def _train_workers(root_pid: int) -> list:
 def test_killed_worker_in_phase2_resumes_from_checkpoint_without_redoing_phase1(tmp_path, tiny_model_dir):
     run = make_run(tmp_path / "run", tiny_model_dir)
     tree = config(
-        run, tiny_model_dir, save_steps=20, max_failures=2, phase2={"epochs": 50, "micro_batch_size": 1, "lr": 0.001}
+        run, tiny_model_dir, save_steps=20, max_failures=2, phase2={"epochs": 30, "micro_batch_size": 1, "lr": 0.001}
     )
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(tree))
@@ -160,7 +189,7 @@ def test_killed_worker_in_phase2_resumes_from_checkpoint_without_redoing_phase1(
             assert proc.poll() is None, "raycat train exited before phase 2 wrote a checkpoint"
             # Ray Train writes its snapshot once a checkpoint is registered (every rank reported it); a
             # step_* directory alone may still be uploading, and a restart would then start over.
-            if list(ckpts.glob("*/checkpoint_manager_snapshot.json")):
+            if _phase2_checkpointed(ckpts):
                 workers = _train_workers(proc.pid)
                 if workers:
                     killed = workers[-1].pid
@@ -173,7 +202,6 @@ def test_killed_worker_in_phase2_resumes_from_checkpoint_without_redoing_phase1(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    import json
 
     m2 = json.loads((run / "train/complexity_aware/phase2/metrics.json").read_text())
     assert m2["resumed_from_step"] is not None and m2["resumed_from_step"] >= 20  # restarted from a checkpoint
@@ -232,10 +260,9 @@ def test_curriculum_runs_three_phases_each_from_the_last(tmp_path, tiny_model_di
 
 @pytest.mark.slow
 def test_rerun_after_the_whole_job_is_killed_resumes_phase2_from_its_checkpoint(tmp_path, tiny_model_dir):
-    import json
 
     run = make_run(tmp_path / "run", tiny_model_dir)
-    tree = config(run, tiny_model_dir, save_steps=20, phase2={"epochs": 50, "micro_batch_size": 1, "lr": 0.001})
+    tree = config(run, tiny_model_dir, save_steps=20, phase2={"epochs": 30, "micro_batch_size": 1, "lr": 0.001})
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(tree))
     ckpts = run / "train/complexity_aware/phase2/checkpoints"
@@ -243,7 +270,7 @@ def test_rerun_after_the_whole_job_is_killed_resumes_phase2_from_its_checkpoint(
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and not list(ckpts.glob("*/checkpoint_manager_snapshot.json")):
+        while time.time() < deadline and not _phase2_checkpointed(ckpts):
             assert proc.poll() is None, "raycat train exited before phase 2 registered a checkpoint"
             time.sleep(0.05)
     finally:
