@@ -12,7 +12,8 @@ thread per worker, in one run:
   padded1  raycat1 with `train.batching=padded` (right-padded micro-batches): the packing gain.
 Tokens/s counts real (non-pad) tokens per optimizer step, measured inside the loop after the first
 step, each step from the previous one's end (so fetching its batches from the Ray Data shard counts);
-worker start-up is reported separately, split into its parts (metrics.json `startup`).
+worker start-up is reported separately, split into its parts (metrics.json `startup`). Cores busy
+per process group during those steps (bench/cpu_use.py) show what the workers share the CPUs with.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
@@ -78,6 +80,8 @@ def main() -> None:
         help="gpu: raycat on one GPU in bf16 only, for a --json record (the comparisons are CPU-only)",
     )
     args = ap.parse_args()
+
+    from cpu_use import CpuSampler
 
     from raycat.config import validate_config
     from raycat.tiny_models import build_tiny_model, build_tiny_train_run
@@ -132,11 +136,16 @@ def main() -> None:
             "ray": {"num_cpus": 2},
         }
         cfg = validate_config(tree)
-        t0 = time.perf_counter()
-        s = run_train(cfg, say=lambda m: None)
+        t0, clock0 = time.perf_counter(), time.time()
+        with CpuSampler() as cpu:
+            s = run_train(cfg, say=lambda m: None)
         wall = time.perf_counter() - t0
         metrics = json.loads((run / "train/sft_all/phase1/metrics.json").read_text())
         hist = metrics["history"][1:]
+        # The steady-state window: from the first step's end to the last step's (the fit began ~clock0).
+        su = metrics["startup"]
+        w0 = clock0 + su["worker_group_s"] + su["model_and_deepspeed_s"] + su["first_step_s"]
+        w1 = w0 + sum(h["step_s"] for h in hist)
         tps = sum(h["tokens"] for h in hist) / sum(h["step_s"] for h in hist)
         results[name] = {
             "devices": workers if args.device == "gpu" else cfg.train.cpus_per_worker * workers,
@@ -147,6 +156,7 @@ def main() -> None:
             "padding_waste": s["phases"]["phase1"]["padding_waste"],
             "startup": metrics["startup"],
             "feed": metrics["data_feed_share"],
+            "cpu": {k: v / (w1 - w0) for k, v in cpu.window(w0, w1).items()},  # cores busy, per group
         }
         if name == "raycat1" and args.device == "cpu":
             tok = AutoTokenizer.from_pretrained(model_dir)
@@ -168,6 +178,10 @@ def main() -> None:
     for k, v in results.items():
         feed = f"{100 * v['feed']:7.1f}" if v.get("feed") is not None else f"{'':7}"
         print(f"{k:10} {v['tokens_per_s']:10.0f} {v['wall_s']:8.1f} {v['steps']:6d} {feed}")
+    print(f"\ncores busy during the steps after the first (this machine: {os.cpu_count()} CPUs)")
+    for k, v in results.items():
+        if v.get("cpu"):
+            print(f"{k:10} " + ", ".join(f"{g} {c:.2f}" for g, c in sorted(v["cpu"].items(), key=lambda x: -x[1])))
     print("\nphase start-up (s): worker group / model + DeepSpeed init / first step / after the last step")
     for k, v in results.items():
         if v.get("startup"):

@@ -390,8 +390,7 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
             rundir.write_json(rundir.join(pdir, "metrics.json"), {"status": "empty", "reason": why})
             rundir.write_json(done_path, {"hash": plan.hash, "empty": why})
             summary["phases"][name] = {"status": "empty", "reason": why, "examples": 0}
-            group = None
-            continue
+            continue  # the group goes on: the next phase starts from the last trained one
         if rundir.exists(done_path) and rundir.read_json(done_path).get("hash") == plan.hash:
             say(f"{name}: already trained (hash {plan.hash}), skipping")
             summary["phases"][name] = {"status": "cached"}
@@ -419,12 +418,16 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
             summary["phases"][name] = {"status": "trained"}
         model_dir = rundir.absolute(rundir.join(pdir, "model"))  # workers have their own cwd
         init = {"model": None if lora else model_dir, "adapter": model_dir if lora else None}
-    if groups:
+    trained = [(plan, rundir.join(root, plan.phase.name)) for plan in plans if plan.phase.name not in empty]
+    unmerged = merge and any(
+        "merged" not in (rundir.read_json_if_exists(rundir.join(pdir, "metrics.json")) or {}) for _, pdir in trained
+    )
+    if groups or unmerged:
         from ray.train import TrainingFailedError
 
         from raycat.ray_env import ray_session
 
-        with ray_session(cfg.ray, cfg.run_dir):  # only when something is left to train
+        with ray_session(cfg.ray, cfg.run_dir):  # only when something is left to train or merge
             for group in groups:
                 names = "+".join(plan.phase.name for plan, _, _ in group)
                 try:
@@ -436,15 +439,22 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                         f"{names} failed (after up to {tc.max_failures} restarts from the latest "
                         f"checkpoint; rerun the command to resume): {type(e).__name__}: {e}"
                     ) from e
-    for plan in plans:  # what the workers wrote, in the recipe's order
+                for plan, pdir, _ in group:  # rank 0 records each phase as it ends
+                    done = rundir.read_json_if_exists(rundir.join(pdir, "done.json")) or {}
+                    if done.get("hash") != plan.hash:
+                        raise RaycatError(
+                            f"{plan.phase.name} was not recorded as trained by the fit of {names} (its "
+                            f"done.json is missing or stale, while a later phase's checkpoint exists): remove "
+                            f"{rundir.join(group[-1][1], 'checkpoints')} and rerun to train {names} again"
+                        )
+            for _, pdir in trained:  # also a phase a killed run finished but did not merge
+                m = rundir.read_json(rundir.join(pdir, "metrics.json"))
+                if merge and "merged" not in m:
+                    m["merged"] = merge_lora(cfg, pdir, pre["params"])
+                    rundir.write_json(rundir.join(pdir, "metrics.json"), m)
+    for plan, pdir in trained:  # what the workers wrote, in the recipe's order
         name = plan.phase.name
-        if name in empty:
-            continue
-        pdir = rundir.join(root, name)
         m = rundir.read_json(rundir.join(pdir, "metrics.json"))
-        if merge and "merged" not in m:  # also a phase a killed run finished but did not merge
-            m["merged"] = merge_lora(cfg, pdir, pre["params"])
-            rundir.write_json(rundir.join(pdir, "metrics.json"), m)
         summary["phases"][name] = {
             **{k: v for k, v in m.items() if k != "history"},
             "status": summary["phases"][name]["status"],

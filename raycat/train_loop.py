@@ -295,6 +295,8 @@ def train_loop(config: dict) -> None:
     """The worker entry point; ``config`` is Ray Train's ``train_loop_config``: ``{"phases": [LoopConfig,
     ...], "fit_started": the driver's clock at the fit}``, phases in the recipe's order."""
     entered = time.time()  # start-up accounting (before the heavy imports): the driver knows when the fit began
+    import gc
+
     import deepspeed
     import ray.train
     import torch
@@ -323,10 +325,16 @@ def train_loop(config: dict) -> None:
             start = at + 1
         elif at is not None:
             start, resume = at, ckpt
-    started = config["fit_started"]
+    # A restarted attempt does not know when its worker group began: it counts from entering the loop.
+    started = config["fit_started"] if ckpt is None else entered
     for c in phases[start:]:
         _train_phase(c, rank, world, resume, entered, started)
         resume = None
+        # The phase's engine, optimizer state and autograd graph are unreachable now; ZeRO-3's
+        # parameters reference themselves, so only a full collection frees them before the next load.
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
         dist.barrier()  # the next phase loads the model rank 0 has just exported
         entered = started = time.time()  # no worker-group start for the phases after the first
 
@@ -334,8 +342,6 @@ def train_loop(config: dict) -> None:
 def _train_phase(c: LoopConfig, rank: int, world: int, ckpt, entered: float, started: float) -> None:
     """One phase on this worker: build the engine (from the previous phase's export), resume from
     ``ckpt`` if given, train, export, final checkpoint, records; then free the engine."""
-    import gc
-
     import deepspeed
     import ray.train
     import torch
@@ -502,9 +508,4 @@ def _train_phase(c: LoopConfig, rank: int, world: int, ckpt, entered: float, sta
         _finish(c, state, time.time() - started)
     if close_log is not None:
         close_log()
-    # The next phase builds its own engine: drop this one's hooks, optimizer state and (GPU) memory.
-    engine.destroy()
-    engine = model = optimizer = params = _keep = None  # the closures above hold `engine` too
-    gc.collect()
-    if gpu:
-        torch.cuda.empty_cache()
+    engine.destroy()  # its hooks and optimizer buffers; the caller collects the rest

@@ -285,10 +285,11 @@ def test_readme_job_on_a_multinode_cluster_with_an_s3_run_dir_resumes_after_a_dr
     job = _job_dir(tmp_path, tiny_cluster_config())
     first = _submit(cluster, job, "run", wait=False)
     try:
-        # Kill the driver (SIGKILL, by its PID as Ray reports it) once phase 2 has a checkpoint in S3.
+        # Kill the driver (SIGKILL, by its PID as Ray reports it) once phase 2 has a checkpoint in S3
+        # (phases 1 and 2 share one fit, named after phase 2, whose checkpoints carry their phase).
         deadline = time.time() + 900
         ckpts = "run/train/complexity_aware/phase2/checkpoints"
-        while not cluster.s3_find(ckpts, "/step_"):
+        while not cluster.s3_find(ckpts, "/phase2_step_"):
             assert first.poll() is None, f"the job ended before phase 2 checkpointed: {first.stdout.read()[-4000:]}"
             assert time.time() < deadline, "no phase-2 checkpoint in S3 after 15 minutes"
             time.sleep(0.5)
