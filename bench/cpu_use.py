@@ -12,10 +12,13 @@ import time
 def _group(cmdline: str) -> str:
     if "RayTrainWorker" in cmdline:
         return "train workers"
-    if cmdline.startswith("ray::"):
-        return "other Ray actors/tasks"
-    if any(d in cmdline for d in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env")):
+    if cmdline.startswith("ray::"):  # Ray retitles a worker process after the actor or task it runs
+        return cmdline.split(" ", 1)[0]
+    exe = cmdline.split(" ", 1)[0]
+    if exe.endswith(("raylet", "gcs_server")) or any(d in cmdline for d in ("dashboard", "log_monitor", "monitor.py")):
         return "Ray daemons"
+    if "default_worker.py" in cmdline:
+        return "idle Ray workers"
     return "other"
 
 
@@ -29,14 +32,11 @@ class CpuSampler:
         import psutil
 
         me = psutil.Process()
-        names: dict[int, str] = {}
         while not self._stop.is_set():
             now, row = time.time(), {me.pid: ("driver", sum(me.cpu_times()[:2]))}
             for p in me.children(recursive=True):
-                try:
-                    if p.pid not in names:
-                        names[p.pid] = _group(" ".join(p.cmdline()))
-                    row[p.pid] = (names[p.pid], sum(p.cpu_times()[:2]))
+                try:  # the title is read each time: a worker is retitled once it runs an actor
+                    row[p.pid] = (_group(" ".join(p.cmdline())), sum(p.cpu_times()[:2]))
                 except Exception:  # exited between listing and reading
                     pass
             self.samples.append((now, row))

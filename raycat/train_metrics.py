@@ -81,5 +81,7 @@ def phase_metrics(info: dict, state: dict, wall_s: float, started: float) -> dic
         "init_fingerprint": state.get("init_fingerprint"),
         "wall_s": round(wall_s, 2),
         "startup": startup(state.get("timing"), started, wall_s, hist, state.get("resumed_from_step")),
+        # Epoch seconds on rank 0's clock: where the steady state (the steps after the first) began.
+        "first_step_done_at": (state.get("timing") or {}).get("first_step_done"),
         "history": hist,
     }
