@@ -410,7 +410,12 @@ class TrainConfig(Strict):
     tracking: Literal["none", "mlflow", "wandb"] = Field(
         "none", description="Experiment tracker via Ray's integrations (needs mlflow or wandb installed)."
     )
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: local ./mlruns).")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (an MLflow server, sqlite:///..., or file:///...). Default for a "
+        "local run_dir: a file store in <run_dir>/mlruns (view with `mlflow ui --backend-store-uri "
+        "<run_dir>/mlruns`); an object-store run_dir needs one set.",
+    )
     tracking_project: str = Field("raycat", description="MLflow experiment / W&B project name.")
     worker_memory_gib: float | None = Field(
         None,

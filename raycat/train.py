@@ -260,9 +260,20 @@ def _loop_config(
         save_steps=tc.save_steps,
         log_every_steps=tc.log_every_steps,
         tracking=tc.tracking,
-        tracking_uri=tc.tracking_uri,
+        tracking_uri=tracking_uri(cfg),
         tracking_project=tc.tracking_project,
     )
+
+
+def tracking_uri(cfg: RaycatConfig) -> str | None:
+    """The MLflow URI the workers log to: the configured one, else a file store in the run dir (a
+    relative ./mlruns would land in each worker's own working directory and be lost with it)."""
+    from pathlib import Path
+
+    tc = cfg.train
+    if tc.tracking != "mlflow" or tc.tracking_uri:
+        return tc.tracking_uri
+    return Path(rundir.absolute(rundir.join(cfg.run_dir, "mlruns"))).as_uri()  # local: config checks the rest
 
 
 def fit_phases(cfg: RaycatConfig, group: list[tuple[PhasePlan, str, dict]], pad_id: int):

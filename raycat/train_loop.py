@@ -198,8 +198,16 @@ def _tracker(c: LoopConfig):
     if c.tracking == "mlflow":
         from ray.air.integrations.mlflow import setup_mlflow
 
+        if (c.tracking_uri or "").startswith("file:"):
+            # MLflow 3 refuses its file store unless opted in; a file URI here is the user's choice
+            # (or raycat's default, the run dir) for a setup without a tracking server.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow = setup_mlflow(
-            c.hparams, tracking_uri=c.tracking_uri, experiment_name=c.tracking_project, rank_zero_only=True
+            c.hparams,
+            tracking_uri=c.tracking_uri,
+            experiment_name=c.tracking_project,
+            create_experiment_if_not_exists=True,  # as W&B does with a new project name
+            rank_zero_only=True,
         )
         return (lambda m, step: mlflow.log_metrics(m, step=step)), mlflow.end_run
     if c.tracking == "wandb":

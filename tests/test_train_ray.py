@@ -305,6 +305,51 @@ def test_template_mismatch_with_scoring_is_an_error_unless_allowed(tmp_path, tin
     assert check_template(allowed, tok, bands)
 
 
+def test_mlflow_default_uri_is_a_file_store_in_the_run_dir(tmp_path, tiny_model_dir, monkeypatch):
+    from raycat.train import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    tree = config(Path("runs/x"), tiny_model_dir, tracking="mlflow")
+    assert tracking_uri(validate_config(tree)) == (tmp_path / "runs/x/mlruns").as_uri()  # not a worker's ./mlruns
+    tree["train"]["tracking_uri"] = "http://mlflow.internal:5000"
+    assert tracking_uri(validate_config(tree)) == "http://mlflow.internal:5000"
+
+
+@pytest.mark.integration
+def test_mlflow_gets_one_run_per_phase_from_the_shared_worker_group(tmp_path, tiny_model_dir, monkeypatch):
+    """A real MLflow file store: the two phases run in one worker process, and each gets its own run
+    with its own parameters and every step's loss (the first run is ended before the second starts)."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from raycat.train import run_train
+
+    run = make_run(tmp_path / "run", tiny_model_dir)
+    uri = (tmp_path / "mlruns").as_uri()
+    tree = config(
+        run,
+        tiny_model_dir,
+        num_workers=1,
+        tracking="mlflow",
+        tracking_uri=uri,
+        tracking_project="raycat-test",
+        phase1={"epochs": 1, "max_steps": 3},
+        phase2={"epochs": 1, "max_steps": 2},
+    )
+    tree["train"]["log_every_steps"] = 1
+    s = run_train(validate_config(tree), say=lambda m: None)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this reader's opt-in, as the workers' own
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("raycat-test")
+    runs = {r.data.params["phase"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"phase1", "phase2"}
+    for phase, r in runs.items():
+        assert r.info.status == "FINISHED" and r.data.params["recipe"] == "complexity_aware"
+        losses = client.get_metric_history(r.info.run_id, "loss")
+        assert [m.step for m in losses] == list(range(1, s["phases"][phase]["steps"] + 1))
+        assert losses[-1].value == pytest.approx(s["phases"][phase]["last_loss"], rel=1e-6)
+
+
 @pytest.mark.integration
 def test_train_cli_names_the_missing_stage(tmp_path, tiny_model_dir):
     cfg_path = tmp_path / "cfg.yaml"
