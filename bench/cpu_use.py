@@ -23,7 +23,8 @@ def _group(cmdline: str) -> str:
 
 
 class CpuSampler:
-    """``with CpuSampler() as s: ...``; then ``s.window(t0, t1)`` -> {group: CPU seconds in [t0, t1]}."""
+    """``with CpuSampler() as s: ...``; then ``s.window(t0, t1)`` -> ({group: CPU seconds}, span seconds).
+    Processes are keyed by (pid, start time), so a reused pid is another process."""
 
     def __init__(self, every_s: float = 0.25):
         self.every_s, self.samples, self._stop = every_s, [], threading.Event()
@@ -33,10 +34,11 @@ class CpuSampler:
 
         me = psutil.Process()
         while not self._stop.is_set():
-            now, row = time.time(), {me.pid: ("driver", sum(me.cpu_times()[:2]))}
-            for p in me.children(recursive=True):
+            now, row = time.time(), {}
+            for p in [me, *me.children(recursive=True)]:
                 try:  # the title is read each time: a worker is retitled once it runs an actor
-                    row[p.pid] = (_group(" ".join(p.cmdline())), sum(p.cpu_times()[:2]))
+                    group = "driver" if p.pid == me.pid else _group(" ".join(p.cmdline()))
+                    row[(p.pid, p.create_time())] = (group, sum(p.cpu_times()[:2]))
                 except Exception:  # exited between listing and reading
                     pass
             self.samples.append((now, row))
@@ -51,15 +53,20 @@ class CpuSampler:
         self._stop.set()
         self._thread.join()
 
-    def window(self, t0: float, t1: float) -> dict[str, float]:
-        """CPU seconds per group between the last sample at or before t0 and the first at or after t1
-        (a process seen only inside the window counts from its first sample)."""
-        before = [r for t, r in self.samples if t <= t0]
-        after = [r for t, r in self.samples if t >= t1] or [self.samples[-1][1]]
-        start, end = (before[-1] if before else {}), after[0]
-        inside = [r for t, r in self.samples if t0 < t < t1]
+    def window(self, t0: float, t1: float) -> tuple[dict[str, float], float]:
+        """CPU seconds per group from the last sample at or before t0 to the first at or after t1, and
+        that span (divide by it, not by t1 - t0). A process that starts or exits inside counts from its
+        first to its last sample there."""
+        times = [t for t, _ in self.samples]
+        i0 = max([i for i, t in enumerate(times) if t <= t0], default=0)
+        i1 = min([i for i, t in enumerate(times) if t >= t1], default=len(times) - 1)
+        first: dict = {}
+        last: dict = {}
+        for _, row in self.samples[i0 : i1 + 1]:
+            for key, value in row.items():
+                first.setdefault(key, value)
+                last[key] = value
         out: dict[str, float] = {}
-        for pid, (group, cpu) in end.items():
-            first = start.get(pid) or next((r[pid] for r in inside if pid in r), (group, cpu))
-            out[group] = out.get(group, 0.0) + cpu - first[1]
-        return out
+        for key, (group, cpu) in last.items():
+            out[group] = out.get(group, 0.0) + cpu - first[key][1]
+        return out, times[i1] - times[i0]

@@ -64,6 +64,12 @@ def bare_loop(model_dir: Path, encoded, micro_batch_size: int, steps: int, lr: f
     return tokens / seconds
 
 
+def cores_busy(cpu, t0: float, t1: float) -> dict[str, float]:
+    """Cores busy per process group between t0 and t1, as sampled (bench/cpu_use.py)."""
+    used, span = cpu.window(t0, t1)
+    return {k: v / span for k, v in used.items()} if span > 0 else {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=96, help="training examples")
@@ -155,7 +161,7 @@ def main() -> None:
             "padding_waste": s["phases"]["phase1"]["padding_waste"],
             "startup": metrics["startup"],
             "feed": metrics["data_feed_share"],
-            "cpu": {k: v / (w1 - w0) for k, v in cpu.window(w0, w1).items()},  # cores busy, per group
+            "cpu": cores_busy(cpu, w0, w1),
         }
         if name == "raycat1" and args.device == "cpu":
             tok = AutoTokenizer.from_pretrained(model_dir)

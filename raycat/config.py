@@ -398,7 +398,9 @@ class TrainConfig(Strict):
         "before it are worth keeping.",
     )
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end of a phase).")
-    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per phase.")
+    num_to_keep: int = Field(
+        2, ge=1, description="Checkpoints kept per fit (consecutive phases trained together share one fit)."
+    )
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint (Ray Train).")
     log_every_steps: int = Field(
         10,
@@ -412,9 +414,10 @@ class TrainConfig(Strict):
     )
     tracking_uri: str | None = Field(
         None,
-        description="MLflow tracking URI (an MLflow server, sqlite:///..., or file:///...). Default for a "
-        "local run_dir: a file store in <run_dir>/mlruns (view with `mlflow ui --backend-store-uri "
-        "<run_dir>/mlruns`); an object-store run_dir needs one set.",
+        description="MLflow tracking URI: an MLflow server (http://...) or a file store (a path or file:// "
+        "URI, made absolute). Default for a local run_dir: a file store in <run_dir>/mlruns (view it with "
+        "`MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <run_dir>/mlruns`: MLflow 3 asks for "
+        "that opt-in); an object-store run_dir needs one set.",
     )
     tracking_project: str = Field("raycat", description="MLflow experiment / W&B project name.")
     worker_memory_gib: float | None = Field(
@@ -501,12 +504,12 @@ class RaycatConfig(Strict):
                 "the CPU default engine; add an eval: section with engine.device: gpu"
             )
         if self.train.tracking == "mlflow" and self.train.tracking_uri is None and "://" in self.run_dir:
-            # MLflow's default ./mlruns is relative to a Ray Train worker: on a cluster it lands on
-            # that worker's disk and goes with it.
+            # The local default (a file store in the run dir) has no object-store equivalent: a file
+            # store on a cluster would land on a training worker's disk and go with it.
             raise ValueError(
-                "train.tracking_uri: an object-store run_dir means a cluster, where MLflow's default "
-                "./mlruns would land on a training worker's disk; set train.tracking_uri to your MLflow "
-                "server (http://...) or a shared store"
+                "train.tracking_uri: an object-store run_dir means a cluster, where a file store would "
+                "land on a training worker's disk; set train.tracking_uri to your MLflow server "
+                "(http://...) or a path on a shared filesystem"
             )
         for key, e, local in engines:
             if local and e.backend == "null" and not key.startswith("score."):

@@ -271,9 +271,11 @@ def tracking_uri(cfg: RaycatConfig) -> str | None:
     from pathlib import Path
 
     tc = cfg.train
-    if tc.tracking != "mlflow" or tc.tracking_uri:
+    if tc.tracking != "mlflow":
         return tc.tracking_uri
-    return Path(rundir.absolute(rundir.join(cfg.run_dir, "mlruns"))).as_uri()  # local: config checks the rest
+    uri = tc.tracking_uri or rundir.join(cfg.run_dir, "mlruns")  # local run dir: config checks the rest
+    # A plain path is a file store; absolute, or each worker would resolve it in its own cwd.
+    return uri if ":" in uri.split("/", 1)[0] else Path(os.path.abspath(uri)).as_uri()
 
 
 def fit_phases(cfg: RaycatConfig, group: list[tuple[PhasePlan, str, dict]], pad_id: int):
@@ -281,6 +283,7 @@ def fit_phases(cfg: RaycatConfig, group: list[tuple[PhasePlan, str, dict]], pad_
     workers. Named after the last phase (its hash chains the others'), so a rerun of any tail of the
     group finds the same run and resumes from its latest checkpoint."""
     import time
+    import uuid
 
     import pyarrow as pa
     import ray
@@ -306,7 +309,7 @@ def fit_phases(cfg: RaycatConfig, group: list[tuple[PhasePlan, str, dict]], pad_
     trainer = TorchTrainer(
         train_loop,
         # Ray Train wants a dict here; the typed configs travel inside it.
-        train_loop_config={"phases": loops, "fit_started": time.time()},
+        train_loop_config={"phases": loops, "fit_started": time.time(), "fit_id": uuid.uuid4().hex},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.device == "gpu", resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
@@ -453,10 +456,13 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                 for plan, pdir, _ in group:  # rank 0 records each phase as it ends
                     done = rundir.read_json_if_exists(rundir.join(pdir, "done.json")) or {}
                     if done.get("hash") != plan.hash:
+                        last = group[-1][0]
+                        ckpts = rundir.join(group[-1][1], "checkpoints", f"{last.phase.name}-{last.hash}")
                         raise RaycatError(
                             f"{plan.phase.name} was not recorded as trained by the fit of {names} (its "
-                            f"done.json is missing or stale, while a later phase's checkpoint exists): remove "
-                            f"{rundir.join(group[-1][1], 'checkpoints')} and rerun to train {names} again"
+                            f"done.json is missing or stale): remove this fit's checkpoints, "
+                            f"{ckpts}, "
+                            f"and rerun to train {names} again"
                         )
             for _, pdir in trained:  # also a phase a killed run finished but did not merge
                 m = rundir.read_json(rundir.join(pdir, "metrics.json"))

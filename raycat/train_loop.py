@@ -291,6 +291,12 @@ def _saved_state(ckpt) -> dict:
         return json.loads(f.read())
 
 
+def _recorded(c: LoopConfig) -> bool:
+    """The phase's done.json holds its hash (a finished phase, as the driver checks it)."""
+    done = rundir.read_json_if_exists(rundir.join(c.phase_dir, "done.json")) or {}
+    return done.get("hash") == c.phase_hash
+
+
 def _finish(c: LoopConfig, state: dict, wall_s: float) -> None:
     """Rank 0, after the phase's export and final checkpoint: its metrics.json, then done.json."""
     from raycat.train_metrics import phase_metrics
@@ -301,7 +307,8 @@ def _finish(c: LoopConfig, state: dict, wall_s: float) -> None:
 
 def train_loop(config: dict) -> None:
     """The worker entry point; ``config`` is Ray Train's ``train_loop_config``: ``{"phases": [LoopConfig,
-    ...], "fit_started": the driver's clock at the fit}``, phases in the recipe's order."""
+    ...], "fit_started": the driver's clock at the fit, "fit_id": this fit's id}``, phases in the
+    recipe's order."""
     entered = time.time()  # start-up accounting (before the heavy imports): the driver knows when the fit began
     import gc
 
@@ -321,22 +328,29 @@ def train_loop(config: dict) -> None:
     # zero.Init sizes the world (otherwise it sees world size 1).
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     names = [c.phase_name for c in phases]
-    start, resume = 0, None
+    start, resume, restarted = 0, None, False
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         saved = _saved_state(ckpt)
+        restarted = saved.get("fit_id") == config["fit_id"]  # Ray restarted this fit's workers
         # A checkpoint written before phases shared a worker group holds the fit's only (= last) phase.
-        at = names.index(saved.get("phase", names[-1])) if saved.get("phase", names[-1]) in names else None
+        name = saved.get("phase", names[-1])
+        at = names.index(name) if name in names else None
+        # Phases before the checkpoint's are skipped only if they are still recorded as trained with
+        # the hashes this fit chains (another config may have retrained them in between).
+        if at is not None and not all(_recorded(c) for c in phases[:at]):
+            at = None
         if at is not None and saved.get("final"):  # exported and checkpointed; only its records may be missing
             if rank == 0:
                 _finish(phases[at], saved, saved["wall_s"])
             start = at + 1
         elif at is not None:
             start, resume = at, ckpt
-    # A restarted attempt does not know when its worker group began: it counts from entering the loop.
-    started = config["fit_started"] if ckpt is None else entered
+    # Ray's restart of a failed worker group does not say when the new group began: count from entering
+    # the loop. A rerun's new fit restored from a checkpoint did start its group at fit_started.
+    started = entered if restarted else config["fit_started"]
     for c in phases[start:]:
-        _train_phase(c, rank, world, resume, entered, started)
+        _train_phase(c, rank, world, resume, entered, started, config["fit_id"])
         resume = None
         # The phase's engine, optimizer state and autograd graph are unreachable now; ZeRO-3's
         # parameters reference themselves, so only a full collection frees them before the next load.
@@ -347,7 +361,7 @@ def train_loop(config: dict) -> None:
         entered = started = time.time()  # no worker-group start for the phases after the first
 
 
-def _train_phase(c: LoopConfig, rank: int, world: int, ckpt, entered: float, started: float) -> None:
+def _train_phase(c: LoopConfig, rank: int, world: int, ckpt, entered: float, started: float, fit_id: str) -> None:
     """One phase on this worker: build the engine (from the previous phase's export), resume from
     ``ckpt`` if given, train, export, final checkpoint, records; then free the engine."""
     import deepspeed
@@ -406,7 +420,7 @@ def _train_phase(c: LoopConfig, rank: int, world: int, ckpt, entered: float, sta
         engine.micro_steps = state["micro_steps"]  # not in DS's own checkpoint; keeps accumulation aligned
         state["resumed_from_step"] = engine.global_steps
     # Wall-clock times (this attempt): the phase began, entered the loop, model + DeepSpeed ready, first step done.
-    state["started"] = started
+    state["started"], state["fit_id"] = started, fit_id
     state["timing"] = {"entered": entered, "ready": time.time(), "first_step_done": None}
     log, close_log = _tracker(c) if rank == 0 else (None, None)
 

@@ -139,7 +139,7 @@ def test_mlflow_on_a_cluster_needs_a_tracking_uri():
         validate_config(tree)
     tree["train"]["tracking_uri"] = "http://mlflow.internal:5000"
     assert validate_config(tree).train.tracking_uri == "http://mlflow.internal:5000"
-    assert validate_config({**tree, "run_dir": "runs/x", "train": {"tracking": "mlflow"}})  # local: ./mlruns
+    assert validate_config({**tree, "run_dir": "runs/x", "train": {"tracking": "mlflow"}})  # local: <run_dir>/mlruns
 
 
 def test_null_backend_only_scores():

@@ -144,3 +144,14 @@ def test_step_totals_are_reduced_on_the_engines_device(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
     assert all_reduce_step([1.5, 2.0, 10.0], torch.device("cpu")) == [3.0, 4.0, 20.0]
     assert seen == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_a_tracker_that_is_not_installed_is_named_before_anything_runs(llama70b_dir, monkeypatch, tracker):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == tracker else real(name, *a))
+    cfg = _cfg("llama-3.1-70b-mmlu-pro-lora.yaml", f"train.tracking={tracker}", "train.tracking_uri=http://m:5000")
+    with pytest.raises(RaycatError, match=f"pip install {tracker}, or set train.tracking=none"):
+        preflight(cfg, str(llama70b_dir), list(RECIPES[cfg.train.recipe]))
