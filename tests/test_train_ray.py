@@ -259,6 +259,28 @@ def test_curriculum_runs_three_phases_each_from_the_last(tmp_path, tiny_model_di
 
 
 @pytest.mark.slow
+def test_an_empty_middle_phase_does_not_split_the_worker_group(tmp_path, tiny_model_dir):
+    """Curriculum with an empty medium band: phase 2 is skipped, and phases 1 and 3 train in one fit
+    (named after phase 3) with phase 3 starting from phase 1's export."""
+    import pandas as pd
+
+    from raycat.train import run_train
+
+    run = make_run(tmp_path / "run", tiny_model_dir)
+    medium = pd.read_parquet(run / "split/medium.parquet")
+    medium.iloc[:0].to_parquet(run / "split/medium.parquet")
+    tree = config(run, tiny_model_dir, recipe="curriculum", num_workers=1, deepspeed={"zero_stage": 0})
+    tree["train"]["phase3"] = {"epochs": 1, "lr": 0.003, "micro_batch_size": 2, "max_length": 256}
+    s = run_train(validate_config(tree), say=lambda m: None)
+    p1, p2, p3 = (s["phases"][k] for k in ("phase1", "phase2", "phase3"))
+    assert (p1["status"], p2["status"], p3["status"]) == ("trained", "empty", "trained")
+    assert json.loads((run / "train/curriculum/phase2/done.json").read_text())["empty"]
+    assert p3["startup"]["worker_group_s"] == 0  # the same workers as phase 1
+    assert p1["checkpoints"] == p3["checkpoints"] and p3["checkpoints"].endswith(f"phase3-{p3['hash']}")
+    _assert_phase2_started_from_phase1({"phase1": p1, "phase2": p3})
+
+
+@pytest.mark.slow
 def test_rerun_after_the_whole_job_is_killed_resumes_phase2_from_its_checkpoint(tmp_path, tiny_model_dir):
 
     run = make_run(tmp_path / "run", tiny_model_dir)
