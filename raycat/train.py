@@ -31,7 +31,7 @@ from raycat.errors import MissingInputError, RaycatError
 from raycat.prompts import template_hash, train_template_hash
 from raycat.recipes import Phase, needs_cot, select
 from raycat.train_data import encode_rows, pad_to_world, stop_token_ids, total_steps
-from raycat.train_loop import LoopConfig, train_loop
+from raycat.train_loop import LoopConfig, recorded, train_loop
 from raycat.train_memory import check_fit, estimate
 from raycat.train_metrics import phase_info
 
@@ -397,15 +397,14 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
     for plan in plans:
         name = plan.phase.name
         pdir = rundir.join(root, name)
-        done_path = rundir.join(pdir, "done.json")
         if name in empty:  # nothing to train: no model; the next phase starts from the last one
             why = empty[name]
             say(f"{name}: skipped, {why} (train.on_empty_phase=skip)")
             rundir.write_json(rundir.join(pdir, "metrics.json"), {"status": "empty", "reason": why})
-            rundir.write_json(done_path, {"hash": plan.hash, "empty": why})
+            rundir.write_json(rundir.join(pdir, "done.json"), {"hash": plan.hash, "empty": why})
             summary["phases"][name] = {"status": "empty", "reason": why, "examples": 0}
             continue  # the group goes on: the next phase starts from the last trained one
-        if rundir.exists(done_path) and rundir.read_json(done_path).get("hash") == plan.hash:
+        if recorded(pdir, plan.hash):
             say(f"{name}: already trained (hash {plan.hash}), skipping")
             summary["phases"][name] = {"status": "cached"}
             group = None
@@ -454,8 +453,7 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                         f"checkpoint; rerun the command to resume): {type(e).__name__}: {e}"
                     ) from e
                 for plan, pdir, _ in group:  # rank 0 records each phase as it ends
-                    done = rundir.read_json_if_exists(rundir.join(pdir, "done.json")) or {}
-                    if done.get("hash") != plan.hash:
+                    if not recorded(pdir, plan.hash):
                         last = group[-1][0]
                         ckpts = rundir.join(group[-1][1], "checkpoints", f"{last.phase.name}-{last.hash}")
                         raise RaycatError(
@@ -464,9 +462,9 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
                             f"{ckpts}, "
                             f"and rerun to train {names} again"
                         )
-            for _, pdir in trained:  # also a phase a killed run finished but did not merge
+            for _, pdir in trained if merge else []:  # also a phase a killed run finished but did not merge
                 m = rundir.read_json(rundir.join(pdir, "metrics.json"))
-                if merge and "merged" not in m:
+                if "merged" not in m:
                     m["merged"] = merge_lora(cfg, pdir, pre["params"])
                     rundir.write_json(rundir.join(pdir, "metrics.json"), m)
     for plan, pdir in trained:  # what the workers wrote, in the recipe's order

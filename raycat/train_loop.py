@@ -291,10 +291,11 @@ def _saved_state(ckpt) -> dict:
         return json.loads(f.read())
 
 
-def _recorded(c: LoopConfig) -> bool:
-    """The phase's done.json holds its hash (a finished phase, as the driver checks it)."""
-    done = rundir.read_json_if_exists(rundir.join(c.phase_dir, "done.json")) or {}
-    return done.get("hash") == c.phase_hash
+def recorded(phase_dir: str, phase_hash: str) -> bool:
+    """The phase's done.json holds this hash: the phase finished with these rows, settings and
+    previous phases (the driver's skip rule and the workers' resume rule alike)."""
+    done = rundir.read_json_if_exists(rundir.join(phase_dir, "done.json")) or {}
+    return done.get("hash") == phase_hash
 
 
 def _finish(c: LoopConfig, state: dict, wall_s: float) -> None:
@@ -338,7 +339,7 @@ def train_loop(config: dict) -> None:
         at = names.index(name) if name in names else None
         # Phases before the checkpoint's are skipped only if they are still recorded as trained with
         # the hashes this fit chains (another config may have retrained them in between).
-        if at is not None and not all(_recorded(c) for c in phases[:at]):
+        if at is not None and not all(recorded(c.phase_dir, c.phase_hash) for c in phases[:at]):
             at = None
         if at is not None and saved.get("final"):  # exported and checkpointed; only its records may be missing
             if rank == 0:
