@@ -339,21 +339,22 @@ def test_mlflow_default_uri_is_a_file_store_in_the_run_dir(tmp_path, tiny_model_
 
 @pytest.mark.integration
 def test_mlflow_gets_one_run_per_phase_from_the_shared_worker_group(tmp_path, tiny_model_dir, monkeypatch):
-    """A real MLflow file store: the two phases run in one worker process, and each gets its own run
-    with its own parameters and every step's loss (the first run is ended before the second starts)."""
+    """A real MLflow file store, as a user gets it: tracking on, no URI, a relative run_dir. The two
+    phases run in one worker process (whose cwd is not the driver's); each gets its own run in
+    <run_dir>/mlruns with its own parameters and every step's loss."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     from raycat.train import run_train
 
-    run = make_run(tmp_path / "run", tiny_model_dir)
-    uri = (tmp_path / "mlruns").as_uri()
+    make_run(tmp_path / "run", tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    uri = (tmp_path / "run" / "mlruns").as_uri()
     tree = config(
-        run,
+        Path("run"),
         tiny_model_dir,
         num_workers=1,
         tracking="mlflow",
-        tracking_uri=uri,
         tracking_project="raycat-test",
         phase1={"epochs": 1, "max_steps": 3},
         phase2={"epochs": 1, "max_steps": 2},
