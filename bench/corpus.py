@@ -47,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     args = ap.parse_args()
-    from raycat.tiny_models import build_tiny_model
+    from raycat.testing.tiny_models import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="raycat-corpus-"))
     model = build_tiny_model(work / "model")

@@ -59,11 +59,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raycat import entropy as H
-    from raycat import models
     from raycat.config import validate_config
-    from raycat.engine import ScoreRequest, VLLMEngine, resolve_dtype
-    from raycat.prompts import label_tokens, messages_for, render_ids
-    from raycat.synthetic import generate_arithmetic
+    from raycat.data.prompts import label_tokens, messages_for, render_ids
+    from raycat.data.synthetic import generate_arithmetic
+    from raycat.engines.base import ScoreRequest, resolve_dtype
+    from raycat.engines.vllm_engine import VLLMEngine
+    from raycat.storage import models
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
@@ -136,10 +137,10 @@ def main() -> None:
             dev_nats = max(abs(g.entropy_full - r) for g, r in zip(got, ref, strict=True))
     eng.close()
 
-    from raycat.engine import engine_kwargs
-    from raycat.engine_stage import Pool
+    from raycat.engines.actor_pool import Pool
+    from raycat.engines.base import engine_kwargs
     from raycat.ray_env import ray_session
-    from raycat.score import ScorePlan, run_pipeline
+    from raycat.score.stage import ScorePlan, run_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = validate_config(
@@ -161,7 +162,7 @@ def main() -> None:
         )
         import pandas as pd
 
-        from raycat import rowkey
+        from raycat.storage import rowkey
 
         plan = ScorePlan(
             model_path=path,
@@ -225,9 +226,9 @@ def main() -> None:
             f"Ray Data overhead vs direct vLLM: {results['raycat']['score_s'] / results['vllm']['score_s']:.2f}x"
         )
     if args.json and "raycat" in results:
-        from raycat import scaling
+        from raycat.study import costs
 
-        rec = scaling.record(
+        rec = costs.record(
             bench="bench/score.py",
             kind="prefill",
             model=args.model,
@@ -239,7 +240,7 @@ def main() -> None:
             dtype=dtype_name,
             basis="raycat score pipeline, steady state",
         )
-        scaling.append_records(args.json, [rec])
+        costs.append_records(args.json, [rec])
         print(f"wrote {args.json}: {rec['tokens_per_s_per_device']:.1f} prefill tok/s per device")
     if args.device == "gpu":
         print(f"GPU goal: raycat >= 20x the batch-1 reference (here {base / results['raycat']['score_s']:.1f}x)")

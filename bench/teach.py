@@ -33,13 +33,14 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from raycat import models, rowkey
     from raycat.config import validate_config
-    from raycat.engine import Sampling, VLLMEngine, resolve_dtype
-    from raycat.prompts import render_ids, teach_messages
+    from raycat.data.prompts import render_ids, teach_messages
+    from raycat.data.synthetic import generate_arithmetic
+    from raycat.engines.base import Sampling, resolve_dtype
+    from raycat.engines.vllm_engine import VLLMEngine
     from raycat.ray_env import ray_session
-    from raycat.synthetic import generate_arithmetic
-    from raycat.teach import read_cache, run_teacher, teacher_plan
+    from raycat.storage import models, rowkey
+    from raycat.teach.stage import read_cache, run_teacher, teacher_plan
 
     path = models.resolve(args.model)
     tok = AutoTokenizer.from_pretrained(path)
@@ -131,9 +132,9 @@ def main() -> None:
     )
 
     if args.json:
-        from raycat import scaling
+        from raycat.study import costs
 
-        rec = scaling.record(
+        rec = costs.record(
             bench="bench/teach.py",
             kind="decode",
             model=args.model,
@@ -145,7 +146,7 @@ def main() -> None:
             dtype=dtype,
             basis=f"raycat teach stage, completion tokens of n extra rows (max_tokens {args.max_tokens})",
         )
-        scaling.append_records(args.json, [rec])
+        costs.append_records(args.json, [rec])
         print(f"wrote {args.json}: {rec['tokens_per_s_per_device']:.1f} decode tok/s per device")
 
 

@@ -38,7 +38,7 @@ def bare_loop(model_dir: Path, encoded, micro_batch_size: int, steps: int, lr: f
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raycat.train_data import pack
+    from raycat.train.batches import pack
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -90,9 +90,9 @@ def main() -> None:
     from cpu_use import CpuSampler
 
     from raycat.config import validate_config
-    from raycat.tiny_models import build_tiny_model, build_tiny_train_run
-    from raycat.train import run_train
-    from raycat.train_data import encode_rows, stop_token_ids
+    from raycat.testing.tiny_models import build_tiny_model, build_tiny_train_run
+    from raycat.train.batches import encode_rows, stop_token_ids
+    from raycat.train.stage import run_train
 
     work = Path(tempfile.mkdtemp(prefix="raycat-bench-train-"))
     model_dir = build_tiny_model(work / "model")
@@ -107,7 +107,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from raycat.recipes import select
-    from raycat.train import load_inputs
+    from raycat.train.stage import load_inputs
 
     results = {}
     runs = ((1, "packed"), (2, "packed"), (1, "padded")) if args.device == "cpu" else ((1, "packed"),)
@@ -206,11 +206,11 @@ def main() -> None:
     if args.json:
         from transformers import AutoModelForCausalLM
 
-        from raycat import scaling
+        from raycat.study import costs
 
         params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
         r = results["raycat1"]
-        rec = scaling.record(
+        rec = costs.record(
             bench="bench/train.py",
             kind="train",
             model=f"tiny-llama-{args.hidden}x{args.layers}",
@@ -224,7 +224,7 @@ def main() -> None:
             dtype="bfloat16" if args.device == "gpu" else "float32",
             basis=f"raycat train, 1 worker, {args.steps} steps after the first",
         )
-        scaling.append_records(args.json, [rec])
+        costs.append_records(args.json, [rec])
         print(f"wrote {args.json}: {rec['tokens_per_s_per_device']:.1f} training tok/s per device")
 
 

@@ -24,10 +24,11 @@ import sys
 from rich.table import Table
 from rich.text import Text
 
-from raycat import __version__, rundir
+from raycat import __version__
 from raycat.config import ConfigError, RaycatConfig, dump_config, load_config
 from raycat.errors import RaycatError, StageFailed
 from raycat.progress import console
+from raycat.storage import rundir
 
 
 def _row(table: Table, *cells: str) -> None:
@@ -200,7 +201,7 @@ def _shower(cfg: RaycatConfig):
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
-    from raycat.models import REGISTRY, prepare
+    from raycat.storage.models import REGISTRY, prepare
 
     if args.list or not args.name:
         for name, spec in REGISTRY.items():
@@ -223,7 +224,7 @@ HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raycat.run import STAGES
+    from raycat.pipeline import STAGES
 
     p = argparse.ArgumentParser(prog="raycat", description="Complexity-aware fine-tuning on Ray.")
     p.add_argument("--version", action="version", version=f"raycat {__version__}")
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_table(rows: list[dict]) -> Table:
-    from raycat.run import STAGES
+    from raycat.pipeline import STAGES
 
     t = Table(title="study plan — what each variant runs (done = finished with the same inputs)")
     for c in ["#", "variant", "seed", *STAGES, "estimate (from the config)"]:
@@ -319,11 +320,11 @@ def cost_table(rows: list[dict]) -> Table:
 
 
 def cmd_study(path: str, plan_only: bool, as_json: bool = False) -> int:
-    from raycat import study
+    from raycat.study import grid
 
-    s = study.load_study(path)
+    s = grid.load_study(path)
     if plan_only:
-        rows = study.plan(s)
+        rows = grid.plan(s)
         if as_json:
             print(json.dumps(rows, indent=2, default=str))
             return 0
@@ -331,13 +332,13 @@ def cmd_study(path: str, plan_only: bool, as_json: bool = False) -> int:
         if s.config.scaling is not None:
             console.print(cost_table(rows))
         return 0
-    study.run(s, say=lambda m: console.print(Text(m)))
+    grid.run(s, say=lambda m: console.print(Text(m)))
     console.print(Text(f"study report: {s.root}/report/study.md"))
     return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from raycat import run
+    from raycat import pipeline
 
     if args.command == "prepare-model":
         cmd_prepare_model(args)
@@ -345,12 +346,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "study":
         return cmd_study(args.config, args.plan, args.json)
     if args.command == "report":
-        from raycat import rundir
+        from raycat.storage import rundir
 
         if rundir.exists(rundir.join(args.run_dir, "study.yaml")):  # a study directory
-            from raycat import study, study_report
+            from raycat.study import comparison, grid
 
-            study_report.build(study.load_study(rundir.join(args.run_dir, "study.yaml")))
+            comparison.build(grid.load_study(rundir.join(args.run_dir, "study.yaml")))
             console.print(Text(f"study report: {rundir.join(args.run_dir, 'report', 'study.md')}"))
             return 0
         from raycat.report import build
@@ -363,9 +364,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     show = _shower(cfg)
     if args.command == "run":
-        run.run(cfg, (args.recipes or cfg.train.recipe).split(","), args.start, args.only, show=show)
+        pipeline.run(cfg, (args.recipes or cfg.train.recipe).split(","), args.start, args.only, show=show)
     else:
-        run.run_stage(args.command, cfg, show=show)
+        pipeline.run_stage(args.command, cfg, show=show)
     return 0
 
 

@@ -523,7 +523,7 @@ class RaycatConfig(Strict):
         return self
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     parts = key.split(".")
     for part in parts[:-1]:
@@ -638,7 +638,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, score:, ...)")
         tree = loaded or {}
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return validate_config(tree)
 
 
@@ -648,7 +648,7 @@ def dump_config(cfg: RaycatConfig) -> str:
 
 def for_workers(cfg: RaycatConfig) -> RaycatConfig:
     """The config Ray tasks and actors get: local paths made absolute (workers have their own cwd)."""
-    from raycat import rundir
+    from raycat.storage import rundir
 
     update = {"run_dir": rundir.absolute(cfg.run_dir)}
     if cfg.cache_dir is not None:
@@ -662,7 +662,7 @@ def cache_root(cfg: RaycatConfig) -> str:
 
 def save_config(cfg: RaycatConfig, stage: str) -> None:
     """The resolved config, next to the stage's outputs and at the top of the run dir."""
-    from raycat import rundir
+    from raycat.storage import rundir
 
     text = dump_config(cfg)
     rundir.write_text(rundir.join(cfg.run_dir, stage, "config.yaml"), text)

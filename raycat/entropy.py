@@ -10,7 +10,6 @@ Three modes, all computed from raw (unprocessed) logits:
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -68,11 +67,3 @@ def entropy_topk(topk_logprobs: np.ndarray, vocab_size: int) -> tuple[float, flo
     low = full_slots * (-p_min * np.log(p_min)) + (-rest * np.log(rest) if rest > 0 else 0.0)
     high = -tail * np.log(tail / n_tail)
     return float(head + (low + high) / 2), float((high - low) / 2)
-
-
-def roc_auc(correct: np.ndarray, entropy: np.ndarray) -> float | None:
-    """AUC of -entropy for predicting a correct answer (the paper's convention); None if one class."""
-    y = np.asarray(correct, dtype=bool)
-    if y.all() or not y.any():
-        return None
-    return float(roc_auc_score(y, -np.asarray(entropy, dtype=np.float64)))

@@ -90,19 +90,19 @@ def empty_phase_risks(cfg: RaycatConfig, recipes: list[str]) -> list[str]:
     ]
 
 
-def _engine_ask(e: EngineConfig) -> dict[str, float]:
+def engine_ask(e: EngineConfig) -> dict[str, float]:
     gpus = e.tensor_parallel_size * e.pipeline_parallel_size if e.device == "gpu" else 0
     return {"CPU": e.cpus_per_engine * e.num_engines, "GPU": gpus * e.num_engines}
 
 
 def stage_asks(cfg: RaycatConfig) -> dict[str, dict[str, float]]:
     """Peak Ray resources per stage (stages run one after another, so the largest one must fit)."""
-    asks = {"score": _engine_ask(cfg.score.engine), "eval": _engine_ask(cfg.eval.engine)}
+    asks = {"score": engine_ask(cfg.score.engine), "eval": engine_ask(cfg.eval.engine)}
     if cfg.teach:
         local = [t.engine for t in cfg.teach.teachers if t.api is None]
         asks["teach"] = {
-            "CPU": max([_engine_ask(e)["CPU"] for e in local] or [0.25]),
-            "GPU": max([_engine_ask(e)["GPU"] for e in local] or [0]),
+            "CPU": max([engine_ask(e)["CPU"] for e in local] or [0.25]),
+            "GPU": max([engine_ask(e)["GPU"] for e in local] or [0]),
         }
     t = cfg.train
     asks["train"] = {"CPU": t.cpus_per_worker * t.num_workers, "GPU": t.num_workers if t.device == "gpu" else 0}

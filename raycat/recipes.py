@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycat import rowkey
+from raycat.storage import rowkey
 
 BANDS = ("easy", "medium", "hard")
 

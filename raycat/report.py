@@ -12,8 +12,8 @@ import json
 
 import pandas as pd
 
-from raycat import rundir
 from raycat.errors import MissingInputError
+from raycat.storage import rundir
 
 BANDS = ("easy", "medium", "hard")
 # What the stages write that the report reads; a run directory with none of them has nothing to report.

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from raycat import rowkey, rundir
 from raycat.config import RaycatConfig, SplitConfig, for_workers, save_config
 from raycat.errors import MissingInputError, RaycatError
+from raycat.storage import rowkey, rundir
 
 BANDS = ("easy", "medium", "hard")
 

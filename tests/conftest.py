@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from raycat.tiny_models import build_tiny_model
+from raycat.testing.tiny_models import build_tiny_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

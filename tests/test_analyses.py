@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raycat.analyses import band_migration, confident_wrong, mode_agreement
+from raycat.study.analyses import band_migration, confident_wrong, mode_agreement
 
 Q = (0.25, 0.75)
 

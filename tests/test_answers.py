@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from raycat.answers import canonical_number, extract_answer, normalize_number, parse_number
+from raycat.data.answers import canonical_number, extract_answer, normalize_number, parse_number
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ def test_split_without_scores_says_what_to_run(tmp_path, capsys):
 
 @pytest.mark.integration  # split runs as a Ray task: a local Ray starts
 def test_split_command_writes_bands_and_thresholds(tmp_path):
-    from raycat import rowkey, rundir
+    from raycat.storage import rowkey, rundir
 
     run = tmp_path / "run"
     q = pd.DataFrame(
@@ -114,7 +114,7 @@ def test_report_of_a_missing_run_dir_fails_naming_it(tmp_path, capsys):
 
 @pytest.mark.integration  # split runs as a Ray task: a local Ray starts
 def test_split_refuses_scored_rows_without_entropy(tmp_path, capsys):
-    from raycat import rowkey, rundir
+    from raycat.storage import rowkey, rundir
 
     run = tmp_path / "run"
     ids = [f"q{i}" for i in range(6)]

@@ -103,7 +103,7 @@ def _raycat_run_dir(argv: list[str]) -> str:
     assert argv[0] == "raycat", argv
     args = build_parser().parse_args(argv[1:])
     if args.command == "study":  # a study's variants and shared cache live under its run_dir
-        from raycat.study import load_study
+        from raycat.study.grid import load_study
 
         study = ROOT / "jobs" / "studies" / Path(args.config).name
         assert args.config == f"jobs/studies/{study.name}" and study.is_file()

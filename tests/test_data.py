@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from raycat.config import ColumnMap, DataConfig
-from raycat.data import BadRowError, load_questions
+from raycat.data.adapters import BadRowError, load_questions
 from raycat.errors import RaycatError
 
 
@@ -115,7 +115,7 @@ def test_generic_columns_and_answer_formats(tmp_path):
 
 
 def test_package_path_resolves_inside_an_installed_package():
-    from raycat.data import resolve_data_path
+    from raycat.data.adapters import resolve_data_path
 
     p = resolve_data_path("package:raycat/config.py")
     assert p.is_file()
@@ -202,7 +202,7 @@ def test_real_mmlu_pro_validation_parquet(shared_data):
 def test_hub_loader_reads_a_hub_style_repository_layout(tmp_path):
     # The same `datasets.load_dataset(name, subset, split=...)` call that serves hub ids, pointed at a
     # local directory laid out like TIGER-Lab/MMLU-Pro on the hub (data/<split>-*.parquet).
-    from raycat.data import _read_hub
+    from raycat.data.adapters import _read_hub
 
     (tmp_path / "data").mkdir()
     rows = [{**GOOD, "question_id": i} for i in range(3)]

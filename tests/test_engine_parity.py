@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from raycat import entropy as H
-from raycat.engine import ScoreRequest, TransformersEngine, VLLMEngine
-from raycat.prompts import label_tokens, messages_for, render_ids
+from raycat.data.prompts import label_tokens, messages_for, render_ids
+from raycat.engines.base import ScoreRequest
+from raycat.engines.transformers_engine import TransformersEngine
+from raycat.engines.vllm_engine import VLLMEngine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 
@@ -73,7 +75,7 @@ def test_engines_agree_through_the_shared_interface(engines, requests_):
 
 
 def test_generate_returns_n_samples_per_prompt_prompt_major(engines, requests_):
-    from raycat.engine import Sampling
+    from raycat.engines.base import Sampling
 
     _, llm = engines
     gens = llm.generate([r.prompt_ids for r in requests_[:2]], Sampling(1.0, 1.0, 6, 0, n=3))

@@ -44,10 +44,12 @@ def test_topk_is_exact_when_tail_is_empty():
 
 
 def test_roc_auc_convention_low_entropy_predicts_correct():
+    from raycat.score.metrics import roc_auc
+
     correct = np.array([1, 1, 0, 0], dtype=bool)
-    assert H.roc_auc(correct, np.array([0.1, 0.2, 0.9, 1.0])) == 1.0
-    assert H.roc_auc(correct, np.array([0.9, 1.0, 0.1, 0.2])) == 0.0
-    assert H.roc_auc(np.ones(3, dtype=bool), np.zeros(3)) is None
+    assert roc_auc(correct, np.array([0.1, 0.2, 0.9, 1.0])) == 1.0
+    assert roc_auc(correct, np.array([0.9, 1.0, 0.1, 0.2])) == 0.0
+    assert roc_auc(np.ones(3, dtype=bool), np.zeros(3)) is None
 
 
 def test_an_option_with_no_mass_adds_nothing_not_nan():

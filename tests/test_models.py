@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from raycat import models
+from raycat.storage import models
 
 
 def test_parts_are_found_without_importing_and_concatenated_in_order(tmp_path, monkeypatch):

@@ -1,11 +1,4 @@
-from raycat.prompts import (
-    PROMPT_VERSION,
-    label_tokens,
-    messages_for,
-    option_labels,
-    render_ids,
-    template_hash,
-)
+from raycat.data.prompts import PROMPT_VERSION, label_tokens, messages_for, option_labels, render_ids, template_hash
 
 
 def test_letter_and_paper_presets():
@@ -57,7 +50,7 @@ def test_label_tokens_detect_multi_token_labels(tiny_tokenizer):
 
 
 def test_braces_in_a_category_are_text_and_only_the_user_prompt_has_a_subject_slot():
-    from raycat.prompts import messages_for
+    from raycat.data.prompts import messages_for
 
     m = messages_for("q?", ["a", "b"], "set {x} theory", "letters")
     assert "about set {x} theory" in m[0]["content"]
@@ -88,7 +81,7 @@ def sentencepiece_style_tokenizer():
 
 
 def test_label_tokens_include_the_in_context_spelling_of_sentencepiece_tokenizers():
-    from raycat.prompts import generation_context, messages_for, render_ids
+    from raycat.data.prompts import generation_context, messages_for, render_ids
 
     tok = sentencepiece_style_tokenizer()
     alone = label_tokens(tok, 4, "letters")

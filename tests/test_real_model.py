@@ -22,7 +22,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from raycat.models import prepare
+    from raycat.storage.models import prepare
 
     return prepare("smollm2-135m-instruct")
 
@@ -37,8 +37,10 @@ def test_prepared_checkpoint_records_provenance(smollm2):
 def test_vllm_matches_transformers_on_the_real_model(smollm2):
     from transformers import AutoTokenizer
 
-    from raycat.engine import ScoreRequest, TransformersEngine, VLLMEngine
-    from raycat.prompts import label_tokens, messages_for, render_ids
+    from raycat.data.prompts import label_tokens, messages_for, render_ids
+    from raycat.engines.base import ScoreRequest
+    from raycat.engines.transformers_engine import TransformersEngine
+    from raycat.engines.vllm_engine import VLLMEngine
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     labels = label_tokens(tok, 4, "letters")

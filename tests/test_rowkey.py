@@ -4,8 +4,9 @@ import os
 
 import pandas as pd
 
-from raycat import engine_stage, rowkey, rundir
-from raycat.teach import _cascade
+from raycat.engines import actor_pool
+from raycat.storage import rowkey, rundir
+from raycat.teach.stage import _cascade
 
 
 def frame(ids, questions, gold="A"):
@@ -36,14 +37,14 @@ def test_parts_count_as_done_only_for_the_same_id_and_content(tmp_path):
     new = frame(["0", "1", "2", "3"], ["what is 1+1?", "capital of France?", "what is 3+3?", "new row"])
     path = str(tmp_path / "rows.parquet")
     rundir.write_parquet(path, new)
-    assert engine_stage.todo_count(path, [(d, None)]) == {"rows": 4, "done": [2], "todo": 2}
-    assert engine_stage.todo_count(path, [(d, "verified")]) == {"rows": 4, "done": [2], "todo": 2}
-    left = engine_stage.SkipDone([(d, None)])(new)
+    assert actor_pool.todo_count(path, [(d, None)]) == {"rows": 4, "done": [2], "todo": 2}
+    assert actor_pool.todo_count(path, [(d, "verified")]) == {"rows": 4, "done": [2], "todo": 2}
+    left = actor_pool.SkipDone([(d, None)])(new)
     assert list(left["id"]) == ["1", "3"]
     # Parts written by an older raycat (no row_hash) are computed again, not trusted.
     legacy = str(tmp_path / "legacy")
     rundir.write_part(old.drop(columns=["row_hash"]), legacy)
-    assert engine_stage.todo_count(path, [(legacy, None)])["todo"] == 4
+    assert actor_pool.todo_count(path, [(legacy, None)])["todo"] == 4
 
 
 def test_cascade_takes_the_first_verified_else_the_last_answer_per_content():

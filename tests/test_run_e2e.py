@@ -133,7 +133,7 @@ def changed_data_path_recomputes_exactly_the_changed_rows(tmp_path: Path, run: P
     the teacher generates only for content it has not seen; every other row keeps its cached result."""
     import pandas as pd
 
-    from raycat import rowkey
+    from raycat.storage import rowkey
 
     def keys(rel):
         return set(rowkey.keys(pd.read_parquet(run / rel)))

@@ -11,8 +11,8 @@ import pytest
 
 from raycat.config import load_config
 from raycat.errors import RaycatError
-from raycat.evaluate import accuracy_table, bootstrap_ci
-from raycat.run import STAGES, plan, stage_hashes
+from raycat.evaluate.stage import accuracy_table, bootstrap_ci
+from raycat.pipeline import STAGES, plan, stage_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo-cpu.yaml"
@@ -290,7 +290,7 @@ def test_report_of_a_missing_or_empty_run_dir_fails_and_writes_nothing(tmp_path)
 
 
 def test_paired_bootstrap_of_two_models_on_the_same_rows():
-    from raycat.evaluate import paired_bootstrap
+    from raycat.evaluate.stage import paired_bootstrap
 
     a = np.array([1, 1, 0, 1, 0, 1, 1, 0] * 5, dtype=bool)
     same = paired_bootstrap(a, a, 500, 0)
@@ -302,8 +302,8 @@ def test_paired_bootstrap_of_two_models_on_the_same_rows():
 
 
 def test_eval_compares_every_model_on_the_same_rows(tmp_path):
-    from raycat import rowkey, rundir
-    from raycat.evaluate import SINGLE_TOKEN_BASE, EvalTarget, finalize, parts_dir, rows_path
+    from raycat.evaluate.stage import SINGLE_TOKEN_BASE, EvalTarget, finalize, parts_dir, rows_path
+    from raycat.storage import rowkey, rundir
 
     cfg = load_config(DEMO, [f"run_dir={tmp_path / 'run'}"])
     rows = rowkey.add(

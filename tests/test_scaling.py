@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raycat import scaling
 from raycat.config import validate_config
+from raycat.study import costs
 
 
 def _rec(kind: str, params: float, rate: float, device: str = "cpu", **extra) -> dict:
@@ -32,28 +32,28 @@ def _rec(kind: str, params: float, rate: float, device: str = "cpu", **extra) ->
 
 def test_rate_is_measured_for_the_benched_size_and_extrapolated_by_flops_otherwise():
     recs = [_rec("prefill", 1e9, 1000.0), _rec("prefill", 8e9, 200.0), _rec("decode", 1e9, 50.0)]
-    r, basis = scaling.rate(recs, "prefill", "cpu", int(1e9))
+    r, basis = costs.rate(recs, "prefill", "cpu", int(1e9))
     assert r == 1000.0 and basis.startswith("measured: m1e+09")
     # 70B is nearest (in log size) to the 8B record: 200 tok/s x 8/70.
-    r, basis = scaling.rate(recs, "prefill", "cpu", int(70e9))
+    r, basis = costs.rate(recs, "prefill", "cpu", int(70e9))
     assert r == pytest.approx(200.0 * 8 / 70) and basis.startswith("extrapolated by FLOPs per token from m8e+09")
-    r, basis = scaling.rate(recs, "prefill", "gpu", int(1e9))
+    r, basis = costs.rate(recs, "prefill", "gpu", int(1e9))
     assert r is None and "no gpu prefill throughput measured" in basis
     # Training: a full-FT record scaled to LoRA without checkpointing (6N -> 4N per token) is not a
     # measurement of that work, even at the same size; LoRA with checkpointing costs what full FT does.
     t = [_rec("train", 1e9, 100.0, method="full")]
-    r, basis = scaling.rate(t, "train", "cpu", int(1e9), method="lora", ckpt=False)
+    r, basis = costs.rate(t, "train", "cpu", int(1e9), method="lora", ckpt=False)
     assert r == pytest.approx(100.0 * 6 / 4) and basis.startswith("extrapolated")
-    r, basis = scaling.rate(t, "train", "cpu", int(1e9), method="full", ckpt=True)
+    r, basis = costs.rate(t, "train", "cpu", int(1e9), method="full", ckpt=True)
     assert r == pytest.approx(100.0 * 6 / 8) and basis.startswith("extrapolated")
-    assert scaling.rate(t, "train", "cpu", int(1e9), method="full")[1].startswith("measured")
-    assert scaling.flops_per_token("train", 10, "lora", True) == scaling.flops_per_token("train", 10, "full", False)
+    assert costs.rate(t, "train", "cpu", int(1e9), method="full")[1].startswith("measured")
+    assert costs.flops_per_token("train", 10, "lora", True) == costs.flops_per_token("train", 10, "full", False)
 
 
 def test_append_records_replaces_the_same_measurement_and_keeps_others(tmp_path):
     path = str(tmp_path / "r.json")
-    scaling.append_records(path, [_rec("prefill", 1e9, 1.0), _rec("decode", 1e9, 2.0)])
-    scaling.append_records(path, [_rec("prefill", 1e9, 3.0)])
+    costs.append_records(path, [_rec("prefill", 1e9, 1.0), _rec("decode", 1e9, 2.0)])
+    costs.append_records(path, [_rec("prefill", 1e9, 3.0)])
     recs = json.loads((tmp_path / "r.json").read_text())
     assert sorted((r["kind"], r["tokens_per_s_per_device"]) for r in recs) == [("decode", 2.0), ("prefill", 3.0)]
 
@@ -79,7 +79,7 @@ def _reference_run(root) -> str:
 
 
 def test_reference_figures_are_the_measured_means_of_finished_rows(tmp_path):
-    ref = scaling.reference_figures(_reference_run(tmp_path / "ref"))
+    ref = costs.reference_figures(_reference_run(tmp_path / "ref"))
     assert ref["score"] == {"rows": 3, "prompt_tokens": 200.0}  # the skipped row is not a scored prompt
     assert ref["teach"] == {"rows": 4, "prompt_tokens": 200.0, "completion_tokens": 500.0, "verified_share": None}
     assert ref["train"] == {
@@ -90,7 +90,7 @@ def test_reference_figures_are_the_measured_means_of_finished_rows(tmp_path):
 
 
 def test_costs_multiply_config_rows_by_measured_tokens_and_divide_by_measured_rates(tmp_path, tiny_model_dir):
-    ref = scaling.reference_figures(_reference_run(tmp_path / "ref"))
+    ref = costs.reference_figures(_reference_run(tmp_path / "ref"))
     cfg = validate_config(
         {
             "run_dir": str(tmp_path / "run"),
@@ -101,9 +101,9 @@ def test_costs_multiply_config_rows_by_measured_tokens_and_divide_by_measured_ra
             "train": {"method": "full", "phase1": {"epochs": 2}, "phase2": {"epochs": 3}},
         }
     )
-    params = scaling.model_params(str(tiny_model_dir), False)["params"]
+    params = costs.model_params(str(tiny_model_dir), False)["params"]
     recs = [_rec("prefill", params, 400.0), _rec("train", params, 50.0, method="full")]
-    c = scaling.costs(cfg, ["complexity_aware"], ref, None, recs)
+    c = costs.costs(cfg, ["complexity_aware"], ref, None, recs)
     assert c["questions"]["value"] == 1000
     score = c["stages"]["score"]
     assert score["tokens"]["value"] == pytest.approx(1000 * 200.0)
@@ -131,7 +131,7 @@ def test_no_reference_means_unknown_tokens_not_a_guess(tmp_path, tiny_model_dir)
     cfg = validate_config(
         {"run_dir": str(tmp_path), "data": {"source": "synthetic"}, "score": {"student": {"path": str(tiny_model_dir)}}}
     )
-    c = scaling.costs(cfg, ["sft_all"], {"run_dir": None}, None, [])
+    c = costs.costs(cfg, ["sft_all"], {"run_dir": None}, None, [])
     assert c["questions"]["value"] is None and "unknown" in c["questions"]["basis"]
     assert all(s["tokens"]["value"] is None for s in c["stages"].values())
 
@@ -155,13 +155,13 @@ def test_memory_per_worker_for_a_70b_lora_student_from_its_config_alone(tmp_path
             "phase2": {"micro_batch_size": 1, "max_length": 4096},
         },
     }
-    m = scaling.memory(validate_config(tree), ["complexity_aware"])
+    m = costs.memory(validate_config(tree), ["complexity_aware"])
     assert m["params"] == pytest.approx(70.55e9, rel=0.01)
     assert m["trainable_params"] < 0.01 * m["params"]
     # bf16 weights sharded 16 ways: ~8.2 GiB of the per-worker figure; fits in 80 GB.
     assert 8 < m["phases"]["phase1"]["device_gib_per_worker"] < 80 and m["phases"]["phase1"]["fits"]
     tree["train"]["num_workers"] = 1  # the whole 141 GB of weights on one 80 GB GPU: refused, with the numbers
-    one = scaling.memory(validate_config(tree), ["complexity_aware"])["phases"]["phase1"]
+    one = costs.memory(validate_config(tree), ["complexity_aware"])["phases"]["phase1"]
     assert one["fits"] is False and one["device_gib_per_worker"] > 130 and "GiB" in one["problem"]
 
 
@@ -173,9 +173,9 @@ def test_the_shipped_70b_config_plans_16_gpus_per_stage_and_extrapolates_a_bench
     tree["data"]["limit"] = 1000
     tree["score"]["student"]["path"] = str(llama70b_dir)  # its config.json only
     cfg = validate_config(tree)
-    ref = scaling.reference_figures(_reference_run(tmp_path / "ref"))
+    ref = costs.reference_figures(_reference_run(tmp_path / "ref"))
     gpu = [_rec("prefill", 8.03e9, 5000.0, device="gpu"), _rec("train", 8.03e9, 900.0, device="gpu", method="lora")]
-    c = scaling.costs(cfg, ["complexity_aware"], ref, None, gpu)
+    c = costs.costs(cfg, ["complexity_aware"], ref, None, gpu)
     score, train = c["stages"]["score"], c["stages"]["train"]
     assert (score["device"], score["devices"]) == ("gpu", 16)  # 4 engines x tensor parallel 4
     assert (train["device"], train["devices"]) == ("gpu", 16)  # 16 workers
@@ -184,7 +184,7 @@ def test_the_shipped_70b_config_plans_16_gpus_per_stage_and_extrapolates_a_bench
     # LoRA with gradient checkpointing (the config's) against a LoRA record without: 4N vs 6N per token.
     assert train["tokens_per_s_per_device"] == pytest.approx(900.0 * 8.03e9 * 4 / (score["params"] * 6))
     assert c["stages"]["eval"]["device_hours"]["value"] is None  # no GPU decode record: says so
-    m = scaling.memory(cfg, ["complexity_aware"])
+    m = costs.memory(cfg, ["complexity_aware"])
     assert all(p["fits"] for p in m["phases"].values())
 
 
@@ -192,18 +192,18 @@ def test_a_missing_or_incomplete_throughput_file_is_a_config_error_naming_it(tmp
     from raycat.config import ConfigError
 
     with pytest.raises(ConfigError, match="nope.json not found"):
-        scaling.load_records([str(tmp_path / "nope.json")])
+        costs.load_records([str(tmp_path / "nope.json")])
     (tmp_path / "bad.json").write_text(json.dumps([{"kind": "prefill"}]))
     with pytest.raises(ConfigError, match="bad.json record 0 lacks"):
-        scaling.load_records([str(tmp_path / "bad.json")])
+        costs.load_records([str(tmp_path / "bad.json")])
 
 
 def test_an_unmeasured_phase_borrows_tokens_only_from_a_phase_with_the_same_target(tmp_path):
     from raycat.recipes import RECIPES
 
-    ref = scaling.reference_figures(_reference_run(tmp_path / "ref"))  # complexity_aware phase1/phase2
+    ref = costs.reference_figures(_reference_run(tmp_path / "ref"))  # complexity_aware phase1/phase2
     curriculum_phase2 = RECIPES["curriculum"][1]  # an answer target; complexity_aware/phase2 is CoT
-    per, how = scaling._tokens_per_example(ref, "curriculum", curriculum_phase2)
+    per, how = costs._tokens_per_example(ref, "curriculum", curriculum_phase2)
     assert per == 200.0 and how.startswith("estimated: measured prompt tokens")
-    per, how = scaling._tokens_per_example(ref, "sft_all", RECIPES["sft_all"][0])  # phase1, answer
+    per, how = costs._tokens_per_example(ref, "sft_all", RECIPES["sft_all"][0])  # phase1, answer
     assert per == 50.0 and "another recipe's phase1" in how

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from raycat import rundir
 from raycat.cli import main
+from raycat.storage import rundir
 from tests.helpers import N_QUESTIONS, kill_after_first_part, make_corpus
 
 pytestmark = pytest.mark.integration  # every test runs `raycat score` on a local Ray

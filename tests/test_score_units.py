@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from raycat.config import validate_config
-from raycat.engine import ScoreResult, resolve_dtype
-from raycat.score import cache_key, deviation_sample, row_result
+from raycat.engines.base import ScoreResult, resolve_dtype
+from raycat.score.stage import cache_key, deviation_sample, row_result
 
 
 def cfg(**score):
@@ -57,7 +57,7 @@ def test_paper_preset_multi_token_labels_in_full_mode_read_the_decoded_answer(te
 
 
 def test_greedy_accuracy_and_auc_drop_invalid_and_idk_rows_as_the_paper():
-    from raycat.score_metrics import score_metrics
+    from raycat.score.metrics import score_metrics
 
     df = pd.DataFrame(
         {
@@ -82,7 +82,7 @@ def test_greedy_accuracy_and_auc_drop_invalid_and_idk_rows_as_the_paper():
 
 def test_report_plots_use_the_rows_of_the_metrics():
     from raycat.report import metric_rows
-    from raycat.score_metrics import score_metrics
+    from raycat.score.metrics import score_metrics
 
     df = pd.DataFrame(
         {

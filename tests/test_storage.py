@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from raycat import models
 from raycat.errors import MissingInputError
 from raycat.preflight import storage_problem
+from raycat.storage import models
 
 
 def _model_dir(root, weights: bytes = b"w" * 10):
@@ -82,7 +82,7 @@ def test_storage_preflight(run_dir, nodes, cwd, refused):
 
 def test_eval_targets_serve_lora_phases_as_adapters_and_load_full_phases(tmp_path):
     from raycat.config import validate_config
-    from raycat.evaluate import targets
+    from raycat.evaluate.stage import targets
 
     run = tmp_path / "run"
     for recipe, adapter in (("sft_all", True), ("distill_all", False)):
@@ -103,7 +103,7 @@ def test_eval_targets_serve_lora_phases_as_adapters_and_load_full_phases(tmp_pat
 
 
 def test_lora_rank_slot(tmp_path):
-    from raycat.engine import _lora_rank_slot
+    from raycat.engines.vllm_engine import _lora_rank_slot
 
     for r, slot in ((4, 8), (8, 8), (9, 16), (64, 64), (300, 320)):
         (tmp_path / "adapter_config.json").write_text(json.dumps({"r": r}))
@@ -113,7 +113,7 @@ def test_lora_rank_slot(tmp_path):
 def test_parts_are_named_after_their_ids_so_a_retried_block_replaces_its_part(tmp_path):
     import pandas as pd
 
-    from raycat import rundir
+    from raycat.storage import rundir
 
     d = str(tmp_path / "parts")
     a = pd.DataFrame({"id": ["q2", "q1"], "v": [1, 2]})
@@ -129,8 +129,9 @@ def test_parts_are_named_after_their_ids_so_a_retried_block_replaces_its_part(tm
 def test_questions_are_written_in_row_groups_that_read_back_in_order(tmp_path):
     import pandas as pd
 
-    from raycat import questions, rundir
     from raycat.config import validate_config
+    from raycat.data import questions
+    from raycat.storage import rundir
 
     cfg = validate_config(
         {

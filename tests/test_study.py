@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from raycat import rundir
 from raycat.config import ConfigError
-from raycat.study import StudyConfig, expand, load_study, plan
-from raycat.study_report import paired, summarize
+from raycat.storage import rundir
+from raycat.study.comparison import paired, summarize
+from raycat.study.grid import StudyConfig, expand, load_study, plan
 
 BASE = {
     "data": {"source": "synthetic", "sample": 40},
@@ -127,7 +127,7 @@ def test_shipped_study_configs_validate_every_variant(path):
 
 
 def test_accuracy_vs_axis_points_are_the_summary_means_with_quantiles_as_hard_fraction(tmp_path):
-    from raycat.study_plot import series, write_png
+    from raycat.study.plot import series, write_png
 
     variants = [
         {"label": "a", "values": [["split.quantiles", [0.25, 0.75]], ["train.method", "lora"]]},
@@ -147,8 +147,8 @@ def test_accuracy_vs_axis_points_are_the_summary_means_with_quantiles_as_hard_fr
 
 
 def test_an_unreachable_study_dir_is_one_clear_error(tmp_path, monkeypatch):
-    from raycat import study as study_mod
     from raycat.errors import RaycatError
+    from raycat.study import grid as study_mod
 
     s = load_study(write_study(tmp_path, axes={"split.quantiles": [[0.25, 0.75], [0.25, 0.5]]}))
 
@@ -161,7 +161,7 @@ def test_an_unreachable_study_dir_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_a_study_file_on_an_object_store_resolves_parent_paths():
-    from raycat.study import beside
+    from raycat.study.grid import beside
 
     assert beside("s3://b/jobs/studies/s.yaml", "../configs/x.yaml") == "s3://b/jobs/configs/x.yaml"
     assert beside("s3://b/s.yaml", "s3://c/x.yaml") == "s3://c/x.yaml"
@@ -169,7 +169,7 @@ def test_a_study_file_on_an_object_store_resolves_parent_paths():
 
 
 def test_first_token_records_of_a_failed_batch_are_discarded():
-    first_token = pytest.importorskip("raycat.first_token")  # needs vllm
+    first_token = pytest.importorskip("raycat.engines.first_token")  # needs vllm
     first_token._results.update({"k1": (1.0, []), "k2": (2.0, []), "other": (3.0, [])})
     first_token.discard(["k1", "k2", "never-recorded"])
     assert "k1" not in first_token._results and "k2" not in first_token._results
@@ -179,7 +179,7 @@ def test_first_token_records_of_a_failed_batch_are_discarded():
 def test_variant_numbers_read_teacher_tokens_cost_and_training_tokens_from_the_run(tmp_path):
     import json
 
-    from raycat.study_report import variant_numbers
+    from raycat.study.comparison import variant_numbers
 
     run = tmp_path / "v"
     (run / "teach").mkdir(parents=True)

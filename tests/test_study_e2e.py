@@ -117,9 +117,9 @@ def test_a_two_by_two_study_scores_once_teaches_once_trains_four_times_and_repor
     assert main(["report", "study"]) == 0
 
     # The cost plan: tokens per question measured on the first variant's rows, hours from a bench record.
-    from raycat import scaling
+    from raycat.study import costs
 
-    params = scaling.model_params(str(tiny_model_dir), False)["params"]
+    params = costs.model_params(str(tiny_model_dir), False)["params"]
     rec = {"kind": "prefill", "device": "cpu", "params": params, "tokens_per_s_per_device": 1000.0}
     rec |= {"model": "tiny", "device_name": "here", "bench": "bench/score.py", "measured_at": "today"}
     (tmp_path / "rates.json").write_text(json.dumps([rec]))

@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from raycat.engine import Generation, Sampling
-from raycat.teach_core import accounting, attempt_schedule, band_accounting, resolve, teach_rows
+from raycat.engines.base import Generation, Sampling
+from raycat.teach.core import accounting, attempt_schedule, band_accounting, resolve, teach_rows
 
 
 class ScriptedEngine:

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from raycat.cli import main
-from raycat.engine import Sampling
+from raycat.engines.base import Sampling
+from raycat.engines.openai_http import OpenAITeacher, RateLimiter
 from raycat.errors import RaycatError
-from raycat.teach_core import attempt_schedule, teach_rows
-from raycat.teach_http import OpenAITeacher, RateLimiter
+from raycat.teach.core import attempt_schedule, teach_rows
 from tests.helpers import wait_http
 from tests.http_fault_server import FaultServer
 
@@ -142,7 +142,7 @@ def test_rate_limiter_spaces_requests_and_tokens():
 
 
 def write_split(run: Path, n: int = 6):
-    from raycat import rowkey, rundir
+    from raycat.storage import rowkey, rundir
 
     for band, k in (("easy", 2), ("medium", 2), ("hard", n)):
         df = pd.DataFrame(
@@ -293,7 +293,7 @@ def test_teacher_down_stops_with_a_clear_error_and_keeps_outputs(tmp_path, capsy
 
 @pytest.mark.integration  # `raycat teach` runs the HTTP teacher in Ray Data
 def test_cascade_asks_the_next_teacher_only_for_unsolved_rows(tmp_path):
-    from raycat import rowkey, rundir
+    from raycat.storage import rowkey, rundir
 
     run = tmp_path / "run"
     write_split(run)

@@ -7,17 +7,9 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from raycat.prompts import answer_target, train_messages
+from raycat.data.prompts import answer_target, train_messages
 from raycat.recipes import NO_COT, RECIPES, select
-from raycat.train_data import (
-    IGNORE_INDEX,
-    TemplateError,
-    collate,
-    encode,
-    encode_rows,
-    pad_to_world,
-    stop_token_ids,
-)
+from raycat.train.batches import IGNORE_INDEX, TemplateError, collate, encode, encode_rows, pad_to_world, stop_token_ids
 
 
 @pytest.fixture(scope="module", params=["chatml", "llama3"])
@@ -116,7 +108,7 @@ def test_template_without_a_stop_token_is_an_error_naming_the_row(tiny_model_dir
 
 
 def test_answer_target_is_what_the_eval_extracts():
-    from raycat.answers import extract_answer
+    from raycat.data.answers import extract_answer
 
     assert extract_answer(answer_target("C"), 4) == "C"
     assert extract_answer(answer_target("42"), 0) == "42"
@@ -192,7 +184,7 @@ def test_accumulated_window_loss_weighs_every_target_token_like_one_big_batch():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from raycat.train_data import collate, target_tokens, total_steps, window_loss
+    from raycat.train.batches import collate, target_tokens, total_steps, window_loss
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -244,7 +236,7 @@ def test_a_packed_micro_batch_trains_exactly_like_the_padded_one(attn):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from raycat.train_data import collate, pack, target_tokens, window_loss
+    from raycat.train.batches import collate, pack, target_tokens, window_loss
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -279,7 +271,7 @@ def test_a_packed_micro_batch_trains_exactly_like_the_padded_one(attn):
 
 
 def test_length_groups_make_micro_batches_of_similar_length_in_shuffled_order():
-    from raycat.train_data import length_groups
+    from raycat.train.batches import length_groups
 
     lengths = [50, 10, 40, 11, 52, 12, 41, 9]
     order = length_groups(lengths, 2, seed=0)

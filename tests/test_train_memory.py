@@ -9,9 +9,9 @@ import pytest
 from raycat.config import ConfigError, load_config
 from raycat.errors import RaycatError
 from raycat.recipes import RECIPES
-from raycat.train import preflight
-from raycat.train_loop import deepspeed_config, scheduler_factory
-from raycat.train_memory import estimate
+from raycat.train.loop import deepspeed_config, scheduler_factory
+from raycat.train.memory import estimate
+from raycat.train.stage import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_step_totals_are_reduced_on_the_engines_device(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from raycat.train_loop import all_reduce_step
+    from raycat.train.loop import all_reduce_step
 
     seen = []
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from raycat.config import validate_config
-from raycat.tiny_models import build_tiny_train_run as make_run
+from raycat.testing.tiny_models import build_tiny_train_run as make_run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -60,8 +60,9 @@ def _assert_phase2_started_from_phase1(phases: dict) -> None:
 def _generate_vllm(model_dir: Path, adapter: str | None = None) -> str:
     from transformers import AutoTokenizer
 
-    from raycat.engine import Sampling, VLLMEngine
-    from raycat.prompts import render_ids, train_messages
+    from raycat.data.prompts import render_ids, train_messages
+    from raycat.engines.base import Sampling
+    from raycat.engines.vllm_engine import VLLMEngine
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = render_ids(tok, train_messages("What is 3 plus one?", ["x", "y", "z", "w"], "math", "answer"))
@@ -79,7 +80,7 @@ def _generate_vllm(model_dir: Path, adapter: str | None = None) -> str:
 def test_lora_zero2_two_phases_export_merge_and_rerun(tmp_path, tiny_model_dir):
     from peft import AutoPeftModelForCausalLM
 
-    from raycat.train import run_train
+    from raycat.train.stage import run_train
 
     run = make_run(tmp_path / "run", tiny_model_dir)
     cfg = validate_config(config(run, tiny_model_dir, lora={"merge": True}))
@@ -123,7 +124,7 @@ def test_lora_zero2_two_phases_export_merge_and_rerun(tmp_path, tiny_model_dir):
 @pytest.mark.vllm
 @pytest.mark.integration
 def test_full_zero3_two_phases_gathers_weights_for_export(tmp_path, tiny_model_dir):
-    from raycat.train import run_train
+    from raycat.train.stage import run_train
 
     run = make_run(tmp_path / "run", tiny_model_dir)
     cfg = validate_config(
@@ -212,7 +213,7 @@ def test_killed_worker_in_phase2_resumes_from_checkpoint_without_redoing_phase1(
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,method", [(3, "lora"), (2, "full")], ids=["zero3-lora", "zero2-full"])
 def test_other_zero_stage_and_method_combinations(tmp_path, tiny_model_dir, stage, method):
-    from raycat.train import run_train
+    from raycat.train.stage import run_train
 
     run = make_run(tmp_path / "run", tiny_model_dir)
     lr = {"lr": 0.003 if method == "lora" else 0.001}
@@ -237,7 +238,7 @@ def test_other_zero_stage_and_method_combinations(tmp_path, tiny_model_dir, stag
 
 @pytest.mark.slow
 def test_curriculum_runs_three_phases_each_from_the_last(tmp_path, tiny_model_dir):
-    from raycat.train import run_train
+    from raycat.train.stage import run_train
 
     run = make_run(tmp_path / "run", tiny_model_dir)
     tree = config(
@@ -264,7 +265,7 @@ def test_an_empty_middle_phase_does_not_split_the_worker_group(tmp_path, tiny_mo
     (named after phase 3) with phase 3 starting from phase 1's export."""
     import pandas as pd
 
-    from raycat.train import run_train
+    from raycat.train.stage import run_train
 
     run = make_run(tmp_path / "run", tiny_model_dir)
     medium = pd.read_parquet(run / "split/medium.parquet")
@@ -313,7 +314,7 @@ def test_template_mismatch_with_scoring_is_an_error_unless_allowed(tmp_path, tin
     from transformers import AutoTokenizer
 
     from raycat.errors import RaycatError
-    from raycat.train import check_template, load_inputs
+    from raycat.train.stage import check_template, load_inputs
 
     run = make_run(tmp_path / "run", tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -328,7 +329,7 @@ def test_template_mismatch_with_scoring_is_an_error_unless_allowed(tmp_path, tin
 
 
 def test_mlflow_default_uri_is_a_file_store_in_the_run_dir(tmp_path, tiny_model_dir, monkeypatch):
-    from raycat.train import tracking_uri
+    from raycat.train.stage import tracking_uri
 
     monkeypatch.chdir(tmp_path)
     tree = config(Path("runs/x"), tiny_model_dir, tracking="mlflow")
@@ -345,7 +346,7 @@ def test_mlflow_gets_one_run_per_phase_from_the_shared_worker_group(tmp_path, ti
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from raycat.train import run_train
+    from raycat.train.stage import run_train
 
     make_run(tmp_path / "run", tiny_model_dir)
     monkeypatch.chdir(tmp_path)

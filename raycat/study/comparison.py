@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from raycat import rundir
+from raycat.storage import rundir
 
 
 def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75)) -> dict:
@@ -60,7 +60,7 @@ def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75))
 def _confident_wrong(run_dir: str) -> dict | None:
     """Low-entropy mistakes among the split's rows, and what each evaluated model answers on the
     held-out ones (raycat.analyses.confident_wrong)."""
-    from raycat.analyses import confident_wrong
+    from raycat.study.analyses import confident_wrong
 
     split = rundir.join(run_dir, "split")
     cols = ["id", "band", "correct", "category"]
@@ -82,7 +82,7 @@ def _confident_wrong(run_dir: str) -> dict | None:
 
 def _band_migration(run_dir: str, quantiles: tuple[float, float]) -> dict | None:
     """The training pool's bands against the bands of a re-scoring after a phase (``raycat.study.rescore``)."""
-    from raycat.analyses import band_migration
+    from raycat.study.analyses import band_migration
 
     root = rundir.join(run_dir, "rescore")
     split = rundir.join(run_dir, "split")
@@ -100,7 +100,7 @@ def _band_migration(run_dir: str, quantiles: tuple[float, float]) -> dict | None
 def mode_agreements(variants: list[dict]) -> list[dict]:
     """Every two variants (same seed, same split quantiles) whose scores used different entropy modes, on
     their shared rows; bands by those quantiles."""
-    from raycat.analyses import mode_agreement
+    from raycat.study.analyses import mode_agreement
 
     scored = []
     for v in variants:
@@ -171,7 +171,7 @@ def _eval_names(variant: dict, rows: pd.DataFrame) -> dict[str, str]:
 def paired(variants: list[dict], baseline: str, resamples: int = 1000, seed: int = 0) -> list[dict]:
     """Each variant's models against the baseline variant's same model, row by row on the test rows
     both answered, same seed paired with same seed, pooled over seeds."""
-    from raycat.evaluate import paired_bootstrap
+    from raycat.evaluate.stage import paired_bootstrap
 
     def rows(run_dir: str) -> pd.DataFrame | None:
         path = rundir.join(run_dir, "eval", "eval.parquet")
@@ -208,7 +208,7 @@ def paired(variants: list[dict], baseline: str, resamples: int = 1000, seed: int
 
 def build(study) -> dict:
     """Write ``<study>/report/study.json``, ``study.md`` and the accuracy-vs-axis plot; returns the report."""
-    from raycat import study_plot
+    from raycat.study import plot
 
     variants = []
     for spec in study.variants():
@@ -235,12 +235,12 @@ def build(study) -> dict:
         "summary": summary,
         "paired": paired(variants, baseline),
         "mode_agreement": mode_agreements(variants),
-        "plot": study_plot.series(variants, summary, study.config.axes),
+        "plot": plot.series(variants, summary, study.config.axes),
     }
     d = rundir.join(study.root, "report")
     if report["plot"]:
         report["plot"]["file"] = "accuracy_vs_axis.png"
-        study_plot.write_png(report["plot"], rundir.join(d, "accuracy_vs_axis.png"))
+        plot.write_png(report["plot"], rundir.join(d, "accuracy_vs_axis.png"))
     rundir.write_json(rundir.join(d, "study.json"), report)
     rundir.write_text(rundir.join(d, "study.md"), markdown(report))
     return report

@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from raycat import rowkey, rundir
 from raycat.config import EngineConfig
 from raycat.errors import RaycatError
+from raycat.storage import rowkey, rundir
 
 
 class EngineActor:

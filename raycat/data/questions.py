@@ -10,9 +10,9 @@ import json
 
 import pandas as pd
 
-from raycat import rowkey, rundir
 from raycat.config import RaycatConfig
-from raycat.data import load_questions, select_rows
+from raycat.data.adapters import load_questions, select_rows
+from raycat.storage import rowkey, rundir
 
 
 def block_rows(cfg: RaycatConfig) -> int:
@@ -27,7 +27,7 @@ def path(run_dir: str) -> str:
 
 def dataset(run_dir: str):
     """questions.parquet as a Ray Dataset read on the workers, one block per row group."""
-    from raycat.engine_stage import parquet_dataset
+    from raycat.engines.actor_pool import parquet_dataset
 
     return parquet_dataset(path(run_dir))
 

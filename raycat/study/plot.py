@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from raycat import rundir
+from raycat.storage import rundir
 
 
 def axis_value(key: str, value) -> float | None:

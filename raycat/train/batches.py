@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from raycat.data.prompts import answer_target, render_ids, train_messages
 from raycat.errors import RaycatError
-from raycat.prompts import answer_target, render_ids, train_messages
 
 IGNORE_INDEX = -100
 

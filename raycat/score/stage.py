@@ -21,20 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycat import engine_stage, progress, rowkey, rundir
-from raycat.answers import normalize_number
+from raycat import progress
 from raycat.config import RaycatConfig, cache_root, for_workers, save_config
-from raycat.engine import Scorer, ScoreRequest, ScoreResult, engine_kwargs, make_engine, resolve_dtype
+from raycat.data.answers import normalize_number
+from raycat.data.prompts import IDK_LABEL, LETTERS, PROMPT_VERSION, LabelTokens, answer_labels, messages_for, render_ids
+from raycat.engines import actor_pool
+from raycat.engines.base import Scorer, ScoreRequest, ScoreResult, engine_kwargs, make_engine, resolve_dtype
 from raycat.entropy import entropy_options, options_distribution
-from raycat.prompts import (
-    IDK_LABEL,
-    LETTERS,
-    PROMPT_VERSION,
-    LabelTokens,
-    answer_labels,
-    messages_for,
-    render_ids,
-)
+from raycat.storage import rowkey, rundir
 
 OUTPUT_COLUMNS = [
     "id",
@@ -176,7 +170,7 @@ class RenderPrompts:
     def __init__(self, plan: ScorePlan):
         from transformers import AutoTokenizer
 
-        from raycat import models
+        from raycat.storage import models
 
         self.plan = plan
         self.tok = AutoTokenizer.from_pretrained(
@@ -213,13 +207,13 @@ class RenderPrompts:
         return out
 
 
-class ScoreBatch(engine_stage.EngineActor):
+class ScoreBatch(actor_pool.EngineActor):
     """Ray Data stage: one engine per actor, loaded once, scoring whole batches."""
 
     REQUIRED_COLUMNS = INPUT_COLUMNS
 
     def __init__(self, plan: ScorePlan):
-        from raycat import models
+        from raycat.storage import models
 
         self.plan = plan
         need_full = plan.mode == "full" or bool(plan.sample_ids)
@@ -266,7 +260,7 @@ class ScoreBatch(engine_stage.EngineActor):
 def resume_state(questions_path: str, parts_dir: str, n_sample: int) -> dict:
     """On a worker: how many questions there are, how many already have a part under this cache key
     (same id and content), and the deviation sample (ids only, a few hundred)."""
-    counts = engine_stage.todo_count(questions_path, [(parts_dir, None)])
+    counts = actor_pool.todo_count(questions_path, [(parts_dir, None)])
     ids = rundir.read_parquet_columns(questions_path, ["id"])["id"] if n_sample else None
     return {
         "questions": counts["rows"],
@@ -275,11 +269,11 @@ def resume_state(questions_path: str, parts_dir: str, n_sample: int) -> dict:
     }
 
 
-def run_pipeline(plan: ScorePlan, pool: engine_stage.Pool, rows, parts_dir: str, on_rows=lambda n: None) -> int:
+def run_pipeline(plan: ScorePlan, pool: actor_pool.Pool, rows, parts_dir: str, on_rows=lambda n: None) -> int:
     """Score ``rows`` (a Dataset or a frame) except ids already in ``parts_dir``; each finished block is
     written as an atomic part by a worker. Returns rows written."""
     # Rendering is light: a fraction of a CPU, so render + one engine fit on a 2-core machine.
-    return engine_stage.run(
+    return actor_pool.run(
         "score",
         rows,
         ScoreBatch,
@@ -287,14 +281,14 @@ def run_pipeline(plan: ScorePlan, pool: engine_stage.Pool, rows, parts_dir: str,
         pool,
         parts_dir,
         on_rows,
-        pre=[engine_stage.Prestage(RenderPrompts, plan)],
+        pre=[actor_pool.Prestage(RenderPrompts, plan)],
         skip=[(parts_dir, None)],
     )
 
 
 def student_tokenizer(cfg: RaycatConfig):
     """The student's tokenizer on the driver (its files only), before anything heavy starts."""
-    from raycat import models
+    from raycat.storage import models
 
     s = cfg.score
     return models.load_tokenizer(
@@ -308,8 +302,8 @@ def student_tokenizer(cfg: RaycatConfig):
 def prepare_plan(cfg: RaycatConfig, tok, n_max: int, sample_ids) -> ScorePlan:
     """The tokenizer-dependent facts, resolved on the driver before any engine starts. ``n_max``: the
     most options any question has; ``sample_ids``: the deviation sample."""
-    from raycat import models
-    from raycat.prompts import generation_context, label_tokens, template_hash
+    from raycat.data.prompts import generation_context, label_tokens, template_hash
+    from raycat.storage import models
 
     s = cfg.score
     model_path = models.portable(s.student.path)  # workers fetch the weights (models.local)
@@ -339,7 +333,7 @@ def prepare_plan(cfg: RaycatConfig, tok, n_max: int, sample_ids) -> ScorePlan:
 def finalize(cfg: RaycatConfig, plan: ScorePlan, questions_path: str, parts_dir: str) -> dict:
     """Merge parts into scores.parquet / skipped.parquet; returns the metrics (``run`` writes them).
     Runs as a Ray task: the rows stay on a worker."""
-    from raycat.score_metrics import score_metrics
+    from raycat.score.metrics import score_metrics
 
     questions = rundir.read_parquet_columns(questions_path, ["id", "row_hash"])
     qkeys = rowkey.keys(questions)
@@ -388,8 +382,8 @@ def run(cfg: RaycatConfig) -> dict:
 
     import ray
 
-    from raycat import questions as Q
-    from raycat.prompts import template_hash
+    from raycat.data import questions as Q
+    from raycat.data.prompts import template_hash
     from raycat.ray_env import ray_session, remote_call
 
     t0 = time.time()
@@ -411,10 +405,10 @@ def run(cfg: RaycatConfig) -> dict:
         )
         written = 0
         if todo:
-            engine_stage.check_columns("score", rundir.parquet_columns(qpath), INPUT_COLUMNS)
+            actor_pool.check_columns("score", rundir.parquet_columns(qpath), INPUT_COLUMNS)
             rows = Q.dataset(cfg.run_dir)
             with progress.rows("scoring", todo) as advance:
-                written = run_pipeline(plan, engine_stage.Pool.of(s.engine), rows, parts, on_rows=advance)
+                written = run_pipeline(plan, actor_pool.Pool.of(s.engine), rows, parts, on_rows=advance)
         wcfg = for_workers(cfg)
         metrics = remote_call(ray.remote(num_cpus=1)(finalize), wcfg, plan, qpath, parts)
     metrics["questions"] = qsum

@@ -18,13 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycat import engine_stage, progress, rowkey, rundir
-from raycat.answers import extract_answer
+from raycat import progress
 from raycat.config import ModelConfig, RaycatConfig, cache_root, for_workers, save_config
-from raycat.engine import Sampling, engine_kwargs, make_engine, resolve_dtype
+from raycat.data.answers import extract_answer
+from raycat.data.prompts import TRAIN_PROMPT_VERSION, render_ids, train_messages
+from raycat.engines import actor_pool
+from raycat.engines.base import Sampling, engine_kwargs, make_engine, resolve_dtype
 from raycat.errors import MissingInputError
-from raycat.prompts import TRAIN_PROMPT_VERSION, render_ids, train_messages
 from raycat.recipes import RECIPES
+from raycat.storage import rowkey, rundir
 
 PART_COLUMNS = [
     "id",
@@ -108,7 +110,7 @@ def accuracy_table(df: pd.DataFrame, resamples: int, seed: int) -> dict:
     return out
 
 
-class EvalBatch(engine_stage.EngineActor):
+class EvalBatch(actor_pool.EngineActor):
     """Ray Data stage: one engine per actor for the model under test; greedy answers, extracted and checked."""
 
     REQUIRED_COLUMNS = INPUT_COLUMNS
@@ -116,7 +118,7 @@ class EvalBatch(engine_stage.EngineActor):
     def __init__(self, plan: EvalTarget):
         from transformers import AutoTokenizer
 
-        from raycat import models
+        from raycat.storage import models
 
         self.t = plan
         kw = plan.engine_kwargs
@@ -179,7 +181,7 @@ def _dir_hash(path: str) -> str:
 def targets(cfg: RaycatConfig, recipes: list[str]) -> list[EvalTarget]:
     """The base student plus every finished phase of each recipe, in training order. LoRA phases are
     served as adapters on the base student; full phases load their own model dir."""
-    from raycat import models
+    from raycat.storage import models
 
     ec, st = cfg.eval, cfg.score.student
     base = models.portable(st.path)
@@ -267,7 +269,7 @@ def check_inputs(cfg: RaycatConfig) -> None:
         raise MissingInputError(
             f"{path} not found: the split has no held-out set; set split.test_fraction > 0 and rerun `raycat split`"
         )
-    engine_stage.check_columns("eval", rundir.parquet_columns(path), INPUT_COLUMNS)
+    actor_pool.check_columns("eval", rundir.parquet_columns(path), INPUT_COLUMNS)
 
 
 def prepare(cfg: RaycatConfig) -> int:
@@ -287,8 +289,8 @@ def read_parts(parts_dir: str) -> pd.DataFrame:
 
 def run_target(cfg: RaycatConfig, t: EvalTarget, rows, parts_dir: str, on_rows) -> int:
     """One model over ``rows`` (a Dataset or a frame), leaving out rows it already answered."""
-    pool = engine_stage.Pool.of(cfg.eval.engine)
-    return engine_stage.run("eval", rows, EvalBatch, t, pool, parts_dir, on_rows, skip=[(parts_dir, None)])
+    pool = actor_pool.Pool.of(cfg.eval.engine)
+    return actor_pool.run("eval", rows, EvalBatch, t, pool, parts_dir, on_rows, skip=[(parts_dir, None)])
 
 
 def parts_dir(cfg: RaycatConfig, t: EvalTarget) -> str:
@@ -398,10 +400,10 @@ def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
         n_rows = remote_call(ray.remote(num_cpus=1)(prepare), wcfg)
         for t in tgts:
             parts = parts_dir(wcfg, t)
-            n = remote_call(ray.remote(num_cpus=0.1)(engine_stage.todo_count), path, [(parts, None)])
+            n = remote_call(ray.remote(num_cpus=0.1)(actor_pool.todo_count), path, [(parts, None)])
             progress.say("eval", f"{t.name} ({t.kind} prompt): {n_rows} test rows, {n['todo']} to do")
             if n["todo"]:
-                rows = engine_stage.parquet_dataset(path)
+                rows = actor_pool.parquet_dataset(path)
                 with progress.rows(f"eval {t.name}", n["todo"]) as advance:
                     run_target(wcfg, t, rows, parts, on_rows=advance)
         m = remote_call(ray.remote(num_cpus=1)(finalize), wcfg, tgts)

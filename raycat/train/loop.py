@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from raycat import rundir
 from raycat.config import LoraSettings, PhaseConfig
+from raycat.storage import rundir
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _load_model(c: LoopConfig, ds_config: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raycat import models
+    from raycat.storage import models
 
     dtype = torch.bfloat16 if c.bf16 else torch.float32
     base = models.local(c.student_path)
@@ -236,7 +236,7 @@ def micro_batches(shard, c: LoopConfig, epoch: int):
     run skips exactly the micro-batches it had consumed."""
     import torch
 
-    from raycat.train_data import collate, length_groups, pack
+    from raycat.train.batches import collate, length_groups, pack
 
     mb = c.phase.micro_batch_size
     group = 8 if c.batching == "grouped" else 1  # micro-batches sorted together
@@ -300,7 +300,7 @@ def recorded(phase_dir: str, phase_hash: str) -> bool:
 
 def _finish(c: LoopConfig, state: dict, wall_s: float) -> None:
     """Rank 0, after the phase's export and final checkpoint: its metrics.json, then done.json."""
-    from raycat.train_metrics import phase_metrics
+    from raycat.train.metrics import phase_metrics
 
     rundir.write_json(rundir.join(c.phase_dir, "metrics.json"), phase_metrics(c.info, state, wall_s, state["started"]))
     rundir.write_json(rundir.join(c.phase_dir, "done.json"), {"hash": c.phase_hash})
@@ -370,7 +370,7 @@ def _train_phase(c: LoopConfig, rank: int, world: int, ckpt, entered: float, sta
     import torch
     from transformers import AutoTokenizer
 
-    from raycat.train_data import target_tokens, window_loss
+    from raycat.train.batches import target_tokens, window_loss
 
     gpu = c.device == "gpu"
     torch.manual_seed(c.seed)

@@ -183,7 +183,7 @@ def part_keys(directory: str, status: str | None = None) -> set[str]:
     """The (id, row_hash) keys (``rowkey.keys``) that already have a part in ``directory``; with
     ``status``, only rows whose ``status`` column equals it. Parts of an older raycat, without a
     row_hash, count as not done: their rows are computed again."""
-    from raycat import rowkey
+    from raycat.storage import rowkey
 
     out: set[str] = set()
     for f in list_files(directory, ".parquet"):

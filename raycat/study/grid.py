@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from raycat import rundir
-from raycat.config import ConfigError, RaycatConfig, Strict, _set_dotted, validate_config
+from raycat.config import ConfigError, RaycatConfig, Strict, set_dotted, validate_config
 from raycat.errors import RaycatError
+from raycat.storage import rundir
 
 
 class VariantSpec(Strict):
@@ -113,13 +113,13 @@ class Study:
     def variant_config(self, v: Variant) -> RaycatConfig:
         tree = copy.deepcopy(self.base_tree)
         for key, value in [*self.config.set.items(), *v.overrides]:
-            _set_dotted(tree, key, copy.deepcopy(value))
+            set_dotted(tree, key, copy.deepcopy(value))
         for key in self.config.seed_keys:
-            _set_dotted(tree, key, v.seed)
+            set_dotted(tree, key, v.seed)
         tree["run_dir"] = rundir.join(self.root, "variants", v.slug)
         tree["cache_dir"] = rundir.join(self.root, "cache")
         if self.config.rescore_after:
-            _set_dotted(tree, "train.lora.merge", True)  # the score engine loads plain weights
+            set_dotted(tree, "train.lora.merge", True)  # the score engine loads plain weights
         try:
             return validate_config(tree)
         except ConfigError as e:
@@ -201,7 +201,7 @@ def load_study(path) -> Study:
 
 def reachable(study: Study) -> None:
     """Fail with the fix, not a storage traceback, when the study directory cannot be read from here."""
-    from raycat.scaling import first_line
+    from raycat.study.costs import first_line
 
     try:
         rundir.exists(study.root)
@@ -218,7 +218,7 @@ def plan(study: Study) -> list[dict]:
     ``estimate``: the work the config implies (questions, optimizer steps); counts are upper bounds
     taken from the config, not measured. With ``study.scaling``: ``costs`` and ``memory`` per variant
     (raycat.scaling)."""
-    from raycat import run as runner
+    from raycat import pipeline as runner
 
     reachable(study)
     recipes = study.recipes()
@@ -242,15 +242,15 @@ def plan(study: Study) -> list[dict]:
 
 
 def _add_costs(study: Study, recipes: list[str], rows: list[dict]) -> None:
-    from raycat import run as runner
-    from raycat import scaling
+    from raycat import pipeline as runner
+    from raycat.study import costs
 
     sc = study.config.scaling
-    records = scaling.load_records([beside(study.source, p) for p in sc.throughput])
+    records = costs.load_records([beside(study.source, p) for p in sc.throughput])
     ref_dir = sc.reference or next(
         (r["run_dir"] for r in rows if rundir.exists(rundir.join(r["run_dir"], "score", "scores.parquet"))), None
     )
-    ref = scaling.reference_figures(ref_dir) if ref_dir else {"run_dir": None}
+    ref = costs.reference_figures(ref_dir) if ref_dir else {"run_dir": None}
     ref_cfg = None
     if ref_dir and rundir.exists(rundir.join(ref_dir, "config.yaml")):
         try:
@@ -259,8 +259,8 @@ def _add_costs(study: Study, recipes: list[str], rows: list[dict]) -> None:
             ref_cfg = None  # an older run's config; its data section is then not compared
     for v, row in zip(study.variants(), rows, strict=True):
         cfg = runner.effective_config(study.variant_config(v), recipes)
-        row["costs"] = scaling.costs(cfg, recipes, ref, ref_cfg, records)
-        row["memory"] = scaling.memory(cfg, recipes)
+        row["costs"] = costs.costs(cfg, recipes, ref, ref_cfg, records)
+        row["memory"] = costs.memory(cfg, recipes)
 
 
 def estimate(cfg: RaycatConfig) -> dict:
@@ -283,9 +283,9 @@ def estimate(cfg: RaycatConfig) -> dict:
 
 def run(study: Study, say=print) -> dict:
     """Run every variant in order (each an ordinary ``raycat run``), then the comparison report."""
-    from raycat import run as runner
+    from raycat import pipeline as runner
     from raycat.config import dump_config
-    from raycat.study_report import build
+    from raycat.study.comparison import build
 
     reachable(study)
     recipes = study.recipes()
@@ -317,7 +317,7 @@ def run(study: Study, say=print) -> dict:
 def rescore(cfg: RaycatConfig, recipe: str, phase: str, say=print) -> str | None:
     """Score every question with the model after ``phase`` into ``<run>/rescore/<phase>/``; skipped when
     that phase is not trained, or already rescored at its current hash."""
-    from raycat import score
+    from raycat.score import stage as score
 
     pdir = rundir.join(cfg.run_dir, "train", recipe, phase)
     done = rundir.join(pdir, "done.json")

@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pandas as pd
 
-from raycat.answers import extract_answer
-from raycat.engine import Generator, Sampling
+from raycat.data.answers import extract_answer
+from raycat.engines.base import Generator, Sampling
 
 # Per attempt: verified | wrong | truncated | no_answer (best first). Per row before any attempt: failed
 # (with a reason). "truncated": cut off by sampling.max_tokens; never verified, whatever it contains, since

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 
-from raycat.engine import Generation, Sampling
+from raycat.engines.base import Generation, Sampling
 from raycat.errors import RaycatError
 
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
-
-from raycat.entropy import roc_auc
+from sklearn.metrics import roc_auc_score
 
 MIN_CATEGORY_ROWS = 10
+
+
+def roc_auc(correct: np.ndarray, entropy: np.ndarray) -> float | None:
+    """AUC of -entropy for predicting a correct answer (the paper's convention); None if one class."""
+    y = np.asarray(correct, dtype=bool)
+    if y.all() or not y.any():
+        return None
+    return float(roc_auc_score(y, -np.asarray(entropy, dtype=np.float64)))
 
 
 def _f(x) -> float | None:

@@ -17,12 +17,14 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-from raycat import engine_stage, progress, rowkey, rundir
+from raycat import progress
 from raycat.config import RaycatConfig, TeacherConfig, cache_root, for_workers, save_config
-from raycat.engine import Sampling, engine_kwargs, make_engine, resolve_dtype
+from raycat.data.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
+from raycat.engines import actor_pool
+from raycat.engines.base import Sampling, engine_kwargs, make_engine, resolve_dtype
 from raycat.errors import MissingInputError, RaycatError, StageFailed
-from raycat.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
-from raycat.teach_core import accounting, attempt_schedule, band_accounting, resolve, teach_rows
+from raycat.storage import rowkey, rundir
+from raycat.teach.core import accounting, attempt_schedule, band_accounting, resolve, teach_rows
 
 PART_COLUMNS = [
     "id",
@@ -59,7 +61,7 @@ class TeachPlan:
 
 def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
 
-    from raycat import models
+    from raycat.storage import models
 
     tc = cfg.teach
     if t.api is not None:  # the server applies its own chat template; we hash our prompt texts only
@@ -118,7 +120,7 @@ def teacher_plan(cfg: RaycatConfig, t: TeacherConfig) -> TeachPlan:
 INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold")
 
 
-class TeachBatch(engine_stage.EngineActor):
+class TeachBatch(actor_pool.EngineActor):
     """Ray Data stage: one teacher engine per actor; renders, generates, verifies, retries."""
 
     REQUIRED_COLUMNS = INPUT_COLUMNS
@@ -126,7 +128,7 @@ class TeachBatch(engine_stage.EngineActor):
     def __init__(self, plan: TeachPlan):
         self.plan, self.tok = plan, None
         if plan.api is not None:
-            from raycat.teach_http import OpenAITeacher
+            from raycat.engines.openai_http import OpenAITeacher
 
             api = dict(plan.api)
             api.pop("model")
@@ -134,7 +136,7 @@ class TeachBatch(engine_stage.EngineActor):
             return
         from transformers import AutoTokenizer
 
-        from raycat import models
+        from raycat.storage import models
 
         path = models.local(plan.model_path)  # on this node: registry models and URIs are fetched here
         self.tok = AutoTokenizer.from_pretrained(path, revision=plan.revision, trust_remote_code=plan.trust_remote_code)
@@ -192,7 +194,7 @@ def check_inputs(cfg: RaycatConfig) -> None:
         path = rundir.join(cfg.run_dir, "split", f"{band}.parquet")
         if not rundir.exists(path):
             raise MissingInputError(f"{path} not found: run `raycat split` with this config first")
-        engine_stage.check_columns("teach", rundir.parquet_columns(path), INPUT_COLUMNS)
+        actor_pool.check_columns("teach", rundir.parquet_columns(path), INPUT_COLUMNS)
 
 
 def pool_keys(cfg: RaycatConfig) -> pd.DataFrame:
@@ -302,8 +304,8 @@ def finalize(cfg: RaycatConfig, plans: list[TeachPlan]) -> dict:
 
 def run_teacher(t: TeacherConfig, plan: TeachPlan, rows, cache: str, on_rows, skip=()) -> int:
     """One teacher over ``rows`` (a Dataset or a frame), leaving out rows the ``skip`` rules mark done."""
-    pool = engine_stage.Pool.of(t.engine, remote=plan.api is not None)
-    return engine_stage.run("teach", rows, TeachBatch, plan, pool, cache, on_rows, skip=skip)
+    pool = actor_pool.Pool.of(t.engine, remote=plan.api is not None)
+    return actor_pool.run("teach", rows, TeachBatch, plan, pool, cache, on_rows, skip=skip)
 
 
 def run(cfg: RaycatConfig) -> dict:
@@ -329,14 +331,14 @@ def run(cfg: RaycatConfig) -> dict:
         # left out on the workers.
         for i, (t, plan) in enumerate(zip(cfg.teach.teachers, plans, strict=True)):
             skip = [(cache_dir(wcfg, plan), None)] + [(cache_dir(wcfg, p), "verified") for p in plans[:i]]
-            n = remote_call(ray.remote(num_cpus=0.1)(engine_stage.todo_count), path, skip)
+            n = remote_call(ray.remote(num_cpus=0.1)(actor_pool.todo_count), path, skip)
             progress.say(
                 "teach",
                 f"({i + 1}/{len(plans)}) {plan.name}: {n['rows']} rows, {sum(n['done'][1:])} solved by "
                 f"earlier teachers, {n['done'][0]} cached, {n['todo']} to generate",
             )
             if n["todo"]:
-                rows = engine_stage.parquet_dataset(path)
+                rows = actor_pool.parquet_dataset(path)
                 with progress.rows("teaching", n["todo"]) as advance:
                     written += run_teacher(t, plan, rows, cache_dir(wcfg, plan), advance, skip)
         m = remote_call(ray.remote(num_cpus=1)(finalize), wcfg, plans)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 
-from raycat import rundir
+from raycat.storage import rundir
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -30,7 +30,7 @@ def merge_lora(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raycat import models
+    from raycat.storage import models
 
     local_adapter = models.local(adapter)
     model = AutoModelForCausalLM.from_pretrained(

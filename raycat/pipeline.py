@@ -15,10 +15,11 @@ import os
 import time
 from collections.abc import Callable
 
-from raycat import progress, rundir
+from raycat import progress
 from raycat.config import RaycatConfig
 from raycat.errors import RaycatError
 from raycat.recipes import RECIPES, needs_cot
+from raycat.storage import rundir
 
 # The one list of stages, in order: the CLI's subcommands and --from/--only choices come from it.
 STAGES = ("score", "split", "teach", "train", "eval", "report")
@@ -31,7 +32,11 @@ def run_stage(
 ) -> None:
     """Run one stage's driver; ``recipes`` (default: ``train.recipe``) for train and eval."""
     # Imported here, not at the top: `raycat --help` / show-config must not pay for torch and sklearn.
-    from raycat import evaluate, report, score, split, teach, train
+    from raycat import report, split
+    from raycat.evaluate import stage as evaluate
+    from raycat.score import stage as score
+    from raycat.teach import stage as teach
+    from raycat.train import stage as train
 
     recipes = recipes or [cfg.train.recipe]
     if stage == "score":
@@ -71,7 +76,7 @@ def effective_config(cfg: RaycatConfig, recipes: list[str]) -> RaycatConfig:
 
 def data_fingerprint(cfg: RaycatConfig) -> str:
     """The input files' fingerprint (names, sizes, mtimes): a data file edited in place reruns score."""
-    from raycat.data import resolve_data_path
+    from raycat.data.adapters import resolve_data_path
 
     if cfg.data.path is None:  # synthetic data: the config is the whole input
         return ""

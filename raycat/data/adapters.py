@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raycat.answers import parse_number
 from raycat.config import DataConfig
-from raycat.data_files import SUFFIXES, BadLine, columns_of, read_records
+from raycat.data.answers import parse_number
+from raycat.data.files import SUFFIXES, BadLine, columns_of, read_records
+from raycat.data.synthetic import generate_arithmetic
 from raycat.errors import MissingInputError, RaycatError
-from raycat.synthetic import generate_arithmetic
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 COLUMNS = ["id", "question", "options", "gold", "category", "source"]

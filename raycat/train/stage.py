@@ -25,15 +25,15 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from raycat import rundir
 from raycat.config import RaycatConfig, save_config
+from raycat.data.prompts import template_hash, train_template_hash
 from raycat.errors import MissingInputError, RaycatError
-from raycat.prompts import template_hash, train_template_hash
 from raycat.recipes import Phase, needs_cot, select
-from raycat.train_data import encode_rows, pad_to_world, stop_token_ids, total_steps
-from raycat.train_loop import LoopConfig, recorded, train_loop
-from raycat.train_memory import check_fit, estimate
-from raycat.train_metrics import phase_info
+from raycat.storage import rundir
+from raycat.train.batches import encode_rows, pad_to_world, stop_token_ids, total_steps
+from raycat.train.loop import LoopConfig, recorded, train_loop
+from raycat.train.memory import check_fit, estimate
+from raycat.train.metrics import phase_info
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,7 +228,7 @@ def zero_stage(tc) -> int:
 def _loop_config(
     cfg: RaycatConfig, plan: PhasePlan, init: dict, total_steps: int, pad_id: int, phase_dir: str, info: dict
 ) -> LoopConfig:
-    from raycat import models
+    from raycat.storage import models
 
     tc, st = cfg.train, cfg.score.student
     return LoopConfig(
@@ -329,7 +329,7 @@ def fit_phases(cfg: RaycatConfig, group: list[tuple[PhasePlan, str, dict]], pad_
 def merge_lora(cfg: RaycatConfig, phase_dir: str, params: int) -> str:
     """``train.lora.merge``: the phase's adapter merged into the base student under ``merged/``, as a
     Ray task on a node with room for it."""
-    from raycat.lora_merge import merge_remote
+    from raycat.train.lora_merge import merge_remote
 
     st = cfg.score.student
     return merge_remote(
@@ -346,8 +346,8 @@ def merge_lora(cfg: RaycatConfig, phase_dir: str, params: int) -> str:
 
 def run_train(cfg: RaycatConfig, say=print) -> dict:
     """Every phase of ``train.recipe`` in order; finished phases (same hash) are skipped."""
-    from raycat import models
     from raycat.recipes import RECIPES
+    from raycat.storage import models
 
     tc, st = cfg.train, cfg.score.student
     base_dir = models.resolve(st.path)

@@ -16,9 +16,9 @@ import math
 import platform
 from datetime import UTC, datetime
 
-from raycat import rundir
 from raycat.config import RaycatConfig
 from raycat.recipes import RECIPES
+from raycat.storage import rundir
 
 # Kind of work per stage: what a bench measures and what the FLOPs factor is (per parameter and token).
 KINDS = {"score": "prefill", "teach": "decode", "train": "train", "eval": "decode", "eval_prompts": "prefill"}
@@ -189,8 +189,8 @@ def model_params(path: str, trust_remote_code: bool, method: str = "full", lora:
 
 @functools.lru_cache(maxsize=32)
 def _model_params(path: str, trust_remote_code: bool, lora_json: str | None) -> dict:
-    from raycat import models
-    from raycat.train import lora_trainable, model_shape
+    from raycat.storage import models
+    from raycat.train.stage import lora_trainable, model_shape
 
     shape = model_shape(models.resolve(path), trust_remote_code)  # a fresh meta model: PEFT wraps it in place
     out = {k: shape[k] for k in ("params", "hidden", "layers", "vocab")}
@@ -336,9 +336,9 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
                 "device_hours": _fig(None, "an HTTP teacher: its server's cost, not this cluster's"),
             }
         else:
-            from raycat.preflight import _engine_ask
+            from raycat.preflight import engine_ask
 
-            ask = _engine_ask(t.engine)
+            ask = engine_ask(t.engine)
             out["stages"]["teach"] = stage("teach", t.model.path, t.model.trust_remote_code, tok, b, ask=ask)
 
     tc = cfg.train
@@ -403,8 +403,8 @@ def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfi
 
 def memory(cfg: RaycatConfig, recipes: list[str]) -> dict:
     """Device memory per training worker for each phase (the train pre-flight's estimate), and whether it fits."""
-    from raycat.train import phase_estimate, worker_capacity
-    from raycat.train_memory import check_fit
+    from raycat.train.memory import check_fit
+    from raycat.train.stage import phase_estimate, worker_capacity
 
     tc = cfg.train
     try:

@@ -118,8 +118,8 @@ def build_tiny_train_run(root: Path, model_dir: Path, n: int = 24) -> Path:
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from raycat import rowkey
-    from raycat.prompts import template_hash
+    from raycat.data.prompts import template_hash
+    from raycat.storage import rowkey
 
     th = template_hash(AutoTokenizer.from_pretrained(model_dir), "letters", None)
     df = rowkey.add(

@@ -1,0 +1,1 @@
+"""Where bytes live: run dirs on local disk or object storage, row keys, model directories."""
