@@ -25,7 +25,7 @@ from pathlib import Path
 CHILD = """
 import json, resource, sys, time
 from raycat.config import validate_config
-from raycat import score
+from raycat.score import stage as score
 cfg = validate_config(json.loads(sys.argv[1]))
 t = time.time()
 m = score.run(cfg)
@@ -44,9 +44,9 @@ def write_corpus(path: Path, n: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    args = ap.parse_args()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    args = parser.parse_args()
     from raycat.testing.tiny_models import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="raycat-corpus-"))

@@ -45,15 +45,15 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 5, repeats: int = 7) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="registry:smollm2-135m-instruct")
-    ap.add_argument("--n", type=int, default=384, help="questions (synthetic arithmetic, 4 options)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="compute threads for every method")
-    ap.add_argument("--dtype", default="auto", help="engine dtype ('auto' = what raycat picks on this machine)")
-    ap.add_argument("--skip-reference", action="store_true", help="skip the slow batch-size-1 baseline")
-    ap.add_argument("--json", help="append raycat's measured prefill rate to this file (for study scaling plans)")
-    args = ap.parse_args()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="registry:smollm2-135m-instruct")
+    parser.add_argument("--n", type=int, default=384, help="questions (synthetic arithmetic, 4 options)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="compute threads for every method")
+    parser.add_argument("--dtype", default="auto", help="engine dtype ('auto' = what raycat picks on this machine)")
+    parser.add_argument("--skip-reference", action="store_true", help="skip the slow batch-size-1 baseline")
+    parser.add_argument("--json", help="append raycat's measured prefill rate to this file (for study scaling plans)")
+    args = parser.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,8 +70,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = models.resolve(args.model)
     tok = AutoTokenizer.from_pretrained(path)
-    qs = generate_arithmetic(args.n, 3, 4, 0)
-    prompts = [render_ids(tok, messages_for(q["question"], q["options"], q["category"], "letters")) for q in qs]
+    questions = generate_arithmetic(args.n, 3, 4, 0)
+    prompts = [render_ids(tok, messages_for(q["question"], q["options"], q["category"], "letters")) for q in questions]
     groups = label_tokens(tok, 4, "letters").groups(4, "letters")
     n_tokens = sum(map(len, prompts))
     dev = "cuda" if args.device == "gpu" else "cpu"
@@ -122,20 +122,21 @@ def main() -> None:
     del model
 
     t = time.perf_counter()
-    eng = VLLMEngine(path, dtype=dtype_name, device=args.device, max_model_len=1024, kv_cache_gib=1)
+    engine = VLLMEngine(path, dtype=dtype_name, device=args.device, max_model_len=1024, kv_cache_gib=1)
     start = time.perf_counter() - t
-    reqs = [ScoreRequest(p, groups) for p in prompts]
-    eng.score(reqs[:8], "options", 20, 1)  # warm-up: the first batch pays one-off allocations
+    requests = [ScoreRequest(p, groups) for p in prompts]
+    # Warm-up: the first batch pays one-off allocations.
+    engine.score(requests[:8], "options", 20, 1)
     for mode in ("options", "full", "options", "full"):  # interleaved, best of two each
         t = time.perf_counter()
-        got = eng.score(reqs, mode, 20, 1)
+        got = engine.score(requests, mode, 20, 1)
         name = "vllm" if mode == "options" else "vllm-full"
         took = time.perf_counter() - t
         if name not in results or took < results[name]["score_s"]:
             results[name] = {"score_s": took, "start_s": start}
         if mode == "full" and "reference" in results:
             dev_nats = max(abs(g.entropy_full - r) for g, r in zip(got, ref, strict=True))
-    eng.close()
+    engine.close()
 
     from raycat.engines.actor_pool import Pool
     from raycat.engines.base import engine_kwargs
@@ -151,7 +152,8 @@ def main() -> None:
                     "student": {"path": path, "dtype": dtype_name, "max_model_len": 1024},
                     "engine": {
                         "device": args.device,
-                        "batch_size": 16,  # blocks of 4 batches: several blocks to time the steady state
+                        # Blocks of 4 batches: several blocks to time the steady state.
+                        "batch_size": 16,
                         "kv_cache_gib": 1,
                         # the engine computes with ceil(cpus) threads; the rest is left to the light tasks
                         "cpus_per_engine": max(args.threads - 0.5, 1),
@@ -183,7 +185,8 @@ def main() -> None:
         )
         with ray_session(cfg.ray):
             t = time.perf_counter()
-            rows = rowkey.add(pd.DataFrame(qs))  # the stage keys its cache on (id, row_hash)
+            # The stage keys its cache on (id, row_hash).
+            rows = rowkey.add(pd.DataFrame(questions))
             done: list[tuple[float, int]] = []  # (time, rows) per written block
             run_pipeline(
                 plan,
@@ -198,7 +201,8 @@ def main() -> None:
         steady = sum(n for _, n in done[1:]) / max(done[-1][0] - done[0][0], 1e-9)
         results["raycat"] = {"score_s": args.n / steady, "start_s": done[0][0] - t, "wall_s": wall}
 
-    used = torch.get_num_threads()  # what the matmul peak and the in-process methods ran with
+    # What the matmul peak and the in-process methods ran with.
+    used = torch.get_num_threads()
     peak = matmul_peak(dtype)
     base = results.get("reference", results["batched"])["score_s"]
     print(

@@ -19,15 +19,15 @@ import time
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="registry:smollm2-135m-instruct")
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    ap.add_argument(
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="registry:smollm2-135m-instruct")
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument(
         "--json", help="append the teach stage's measured decode rate to this file (for study scaling plans)"
     )
-    args = ap.parse_args()
+    args = parser.parse_args()
 
     import pandas as pd
     import torch
@@ -40,12 +40,12 @@ def main() -> None:
     from raycat.engines.vllm_engine import VLLMEngine
     from raycat.ray_env import ray_session
     from raycat.storage import models, rowkey
-    from raycat.teach.stage import read_cache, run_teacher, teacher_plan
+    from raycat.teach.stage import make_plan, read_parts, run_pipeline
 
     path = models.resolve(args.model)
     tok = AutoTokenizer.from_pretrained(path)
-    qs = generate_arithmetic(2 * args.n, 3, 4, 0)
-    prompts = [render_ids(tok, teach_messages(q["question"], q["options"], q["category"])) for q in qs[: args.n]]
+    questions = generate_arithmetic(2 * args.n, 3, 4, 0)
+    prompts = [render_ids(tok, teach_messages(q["question"], q["options"], q["category"])) for q in questions[: args.n]]
     dtype = resolve_dtype("auto", args.device)
     threads = os.cpu_count() or 1
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -53,14 +53,14 @@ def main() -> None:
     sampling = Sampling(0.0, 1.0, args.max_tokens, 0)
 
     t = time.perf_counter()
-    eng = VLLMEngine(path, dtype=dtype, device=args.device, max_model_len=2048, kv_cache_gib=2, need_full=False)
+    engine = VLLMEngine(path, dtype=dtype, device=args.device, max_model_len=2048, kv_cache_gib=2, need_full=False)
     start = time.perf_counter() - t
     t = time.perf_counter()
-    gens = eng.generate(prompts, sampling)
+    gens = engine.generate(prompts, sampling)
     direct_s = time.perf_counter() - t
     direct_tokens = sum(g.completion_tokens for g in gens)
-    eng.close()
-    del eng
+    engine.close()
+    del engine
 
     def stage(n: int, batch_size: int) -> tuple[float, int, float]:
         """(wall seconds incl. engine start, completion tokens, seconds inside the engine's generate calls)
@@ -72,7 +72,8 @@ def main() -> None:
                     "device": args.device,
                     "batch_size": batch_size,
                     "kv_cache_gib": 2,
-                    "cpus_per_engine": max(threads - 0.5, 1),  # ceil -> all threads; light tasks fit beside
+                    # ceil -> all threads; the light tasks fit beside.
+                    "cpus_per_engine": max(threads - 0.5, 1),
                 },
             }
             cfg = validate_config(
@@ -84,14 +85,15 @@ def main() -> None:
                     "ray": {"num_cpus": max(threads, 2)},
                 }
             )
-            plan = teacher_plan(cfg, cfg.teach.teachers[0])
+            plan = make_plan(cfg, cfg.teach.teachers[0])
             cache = os.path.join(tmp, "cache")
             with ray_session(cfg.ray):
                 t = time.perf_counter()
-                rows = rowkey.add(pd.DataFrame(qs[:n]))  # the stage keys its cache on (id, row_hash)
-                run_teacher(cfg.teach.teachers[0], plan, rows, cache, on_rows=lambda n: None)
+                # The stage keys its cache on (id, row_hash).
+                rows = rowkey.add(pd.DataFrame(questions[:n]))
+                run_pipeline(cfg.teach.teachers[0], plan, rows, cache, on_rows=lambda n: None)
                 wall = time.perf_counter() - t
-            done = read_cache(cache)
+            done = read_parts(cache)
             return wall, int(done["completion_tokens"].sum()), float(done["engine_seconds"].sum())
 
     # n then 2n rows, twice: the difference cancels the actor's engine start, whose own variation
@@ -108,7 +110,8 @@ def main() -> None:
 
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(conf).parameters())
     small = max(1, args.n // 4)
-    wall_small, tok_small, _ = stage(2 * args.n, small)  # same rows in batches of n/4: what a small batch_size costs
+    # The same rows in engine batches of n/4: what a small batch_size costs.
+    wall_small, tok_small, _ = stage(2 * args.n, small)
     ray_s, ray_tokens = max(wall2 - wall1, 1e-9), tok2 - tok1
     print(f"\nmodel {args.model}, dtype {dtype}, {threads} threads, {args.n} prompts, max_tokens {args.max_tokens}")
     print(f"engine start (direct): {start:.1f} s; stage wall incl. engine start: {wall1:.1f} s (n), {wall2:.1f} s (2n)")

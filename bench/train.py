@@ -58,7 +58,8 @@ def bare_loop(model_dir: Path, encoded, micro_batch_size: int, steps: int, lr: f
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        if step:  # the first step pays allocation and lazy init
+        # The first step pays allocation and lazy init.
+        if step:
             seconds += time.perf_counter() - t
             tokens += b["input_ids"].numel()
     return tokens / seconds

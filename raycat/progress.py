@@ -20,7 +20,8 @@ from rich.text import Text
 
 console = Console(stderr=True)
 if not console.is_terminal and "COLUMNS" not in os.environ:
-    console.width = 160  # job logs have no TTY: rich's default of 80 columns cut the tables' CIs off
+    # Job logs have no TTY: rich's default of 80 columns cut the tables' CIs off.
+    console.width = 160
 
 
 def verbose() -> bool:
@@ -63,17 +64,17 @@ def rows(label: str, total: int) -> Iterator[Callable[[int], None]]:
             task = progress.add_task(escape(label), total=total)
             yield lambda n: progress.advance(task, n)
         return
-    t0 = time.monotonic()
-    state = {"done": 0, "printed_at": t0, "printed": -1}
+    started = time.monotonic()
+    state = {"done": 0, "printed_at": started, "printed": -1}
 
     def advance(n: int) -> None:
         state["done"] += n
         now = time.monotonic()
         if now - state["printed_at"] >= _interval_s() or state["done"] >= total:
-            say(label, _line(state["done"], total, now - t0))
+            say(label, _line(state["done"], total, now - started))
             state["printed_at"], state["printed"] = now, state["done"]
 
     say(label, f"0/{total} rows")
     yield advance
     if state["printed"] != state["done"]:  # the last line says where it ended
-        say(label, _line(state["done"], total, time.monotonic() - t0))
+        say(label, _line(state["done"], total, time.monotonic() - started))

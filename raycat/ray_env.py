@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 from raycat import progress
 from raycat.config import RayConfig
+from raycat.errors import RaycatError
+from raycat.preflight import storage_problem
 
 
 @contextmanager
@@ -25,17 +27,15 @@ def ray_session(cfg: RayConfig, run_dir: str | None = None) -> Iterator[None]:
         ray.init(address=address, include_dashboard=False if address == "local" else None, log_to_driver=True, **kwargs)
         started = True
     if started and run_dir is not None:
-        from raycat.errors import RaycatError
-        from raycat.preflight import storage_problem
-
         problem = storage_problem(run_dir, ray.nodes(), ray.get_runtime_context().get_node_id(), os.getcwd())
         if problem:
             ray.shutdown()
             raise RaycatError(f"pre-flight: {problem}")
-    if not progress.verbose():  # Ray Data's per-dataset INFO lines; RAYCAT_VERBOSE=1 keeps them
+    if not progress.verbose():
+        # Ray Data's per-dataset INFO lines; RAYCAT_VERBOSE=1 keeps them.
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # raycat draws one rich progress bar per stage instead
+    # raycat draws one rich progress bar per stage instead.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield
     finally:
@@ -47,8 +47,6 @@ def remote_call(task, *args, **kwargs):
     """``ray.get(task.remote(...))``, with a raycat error raised in the task re-raised as itself (the
     user's one-line message, not a remote traceback)."""
     import ray
-
-    from raycat.errors import RaycatError
 
     try:
         return ray.get(task.remote(*args, **kwargs))

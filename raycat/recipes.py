@@ -63,8 +63,8 @@ def select(
     if recipe == "random_split":
         pool = pd.concat([bands[b] for b in BANDS], ignore_index=True)
         order = np.random.default_rng(seed).permutation(len(pool))
-        n1 = len(bands["easy"]) + len(bands["medium"])
-        chosen = [pool.iloc[np.sort(order[:n1])], pool.iloc[np.sort(order[n1:])]]
+        phase1_size = len(bands["easy"]) + len(bands["medium"])
+        chosen = [pool.iloc[np.sort(order[:phase1_size])], pool.iloc[np.sort(order[phase1_size:])]]
     else:
         chosen = [pd.concat([bands[b] for b in p.bands], ignore_index=True) for p in phases]
     out, skipped = [], []

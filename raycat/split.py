@@ -1,7 +1,8 @@
 """Split stage: entropy → easy / medium / hard bands. Pure pandas/numpy in one Ray task, no GPU.
 
 Bands are half-open and bounded on both sides: easy < t_low <= medium < t_high <= hard (the
-paper's v1/v2 medium band had no upper bound and overlapped hard; method.md 10.3). Training rows are
+v1/v2 splits released with arXiv 2506.21220 had a medium band with no upper bound that overlapped
+hard; tests/test_split.py::test_bands_are_bounded_and_disjoint_no_middle_band_bug). Training rows are
 banded by rank of (entropy, id): the same as the thresholds when entropies are distinct, and when
 many rows share one value (coarse entropies), the rows tied at a threshold are split by id, so the
 band sizes follow the quantiles and the split stays deterministic.
@@ -17,6 +18,7 @@ import pandas as pd
 
 from raycat.config import RaycatConfig, SplitConfig, for_workers, save_config
 from raycat.errors import MissingInputError, RaycatError
+from raycat.ray_env import ray_session, remote_call
 from raycat.storage import rowkey, rundir
 
 BANDS = ("easy", "medium", "hard")
@@ -49,15 +51,15 @@ def _norm(text) -> str:
     return " ".join(str(text).lower().split())
 
 
-def duplicate_groups(df: pd.DataFrame) -> pd.Series:
+def duplicate_groups(rows: pd.DataFrame) -> pd.Series:
     """A group label per row: rows whose normalised question and option set are identical share one
     (MMLU-Pro has 158 such groups, MMLU test 106); each label is the group's smallest id."""
     key = [
         _norm(q) + "\x1f" + "\x1f".join(sorted(_norm(o) for o in opts))
-        for q, opts in zip(df["question"], df["options"], strict=True)
+        for q, opts in zip(rows["question"], rows["options"], strict=True)
     ]
-    ids = df["id"].astype(str)
-    return ids.groupby(pd.Series(key, index=df.index)).transform("min")
+    ids = rows["id"].astype(str)
+    return ids.groupby(pd.Series(key, index=rows.index)).transform("min")
 
 
 def holdout_mask(ids: pd.Series, fraction: float, seed: int, groups: pd.Series | None = None) -> np.ndarray:
@@ -66,24 +68,25 @@ def holdout_mask(ids: pd.Series, fraction: float, seed: int, groups: pd.Series |
     seeded order until the test set holds ``round(fraction * rows)`` rows or more."""
     n_test = int(round(fraction * len(ids)))
     labels = (groups if groups is not None else ids).astype(str).to_numpy()
-    uniq = np.unique(labels)  # sorted: the draw depends on the labels, not on row order
-    order = uniq[np.random.default_rng(seed).permutation(len(uniq))]
+    # Sorted: the draw depends on the labels, not on row order.
+    unique = np.unique(labels)
+    order = unique[np.random.default_rng(seed).permutation(len(unique))]
     sizes = pd.Series(labels).value_counts()
     taken, chosen = 0, []
-    for g in order:
+    for label in order:
         if taken >= n_test:
             break
-        chosen.append(g)
-        taken += int(sizes[g])
+        chosen.append(label)
+        taken += int(sizes[label])
     return np.isin(labels, chosen)
 
 
-def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
+def split_frame(rows: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
     """Returns ({band: rows}, test rows, thresholds info). Each row keeps its entropy and gets a band."""
-    df = df.reset_index(drop=True)
-    groups = duplicate_groups(df)
-    test_mask = holdout_mask(df["id"], cfg.test_fraction, cfg.seed, groups)
-    pool, test = df[~test_mask].copy(), df[test_mask].copy()
+    rows = rows.reset_index(drop=True)
+    groups = duplicate_groups(rows)
+    test_mask = holdout_mask(rows["id"], cfg.test_fraction, cfg.seed, groups)
+    pool, test = rows[~test_mask].copy(), rows[test_mask].copy()
     if cfg.thresholds is not None:
         t_low, t_high, method = *cfg.thresholds, "absolute"
     else:
@@ -102,13 +105,13 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
         # for a category with no training rows).
         per_category = {}
         cats_pool, cats_test = pool["category"].fillna(""), test["category"].fillna("")
-        for cat, idx in pool.groupby(cats_pool).groups.items():
+        for category, idx in pool.groupby(cats_pool).groups.items():
             part = pool.loc[idx]
             pool.loc[idx, "band"] = rank_bands(part["entropy"].to_numpy(), part["id"].to_numpy(), cfg.quantiles)
             lo, hi = quantile_thresholds(part["entropy"].to_numpy(), cfg.quantiles)
-            per_category[str(cat)] = [float(lo), float(hi)]
-            t = cats_test == cat
-            test.loc[t, "band"] = assign_bands(test.loc[t, "entropy"].to_numpy(), lo, hi)
+            per_category[str(category)] = [float(lo), float(hi)]
+            in_category = cats_test == category
+            test.loc[in_category, "band"] = assign_bands(test.loc[in_category, "entropy"].to_numpy(), lo, hi)
     test_before = {b: int((test["band"] == b).sum()) for b in BANDS}
     if cfg.test_balance and len(test):
         n = min(test_before.values())
@@ -150,11 +153,11 @@ def split_frame(df: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFr
 def split_files(cfg: RaycatConfig) -> dict:
     """Scores + questions → easy / medium / hard (+ test) Parquet files and thresholds.json (the
     pure work; ``run`` runs it as a Ray task, so the rows stay on a worker)."""
-    run = cfg.run_dir
-    scores_path = rundir.join(run, "score", "scores.parquet")
+    run_dir = cfg.run_dir
+    scores_path = rundir.join(run_dir, "score", "scores.parquet")
     if not rundir.exists(scores_path):
         raise MissingInputError(f"{scores_path} not found: run `raycat score` with this config first")
-    questions_path = rundir.join(run, "questions", "questions.parquet")
+    questions_path = rundir.join(run_dir, "questions", "questions.parquet")
     if not rundir.exists(questions_path):
         raise MissingInputError(f"{questions_path} not found: rerun `raycat score` with this config")
     scores = rundir.read_parquet(scores_path)
@@ -164,8 +167,9 @@ def split_files(cfg: RaycatConfig) -> dict:
     if "row_hash" not in scores or "row_hash" not in questions:
         raise MissingInputError(f"{scores_path} was written by an older raycat: rerun `raycat score`")
     # The same id and content: questions.parquet is rewritten by each score run, scores only when it finishes.
-    df = questions.merge(scores[keep], on=["id", "row_hash"], how="inner", validate="one_to_one")
-    skipped_path = rundir.join(run, "score", "skipped.parquet")  # rows the score stage set aside, with the reason
+    scored = questions.merge(scores[keep], on=["id", "row_hash"], how="inner", validate="one_to_one")
+    # Rows the score stage set aside, with the reason.
+    skipped_path = rundir.join(run_dir, "score", "skipped.parquet")
     accounted = set(rowkey.keys(scores))
     if rundir.exists(skipped_path):
         accounted |= set(rowkey.keys(rundir.read_parquet_columns(skipped_path, ["id", "row_hash"])))
@@ -176,28 +180,29 @@ def split_files(cfg: RaycatConfig) -> dict:
             f"{scores_path} (an interrupted or older `raycat score`); rerun `raycat score`"
         )
     # "I don't know" answers (paper preset) have no usable entropy rank; set aside, never silently.
-    idk = df["idk"].astype(bool)
-    missing = df[~idk & df["entropy"].isna()]
-    if len(missing):  # np.quantile would turn one NaN into NaN thresholds and every row into "hard"
+    idk = scored["idk"].astype(bool)
+    missing = scored[~idk & scored["entropy"].isna()]
+    # np.quantile would turn one NaN into NaN thresholds and every row into "hard".
+    if len(missing):
         raise RaycatError(
             f"{len(missing)} scored row(s) have no entropy (e.g. {', '.join(map(str, missing['id'][:3]))}) in "
             f"{scores_path}; rerun `raycat score` (a scores.parquet edited by hand, or an older raycat)"
         )
-    skipped = df[idk].assign(skip_reason="student answered 'I don't know' (paper preset fallback)")
-    bands, test, info = split_frame(df[~idk], cfg.split)
+    skipped = scored[idk].assign(skip_reason="student answered 'I don't know' (paper preset fallback)")
+    bands, test, info = split_frame(scored[~idk], cfg.split)
     placed = set(test["id"]).union(*(set(v["id"]) for v in bands.values()))
-    unsampled = df[~idk & ~df["id"].isin(placed)].assign(
+    unsampled = scored[~idk & ~scored["id"].isin(placed)].assign(
         skip_reason="not drawn by split.balance_per_band or split.test_balance"
     )
     skipped = pd.concat([skipped, unsampled], ignore_index=True)
-    out = rundir.join(run, "split")
+    split_dir = rundir.join(run_dir, "split")
     for band, rows in bands.items():
-        rundir.write_parquet(rundir.join(out, f"{band}.parquet"), rows)
+        rundir.write_parquet(rundir.join(split_dir, f"{band}.parquet"), rows)
     if len(test):
-        rundir.write_parquet(rundir.join(out, "test.parquet"), test)
-    rundir.write_parquet(rundir.join(out, "skipped.parquet"), skipped)
+        rundir.write_parquet(rundir.join(split_dir, "test.parquet"), test)
+    rundir.write_parquet(rundir.join(split_dir, "skipped.parquet"), skipped)
     info["skipped"] = {"idk": int(idk.sum()), "not_drawn_by_balancing": int(len(unsampled))}
-    rundir.write_json(rundir.join(out, "thresholds.json"), info)
+    rundir.write_json(rundir.join(split_dir, "thresholds.json"), info)
     return info
 
 
@@ -205,10 +210,7 @@ def run(cfg: RaycatConfig) -> dict:
     """The split stage, as a Ray task: the bands are written on a worker; the driver gets the summary."""
     import ray
 
-    from raycat.ray_env import ray_session, remote_call
-
-    wcfg = for_workers(cfg)
     with ray_session(cfg.ray, cfg.run_dir):
-        info = remote_call(ray.remote(num_cpus=1)(split_files), wcfg)
+        info = remote_call(ray.remote(num_cpus=1)(split_files), for_workers(cfg))
     save_config(cfg, "split")
     return info

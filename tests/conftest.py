@@ -18,13 +18,15 @@ from raycat.testing.tiny_models import build_tiny_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads on 2 busy cores collapse throughput ~6x
+# 2 threads on 2 busy cores collapse throughput ~6x
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-OUTER_TIERS = {"integration", "slow", "gpu"}  # a test with none of these is a unit test
+# A test with none of these is a unit test
+OUTER_TIERS = {"integration", "slow", "gpu"}
 
 
 def _cuda_devices() -> int:
@@ -32,7 +34,8 @@ def _cuda_devices() -> int:
         import torch
 
         return torch.cuda.device_count()
-    except Exception:  # no torch, or a CUDA build without a usable driver
+    except Exception:
+        # No torch, or a CUDA build without a usable driver
         return 0
 
 
@@ -81,8 +84,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def llama70b_dir(tmp_path_factory) -> Path:
     """config.json of Llama-3.1-70B's shape (no weights: the estimate counts parameters on the meta device)."""
-    d = tmp_path_factory.mktemp("llama70b")
-    (d / "config.json").write_text(
+    model_dir = tmp_path_factory.mktemp("llama70b")
+    (model_dir / "config.json").write_text(
         json.dumps(
             {
                 "architectures": ["LlamaForCausalLM"],
@@ -99,4 +102,4 @@ def llama70b_dir(tmp_path_factory) -> Path:
             }
         )
     )
-    return d
+    return model_dir

@@ -21,7 +21,8 @@ from raycat.data.answers import canonical_number, extract_answer, normalize_numb
         ("[[C]]\n\nRemember: reply with [[LETTER]]", "C"),  # an echoed placeholder is not an answer
         ("first [[A]] then on reflection [[C]]", None),  # two answers: a hedge
         ("[[A]] or [[B]]", None),
-        ("[[A]] ... final: [[E]]", None),  # E is not an option: invalid, no fall back to A
+        # E is not an option: invalid, no fall back to A
+        ("[[A]] ... final: [[E]]", None),
         ("[[A or B]]", None),
         ("[[E]] is not an option here", None),
         ("[[AB]]", None),
@@ -49,7 +50,8 @@ def test_extract_mcq(text, expect):
         ("[[1/3]]", "1/3"),
         ("[[2.5e3]]", "2500"),
         ("[[12]] ... wait [[NUMBER]]", "12"),
-        ("[[10-2]]", None),  # two numbers, not an expression to evaluate
+        # Two numbers, not an expression to evaluate
+        ("[[10-2]]", None),
         ("[[1,2]]", None),  # not a thousands separator: two numbers
         ("[[16 or 18]]", None),
         ("[[16]] or [[18]]", None),
@@ -80,16 +82,16 @@ words = st.text(st.sampled_from("abcdefghij klmnop QRSTUV\n,;:!?"), max_size=60)
 letters4 = st.sampled_from("ABCD")
 
 
-def spellings(v: Fraction) -> list[str]:
-    """Ways to write ``v``: all must parse to one canonical value."""
-    out = [f"{v.numerator}/{v.denominator}"]
-    if v.denominator == 1:
-        n = v.numerator
-        out += [str(n), f"{n:,}", f"{n}.0", f"{Decimal(n):E}".replace("E+", "e")]
+def spellings(value: Fraction) -> list[str]:
+    """Ways to write ``value``: all must parse to one canonical value."""
+    out = [f"{value.numerator}/{value.denominator}"]
+    if value.denominator == 1:
+        integer = value.numerator
+        out += [str(integer), f"{integer:,}", f"{integer}.0", f"{Decimal(integer):E}".replace("E+", "e")]
     else:
-        d = Decimal(v.numerator) / Decimal(v.denominator)
-        if Fraction(d) == v:  # an exact decimal spelling exists
-            out.append(format(d, "f"))
+        decimal = Decimal(value.numerator) / Decimal(value.denominator)
+        if Fraction(decimal) == value:  # an exact decimal spelling exists
+            out.append(format(decimal, "f"))
     return out
 
 

@@ -79,7 +79,8 @@ def _wait_up(url: str, proc: subprocess.Popen, timeout_s: float, what: str, log:
 
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops the daemons it started
+        # `ray start --block` stops the daemons it started
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -155,7 +156,8 @@ def cluster(tmp_path_factory, tiny_model_dir):
         )
         procs.append(moto)
         _wait_up(aws["AWS_ENDPOINT_URL"], moto, 60, "moto's S3 server", root / "s3.log")
-        os.environ.update(aws)  # this test process reads the bucket too; removed again below
+        # This test process reads the bucket too; removed again below
+        os.environ.update(aws)
         boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
         s3 = pafs.S3FileSystem(endpoint_override=aws["AWS_ENDPOINT_URL"], access_key="testing", secret_key="testing")
         s3.create_dir(f"{BUCKET}/models/student")
@@ -172,7 +174,8 @@ def cluster(tmp_path_factory, tiny_model_dir):
         assert gen.returncode == 0, gen.stderr[-2000:]
         token = (home / ".ray" / "auth_token").read_text().strip()
 
-        head_env = {**base, "HOME": str(home)}  # no RAY_AUTH_MODE: the token file turns auth on
+        # No RAY_AUTH_MODE: the token file turns auth on
+        head_env = {**base, "HOME": str(home)}
         head = _start(
             [
                 str(BIN / "ray"),
@@ -182,7 +185,8 @@ def cluster(tmp_path_factory, tiny_model_dir):
                 f"--port={gcs}",
                 f"--dashboard-port={dash}",
                 "--dashboard-host=127.0.0.1",
-                "--num-cpus=0",  # as in the manifests: the head runs drivers, no work
+                # As in the manifests: the head runs drivers, no work
+                "--num-cpus=0",
                 "--disable-usage-stats",
                 f"--temp-dir={root / 'head'}",
             ],
@@ -215,18 +219,18 @@ def cluster(tmp_path_factory, tiny_model_dir):
                 )
             )
         client_env = {**base, "HOME": str(home), "RAY_AUTH_MODE": "token"}
-        c = Cluster(root, dashboard, head_env, client_env, s3)
+        running = Cluster(root, dashboard, head_env, client_env, s3)
         deadline = time.time() + 120
         while True:
-            r = c.ray("list", "nodes", "--address", dashboard, "--format", "json")
-            nodes = _listed(r.stdout) if r.returncode == 0 else []
+            listed = running.ray("list", "nodes", "--address", dashboard, "--format", "json")
+            nodes = _listed(listed.stdout) if listed.returncode == 0 else []
             if sum(n["state"] == "ALIVE" for n in nodes) == 3:
                 break
             for p in procs:
                 assert p.poll() is None, f"a cluster process exited: {p.args}"
-            assert time.time() < deadline, f"worker nodes did not join: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+            assert time.time() < deadline, f"worker nodes did not join: {listed.stdout[-2000:]} {listed.stderr[-2000:]}"
             time.sleep(2)
-        yield c
+        yield running
     finally:
         for p in reversed(procs):
             _stop(p)
@@ -245,14 +249,14 @@ def _job_dir(tmp_path: Path, tree: dict) -> Path:
     return job
 
 
-def _submit(c: Cluster, job: Path, run_prefix: str, *extra: str, wait: bool = True):
+def _submit(cluster: Cluster, job: Path, run_prefix: str, *extra: str, wait: bool = True):
     cmd = readme_submit_command()
-    port = c.dashboard.rsplit(":", 1)[1]
+    port = cluster.dashboard.rsplit(":", 1)[1]
     cmd = cmd.replace("<head>:8265", f"127.0.0.1:{port}").replace("s3://<bucket>/raycat/", f"s3://{BUCKET}/")
     cmd = re.sub(rf"s3://{BUCKET}/\S+", f"s3://{BUCKET}/{run_prefix}", cmd) + "".join(
         f" {shlex.quote(e)}" for e in extra
     )
-    env = {k: v for k, v in c.client_env.items() if k != "RAY_AUTH_MODE"}  # the README line sets it itself
+    env = {k: v for k, v in cluster.client_env.items() if k != "RAY_AUTH_MODE"}  # the README line sets it itself
     if not wait:
         return subprocess.Popen(
             ["bash", "-c", cmd],
@@ -270,12 +274,15 @@ def tiny_cluster_config() -> dict:
     from tests.test_run_e2e import tiny_config
 
     tree = tiny_config(Path("unused"), Path("unused"))
-    tree.pop("run_dir")  # the README line's run_dir=s3://... override sets it
+    # The README line's run_dir=s3://... override sets it
+    tree.pop("run_dir")
     tree.pop("ray")  # attach to the cluster as it is
-    student = f"s3://{BUCKET}/models/student"  # the worker nodes cannot see the test's local files
+    # The worker nodes cannot see the test's local files
+    student = f"s3://{BUCKET}/models/student"
     tree["score"]["student"]["path"] = tree["teach"]["teachers"][0]["model"]["path"] = student
     t = tree["train"]
-    t["num_workers"] = 2  # one worker per node: DeepSpeed over gloo between the two nodes
+    # One worker per node: DeepSpeed over gloo between the two nodes
+    t["num_workers"] = 2
     t["save_steps"] = 1
     t["phase2"] = {**t["phase2"], "max_steps": 12, "epochs": 12}  # long enough to be killed midway
     return tree
@@ -298,7 +305,8 @@ def test_readme_job_on_a_multinode_cluster_with_an_s3_run_dir_resumes_after_a_dr
         first_out, _ = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)  # the client this test started, not the job
+            # The client this test started, not the job
+            os.killpg(first.pid, signal.SIGKILL)
             first.wait()
     assert first.returncode != 0, first_out[-3000:]
     assert not cluster.s3_exists("run/train/complexity_aware/phase2/done.json")
@@ -310,20 +318,26 @@ def test_readme_job_on_a_multinode_cluster_with_an_s3_run_dir_resumes_after_a_dr
     assert {s: e["status"] for s, e in manifest["stages"].items()} == {
         s: "done" for s in ("score", "split", "teach", "train", "eval", "report")
     }
-    p2 = cluster.s3_json("run/train/complexity_aware/phase2/metrics.json")
-    assert p2["resumed_from_step"] and p2["resumed_from_step"] >= 1 and p2["steps"] == 12  # from S3, not from 0
+    phase2 = cluster.s3_json("run/train/complexity_aware/phase2/metrics.json")
+    assert (
+        phase2["resumed_from_step"] and phase2["resumed_from_step"] >= 1 and phase2["steps"] == 12
+    )  # from S3, not from 0
     assert "phase1: already trained" in " ".join(out.split())
-    ev = cluster.s3_json("run/eval/metrics.json")
-    assert list(ev["models"]) == [
+    eval_metrics = cluster.s3_json("run/eval/metrics.json")
+    assert list(eval_metrics["models"]) == [
         "base (single-token, from score)",
         "base",
         "complexity_aware/phase1",
         "complexity_aware/phase2",
     ]
     assert (
-        ev["models"]["complexity_aware/phase2"]["adapter"] == f"s3://{BUCKET}/run/train/complexity_aware/phase2/model"
+        eval_metrics["models"]["complexity_aware/phase2"]["adapter"]
+        == f"s3://{BUCKET}/run/train/complexity_aware/phase2/model"
     )
-    assert all(m["overall"]["n"] == ev["compared_rows"] for m in ev["models"].values())
+    assert all(
+        model_metrics["overall"]["n"] == eval_metrics["compared_rows"]
+        for model_metrics in eval_metrics["models"].values()
+    )
     assert cluster.s3_exists("run/report/report.html") and cluster.s3_exists("run/report/report.md")
     # Logs without a TTY: plain progress lines and rank 0's loss lines reach `ray job submit`'s output.
     assert "scoring: 0/" in out or "scoring:" in first_out
@@ -336,10 +350,10 @@ def test_readme_job_on_a_multinode_cluster_with_an_s3_run_dir_resumes_after_a_dr
     # A full fine-tune next to it in the same run dir: eval loads the full model dir from S3.
     full = _submit(cluster, job, "run", "train.recipe=sft_all", "train.method=full")
     assert full.returncode == 0, (full.stdout + full.stderr)[-5000:]
-    ev = cluster.s3_json("run/eval/metrics.json")
-    m = ev["models"]["sft_all/phase1"]
-    assert m["adapter"] is None and m["path"] == f"s3://{BUCKET}/run/train/sft_all/phase1/model"
-    assert m["overall"]["n"] == 10
+    eval_metrics = cluster.s3_json("run/eval/metrics.json")
+    model_metrics = eval_metrics["models"]["sft_all/phase1"]
+    assert model_metrics["adapter"] is None and model_metrics["path"] == f"s3://{BUCKET}/run/train/sft_all/phase1/model"
+    assert model_metrics["overall"]["n"] == 10
 
     # A study kept on the object store: the study file and its base there, and `--plan`'s cost table
     # reading tokens per row from this run's outputs in S3 (what a user checks before submitting it).
@@ -362,23 +376,25 @@ def test_readme_job_on_a_multinode_cluster_with_an_s3_run_dir_resumes_after_a_dr
     )
     assert plan.returncode == 0, plan.stderr[-3000:]
     rows = json.loads(plan.stdout)
-    assert [r["run_dir"].startswith(f"s3://{BUCKET}/studies/ratio/variants/") for r in rows] == [True, True]
+    assert [row["run_dir"].startswith(f"s3://{BUCKET}/studies/ratio/variants/") for row in rows] == [True, True]
     scored = cluster.s3_json("run/score/metrics.json")["scored"]
-    for r in rows:
-        assert {st["action"] for st in r["stages"].values()} == {"run"}
-        assert r["costs"]["questions"]["value"] == scored  # measured: the reference scored the same data
-        tokens = r["costs"]["stages"]["score"]["tokens"]
+    for row in rows:
+        assert {st["action"] for st in row["stages"].values()} == {"run"}
+        # Measured: the reference scored the same data
+        assert row["costs"]["questions"]["value"] == scored
+        tokens = row["costs"]["stages"]["score"]["tokens"]
         assert tokens["value"] > 0 and f"s3://{BUCKET}/run" in tokens["basis"]
-        assert "measured on" in r["costs"]["stages"]["train"]["tokens"]["basis"]
-        assert r["memory"]["params"] > 0 and all(p["fits"] for p in r["memory"]["phases"].values())
+        assert "measured on" in row["costs"]["stages"]["train"]["tokens"]["basis"]
+        assert row["memory"]["params"] > 0 and all(p["fits"] for p in row["memory"]["phases"].values())
 
 
 def test_a_local_run_dir_is_refused_before_anything_runs(cluster, tmp_path):
     tree = tiny_cluster_config()
     job = _job_dir(tmp_path, tree)
     local = tmp_path / "local-run"
-    r = _submit(cluster, job, "unused", f"run_dir={local}")
-    out = " ".join((r.stdout + r.stderr).split())
-    assert r.returncode != 0
+    result = _submit(cluster, job, "unused", f"run_dir={local}")
+    out = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0
     assert "pre-flight: run_dir" in out and "is a local path" in out and "2 other node(s)" in out, out[-3000:]
-    assert not local.exists()  # refused before any stage wrote anything
+    # Refused before any stage wrote anything
+    assert not local.exists()

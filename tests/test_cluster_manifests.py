@@ -15,6 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from raycat.cli import build_parser
+from raycat.config import load_config
+from raycat.study.grid import load_study
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 KUBERAY = ("raycluster.yaml", "rayjob.yaml")
@@ -97,14 +101,10 @@ def _api_key_envs(node) -> set[str]:
 def _raycat_run_dir(argv: list[str]) -> str:
     """Parse a documented `raycat ...` command with raycat's own CLI and resolve its run_dir (the
     `run_dir=` override, else the config's own); /configs/ is where the RayJob mounts jobs/configs/."""
-    from raycat.cli import build_parser
-    from raycat.config import load_config
-
     assert argv[0] == "raycat", argv
     args = build_parser().parse_args(argv[1:])
-    if args.command == "study":  # a study's variants and shared cache live under its run_dir
-        from raycat.study.grid import load_study
-
+    # A study's variants and shared cache live under its run_dir
+    if args.command == "study":
         study = ROOT / "jobs" / "studies" / Path(args.config).name
         assert args.config == f"jobs/studies/{study.name}" and study.is_file()
         return load_study(study).root
@@ -132,7 +132,8 @@ def test_ray_version_is_pinned_consistently():
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     ray_req = next(Requirement(d) for d in deps if d.startswith("ray["))
-    assert ray_req.specifier.contains(RAY)  # the tested pin is inside the declared range
+    # The tested pin is inside the declared range
+    assert ray_req.specifier.contains(RAY)
     launcher = _load(CLUSTER / "ray-cluster.aws.yaml")
     assert f"ray:{RAY}-" in launcher["docker"]["image"]
     for _, _, spec in _kuberay():
@@ -203,7 +204,8 @@ def test_gpu_worker_groups_request_gpus_and_tolerate_the_gpu_taint():
     toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     for name, _, spec in _kuberay():
         assert spec["workerGroupSpecs"], name
-        for group in spec["workerGroupSpecs"]:  # every shipped worker group is a GPU group
+        # Every shipped worker group is a GPU group
+        for group in spec["workerGroupSpecs"]:
             gpus = [int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in _containers(group)]
             assert max(gpus) > 0, (name, group["groupName"])
             assert toleration in group["template"]["spec"].get("tolerations", []), (name, group["groupName"])
@@ -226,7 +228,8 @@ def test_idle_timeout_outlasts_a_stage_handoff():
         if spec.get("enableInTreeAutoscaling"):
             assert spec["autoscalerOptions"]["idleTimeoutSeconds"] >= 300, name
             assert all(g.get("idleTimeoutSeconds", 300) >= 300 for g in spec["workerGroupSpecs"]), name
-        else:  # no autoscaler: a fixed-size cluster, nothing is scaled down between stages
+        else:
+            # No autoscaler: a fixed-size cluster, nothing is scaled down between stages
             assert all(g["minReplicas"] == g["maxReplicas"] for g in spec["workerGroupSpecs"]), name
     assert _load(CLUSTER / "ray-cluster.aws.yaml")["idle_timeout_minutes"] >= 5
 
@@ -235,7 +238,8 @@ def test_rayjob_runs_raycat_with_an_object_store_run_dir():
     job = _load(CLUSTER / "kuberay/rayjob.yaml")["spec"]
     assert OBJECT_STORE.match(_raycat_run_dir(shlex.split(job["entrypoint"])))
     assert job["entrypoint"].startswith("raycat run ")
-    assert job["submissionMode"] == "K8sJobMode"  # a submitter Job: `kubectl logs -f job/<name>` follows it
+    # A submitter Job: `kubectl logs -f job/<name>` follows it
+    assert job["submissionMode"] == "K8sJobMode"
     # ttlSecondsAfterFinished only acts with shutdownAfterJobFinishes.
     assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
     head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
@@ -255,7 +259,8 @@ def test_documented_submit_commands_use_object_store_run_dirs():
         for argv in _submitted_commands(doc.read_text(), yaml_comments=doc.suffix == ".yaml"):
             assert OBJECT_STORE.match(_raycat_run_dir(argv)), (doc.name, argv)
             seen += 1
-    assert seen >= 6  # the launcher, KubeRay and runtime_env commands, jobs/README.md's table
+    # The launcher, KubeRay and runtime_env commands, jobs/README.md's table
+    assert seen >= 6
     for doc in (CLUSTER / "README.md", CLUSTER / "ray-cluster.aws.yaml"):
         assert "RAY_AUTH_MODE=token" in doc.read_text()  # what a client needs to send its token
 

@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raycat.config import ConfigError, dump_config, load_config, parse_overrides, validate_config
+from raycat.config import (
+    ConfigError,
+    EngineConfig,
+    PromptConfig,
+    dump_config,
+    load_config,
+    parse_overrides,
+    validate_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"data": {"source": "synthetic"}, "score": {"student": {"path": "some/model"}}}
@@ -103,7 +111,8 @@ def test_gpu_configs_evaluate_on_gpu_with_the_teachers_budget(path):
     if cfg.score.engine.device != "gpu":
         return
     assert cfg.eval.engine.device == "gpu"
-    if cfg.teach is not None:  # a phase-2 model answers with CoT as long as the teacher's
+    # A phase-2 model answers with CoT as long as the teacher's
+    if cfg.teach is not None:
         assert cfg.eval.max_tokens_cot >= cfg.teach.sampling.max_tokens
     assert cfg.eval.max_model_len > cfg.eval.max_tokens_cot
 
@@ -127,8 +136,6 @@ def test_api_key_env_must_be_a_variable_name_and_a_key_is_never_echoed(tmp_path)
 
 
 def test_mlflow_on_a_cluster_needs_a_tracking_uri():
-    from raycat.config import ConfigError, validate_config
-
     tree = {
         "run_dir": "s3://bucket/run",
         "data": {"source": "synthetic"},
@@ -143,8 +150,6 @@ def test_mlflow_on_a_cluster_needs_a_tracking_uri():
 
 
 def test_null_backend_only_scores():
-    from raycat.config import ConfigError, validate_config
-
     base = {"data": {"source": "synthetic"}, "score": {"student": {"path": "m"}, "engine": {"backend": "null"}}}
     assert validate_config(base).score.engine.backend == "null"
     with pytest.raises(ConfigError, match="eval.engine.backend: 'null'"):
@@ -162,3 +167,33 @@ def test_a_misspelt_key_gets_a_did_you_mean_and_union_errors_name_only_user_keys
         validate_config({**base, "teach": {"teachers": [{"model": {"path": "t"}}], "bands": ["hard", "hardest"]}})
     assert "teach.bands.1: Input should be 'easy', 'medium', 'hard' or 'test'" in str(e.value)
     assert "literal[" not in str(e.value) and "list[" not in str(e.value)
+
+
+def test_transformers_backend_refuses_vllm_only_settings():
+    with pytest.raises(ValueError, match="kv_cache_gib only apply to backend=vllm"):
+        EngineConfig(backend="transformers", kv_cache_gib=2)
+    with pytest.raises(ValueError, match="tensor/pipeline parallelism"):
+        EngineConfig(backend="transformers", device="gpu", tensor_parallel_size=2)
+    EngineConfig(backend="transformers", device="gpu", batch_size=4)  # what it honours is fine
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data:\n  source: synthetic\nscore: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+:\d+: invalid YAML"):
+        load_config(p)
+
+
+def test_a_dumped_transformers_config_loads_again(tmp_path):
+    cfg = validate_config(
+        {"data": {"source": "synthetic"}, "score": {"student": {"path": "m"}, "engine": {"backend": "transformers"}}}
+    )
+    p = tmp_path / "config.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p).score.engine.backend == "transformers"
+
+
+def test_a_system_prompt_with_stray_braces_fails_at_config_time():
+    with pytest.raises(ValueError, match="only {subject} may appear"):
+        PromptConfig(system_prompt="Answer {subject} in {format}")
+    PromptConfig(system_prompt="Answer {subject} as {{json}}")

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from raycat.config import ColumnMap, DataConfig
-from raycat.data.adapters import BadRowError, load_questions
+from raycat.data.adapters import BadRowError, _read_hub, load_questions, resolve_data_path
 from raycat.errors import RaycatError
 
 
@@ -49,15 +49,17 @@ def test_mmlu_hub_schema_and_csv_export(tmp_path):
     p = jsonl(
         tmp_path / "m.jsonl", [{"question": "Q", "subject": "anatomy", "choices": ["w", "x", "y", "z"], "answer": 3}]
     )
-    df, _, _ = load("mmlu", p)
-    assert df.iloc[0].gold == "D" and df.iloc[0].category == "anatomy" and df.iloc[0].id == "mmlu-0"
-    d = tmp_path / "csv"
-    d.mkdir()
-    (d / "virology_dev.csv").write_text("question,choice0,choice1,choice2,choice3,answer\nQ,None,NA,2,3,1\n")
-    df, _, _ = load("mmlu", str(d))
+    questions, _, _ = load("mmlu", p)
+    assert (
+        questions.iloc[0].gold == "D" and questions.iloc[0].category == "anatomy" and questions.iloc[0].id == "mmlu-0"
+    )
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    (csv_dir / "virology_dev.csv").write_text("question,choice0,choice1,choice2,choice3,answer\nQ,None,NA,2,3,1\n")
+    questions, _, _ = load("mmlu", str(csv_dir))
     # "None"/"NA" are option texts, not missing values; numbers stay text.
-    assert list(df.iloc[0].options) == ["None", "NA", "2", "3"]
-    assert df.iloc[0].gold == "B" and df.iloc[0].category == "virology"
+    assert list(questions.iloc[0].options) == ["None", "NA", "2", "3"]
+    assert questions.iloc[0].gold == "B" and questions.iloc[0].category == "virology"
 
 
 def test_medmcqa_schema_cop_is_zero_based(tmp_path):
@@ -85,7 +87,8 @@ def test_gsm8k_final_answer_is_normalized(tmp_path):
     rows = [
         {"question": "How many?", "answer": "5 + 7 = <<5+7=12>>12\n#### 1,234"},
         {"question": "Q2", "answer": "...\n#### 72.0"},
-        {"question": "Q3", "answer": "...\n#### -3/4"},  # by value, not "the last number" (was "4")
+        # By value, not "the last number" (was "4")
+        {"question": "Q3", "answer": "...\n#### -3/4"},
         {"question": "Q4", "answer": "...\n#### 2.5e3"},
     ]
     df, _, _ = load("gsm8k", jsonl(tmp_path / "g.jsonl", rows))
@@ -99,24 +102,22 @@ def test_generic_columns_and_answer_formats(tmp_path):
     rows = [{"qid": "a", "q": "Q", "o1": "x", "o2": "y", "ans": "y", "t": "bio"}]
     p = jsonl(tmp_path / "g.jsonl", rows)
     cols = ColumnMap(id="qid", question="q", options=["o1", "o2"], answer="ans", category="t")
-    df, _, _ = load("generic", p, columns=cols, answer_format="text")
-    assert (df.iloc[0].id, df.iloc[0].gold, df.iloc[0].category) == ("a", "B", "bio")
+    questions, _, _ = load("generic", p, columns=cols, answer_format="text")
+    assert (questions.iloc[0].id, questions.iloc[0].gold, questions.iloc[0].category) == ("a", "B", "bio")
     pd.DataFrame([{"q": "Q", "opts": ["x", "y", "z"], "ans": 3}]).to_parquet(tmp_path / "g.parquet")
-    df, _, _ = load(
+    questions, _, _ = load(
         "generic",
         str(tmp_path / "g.parquet"),
         columns=ColumnMap(question="q", options="opts", answer="ans"),
         answer_format="index1",
     )
-    assert df.iloc[0].gold == "C"
+    assert questions.iloc[0].gold == "C"
     (tmp_path / "n.csv").write_text('question,answer\nHow much?,"$1,000"\n')
-    df, _, _ = load("generic", str(tmp_path / "n.csv"), columns=ColumnMap(options=None), answer_format="number")
-    assert df.iloc[0].gold == "1000" and list(df.iloc[0].options) == []
+    questions, _, _ = load("generic", str(tmp_path / "n.csv"), columns=ColumnMap(options=None), answer_format="number")
+    assert questions.iloc[0].gold == "1000" and list(questions.iloc[0].options) == []
 
 
 def test_package_path_resolves_inside_an_installed_package():
-    from raycat.data.adapters import resolve_data_path
-
     p = resolve_data_path("package:raycat/config.py")
     assert p.is_file()
     with pytest.raises(FileNotFoundError, match="not installed"):
@@ -202,8 +203,6 @@ def test_real_mmlu_pro_validation_parquet(shared_data):
 def test_hub_loader_reads_a_hub_style_repository_layout(tmp_path):
     # The same `datasets.load_dataset(name, subset, split=...)` call that serves hub ids, pointed at a
     # local directory laid out like TIGER-Lab/MMLU-Pro on the hub (data/<split>-*.parquet).
-    from raycat.data.adapters import _read_hub
-
     (tmp_path / "data").mkdir()
     rows = [{**GOOD, "question_id": i} for i in range(3)]
     pd.DataFrame(rows).to_parquet(tmp_path / "data" / "test-00000-of-00001.parquet")
@@ -228,7 +227,8 @@ def test_jsonl_syntax_errors_name_file_and_line(tmp_path):
     p.write_text(json.dumps(MCQ) + "\nnot json at all\n" + json.dumps(MCQ) + "\n")
     df, bad, n = load("generic", str(p), columns=COLS, on_bad_rows="quarantine")
     assert n == 3 and len(df) == 2 and bad[0]["row"] == "d.jsonl line 2" and "not valid JSON" in bad[0]["reason"]
-    assert list(df.id) == ["generic-0", "generic-2"]  # ids stay row numbers: fixing line 2 renames nothing
+    # Ids stay row numbers: fixing line 2 renames nothing
+    assert list(df.id) == ["generic-0", "generic-2"]
 
 
 def test_a_byte_order_mark_is_read_normally(tmp_path):
@@ -280,15 +280,15 @@ def _medmcqa(cop, i=0):
 
 def test_medmcqa_release_files_are_json_lines_with_one_based_cop(tmp_path):
     # train.json / dev.json of the MedMCQA release: JSON Lines under .json, cop 1..4.
-    p = tmp_path / "dev.json"
-    p.write_text("".join(json.dumps(_medmcqa(c, i)) + "\n" for i, c in enumerate([1, 4, 2, 3])))
-    df, _, _ = load("medmcqa", str(p))
-    assert list(df.gold) == ["A", "D", "B", "C"] and "1-based" in df.attrs["notes"]["medmcqa_cop"]
+    path = tmp_path / "dev.json"
+    path.write_text("".join(json.dumps(_medmcqa(c, i)) + "\n" for i, c in enumerate([1, 4, 2, 3])))
+    questions, _, _ = load("medmcqa", str(path))
+    assert list(questions.gold) == ["A", "D", "B", "C"] and "1-based" in questions.attrs["notes"]["medmcqa_cop"]
     # The hub's convention, detected from the whole file, never per row.
-    p.write_text("".join(json.dumps(_medmcqa(c, i)) + "\n" for i, c in enumerate([0, 3, 1, 2])))
-    df, _, _ = load("medmcqa", str(p))
-    assert list(df.gold) == ["A", "D", "B", "C"] and "0-based" in df.attrs["notes"]["medmcqa_cop"]
-    p.write_text("".join(json.dumps(_medmcqa(c, i)) + "\n" for i, c in enumerate([1, 2, 3])))
+    path.write_text("".join(json.dumps(_medmcqa(c, i)) + "\n" for i, c in enumerate([0, 3, 1, 2])))
+    questions, _, _ = load("medmcqa", str(path))
+    assert list(questions.gold) == ["A", "D", "B", "C"] and "0-based" in questions.attrs["notes"]["medmcqa_cop"]
+    path.write_text("".join(json.dumps(_medmcqa(c, i)) + "\n" for i, c in enumerate([1, 2, 3])))
     with pytest.raises(RaycatError, match="set data.medmcqa_cop_base"):
-        load("medmcqa", str(p))
-    assert list(load("medmcqa", str(p), medmcqa_cop_base=1)[0].gold) == ["A", "B", "C"]
+        load("medmcqa", str(path))
+    assert list(load("medmcqa", str(path), medmcqa_cop_base=1)[0].gold) == ["A", "B", "C"]

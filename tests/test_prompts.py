@@ -1,4 +1,12 @@
-from raycat.data.prompts import PROMPT_VERSION, label_tokens, messages_for, option_labels, render_ids, template_hash
+from raycat.data.prompts import (
+    PROMPT_VERSION,
+    generation_context,
+    label_tokens,
+    messages_for,
+    option_labels,
+    render_ids,
+    template_hash,
+)
 
 
 def test_letter_and_paper_presets():
@@ -24,14 +32,14 @@ def test_render_uses_the_models_own_chat_template(tiny_tokenizer):
 
 
 def test_template_hash_changes_with_template_and_preset(tiny_tokenizer):
-    h = template_hash(tiny_tokenizer, "letters", None)
-    assert h == template_hash(tiny_tokenizer, "letters", None)
-    assert h != template_hash(tiny_tokenizer, "paper", None)
-    assert h != template_hash(tiny_tokenizer, "letters", "Custom {subject}")
+    letters_hash = template_hash(tiny_tokenizer, "letters", None)
+    assert letters_hash == template_hash(tiny_tokenizer, "letters", None)
+    assert letters_hash != template_hash(tiny_tokenizer, "paper", None)
+    assert letters_hash != template_hash(tiny_tokenizer, "letters", "Custom {subject}")
     saved = tiny_tokenizer.chat_template
     try:
         tiny_tokenizer.chat_template = saved + " "
-        assert h != template_hash(tiny_tokenizer, "letters", None)
+        assert letters_hash != template_hash(tiny_tokenizer, "letters", None)
     finally:
         tiny_tokenizer.chat_template = saved
     assert PROMPT_VERSION
@@ -50,8 +58,6 @@ def test_label_tokens_detect_multi_token_labels(tiny_tokenizer):
 
 
 def test_braces_in_a_category_are_text_and_only_the_user_prompt_has_a_subject_slot():
-    from raycat.data.prompts import messages_for
-
     m = messages_for("q?", ["a", "b"], "set {x} theory", "letters")
     assert "about set {x} theory" in m[0]["content"]
     m = messages_for("q?", ["a", "b"], "law {", "paper", system_prompt="Questions on {subject} {{x}}.")
@@ -81,8 +87,6 @@ def sentencepiece_style_tokenizer():
 
 
 def test_label_tokens_include_the_in_context_spelling_of_sentencepiece_tokenizers():
-    from raycat.data.prompts import generation_context, messages_for, render_ids
-
     tok = sentencepiece_style_tokenizer()
     alone = label_tokens(tok, 4, "letters")
     assert tok.convert_ids_to_tokens(list(alone.ids["A"])) == ["▁A"]  # what encode("A") gives
@@ -93,4 +97,5 @@ def test_label_tokens_include_the_in_context_spelling_of_sentencepiece_tokenizer
     prompt = render_ids(tok, messages_for("Which?", ["x", "y", "z", "w"], "", "letters"))
     answered = tok(tok.decode(prompt) + "A", add_special_tokens=False)["input_ids"]
     assert answered[: len(prompt)] == prompt and answered[-1] in labels.ids["A"]
-    assert answered[-1] not in alone.ids["A"]  # the options distribution missed the model's answer
+    # The options distribution missed the model's answer
+    assert answered[-1] not in alone.ids["A"]

@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 import yaml
 
-from raycat import entropy as H
+from raycat import entropy
 from raycat.cli import main
+from raycat.data.prompts import label_tokens, messages_for, render_ids
+from raycat.engines.base import ScoreRequest
+from raycat.engines.transformers_engine import TransformersEngine
+from raycat.engines.vllm_engine import VLLMEngine
+from raycat.storage.models import prepare
 
 pytestmark = [
     pytest.mark.slow,
@@ -22,8 +27,6 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from raycat.storage.models import prepare
-
     return prepare("smollm2-135m-instruct")
 
 
@@ -36,11 +39,6 @@ def test_prepared_checkpoint_records_provenance(smollm2):
 
 def test_vllm_matches_transformers_on_the_real_model(smollm2):
     from transformers import AutoTokenizer
-
-    from raycat.data.prompts import label_tokens, messages_for, render_ids
-    from raycat.engines.base import ScoreRequest
-    from raycat.engines.transformers_engine import TransformersEngine
-    from raycat.engines.vllm_engine import VLLMEngine
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     labels = label_tokens(tok, 4, "letters")
@@ -59,9 +57,11 @@ def test_vllm_matches_transformers_on_the_real_model(smollm2):
         llm.close()
     for req, res in zip(reqs, got, strict=True):
         lp = ref.first_token_logprobs(req.prompt_ids)
-        assert res.entropy_full == pytest.approx(H.entropy_full(lp), abs=1e-4)
-        ref_opts = H.group_logprobs(dict(enumerate(lp)), req.option_groups)
-        assert H.entropy_options(np.array(res.option_logprobs)) == pytest.approx(H.entropy_options(ref_opts), abs=1e-4)
+        assert res.entropy_full == pytest.approx(entropy.entropy_full(lp), abs=1e-4)
+        ref_opts = entropy.group_logprobs(dict(enumerate(lp)), req.option_groups)
+        assert entropy.entropy_options(np.array(res.option_logprobs)) == pytest.approx(
+            entropy.entropy_options(ref_opts), abs=1e-4
+        )
 
 
 def test_score_and_split_synthetic_arithmetic(tmp_path, smollm2):
@@ -75,12 +75,12 @@ def test_score_and_split_synthetic_arithmetic(tmp_path, smollm2):
         },
         "ray": {"num_cpus": 2},
     }
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(tree))
-    assert main(["score", "--config", str(p)]) == 0
-    m = json.loads((tmp_path / "run" / "score" / "metrics.json").read_text())
-    assert m["scored"] == 24
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(tree))
+    assert main(["score", "--config", str(config_path)]) == 0
+    metrics = json.loads((tmp_path / "run" / "score" / "metrics.json").read_text())
+    assert metrics["scored"] == 24
     # With its own chat template the instruct model puts most of its mass on the option letters.
-    assert m["option_mass"]["mean"] > 0.3
-    assert m["deviation_from_full"]["options_vs_full"]["n"] == 4
-    assert main(["split", "--config", str(p)]) == 0
+    assert metrics["option_mass"]["mean"] > 0.3
+    assert metrics["deviation_from_full"]["options_vs_full"]["n"] == 4
+    assert main(["split", "--config", str(config_path)]) == 0

@@ -19,7 +19,8 @@ def frame(ids, questions, gold="A"):
 
 def test_row_hash_covers_what_the_model_sees_and_is_graded_against():
     base = rowkey.row_hash("Q?", ["x", "y"], "A", "c")
-    assert base == rowkey.row_hash("Q?", ("x", "y"), "A", "c")  # lists from Parquet arrive as arrays/tuples
+    # Lists from Parquet arrive as arrays/tuples
+    assert base == rowkey.row_hash("Q?", ("x", "y"), "A", "c")
     changed = [
         rowkey.row_hash("Q!", ["x", "y"], "A", "c"),
         rowkey.row_hash("Q?", ["y", "x"], "A", "c"),
@@ -30,16 +31,16 @@ def test_row_hash_covers_what_the_model_sees_and_is_graded_against():
 
 
 def test_parts_count_as_done_only_for_the_same_id_and_content(tmp_path):
-    d = str(tmp_path / "parts")
+    parts = str(tmp_path / "parts")
     old = frame(["0", "1", "2"], ["what is 1+1?", "what is 2+2?", "what is 3+3?"])
-    rundir.write_part(old.assign(status=["verified", "wrong", "verified"]), d)
+    rundir.write_part(old.assign(status=["verified", "wrong", "verified"]), parts)
     # A new data.path: the same row-number ids, row 1 now holds another question.
     new = frame(["0", "1", "2", "3"], ["what is 1+1?", "capital of France?", "what is 3+3?", "new row"])
     path = str(tmp_path / "rows.parquet")
     rundir.write_parquet(path, new)
-    assert actor_pool.todo_count(path, [(d, None)]) == {"rows": 4, "done": [2], "todo": 2}
-    assert actor_pool.todo_count(path, [(d, "verified")]) == {"rows": 4, "done": [2], "todo": 2}
-    left = actor_pool.SkipDone([(d, None)])(new)
+    assert actor_pool.todo_count(path, [(parts, None)]) == {"rows": 4, "done": [2], "todo": 2}
+    assert actor_pool.todo_count(path, [(parts, "verified")]) == {"rows": 4, "done": [2], "todo": 2}
+    left = actor_pool.SkipDone([(parts, None)])(new)
     assert list(left["id"]) == ["1", "3"]
     # Parts written by an older raycat (no row_hash) are computed again, not trusted.
     legacy = str(tmp_path / "legacy")
@@ -72,12 +73,13 @@ def test_cascade_takes_the_first_verified_else_the_last_answer_per_content():
 
 
 def test_fingerprint_changes_when_a_file_is_rewritten_in_place(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "model.safetensors").write_bytes(b"w" * 64)
-    (d / "config.json").write_text("{}")
-    before = rundir.fingerprint(str(d))
-    assert before == rundir.fingerprint(str(d)) and before != ""
-    os.utime(d / "model.safetensors", ns=(1, 1))  # same size, new mtime: weights retrained in place
-    assert rundir.fingerprint(str(d)) != before
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"w" * 64)
+    (model_dir / "config.json").write_text("{}")
+    before = rundir.fingerprint(str(model_dir))
+    assert before == rundir.fingerprint(str(model_dir)) and before != ""
+    # Same size, new mtime: weights retrained in place
+    os.utime(model_dir / "model.safetensors", ns=(1, 1))
+    assert rundir.fingerprint(str(model_dir)) != before
     assert rundir.fingerprint("Org/hub-model") == "" and rundir.fingerprint("registry:smollm2") == ""

@@ -11,7 +11,7 @@ import pytest
 
 from raycat.config import load_config
 from raycat.errors import RaycatError
-from raycat.evaluate.stage import accuracy_table, bootstrap_ci
+from raycat.evaluate.core import accuracy_table, bootstrap_ci
 from raycat.pipeline import STAGES, plan, stage_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,6 +275,133 @@ def test_report_names_the_stage_being_written_not_running(tmp_path):
     assert "| score | done | `abc` | 12.5 |" in md
 
 
+def _add_the_rarer_rows(run: Path) -> None:
+    """make_run_dir plus what it lacks: compared and excluded rows, a missing band cell, paired differences,
+    a model not trained, a teacher's cost, an empty phase, a phase of zero steps, a stage without status."""
+    ev = json.loads((run / "eval/metrics.json").read_text())
+    ev.update({"compared_rows": 38, "excluded_rows": {"n": 2}, "not_trained": {"sft_all/phase2": "no rows"}})
+    ev["paired"] = [
+        {"a": "complexity_aware/phase1", "b": "base", "diff": 0.125, "ci95": [0.01, 0.2], "n": 38},
+        {"a": "x", "b": "y", "diff": None, "ci95": [None, None], "n": 0},
+    ]
+    ev["models"]["base"]["band_average"] = 0.5
+    ev["models"]["base"]["per_band"]["hard"] = {"n": 0, "accuracy": None, "ci95": [None, None], "unparsed": 0}
+    (run / "eval/metrics.json").write_text(json.dumps(ev))
+    teach = json.loads((run / "teach/metrics.json").read_text())
+    teach["accounting"]["per_teacher"] = {
+        "t1": {"attempts": 3, "engine_seconds": 1.5, "gpu_seconds": 0.0, "cost": 0.01234, "currency": "USD"},
+        "t2": {"attempts": 1, "engine_seconds": 2.5, "gpu_seconds": 1.0},
+    }
+    (run / "teach/metrics.json").write_text(json.dumps(teach))
+    (run / "train/complexity_aware/phase3").mkdir(parents=True)
+    (run / "train/complexity_aware/phase3/metrics.json").write_text(
+        json.dumps({"status": "empty", "reason": "no rows"})
+    )
+    (run / "train/sft_all/phase1").mkdir(parents=True)
+    zero_steps = {"examples": 5, "steps": 0, "mean_tokens_per_s": 0, "padding_waste": None, "wall_s": 1, "history": []}
+    (run / "train/sft_all/phase1/metrics.json").write_text(json.dumps(zero_steps))
+    stages = {"score": {"status": "done", "hash": "abc", "wall_s": 12.5}, "split": {}, "report": {"status": "running"}}
+    (run / "manifest.json").write_text(json.dumps({"stages": stages}))
+
+
+REPORT_MD = """\
+# raycat report — `RUN`
+
+## Complexity estimate (student entropy)
+
+| metric | value | source |
+|---|---|---|
+| questions scored | 200 | score/metrics.json `scored` |
+| student accuracy, arg-max among the option tokens | 0.5100 | score/metrics.json `accuracy` |
+| ROC AUC (−entropy → correct), arg-max among the option tokens | 0.7321 | score/metrics.json `roc_auc` |
+| student accuracy, decoded token (invalid and IDK rows dropped, as the paper) | 0.5000 | \
+score/metrics.json `accuracy_greedy` |
+| ROC AUC, decoded token (the paper's ≈ 0.73 is this one) | 0.7012 | score/metrics.json `roc_auc_greedy` |
+| band thresholds (nats) | 0.3700 / 1.1200 | split/thresholds.json `thresholds` |
+| train rows easy / medium / hard | 40 / 80 / 40 | split/thresholds.json `counts` |
+| test rows easy / medium / hard | 10 / 20 / 10 | split/thresholds.json `test_counts` |
+
+## Accuracy on held-out questions (greedy; 95% bootstrap CI)
+
+38 of 40 test questions, the same rows for every model (a row any model could not be asked is left out of all; \
+2 left out). Bands are the student's own pre-training entropy bands; band avg is the unweighted mean of the three. \
+Source: eval/metrics.json `models.<model>`.
+
+| model | prompt | overall | easy | medium | hard | band avg | unparsed |
+|---|---|---|---|---|---|---|---|
+| base | answer | 0.425 [0.325, 0.525] (n=40) | 0.600 [0.300, 0.900] (n=10) | 0.600 [0.300, 0.900] (n=20) | \
+– | 0.5000 | 1 |
+| complexity_aware/phase1 | answer | 0.550 [0.450, 0.650] (n=40) | 0.600 [0.300, 0.900] (n=10) | \
+0.600 [0.300, 0.900] (n=20) | 0.600 [0.300, 0.900] (n=10) | n/a | 1 |
+| complexity_aware/phase2 | cot | 0.625 [0.525, 0.725] (n=40) | 0.600 [0.300, 0.900] (n=10) | \
+0.600 [0.300, 0.900] (n=20) | 0.600 [0.300, 0.900] (n=10) | n/a | 1 |
+| sft_all/phase2 | not trained: no rows (train.on_empty_phase=skip) | | | | | | |
+
+### Paired differences (same rows; paired bootstrap 95% CI)
+
+| a | b | a − b | 95% CI | rows | source |
+|---|---|---|---|---|---|
+| complexity_aware/phase1 | base | +0.125 | [+0.010, +0.200] | 38 | eval/metrics.json `paired` |
+
+## Teacher
+
+| metric | value | source |
+|---|---|---|
+| rows dropped_wrong | 5 | teach/metrics.json `status.dropped_wrong` |
+| rows verified | 35 | teach/metrics.json `status.verified` |
+| prompt / completion tokens | 8000 / 12000 | teach/metrics.json `accounting` |
+| teacher tokens, easy band (40 rows, not taught) | 20000 (estimated for 40 from the measured mean per row of \
+all bands) | teach/metrics.json `accounting.per_band.easy` |
+| teacher tokens, medium band (80 rows, not taught) | 40000 (estimated for 80 from the measured mean per row of \
+all bands) | teach/metrics.json `accounting.per_band.medium` |
+| teacher tokens, hard band (40 rows, taught) | 20000 (measured) | teach/metrics.json `accounting.per_band.hard` |
+| teacher tokens saved vs teaching every band (estimate) | 75.0% | teach/metrics.json `accounting.saving` |
+| cost, t1 | 0.0123 USD | teach/metrics.json |
+
+## Training
+
+| recipe / phase | rows | steps | loss first → last | tokens/s | padding | wall s | source |
+|---|---|---|---|---|---|---|---|
+| complexity_aware/phase1 | 120 | 6 | 2.0000 → 0.3333 | 50 | 12.5% | 30.5 | train/complexity_aware/phase1/metrics.json |
+| complexity_aware/phase2 | 35 | 6 | 2.0000 → 0.3333 | 50 | 12.5% | 30.5 | train/complexity_aware/phase2/metrics.json |
+| complexity_aware/phase3 | 0 | not trained: no rows | | | | | train/complexity_aware/phase3/metrics.json |
+| sft_all/phase1 | 5 | 0 | – | – | – | 1 | train/sft_all/phase1/metrics.json |
+
+## Stages
+
+| stage | status | hash | wall s |
+|---|---|---|---|
+| score | done | `abc` | 12.5 |
+| split | – | `–` | – |
+| report | this report | `–` | – |
+
+## Plots
+
+![roc.png](plots/roc.png)
+
+![loss_curves.png](plots/loss_curves.png)
+
+## Provenance
+
+Everything above is read from `RUN`: the run's resolved config is `config.yaml`; each stage's inputs, model and \
+template hashes are in its `metrics.json` and `manifest.json`. Rebuild with `raycat report RUN`.
+"""
+
+
+def test_report_markdown_is_exactly_this(tmp_path):
+    """Every section, byte for byte: a rebuilt report of an old run reads the same."""
+    from raycat.report import markdown
+
+    run = tmp_path / "run"
+    make_run_dir(run)
+    _add_the_rarer_rows(run)
+    assert markdown(str(run), ["roc.png", "loss_curves.png"]) == REPORT_MD.replace("RUN", str(run))
+    bare = tmp_path / "bare"
+    bare.mkdir()  # no stage has run: the title and the provenance only
+    head, provenance = REPORT_MD.split("## Complexity")[0], REPORT_MD[REPORT_MD.index("## Provenance") :]
+    assert markdown(str(bare), []) == (head + provenance).replace("RUN", str(bare))
+
+
 def test_report_of_a_missing_or_empty_run_dir_fails_and_writes_nothing(tmp_path):
     from raycat.report import build
 
@@ -290,7 +417,7 @@ def test_report_of_a_missing_or_empty_run_dir_fails_and_writes_nothing(tmp_path)
 
 
 def test_paired_bootstrap_of_two_models_on_the_same_rows():
-    from raycat.evaluate.stage import paired_bootstrap
+    from raycat.evaluate.core import paired_bootstrap
 
     a = np.array([1, 1, 0, 1, 0, 1, 1, 0] * 5, dtype=bool)
     same = paired_bootstrap(a, a, 500, 0)
@@ -302,7 +429,7 @@ def test_paired_bootstrap_of_two_models_on_the_same_rows():
 
 
 def test_eval_compares_every_model_on_the_same_rows(tmp_path):
-    from raycat.evaluate.stage import SINGLE_TOKEN_BASE, EvalTarget, finalize, parts_dir, rows_path
+    from raycat.evaluate.stage import SINGLE_TOKEN_BASE, EvalPlan, finalize, parts_dir, rows_path
     from raycat.storage import rowkey, rundir
 
     cfg = load_config(DEMO, [f"run_dir={tmp_path / 'run'}"])
@@ -323,7 +450,7 @@ def test_eval_compares_every_model_on_the_same_rows(tmp_path):
     rundir.write_parquet(rows_path(cfg.run_dir), rows)
 
     def target(name):
-        return EvalTarget(name, "m", None, "answer", name, 8, 100, 0, "vllm", {})
+        return EvalPlan(name, "m", None, "answer", name, 8, 100, 0, "vllm", {})
 
     def answers(name, correct, skip=()):
         out = rows[["id", "row_hash", "band", "category"]].assign(

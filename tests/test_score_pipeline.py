@@ -11,7 +11,8 @@ from raycat.cli import main
 from raycat.storage import rundir
 from tests.helpers import N_QUESTIONS, kill_after_first_part, make_corpus
 
-pytestmark = pytest.mark.integration  # every test runs `raycat score` on a local Ray
+# Every test runs `raycat score` on a local Ray.
+pytestmark = pytest.mark.integration
 
 
 def write_config(tmp_path: Path, model: Path, **score) -> Path:
@@ -66,13 +67,13 @@ def test_vllm_in_ray_data_scores_every_question(vllm_run):
     assert (df.correct == (df.predicted == df.gold)).all()
     assert df.option_mass.between(0, 1).all()
     assert {"model", "model_revision", "template_hash", "prompt_version", "entropy_mode", "cache_key"} <= set(df)
-    m = json.loads((tmp / "run" / "score" / "metrics.json").read_text())
-    assert m["scored"] == N_QUESTIONS + 1 and m["missing"] == 0
-    assert m["accuracy"] == pytest.approx(df.correct.mean())
-    assert m["deviation_from_full"]["options_vs_full"]["n"] == 8
-    assert m["deviation_from_full"]["topk_vs_full"]["within_bound"] is True
-    assert set(m["per_category"]) == {"alpha", "beta"}
-    assert sum(m["entropy"]["histogram"]["counts"]) == N_QUESTIONS + 1
+    metrics = json.loads((tmp / "run" / "score" / "metrics.json").read_text())
+    assert metrics["scored"] == N_QUESTIONS + 1 and metrics["missing"] == 0
+    assert metrics["accuracy"] == pytest.approx(df.correct.mean())
+    assert metrics["deviation_from_full"]["options_vs_full"]["n"] == 8
+    assert metrics["deviation_from_full"]["topk_vs_full"]["within_bound"] is True
+    assert set(metrics["per_category"]) == {"alpha", "beta"}
+    assert sum(metrics["entropy"]["histogram"]["counts"]) == N_QUESTIONS + 1
     assert (tmp / "run" / "score" / "config.yaml").is_file()
 
 
@@ -113,7 +114,8 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(vllm_run, tmp_pat
     m = json.loads((tmp_path / "run" / "score" / "metrics.json").read_text())
     assert m["rows_this_run"] == N_QUESTIONS + 1 - written
     resumed, ref = read_scores(tmp_path), read_scores(tmp_ref)
-    assert sorted(resumed.id) == sorted(ref.id)  # same multiset: nothing lost, nothing twice
+    # The same multiset: nothing lost, nothing twice.
+    assert sorted(resumed.id) == sorted(ref.id)
     merged = resumed.merge(ref, on="id", suffixes=("", "_ref"))
     assert (merged.entropy - merged.entropy_ref).abs().max() < 1e-5
     assert (merged.predicted == merged.predicted_ref).all()
@@ -207,9 +209,9 @@ def test_relative_run_dir_as_in_the_demo_config(tmp_path, tiny_model_dir, monkey
     assert list((tmp_path / "runs/rel/score/parts").iterdir())
     # Split, and teach's rows / parts / merge, also run in Ray workers with the relative run_dir.
     tree["split"] = {"test_fraction": 0.2}
-    lm = {"path": str(tiny_model_dir), "dtype": "float32", "max_model_len": 512}
+    teacher_model = {"path": str(tiny_model_dir), "dtype": "float32", "max_model_len": 512}
     tree["teach"] = {
-        "teachers": [{"model": lm, "engine": {"backend": "transformers", "batch_size": 8}}],
+        "teachers": [{"model": teacher_model, "engine": {"backend": "transformers", "batch_size": 8}}],
         "sampling": {"max_tokens": 8},
         "retries": 0,
         "max_failure_ratio": 1.0,

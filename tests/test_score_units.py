@@ -6,7 +6,7 @@ import pytest
 
 from raycat.config import validate_config
 from raycat.engines.base import ScoreResult, resolve_dtype
-from raycat.score.stage import cache_key, deviation_sample, row_result
+from raycat.score.core import cache_key, deviation_sample, row_result
 
 
 def cfg(**score):

@@ -31,7 +31,8 @@ def test_bands_are_bounded_and_disjoint_no_middle_band_bug():
     e = rng.exponential(size=1000)
     bands, test, info = split_frame(frame(e), SplitConfig())
     lo, hi = info["thresholds"]
-    assert bands["medium"]["entropy"].max() < hi  # the paper's v1/v2 medium had no upper bound
+    # The medium band of the paper's v1/v2 splits had no upper bound.
+    assert bands["medium"]["entropy"].max() < hi
     assert bands["easy"]["entropy"].max() < lo <= bands["medium"]["entropy"].min()
     assert bands["hard"]["entropy"].min() >= hi
     ids = [set(b["id"]) for b in bands.values()]

@@ -145,7 +145,8 @@ def test_request_errors_stop_the_row_and_keep_earlier_answers():
     assert res[0]["status"] == "failed" and res[0]["reason"] == "APIConnectionError: down"
     assert res[0]["attempts"] == 0
     assert res[1]["status"] == "wrong" and res[1]["attempts"] == 1 and "429" in res[1]["reason"]
-    assert len(eng.calls) == 2  # no retries after a request failed for good
+    # No retries after a request failed for good.
+    assert len(eng.calls) == 2
 
 
 def test_n_samples_per_attempt_keep_a_verified_one_and_count_all_tokens():

@@ -16,6 +16,7 @@ from raycat.cli import main
 from raycat.engines.base import Sampling
 from raycat.engines.openai_http import OpenAITeacher, RateLimiter
 from raycat.errors import RaycatError
+from raycat.storage import rowkey, rundir
 from raycat.teach.core import attempt_schedule, teach_rows
 from tests.helpers import wait_http
 from tests.http_fault_server import FaultServer
@@ -34,10 +35,10 @@ def test_faults_are_retried_or_recorded_never_hung(monkeypatch):
     monkeypatch.setenv("RAYCAT_TEST_KEY", SECRET)
     modes = ["ok", "429", "500", "timeout", "garbage", "empty"]
     with FaultServer() as srv:
-        t = OpenAITeacher(srv.url, "teacher", "RAYCAT_TEST_KEY", timeout_s=0.5, max_retries=2)
-        t0 = time.monotonic()
-        res = teach_rows(t, rows_for(modes), attempt_schedule(Sampling(0.0, 1.0, 64, 0), 1, [0.7]))
-        elapsed = time.monotonic() - t0
+        teacher = OpenAITeacher(srv.url, "teacher", "RAYCAT_TEST_KEY", timeout_s=0.5, max_retries=2)
+        started = time.monotonic()
+        res = teach_rows(teacher, rows_for(modes), attempt_schedule(Sampling(0.0, 1.0, 64, 0), 1, [0.7]))
+        elapsed = time.monotonic() - started
     got = {m: r for m, r in zip(modes, res, strict=True)}
     assert got["ok"]["status"] == got["429"]["status"] == got["500"]["status"] == "verified"
     assert got["ok"]["completion_tokens"] == 7 and got["ok"]["prompt_tokens"] == 11
@@ -55,8 +56,8 @@ def test_faults_are_retried_or_recorded_never_hung(monkeypatch):
 
 def test_n_samples_over_http_book_usage_once():
     with FaultServer() as srv:
-        t = OpenAITeacher(srv.url, "teacher", None, timeout_s=5, max_retries=0)
-        gens = t.generate([[{"role": "user", "content": "Q mode=ok"}]], Sampling(0.7, 1.0, 16, 0, n=3))
+        teacher = OpenAITeacher(srv.url, "teacher", None, timeout_s=5, max_retries=0)
+        gens = teacher.generate([[{"role": "user", "content": "Q mode=ok"}]], Sampling(0.7, 1.0, 16, 0, n=3))
     assert len(gens) == 3 and all(g.text.endswith("[[A]]") for g in gens)
     assert [g.completion_tokens for g in gens] == [7, 0, 0] and [g.prompt_tokens for g in gens] == [11, 0, 0]
 
@@ -67,15 +68,15 @@ def test_rate_limiter_is_shared_across_generate_calls():
     # call would start full again): the second must wait (2 * 3050 - 6000) / 100 = 1 s.
     sampling = Sampling(0.0, 1.0, 3048, 0)
     with FaultServer() as srv:
-        t = OpenAITeacher(srv.url, "teacher", None, tokens_per_minute=6000, timeout_s=5, max_retries=0)
+        teacher = OpenAITeacher(srv.url, "teacher", None, tokens_per_minute=6000, timeout_s=5, max_retries=0)
         try:
-            t0 = time.monotonic()
-            first = t.generate([[{"role": "user", "content": "Q1 mode=ok"}]], sampling)
-            second = t.generate([[{"role": "user", "content": "Q2 mode=ok"}]], sampling)
+            started = time.monotonic()
+            first = teacher.generate([[{"role": "user", "content": "Q1 mode=ok"}]], sampling)
+            second = teacher.generate([[{"role": "user", "content": "Q2 mode=ok"}]], sampling)
         finally:
-            t.close()
+            teacher.close()
     assert first[0].error is None and second[0].error is None
-    assert srv.calls["Q1 mode=ok"][0] - t0 < 0.8
+    assert srv.calls["Q1 mode=ok"][0] - started < 0.8
     assert srv.calls["Q2 mode=ok"][0] - srv.calls["Q1 mode=ok"][0] >= 0.9
 
 
@@ -83,31 +84,31 @@ def test_a_bug_propagates_but_api_errors_become_failed_rows(monkeypatch):
     import httpx
     import openai
 
-    t = OpenAITeacher("http://127.0.0.1:9/v1", "m", None, max_retries=0)
+    teacher = OpenAITeacher("http://127.0.0.1:9/v1", "m", None, max_retries=0)
     prompt = [[{"role": "user", "content": "Q"}]]
 
     async def bug(**kw):
         raise TypeError("create() got an unexpected keyword argument 'nope'")
 
-    monkeypatch.setattr(t._client.chat.completions, "create", bug)
+    monkeypatch.setattr(teacher._client.chat.completions, "create", bug)
     with pytest.raises(TypeError, match="nope"):
-        t.generate(prompt, Sampling(0.0, 1.0, 8, 0))
+        teacher.generate(prompt, Sampling(0.0, 1.0, 8, 0))
 
     async def down(**kw):
         raise openai.APIConnectionError(request=httpx.Request("POST", "http://127.0.0.1:9/v1"))
 
-    monkeypatch.setattr(t._client.chat.completions, "create", down)
-    gens = t.generate(prompt, Sampling(0.0, 1.0, 8, 0, n=2))  # the same loop and client, still usable
+    monkeypatch.setattr(teacher._client.chat.completions, "create", down)
+    gens = teacher.generate(prompt, Sampling(0.0, 1.0, 8, 0, n=2))  # the same loop and client, still usable
     assert [g.finish_reason for g in gens] == ["error", "error"] and "APIConnectionError" in gens[0].error
-    t.close()
-    t.close()  # twice is fine
+    teacher.close()
+    teacher.close()  # twice is fine
     with pytest.raises(RuntimeError, match="after close"):
-        t.generate(prompt, Sampling(0.0, 1.0, 8, 0))
+        teacher.generate(prompt, Sampling(0.0, 1.0, 8, 0))
 
 
 def test_reasoning_content_is_kept_ahead_of_the_answer():
     with FaultServer() as srv:
-        t = OpenAITeacher(srv.url, "teacher", None, timeout_s=5, max_retries=0)
+        teacher = OpenAITeacher(srv.url, "teacher", None, timeout_s=5, max_retries=0)
         rows = [
             {
                 "prompt": [{"role": "user", "content": "Q mode=reasoning"}],
@@ -116,8 +117,8 @@ def test_reasoning_content_is_kept_ahead_of_the_answer():
                 "skip_reason": "",
             }
         ]
-        res = teach_rows(t, rows, attempt_schedule(Sampling(0.0, 1.0, 64, 0), 0, [0.7]))
-        t.close()
+        res = teach_rows(teacher, rows, attempt_schedule(Sampling(0.0, 1.0, 64, 0), 0, [0.7]))
+        teacher.close()
     assert res[0]["response"] == "Option B looks tempting: [[B]]? No, the first one.\n\n[[A]]"
     assert res[0]["status"] == "verified" and res[0]["extracted"] == "A"  # the final answer, not the CoT's
 
@@ -137,15 +138,14 @@ def test_rate_limiter_spaces_requests_and_tokens():
     assert lim.wait_time(100) == pytest.approx(0.5)  # the request bucket (2/s) is empty
     now[0] += 0.5
     assert lim.wait_time(100) == 0
-    lim.take(400)  # 600 - 200 - 400 + 5 refilled = 5 tokens left
+    # 600 - 200 - 400 + 5 refilled = 5 tokens left
+    lim.take(400)
     assert lim.wait_time(100) == pytest.approx(9.5)
 
 
 def write_split(run: Path, n: int = 6):
-    from raycat.storage import rowkey, rundir
-
     for band, k in (("easy", 2), ("medium", 2), ("hard", n)):
-        df = pd.DataFrame(
+        rows = pd.DataFrame(
             {
                 "id": [f"{band}{i}" for i in range(k)],
                 "question": [f"Q {band}{i} mode=ok" for i in range(k)],
@@ -157,10 +157,11 @@ def write_split(run: Path, n: int = 6):
                 "band": band,
             }
         )
-        rundir.write_parquet(str(run / "split" / f"{band}.parquet"), rowkey.add(df))
+        rundir.write_parquet(str(run / "split" / f"{band}.parquet"), rowkey.add(rows))
 
 
-@pytest.mark.integration  # `raycat teach` runs the HTTP teacher in Ray Data
+# `raycat teach` runs the HTTP teacher in Ray Data
+@pytest.mark.integration
 def test_api_key_never_reaches_outputs_or_logs(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("RAYCAT_TEST_KEY", SECRET)
     write_split(tmp_path / "run")
@@ -238,7 +239,7 @@ def test_real_vllm_openai_server_on_loopback(tmp_path, tiny_model_dir):
             "vLLM server",
             log=lambda: (tmp_path / "server.log").read_text()[-3000:],
         )
-        t = OpenAITeacher(f"http://127.0.0.1:{port}/v1", "tiny", None, timeout_s=60, max_retries=1)
+        teacher = OpenAITeacher(f"http://127.0.0.1:{port}/v1", "tiny", None, timeout_s=60, max_retries=1)
         rows = [
             {
                 "prompt": [{"role": "user", "content": f"Question {i}? A. yes B. no"}],
@@ -248,7 +249,7 @@ def test_real_vllm_openai_server_on_loopback(tmp_path, tiny_model_dir):
             }
             for i in range(4)
         ]
-        res = teach_rows(t, rows, attempt_schedule(Sampling(0.0, 1.0, 8, 0), 1, [0.7]))
+        res = teach_rows(teacher, rows, attempt_schedule(Sampling(0.0, 1.0, 8, 0), 1, [0.7]))
         assert all(r["status"] in ("verified", "wrong", "no_answer", "truncated") for r in res)
         # A completion the server cut at max_tokens is never verified, whatever it contains.
         assert all((r["status"] == "truncated") == (r["finish_reason"] == "length") for r in res)
@@ -264,10 +265,12 @@ def test_real_vllm_openai_server_on_loopback(tmp_path, tiny_model_dir):
         log.close()
 
 
-@pytest.mark.integration  # `raycat teach` runs the HTTP teacher in Ray Data
+# `raycat teach` runs the HTTP teacher in Ray Data
+@pytest.mark.integration
 def test_teacher_down_stops_with_a_clear_error_and_keeps_outputs(tmp_path, capsys):
     write_split(tmp_path / "run")
-    with socket.socket() as s:  # a port nobody listens on: connection refused at once
+    # A port nobody listens on: connection refused at once
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
     tree = {
@@ -291,14 +294,14 @@ def test_teacher_down_stops_with_a_clear_error_and_keeps_outputs(tmp_path, capsy
     assert skipped.reason.str.contains("APIConnectionError").all()
 
 
-@pytest.mark.integration  # `raycat teach` runs the HTTP teacher in Ray Data
+# `raycat teach` runs the HTTP teacher in Ray Data
+@pytest.mark.integration
 def test_cascade_asks_the_next_teacher_only_for_unsolved_rows(tmp_path):
-    from raycat.storage import rowkey, rundir
-
     run = tmp_path / "run"
     write_split(run)
     hard = rundir.read_parquet(str(run / "split" / "hard.parquet"))
-    hard["gold"] = ["A", "B"] * 3  # the first teacher always answers A, the second always B
+    # The first teacher always answers A, the second always B
+    hard["gold"] = ["A", "B"] * 3
     rundir.write_parquet(str(run / "split" / "hard.parquet"), rowkey.add(hard))
     with FaultServer() as srv:
         teachers = [{"model": {"path": f"answers-{x}"}, "api": {"base_url": srv.url}} for x in "AB"]

@@ -71,27 +71,28 @@ def test_hard_band_then_all_bands_share_the_cache(split_run, tiny_model_dir):
     hard = pd.read_parquet(tmp / "run" / "split" / "hard.parquet")
     cfg = config(tmp, tiny_model_dir)
     assert main(["teach", "--config", str(cfg)]) == 0
-    m = metrics(tmp)
-    assert m["rows"] == len(hard) and m["rows_this_run"] == len(hard)
+    teach_metrics = metrics(tmp)
+    assert teach_metrics["rows"] == len(hard) and teach_metrics["rows_this_run"] == len(hard)
     # A random tiny model rambles to max_tokens: every row is retried once, then dropped, and says why
     # (a completion cut off by max_tokens is never verified).
-    assert m["status"] == {"dropped_truncated": len(hard)}
+    assert teach_metrics["status"] == {"dropped_truncated": len(hard)}
     skipped = pd.read_parquet(tmp / "run" / "teach" / "skipped.parquet")
     assert sorted(skipped.id) == sorted(hard.id) and (skipped.attempts == 2).all()
     assert skipped.reason.str.contains("cut off at teach.sampling.max_tokens").all()
     assert (skipped.finish_reason == "length").all()
-    a = m["accounting"]
-    assert a["completion_tokens"] == int(skipped.completion_tokens.sum()) > 0
-    assert a["per_teacher"][str(tiny_model_dir)]["cost"] == pytest.approx(
-        (a["prompt_tokens"] * 1.0 + a["completion_tokens"] * 4.0) / 1e6
+    accounting = teach_metrics["accounting"]
+    assert accounting["completion_tokens"] == int(skipped.completion_tokens.sum()) > 0
+    assert accounting["per_teacher"][str(tiny_model_dir)]["cost"] == pytest.approx(
+        (accounting["prompt_tokens"] * 1.0 + accounting["completion_tokens"] * 4.0) / 1e6
     )
-    assert a["pool_rows"] == N + 1 and 0 < a["saving"]["saving_pct"] < 100
-    assert a["per_band"]["hard"]["basis"] == "measured" and a["saving"]["basis"] == "estimate"
+    assert accounting["pool_rows"] == N + 1 and 0 < accounting["saving"]["saving_pct"] < 100
+    assert accounting["per_band"]["hard"]["basis"] == "measured" and accounting["saving"]["basis"] == "estimate"
 
     cfg_all = config(tmp, tiny_model_dir, bands="all", on_wrong="fallback_to_answer")
     assert main(["teach", "--config", str(cfg_all)]) == 0
-    m = metrics(tmp)
-    assert m["rows"] == N + 1 and m["rows_this_run"] == N + 1 - len(hard)  # hard rows came from the cache
+    teach_metrics = metrics(tmp)
+    # The hard rows came from the cache.
+    assert teach_metrics["rows"] == N + 1 and teach_metrics["rows_this_run"] == N + 1 - len(hard)
     cot = pd.read_parquet(tmp / "run" / "teach" / "cot.parquet")
     assert cot.id.is_unique and len(cot) == N + 1
     assert (cot.target == "[[" + cot.gold + "]]").all() and (cot.final_status == "fallback_to_answer").all()

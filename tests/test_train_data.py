@@ -40,7 +40,8 @@ def test_stop_ids_come_from_tokenizer_and_generation_config(family):
     name, tok, stops = family
     if name == "chatml":
         assert stops == {tok.convert_tokens_to_ids("<|im_end|>")}
-    else:  # Llama-3: EOS <|end_of_text|> and, from generation_config, <|eot_id|>
+    else:
+        # Llama-3: EOS <|end_of_text|> and, from generation_config, <|eot_id|>.
         assert stops == {tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>")}
 
 
@@ -75,7 +76,8 @@ def test_no_example_has_an_empty_mask(family):
     for kind, rows in (("answer", _rows(12)), ("cot", _rows(12, with_target=True))):
         enc, skipped = encode_rows(tok, rows, kind, stops, max_length=512, overlong="drop")
         assert len(enc) == 12 and len(skipped) == 0
-        assert (enc["num_target_tokens"] >= 2).all()  # at least one answer token plus the stop token
+        # At least one answer token plus the stop token.
+        assert (enc["num_target_tokens"] >= 2).all()
 
 
 def test_overlong_rows_are_dropped_or_truncated_and_counted(tiny_model_dir):
@@ -172,7 +174,8 @@ def test_random_split_keeps_band_sizes_with_random_disjoint_rows():
     (p1, r1), (p2, r2) = phases
     assert len(r1) == 9 and len(r2) == 3 and skipped.empty
     assert not set(r1["id"]) & set(r2["id"]) and set(r1["id"]) | set(r2["id"]) == {f"q{i}" for i in range(12)}
-    assert set(r2["id"]) != {"q9", "q10", "q11"}  # seed 1 does not happen to pick the hard band
+    # Seed 1 does not happen to pick the hard band.
+    assert set(r2["id"]) != {"q9", "q10", "q11"}
     again, _ = select("random_split", _bands(), _cot(range(12)), seed=1)
     assert list(again[1][1]["id"]) == list(r2["id"])  # seeded
     assert set(RECIPES) == {"complexity_aware", "sft_all", "distill_all", "curriculum", "random_split"}
@@ -205,7 +208,8 @@ def test_accumulated_window_loss_weighs_every_target_token_like_one_big_batch():
         loss_fn()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    reference = grads(lambda: model(**both).loss.backward())  # mean over all target tokens of the window
+    # Mean over all target tokens of the window.
+    reference = grads(lambda: model(**both).loss.backward())
     n = sum(target_tokens(b["labels"]) for b in micro)
     assert n == 3 + 36
 
@@ -215,7 +219,8 @@ def test_accumulated_window_loss_weighs_every_target_token_like_one_big_batch():
 
     torch.testing.assert_close(grads(window), reference, atol=1e-6, rtol=1e-4)
 
-    def mean_of_means():  # the old accumulation: each micro-batch's mean loss / accumulation steps
+    # The old accumulation: each micro-batch's mean loss / accumulation steps.
+    def mean_of_means():
         for b in micro:
             (model(**b).loss / len(micro)).backward()
 
@@ -242,7 +247,8 @@ def test_a_packed_micro_batch_trains_exactly_like_the_padded_one(attn):
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     model = LlamaForCausalLM(cfg).float()
     model.config._attn_implementation = attn
-    model.config.use_cache = False  # as training loads it (a cache turns off the packed-sequence mask)
+    # As training loads it (a cache turns off the packed-sequence mask).
+    model.config.use_cache = False
     rng = np.random.default_rng(0)
     ids = [rng.integers(3, 64, n).tolist() for n in (9, 23, 14)]
     labels = [[-100] * p + x[p:] for x, p in zip(ids, (4, 20, 6), strict=True)]
@@ -278,4 +284,5 @@ def test_length_groups_make_micro_batches_of_similar_length_in_shuffled_order():
     assert sorted(order) == list(range(8))  # every example once
     runs = [sorted(lengths[i] for i in order[k : k + 2]) for k in range(0, 8, 2)]
     assert sorted(runs) == [[9, 10], [11, 12], [40, 41], [50, 52]]
-    assert order == length_groups(lengths, 2, seed=0)  # deterministic: resume skips the same batches
+    # Deterministic: resume skips the same batches.
+    assert order == length_groups(lengths, 2, seed=0)

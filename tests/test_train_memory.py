@@ -10,8 +10,7 @@ from raycat.config import ConfigError, load_config
 from raycat.errors import RaycatError
 from raycat.recipes import RECIPES
 from raycat.train.loop import deepspeed_config, scheduler_factory
-from raycat.train.memory import estimate
-from raycat.train.stage import preflight
+from raycat.train.memory import describe, estimate, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +23,8 @@ def test_70b_lora_zero3_fits_and_reports_its_numbers(llama70b_dir):
     cfg = _cfg("llama-3.1-70b-mmlu-pro-lora.yaml")
     pre = preflight(cfg, str(llama70b_dir), list(RECIPES[cfg.train.recipe]))
     assert 70.0e9 < pre["params"] < 71.0e9  # Llama-3.1-70B: 70.6B
-    assert 0.5e9 < pre["trainable_params"] < 1.0e9  # r=64 on all 7 projections of 80 layers: 0.83B
+    # r=64 on all 7 projections of 80 layers: 0.83B.
+    assert 0.5e9 < pre["trainable_params"] < 1.0e9
     p2 = pre["phases"]["phase2"]
     assert p2["device_breakdown_gib"]["weights"] == pytest.approx(pre["params"] * 2 / 16 / 1024**3, rel=1e-3)
     assert p2["device_gib_per_worker"] < 80
@@ -155,3 +155,18 @@ def test_a_tracker_that_is_not_installed_is_named_before_anything_runs(llama70b_
     cfg = _cfg("llama-3.1-70b-mmlu-pro-lora.yaml", f"train.tracking={tracker}", "train.tracking_uri=http://m:5000")
     with pytest.raises(RaycatError, match=f"pip install {tracker}, or set train.tracking=none"):
         preflight(cfg, str(llama70b_dir), list(RECIPES[cfg.train.recipe]))
+
+
+def test_the_preflight_line_names_each_phase_and_its_host_share_only_when_offloaded():
+    phase = {"device_gib_per_worker": 1.234, "host_gib_per_worker": 0.0}
+    offloaded = {"device_gib_per_worker": 2.5, "host_gib_per_worker": 10.0}
+    result = {
+        "params": 494_032_768,
+        "trainable_params": 1_081_344,
+        "device_capacity_gib": 80.0,
+        "phases": {"phase1": phase, "phase2": offloaded},
+    }
+    assert describe(result) == (
+        "pre-flight: 494.0M parameters (1.08M trainable), phase1: ~1.23 GiB/worker on device; "
+        "phase2: ~2.50 GiB/worker on device + 10.00 GiB host (capacity 80.0 GiB)"
+    )

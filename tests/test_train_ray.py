@@ -139,7 +139,8 @@ def test_full_zero3_two_phases_gathers_weights_for_export(tmp_path, tiny_model_d
     weights = _tensors(Path(p2["model"]))
     base = _tensors(Path(tiny_model_dir))
     assert set(weights) == set(base) and all(weights[k].shape == base[k].shape for k in base)  # gathered, not shards
-    _generate_vllm(Path(p2["model"]))  # the gathered full weights load in vLLM and generate
+    # The gathered full weights load in vLLM and generate.
+    _generate_vllm(Path(p2["model"]))
 
 
 def _phase2_checkpointed(ckpts: Path) -> bool:
@@ -195,7 +196,8 @@ def test_killed_worker_in_phase2_resumes_from_checkpoint_without_redoing_phase1(
                 if workers:
                     killed = workers[-1].pid
                     phase1_done = (run / "train/complexity_aware/phase1/done.json").stat().st_mtime_ns
-                    os.kill(killed, signal.SIGKILL)  # a process of the session this test started
+                    # A process of the session this test started.
+                    os.kill(killed, signal.SIGKILL)
             time.sleep(0.05)
         assert killed is not None, "no phase-2 checkpoint / train worker seen in time"
         assert proc.wait(timeout=400) == 0
@@ -297,7 +299,8 @@ def test_rerun_after_the_whole_job_is_killed_resumes_phase2_from_its_checkpoint(
             assert proc.poll() is None, "raycat train exited before phase 2 registered a checkpoint"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # driver, Ray and workers: the session this test started
+        # Driver, Ray and workers: the session this test started.
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     phase1_done = (run / "train/complexity_aware/phase1/done.json").stat().st_mtime_ns
     assert not (run / "train/complexity_aware/phase2/done.json").exists()
@@ -362,7 +365,8 @@ def test_mlflow_gets_one_run_per_phase_from_the_shared_worker_group(tmp_path, ti
     )
     tree["train"]["log_every_steps"] = 1
     s = run_train(validate_config(tree), say=lambda m: None)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this reader's opt-in, as the workers' own
+    # This reader's opt-in, as the workers' own.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("raycat-test")
     runs = {r.data.params["phase"]: r for r in client.search_runs([exp.experiment_id])}

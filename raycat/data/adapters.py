@@ -38,7 +38,8 @@ class BadRowError(RaycatError, ValueError):
         msg += ". Set data.on_bad_rows=quarantine to set such rows aside instead."
         super().__init__(msg)
 
-    def __reduce__(self):  # raised in a Ray task: rebuilt on the driver from its fields
+    def __reduce__(self):
+        """Raised in a Ray task: rebuilt on the driver from its fields."""
         return (BadRowError, (self.row, self.field, self.reason, self.fix))
 
 
@@ -56,39 +57,41 @@ class _Bad(Exception):
         self.field, self.reason, self.fix = field, reason, fix
 
 
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _text(v: Any, field: str) -> str:
-    if _missing(v):
+def _text(value: Any, field: str) -> str:
+    if _missing(value):
         raise _Bad(field, "missing value")
-    if not isinstance(v, str):
-        raise _Bad(field, f"expected text, got {type(v).__name__} {v!r}", "Quote the value or fix the column type")
-    if not v.strip():
+    if not isinstance(value, str):
+        raise _Bad(
+            field, f"expected text, got {type(value).__name__} {value!r}", "Quote the value or fix the column type"
+        )
+    if not value.strip():
         raise _Bad(field, "empty text")
-    return v
+    return value
 
 
-def _as_list(v: Any, field: str) -> list:
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    if _missing(v):
+def _as_list(value: Any, field: str) -> list:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if _missing(value):
         raise _Bad(field, "missing value")
-    if not isinstance(v, list | tuple):
-        raise _Bad(field, f"expected a list of options, got {type(v).__name__}")
-    return list(v)
+    if not isinstance(value, list | tuple):
+        raise _Bad(field, f"expected a list of options, got {type(value).__name__}")
+    return list(value)
 
 
-def _index(v: Any, field: str, base: int = 0) -> int:
-    if isinstance(v, bool) or _missing(v):
-        raise _Bad(field, f"expected an integer answer index, got {v!r}")
+def _index(value: Any, field: str, base: int = 0) -> int:
+    if isinstance(value, bool) or _missing(value):
+        raise _Bad(field, f"expected an integer answer index, got {value!r}")
     try:
-        as_int = int(v)
+        as_int = int(value)
     except (TypeError, ValueError):
-        raise _Bad(field, f"expected an integer answer index, got {v!r}") from None
-    if as_int != v and str(as_int) != str(v).strip():
-        raise _Bad(field, f"expected an integer answer index, got {v!r}")
+        raise _Bad(field, f"expected an integer answer index, got {value!r}") from None
+    if as_int != value and str(as_int) != str(value).strip():
+        raise _Bad(field, f"expected an integer answer index, got {value!r}")
     return as_int - base
 
 
@@ -101,73 +104,80 @@ def _gold_from_index(idx: int, n: int, field: str) -> str:
 # --- adapters: raw row dict -> partial canonical record (id may be None: row index is used) ---
 
 
-def _mmlu_pro(r: dict, _cfg: DataConfig) -> dict:
-    options = [_text(o, "options") for o in _as_list(r.get("options"), "options")]
-    idx = _index(r.get("answer_index"), "answer_index")
+def _mmlu_pro(row: dict, _cfg: DataConfig) -> dict:
+    options = [_text(o, "options") for o in _as_list(row.get("options"), "options")]
+    idx = _index(row.get("answer_index"), "answer_index")
     gold = _gold_from_index(idx, len(options), "answer_index")
-    letter = r.get("answer")
+    letter = row.get("answer")
     if not _missing(letter) and str(letter).strip().upper() != gold:
         raise _Bad("answer", f"letter {letter!r} disagrees with answer_index {idx} ({gold})")
     return {
-        "id": r.get("question_id"),
-        "question": r.get("question"),
+        "id": row.get("question_id"),
+        "question": row.get("question"),
         "options": options,
         "gold": gold,
-        "category": r.get("category"),
+        "category": row.get("category"),
     }
 
 
-def _mmlu(r: dict, _cfg: DataConfig) -> dict:
+def _mmlu(row: dict, _cfg: DataConfig) -> dict:
     # cais/mmlu: choices (list) + answer (0-3); the CSV export: choice0..choice3 + answer (0-3).
-    if "choices" in r:
-        raw = _as_list(r.get("choices"), "choices")
+    if "choices" in row:
+        raw = _as_list(row.get("choices"), "choices")
     else:
-        raw = [r.get(f"choice{i}") for i in range(4)]
+        raw = [row.get(f"choice{i}") for i in range(4)]
     options = [_text(o, "choices") for o in raw]
-    gold = _gold_from_index(_index(r.get("answer"), "answer"), len(options), "answer")
-    return {"id": None, "question": r.get("question"), "options": options, "gold": gold, "category": r.get("subject")}
-
-
-def _medmcqa(r: dict, cfg: DataConfig) -> dict:
-    options = [_text(r.get(k), k) for k in ("opa", "opb", "opc", "opd")]
-    cop = _index(r.get("cop"), "cop")
-    if cop == -1:
-        raise _Bad("cop", "no published answer (cop=-1, the MedMCQA test split)", "Use the validation split")
-    cop -= cfg.medmcqa_cop_base or 0  # load_questions sets the base (detected or configured)
-    gold = _gold_from_index(cop, 4, "cop")
+    gold = _gold_from_index(_index(row.get("answer"), "answer"), len(options), "answer")
     return {
-        "id": r.get("id"),
-        "question": r.get("question"),
+        "id": None,
+        "question": row.get("question"),
         "options": options,
         "gold": gold,
-        "category": r.get("subject_name"),
+        "category": row.get("subject"),
+    }
+
+
+def _medmcqa(row: dict, cfg: DataConfig) -> dict:
+    options = [_text(row.get(k), k) for k in ("opa", "opb", "opc", "opd")]
+    cop = _index(row.get("cop"), "cop")
+    if cop == -1:
+        raise _Bad("cop", "no published answer (cop=-1, the MedMCQA test split)", "Use the validation split")
+    # load_questions sets the base (detected or configured).
+    cop -= cfg.medmcqa_cop_base or 0
+    gold = _gold_from_index(cop, 4, "cop")
+    return {
+        "id": row.get("id"),
+        "question": row.get("question"),
+        "options": options,
+        "gold": gold,
+        "category": row.get("subject_name"),
     }
 
 
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 
-def _gsm8k(r: dict, _cfg: DataConfig) -> dict:
-    answer = _text(r.get("answer"), "answer")
-    m = _GSM8K_FINAL.search(answer)
-    if not m:
+def _gsm8k(row: dict, _cfg: DataConfig) -> dict:
+    answer = _text(row.get("answer"), "answer")
+    final = _GSM8K_FINAL.search(answer)
+    if not final:
         raise _Bad("answer", "no '#### <number>' final answer")
-    gold = parse_number(m.group(1))
+    gold = parse_number(final.group(1))
     if gold is None:
-        raise _Bad("answer", f"final answer {m.group(1)!r} is not exactly one number")
-    return {"id": None, "question": r.get("question"), "options": [], "gold": gold, "category": "gsm8k"}
+        raise _Bad("answer", f"final answer {final.group(1)!r} is not exactly one number")
+    return {"id": None, "question": row.get("question"), "options": [], "gold": gold, "category": "gsm8k"}
 
 
-def _generic(r: dict, cfg: DataConfig) -> dict:
+def _generic(row: dict, cfg: DataConfig) -> dict:
     cols = cfg.columns
     assert cols is not None  # guaranteed by DataConfig validation
     if cols.options is None:
         options = []
     elif isinstance(cols.options, list):
-        options = [_text(r.get(c), c) for c in cols.options]
+        options = [_text(row.get(c), c) for c in cols.options]
     else:
-        options = [_text(o, cols.options) for o in _as_list(r.get(cols.options), cols.options)]
-    raw = r.get(cols.answer)
+        options = [_text(o, cols.options) for o in _as_list(row.get(cols.options), cols.options)]
+    raw = row.get(cols.answer)
     fmt, field = cfg.answer_format, cols.answer
     if fmt == "letter":
         letter = _text(raw, field).strip().upper()
@@ -186,11 +196,11 @@ def _generic(r: dict, cfg: DataConfig) -> dict:
         if gold is None:
             raise _Bad(field, f"gold {raw!r} is not exactly one number")
     return {
-        "id": r.get(cols.id) if cols.id else None,
-        "question": r.get(cols.question),
+        "id": row.get(cols.id) if cols.id else None,
+        "question": row.get(cols.question),
         "options": options,
         "gold": gold,
-        "category": r.get(cols.category) if cols.category else None,
+        "category": row.get(cols.category) if cols.category else None,
     }
 
 
@@ -214,8 +224,8 @@ def resolve_data_path(path: str) -> Path | None:
         if spec is None or spec.origin is None:
             raise MissingInputError(f"data.path {path}: package '{pkg}' is not installed (pip install {pkg})")
         return Path(spec.origin).parent / rel
-    p = Path(path).expanduser()
-    return p if p.exists() else None
+    local = Path(path).expanduser()
+    return local if local.exists() else None
 
 
 def required_columns(cfg: DataConfig) -> list[str | tuple[str, ...]]:
@@ -281,14 +291,14 @@ def _read_hub(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
     import datasets  # heavy import, only for hub loads
 
     try:
-        ds = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
+        dataset = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
     except Exception as e:  # offline, typo, gated: all surface here
         raise MissingInputError(
             f"data.path {cfg.path!r} is not a local file and loading it from the hub failed: {e}. "
             "Point data.path at a local file in the same schema if the hub is unreachable."
         ) from e
-    check_columns(cfg, set(ds.column_names), f"data.path {cfg.path} (hub split {cfg.split})")
-    for i, row in enumerate(ds):
+    check_columns(cfg, set(dataset.column_names), f"data.path {cfg.path} (hub split {cfg.split})")
+    for i, row in enumerate(dataset):
         yield str(i), row
 
 
@@ -335,13 +345,14 @@ def _cop_base(cfg: DataConfig, raws: list[tuple[str, dict | BadLine]]) -> tuple[
     if cfg.medmcqa_cop_base is not None:
         return cfg.medmcqa_cop_base, "set by data.medmcqa_cop_base"
     values = set()
-    for _, r in raws:
-        if isinstance(r, dict):
+    for _, row in raws:
+        if isinstance(row, dict):
             try:
-                values.add(int(r.get("cop")))
+                values.add(int(row.get("cop")))
             except (TypeError, ValueError):
                 pass
-    values.discard(-1)  # the test split's "no published answer": says nothing about the convention
+    # The test split's "no published answer": says nothing about the convention.
+    values.discard(-1)
     if not values:
         return 0, "no published answers in the file (cop = -1)"
     if 0 in values and 4 in values:
@@ -397,7 +408,8 @@ def load_questions(cfg: DataConfig) -> tuple[pd.DataFrame, list[dict], int]:
             texts = [_norm(o) for o in rec["options"]]
             if len(set(texts)) < len(texts):
                 gold = texts[LETTERS.index(rec["gold"])]
-                if texts.count(gold) > 1:  # two options read the same and one is the answer: ambiguous
+                # Two options read the same and one of them is the answer: ambiguous.
+                if texts.count(gold) > 1:
                     raise _Bad(
                         "options",
                         f"the gold option's text {rec['options'][LETTERS.index(rec['gold'])]!r} "
@@ -405,28 +417,28 @@ def load_questions(cfg: DataConfig) -> tuple[pd.DataFrame, list[dict], int]:
                     )
                 duplicated.append(rec["id"])
             good.append(rec)
-        except _BadAt as b:
+        except _BadAt as problem:
             if cfg.on_bad_rows == "error":
-                raise BadRowError(b.where, b.field, b.reason) from None
-            bad.append({"row": b.where, "field": b.field, "reason": b.reason, "raw": b.text})
-        except _Bad as b:
+                raise BadRowError(problem.where, problem.field, problem.reason) from None
+            bad.append({"row": problem.where, "field": problem.field, "reason": problem.reason, "raw": problem.text})
+        except _Bad as problem:
             if cfg.on_bad_rows == "error":
-                raise BadRowError(label, b.field, b.reason, b.fix) from None
-            bad.append({"row": label, "field": b.field, "reason": b.reason, "raw": _json_safe(raw)})
+                raise BadRowError(label, problem.field, problem.reason, problem.fix) from None
+            bad.append({"row": label, "field": problem.field, "reason": problem.reason, "raw": _json_safe(raw)})
     if duplicated:
         notes["duplicate_option_texts"] = {
             "rows": len(duplicated),
             "ids": duplicated[:20],
             "rule": "kept: two options read the same (case and spacing ignored), but not the gold one",
         }
-    df = pd.DataFrame(good, columns=COLUMNS)
-    df.attrs["notes"] = notes
-    return df, bad, len(raws)
+    questions = pd.DataFrame(good, columns=COLUMNS)
+    questions.attrs["notes"] = notes
+    return questions, bad, len(raws)
 
 
-def select_rows(df: pd.DataFrame, limit: int | None, sample: int | None, seed: int) -> pd.DataFrame:
-    if sample is not None and sample < len(df):
-        df = df.sample(n=sample, random_state=seed).sort_index()
+def select_rows(questions: pd.DataFrame, limit: int | None, sample: int | None, seed: int) -> pd.DataFrame:
+    if sample is not None and sample < len(questions):
+        questions = questions.sample(n=sample, random_state=seed).sort_index()
     if limit is not None:
-        df = df.head(limit)
-    return df.reset_index(drop=True)
+        questions = questions.head(limit)
+    return questions.reset_index(drop=True)

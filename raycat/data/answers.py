@@ -13,25 +13,27 @@ import re
 from decimal import Decimal, InvalidOperation, localcontext
 from fractions import Fraction
 
-_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"  # thousands separators only in groups of three
+# An integer; thousands separators only in groups of three.
+_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
 # One number: sign, integer (or leading-dot decimal), decimals, exponent, or a simple fraction p/q.
 # Not preceded by a word character or a dot, so "10-2" is two numbers and "x2" is none.
 _NUMBER = re.compile(rf"(?<![\w.])[-+]?(?:{_INT}(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d{{1,4}})?(?:\s*/\s*{_INT})?")
-_MAX_DIGITS = 60  # a longer canonical form is not a number a question asks for
+# A longer canonical form is not a number a question asks for.
+_MAX_DIGITS = 60
 
 
 def canonical_number(token: str) -> str | None:
     """One number's canonical spelling: integers plain, terminating decimals in plain decimal notation
     without trailing zeros, other fractions as reduced ``p/q``. None when ``token`` is not one number."""
-    t = token.replace("\u2212", "-").replace(",", "").replace(" ", "")
-    num, _, den = t.partition("/")
+    cleaned = token.replace("\u2212", "-").replace(",", "").replace(" ", "")
+    num, _, den = cleaned.partition("/")
     try:
         value = Fraction(Decimal(num))
         if den:
-            d = Fraction(Decimal(den))
-            if d == 0:
+            divisor = Fraction(Decimal(den))
+            if divisor == 0:
                 return None
-            value /= d
+            value /= divisor
     except (InvalidOperation, ValueError):
         return None
     if value.denominator == 1:
@@ -79,9 +81,9 @@ _PLACEHOLDERS = {"LETTER", "NUMBER"}
 
 def _parse(raw: str, n_options: int) -> str | None:
     if n_options:
-        m = _LETTER.match(raw)
-        if m and "A" <= m.group(1).upper() < chr(ord("A") + n_options):
-            return m.group(1).upper()
+        letter = _LETTER.match(raw)
+        if letter and "A" <= letter.group(1).upper() < chr(ord("A") + n_options):
+            return letter.group(1).upper()
         return None
     return parse_number(raw)
 

@@ -32,7 +32,8 @@ class BadLine:
 def _decode(f: Path) -> str:
     data = f.read_bytes()
     try:
-        return data.decode("utf-8-sig")  # a byte-order mark is not part of the first column's name
+        # A byte-order mark is not part of the first column's name.
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
@@ -67,7 +68,8 @@ def _json(f: Path, text: str) -> list[dict | BadLine]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            if head == "{" and e.msg == "Extra data":  # several objects, one per line: JSON Lines
+            # Several objects, one per line: JSON Lines.
+            if head == "{" and e.msg == "Extra data":
                 return _json_lines(f, text)
             raise RaycatError(f"data.path: {f} line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
         if isinstance(obj, list):
@@ -76,7 +78,8 @@ def _json(f: Path, text: str) -> list[dict | BadLine]:
                 raise RaycatError(f"data.path: {f}: item {bad[0]} of the JSON array is not an object")
             return obj
         if isinstance(obj, dict) and all(isinstance(v, list | dict) for v in obj.values()):
-            return pd.DataFrame(obj).to_dict(orient="records")  # column-oriented, as pandas writes it
+            # Column-oriented, as pandas writes it.
+            return pd.DataFrame(obj).to_dict(orient="records")
         return [obj]
     if not head:
         return []
@@ -102,16 +105,16 @@ def read_records(f: Path) -> list[dict | BadLine]:
         return _json(f, text)
     try:
         # keep_default_na=False: an option literally reading "None" or "NA" is text, not missing.
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
     except (ValueError, pd.errors.ParserError) as e:
         raise RaycatError(f"data.path: {f} cannot be read as CSV: {e}") from e
-    return df.to_dict(orient="records")
+    return table.to_dict(orient="records")
 
 
 def columns_of(records: list[dict | BadLine]) -> set[str]:
     """The fields of a file's records (the union: JSON Lines rows may omit optional fields)."""
     out: set[str] = set()
-    for r in records:
-        if isinstance(r, dict):
-            out.update(r)
+    for record in records:
+        if isinstance(record, dict):
+            out.update(record)
     return out

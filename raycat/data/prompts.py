@@ -19,7 +19,8 @@ _LETTERS_SYSTEM = (
     "The following is a multiple choice question{about}. "
     "Write down ONLY the LETTER of the correct answer and nothing else."
 )
-# The paper's v1/v2 "fallback" prompt (method.md 3.1): numeric ids and "0" for "I don't know".
+# The paper's v1/v2 "fallback" prompt (arXiv 2506.21220 v1/v2, as the authors' code writes it): numeric ids
+# and "0" for "I don't know" (tests/test_prompts.py::test_letter_and_paper_presets).
 _PAPER_TAIL = (
     "If you are certain about the answer return the correct option number, otherwise return 0. "
     "Write down ONLY the NUMBER and nothing else."
@@ -61,7 +62,7 @@ def messages_for(
 
 def template_hash(tokenizer, preset: str, system_prompt: str | None) -> str:
     """Hash of everything that shapes the prompt tokens: chat template, preset texts, version."""
-    h = hashlib.sha256()
+    digest = hashlib.sha256()
     for part in (
         tokenizer.chat_template or "",
         PROMPT_VERSION,
@@ -72,9 +73,9 @@ def template_hash(tokenizer, preset: str, system_prompt: str | None) -> str:
         _FREE_FORM_SYSTEM,
         type(tokenizer).__name__,
     ):
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 def render_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -92,8 +93,10 @@ def render_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 class LabelTokens:
     """Token ids that spell each option label as the first answer token."""
 
-    ids: dict[str, tuple[int, ...]]  # label -> single-token spellings ("A", " A")
-    multi_token: tuple[str, ...]  # labels no single token spells: options using them cannot be scored
+    # label -> its single-token spellings ("A", " A")
+    ids: dict[str, tuple[int, ...]]
+    # Labels no single token spells: options using them cannot be scored.
+    multi_token: tuple[str, ...]
 
     def groups(self, n_options: int, preset: str) -> list[list[int]] | None:
         labels = answer_labels(n_options, preset)
@@ -134,20 +137,21 @@ def label_tokens(tokenizer, max_options: int, preset: str, context: str | None =
             toks = tokenizer.encode(spelling, add_special_tokens=False)
             if len(toks) == 1 and toks[0] not in found:
                 found.append(toks[0])
-        if context is not None and found:  # a label no single token spells alone stays multi-token
-            t = _in_context(tokenizer, context, lab)
-            if t is not None and t not in found:
-                found.append(t)
+        # A label no single token spells alone stays multi-token.
+        if context is not None and found:
+            token = _in_context(tokenizer, context, lab)
+            if token is not None and token not in found:
+                found.append(token)
         if not found:
             multi.append(lab)
             continue
-        for t in found:
-            if t in owner:
+        for token in found:
+            if token in owner:
                 raise RaycatError(
-                    f"option labels {owner[t]!r} and {lab!r} share token id {t} in this tokenizer: "
+                    f"option labels {owner[token]!r} and {lab!r} share token id {token} in this tokenizer: "
                     "their probabilities cannot be told apart; use the other score.prompt.preset"
                 )
-            owner[t] = lab
+            owner[token] = lab
         ids[lab] = tuple(found)
     return LabelTokens(ids=ids, multi_token=tuple(multi))
 
@@ -176,17 +180,18 @@ def teach_messages(question: str, options: list[str], category: str) -> list[dic
 
 
 def teach_template_hash(tokenizer) -> str:
-    h = hashlib.sha256()
+    digest = hashlib.sha256()
     template = getattr(tokenizer, "chat_template", None) or ""
     for part in (template, TEACH_PROMPT_VERSION, _TEACH_MCQ, _TEACH_FREE):
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 # --- training and evaluation prompts (one renderer for both, so eval sees what training taught) ---
 # Option labels here are always letters, whatever score.prompt.preset: the teacher's CoT ends in
-# [[LETTER]], and numeric ids make "10" two tokens in Qwen-style tokenizers (method.md 10.1).
+# [[LETTER]], and numeric ids make "10" two tokens in Qwen-style tokenizers
+# (tests/test_prompts.py::test_label_tokens_detect_multi_token_labels).
 TRAIN_PROMPT_VERSION = "train-v1"
 _TRAIN_ANSWER_MCQ = (
     "The following is a multiple choice question{about}. "
@@ -224,7 +229,7 @@ def answer_target(gold: str) -> str:
 
 
 def train_template_hash(tokenizer) -> str:
-    h = hashlib.sha256()
+    digest = hashlib.sha256()
     for part in (
         tokenizer.chat_template or "",
         TRAIN_PROMPT_VERSION,
@@ -233,6 +238,6 @@ def train_template_hash(tokenizer) -> str:
         _TRAIN_COT_MCQ,
         _TRAIN_COT_FREE,
     ):
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]

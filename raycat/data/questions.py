@@ -12,6 +12,7 @@ import pandas as pd
 
 from raycat.config import RaycatConfig
 from raycat.data.adapters import load_questions, select_rows
+from raycat.ray_env import remote_call
 from raycat.storage import rowkey, rundir
 
 
@@ -27,36 +28,35 @@ def path(run_dir: str) -> str:
 
 def dataset(run_dir: str):
     """questions.parquet as a Ray Dataset read on the workers, one block per row group."""
-    from raycat.engines.actor_pool import parquet_dataset
-
-    return parquet_dataset(path(run_dir))
+    return rundir.parquet_dataset(path(run_dir))
 
 
 def build(cfg: RaycatConfig) -> dict:
     """Write questions.parquet (and quarantine.jsonl); return the summary. Quarantined rows go to
     quarantine.jsonl with the reason."""
-    d = cfg.data
-    df, bad, n_read = load_questions(d)
-    notes = df.attrs.get("notes", {})
-    n_valid = len(df)
-    df = rowkey.add(select_rows(df, d.limit, d.sample, d.seed))  # every cache downstream keys on it
+    data = cfg.data
+    questions, bad, n_read = load_questions(data)
+    notes = questions.attrs.get("notes", {})
+    n_valid = len(questions)
+    # The row hash: every cache downstream keys on it.
+    questions = rowkey.add(select_rows(questions, data.limit, data.sample, data.seed))
     out = rundir.join(cfg.run_dir, "questions")
     # Each row group is one read task and one block of the score pipeline, on the workers.
-    rundir.write_parquet(path(cfg.run_dir), df, row_group_size=block_rows(cfg))
+    rundir.write_parquet(path(cfg.run_dir), questions, row_group_size=block_rows(cfg))
     quarantine = rundir.join(out, "quarantine.jsonl")
     if bad or rundir.exists(quarantine):
         rundir.write_text(quarantine, "".join(json.dumps(b) + "\n" for b in bad))
     summary = {
-        "source": d.source,
-        "path": d.path,
+        "source": data.source,
+        "path": data.path,
         "rows_read": n_read,
         "valid": n_valid,
-        "selected": int(len(df)),
+        "selected": int(len(questions)),
         "quarantined": len(bad),
         "quarantine_reasons": pd.Series([b["field"] + ": " + b["reason"].split(" (")[0] for b in bad], dtype=str)
         .value_counts()
         .to_dict(),
-        "max_options": int(df["options"].map(len).max()) if len(df) else 0,
+        "max_options": int(questions["options"].map(len).max()) if len(questions) else 0,
         **notes,
     }
     rundir.write_json(rundir.join(out, "summary.json"), summary)
@@ -67,8 +67,6 @@ def stage_questions(cfg: RaycatConfig) -> dict:
     """``build`` as a Ray task (call inside a Ray session): the driver holds the summary, not the rows.
     A bad row (data.on_bad_rows=error) comes back as the same error, naming the row and field."""
     import ray
-
-    from raycat.ray_env import remote_call
 
     # Workers do not share the driver's working directory: they get the run dir as an absolute path.
     cfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})

@@ -27,14 +27,14 @@ def generate_arithmetic(num_questions: int, max_digits: int, num_options: int, s
         digits = 1 + i % max_digits
         lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        answer = a + b
+        question, answer = f"What is {a} + {b}?", a + b
         options = [answer, *_distractors(answer, digits, num_options - 1, rng)]
         rng.shuffle(options)
         rows.append(
             {
                 "id": f"synthetic-{seed}-{i}",
-                "question": f"What is {a} + {b}?",
-                "options": [str(o) for o in options],
+                "question": question,
+                "options": [str(option) for option in options],
                 "gold": LETTERS[options.index(answer)],
                 "category": f"{digits}-digit",
                 "source": "synthetic",

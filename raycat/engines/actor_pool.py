@@ -1,7 +1,7 @@
 """The Ray Data shell shared by every stage that runs a model: score, teach and eval.
 
 rows (a Ray Dataset read on the workers, or a small pandas frame) → optionally, rows already done are
-dropped (on a worker; done = their (id, row_hash) key has a part, ``raycat.rowkey``) → optional
+dropped (on a worker; done = their (id, row_hash) key has a part, ``raycat.storage.rowkey``) → optional
 light CPU stages → a fixed-size actor pool, one engine per actor (``EngineActor`` subclasses) →
 each finished block written by a worker as an atomic Parquet part (``rundir.write_part``: the
 stage's resume state). The driver only counts rows for progress. The actor's constructor takes one
@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import pandas as pd
 
 from raycat.config import EngineConfig
@@ -48,15 +47,15 @@ class Pool:
     gpu_bundles: int = 0
 
     @classmethod
-    def of(cls, e: EngineConfig, *, remote: bool = False) -> Pool:
+    def of(cls, engine: EngineConfig, *, remote: bool = False) -> Pool:
         """An engine on GPU asks for tensor x pipeline parallel GPUs; a remote (HTTP) engine for a
         fraction of a CPU and no GPU: it only waits on the network."""
         if remote:
-            return cls(e.num_engines, e.batch_size, 0, 0.25)
-        gpus = e.tensor_parallel_size * e.pipeline_parallel_size if e.device == "gpu" else 0
+            return cls(engine.num_engines, engine.batch_size, 0, 0.25)
+        gpus = engine.tensor_parallel_size * engine.pipeline_parallel_size if engine.device == "gpu" else 0
         if gpus > 1:
-            return cls(e.num_engines, e.batch_size, 0, e.cpus_per_engine, gpu_bundles=gpus)
-        return cls(e.num_engines, e.batch_size, gpus, e.cpus_per_engine)
+            return cls(engine.num_engines, engine.batch_size, 0, engine.cpus_per_engine, gpu_bundles=gpus)
+        return cls(engine.num_engines, engine.batch_size, gpus, engine.cpus_per_engine)
 
     def placement_bundles(self) -> list[dict[str, float]]:
         """One bundle per GPU of a multi-GPU engine; bundle 0 also holds the actor's CPUs."""
@@ -81,9 +80,9 @@ class Pool:
             import ray
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            pg = ray.util.placement_group(bundles, strategy="STRICT_PACK")
+            group = ray.util.placement_group(bundles, strategy="STRICT_PACK")
             return {
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
             }
 
         return {"num_gpus": 0, "num_cpus": self.num_cpus, "ray_remote_args_fn": in_placement_group}
@@ -135,33 +134,11 @@ def todo_count(rows_path: str, done: Sequence[Done]) -> dict:
     keys = rowkey.keys(rundir.read_parquet_columns(rows_path, ["id", "row_hash"]))
     left = keys
     counts = []
-    for d in done_keys(done):
-        hit = left.isin(d)
+    for rule_keys in done_keys(done):
+        hit = left.isin(rule_keys)
         counts.append(int(hit.sum()))
         left = left[~hit]
     return {"rows": int(len(keys)), "done": counts, "todo": int(len(left))}
-
-
-def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
-    df = pd.concat([rundir.read_row_groups(p, [int(g)]) for p, g in zip(batch["path"], batch["group"], strict=True)])
-    # List columns (options) arrive as numpy arrays; Ray Data would try its tensor type on them, fail on
-    # ragged lengths and fall back to pickling with a warning. Plain lists become Arrow lists.
-    for c in df.columns:
-        if len(df) and df[c].dtype == object and isinstance(df[c].iloc[0], np.ndarray):
-            df[c] = df[c].map(list)
-    return df
-
-
-def parquet_dataset(path: str):
-    """A Parquet file as a Ray Dataset read on the workers: one block per row group, each read by a
-    small task (a fraction of a CPU, so reading never waits on CPUs the engines hold). Ray Data's own
-    Parquet reader lists files in a 1-CPU task, which waits forever on a node the engines fill."""
-    import ray
-
-    p = rundir.absolute(path)
-    items = [{"path": p, "group": g} for g in rundir.row_groups(p)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=0.1)
 
 
 def _write(batch: pd.DataFrame, directory: str) -> pd.DataFrame:
@@ -184,36 +161,38 @@ def run(
     done (see ``Done``). Returns rows written."""
     import ray
 
-    parts_dir = rundir.absolute(parts_dir)  # written by workers, which do not share the driver's cwd
+    # Written by workers, which do not share the driver's cwd.
+    parts_dir = rundir.absolute(parts_dir)
     if isinstance(rows, pd.DataFrame):
         check_columns(stage, rows, actor.REQUIRED_COLUMNS)
         if not len(rows):
             return 0
         # A frame from the driver (benches, tests); blocks of a few batches keep the stream moving and
-        # progress visible. Stages read their rows on the workers (``parquet_dataset``).
+        # progress visible. Stages read their rows on the workers (``rundir.parquet_dataset``).
         block = 4 * pool.batch_size
-        ds = ray.data.from_pandas([rows.iloc[i : i + block] for i in range(0, len(rows), block)])
-    else:  # a Dataset's columns are checked by the caller, from its source's schema (no execution)
-        ds = rows
+        dataset = ray.data.from_pandas([rows.iloc[i : i + block] for i in range(0, len(rows), block)])
+    else:
+        # A Dataset's columns are checked by the caller, from its source's schema (no execution).
+        dataset = rows
     if skip:
-        ds = ds.map_batches(
+        dataset = dataset.map_batches(
             SkipDone,
-            fn_constructor_kwargs={"done": [(rundir.absolute(d), st) for d, st in skip]},
+            fn_constructor_kwargs={"done": [(rundir.absolute(d), status) for d, status in skip]},
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.1,
         )
-    for p in pre:
-        ds = ds.map_batches(
-            p.cls,
-            fn_constructor_kwargs={"plan": p.plan},
+    for prestage in pre:
+        dataset = dataset.map_batches(
+            prestage.cls,
+            fn_constructor_kwargs={"plan": prestage.plan},
             batch_format="pandas",
             batch_size=pool.batch_size,
             compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=p.num_cpus,
+            num_cpus=prestage.num_cpus,
         )
     # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
-    ds = ds.map_batches(
+    dataset = dataset.map_batches(
         actor,
         fn_constructor_kwargs={"plan": plan},
         batch_format="pandas",
@@ -222,11 +201,11 @@ def run(
         **pool.remote_args(),
     )
     # Parts are written where the block was made: rows never travel through the driver.
-    ds = ds.map_batches(
+    dataset = dataset.map_batches(
         _write, fn_kwargs={"directory": parts_dir}, batch_size=None, batch_format="pandas", num_cpus=0.1
     )
     written = 0
-    for counts in ds.iter_batches(batch_size=None, batch_format="pandas"):
+    for counts in dataset.iter_batches(batch_size=None, batch_format="pandas"):
         n = int(counts["rows"].sum())
         if n:
             written += n

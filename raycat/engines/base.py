@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from raycat.progress import vllm_log_level
+
 if TYPE_CHECKING:
     from raycat.engines.transformers_engine import TransformersEngine
     from raycat.engines.vllm_engine import VLLMEngine
@@ -25,14 +27,17 @@ if TYPE_CHECKING:
 class ScoreRequest:
     prompt_ids: list[int]
     option_groups: list[list[int]]  # empty for free-form questions
-    want_full: bool = False  # also compute full-vocab (and top-k from it) for the deviation sample
+    # Also compute full-vocab (and top-k from it) statistics: the row is in the deviation sample.
+    want_full: bool = False
 
 
 @dataclass
 class ScoreResult:
-    option_logprobs: list[float] = field(default_factory=list)  # raw log p per option (summed spellings)
+    # Raw log p per option (its single-token spellings summed).
+    option_logprobs: list[float] = field(default_factory=list)
     greedy_token_id: int = -1
-    greedy_text: str = ""  # first token, or the short free-form answer
+    # The first token, or the short free-form answer.
+    greedy_text: str = ""
     entropy_full: float | None = None
     entropy_topk: float | None = None
     entropy_topk_bound: float | None = None
@@ -44,7 +49,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop", "length" or "error"
-    error: str | None = None  # set when the request failed for good (after the client's retries)
+    # Set when the request failed for good (after the client's retries).
+    error: str | None = None
     # Where the answer part of ``text`` starts: after a reasoning model's separate reasoning trace, which
     # is kept in ``text`` (it is the CoT we distil) but may weigh options before the final answer.
     answer_start: int = 0
@@ -60,7 +66,8 @@ class Sampling:
     top_p: float
     max_tokens: int
     seed: int
-    n: int = 1  # samples per prompt; generate returns them prompt-major (n per prompt, in order)
+    # Samples per prompt; generate returns them prompt-major (n per prompt, in order).
+    n: int = 1
 
 
 class Generator(Protocol):
@@ -114,8 +121,6 @@ def engine_kwargs(model, engine) -> dict:
     )
     if engine.backend in ("transformers", "null"):
         return common
-    from raycat.progress import vllm_log_level
-
     return dict(
         **common,
         log_level=vllm_log_level(),

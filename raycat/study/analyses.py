@@ -44,17 +44,18 @@ def band_migration(before: pd.DataFrame, after: pd.DataFrame, quantiles: tuple[f
 def confident_wrong(scores: pd.DataFrame, answers: dict[str, pd.DataFrame] | None = None) -> dict:
     """``scores``: ``id, band, correct, category`` (a split's rows); ``answers``: per trained model, its
     eval rows ``id, correct``. Confident-wrong = easy band and wrong."""
-    cw = scores[(scores["band"] == "easy") & ~scores["correct"].astype(bool)]
+    confident = scores[(scores["band"] == "easy") & ~scores["correct"].astype(bool)]
     easy = int((scores["band"] == "easy").sum())
+    by_category = confident["category"].fillna("").value_counts().sort_index()
     out: dict = {
-        "rows": int(len(cw)),
-        "share_of_easy": len(cw) / easy if easy else None,
-        "share_of_all": len(cw) / len(scores) if len(scores) else None,
-        "by_category": {str(k): int(v) for k, v in cw["category"].fillna("").value_counts().sort_index().items()},
+        "rows": int(len(confident)),
+        "share_of_easy": len(confident) / easy if easy else None,
+        "share_of_all": len(confident) / len(scores) if len(scores) else None,
+        "by_category": {str(k): int(v) for k, v in by_category.items()},
         "models": {},
     }
-    for name, a in (answers or {}).items():
-        got = a[a["id"].isin(cw["id"])]
+    for name, rows in (answers or {}).items():
+        got = rows[rows["id"].isin(confident["id"])]
         out["models"][name] = {
             "rows": int(len(got)),
             "accuracy": float(got["correct"].astype(bool).mean()) if len(got) else None,
@@ -70,13 +71,13 @@ def mode_agreement(a: pd.DataFrame, b: pd.DataFrame, quantiles: tuple[float, flo
     if n < 3:
         return {"rows": n, "spearman": None, "same_band": None, "matrix": None}
     ids = both["id"].to_numpy()
-    ba = rank_bands(both["entropy_a"].to_numpy(), ids, quantiles)
-    bb = rank_bands(both["entropy_b"].to_numpy(), ids, quantiles)
+    bands_a = rank_bands(both["entropy_a"].to_numpy(), ids, quantiles)
+    bands_b = rank_bands(both["entropy_b"].to_numpy(), ids, quantiles)
     rho = spearmanr(both["entropy_a"], both["entropy_b"]).statistic
-    matrix = pd.crosstab(pd.Categorical(ba, BANDS), pd.Categorical(bb, BANDS), dropna=False)
+    matrix = pd.crosstab(pd.Categorical(bands_a, BANDS), pd.Categorical(bands_b, BANDS), dropna=False)
     return {
         "rows": n,
         "spearman": None if np.isnan(rho) else float(rho),
-        "same_band": float((ba == bb).mean()),
+        "same_band": float((bands_a == bands_b).mean()),
         "matrix": {x: {y: int(matrix.loc[x, y]) for y in BANDS} for x in BANDS},
     }

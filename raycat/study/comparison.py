@@ -15,28 +15,30 @@ import json
 import numpy as np
 import pandas as pd
 
+from raycat.evaluate.core import paired_bootstrap
 from raycat.storage import rundir
+from raycat.study import plot
 
 
 def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75)) -> dict:
     """What one variant's outputs say (None where a stage did not run)."""
-    ev = rundir.read_json_if_exists(rundir.join(run_dir, "eval", "metrics.json")) or {}
+    eval_metrics = rundir.read_json_if_exists(rundir.join(run_dir, "eval", "metrics.json")) or {}
     models = {
         name: {
             "accuracy": m["overall"]["accuracy"],
             "n": m["overall"]["n"],
             "per_band": {b: v["accuracy"] for b, v in m.get("per_band", {}).items()},
         }
-        for name, m in ev.get("models", {}).items()
+        for name, m in eval_metrics.get("models", {}).items()
     }
     teach = rundir.read_json_if_exists(rundir.join(run_dir, "teach", "metrics.json"))
-    acc = (teach or {}).get("accounting", {})
+    accounting = (teach or {}).get("accounting", {})
     trained, final = 0, {}
     train = rundir.join(run_dir, "train")
     for recipe in rundir.list_dirs(train):
         for phase in rundir.list_dirs(rundir.join(train, recipe)):
-            m = rundir.read_json_if_exists(rundir.join(train, recipe, phase, "metrics.json"))
-            trained += sum(h["tokens"] for h in (m or {}).get("history", []))
+            phase_metrics = rundir.read_json_if_exists(rundir.join(train, recipe, phase, "metrics.json"))
+            trained += sum(h["tokens"] for h in (phase_metrics or {}).get("history", []))
         # The recipe's final model: its last evaluated phase (a later phase may be empty and untrained),
         # so variants compare what each recipe finally produced even where one variant's phase 2 is empty.
         done = [n for n in models if n.startswith(f"{recipe}/")]
@@ -48,10 +50,11 @@ def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75))
         "models": models,
         "confident_wrong": _confident_wrong(run_dir),
         "band_migration": _band_migration(run_dir, quantiles),
-        "not_trained": sorted(ev.get("not_trained", {})),
-        "teacher_tokens": acc.get("total_tokens"),
-        "teacher_saving": acc.get("saving"),
-        "teacher_cost": acc.get("cost"),  # measured tokens x the configured price; None without a price
+        "not_trained": sorted(eval_metrics.get("not_trained", {})),
+        "teacher_tokens": accounting.get("total_tokens"),
+        "teacher_saving": accounting.get("saving"),
+        # Measured tokens x the configured price; None without a price.
+        "teacher_cost": accounting.get("cost"),
         "training_tokens": trained,
         "final": final,
     }
@@ -59,7 +62,7 @@ def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75))
 
 def _confident_wrong(run_dir: str) -> dict | None:
     """Low-entropy mistakes among the split's rows, and what each evaluated model answers on the
-    held-out ones (raycat.analyses.confident_wrong)."""
+    held-out ones (raycat.study.analyses.confident_wrong)."""
     from raycat.study.analyses import confident_wrong
 
     split = rundir.join(run_dir, "split")
@@ -71,17 +74,17 @@ def _confident_wrong(run_dir: str) -> dict | None:
     ]
     if not parts:
         return None
-    ev_path = rundir.join(run_dir, "eval", "eval.parquet")
+    answers_path = rundir.join(run_dir, "eval", "eval.parquet")
     answers = {}
-    if rundir.exists(ev_path):
-        ev = rundir.read_parquet(ev_path)
-        ev = ev[ev["compared"]] if "compared" in ev else ev
-        answers = {m: g[["id", "correct"]] for m, g in ev.groupby("model")}
+    if rundir.exists(answers_path):
+        rows = rundir.read_parquet(answers_path)
+        rows = rows[rows["compared"]] if "compared" in rows else rows
+        answers = {model: group[["id", "correct"]] for model, group in rows.groupby("model")}
     return confident_wrong(pd.concat(parts, ignore_index=True), answers)
 
 
 def _band_migration(run_dir: str, quantiles: tuple[float, float]) -> dict | None:
-    """The training pool's bands against the bands of a re-scoring after a phase (``raycat.study.rescore``)."""
+    """The training pool's bands against the bands of a re-scoring after a phase (``raycat.study.grid.rescore``)."""
     from raycat.study.analyses import band_migration
 
     root = rundir.join(run_dir, "rescore")
@@ -109,13 +112,25 @@ def mode_agreements(variants: list[dict]) -> list[dict]:
             df = rundir.read_parquet_columns(path, ["id", "entropy", "entropy_mode"])
             scored.append((v, str(df["entropy_mode"].iloc[0]) if len(df) else "", df))
     out, done = [], set()
-    for (va, ma, a), (vb, mb, b) in itertools.combinations(scored, 2):
-        q = tuple(va.get("quantiles", (0.25, 0.75)))
-        if ma == mb or va["seed"] != vb["seed"] or q != tuple(vb.get("quantiles", q)) or (ma, mb, q) in done:
+    for (variant_a, mode_a, scores_a), (variant_b, mode_b, scores_b) in itertools.combinations(scored, 2):
+        quantiles = tuple(variant_a.get("quantiles", (0.25, 0.75)))
+        if (
+            mode_a == mode_b
+            or variant_a["seed"] != variant_b["seed"]
+            or quantiles != tuple(variant_b.get("quantiles", quantiles))
+            or (mode_a, mode_b, quantiles) in done
+        ):
             continue
-        done.add((ma, mb, q))
-        agree = mode_agreement(a, b, q)
-        out.append({"a": f"{va['label']} ({ma})", "b": f"{vb['label']} ({mb})", "quantiles": list(q), **agree})
+        done.add((mode_a, mode_b, quantiles))
+        agree = mode_agreement(scores_a, scores_b, quantiles)
+        out.append(
+            {
+                "a": f"{variant_a['label']} ({mode_a})",
+                "b": f"{variant_b['label']} ({mode_b})",
+                "quantiles": list(quantiles),
+                **agree,
+            }
+        )
     return out
 
 
@@ -124,9 +139,9 @@ def _t_interval(x: list[float]) -> list[float | None]:
 
     if len(x) < 2:
         return [None, None]
-    m, s = float(np.mean(x)), float(np.std(x, ddof=1))
-    h = float(t.ppf(0.975, len(x) - 1)) * s / np.sqrt(len(x))
-    return [m - h, m + h]
+    mean, std = float(np.mean(x)), float(np.std(x, ddof=1))
+    half = float(t.ppf(0.975, len(x) - 1)) * std / np.sqrt(len(x))
+    return [mean - half, mean + half]
 
 
 def summarize(variants: list[dict]) -> list[dict]:
@@ -168,60 +183,58 @@ def _eval_names(variant: dict, rows: pd.DataFrame) -> dict[str, str]:
     return names
 
 
+def _compared_answers(run_dir: str) -> pd.DataFrame | None:
+    """The variant's eval answers on the rows every one of its models answered; None before its eval."""
+    path = rundir.join(run_dir, "eval", "eval.parquet")
+    if not rundir.exists(path):
+        return None
+    df = rundir.read_parquet(path)
+    return df[df["compared"]] if "compared" in df else df
+
+
 def paired(variants: list[dict], baseline: str, resamples: int = 1000, seed: int = 0) -> list[dict]:
     """Each variant's models against the baseline variant's same model, row by row on the test rows
     both answered, same seed paired with same seed, pooled over seeds."""
-    from raycat.evaluate.stage import paired_bootstrap
-
-    def rows(run_dir: str) -> pd.DataFrame | None:
-        path = rundir.join(run_dir, "eval", "eval.parquet")
-        if not rundir.exists(path):
-            return None
-        df = rundir.read_parquet(path)
-        return df[df["compared"]] if "compared" in df else df
-
-    base = {v["seed"]: rows(v["run_dir"]) for v in variants if v["label"] == baseline}
-    base_v = {v["seed"]: v for v in variants if v["label"] == baseline}
+    base = {v["seed"]: _compared_answers(v["run_dir"]) for v in variants if v["label"] == baseline}
+    base_variant = {v["seed"]: v for v in variants if v["label"] == baseline}
     out: dict[tuple[str, str], list[np.ndarray]] = {}
-    for v in variants:
-        if v["label"] == baseline or base.get(v["seed"]) is None:
+    for variant in variants:
+        if variant["label"] == baseline or base.get(variant["seed"]) is None:
             continue
-        mine, theirs = rows(v["run_dir"]), base[v["seed"]]
+        mine, theirs = _compared_answers(variant["run_dir"]), base[variant["seed"]]
         if mine is None:
             continue
         # Model names as the report shows them; "<recipe> (final)" is each side's own last phase.
-        ours, others = _eval_names(v, mine), _eval_names(base_v[v["seed"]], theirs)
+        ours, others = _eval_names(variant, mine), _eval_names(base_variant[variant["seed"]], theirs)
         for model in sorted(set(ours) & set(others)):
             a = mine[mine["model"] == ours[model]][["id", "row_hash", "correct"]]
             b = theirs[theirs["model"] == others[model]][["id", "row_hash", "correct"]]
-            j = a.merge(b, on=["id", "row_hash"], suffixes=("_a", "_b"))
-            out.setdefault((v["label"], model), []).append(
-                j["correct_a"].to_numpy(dtype=float) - j["correct_b"].to_numpy(dtype=float)
+            both = a.merge(b, on=["id", "row_hash"], suffixes=("_a", "_b"))
+            out.setdefault((variant["label"], model), []).append(
+                both["correct_a"].to_numpy(dtype=float) - both["correct_b"].to_numpy(dtype=float)
             )
     result = []
     for (label, model), diffs in out.items():
-        d = np.concatenate(diffs)
-        r = paired_bootstrap(d, np.zeros_like(d), resamples, seed)
-        result.append({"variant": label, "baseline": baseline, "model": model, "seeds": len(diffs), **r})
+        pooled = np.concatenate(diffs)
+        bootstrap = paired_bootstrap(pooled, np.zeros_like(pooled), resamples, seed)
+        result.append({"variant": label, "baseline": baseline, "model": model, "seeds": len(diffs), **bootstrap})
     return result
 
 
 def build(study) -> dict:
     """Write ``<study>/report/study.json``, ``study.md`` and the accuracy-vs-axis plot; returns the report."""
-    from raycat.study import plot
-
     variants = []
     for spec in study.variants():
         cfg = study.variant_config(spec)  # validated once per variant
-        q = tuple(cfg.split.quantiles)
+        quantiles = tuple(cfg.split.quantiles)
         variants.append(
             {
                 "label": spec.label,
                 "seed": spec.seed,
                 "values": [[k, v] for k, v in spec.overrides],
                 "run_dir": cfg.run_dir,
-                "quantiles": list(q),
-                "numbers": variant_numbers(cfg.run_dir, q),
+                "quantiles": list(quantiles),
+                "numbers": variant_numbers(cfg.run_dir, quantiles),
             }
         )
     baseline = study.config.baseline or variants[0]["label"]
@@ -237,12 +250,12 @@ def build(study) -> dict:
         "mode_agreement": mode_agreements(variants),
         "plot": plot.series(variants, summary, study.config.axes),
     }
-    d = rundir.join(study.root, "report")
+    report_dir = rundir.join(study.root, "report")
     if report["plot"]:
         report["plot"]["file"] = "accuracy_vs_axis.png"
-        plot.write_png(report["plot"], rundir.join(d, "accuracy_vs_axis.png"))
-    rundir.write_json(rundir.join(d, "study.json"), report)
-    rundir.write_text(rundir.join(d, "study.md"), markdown(report))
+        plot.write_png(report["plot"], rundir.join(report_dir, "accuracy_vs_axis.png"))
+    rundir.write_json(rundir.join(report_dir, "study.json"), report)
+    rundir.write_text(rundir.join(report_dir, "study.md"), markdown(report))
     return report
 
 
@@ -250,78 +263,123 @@ def _f(x, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def markdown(r: dict) -> str:
-    lines = [
-        f"# Study {r['study']}",
-        "",
-        f"Axes: {json.dumps(r['axes'])}; seeds {r['seeds']}; baseline: {r['baseline']}.",
-        "",
+def markdown(report: dict) -> str:
+    """study.md: a section per analysis; the optional ones (band migration, the plot, entropy-mode agreement)
+    only where the study has them."""
+    sections = [
+        _accuracy_section(report["summary"]),
+        _paired_section(report["paired"]),
+        _cost_section(report["variants"]),
+        _confident_wrong_section(report["variants"]),
+        _migration_section(report["variants"]),
+        _plot_section(report.get("plot")),
+        _mode_agreement_section(report.get("mode_agreement")),
     ]
-    lines += [
+    head = [
+        f"# Study {report['study']}",
+        "",
+        f"Axes: {json.dumps(report['axes'])}; seeds {report['seeds']}; baseline: {report['baseline']}.",
+    ]
+    # A blank line before each section; an empty section is left out.
+    return "\n".join(head + [line for lines in sections if lines for line in ("", *lines)]) + "\n"
+
+
+def _accuracy_section(summary: list[dict]) -> list[str]:
+    lines = [
         "## Accuracy across seeds",
         "",
         "| variant | model | seeds | mean | std | 95% CI (t, across seeds) | per band (mean) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for s in r["summary"]:
-        ci = s["ci95_across_seeds"]
-        bands = ", ".join(f"{b} {_f(a)}" for b, a in s["per_band_mean"].items())
+    for row in summary:
+        low, high = row["ci95_across_seeds"]
+        bands = ", ".join(f"{b} {_f(a)}" for b, a in row["per_band_mean"].items())
+        final = " = " + " / ".join(row["is"]) if row.get("is") else ""
         lines.append(
-            f"| {s['variant']} | {s['model']}{' = ' + ' / '.join(s['is']) if s.get('is') else ''} | "
-            f"{len(s['seeds'])} | {_f(s['mean'])} | {_f(s['std'])} | "
-            f"[{_f(ci[0])}, {_f(ci[1])}] | {bands} |"
+            f"| {row['variant']} | {row['model']}{final} | {len(row['seeds'])} | {_f(row['mean'])} | "
+            f"{_f(row['std'])} | [{_f(low)}, {_f(high)}] | {bands} |"
         )
-    lines += ["", "## Paired differences against the baseline (same test rows, same seeds)", ""]
+    return lines
+
+
+def _paired_section(paired: list[dict]) -> list[str]:
+    lines = ["## Paired differences against the baseline (same test rows, same seeds)", ""]
     lines += ["| variant | model | rows | diff | 95% CI (paired bootstrap) |", "|---|---|---|---|---|"]
-    for p in r["paired"]:
-        lo, hi = p["ci95"]
-        lines.append(f"| {p['variant']} | {p['model']} | {p['n']} | {_f(p['diff'])} | [{_f(lo)}, {_f(hi)}] |")
-    lines += [
-        "",
+    for pair in paired:
+        low, high = pair["ci95"]
+        lines.append(
+            f"| {pair['variant']} | {pair['model']} | {pair['n']} | {_f(pair['diff'])} | [{_f(low)}, {_f(high)}] |"
+        )
+    return lines
+
+
+def _cost_section(variants: list[dict]) -> list[str]:
+    lines = [
         "## Cost per run",
         "",
         "| variant | seed | teacher tokens | teacher cost | teacher saving | training tokens (measured) |",
         "|---|---|---|---|---|---|",
     ]
-    for v in r["variants"]:
-        n = v["numbers"]
-        sav = n["teacher_saving"] or {}
-        saving = f"{sav.get('saving_pct', 0):.1f} % ({sav.get('basis', '?')})" if sav else "–"
+    for variant in variants:
+        numbers = variant["numbers"]
+        saving = numbers["teacher_saving"] or {}
+        saved = f"{saving.get('saving_pct', 0):.1f} % ({saving.get('basis', '?')})" if saving else "–"
         lines.append(
-            f"| {v['label']} | {v['seed']} | {n['teacher_tokens'] or '–'} | {_f(n.get('teacher_cost'), 4)} | "
-            f"{saving} | {n['training_tokens']} |"
+            f"| {variant['label']} | {variant['seed']} | {numbers['teacher_tokens'] or '–'} | "
+            f"{_f(numbers.get('teacher_cost'), 4)} | {saved} | {numbers['training_tokens']} |"
         )
-    lines += ["", "## Confident-wrong rows (easy band, wrong answer)", ""]
+    return lines
+
+
+def _confident_wrong_section(variants: list[dict]) -> list[str]:
+    lines = ["## Confident-wrong rows (easy band, wrong answer)", ""]
     lines += ["| variant | seed | rows | share of easy | by category | models' accuracy on the held-out ones |"]
     lines += ["|---|---|---|---|---|---|"]
-    for v in r["variants"]:
-        cw = v["numbers"].get("confident_wrong")
-        if cw:
-            models = ", ".join(f"{m} {_f(x['accuracy'])} (n={x['rows']})" for m, x in cw["models"].items())
-            cats = ", ".join(f"{k} {n}" for k, n in cw["by_category"].items())
+    for variant in variants:
+        found = variant["numbers"].get("confident_wrong")
+        if found:
+            models = ", ".join(f"{m} {_f(x['accuracy'])} (n={x['rows']})" for m, x in found["models"].items())
+            categories = ", ".join(f"{k} {n}" for k, n in found["by_category"].items())
             lines.append(
-                f"| {v['label']} | {v['seed']} | {cw['rows']} | {_f(cw['share_of_easy'])} | {cats} | {models} |"
+                f"| {variant['label']} | {variant['seed']} | {found['rows']} | {_f(found['share_of_easy'])} | "
+                f"{categories} | {models} |"
             )
-    migrations = [(v, p, m) for v in r["variants"] for p, m in (v["numbers"].get("band_migration") or {}).items()]
-    if migrations:
-        lines += ["", "## Band migration after re-scoring (training pool, bands before -> after)", ""]
-        lines += ["| variant | seed | after | rows | easy -> | medium -> | hard -> | hard still hard |"]
-        lines += ["|---|---|---|---|---|---|---|---|"]
-        for v, phase, m in migrations:
-            cells = [
-                "/".join(str(m["matrix"][b][a]) for a in ("easy", "medium", "hard")) for b in ("easy", "medium", "hard")
-            ]
-            head = f"| {v['label']} | {v['seed']} | {phase} | {m['rows']} | "
-            lines.append(head + " | ".join(cells) + f" | {_f(m['hard_still_hard'])} |")
-    if r.get("plot"):
-        lines += ["", f"## Accuracy vs {r['plot']['x_label']}", "", f"![accuracy]({r['plot']['file']})", ""]
-        lines += [f"{r['plot']['basis']}.", "", "| line | x | mean | 95% CI | seeds |", "|---|---|---|---|---|"]
-        for name, pts in r["plot"]["lines"].items():
-            for x, m, lo, hi, n in pts:
-                lines.append(f"| {name} | {x:g} | {_f(m)} | [{_f(lo)}, {_f(hi)}] | {n} |")
-    if r.get("mode_agreement"):
-        lines += ["", "## Entropy-mode agreement (same rows)", "", "| a | b | rows | Spearman | same band |"]
-        lines += ["|---|---|---|---|---|"]
-        for m in r["mode_agreement"]:
-            lines.append(f"| {m['a']} | {m['b']} | {m['rows']} | {_f(m['spearman'])} | {_f(m['same_band'])} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _migration_section(variants: list[dict]) -> list[str]:
+    migrations = [(v, p, m) for v in variants for p, m in (v["numbers"].get("band_migration") or {}).items()]
+    if not migrations:
+        return []
+    lines = ["## Band migration after re-scoring (training pool, bands before -> after)", ""]
+    lines += ["| variant | seed | after | rows | easy -> | medium -> | hard -> | hard still hard |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for variant, phase, migration in migrations:
+        matrix = migration["matrix"]
+        cells = ["/".join(str(matrix[b][a]) for a in ("easy", "medium", "hard")) for b in ("easy", "medium", "hard")]
+        head = f"| {variant['label']} | {variant['seed']} | {phase} | {migration['rows']} | "
+        lines.append(head + " | ".join(cells) + f" | {_f(migration['hard_still_hard'])} |")
+    return lines
+
+
+def _plot_section(plot: dict | None) -> list[str]:
+    if not plot:
+        return []
+    lines = [f"## Accuracy vs {plot['x_label']}", "", f"![accuracy]({plot['file']})", ""]
+    lines += [f"{plot['basis']}.", "", "| line | x | mean | 95% CI | seeds |", "|---|---|---|---|---|"]
+    for name, points in plot["lines"].items():
+        for x, mean, low, high, seeds in points:
+            lines.append(f"| {name} | {x:g} | {_f(mean)} | [{_f(low)}, {_f(high)}] | {seeds} |")
+    return lines
+
+
+def _mode_agreement_section(agreements: list[dict] | None) -> list[str]:
+    if not agreements:
+        return []
+    lines = ["## Entropy-mode agreement (same rows)", "", "| a | b | rows | Spearman | same band |"]
+    lines += ["|---|---|---|---|---|"]
+    for pair in agreements:
+        lines.append(
+            f"| {pair['a']} | {pair['b']} | {pair['rows']} | {_f(pair['spearman'])} | {_f(pair['same_band'])} |"
+        )
+    return lines

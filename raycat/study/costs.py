@@ -13,12 +13,17 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import platform
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from raycat.config import RaycatConfig
-from raycat.recipes import RECIPES
-from raycat.storage import rundir
+from raycat.config import ConfigError, ModelConfig, RaycatConfig
+from raycat.preflight import engine_ask, stage_asks
+from raycat.recipes import RECIPES, Phase
+from raycat.storage import models, rundir
+from raycat.train.memory import check_fit, lora_trainable, model_shape, phase_estimate, worker_capacity
 
 # Kind of work per stage: what a bench measures and what the FLOPs factor is (per parameter and token).
 KINDS = {"score": "prefill", "teach": "decode", "train": "train", "eval": "decode", "eval_prompts": "prefill"}
@@ -29,8 +34,6 @@ KINDS = {"score": "prefill", "teach": "decode", "train": "train", "eval": "decod
 
 def device_name(device: str) -> str:
     """What ran the bench: the GPU model, or the CPU model with its thread count."""
-    import os
-
     if device == "gpu":
         import torch
 
@@ -81,23 +84,21 @@ REQUIRED = ("kind", "model", "params", "device", "device_name", "tokens_per_s_pe
 def load_records(paths: list[str]) -> list[dict]:
     """Bench records from JSON list files; a missing file or a record without a needed key is a config
     error naming the file."""
-    from raycat.config import ConfigError
-
     out = []
-    for p in paths:
-        if not rundir.exists(p):
-            raise ConfigError(f"study.scaling.throughput: {p} not found (a path is relative to the study file)")
+    for path in paths:
+        if not rundir.exists(path):
+            raise ConfigError(f"study.scaling.throughput: {path} not found (a path is relative to the study file)")
         try:
-            recs = json.loads(rundir.read_bytes(p))
+            records = json.loads(rundir.read_bytes(path))
         except json.JSONDecodeError as e:
-            raise ConfigError(f"study.scaling.throughput: {p} is not JSON: {e}") from None
-        if not isinstance(recs, list):
-            raise ConfigError(f"study.scaling.throughput: {p} is not a JSON list of records (bench/*.py --json)")
-        for i, r in enumerate(recs):
-            missing = [k for k in REQUIRED if k not in r]
+            raise ConfigError(f"study.scaling.throughput: {path} is not JSON: {e}") from None
+        if not isinstance(records, list):
+            raise ConfigError(f"study.scaling.throughput: {path} is not a JSON list of records (bench/*.py --json)")
+        for i, record in enumerate(records):
+            missing = [k for k in REQUIRED if k not in record]
             if missing:
-                raise ConfigError(f"study.scaling.throughput: {p} record {i} lacks {missing} (bench/*.py --json)")
-        out += [{**r, "file": p} for r in recs]
+                raise ConfigError(f"study.scaling.throughput: {path} record {i} lacks {missing} (bench/*.py --json)")
+        out += [{**record, "file": path} for record in records]
     return out
 
 
@@ -117,15 +118,17 @@ def rate(records: list[dict], kind: str, device: str, params: int, method: str =
     if not mine:
         return None, f"no {device} {kind} throughput measured (run bench/*.py --device {device} --json FILE)"
     best = min(mine, key=lambda r: abs(math.log(r["params"] / params)))
-    src = (
+    source = (
         f"{best['model']} ({best['params'] / 1e9:.3g}B) on {best['device_name']}, {best['bench']} {best['measured_at']}"
     )
-    own = flops_per_token(kind, best["params"], best.get("method", "full"), best.get("checkpointing", False))
-    scaled = best["tokens_per_s_per_device"] * own / flops_per_token(kind, params, method, ckpt)
+    its_flops = flops_per_token(kind, best["params"], best.get("method", "full"), best.get("checkpointing", False))
+    scaled = best["tokens_per_s_per_device"] * its_flops / flops_per_token(kind, params, method, ckpt)
     same_work = best.get("method", "full") == method and bool(best.get("checkpointing", False)) == ckpt
     if abs(best["params"] / params - 1) < 0.02 and (kind != "train" or same_work):
-        return scaled, f"measured: {src}"
-    return scaled, f"extrapolated by FLOPs per token from {src} at {best['tokens_per_s_per_device']:.4g} tok/s/device"
+        return scaled, f"measured: {source}"
+    return scaled, (
+        f"extrapolated by FLOPs per token from {source} at {best['tokens_per_s_per_device']:.4g} tok/s/device"
+    )
 
 
 # ---- tokens per row, measured on a finished run ---------------------------------------------------
@@ -136,35 +139,36 @@ def reference_figures(run_dir: str) -> dict:
     out: dict = {"run_dir": run_dir}
     scores = rundir.join(run_dir, "score", "scores.parquet")
     if rundir.exists(scores):
-        s = rundir.read_parquet_columns(scores, ["status", "prompt_tokens"])
-        s = s[s["status"] == "scored"]
-        if len(s):
-            out["score"] = {"rows": len(s), "prompt_tokens": float(s["prompt_tokens"].mean())}
+        scored = rundir.read_parquet_columns(scores, ["status", "prompt_tokens"])
+        scored = scored[scored["status"] == "scored"]
+        if len(scored):
+            out["score"] = {"rows": len(scored), "prompt_tokens": float(scored["prompt_tokens"].mean())}
     teach = rundir.read_json_if_exists(rundir.join(run_dir, "teach", "metrics.json")) or {}
-    acc = teach.get("accounting") or {}
-    if acc.get("rows_taught"):
-        n = acc["rows_taught"]
+    accounting = teach.get("accounting") or {}
+    if accounting.get("rows_taught"):
+        taught = accounting["rows_taught"]
         status = teach.get("status") or {}
         out["teach"] = {
-            "verified_share": status.get("verified", 0) / n if status else None,
-            "rows": n,
-            "prompt_tokens": acc["prompt_tokens"] / n,  # per taught row, retries included
-            "completion_tokens": acc["completion_tokens"] / n,
+            "verified_share": status.get("verified", 0) / taught if status else None,
+            "rows": taught,
+            "prompt_tokens": accounting["prompt_tokens"] / taught,  # per taught row, retries included
+            "completion_tokens": accounting["completion_tokens"] / taught,
         }
     train = rundir.join(run_dir, "train")
     for recipe in rundir.list_dirs(train):
         for phase in rundir.list_dirs(rundir.join(train, recipe)):
-            m = rundir.read_json_if_exists(rundir.join(train, recipe, phase, "metrics.json")) or {}
-            if m.get("examples"):
+            metrics = rundir.read_json_if_exists(rundir.join(train, recipe, phase, "metrics.json")) or {}
+            if metrics.get("examples"):
                 out.setdefault("train", {})[f"{recipe}/{phase}"] = {
-                    "rows": m["examples"],
-                    "tokens": m["tokens"] / m["examples"],
+                    "rows": metrics["examples"],
+                    "tokens": metrics["tokens"] / metrics["examples"],
                 }
-    ev = rundir.join(run_dir, "eval", "eval.parquet")
-    if rundir.exists(ev):
-        e = rundir.read_parquet_columns(ev, ["kind", "completion_tokens"])
+    answers_path = rundir.join(run_dir, "eval", "eval.parquet")
+    if rundir.exists(answers_path):
+        answers = rundir.read_parquet_columns(answers_path, ["kind", "completion_tokens"])
         out["eval"] = {
-            k: {"rows": len(g), "completion_tokens": float(g["completion_tokens"].mean())} for k, g in e.groupby("kind")
+            kind: {"rows": len(group), "completion_tokens": float(group["completion_tokens"].mean())}
+            for kind, group in answers.groupby("kind")
         }
     return out
 
@@ -189,10 +193,8 @@ def model_params(path: str, trust_remote_code: bool, method: str = "full", lora:
 
 @functools.lru_cache(maxsize=32)
 def _model_params(path: str, trust_remote_code: bool, lora_json: str | None) -> dict:
-    from raycat.storage import models
-    from raycat.train.stage import lora_trainable, model_shape
-
-    shape = model_shape(models.resolve(path), trust_remote_code)  # a fresh meta model: PEFT wraps it in place
+    # A fresh meta model: PEFT wraps it in place.
+    shape = model_shape(models.resolve(path), trust_remote_code)
     out = {k: shape[k] for k in ("params", "hidden", "layers", "vocab")}
     out["trainable"] = lora_trainable(shape["model"], json.loads(lora_json)) if lora_json else shape["params"]
     return out
@@ -203,23 +205,23 @@ def _target(key: str) -> str | None:
     return next((p.target for p in RECIPES.get(recipe, ()) if p.name == phase), None)
 
 
-def _tokens_per_example(ref: dict, recipe: str, ph) -> tuple[float | None, str]:
+def _tokens_per_example(ref: dict, recipe: str, phase: Phase) -> tuple[float | None, str]:
     """Tokens per training example of a phase: measured where the reference trained it; else, for a phase
     it did not train (e.g. an empty phase 2), prompt plus target from what it measured elsewhere."""
-    measured = (ref.get("train") or {}).get(f"{recipe}/{ph.name}")
+    trained = ref.get("train") or {}
+    measured = trained.get(f"{recipe}/{phase.name}")
     if measured:
         return measured["tokens"], f"measured on {measured['rows']} examples by {ref['run_dir']}"
-    same = [  # the same phase of another recipe, with the same kind of target
-        m for k, m in (ref.get("train") or {}).items() if k.endswith(f"/{ph.name}") and _target(k) == ph.target
-    ]
-    sref, tref = ref.get("score"), ref.get("teach")
-    if ph.target == "cot" and sref and tref:
-        per = sref["prompt_tokens"] + tref["completion_tokens"]
+    # The same phase of another recipe, with the same kind of target.
+    same = [m for k, m in trained.items() if k.endswith(f"/{phase.name}") and _target(k) == phase.target]
+    scored, taught = ref.get("score"), ref.get("teach")
+    if phase.target == "cot" and scored and taught:
+        per = scored["prompt_tokens"] + taught["completion_tokens"]
         return per, "estimated: measured prompt + teacher completion tokens per taught row"
-    if ph.target == "answer" and same:
-        return same[0]["tokens"], f"measured on another recipe's {ph.name}"
-    if ph.target == "answer" and sref:
-        return sref["prompt_tokens"], "estimated: measured prompt tokens (the answer target is a few tokens)"
+    if phase.target == "answer" and same:
+        return same[0]["tokens"], f"measured on another recipe's {phase.name}"
+    if phase.target == "answer" and scored:
+        return scored["prompt_tokens"], "estimated: measured prompt tokens (the answer target is a few tokens)"
     return None, "no measured tokens per example"
 
 
@@ -232,10 +234,10 @@ def taught_total(cfg: RaycatConfig, band_rows: dict, test: float | None) -> floa
 def _cot_rows(cfg: RaycatConfig, rows: float, taught: float, ref: dict) -> tuple[float, str]:
     """A CoT phase trains only taught rows, and under on_wrong=drop only the verified share of them."""
     rows = min(rows, taught)
-    tref = ref.get("teach") or {}
-    if cfg.teach is not None and cfg.teach.on_wrong == "drop" and tref.get("verified_share") is not None:
-        return rows * tref["verified_share"], (
-            f"x {tref['verified_share']:.2f} verified (measured on {tref['rows']} taught rows, on_wrong=drop)"
+    measured = ref.get("teach") or {}
+    if cfg.teach is not None and cfg.teach.on_wrong == "drop" and measured.get("verified_share") is not None:
+        return rows * measured["verified_share"], (
+            f"x {measured['verified_share']:.2f} verified (measured on {measured['rows']} taught rows, on_wrong=drop)"
         )
     if cfg.teach is not None and cfg.teach.on_wrong == "drop":
         return rows, "upper bound: on_wrong=drop removes the unverified rows, none measured"
@@ -257,179 +259,231 @@ def _questions(cfg: RaycatConfig, ref_cfg: RaycatConfig | None, ref: dict) -> di
     return _fig(None, "unknown: the whole corpus; set data.limit or run a variant on this data first")
 
 
+@dataclass(frozen=True)
+class _ExpectedRows:
+    """The rows one run of the config implies; None throughout where the number of questions is unknown."""
+
+    questions: dict  # the figure: value and basis
+    count: int | None
+    bands: dict[str, float] | None  # training rows per band
+    test: float | None
+
+
+def _expected_rows(cfg: RaycatConfig, ref_cfg: RaycatConfig | None, ref: dict) -> _ExpectedRows:
+    questions = _questions(cfg, ref_cfg, ref)
+    n = questions["value"]
+    low, high = cfg.split.quantiles
+    pool = None if n is None else n * (1 - cfg.split.test_fraction)
+    bands = None if pool is None else {"easy": pool * low, "medium": pool * (high - low), "hard": pool * (1 - high)}
+    return _ExpectedRows(questions, n, bands, None if n is None else n * cfg.split.test_fraction)
+
+
+class _ShapeCache:
+    """Each model's parameters, read once per plan; a config that cannot be read is the reason, a str."""
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, dict | str] = {}
+
+    def get(self, model: ModelConfig) -> dict | str:
+        if model.path not in self._by_path:
+            try:
+                # Parameters only: no LoRA on a teacher's config.
+                self._by_path[model.path] = model_params(model.path, model.trust_remote_code)
+            except Exception as e:  # noqa: BLE001 - any failure to read the config is reported, not raised
+                self._by_path[model.path] = f"model config not readable: {first_line(e)}"
+        return self._by_path[model.path]
+
+
 def costs(cfg: RaycatConfig, recipes: list[str], ref: dict, ref_cfg: RaycatConfig | None, records: list[dict]) -> dict:
     """Per stage: devices, tokens, FLOPs and device-hours of one run of ``cfg``, each with its basis."""
-    from raycat.preflight import stage_asks
-
-    q = _questions(cfg, ref_cfg, ref)
-    n = q["value"]
-    sp = cfg.split
-    lo, hi = sp.quantiles
-    pool = None if n is None else n * (1 - sp.test_fraction)
-    band_rows = None if pool is None else {"easy": pool * lo, "medium": pool * (hi - lo), "hard": pool * (1 - hi)}
-    test = None if n is None else n * sp.test_fraction
-    asks = stage_asks(cfg)
-    st = cfg.score.student
-    shapes: dict[str, dict | str] = {}
-
-    def shape(path: str, trust: bool) -> dict | str:
-        if path not in shapes:
-            try:
-                shapes[path] = model_params(path, trust)  # parameters only: no LoRA on a teacher's config
-            except Exception as e:  # noqa: BLE001 - any failure to read the config is reported, not raised
-                shapes[path] = f"model config not readable: {first_line(e)}"
-        return shapes[path]
-
-    def stage(name, model, trust, tokens, tok_basis, method="full", ckpt=False, ask=None):
-        ask = ask or asks[name.split("_")[0]]  # eval_prompts runs on the eval engines
-        dev = "gpu" if ask["GPU"] else "cpu"
-        devices = ask["GPU"] or ask["CPU"]
-        s = shape(model, trust)
-        row = {"model": model, "device": dev, "devices": devices, "tokens": _fig(tokens, tok_basis)}
-        if isinstance(s, str):
-            return {**row, "params": None, "device_hours": _fig(None, s)}
-        kind = KINDS[name]
-        row["params"] = s["params"]
-        if tokens is None:
-            return {**row, "device_hours": _fig(None, "tokens unknown")}
-        row["flops"] = tokens * flops_per_token(kind, s["params"], method, ckpt)
-        r, basis = rate(records, kind, dev, s["params"], method, ckpt)
-        if r is None:
-            return {**row, "device_hours": _fig(None, basis)}
-        hours = tokens / r / 3600
-        row["tokens_per_s_per_device"] = r
-        row["device_hours"] = _fig(hours, basis)
-        row["wall_hours"] = _fig(hours / devices, f"device-hours / {devices:g} devices (assumes linear scaling)")
-        return row
-
-    out = {"questions": q, "bands": band_rows, "stages": {}}
-    sref = ref.get("score")
-    tokens = None if n is None or not sref else n * sref["prompt_tokens"]
-    basis = (
-        f"{n} questions x {sref['prompt_tokens']:.1f} prompt tokens, the mean of {sref['rows']} rows scored by "
-        f"{ref['run_dir']}" + _tokenizer_note(ref_cfg, cfg)
-        if tokens is not None
-        else "needs tokens per question measured by a finished run on this data"
-    )
-    out["stages"]["score"] = stage("score", st.path, st.trust_remote_code, tokens, basis)
-
+    rows = _expected_rows(cfg, ref_cfg, ref)
+    asks, student, train = stage_asks(cfg), cfg.score.student, cfg.train
+    cost = functools.partial(_stage_cost, shapes=_ShapeCache(), records=records)
+    stages = {"score": cost("score", student, _score_tokens(cfg, rows, ref, ref_cfg), asks["score"])}
     if cfg.teach is not None:
-        bands = ["easy", "medium", "hard"] if cfg.teach.bands == "all" else list(cfg.teach.bands)
-        taught = None if band_rows is None else sum({**band_rows, "test": test}[b] for b in bands)
-        if cfg.teach.limit:
-            taught = cfg.teach.limit if taught is None else min(taught, cfg.teach.limit)
-        tref = ref.get("teach")
-        t = cfg.teach.teachers[0]  # later teachers only see the first one's failures; charged to the first
-        # Completion tokens over a measured completion rate: the bench's rate includes its prompts' prefill.
-        tok = None if not tref or taught is None else taught * tref["completion_tokens"]
-        b = (
-            f"{taught:.0f} taught rows x {tref['completion_tokens']:.1f} completion tokens per taught row "
-            f"(retries included), measured on {tref['rows']} rows taught by {ref['run_dir']}"
-            if tok is not None
-            else "needs tokens per taught row measured by a finished run"
-        )
-        if t.api is not None:
-            out["stages"]["teach"] = {
-                "model": t.model.path,
-                "device": "api",
-                "tokens": _fig(tok, b),
-                "device_hours": _fig(None, "an HTTP teacher: its server's cost, not this cluster's"),
-            }
-        else:
-            from raycat.preflight import engine_ask
+        stages["teach"] = _teach_cost(cfg, _teach_tokens(cfg, rows, ref), cost)
+    train_tokens = _train_tokens(cfg, recipes, rows, ref)
+    stages["train"] = cost("train", student, train_tokens, asks["train"], train.method, train.gradient_checkpointing)
+    stages["eval"] = cost("eval", student, _eval_tokens(cfg, recipes, rows, ref), asks["eval"])
+    # Short answers make eval prefill-bound: its prompts at the prefill rate, on the eval engines.
+    stages["eval_prompts"] = cost("eval_prompts", student, _eval_prompt_tokens(cfg, recipes, rows, ref), asks["eval"])
+    return {"questions": rows.questions, "bands": rows.bands, "stages": stages, "device_hours_total": _total(stages)}
 
-            ask = engine_ask(t.engine)
-            out["stages"]["teach"] = stage("teach", t.model.path, t.model.trust_remote_code, tok, b, ask=ask)
 
-    tc = cfg.train
+def _stage_cost(
+    name: str,
+    model: ModelConfig,
+    tokens: dict,
+    ask: dict[str, float],
+    method: str = "full",
+    checkpointing: bool = False,
+    *,
+    shapes: _ShapeCache,
+    records: list[dict],
+) -> dict:
+    """One stage: the devices it asks for, its tokens, and device-hours at the measured (or extrapolated)
+    rate of its kind of work; where a figure is missing, why."""
+    device = "gpu" if ask["GPU"] else "cpu"
+    devices = ask["GPU"] or ask["CPU"]
+    shape = shapes.get(model)
+    row = {"model": model.path, "device": device, "devices": devices, "tokens": tokens}
+    if isinstance(shape, str):
+        return {**row, "params": None, "device_hours": _fig(None, shape)}
+    kind = KINDS[name]
+    row["params"] = shape["params"]
+    if tokens["value"] is None:
+        return {**row, "device_hours": _fig(None, "tokens unknown")}
+    row["flops"] = tokens["value"] * flops_per_token(kind, shape["params"], method, checkpointing)
+    per_device, basis = rate(records, kind, device, shape["params"], method, checkpointing)
+    if per_device is None:
+        return {**row, "device_hours": _fig(None, basis)}
+    hours = tokens["value"] / per_device / 3600
+    row["tokens_per_s_per_device"] = per_device
+    row["device_hours"] = _fig(hours, basis)
+    row["wall_hours"] = _fig(hours / devices, f"device-hours / {devices:g} devices (assumes linear scaling)")
+    return row
+
+
+def _score_tokens(cfg: RaycatConfig, rows: _ExpectedRows, ref: dict, ref_cfg: RaycatConfig | None) -> dict:
+    scored = ref.get("score")
+    if rows.count is None or not scored:
+        return _fig(None, "needs tokens per question measured by a finished run on this data")
+    return _fig(
+        rows.count * scored["prompt_tokens"],
+        f"{rows.count} questions x {scored['prompt_tokens']:.1f} prompt tokens, the mean of {scored['rows']} rows "
+        f"scored by {ref['run_dir']}" + _tokenizer_note(ref_cfg, cfg),
+    )
+
+
+def _teach_cost(cfg: RaycatConfig, tokens: dict, cost: Callable[..., dict]) -> dict:
+    """Charged to the first teacher: later teachers only see the first one's failures."""
+    teacher = cfg.teach.teachers[0]
+    if teacher.api is not None:
+        return {
+            "model": teacher.model.path,
+            "device": "api",
+            "tokens": tokens,
+            "device_hours": _fig(None, "an HTTP teacher: its server's cost, not this cluster's"),
+        }
+    return cost("teach", teacher.model, tokens, engine_ask(teacher.engine))
+
+
+def _teach_tokens(cfg: RaycatConfig, rows: _ExpectedRows, ref: dict) -> dict:
+    """Completion tokens only: the bench's decode rate already includes its prompts' prefill."""
+    bands = ["easy", "medium", "hard"] if cfg.teach.bands == "all" else list(cfg.teach.bands)
+    taught = None if rows.bands is None else sum({**rows.bands, "test": rows.test}[b] for b in bands)
+    if cfg.teach.limit:
+        taught = cfg.teach.limit if taught is None else min(taught, cfg.teach.limit)
+    measured = ref.get("teach")
+    if not measured or taught is None:
+        return _fig(None, "needs tokens per taught row measured by a finished run")
+    return _fig(
+        taught * measured["completion_tokens"],
+        f"{taught:.0f} taught rows x {measured['completion_tokens']:.1f} completion tokens per taught row "
+        f"(retries included), measured on {measured['rows']} rows taught by {ref['run_dir']}",
+    )
+
+
+def _train_tokens(cfg: RaycatConfig, recipes: list[str], rows: _ExpectedRows, ref: dict) -> dict:
+    """Every phase of every recipe; the first phase without an estimate ends the sum and says why."""
     tokens, parts = 0.0, []
     for recipe in recipes:
-        for ph in RECIPES[recipe]:
-            per, how = _tokens_per_example(ref, recipe, ph)
-            rows = None if band_rows is None else sum(band_rows[b] for b in ph.bands)
-            if ph.target == "cot" and rows is not None:
-                rows, note = _cot_rows(cfg, rows, taught_total(cfg, band_rows, test), ref)
-                how = f"{how}; {note}"
-            if rows is None or per is None:
-                tokens = None
-                parts.append(f"{recipe}/{ph.name}: {how}")
-                break
-            pc = tc.phase(ph.name)
-            seen = rows * pc.epochs
-            if pc.max_steps:
-                seen = min(seen, pc.max_steps * pc.micro_batch_size * pc.gradient_accumulation_steps * tc.num_workers)
-            tokens += seen * per
-            parts.append(f"{recipe}/{ph.name} {seen:.0f} examples x {per:.1f} tokens ({how})")
-        if tokens is None:
-            break
-    tb = "; ".join(parts)
-    out["stages"]["train"] = stage(
-        "train", st.path, st.trust_remote_code, tokens, tb, tc.method, tc.gradient_checkpointing
+        for phase in RECIPES[recipe]:
+            phase_tokens, part = _phase_tokens(cfg, recipe, phase, rows, ref)
+            parts.append(part)
+            if phase_tokens is None:
+                return _fig(None, "; ".join(parts))
+            tokens += phase_tokens
+    return _fig(tokens, "; ".join(parts))
+
+
+def _phase_tokens(cfg: RaycatConfig, recipe: str, phase: Phase, rows: _ExpectedRows, ref: dict):
+    """(tokens, how): the examples a phase sees (rows x epochs, at most max_steps' worth) x tokens per example;
+    (None, why) where either is unknown."""
+    per, how = _tokens_per_example(ref, recipe, phase)
+    examples = None if rows.bands is None else sum(rows.bands[b] for b in phase.bands)
+    if phase.target == "cot" and examples is not None:
+        examples, note = _cot_rows(cfg, examples, taught_total(cfg, rows.bands, rows.test), ref)
+        how = f"{how}; {note}"
+    if examples is None or per is None:
+        return None, f"{recipe}/{phase.name}: {how}"
+    train = cfg.train
+    hp = train.phase(phase.name)
+    seen = examples * hp.epochs
+    if hp.max_steps:
+        seen = min(seen, hp.max_steps * hp.micro_batch_size * hp.gradient_accumulation_steps * train.num_workers)
+    return seen * per, f"{recipe}/{phase.name} {seen:.0f} examples x {per:.1f} tokens ({how})"
+
+
+def _eval_models(cfg: RaycatConfig, recipes: list[str]) -> int:
+    """The base (if evaluated) and every phase: an upper bound, as a phase may be empty and not trained."""
+    return (1 if cfg.eval.include_base else 0) + sum(len(RECIPES[r]) for r in recipes)
+
+
+def _eval_tokens(cfg: RaycatConfig, recipes: list[str], rows: _ExpectedRows, ref: dict) -> dict:
+    measured = ref.get("eval") or {}
+    if rows.test is None or not measured or not ref.get("score"):
+        return _fig(None, "needs eval tokens measured by a finished run")
+    models = _eval_models(cfg, recipes)
+    generated = sum(v["completion_tokens"] * v["rows"] for v in measured.values()) / sum(
+        v["rows"] for v in measured.values()
+    )
+    return _fig(
+        rows.test * models * generated,
+        f"{rows.test:.0f} test rows x {models} models (upper bound: every phase trained) x {generated:.1f} generated "
+        f"tokens (mean of {ref['run_dir']}'s eval; the decode rate includes its bench's prompts, so with "
+        "eval_prompts this is an upper bound)",
     )
 
-    eref = ref.get("eval") or {}
-    models = (1 if cfg.eval.include_base else 0) + sum(len(RECIPES[r]) for r in recipes)
-    if test is not None and eref and sref:
-        gen = sum(v["completion_tokens"] * v["rows"] for v in eref.values()) / sum(v["rows"] for v in eref.values())
-        tok = test * models * gen
-        b = (
-            f"{test:.0f} test rows x {models} models (upper bound: every phase trained) x {gen:.1f} generated "
-            f"tokens (mean of {ref['run_dir']}'s eval; the decode rate includes its bench's prompts, so with "
-            "eval_prompts this is an upper bound)"
-        )
-    else:
-        tok, b = None, "needs eval tokens measured by a finished run"
-    out["stages"]["eval"] = stage("eval", st.path, st.trust_remote_code, tok, b)
-    # Short answers make eval prefill-bound: its prompts at the prefill rate (scoring's prompts, measured).
-    tok = None if test is None or not sref else test * models * sref["prompt_tokens"]
-    b = (
-        f"{test:.0f} test rows x {models} models x {sref['prompt_tokens']:.1f} prompt tokens (scored prompts' mean)"
-        if tok is not None
-        else "needs prompt tokens measured by a finished run"
+
+def _eval_prompt_tokens(cfg: RaycatConfig, recipes: list[str], rows: _ExpectedRows, ref: dict) -> dict:
+    """Eval's prompts, as long as the scored prompts (measured)."""
+    scored = ref.get("score")
+    if rows.test is None or not scored:
+        return _fig(None, "needs prompt tokens measured by a finished run")
+    models = _eval_models(cfg, recipes)
+    return _fig(
+        rows.test * models * scored["prompt_tokens"],
+        f"{rows.test:.0f} test rows x {models} models x {scored['prompt_tokens']:.1f} prompt tokens "
+        "(scored prompts' mean)",
     )
-    out["stages"]["eval_prompts"] = stage("eval_prompts", st.path, st.trust_remote_code, tok, b)
-    known = [s["device_hours"]["value"] for s in out["stages"].values() if s["device"] != "api"]
-    ok = bool(known) and all(h is not None for h in known)
-    api = (
-        " (an HTTP teacher's tokens are not cluster hours)"
-        if any(x["device"] == "api" for x in out["stages"].values())
-        else ""
-    )
-    out["device_hours_total"] = _fig(
-        sum(known) if ok else None, ("sum of the stages" if ok else "some stage has no estimate") + api
-    )
-    return out
+
+
+def _total(stages: dict[str, dict]) -> dict:
+    """Device-hours of the stages that run on the cluster, where every one of them has a figure."""
+    known = [stage["device_hours"]["value"] for stage in stages.values() if stage["device"] != "api"]
+    ok = bool(known) and all(hours is not None for hours in known)
+    api = any(stage["device"] == "api" for stage in stages.values())
+    note = " (an HTTP teacher's tokens are not cluster hours)" if api else ""
+    return _fig(sum(known) if ok else None, ("sum of the stages" if ok else "some stage has no estimate") + note)
 
 
 def memory(cfg: RaycatConfig, recipes: list[str]) -> dict:
     """Device memory per training worker for each phase (the train pre-flight's estimate), and whether it fits."""
-    from raycat.train.memory import check_fit
-    from raycat.train.stage import phase_estimate, worker_capacity
-
-    tc = cfg.train
+    train, student = cfg.train, cfg.score.student
     try:
-        s = model_params(cfg.score.student.path, cfg.score.student.trust_remote_code, tc.method, tc.lora.model_dump())
+        shape = model_params(student.path, student.trust_remote_code, train.method, train.lora.model_dump())
     except Exception as e:  # noqa: BLE001
         return {"error": f"model config not readable: {first_line(e)}"}
-    cap, host = worker_capacity(tc)
-    if tc.worker_memory_gib:
+    capacity, host = worker_capacity(train)
+    if train.worker_memory_gib:
         basis = "train.worker_memory_gib"
-    elif tc.device == "gpu":
+    elif train.device == "gpu":
         basis = "assumed 80 GiB per GPU (set train.worker_memory_gib)"
     else:
         basis = "this machine's RAM / train.num_workers"
     out = {
-        "params": s["params"],
-        "trainable_params": s["trainable"],
-        "worker_memory_gib": _fig(cap, basis),
+        "params": shape["params"],
+        "trainable_params": shape["trainable"],
+        "worker_memory_gib": _fig(capacity, basis),
         "phases": {},
     }
-    for name in sorted({ph.name for r in recipes for ph in RECIPES[r]}):
-        est = phase_estimate(cfg, s, s["trainable"], name)
-        problem = check_fit(est, cap, host, same_pool=tc.device == "cpu")
+    for name in sorted({phase.name for r in recipes for phase in RECIPES[r]}):
+        estimate = phase_estimate(cfg, shape, shape["trainable"], name)
+        problem = check_fit(estimate, capacity, host, same_pool=train.device == "cpu")
         out["phases"][name] = {
-            "device_gib_per_worker": est["device_gib_per_worker"],
-            "host_gib_per_worker": est["host_gib_per_worker"],
+            "device_gib_per_worker": estimate["device_gib_per_worker"],
+            "host_gib_per_worker": estimate["host_gib_per_worker"],
             "fits": problem is None,
             "problem": problem,
         }

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from raycat.config import ConfigError, RaycatConfig, Strict, set_dotted, validate_config
+from raycat import pipeline
+from raycat.config import ConfigError, RaycatConfig, Strict, dump_config, set_dotted, validate_config
 from raycat.errors import RaycatError
+from raycat.score import stage as score
 from raycat.storage import rundir
+from raycat.study import comparison, costs
 
 
 class VariantSpec(Strict):
@@ -88,7 +91,8 @@ class ScalingSpec(Strict):
 
 @dataclass(frozen=True)
 class Variant:
-    label: str  # what differs from the base, e.g. "split.quantiles=[0.1, 0.9]"
+    # What differs from the base, e.g. "split.quantiles=[0.1, 0.9]".
+    label: str
     overrides: tuple[tuple[str, Any], ...]
     seed: int
 
@@ -105,25 +109,27 @@ class Study:
     name: str
     root: str  # the study directory
     base_tree: dict[str, Any]
-    source: str = ""  # the study file (relative paths in it are relative to its folder)
+    # The study file: relative paths in it are relative to its folder.
+    source: str = ""
 
     def variants(self) -> list[Variant]:
         return expand(self.config)
 
-    def variant_config(self, v: Variant) -> RaycatConfig:
+    def variant_config(self, variant: Variant) -> RaycatConfig:
         tree = copy.deepcopy(self.base_tree)
-        for key, value in [*self.config.set.items(), *v.overrides]:
+        for key, value in [*self.config.set.items(), *variant.overrides]:
             set_dotted(tree, key, copy.deepcopy(value))
         for key in self.config.seed_keys:
-            set_dotted(tree, key, v.seed)
-        tree["run_dir"] = rundir.join(self.root, "variants", v.slug)
+            set_dotted(tree, key, variant.seed)
+        tree["run_dir"] = rundir.join(self.root, "variants", variant.slug)
         tree["cache_dir"] = rundir.join(self.root, "cache")
         if self.config.rescore_after:
-            set_dotted(tree, "train.lora.merge", True)  # the score engine loads plain weights
+            # The score engine loads plain weights.
+            set_dotted(tree, "train.lora.merge", True)
         try:
             return validate_config(tree)
         except ConfigError as e:
-            raise ConfigError(f"study variant {v.label!r} (seed {v.seed}): {e}") from None
+            raise ConfigError(f"study variant {variant.label!r} (seed {variant.seed}): {e}") from None
 
     def recipes(self) -> list[str]:
         return self.config.recipes or [validate_config(copy.deepcopy(self.base_tree)).train.recipe]
@@ -133,17 +139,17 @@ def _label(pairs: list[tuple[str, Any]]) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in pairs) or "base"
 
 
-def expand(sc: StudyConfig) -> list[Variant]:
+def expand(config: StudyConfig) -> list[Variant]:
     """Grid x explicit variants x seeds, in that order (seeds innermost)."""
-    keys = list(sc.axes)
-    grid = [list(zip(keys, combo, strict=True)) for combo in itertools.product(*(sc.axes[k] for k in keys))]
-    explicit = [(s.name, list(s.set.items())) for s in sc.variants] or [(None, [])]
+    keys = list(config.axes)
+    grid = [list(zip(keys, combo, strict=True)) for combo in itertools.product(*(config.axes[k] for k in keys))]
+    explicit = [(spec.name, list(spec.set.items())) for spec in config.variants] or [(None, [])]
     out = []
     for name, pairs in explicit:
-        for g in grid:
-            label = ", ".join(x for x in (name, _label(g) if g else None) if x) or "base"
-            for seed in sc.seeds:
-                out.append(Variant(label, tuple(pairs + g), seed))
+        for point in grid:
+            label = ", ".join(x for x in (name, _label(point) if point else None) if x) or "base"
+            for seed in config.seeds:
+                out.append(Variant(label, tuple(pairs + point), seed))
     labels = [(v.label, v.seed) for v in out]
     if len(set(labels)) != len(labels):
         raise ConfigError("study: two variants have the same label; give explicit variants distinct names")
@@ -157,13 +163,13 @@ def beside(study_file: str, path: str) -> str:
         return path
     if "://" in study_file:
         scheme, rest = rundir.join(study_file.rsplit("/", 1)[0], path).split("://", 1)
-        return f"{scheme}://{posixpath.normpath(rest)}"  # an object store does not resolve '..' itself
+        # An object store does not resolve '..' itself.
+        return f"{scheme}://{posixpath.normpath(rest)}"
     return str((Path(study_file).parent / path).resolve())
 
 
 def load_study(path) -> Study:
     path = str(path)
-    p = Path(path)
     if not rundir.exists(path):
         raise ConfigError(f"study config not found: {path}")
     try:
@@ -172,42 +178,38 @@ def load_study(path) -> Study:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(tree, dict) or "study" not in tree:
         raise ConfigError(f"{path}: a study config has one top-level section, study: (base, axes, seeds, ...)")
-    from pydantic import ValidationError
-
     try:
-        sc = StudyConfig.model_validate(tree["study"])
+        config = StudyConfig.model_validate(tree["study"])
     except ValidationError as err:
         raise ConfigError(
             "invalid study config:\n"
             + "\n".join(f"  study.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         ) from None
-    if isinstance(sc.base, str):
-        bp = beside(path, sc.base)
-        if not rundir.exists(bp):
-            raise ConfigError(f"study.base: {bp} not found (a path is relative to the study file)")
-        base = yaml.safe_load(rundir.read_bytes(bp).decode("utf-8")) or {}
+    if isinstance(config.base, str):
+        base_path = beside(path, config.base)
+        if not rundir.exists(base_path):
+            raise ConfigError(f"study.base: {base_path} not found (a path is relative to the study file)")
+        base = yaml.safe_load(rundir.read_bytes(base_path).decode("utf-8")) or {}
     else:
-        base = sc.base
-    name = sc.name or p.stem
-    study = Study(sc, name, sc.run_dir or rundir.join("runs", "studies", name), base, path)
-    if sc.baseline is not None and sc.baseline not in {v.label for v in study.variants()}:
-        raise ConfigError(
-            f"study.baseline {sc.baseline!r} is not a variant; variants: {sorted({v.label for v in study.variants()})}"
-        )
-    for v in study.variants():  # every variant validates before anything runs
-        study.variant_config(v)
+        base = config.base
+    name = config.name or Path(path).stem
+    study = Study(config, name, config.run_dir or rundir.join("runs", "studies", name), base, path)
+    labels = {v.label for v in study.variants()}
+    if config.baseline is not None and config.baseline not in labels:
+        raise ConfigError(f"study.baseline {config.baseline!r} is not a variant; variants: {sorted(labels)}")
+    # Every variant validates before anything runs.
+    for variant in study.variants():
+        study.variant_config(variant)
     return study
 
 
 def reachable(study: Study) -> None:
     """Fail with the fix, not a storage traceback, when the study directory cannot be read from here."""
-    from raycat.study.costs import first_line
-
     try:
         rundir.exists(study.root)
     except OSError as e:
         raise RaycatError(
-            f"study.run_dir {study.root} cannot be reached from this machine ({first_line(e)}); "
+            f"study.run_dir {study.root} cannot be reached from this machine ({costs.first_line(e)}); "
             "set study.run_dir to storage that this machine and the cluster can both reach"
         ) from None
 
@@ -217,24 +219,20 @@ def plan(study: Study) -> list[dict]:
     ``same_as``: an earlier variant with the same stage hash, whose cached rows this one reuses.
     ``estimate``: the work the config implies (questions, optimizer steps); counts are upper bounds
     taken from the config, not measured. With ``study.scaling``: ``costs`` and ``memory`` per variant
-    (raycat.scaling)."""
-    from raycat import pipeline as runner
-
+    (raycat.study.costs)."""
     reachable(study)
     recipes = study.recipes()
     seen: dict[tuple[str, str], str] = {}
     out = []
-    for v in study.variants():
-        cfg = runner.effective_config(study.variant_config(v), recipes)
-        steps = runner.plan(cfg, recipes, runner.read_manifest(cfg), None, None)
-        row = {"variant": v.label, "seed": v.seed, "run_dir": cfg.run_dir, "stages": {}, "estimate": estimate(cfg)}
-        for stage, h, action in steps:
-            first = seen.setdefault((stage, h), f"{v.label} (seed {v.seed})")
-            row["stages"][stage] = {
-                "action": action,
-                "hash": h,
-                "same_as": None if first == f"{v.label} (seed {v.seed})" else first,
-            }
+    for variant in study.variants():
+        cfg = pipeline.effective_config(study.variant_config(variant), recipes)
+        steps = pipeline.plan(cfg, recipes, pipeline.read_manifest(cfg), None, None)
+        row = {"variant": variant.label, "seed": variant.seed, "run_dir": cfg.run_dir, "stages": {}}
+        row["estimate"] = estimate(cfg)
+        name = f"{variant.label} (seed {variant.seed})"
+        for stage, stage_hash, action in steps:
+            first = seen.setdefault((stage, stage_hash), name)
+            row["stages"][stage] = {"action": action, "hash": stage_hash, "same_as": None if first == name else first}
         out.append(row)
     if study.config.scaling is not None:
         _add_costs(study, recipes, out)
@@ -242,12 +240,9 @@ def plan(study: Study) -> list[dict]:
 
 
 def _add_costs(study: Study, recipes: list[str], rows: list[dict]) -> None:
-    from raycat import pipeline as runner
-    from raycat.study import costs
-
-    sc = study.config.scaling
-    records = costs.load_records([beside(study.source, p) for p in sc.throughput])
-    ref_dir = sc.reference or next(
+    scaling = study.config.scaling
+    records = costs.load_records([beside(study.source, p) for p in scaling.throughput])
+    ref_dir = scaling.reference or next(
         (r["run_dir"] for r in rows if rundir.exists(rundir.join(r["run_dir"], "score", "scores.parquet"))), None
     )
     ref = costs.reference_figures(ref_dir) if ref_dir else {"run_dir": None}
@@ -256,24 +251,25 @@ def _add_costs(study: Study, recipes: list[str], rows: list[dict]) -> None:
         try:
             ref_cfg = validate_config(yaml.safe_load(rundir.read_bytes(rundir.join(ref_dir, "config.yaml"))))
         except ConfigError:
-            ref_cfg = None  # an older run's config; its data section is then not compared
-    for v, row in zip(study.variants(), rows, strict=True):
-        cfg = runner.effective_config(study.variant_config(v), recipes)
+            # An older run's config; its data section is then not compared.
+            ref_cfg = None
+    for variant, row in zip(study.variants(), rows, strict=True):
+        cfg = pipeline.effective_config(study.variant_config(variant), recipes)
         row["costs"] = costs.costs(cfg, recipes, ref, ref_cfg, records)
         row["memory"] = costs.memory(cfg, recipes)
 
 
 def estimate(cfg: RaycatConfig) -> dict:
     """Upper bounds from the config alone (before anything runs)."""
-    n = cfg.data.sample or cfg.data.limit
-    train_rows = None if n is None else int(n * (1 - cfg.split.test_fraction))
+    questions = cfg.data.sample or cfg.data.limit
+    train_rows = None if questions is None else int(questions * (1 - cfg.split.test_fraction))
     hard = None if train_rows is None else int(train_rows * (1 - cfg.split.quantiles[1]) + 1)
     phases = {}
     for name in ("phase1", "phase2"):
-        pc = cfg.train.phase(name)
-        phases[name] = pc.max_steps if pc.max_steps else None
+        phase = cfg.train.phase(name)
+        phases[name] = phase.max_steps if phase.max_steps else None
     return {
-        "questions": n,  # None: the whole corpus
+        "questions": questions,  # None: the whole corpus
         "hard_rows": hard,
         "teach_rows_max": min(hard, cfg.teach.limit) if hard is not None and cfg.teach and cfg.teach.limit else hard,
         "max_steps": phases,
@@ -283,10 +279,6 @@ def estimate(cfg: RaycatConfig) -> dict:
 
 def run(study: Study, say=print) -> dict:
     """Run every variant in order (each an ordinary ``raycat run``), then the comparison report."""
-    from raycat import pipeline as runner
-    from raycat.config import dump_config
-    from raycat.study.comparison import build
-
     reachable(study)
     recipes = study.recipes()
     # Self-contained (base inline, run_dir fixed): `raycat report <study dir>` rebuilds the report from it.
@@ -294,34 +286,33 @@ def run(study: Study, say=print) -> dict:
         **study.config.model_dump(mode="json"),
         "name": study.name,
         "base": study.base_tree,
-        "run_dir": rundir.absolute(study.root),  # `raycat report` may run from another directory
+        # Absolute: `raycat report` may run from another directory.
+        "run_dir": rundir.absolute(study.root),
     }
     if study.config.scaling is not None:
-        sc = study.config.scaling
+        scaling = study.config.scaling
         frozen["scaling"] = {
-            "reference": rundir.absolute(sc.reference) if sc.reference else None,
-            "throughput": [rundir.absolute(beside(study.source, p)) for p in sc.throughput],
+            "reference": rundir.absolute(scaling.reference) if scaling.reference else None,
+            "throughput": [rundir.absolute(beside(study.source, p)) for p in scaling.throughput],
         }
     rundir.write_text(rundir.join(study.root, "study.yaml"), yaml.safe_dump({"study": frozen}, sort_keys=False))
     variants = study.variants()
-    for i, v in enumerate(variants, 1):
-        cfg = study.variant_config(v)
-        say(f"study {study.name}: variant {i}/{len(variants)}: {v.label} (seed {v.seed}) -> {cfg.run_dir}")
+    for i, variant in enumerate(variants, 1):
+        cfg = study.variant_config(variant)
+        say(f"study {study.name}: variant {i}/{len(variants)}: {variant.label} (seed {variant.seed}) -> {cfg.run_dir}")
         rundir.write_text(rundir.join(cfg.run_dir, "config.yaml"), dump_config(cfg))
-        runner.run(cfg, recipes)
+        pipeline.run(cfg, recipes)
         if study.config.rescore_after:
             rescore(cfg, recipes[0], study.config.rescore_after, say)
-    return build(study)
+    return comparison.build(study)
 
 
 def rescore(cfg: RaycatConfig, recipe: str, phase: str, say=print) -> str | None:
     """Score every question with the model after ``phase`` into ``<run>/rescore/<phase>/``; skipped when
     that phase is not trained, or already rescored at its current hash."""
-    from raycat.score import stage as score
-
-    pdir = rundir.join(cfg.run_dir, "train", recipe, phase)
-    done = rundir.join(pdir, "done.json")
-    model = rundir.join(pdir, "merged" if cfg.train.method == "lora" else "model")
+    phase_dir = rundir.join(cfg.run_dir, "train", recipe, phase)
+    done = rundir.join(phase_dir, "done.json")
+    model = rundir.join(phase_dir, "merged" if cfg.train.method == "lora" else "model")
     if not rundir.exists(done) or rundir.read_json(done).get("empty") or not rundir.exists(model):
         say(f"rescore: {recipe}/{phase} has no trained model; skipped")
         return None
@@ -330,9 +321,9 @@ def rescore(cfg: RaycatConfig, recipe: str, phase: str, say=print) -> str | None
     phase_hash = rundir.read_json(done)["hash"]
     if rundir.exists(mark) and rundir.read_json(mark).get("hash") == phase_hash:
         return out
-    c = cfg.model_copy(deep=True)
-    c.run_dir = out
-    c.score.student.path, c.score.student.revision = rundir.absolute(model), None
-    score.run(c)
+    rescore_cfg = cfg.model_copy(deep=True)
+    rescore_cfg.run_dir = out
+    rescore_cfg.score.student.path, rescore_cfg.score.student.revision = rundir.absolute(model), None
+    score.run(rescore_cfg)
     rundir.write_json(mark, {"recipe": recipe, "phase": phase, "hash": phase_hash})
     return out

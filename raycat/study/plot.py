@@ -3,6 +3,7 @@ mean across seeds with its t-interval. ``split.quantiles`` is drawn as the hard-
 
 from __future__ import annotations
 
+import io
 import json
 
 from raycat.storage import rundir
@@ -25,21 +26,21 @@ def series(variants: list[dict], summary: list[dict], axes: dict) -> dict | None
     """The first axis whose every value is numeric: points (x, mean, ci low, ci high, seeds) per line."""
     values = {v["label"]: dict(v["values"]) for v in variants}
     for key in axes:
-        xs = {label: axis_value(key, vals.get(key)) for label, vals in values.items()}
-        if len(set(xs.values())) < 2 or any(x is None for x in xs.values()):
+        x_of = {label: axis_value(key, vals.get(key)) for label, vals in values.items()}
+        if len(set(x_of.values())) < 2 or any(x is None for x in x_of.values()):
             continue
         # Two values on one x (e.g. quantiles with the same upper bound) would stack points: not this axis.
         distinct = {json.dumps(vals.get(key)) for vals in values.values()}
-        if len(distinct) != len(set(xs.values())):
+        if len(distinct) != len(set(x_of.values())):
             continue
         lines: dict[str, list] = {}
-        for s in summary:
-            if s["mean"] is None:
+        for row in summary:
+            if row["mean"] is None:
                 continue
-            rest = ", ".join(f"{k}={json.dumps(v)}" for k, v in values[s["variant"]].items() if k != key)
-            name = s["model"] + (f" ({rest})" if rest else "")
-            lo, hi = s["ci95_across_seeds"]
-            lines.setdefault(name, []).append([xs[s["variant"]], s["mean"], lo, hi, len(s["seeds"])])
+            rest = ", ".join(f"{k}={json.dumps(v)}" for k, v in values[row["variant"]].items() if k != key)
+            name = row["model"] + (f" ({rest})" if rest else "")
+            low, high = row["ci95_across_seeds"]
+            lines.setdefault(name, []).append([x_of[row["variant"]], row["mean"], low, high, len(row["seeds"])])
         return {
             "axis": key,
             "x_label": x_label(key),
@@ -50,8 +51,6 @@ def series(variants: list[dict], summary: list[dict], axes: dict) -> dict | None
 
 
 def write_png(plot: dict, path: str) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")

@@ -17,12 +17,13 @@ from raycat.engines.base import Generator, Sampling
 # (with a reason). "truncated": cut off by sampling.max_tokens; never verified, whatever it contains, since
 # a CoT that stops mid-sentence is not a training target even when an answer appeared before the cut.
 _RANK = {"verified": 0, "wrong": 1, "truncated": 2, "no_answer": 3}
+BANDS = ("easy", "medium", "hard")
 
 
-def judge(g, row: dict) -> tuple[str, str | None]:
+def judge(generation, row: dict) -> tuple[str, str | None]:
     """(attempt status, extracted answer) of one generation for ``row`` (n_options, gold)."""
-    extracted = extract_answer(g.answer_text, int(row["n_options"]))
-    if g.finish_reason == "length":
+    extracted = extract_answer(generation.answer_text, int(row["n_options"]))
+    if generation.finish_reason == "length":
         return "truncated", extracted
     return ("verified" if extracted == row["gold"] else "no_answer" if extracted is None else "wrong"), extracted
 
@@ -47,7 +48,7 @@ def teach_rows(engine: Generator, rows: list[dict], schedule: list[Sampling]) ->
     ``teach.on_wrong: keep`` the kept wrong response is the earliest, sampled at the schedule's first
     (normally lowest) temperature, not the last and most random retry.
     """
-    res = [
+    results = [
         {
             "response": None,
             "extracted": None,
@@ -65,30 +66,31 @@ def teach_rows(engine: Generator, rows: list[dict], schedule: list[Sampling]) ->
     for sampling in schedule:
         if not pending:
             break
-        t = time.perf_counter()
+        began = time.perf_counter()
         flat = engine.generate([rows[i]["prompt"] for i in pending], sampling)
-        share = (time.perf_counter() - t) / len(pending)
+        share = (time.perf_counter() - began) / len(pending)
         n = sampling.n
         stopped = set()
         for k, i in enumerate(pending):
-            r = res[i]
+            result = results[i]
             samples = flat[k * n : (k + 1) * n]
-            g = _best(samples, rows[i])
-            if g.error is not None:
-                r["reason"] = g.error
-                if r["attempts"] == 0:
-                    r["status"] = "failed"
+            best = _best(samples, rows[i])
+            if best.error is not None:
+                result["reason"] = best.error
+                if result["attempts"] == 0:
+                    result["status"] = "failed"
                 stopped.add(i)
                 continue
-            status, extracted = judge(g, rows[i])
-            if r["attempts"] == 0 or _RANK[status] < _RANK[r["status"]]:  # strictly better: earlier wins ties
-                r.update(response=g.text, extracted=extracted, finish_reason=g.finish_reason, status=status)
-            r["attempts"] += 1
-            r["prompt_tokens"] += sum(s.prompt_tokens for s in samples)
-            r["completion_tokens"] += sum(s.completion_tokens for s in samples)
-            r["engine_seconds"] += share
-        pending = [i for i in pending if res[i]["status"] != "verified" and i not in stopped]
-    return res
+            status, extracted = judge(best, rows[i])
+            # Only a strictly better attempt replaces the kept one: the earlier wins ties.
+            if result["attempts"] == 0 or _RANK[status] < _RANK[result["status"]]:
+                result.update(response=best.text, extracted=extracted, finish_reason=best.finish_reason, status=status)
+            result["attempts"] += 1
+            result["prompt_tokens"] += sum(s.prompt_tokens for s in samples)
+            result["completion_tokens"] += sum(s.completion_tokens for s in samples)
+            result["engine_seconds"] += share
+        pending = [i for i in pending if results[i]["status"] != "verified" and i not in stopped]
+    return results
 
 
 def _best(samples: list, row: dict):
@@ -110,7 +112,8 @@ def resolve(attempt_status: str, response: str | None, gold: str, on_wrong: str)
         "wrong": "wrong answer",
         "truncated": "cut off at teach.sampling.max_tokens (raise it)",
     }.get(attempt_status, "no valid [[answer]] (none, an invalid one, or a hedge)")
-    if on_wrong == "keep" and attempt_status == "wrong":  # the first wrong attempt: teach_rows keeps that one
+    # The response is the first wrong attempt: teach_rows keeps that one.
+    if on_wrong == "keep" and attempt_status == "wrong":
         return "kept_wrong", response, f"{what}; kept (teach.on_wrong=keep)"
     if on_wrong == "fallback_to_answer":
         return "fallback_to_answer", f"[[{gold}]]", f"{what}; plain answer target (teach.on_wrong)"
@@ -120,35 +123,32 @@ def resolve(attempt_status: str, response: str | None, gold: str, on_wrong: str)
 def accounting(rows: pd.DataFrame, prices: dict[str, tuple[float, float, str] | None]) -> dict:
     """Token, time and cost totals of ``rows`` (every teacher's result for the rows taught)."""
     per_teacher = {}
-    for name, g in rows.groupby("teacher"):
-        d = {
-            "rows": int(len(g)),
-            "attempts": int(g["attempts"].sum()),
-            "prompt_tokens": int(g["prompt_tokens"].sum()),
-            "completion_tokens": int(g["completion_tokens"].sum()),
-            "engine_seconds": float(g["engine_seconds"].sum()),
-            "gpu_seconds": float(g["gpu_seconds"].sum()),
+    for name, answers in rows.groupby("teacher"):
+        totals = {
+            "rows": int(len(answers)),
+            "attempts": int(answers["attempts"].sum()),
+            "prompt_tokens": int(answers["prompt_tokens"].sum()),
+            "completion_tokens": int(answers["completion_tokens"].sum()),
+            "engine_seconds": float(answers["engine_seconds"].sum()),
+            "gpu_seconds": float(answers["gpu_seconds"].sum()),
         }
         price = prices.get(name)
         if price:
-            d["cost"] = (d["prompt_tokens"] * price[0] + d["completion_tokens"] * price[1]) / 1e6
-            d["currency"] = price[2]
-        per_teacher[str(name)] = d
-    total_p, total_c = int(rows["prompt_tokens"].sum()), int(rows["completion_tokens"].sum())
+            totals["cost"] = (totals["prompt_tokens"] * price[0] + totals["completion_tokens"] * price[1]) / 1e6
+            totals["currency"] = price[2]
+        per_teacher[str(name)] = totals
+    prompt_tokens, completion_tokens = int(rows["prompt_tokens"].sum()), int(rows["completion_tokens"].sum())
     out = {
         "per_teacher": per_teacher,
-        "prompt_tokens": total_p,
-        "completion_tokens": total_c,
-        "total_tokens": total_p + total_c,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
         "rows_taught": int(rows["_key"].nunique()) if "_key" in rows else int(len(rows)),
     }
     costs = [d["cost"] for d in per_teacher.values() if "cost" in d]
     if costs:
         out["cost"] = float(sum(costs))
     return out
-
-
-BANDS = ("easy", "medium", "hard")
 
 
 def band_accounting(pool: pd.DataFrame, spent: pd.DataFrame, taught: list[str]) -> dict:
@@ -167,25 +167,25 @@ def band_accounting(pool: pd.DataFrame, spent: pd.DataFrame, taught: list[str]) 
     for band in BANDS:
         keys = pool.loc[pool["band"] == band, "_key"]
         got = tokens.reindex(keys).dropna()
-        d = {"rows": int(len(keys)), "taught": band in taught, "measured_rows": int(len(got))}
-        d["measured_tokens"] = int(got.sum())
+        entry = {"rows": int(len(keys)), "taught": band in taught, "measured_rows": int(len(got))}
+        entry["measured_tokens"] = int(got.sum())
         missing = len(keys) - len(got)
         mean, source = (
             (float(got.mean()), "this band's measured mean per row")
             if len(got)
             else (overall_mean, "the measured mean per row of all bands")
         )
-        d["estimated_rows"] = int(missing)
-        d["estimated_tokens"] = float(missing * mean) if missing and mean is not None else 0.0
+        entry["estimated_rows"] = int(missing)
+        entry["estimated_tokens"] = float(missing * mean) if missing and mean is not None else 0.0
         if missing and mean is None:
-            d["basis"] = "unknown: no row of any band was measured"
+            entry["basis"] = "unknown: no row of any band was measured"
         elif missing:
-            d["basis"] = f"measured for {len(got)} rows, estimated for {missing} from {source}"
+            entry["basis"] = f"measured for {len(got)} rows, estimated for {missing} from {source}"
         else:
-            d["basis"] = "measured"
-        d["tokens"] = d["measured_tokens"] + d["estimated_tokens"]
-        per_band[band] = d
-        bases.append(d["basis"])
+            entry["basis"] = "measured"
+        entry["tokens"] = entry["measured_tokens"] + entry["estimated_tokens"]
+        per_band[band] = entry
+        bases.append(entry["basis"])
     spent_taught = sum(per_band[b]["tokens"] for b in BANDS if b in taught)
     every = sum(per_band[b]["tokens"] for b in BANDS)
     exact = all(b == "measured" for b in bases)

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
+from raycat.data.prompts import template_hash
+from raycat.storage import rowkey
+
 __all__ = ["CHATML", "LLAMA3", "build_tiny_model", "build_tiny_train_run"]
 
 CHATML = (
@@ -48,11 +53,11 @@ def build_tiny_model(path: Path, seed: int = 0, family: str = "chatml") -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
-    tok.decoder = decoders.ByteLevel()
+    tokenizer.decoder = decoders.ByteLevel()
     specials = (
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         if family == "chatml"
@@ -71,16 +76,16 @@ def build_tiny_model(path: Path, seed: int = 0, family: str = "chatml") -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tokenizer.train_from_iterator(_corpus(), trainer)
     if family == "chatml":
         fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+            tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
         )
         fast.chat_template = CHATML
         eos = fast.eos_token_id
     else:
         fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
+            tokenizer_object=tokenizer,
             eos_token="<|end_of_text|>",
             pad_token="<|finetune_right_pad_id|>",
             bos_token="<|begin_of_text|>",
@@ -88,7 +93,7 @@ def build_tiny_model(path: Path, seed: int = 0, family: str = "chatml") -> Path:
         fast.chat_template = LLAMA3
         eos = [fast.eos_token_id, fast.convert_tokens_to_ids("<|eot_id|>")]
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    config = LlamaConfig(
         vocab_size=len(fast),
         hidden_size=256,
         intermediate_size=512,
@@ -101,7 +106,7 @@ def build_tiny_model(path: Path, seed: int = 0, family: str = "chatml") -> Path:
         bos_token_id=fast.bos_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(config)
     # Random init gives near-uniform logits; scale the head so entropies differ between prompts.
     with torch.no_grad():
         model.lm_head.weight.mul_(40)
@@ -115,14 +120,10 @@ def build_tiny_train_run(root: Path, model_dir: Path, n: int = 24) -> Path:
 
     ``n`` synthetic questions; the first quarter is easy, the middle half medium, the last quarter hard,
     and every hard row has a CoT target that ends in its gold letter."""
-    import pandas as pd
     from transformers import AutoTokenizer
 
-    from raycat.data.prompts import template_hash
-    from raycat.storage import rowkey
-
-    th = template_hash(AutoTokenizer.from_pretrained(model_dir), "letters", None)
-    df = rowkey.add(
+    scoring_hash = template_hash(AutoTokenizer.from_pretrained(model_dir), "letters", None)
+    rows = rowkey.add(
         pd.DataFrame(
             [
                 {
@@ -133,7 +134,7 @@ def build_tiny_train_run(root: Path, model_dir: Path, n: int = 24) -> Path:
                     "category": "math",
                     "source": "synthetic",
                     "entropy": i / 10,
-                    "template_hash": th,
+                    "template_hash": scoring_hash,
                 }
                 for i in range(n)
             ]
@@ -141,16 +142,16 @@ def build_tiny_train_run(root: Path, model_dir: Path, n: int = 24) -> Path:
     )
     (root / "split").mkdir(parents=True)
     (root / "teach").mkdir()
-    q1, q3 = n // 4, 3 * n // 4
-    df.iloc[:q1].to_parquet(root / "split/easy.parquet")
-    df.iloc[q1:q3].to_parquet(root / "split/medium.parquet")
-    df.iloc[q3:].to_parquet(root / "split/hard.parquet")
-    hard = df.iloc[q3:]
+    medium_start, hard_start = n // 4, 3 * n // 4
+    rows.iloc[:medium_start].to_parquet(root / "split/easy.parquet")
+    rows.iloc[medium_start:hard_start].to_parquet(root / "split/medium.parquet")
+    rows.iloc[hard_start:].to_parquet(root / "split/hard.parquet")
+    hard = rows.iloc[hard_start:]
     pd.DataFrame(
         {
             "id": hard["id"],
             "row_hash": hard["row_hash"],
-            "target": [f"{i} plus one. So [[{g}]]" for i, g in zip(range(q3, n), hard["gold"], strict=True)],
+            "target": [f"{i} plus one. So [[{g}]]" for i, g in zip(range(hard_start, n), hard["gold"], strict=True)],
         }
     ).to_parquet(root / "teach/cot.parquet")
     return root

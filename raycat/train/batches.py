@@ -45,9 +45,11 @@ def stop_token_ids(tokenizer, model_dir: str | None = None, *, revision: str | N
     if model_dir:
         try:
             eos = GenerationConfig.from_pretrained(model_dir, revision=revision).eos_token_id
-        except OSError:  # no generation_config.json (locally or on the hub)
+        except OSError:
+            # No generation_config.json (locally or on the hub).
             local = os.path.join(model_dir, "generation_config.json")
-            if os.path.isfile(local):  # there but unreadable: a silent fallback would train the wrong stop
+            # There but unreadable: a silent fallback would train the wrong stop.
+            if os.path.isfile(local):
                 raise RaycatError(f"{local} cannot be read; fix or remove it") from None
             eos = None
         ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
@@ -70,7 +72,8 @@ def encode(
     tokenizer, messages: list[dict[str, str]], target: str, stop_ids: set[int], max_length: int, overlong: str
 ) -> Encoded | str:
     """One example, or the reason it cannot be used (over-long under 'drop', nothing left to learn)."""
-    target = target.strip()  # templates such as Llama-3's trim content; the mask must match what is rendered
+    # Templates such as Llama-3's trim content; the mask must match what is rendered.
+    target = target.strip()
     if not target:
         raise TemplateError("empty target")
     prompt_ids = render_ids(tokenizer, messages)

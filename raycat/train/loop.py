@@ -3,14 +3,17 @@
 Runs inside a ``TorchTrainer`` worker (rank = data-parallel rank). One worker group runs a recipe's
 consecutive phases one after another (each from the model the one before exported), so a phase after
 the first pays no worker-group start. Rows come from this worker's Ray Data shard of the phase
-(``get_dataset_shard(phase)``), already tokenized and masked by the driver (``train_data``).
+(``get_dataset_shard(phase)``), already tokenized and masked by the driver (``batches``).
 Checkpoints: every rank writes its DeepSpeed shard and reports it (Ray Train merges the rank
 directories; a checkpoint reported by rank 0 alone loses the other ranks' ZeRO shards); each names its
 phase. A restart (worker failure, or a rerun of the same command) resumes the phase of the latest one
 via ``ray.train.get_checkpoint()``, skipping the micro-batches already consumed in that epoch and the
-phases before it. A phase ends with its HF export, which rank 0 writes straight into the phase's
-``model/`` dir in the run dir (ZeRO-3 weights gathered to rank 0), then its final checkpoint, then its
-``metrics.json`` and ``done.json``: nothing travels through the driver.
+phases before it (``resume_point``). A phase ends with its HF export, which rank 0 writes straight into
+the phase's ``model/`` dir in the run dir (ZeRO-3 weights gathered to rank 0), then its final
+checkpoint, then its ``metrics.json`` and ``done.json``: nothing travels through the driver.
+
+One phase on one worker is a ``PhaseRun``, in torchtune's recipe order: setup, train,
+save_checkpoint, cleanup.
 """
 
 from __future__ import annotations
@@ -25,24 +28,33 @@ from dataclasses import dataclass
 from typing import Literal
 
 from raycat.config import LoraSettings, PhaseConfig
-from raycat.storage import rundir
+from raycat.storage import models, rundir
+from raycat.train.batches import collate, length_groups, pack, target_tokens, window_loss
+from raycat.train.metrics import phase_metrics
 
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """Everything a Ray Train worker needs for one phase, built by the driver (``train._loop_config``).
+    """Everything a Ray Train worker needs for one phase, built by the driver (``stage._loop_config``).
 
     Paths are absolute or URIs: workers do not share the driver's working directory."""
 
-    student_path: str  # hub id, absolute local dir, URI or registry:<name>; fetched on the worker's node
+    # A hub id, absolute local dir, URI or registry:<name>; fetched on the worker's node.
+    student_path: str
     student_revision: str | None
     trust_remote_code: bool
-    init_model: str | None  # full fine-tuning: the previous phase's model dir
-    init_adapter: str | None  # LoRA: the previous phase's adapter dir
-    model_dir: str  # where rank 0 writes this phase's HF export (a run-dir path or URI)
-    phase_dir: str  # where rank 0 writes metrics.json and done.json when the phase ends
-    phase_hash: str  # what done.json records: the driver skips a phase whose done.json holds its hash
-    info: dict  # the driver's half of metrics.json (train_metrics.phase_info)
+    # Full fine-tuning: the previous phase's model dir.
+    init_model: str | None
+    # LoRA: the previous phase's adapter dir.
+    init_adapter: str | None
+    # Where rank 0 writes this phase's HF export (a run-dir path or URI).
+    model_dir: str
+    # Where rank 0 writes metrics.json and done.json when the phase ends.
+    phase_dir: str
+    # What done.json records: the driver skips a phase whose done.json holds its hash.
+    phase_hash: str
+    # The driver's half of metrics.json (metrics.phase_info).
+    info: dict
     method: Literal["lora", "full"]
     lora: LoraSettings
     zero_stage: int
@@ -87,8 +99,9 @@ def deepspeed_config(
 ) -> dict:
     zero: dict = {"stage": zero_stage}
     if zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers full weights on rank 0
-    cfg: dict = {
+        # The export gathers the full weights on rank 0.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro_batch_size * accumulation * world,
@@ -99,14 +112,14 @@ def deepspeed_config(
         "steps_per_print": 10**9,
     }
     if clipping > 0:
-        cfg["gradient_clipping"] = clipping
+        config["gradient_clipping"] = clipping
     if offload_optimizer:
         # Offload refuses a client optimizer: DeepSpeedCPUAdam comes from the DS config instead.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
-        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay}}
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay}}
     if offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
-    return cfg
+    return config
 
 
 def scheduler_factory(kind: str, total_steps: int, warmup_steps: int):
@@ -130,49 +143,53 @@ def _no_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def _load_model(c: LoopConfig, ds_config: dict):
+def _load_model(cfg: LoopConfig, ds_config: dict):
+    """``(model, base model dir, HfDeepSpeedConfig or None)``: the model this phase starts from (the
+    previous phase's export, else the student), LoRA-wrapped for ``method=lora``. Under ZeRO-3 the
+    caller keeps the HfDeepSpeedConfig alive for the phase: transformers only sees it while it lives."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raycat.storage import models
-
-    dtype = torch.bfloat16 if c.bf16 else torch.float32
-    base = models.local(c.student_path)
-    src = models.local(c.init_model) if c.init_model else base
-    keep = None
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    base = models.local(cfg.student_path)
+    source = models.local(cfg.init_model) if cfg.init_model else base
+    hf_ds_config = None
     if ds_config["zero_optimization"]["stage"] == 3:
         # Under an active HfDeepSpeedConfig, from_pretrained loads straight into ZeRO-3 partitions
         # (deepspeed.zero.Init), so a 70B model never materializes whole on one worker.
         from transformers.integrations import HfDeepSpeedConfig
 
-        keep = HfDeepSpeedConfig(ds_config)
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(
-        src, dtype=dtype, revision=None if c.init_model else c.student_revision, trust_remote_code=c.trust_remote_code
+        source,
+        dtype=dtype,
+        revision=None if cfg.init_model else cfg.student_revision,
+        trust_remote_code=cfg.trust_remote_code,
     )
     model.config.use_cache = False
-    if c.gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if c.method == "lora":
+    if cfg.method == "lora":
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        if c.init_adapter:
-            model = PeftModel.from_pretrained(model, models.local(c.init_adapter), is_trainable=True)
+        if cfg.init_adapter:
+            model = PeftModel.from_pretrained(model, models.local(cfg.init_adapter), is_trainable=True)
         else:
-            lc = c.lora
+            lora = cfg.lora
             model = get_peft_model(
                 model,
                 LoraConfig(
-                    r=lc.r,
-                    lora_alpha=lc.alpha,
-                    lora_dropout=lc.dropout,
-                    target_modules=lc.target_modules,
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules,
                     bias="none",
                     task_type="CAUSAL_LM",
                 ),
             )
-        if c.gradient_checkpointing:
+        if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-    return model, base, keep
+    return model, base, hf_ds_config
 
 
 def fingerprint(model, zero_stage: int) -> dict[str, float]:
@@ -184,36 +201,37 @@ def fingerprint(model, zero_stage: int) -> dict[str, float]:
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     picked = named[:2] + named[-2:] if len(named) > 4 else named
-    ctx = contextlib.nullcontext()
+    gathered = contextlib.nullcontext()
     if zero_stage == 3:
         import deepspeed
 
-        ctx = deepspeed.zero.GatheredParameters([p for _, p in picked], modifier_rank=None)
-    with ctx, torch.no_grad():
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in picked], modifier_rank=None)
+    with gathered, torch.no_grad():
         return {n.replace(".default.", "."): float(p.detach().double().sum()) for n, p in picked}
 
 
-def _tracker(c: LoopConfig):
+def _tracker(cfg: LoopConfig):
     """``(log, close)`` for the phase's experiment-tracker run (one run per phase), or ``(None, None)``."""
-    if c.tracking == "mlflow":
+    if cfg.tracking == "mlflow":
         from ray.air.integrations.mlflow import setup_mlflow
 
-        if (c.tracking_uri or "").startswith("file:"):
+        if (cfg.tracking_uri or "").startswith("file:"):
             # MLflow 3 refuses its file store unless opted in; a file URI here is the user's choice
             # (or raycat's default, the run dir) for a setup without a tracking server.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow = setup_mlflow(
-            c.hparams,
-            tracking_uri=c.tracking_uri,
-            experiment_name=c.tracking_project,
-            create_experiment_if_not_exists=True,  # as W&B does with a new project name
+            cfg.hparams,
+            tracking_uri=cfg.tracking_uri,
+            experiment_name=cfg.tracking_project,
+            # As W&B does with a new project name.
+            create_experiment_if_not_exists=True,
             rank_zero_only=True,
         )
         return (lambda m, step: mlflow.log_metrics(m, step=step)), mlflow.end_run
-    if c.tracking == "wandb":
+    if cfg.tracking == "wandb":
         from ray.air.integrations.wandb import setup_wandb
 
-        run = setup_wandb(c.hparams, project=c.tracking_project, rank_zero_only=True)
+        run = setup_wandb(cfg.hparams, project=cfg.tracking_project, rank_zero_only=True)
         return (lambda m, step: run.log(m, step=step)), run.finish
     return None, None
 
@@ -224,38 +242,37 @@ def all_reduce_step(values: list[float], device) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
 
 
-def micro_batches(shard, c: LoopConfig, epoch: int):
+def micro_batches(shard, cfg: LoopConfig, epoch: int):
     """This worker's micro-batches for an epoch as torch tensors, in ``train.batching``'s form.
 
     Deterministic for a given epoch (Ray Data's seeded local shuffle, seeded grouping), so a resumed
     run skips exactly the micro-batches it had consumed."""
     import torch
 
-    from raycat.train.batches import collate, length_groups, pack
-
-    mb = c.phase.micro_batch_size
-    group = 8 if c.batching == "grouped" else 1  # micro-batches sorted together
+    size = cfg.phase.micro_batch_size
+    # Micro-batches sorted together.
+    group = 8 if cfg.batching == "grouped" else 1
     batches = shard.iter_batches(
-        batch_size=mb * group,
+        batch_size=size * group,
         batch_format="numpy",
-        local_shuffle_buffer_size=mb * 8,
-        local_shuffle_seed=c.seed + epoch,
+        local_shuffle_buffer_size=size * 8,
+        local_shuffle_seed=cfg.seed + epoch,
         prefetch_batches=1,
     )
-    for k, b in enumerate(batches):
-        ids, labels = list(b["input_ids"]), list(b["labels"])
+    for k, batch in enumerate(batches):
+        ids, labels = list(batch["input_ids"]), list(batch["labels"])
         order = list(range(len(ids)))
         if group > 1:
-            order = length_groups([len(x) for x in ids], mb, seed=c.seed + 7919 * epoch + k)
-        for i in range(0, len(order), mb):
-            sel = order[i : i + mb]
-            x, y = [ids[j] for j in sel], [labels[j] for j in sel]
-            arrays = pack(x, y) if c.batching == "packed" else collate(x, y, c.pad_id)
+            order = length_groups([len(x) for x in ids], size, seed=cfg.seed + 7919 * epoch + k)
+        for i in range(0, len(order), size):
+            chosen = order[i : i + size]
+            x, y = [ids[j] for j in chosen], [labels[j] for j in chosen]
+            arrays = pack(x, y) if cfg.batching == "packed" else collate(x, y, cfg.pad_id)
             yield {name: torch.from_numpy(v) for name, v in arrays.items()}
 
 
@@ -265,16 +282,16 @@ def check_packing(engine, device) -> None:
     logits it gets alone. One tiny forward pass; under ZeRO-3 every rank runs it (it is collective)."""
     import torch
 
-    a, b = [11, 12, 13, 14, 15], [21, 22, 23]
+    first, second = [11, 12, 13, 14, 15], [21, 22, 23]
     packed = {
-        "input_ids": torch.tensor([a + b], device=device),
-        "position_ids": torch.tensor([list(range(len(a))) + list(range(len(b)))], device=device),
+        "input_ids": torch.tensor([first + second], device=device),
+        "position_ids": torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device),
     }
-    alone = {"input_ids": torch.tensor([b], device=device)}
+    alone = {"input_ids": torch.tensor([second], device=device)}
     was_training = engine.module.training
     engine.module.eval()  # no dropout
     with torch.no_grad():
-        got = engine(**packed, use_cache=False).logits[0, len(a) :].float()
+        got = engine(**packed, use_cache=False).logits[0, len(first) :].float()
         want = engine(**alone, use_cache=False).logits[0].float()
     engine.module.train(was_training)
     err = float((got - want).abs().max())
@@ -298,19 +315,55 @@ def recorded(phase_dir: str, phase_hash: str) -> bool:
     return done.get("hash") == phase_hash
 
 
-def _finish(c: LoopConfig, state: dict, wall_s: float) -> None:
+def _finish(cfg: LoopConfig, state: dict, wall_s: float) -> None:
     """Rank 0, after the phase's export and final checkpoint: its metrics.json, then done.json."""
-    from raycat.train.metrics import phase_metrics
+    metrics = phase_metrics(cfg.info, state, wall_s, state["started"])
+    rundir.write_json(rundir.join(cfg.phase_dir, "metrics.json"), metrics)
+    rundir.write_json(rundir.join(cfg.phase_dir, "done.json"), {"hash": cfg.phase_hash})
 
-    rundir.write_json(rundir.join(c.phase_dir, "metrics.json"), phase_metrics(c.info, state, wall_s, state["started"]))
-    rundir.write_json(rundir.join(c.phase_dir, "done.json"), {"hash": c.phase_hash})
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a fit's workers start, from the state of the latest checkpoint (``resume_point``)."""
+
+    # The first phase to train; the phases before it are done.
+    start: int = 0
+    # phases[start] resumes from the checkpoint (not from its first step).
+    from_checkpoint: bool = False
+    # Ray restarted this fit's workers (not a rerun's new fit restored from a checkpoint).
+    restarted: bool = False
+    # A phase whose final checkpoint exists (exported): only its records may be missing.
+    finished: int | None = None
+
+
+def resume_point(phases: list[LoopConfig], saved: dict | None, fit_id: str) -> ResumePoint:
+    """Where this fit starts, given the state saved with the latest checkpoint (None: no checkpoint).
+
+    No DeepSpeed or Ray: reads only the phases' done.json files."""
+    if saved is None:
+        return ResumePoint()
+    names = [phase.phase_name for phase in phases]
+    restarted = saved.get("fit_id") == fit_id
+    # A checkpoint written before phases shared a worker group holds the fit's only (= last) phase.
+    name = saved.get("phase", names[-1])
+    if name not in names:
+        return ResumePoint(restarted=restarted)
+    index = names.index(name)
+    # Phases before the checkpoint's are skipped only if they are still recorded as trained with
+    # the hashes this fit chains (another config may have retrained them in between).
+    if not all(recorded(phase.phase_dir, phase.phase_hash) for phase in phases[:index]):
+        return ResumePoint(restarted=restarted)
+    if saved.get("final"):
+        return ResumePoint(start=index + 1, restarted=restarted, finished=index)
+    return ResumePoint(start=index, from_checkpoint=True, restarted=restarted)
 
 
 def train_loop(config: dict) -> None:
     """The worker entry point; ``config`` is Ray Train's ``train_loop_config``: ``{"phases": [LoopConfig,
     ...], "fit_started": the driver's clock at the fit, "fit_id": this fit's id}``, phases in the
     recipe's order."""
-    entered = time.time()  # start-up accounting (before the heavy imports): the driver knows when the fit began
+    # Start-up accounting, before the heavy imports: the driver knows when the fit began.
+    entered = time.time()
     import gc
 
     import deepspeed
@@ -319,8 +372,8 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     phases: list[LoopConfig] = config["phases"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     gpu = phases[0].device == "gpu"
     if not gpu:
         torch.set_num_threads(phases[0].threads)
@@ -328,207 +381,283 @@ def train_loop(config: dict) -> None:
     # Ray Train made the torch process group; DeepSpeed's comm layer must adopt it before ZeRO-3's
     # zero.Init sizes the world (otherwise it sees world size 1).
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
-    names = [c.phase_name for c in phases]
-    start, resume, restarted = 0, None, False
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        saved = _saved_state(ckpt)
-        restarted = saved.get("fit_id") == config["fit_id"]  # Ray restarted this fit's workers
-        # A checkpoint written before phases shared a worker group holds the fit's only (= last) phase.
-        name = saved.get("phase", names[-1])
-        at = names.index(name) if name in names else None
-        # Phases before the checkpoint's are skipped only if they are still recorded as trained with
-        # the hashes this fit chains (another config may have retrained them in between).
-        if at is not None and not all(recorded(c.phase_dir, c.phase_hash) for c in phases[:at]):
-            at = None
-        if at is not None and saved.get("final"):  # exported and checkpointed; only its records may be missing
-            if rank == 0:
-                _finish(phases[at], saved, saved["wall_s"])
-            start = at + 1
-        elif at is not None:
-            start, resume = at, ckpt
+    saved = _saved_state(ckpt) if ckpt is not None else None
+    point = resume_point(phases, saved, config["fit_id"])
+    if point.finished is not None and rank == 0:
+        # The checkpoint is the phase's last one: the model is exported; only its records may be missing.
+        _finish(phases[point.finished], saved, saved["wall_s"])
+    resume = ckpt if point.from_checkpoint else None
     # Ray's restart of a failed worker group does not say when the new group began: count from entering
     # the loop. A rerun's new fit restored from a checkpoint did start its group at fit_started.
-    started = entered if restarted else config["fit_started"]
-    for c in phases[start:]:
-        _train_phase(c, rank, world, resume, entered, started, config["fit_id"])
+    started = entered if point.restarted else config["fit_started"]
+    for phase in phases[point.start :]:
+        _train_phase(phase, rank, world, resume, entered, started, config["fit_id"])
         resume = None
         # The phase's engine, optimizer state and autograd graph are unreachable now; ZeRO-3's
         # parameters reference themselves, so only a full collection frees them before the next load.
         gc.collect()
         if gpu:
             torch.cuda.empty_cache()
-        dist.barrier()  # the next phase loads the model rank 0 has just exported
-        entered = started = time.time()  # no worker-group start for the phases after the first
+        # The next phase loads the model rank 0 has just exported.
+        dist.barrier()
+        # No worker-group start for the phases after the first.
+        entered = started = time.time()
 
 
-def _train_phase(c: LoopConfig, rank: int, world: int, ckpt, entered: float, started: float, fit_id: str) -> None:
+def _train_phase(cfg: LoopConfig, rank: int, world: int, ckpt, entered: float, started: float, fit_id: str) -> None:
     """One phase on this worker: build the engine (from the previous phase's export), resume from
     ``ckpt`` if given, train, export, final checkpoint, records; then free the engine."""
-    import deepspeed
-    import ray.train
-    import torch
-    from transformers import AutoTokenizer
+    phase_run = PhaseRun(cfg, rank, world)
+    phase_run.setup(ckpt, entered, started, fit_id)
+    metrics = phase_run.train()
+    phase_run.save_checkpoint(final=True, metrics=metrics)
+    phase_run.cleanup()
 
-    from raycat.train.batches import target_tokens, window_loss
 
-    gpu = c.device == "gpu"
-    torch.manual_seed(c.seed)
-    p = c.phase
-    ds_config = deepspeed_config(
-        zero_stage=c.zero_stage,
-        offload_optimizer=c.offload_optimizer,
-        offload_param=c.offload_param,
-        bf16=c.bf16,
-        micro_batch_size=p.micro_batch_size,
-        accumulation=p.gradient_accumulation_steps,
-        world=world,
-        clipping=p.gradient_clipping,
-        lr=p.lr,
-        weight_decay=p.weight_decay,
-        gpu=gpu,
-    )
-    model, base_dir, _keep = _load_model(c, ds_config)
-    params = [x for x in model.parameters() if x.requires_grad]
-    init_fp = fingerprint(model, c.zero_stage)
-    optimizer = None if c.offload_optimizer else torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        model_parameters=params,
-        config=ds_config,
-        lr_scheduler=scheduler_factory(p.lr_scheduler, c.total_steps, int(p.warmup_ratio * c.total_steps)),
-    )
-    device = engine.device
-    lora = c.method == "lora"
-    state = {
-        "phase": c.phase_name,
-        "epoch": 0,
-        "batch": 0,
-        "micro_steps": 0,
-        "history": [],
-        "resumed_from_step": None,
-        "real_tokens": 0,
-        "padded_tokens": 0,
-        "init_fingerprint": init_fp,
-    }
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="ckpt", load_module_strict=not lora)
-            with open(os.path.join(d, "state.json")) as f:
-                state = json.load(f)
-        state["phase"] = c.phase_name
-        engine.micro_steps = state["micro_steps"]  # not in DS's own checkpoint; keeps accumulation aligned
-        state["resumed_from_step"] = engine.global_steps
-    # Wall-clock times (this attempt): the phase began, entered the loop, model + DeepSpeed ready, first step done.
-    state["started"], state["fit_id"] = started, fit_id
-    state["timing"] = {"entered": entered, "ready": time.time(), "first_step_done": None}
-    log, close_log = _tracker(c) if rank == 0 else (None, None)
+class PhaseRun:
+    """One phase on one worker, in torchtune's recipe order: ``setup`` -> ``train`` ->
+    ``save_checkpoint`` -> ``cleanup``. Every rank runs every step: the collectives in them (the
+    window's all-reduces, ``engine.step``, checkpoint saves, the ZeRO-3 export and packing check) are
+    called by all ranks in the same order; only writing files and logging are rank 0's."""
 
-    def export() -> None:
-        # Collective under ZeRO-3 (every rank gathers its partitions); rank 0 writes the HF dir.
-        sd = engine._zero3_consolidated_16bit_state_dict() if c.zero_stage == 3 else None
-        if rank != 0:
-            return
-        with tempfile.TemporaryDirectory() as d:
-            engine.module.save_pretrained(d, state_dict=sd, safe_serialization=True)
-            AutoTokenizer.from_pretrained(
-                base_dir, revision=c.student_revision, trust_remote_code=c.trust_remote_code
-            ).save_pretrained(d)
-            rundir.replace_dir(d, c.model_dir)
+    def __init__(self, cfg: LoopConfig, rank: int, world: int) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.engine = None
+        # The base student's dir: the export saves its tokenizer.
+        self.base_dir: str | None = None
+        # What a checkpoint's state.json holds and metrics.json is built from.
+        self.state: dict = {}
+        # When this phase's attempt began (the fit's start, or the previous phase's end).
+        self.started = 0.0
+        self.log = self.close_log = None
+        # Under ZeRO-3, held for the phase: transformers loads into partitions only while it lives.
+        self._hf_ds_config = None
 
-    def save(final: bool, metrics: dict) -> None:
-        if final:  # before the final checkpoint: a final checkpoint means the phase's model dir is complete
-            export()
-            state["final"], state["wall_s"] = True, time.time() - started
-        with tempfile.TemporaryDirectory() as d:
-            # Collective on every rank: each writes its own ZeRO shard; Ray merges rank directories.
-            engine.save_checkpoint(os.path.join(d, "deepspeed"), tag="ckpt", exclude_frozen_parameters=lora)
-            if rank == 0:
-                with open(os.path.join(d, "state.json"), "w") as f:
-                    json.dump(state, f)
-            name = f"{c.phase_name}_step_{engine.global_steps:07d}" + ("_final" if final else "")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    def setup(self, ckpt, entered: float, started: float, fit_id: str) -> None:
+        """The DeepSpeed engine, built from the previous phase's export; the loop state, restored from
+        ``ckpt`` if given; the experiment tracker (rank 0)."""
+        import deepspeed
+        import torch
 
-    shard = ray.train.get_dataset_shard(c.phase_name)
-    if c.batching == "packed":
-        check_packing(engine, device)
+        cfg, hp = self.cfg, self.cfg.phase
+        torch.manual_seed(cfg.seed)
+        ds_config = deepspeed_config(
+            zero_stage=cfg.zero_stage,
+            offload_optimizer=cfg.offload_optimizer,
+            offload_param=cfg.offload_param,
+            bf16=cfg.bf16,
+            micro_batch_size=hp.micro_batch_size,
+            accumulation=hp.gradient_accumulation_steps,
+            world=self.world,
+            clipping=hp.gradient_clipping,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            gpu=cfg.device == "gpu",
+        )
+        model, self.base_dir, self._hf_ds_config = _load_model(cfg, ds_config)
+        params = [x for x in model.parameters() if x.requires_grad]
+        init_fingerprint = fingerprint(model, cfg.zero_stage)
+        optimizer = None if cfg.offload_optimizer else torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=params,
+            config=ds_config,
+            lr_scheduler=scheduler_factory(hp.lr_scheduler, cfg.total_steps, int(hp.warmup_ratio * cfg.total_steps)),
+        )
+        self.state = {
+            "phase": cfg.phase_name,
+            "epoch": 0,
+            "batch": 0,
+            "micro_steps": 0,
+            "history": [],
+            "resumed_from_step": None,
+            "real_tokens": 0,
+            "padded_tokens": 0,
+            "init_fingerprint": init_fingerprint,
+        }
+        if ckpt is not None:
+            self._restore(ckpt)
+        # Wall-clock times of this attempt: the phase began, entered the loop, model + DeepSpeed ready,
+        # first step done.
+        self.started = started
+        self.state["started"], self.state["fit_id"] = started, fit_id
+        self.state["timing"] = {"entered": entered, "ready": time.time(), "first_step_done": None}
+        self.log, self.close_log = _tracker(cfg) if self.rank == 0 else (None, None)
 
-    max_steps = c.total_steps
-    done = engine.global_steps >= max_steps
-    metrics: dict = {}
-    gas = p.gradient_accumulation_steps
-    engine.train()
-    t_prev = time.time()  # a step's time runs from the previous step's end: it includes fetching its batches
-    for epoch in range(state["epoch"], p.epochs):
-        if done:
-            break
-        batches = micro_batches(shard, c, epoch)
-        skip = state["batch"] if epoch == state["epoch"] else 0
-        for _ in itertools.islice(batches, skip):  # consumed before the checkpoint we resumed from
-            pass
-        consumed = skip
-        while not done:
-            # One optimizer step per window of `gas` micro-batches; an epoch's last window may be
-            # shorter and is applied. Shards are equal, so every rank sees the same window sizes.
-            t_fetch = time.time()
-            window = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(batches, gas)]
-            if not window:
+    def _restore(self, ckpt) -> None:
+        """The engine and loop state of a checkpoint of this phase."""
+        engine = self.engine
+        with ckpt.as_directory() as ckpt_dir:
+            engine.load_checkpoint(
+                os.path.join(ckpt_dir, "deepspeed"), tag="ckpt", load_module_strict=self.cfg.method != "lora"
+            )
+            with open(os.path.join(ckpt_dir, "state.json")) as f:
+                self.state = json.load(f)
+        self.state["phase"] = self.cfg.phase_name
+        # Not in DeepSpeed's own checkpoint; keeps the accumulation windows aligned.
+        engine.micro_steps = self.state["micro_steps"]
+        self.state["resumed_from_step"] = engine.global_steps
+
+    def train(self) -> dict:
+        """Optimizer steps until ``total_steps``, from where the state left off (skipping the micro-batches
+        a resumed epoch already consumed); returns the last step's metrics."""
+        import ray.train
+
+        cfg, engine, state = self.cfg, self.engine, self.state
+        shard = ray.train.get_dataset_shard(cfg.phase_name)
+        if cfg.batching == "packed":
+            check_packing(engine, engine.device)
+        done = engine.global_steps >= cfg.total_steps
+        metrics: dict = {}
+        accumulation = cfg.phase.gradient_accumulation_steps
+        engine.train()
+        # A step's time runs from the previous step's end: it includes fetching its batches.
+        step_ended = time.time()
+        for epoch in range(state["epoch"], cfg.phase.epochs):
+            if done:
                 break
-            fetch_s = time.time() - t_fetch
-            local_targets = sum(target_tokens(b["labels"]) for b in window)
-            n_window = int(all_reduce_step([local_targets], device)[0])  # the window's tokens, all ranks
-            window_sum, real = 0.0, 0
-            for j, batch in enumerate(window):
-                engine.set_gradient_accumulation_boundary(j == len(window) - 1)
-                loss, value = window_loss(engine, batch, max(n_window, 1), world)
-                engine.backward(loss, scale_wrt_gas=False)  # already normalised over the window
-                window_sum += value.item()
-                mask = batch.get("attention_mask")  # packed rows have none: every token is real
-                real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-                state["padded_tokens"] += batch["input_ids"].numel()
-            engine.step()  # the boundary: gradients reduced across ranks, one optimizer update
-            state["real_tokens"] += real
-            consumed += len(window)
-            state["epoch"], state["batch"], state["micro_steps"] = epoch, consumed, engine.micro_steps
-            agg = all_reduce_step([window_sum, real], device)
-            now = time.time()
-            dt, t_prev = now - t_prev, now
-            if state["timing"]["first_step_done"] is None:
-                state["timing"]["first_step_done"] = now
-            step = engine.global_steps
-            metrics = {
-                "step": step,
-                "epoch": epoch,
-                "loss": agg[0],  # token-weighted mean over the window (each share was divided by n_window)
-                "lr": engine.get_lr()[0],
-                "tokens_per_s": agg[1] / max(dt, 1e-9),
-                "step_s": dt,  # from the previous step's end, so the batch fetch counts
-                "tokens": int(agg[1]),
-                "target_tokens": n_window,
-                "fetch_s": round(fetch_s, 4),  # waiting for this step's micro-batches (the data feed)
-            }
-            state["history"].append(metrics)
-            if step % c.log_every_steps == 0:
-                if rank == 0:  # Ray forwards worker stdout to the driver: `ray job logs` shows training
-                    print(
-                        f"train {c.recipe}/{c.phase_name}: step {step}/{c.total_steps} epoch {epoch} "
-                        f"loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} tokens/s {metrics['tokens_per_s']:.0f}",
-                        flush=True,
-                    )
-                if log is not None:
-                    log(metrics, step)
-            done = step >= max_steps
-            if step % c.save_steps == 0 and not done:
-                save(False, metrics)
-            elif step % c.log_every_steps == 0:
-                ray.train.report(metrics)
-            t_prev = time.time()  # a checkpoint is not the next step's time
-        if not done:  # the epoch's data ran out
-            state["epoch"], state["batch"] = epoch + 1, 0
-    save(True, metrics or {"step": engine.global_steps})
-    if rank == 0:
-        _finish(c, state, time.time() - started)
-    if close_log is not None:
-        close_log()
-    engine.destroy()  # its hooks and optimizer buffers; the caller collects the rest
+            batches = micro_batches(shard, cfg, epoch)
+            skip = state["batch"] if epoch == state["epoch"] else 0
+            # Consumed before the checkpoint we resumed from.
+            for _ in itertools.islice(batches, skip):
+                pass
+            consumed = skip
+            while not done:
+                # One optimizer step per window of `accumulation` micro-batches; an epoch's last window
+                # may be shorter and is applied. Shards are equal, so every rank sees the same window sizes.
+                fetch_started = time.time()
+                window = [
+                    {k: v.to(engine.device) for k, v in batch.items()}
+                    for batch in itertools.islice(batches, accumulation)
+                ]
+                if not window:
+                    break
+                fetch_s = time.time() - fetch_started
+                loss, tokens, target_total = self._optimizer_step(window)
+                consumed += len(window)
+                state["epoch"], state["batch"], state["micro_steps"] = epoch, consumed, engine.micro_steps
+                now = time.time()
+                step_s, step_ended = now - step_ended, now
+                if state["timing"]["first_step_done"] is None:
+                    state["timing"]["first_step_done"] = now
+                metrics = self._step_metrics(epoch, loss, tokens, target_total, step_s, fetch_s)
+                done = metrics["step"] >= cfg.total_steps
+                self._report(metrics, done)
+                # A checkpoint is not the next step's time.
+                step_ended = time.time()
+            # The epoch's data ran out.
+            if not done:
+                state["epoch"], state["batch"] = epoch + 1, 0
+        return metrics or {"step": engine.global_steps}
+
+    def _optimizer_step(self, window: list[dict]) -> tuple[float, float, int]:
+        """One optimizer step over a window of micro-batches: ``(loss, real tokens, target tokens)``, each
+        over all ranks, the loss token-weighted. Plays the part of torchtune's ``_loss_step``."""
+        engine, state = self.engine, self.state
+        local_targets = sum(target_tokens(batch["labels"]) for batch in window)
+        # The window's target tokens on all ranks: every micro-batch's loss is divided by them.
+        target_total = int(all_reduce_step([local_targets], engine.device)[0])
+        loss_sum, real = 0.0, 0
+        for j, batch in enumerate(window):
+            engine.set_gradient_accumulation_boundary(j == len(window) - 1)
+            loss, value = window_loss(engine, batch, max(target_total, 1), self.world)
+            engine.backward(loss, scale_wrt_gas=False)  # already normalised over the window
+            loss_sum += value.item()
+            # Packed rows have no attention mask: every token is real.
+            mask = batch.get("attention_mask")
+            real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            state["padded_tokens"] += batch["input_ids"].numel()
+        # The boundary: gradients reduced across ranks, one optimizer update.
+        engine.step()
+        state["real_tokens"] += real
+        loss_total, real_total = all_reduce_step([loss_sum, real], engine.device)
+        return loss_total, real_total, target_total
+
+    def _step_metrics(
+        self, epoch: int, loss: float, tokens: float, target_total: int, step_s: float, fetch_s: float
+    ) -> dict:
+        """A step's entry in the history (and what Ray Train and the tracker get)."""
+        metrics = {
+            "step": self.engine.global_steps,
+            "epoch": epoch,
+            # Token-weighted mean over the window (each share was divided by the window's target tokens).
+            "loss": loss,
+            "lr": self.engine.get_lr()[0],
+            "tokens_per_s": tokens / max(step_s, 1e-9),
+            # From the previous step's end, so the batch fetch counts.
+            "step_s": step_s,
+            "tokens": int(tokens),
+            "target_tokens": target_total,
+            # Waiting for this step's micro-batches (the data feed).
+            "fetch_s": round(fetch_s, 4),
+        }
+        self.state["history"].append(metrics)
+        return metrics
+
+    def _report(self, metrics: dict, done: bool) -> None:
+        """Logs a step (every ``log_every_steps``) and reports it to Ray Train, with a checkpoint every
+        ``save_steps`` (the final one is ``save_checkpoint(final=True)``'s)."""
+        import ray.train
+
+        cfg, step = self.cfg, metrics["step"]
+        if step % cfg.log_every_steps == 0:
+            # Ray forwards worker stdout to the driver: `ray job logs` shows training.
+            if self.rank == 0:
+                print(
+                    f"train {cfg.recipe}/{cfg.phase_name}: step {step}/{cfg.total_steps} epoch {metrics['epoch']} "
+                    f"loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} tokens/s {metrics['tokens_per_s']:.0f}",
+                    flush=True,
+                )
+            if self.log is not None:
+                self.log(metrics, step)
+        if step % cfg.save_steps == 0 and not done:
+            self.save_checkpoint(False, metrics)
+        elif step % cfg.log_every_steps == 0:
+            ray.train.report(metrics)
+
+    def save_checkpoint(self, final: bool, metrics: dict) -> None:
+        """Every rank's ZeRO shard into one Ray Train checkpoint (collective: all ranks call it); a final
+        one exports the HF model first, so a final checkpoint means the phase's model dir is complete."""
+        import ray.train
+
+        engine, state = self.engine, self.state
+        if final:
+            self._export()
+            state["final"], state["wall_s"] = True, time.time() - self.started
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            # Collective on every rank: each writes its own ZeRO shard; Ray merges rank directories.
+            engine.save_checkpoint(
+                os.path.join(tmp_dir, "deepspeed"), tag="ckpt", exclude_frozen_parameters=self.cfg.method == "lora"
+            )
+            if self.rank == 0:
+                with open(os.path.join(tmp_dir, "state.json"), "w") as f:
+                    json.dump(state, f)
+            name = f"{self.cfg.phase_name}_step_{engine.global_steps:07d}" + ("_final" if final else "")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp_dir), checkpoint_dir_name=name)
+
+    def _export(self) -> None:
+        """The phase's HF model dir (weights or adapter, and the student's tokenizer), written by rank 0.
+        Collective under ZeRO-3: every rank gathers its partitions."""
+        from transformers import AutoTokenizer
+
+        cfg, engine = self.cfg, self.engine
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None
+        if self.rank != 0:
+            return
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            engine.module.save_pretrained(tmp_dir, state_dict=state_dict, safe_serialization=True)
+            AutoTokenizer.from_pretrained(
+                self.base_dir, revision=cfg.student_revision, trust_remote_code=cfg.trust_remote_code
+            ).save_pretrained(tmp_dir)
+            rundir.replace_dir(tmp_dir, cfg.model_dir)
+
+    def cleanup(self) -> None:
+        """Rank 0 writes metrics.json, then done.json; the tracker run ends; the engine frees its hooks and
+        optimizer buffers (the caller collects the rest)."""
+        if self.rank == 0:
+            _finish(self.cfg, self.state, time.time() - self.started)
+        if self.close_log is not None:
+            self.close_log()
+        self.engine.destroy()

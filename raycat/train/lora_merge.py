@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 
-from raycat.storage import rundir
+from raycat.storage import models, rundir
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -30,17 +30,15 @@ def merge_lora(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raycat.storage import models
-
     local_adapter = models.local(adapter)
     model = AutoModelForCausalLM.from_pretrained(
         models.local(base), revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype)
     )
     model = PeftModel.from_pretrained(model, local_adapter).merge_and_unload()
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d, safe_serialization=True)
-        AutoTokenizer.from_pretrained(local_adapter, trust_remote_code=trust_remote_code).save_pretrained(d)
-        rundir.replace_dir(d, out_dir)
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        AutoTokenizer.from_pretrained(local_adapter, trust_remote_code=trust_remote_code).save_pretrained(tmp_dir)
+        rundir.replace_dir(tmp_dir, out_dir)
     return out_dir
 
 

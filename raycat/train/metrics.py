@@ -27,11 +27,11 @@ def phase_info(
     }
 
 
-def step_seconds(h: dict) -> float:
+def step_seconds(entry: dict) -> float:
     """A history entry's step time (recomputed for entries logged before ``step_s`` was recorded)."""
-    if "step_s" in h:
-        return h["step_s"]
-    return h["tokens"] / h["tokens_per_s"] if h["tokens_per_s"] > 0 else 0.0
+    if "step_s" in entry:
+        return entry["step_s"]
+    return entry["tokens"] / entry["tokens_per_s"] if entry["tokens_per_s"] > 0 else 0.0
 
 
 def startup(timing: dict | None, started: float, wall_s: float, hist: list, resumed: int | None) -> dict | None:

@@ -21,18 +21,25 @@ import hashlib
 import json
 import math
 import os
+import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
-from raycat.config import RaycatConfig, save_config
+from raycat import progress
+from raycat.config import RaycatConfig, TrainConfig, save_config
 from raycat.data.prompts import template_hash, train_template_hash
 from raycat.errors import MissingInputError, RaycatError
-from raycat.recipes import Phase, needs_cot, select
-from raycat.storage import rundir
+from raycat.ray_env import ray_session
+from raycat.recipes import RECIPES, Phase, needs_cot, select
+from raycat.storage import models, rundir
+from raycat.train import memory
 from raycat.train.batches import encode_rows, pad_to_world, stop_token_ids, total_steps
 from raycat.train.loop import LoopConfig, recorded, train_loop
-from raycat.train.memory import check_fit, estimate
+from raycat.train.lora_merge import merge_remote
+from raycat.train.memory import uses_bf16, zero_stage
 from raycat.train.metrics import phase_info
 
 
@@ -46,6 +53,10 @@ class PhasePlan:
     encoded: pd.DataFrame
     hash: str
     score_template_hash: str
+
+
+# What one fit trains: consecutive phases, each as (plan, phase dir, the model it starts from).
+Fit = list[tuple[PhasePlan, str, dict]]
 
 
 def _hash(obj) -> str:
@@ -83,235 +94,134 @@ def check_template(cfg: RaycatConfig, tokenizer, bands: dict[str, pd.DataFrame])
     return mine
 
 
-def model_shape(model_dir: str, trust_remote_code: bool) -> dict:
-    """Parameter count and sizes from config.json alone (meta device: no weights are read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    conf = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
-    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
-    return {
-        "params": sum(p.numel() for p in m.parameters()),
-        "hidden": text.hidden_size,
-        "layers": text.num_hidden_layers,
-        "vocab": text.vocab_size,
-        "model": m,
-    }
-
-
-def lora_trainable(meta_model, lora: dict) -> int:
-    from peft import LoraConfig, get_peft_model
-
-    peft = get_peft_model(
-        meta_model,
-        LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"], task_type="CAUSAL_LM"),
-    )
-    return sum(p.numel() for p in peft.parameters() if p.requires_grad)
-
-
-def preflight(cfg: RaycatConfig, model_dir: str, phases: list[Phase]) -> dict:
-    """Memory estimate per phase; raises with the numbers when a phase cannot fit."""
-    import importlib.util
-
-    tc = cfg.train
-    if tc.tracking != "none" and importlib.util.find_spec(tc.tracking) is None:
-        raise RaycatError(
-            f"train.tracking={tc.tracking} needs the {tc.tracking} package: pip install {tc.tracking}, "
-            "or set train.tracking=none"
-        )
-    shape = model_shape(model_dir, cfg.score.student.trust_remote_code)
-    trainable = lora_trainable(shape["model"], tc.lora.model_dump()) if tc.method == "lora" else shape["params"]
-    device_cap, host_cap = worker_capacity(tc)
-    out = {
-        "params": shape["params"],
-        "trainable_params": trainable,
-        "device_capacity_gib": device_cap,
-        "host_capacity_gib": host_cap,
-        "phases": {},
-    }
-    for ph in phases:
-        est = phase_estimate(cfg, shape, trainable, ph.name)
-        out["phases"][ph.name] = est
-        problem = check_fit(est, device_cap, host_cap, same_pool=tc.device == "cpu")
-        if problem:
-            raise RaycatError(f"train pre-flight, {ph.name}: {problem}")
-    return out
-
-
-def worker_capacity(tc) -> tuple[float, float]:
-    """(device, host) GiB per worker: the configured ones, else 80 GB per GPU / this machine's RAM shared
-    by the workers."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    device_cap = tc.worker_memory_gib or (80.0 if tc.device == "gpu" else ram / tc.num_workers)
-    return device_cap, tc.host_memory_per_worker_gib or ram / tc.num_workers
-
-
-def phase_estimate(cfg: RaycatConfig, shape: dict, trainable: int, phase: str) -> dict:
-    """The memory estimate of one phase for a model of this shape (params, hidden, layers, vocab)."""
-    tc, pc = cfg.train, cfg.train.phase(phase)
-    return estimate(
-        total_params=shape["params"],
-        trainable_params=trainable,
-        world=tc.num_workers,
-        zero_stage=zero_stage(tc),
-        offload_optimizer=tc.deepspeed.offload_optimizer,
-        offload_param=tc.deepspeed.offload_param,
-        bf16=_bf16(cfg),
-        micro_batch_size=pc.micro_batch_size,
-        max_length=pc.max_length,
-        hidden_size=shape["hidden"],
-        num_layers=shape["layers"],
-        vocab_size=shape["vocab"],
-        gradient_checkpointing=tc.gradient_checkpointing,
-    )
-
-
-def _bf16(cfg: RaycatConfig) -> bool:
-    p = cfg.train.precision
-    return p == "bf16" or (p == "auto" and cfg.train.device == "gpu")
-
-
 def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[PhasePlan], pd.DataFrame]:
     """Rows, encoded examples and hash for every phase of the recipe; plus every skipped row."""
-    tc = cfg.train
+    train = cfg.train
     bands, cot = load_inputs(cfg)
-    th = check_template(cfg, tokenizer, bands)
-    selected, skipped = select(tc.recipe, bands, cot, tc.seed)
+    score_template = check_template(cfg, tokenizer, bands)
+    selected, skipped = select(train.recipe, bands, cot, train.seed)
     stops = stop_token_ids(tokenizer, model_dir, revision=cfg.score.student.revision)
     plans, prev = [], None
     skipped_frames = [skipped]
     for phase, rows in selected:
-        pc = tc.phase(phase.name)
-        enc, skip = encode_rows(tokenizer, rows, phase.target, stops, pc.max_length, tc.overlong)
+        hp = train.phase(phase.name)
+        encoded, skip = encode_rows(tokenizer, rows, phase.target, stops, hp.max_length, train.overlong)
         skipped_frames.append(skip.assign(phase=phase.name))
-        enc = enc.sample(frac=1.0, random_state=tc.seed).reset_index(drop=True)  # one seeded shuffle
+        encoded = encoded.sample(frac=1.0, random_state=train.seed).reset_index(drop=True)  # one seeded shuffle
         # Everything that changes the trained weights (not save/log cadence): rows, tokens, labels,
         # hyper-parameters, parallel layout, the student, and the previous phase's hash.
-        h = _hash(
+        phase_hash = _hash(
             {
                 "prev": prev,
                 "phase": phase.name,
                 "target": phase.target,
-                "rows": enc["id"].tolist(),
-                "inputs": _hash(enc["input_ids"].map(list).tolist()),
-                "labels": _hash(enc["labels"].map(list).tolist()),
-                "hp": pc.model_dump(),
-                "method": tc.method,
-                "lora": tc.lora.model_dump() if tc.method == "lora" else None,
-                "deepspeed": tc.deepspeed.model_dump(),
-                "batching": tc.batching,  # 'grouped' composes steps differently
-                "precision": _bf16(cfg),
-                "workers": tc.num_workers,
+                "rows": encoded["id"].tolist(),
+                "inputs": _hash(encoded["input_ids"].map(list).tolist()),
+                "labels": _hash(encoded["labels"].map(list).tolist()),
+                "hp": hp.model_dump(),
+                "method": train.method,
+                "lora": train.lora.model_dump() if train.method == "lora" else None,
+                "deepspeed": train.deepspeed.model_dump(),
+                # 'grouped' composes steps differently.
+                "batching": train.batching,
+                "precision": uses_bf16(cfg),
+                "workers": train.num_workers,
                 "student": cfg.score.student.model_dump(),
                 "template": train_template_hash(tokenizer),
-                "seed": tc.seed,
+                "seed": train.seed,
             }
         )
-        plans.append(PhasePlan(phase=phase, rows=rows, encoded=enc, hash=h, score_template_hash=th))
-        prev = h
+        plans.append(
+            PhasePlan(phase=phase, rows=rows, encoded=encoded, hash=phase_hash, score_template_hash=score_template)
+        )
+        prev = phase_hash
     return plans, pd.concat(skipped_frames, ignore_index=True)
-
-
-def zero_stage(tc) -> int:
-    """The ZeRO stage the workers run: the configured one, but 0 for a single worker without offload.
-    ZeRO partitions state across ranks, so one rank saves no memory and only pays the bookkeeping
-    (flat-buffer copies, bucketing): bench/train.py measured 0.80x of a bare loop at ZeRO-2 against
-    0.97x at stage 0 on the same model and batches."""
-    ds = tc.deepspeed
-    if tc.num_workers == 1 and not (ds.offload_optimizer or ds.offload_param):
-        return 0
-    return ds.zero_stage
 
 
 def _loop_config(
     cfg: RaycatConfig, plan: PhasePlan, init: dict, total_steps: int, pad_id: int, phase_dir: str, info: dict
 ) -> LoopConfig:
-    from raycat.storage import models
-
-    tc, st = cfg.train, cfg.score.student
+    train, student = cfg.train, cfg.score.student
     return LoopConfig(
-        student_path=models.portable(st.path),  # workers do not share the driver's working directory
-        student_revision=st.revision,
-        trust_remote_code=st.trust_remote_code,
+        # Workers do not share the driver's working directory.
+        student_path=models.portable(student.path),
+        student_revision=student.revision,
+        trust_remote_code=student.trust_remote_code,
         init_model=init["model"],
         init_adapter=init["adapter"],
         model_dir=rundir.absolute(rundir.join(phase_dir, "model")),
         phase_dir=rundir.absolute(phase_dir),
         phase_hash=plan.hash,
         info=info,
-        method=tc.method,
-        lora=tc.lora.model_copy(),
-        zero_stage=zero_stage(tc),
-        offload_optimizer=tc.deepspeed.offload_optimizer,
-        offload_param=tc.deepspeed.offload_param,
-        bf16=_bf16(cfg),
-        device=tc.device,
-        threads=max(1, int(tc.cpus_per_worker)),
-        batching=tc.batching,
-        gradient_checkpointing=tc.gradient_checkpointing,
-        recipe=tc.recipe,
+        method=train.method,
+        lora=train.lora.model_copy(),
+        zero_stage=zero_stage(train),
+        offload_optimizer=train.deepspeed.offload_optimizer,
+        offload_param=train.deepspeed.offload_param,
+        bf16=uses_bf16(cfg),
+        device=train.device,
+        threads=max(1, int(train.cpus_per_worker)),
+        batching=train.batching,
+        gradient_checkpointing=train.gradient_checkpointing,
+        recipe=train.recipe,
         phase_name=plan.phase.name,
-        phase=tc.phase(plan.phase.name).model_copy(),
+        phase=train.phase(plan.phase.name).model_copy(),
         total_steps=total_steps,
         pad_id=pad_id,
-        seed=tc.seed,
-        save_steps=tc.save_steps,
-        log_every_steps=tc.log_every_steps,
-        tracking=tc.tracking,
+        seed=train.seed,
+        save_steps=train.save_steps,
+        log_every_steps=train.log_every_steps,
+        tracking=train.tracking,
         tracking_uri=tracking_uri(cfg),
-        tracking_project=tc.tracking_project,
+        tracking_project=train.tracking_project,
     )
 
 
 def tracking_uri(cfg: RaycatConfig) -> str | None:
     """The MLflow URI the workers log to: the configured one, else a file store in the run dir (a
     relative ./mlruns would land in each worker's own working directory and be lost with it)."""
-    from pathlib import Path
-
-    tc = cfg.train
-    if tc.tracking != "mlflow":
-        return tc.tracking_uri
-    uri = tc.tracking_uri or rundir.join(cfg.run_dir, "mlruns")  # local run dir: config checks the rest
+    train = cfg.train
+    if train.tracking != "mlflow":
+        return train.tracking_uri
+    # A local run dir (config checks the rest).
+    uri = train.tracking_uri or rundir.join(cfg.run_dir, "mlruns")
     # A plain path is a file store; absolute, or each worker would resolve it in its own cwd.
     return uri if ":" in uri.split("/", 1)[0] else Path(os.path.abspath(uri)).as_uri()
 
 
-def fit_phases(cfg: RaycatConfig, group: list[tuple[PhasePlan, str, dict]], pad_id: int):
+def fit_phases(cfg: RaycatConfig, fit: Fit, pad_id: int):
     """One TorchTrainer fit for consecutive phases ``(plan, phase dir, init)``, run in order by the same
     workers. Named after the last phase (its hash chains the others'), so a rerun of any tail of the
     group finds the same run and resumes from its latest checkpoint."""
-    import time
-    import uuid
-
     import pyarrow as pa
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    tc = cfg.train
-    last, last_dir = group[-1][0], group[-1][1]
+    train = cfg.train
+    last, last_dir = fit[-1][0], fit[-1][1]
     storage, name = rundir.absolute(rundir.join(last_dir, "checkpoints")), f"{last.phase.name}-{last.hash}"
     loops, datasets = [], {}
-    for plan, pdir, init in group:
-        pc = tc.phase(plan.phase.name)
-        frame, repeated = pad_to_world(plan.encoded, tc.num_workers, tc.seed)
+    for plan, phase_dir, init in fit:
+        hp = train.phase(plan.phase.name)
+        frame, repeated = pad_to_world(plan.encoded, train.num_workers, train.seed)
         total = total_steps(
-            len(frame), tc.num_workers, pc.micro_batch_size, pc.gradient_accumulation_steps, pc.epochs, pc.max_steps
+            len(frame), train.num_workers, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.epochs, hp.max_steps
         )
         table = pa.Table.from_pandas(frame[["input_ids", "labels"]], preserve_index=False)
-        step = max(1, math.ceil(len(frame) / 8))
-        datasets[plan.phase.name] = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(frame), step)])
+        block = max(1, math.ceil(len(frame) / 8))
+        datasets[plan.phase.name] = ray.data.from_arrow([table.slice(i, block) for i in range(0, len(frame), block)])
         info = phase_info(plan.phase, plan.rows, plan.encoded, plan.hash, repeated, total, rundir.join(storage, name))
-        loops.append(_loop_config(cfg, plan, init, total, pad_id, pdir, info))
+        loops.append(_loop_config(cfg, plan, init, total, pad_id, phase_dir, info))
     trainer = TorchTrainer(
         train_loop,
         # Ray Train wants a dict here; the typed configs travel inside it.
         train_loop_config={"phases": loops, "fit_started": time.time(), "fit_id": uuid.uuid4().hex},
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.device == "gpu", resources_per_worker={"CPU": tc.cpus_per_worker}
+            num_workers=train.num_workers,
+            use_gpu=train.device == "gpu",
+            resources_per_worker={"CPU": train.cpus_per_worker},
         ),
         datasets=datasets,
         # Ordered, equal shards: a resumed worker skips exactly the micro-batches it already trained on.
@@ -319,8 +229,8 @@ def fit_phases(cfg: RaycatConfig, group: list[tuple[PhasePlan, str, dict]], pad_
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.num_to_keep),
         ),
     )
     return trainer.fit()
@@ -329,161 +239,205 @@ def fit_phases(cfg: RaycatConfig, group: list[tuple[PhasePlan, str, dict]], pad_
 def merge_lora(cfg: RaycatConfig, phase_dir: str, params: int) -> str:
     """``train.lora.merge``: the phase's adapter merged into the base student under ``merged/``, as a
     Ray task on a node with room for it."""
-    from raycat.train.lora_merge import merge_remote
-
-    st = cfg.score.student
+    student = cfg.score.student
     return merge_remote(
-        st.path,
+        student.path,
         rundir.absolute(rundir.join(phase_dir, "model")),
         rundir.absolute(rundir.join(phase_dir, "merged")),
-        revision=st.revision,
-        trust_remote_code=st.trust_remote_code,
-        dtype="bfloat16" if _bf16(cfg) else "float32",
+        revision=student.revision,
+        trust_remote_code=student.trust_remote_code,
+        dtype="bfloat16" if uses_bf16(cfg) else "float32",
         params=params,
         num_cpus=cfg.train.cpus_per_worker,
     )
 
 
-def run_train(cfg: RaycatConfig, say=print) -> dict:
-    """Every phase of ``train.recipe`` in order; finished phases (same hash) are skipped."""
-    from raycat.recipes import RECIPES
-    from raycat.storage import models
-
-    tc, st = cfg.train, cfg.score.student
-    base_dir = models.resolve(st.path)
-    pre = preflight(cfg, base_dir, list(RECIPES[tc.recipe]))  # before Ray or any accelerator
-    say(
-        f"pre-flight: {pre['params'] / 1e6:.1f}M parameters ({pre['trainable_params'] / 1e6:.2f}M trainable), "
-        + "; ".join(
-            f"{k}: ~{v['device_gib_per_worker']:.2f} GiB/worker on device"
-            + (f" + {v['host_gib_per_worker']:.2f} GiB host" if v["host_gib_per_worker"] else "")
-            for k, v in pre["phases"].items()
-        )
-        + f" (capacity {pre['device_capacity_gib']:.1f} GiB)"
-    )
-    tok = models.load_tokenizer(
-        base_dir, revision=st.revision, trust_remote_code=st.trust_remote_code, key="score.student.path"
-    )
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    plans, skipped = plan_phases(cfg, tok, base_dir)
-    root = rundir.join(cfg.run_dir, "train", tc.recipe)
-    rundir.write_parquet(rundir.join(root, "skipped.parquet"), skipped)
-    summary = {
-        "recipe": tc.recipe,
-        "method": tc.method,
-        "zero_stage": zero_stage(tc),  # what ran (0 for one worker without offload)
-        "zero_stage_configured": tc.deepspeed.zero_stage,
-        "num_workers": tc.num_workers,
-        "preflight": pre,
-        "skipped": skipped.groupby(["phase", "skip_reason"]).size().reset_index(name="n").to_dict("records")
-        if len(skipped)
-        else [],
-        "phases": {},
-    }
+def _empty_phases(plans: list[PhasePlan], root: str, on_empty_phase: str) -> dict[str, str]:
+    """Phase name -> why it has nothing to train on; for ``train.on_empty_phase=error``, the error,
+    raised before any phase trains."""
     empty = {
         p.phase.name: f"no rows to train on ({p.phase.target} target, bands {'+'.join(p.phase.bands)}); "
         f"see {root}/skipped.parquet"
         for p in plans
         if len(p.encoded) == 0
     }
-    if empty and tc.on_empty_phase == "error":  # before any phase trains
+    if empty and on_empty_phase == "error":
         raise RaycatError(
             "; ".join(f"{k}: {v}" for k, v in empty.items()) + ". Set train.on_empty_phase=skip to go on without it"
         )
-    lora, merge = tc.method == "lora", tc.method == "lora" and tc.lora.merge
+    return empty
+
+
+def _record_empty(plan: PhasePlan, phase_dir: str, why: str, say) -> dict:
+    """An empty phase under ``train.on_empty_phase=skip``: no model, records saying why; its summary entry."""
+    say(f"{plan.phase.name}: skipped, {why} (train.on_empty_phase=skip)")
+    rundir.write_json(rundir.join(phase_dir, "metrics.json"), {"status": "empty", "reason": why})
+    rundir.write_json(rundir.join(phase_dir, "done.json"), {"hash": plan.hash, "empty": why})
+    return {"status": "empty", "reason": why, "examples": 0}
+
+
+def _phase_line(plan: PhasePlan, train: TrainConfig, after: str | None) -> str:
+    """What the user reads for a phase about to train: on new workers, or after ``after`` on the same."""
+    head = f"{plan.phase.name}: {len(plan.encoded)} examples ({plan.phase.target} target)"
+    if after is not None:
+        return f"{head}, same workers, after {after}"
+    stage = zero_stage(train)
+    why = ""
+    if stage != train.deepspeed.zero_stage:
+        why = f" (configured {train.deepspeed.zero_stage}: one worker has nothing to partition)"
+    return f"{head}, {train.num_workers} worker(s), ZeRO-{stage}{why}, {train.method}"
+
+
+def _group_into_fits(
+    cfg: RaycatConfig, plans: list[PhasePlan], root: str, empty: dict[str, str], say
+) -> tuple[list[Fit], dict[str, dict]]:
+    """The phases in order: an empty one is recorded, a trained one (same hash) is cached, and consecutive
+    phases left to train make one fit. Each phase starts from the export of the last phase before it
+    that has a model. Returns the fits and each phase's summary entry so far."""
+    lora = cfg.train.method == "lora"
     init: dict = {"model": None, "adapter": None}
-    groups: list[list[tuple[PhasePlan, str, dict]]] = []  # consecutive phases left to train: one fit each
-    group = None
+    fits: list[Fit] = []
+    fit: Fit | None = None
+    status: dict[str, dict] = {}
     for plan in plans:
         name = plan.phase.name
-        pdir = rundir.join(root, name)
-        if name in empty:  # nothing to train: no model; the next phase starts from the last one
-            why = empty[name]
-            say(f"{name}: skipped, {why} (train.on_empty_phase=skip)")
-            rundir.write_json(rundir.join(pdir, "metrics.json"), {"status": "empty", "reason": why})
-            rundir.write_json(rundir.join(pdir, "done.json"), {"hash": plan.hash, "empty": why})
-            summary["phases"][name] = {"status": "empty", "reason": why, "examples": 0}
-            continue  # the group goes on: the next phase starts from the last trained one
-        if recorded(pdir, plan.hash):
+        phase_dir = rundir.join(root, name)
+        if name in empty:
+            status[name] = _record_empty(plan, phase_dir, empty[name], say)
+            # The fit goes on: the next phase starts from the last trained one.
+            continue
+        if recorded(phase_dir, plan.hash):
             say(f"{name}: already trained (hash {plan.hash}), skipping")
-            summary["phases"][name] = {"status": "cached"}
-            group = None
+            status[name] = {"status": "cached"}
+            fit = None
         else:
-            if group is None:
-                group = []
-                groups.append(group)
-            stage = zero_stage(tc)
-            say(
-                f"{name}: {len(plan.encoded)} examples ({plan.phase.target} target), "
-                + (
-                    f"{tc.num_workers} worker(s), ZeRO-{stage}"
-                    + (
-                        f" (configured {tc.deepspeed.zero_stage}: one worker has nothing to partition)"
-                        if stage != tc.deepspeed.zero_stage
-                        else ""
-                    )
-                    + f", {tc.method}"
-                    if not group
-                    else f"same workers, after {group[-1][0].phase.name}"
-                )
-            )
-            group.append((plan, pdir, init))
-            summary["phases"][name] = {"status": "trained"}
-        model_dir = rundir.absolute(rundir.join(pdir, "model"))  # workers have their own cwd
+            if fit is None:
+                fit = []
+                fits.append(fit)
+            say(_phase_line(plan, cfg.train, fit[-1][0].phase.name if fit else None))
+            fit.append((plan, phase_dir, init))
+            status[name] = {"status": "trained"}
+        # Absolute: workers have their own cwd.
+        model_dir = rundir.absolute(rundir.join(phase_dir, "model"))
         init = {"model": None if lora else model_dir, "adapter": model_dir if lora else None}
-    trained = [(plan, rundir.join(root, plan.phase.name)) for plan in plans if plan.phase.name not in empty]
-    unmerged = merge and any(
-        "merged" not in (rundir.read_json_if_exists(rundir.join(pdir, "metrics.json")) or {}) for _, pdir in trained
+    return fits, status
+
+
+def _fit_and_check(cfg: RaycatConfig, fit: Fit, pad_id: int) -> None:
+    """One fit; a failure after ``train.max_failures`` restarts, or a phase the fit did not record as
+    trained, is an error that says how to go on."""
+    from ray.train import TrainingFailedError
+
+    names = "+".join(plan.phase.name for plan, _, _ in fit)
+    try:
+        result = fit_phases(cfg, fit, pad_id)
+        if getattr(result, "error", None) is not None:
+            raise result.error
+    except TrainingFailedError as e:
+        # The workers failed train.max_failures + 1 times.
+        raise RaycatError(
+            f"{names} failed (after up to {cfg.train.max_failures} restarts from the latest "
+            f"checkpoint; rerun the command to resume): {type(e).__name__}: {e}"
+        ) from e
+    # Rank 0 records each phase as it ends.
+    for plan, phase_dir, _ in fit:
+        if not recorded(phase_dir, plan.hash):
+            last = fit[-1][0]
+            ckpts = rundir.join(fit[-1][1], "checkpoints", f"{last.phase.name}-{last.hash}")
+            raise RaycatError(
+                f"{plan.phase.name} was not recorded as trained by the fit of {names} (its "
+                f"done.json is missing or stale): remove this fit's checkpoints, "
+                f"{ckpts}, "
+                f"and rerun to train {names} again"
+            )
+
+
+def _merges(cfg: RaycatConfig) -> bool:
+    return cfg.train.method == "lora" and cfg.train.lora.merge
+
+
+def _unmerged(cfg: RaycatConfig, trained: list[tuple[PhasePlan, str]]) -> bool:
+    """Some trained phase still lacks the merged model ``train.lora.merge`` asks for."""
+    return _merges(cfg) and any(
+        "merged" not in (rundir.read_json_if_exists(rundir.join(phase_dir, "metrics.json")) or {})
+        for _, phase_dir in trained
     )
-    if groups or unmerged:
-        from ray.train import TrainingFailedError
 
-        from raycat.ray_env import ray_session
 
-        with ray_session(cfg.ray, cfg.run_dir):  # only when something is left to train or merge
-            for group in groups:
-                names = "+".join(plan.phase.name for plan, _, _ in group)
-                try:
-                    result = fit_phases(cfg, group, pad_id)
-                    if getattr(result, "error", None) is not None:
-                        raise result.error
-                except TrainingFailedError as e:  # the workers failed train.max_failures + 1 times
-                    raise RaycatError(
-                        f"{names} failed (after up to {tc.max_failures} restarts from the latest "
-                        f"checkpoint; rerun the command to resume): {type(e).__name__}: {e}"
-                    ) from e
-                for plan, pdir, _ in group:  # rank 0 records each phase as it ends
-                    if not recorded(pdir, plan.hash):
-                        last = group[-1][0]
-                        ckpts = rundir.join(group[-1][1], "checkpoints", f"{last.phase.name}-{last.hash}")
-                        raise RaycatError(
-                            f"{plan.phase.name} was not recorded as trained by the fit of {names} (its "
-                            f"done.json is missing or stale): remove this fit's checkpoints, "
-                            f"{ckpts}, "
-                            f"and rerun to train {names} again"
-                        )
-            for _, pdir in trained if merge else []:  # also a phase a killed run finished but did not merge
-                m = rundir.read_json(rundir.join(pdir, "metrics.json"))
-                if "merged" not in m:
-                    m["merged"] = merge_lora(cfg, pdir, pre["params"])
-                    rundir.write_json(rundir.join(pdir, "metrics.json"), m)
-    for plan, pdir in trained:  # what the workers wrote, in the recipe's order
+def _merge_lora(cfg: RaycatConfig, trained: list[tuple[PhasePlan, str]], params: int) -> None:
+    """Merges every trained phase not merged yet, also one a killed run finished but did not merge."""
+    for _, phase_dir in trained if _merges(cfg) else []:
+        metrics = rundir.read_json(rundir.join(phase_dir, "metrics.json"))
+        if "merged" not in metrics:
+            metrics["merged"] = merge_lora(cfg, phase_dir, params)
+            rundir.write_json(rundir.join(phase_dir, "metrics.json"), metrics)
+
+
+def _write_summary(
+    cfg: RaycatConfig,
+    root: str,
+    preflight: dict,
+    skipped: pd.DataFrame,
+    status: dict[str, dict],
+    trained: list[tuple[PhasePlan, str]],
+) -> dict:
+    """The recipe's ``metrics.json``: the run's layout, the pre-flight, the skipped rows, and each phase
+    (what the workers wrote, in the recipe's order)."""
+    train = cfg.train
+    summary = {
+        "recipe": train.recipe,
+        "method": train.method,
+        # What ran (0 for one worker without offload).
+        "zero_stage": zero_stage(train),
+        "zero_stage_configured": train.deepspeed.zero_stage,
+        "num_workers": train.num_workers,
+        "preflight": preflight,
+        "skipped": skipped.groupby(["phase", "skip_reason"]).size().reset_index(name="n").to_dict("records")
+        if len(skipped)
+        else [],
+        "phases": status,
+    }
+    for plan, phase_dir in trained:
         name = plan.phase.name
-        m = rundir.read_json(rundir.join(pdir, "metrics.json"))
-        summary["phases"][name] = {
-            **{k: v for k, v in m.items() if k != "history"},
-            "status": summary["phases"][name]["status"],
-            "model": rundir.join(pdir, "model"),
+        metrics = rundir.read_json(rundir.join(phase_dir, "metrics.json"))
+        status[name] = {
+            **{k: v for k, v in metrics.items() if k != "history"},
+            "status": status[name]["status"],
+            "model": rundir.join(phase_dir, "model"),
         }
     rundir.write_json(rundir.join(root, "metrics.json"), summary)
     return summary
 
 
+def run_train(cfg: RaycatConfig, say=print) -> dict:
+    """Every phase of ``train.recipe`` in order; finished phases (same hash) are skipped."""
+    student = cfg.score.student
+    base_dir = models.resolve(student.path)
+    # Before Ray or any accelerator.
+    preflight = memory.preflight(cfg, base_dir, list(RECIPES[cfg.train.recipe]))
+    say(memory.describe(preflight))
+    tokenizer = models.load_tokenizer(
+        base_dir, revision=student.revision, trust_remote_code=student.trust_remote_code, key="score.student.path"
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plans, skipped = plan_phases(cfg, tokenizer, base_dir)
+    root = rundir.join(cfg.run_dir, "train", cfg.train.recipe)
+    rundir.write_parquet(rundir.join(root, "skipped.parquet"), skipped)
+    empty = _empty_phases(plans, root, cfg.train.on_empty_phase)
+    fits, status = _group_into_fits(cfg, plans, root, empty, say)
+    trained = [(plan, rundir.join(root, plan.phase.name)) for plan in plans if plan.phase.name not in empty]
+    # A Ray session only when something is left to train or merge.
+    if fits or _unmerged(cfg, trained):
+        with ray_session(cfg.ray, cfg.run_dir):
+            for fit in fits:
+                _fit_and_check(cfg, fit, pad_id)
+            _merge_lora(cfg, trained, preflight["params"])
+    return _write_summary(cfg, root, preflight, skipped, status, trained)
+
+
 def run(cfg: RaycatConfig) -> dict:
     """The train stage as the CLI and ``raycat run`` call it: ``run_train`` reporting through
     ``progress``, then the resolved config saved next to the outputs."""
-    from raycat import progress
-
     summary = run_train(cfg, say=lambda msg: progress.say("train", msg))
     save_config(cfg, "train")
     return summary

@@ -1,0 +1,84 @@
+"""Pure core of the eval stage: bootstrap intervals, paired differences, accuracy tables, and which
+rows every model could be asked.
+
+No Ray and no engine here: numpy and pandas on rows already read (tests/test_run_report.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+BANDS = ("easy", "medium", "hard")
+MIN_CATEGORY_ROWS = 10
+
+
+def bootstrap_ci(correct: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of a mean of per-row values (0/1 outcomes, or paired differences of them);
+    (nan, nan) for an empty set."""
+    x = np.asarray(correct, dtype=np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> dict:
+    """Accuracy difference a − b on the same rows, with a paired percentile bootstrap CI (the rows are
+    resampled once for both models, so the CI reflects the models' disagreement, not the row draw twice)."""
+    x = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if len(x) == 0:
+        return {"n": 0, "diff": None, "ci95": [None, None]}
+    # The bootstrap of the per-row differences.
+    lo, hi = bootstrap_ci(x, resamples, seed, level)
+    return {"n": int(len(x)), "diff": float(x.mean()), "ci95": [lo, hi]}
+
+
+def paired_table(correct: dict[str, np.ndarray], resamples: int, seed: int) -> list[dict]:
+    """``paired_bootstrap`` of every pair of models (a before b in ``correct``'s order) on the same rows."""
+    names = list(correct)
+    return [
+        {"a": a, "b": b, **paired_bootstrap(correct[a], correct[b], resamples, seed)}
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    ]
+
+
+def accuracy_table(rows: pd.DataFrame, resamples: int, seed: int) -> dict:
+    """Accuracy with CI overall, per band and per category (categories with n >= 10)."""
+
+    def one(part: pd.DataFrame) -> dict:
+        correct = part["correct"].to_numpy(dtype=bool)
+        lo, hi = bootstrap_ci(correct, resamples, seed)
+        return {
+            "n": int(len(correct)),
+            "accuracy": float(correct.mean()) if len(correct) else None,
+            "ci95": [lo, hi],
+            "unparsed": int(part["extracted"].isna().sum()),
+        }
+
+    out = {"overall": one(rows), "per_band": {}, "per_category": {}}
+    for band in BANDS:
+        out["per_band"][band] = one(rows[rows["band"] == band])
+    # The unweighted mean of the band accuracies: comparable across test sets with other band mixes.
+    accuracies = [out["per_band"][band]["accuracy"] for band in BANDS]
+    out["band_average"] = float(np.mean(accuracies)) if all(a is not None for a in accuracies) else None
+    for category, part in rows.groupby("category"):
+        if len(part) >= MIN_CATEGORY_ROWS:
+            out["per_category"][str(category)] = one(part)
+    return out
+
+
+def excluded_rows(want: set[str], answers: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """Row key → why it is left out of every model's accuracy: the first model (in ``answers``' order)
+    that could not be asked it (prompt too long for its generation budget) or has no answer recorded.
+    ``want``: the keys of the rows under test; ``answers``: each model's answers, indexed by row key."""
+    excluded: dict[str, str] = {}
+    for name, answered in answers.items():
+        for key, why in answered.loc[answered["skip_reason"].fillna("") != "", "skip_reason"].items():
+            excluded.setdefault(key, f"{name}: {why}")
+        for key in want - set(answered.index):
+            excluded.setdefault(key, f"{name}: no answer recorded")
+    return excluded

@@ -1,0 +1,43 @@
+"""The questions stage: questions.parquet in row groups, and a data file that cannot be parsed."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from raycat.config import validate_config
+from raycat.data import questions
+from raycat.errors import RaycatError
+from raycat.storage import rundir
+
+
+def test_questions_are_written_in_row_groups_that_read_back_in_order(tmp_path):
+    cfg = validate_config(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "data": {"source": "synthetic", "synthetic": {"num_questions": 50}},
+            "score": {"student": {"path": "unused"}, "engine": {"batch_size": 4}},
+        }
+    )
+    summary = questions.build(cfg)
+    assert summary["selected"] == 50 and summary["max_options"] == 4
+    p = questions.path(cfg.run_dir)
+    groups = rundir.row_groups(p)
+    assert questions.block_rows(cfg) == 16 and len(groups) == 4  # 16 + 16 + 16 + 2 rows
+    back = pd.concat([rundir.read_row_groups(p, [g]) for g in groups], ignore_index=True)
+    assert list(back["id"]) == list(rundir.read_parquet(p)["id"])
+    assert "options" in rundir.parquet_columns(p)
+
+
+def test_an_unparseable_data_file_names_the_file(tmp_path):
+    # The questions stage's work (run as a Ray task by `raycat score`; tests/test_cli.py checks that
+    # its errors reach the user as one line).
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"question": "q", "options": ["a", "b"], "answer": "A"}\n{"question": \n')
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "generic", "path": str(bad), "columns": {"question": "question"}},
+        "score": {"student": {"path": "unused"}},
+    }
+    with pytest.raises(RaycatError, match=r"row corpus.jsonl line 2, field .\(line\).: not valid JSON"):
+        questions.build(validate_config(cfg))

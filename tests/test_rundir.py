@@ -1,0 +1,20 @@
+"""Run-directory I/O: the part files that are a stage's resume state."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from raycat.storage import rundir
+
+
+def test_parts_are_named_after_their_ids_so_a_retried_block_replaces_its_part(tmp_path):
+    parts = str(tmp_path / "parts")
+    a = pd.DataFrame({"id": ["q2", "q1"], "v": [1, 2]})
+    assert rundir.write_part(a, parts) == 2
+    # The same block again (a retried task): same part
+    assert rundir.write_part(a.iloc[::-1], parts) == 2
+    assert rundir.write_part(pd.DataFrame({"id": ["q3"], "v": [3]}), parts) == 1
+    assert rundir.write_part(pd.DataFrame({"id": [], "v": []}), parts) == 0  # nothing written for nothing
+    files = rundir.list_files(parts, ".parquet")
+    assert len(files) == 2 and all(f.rsplit("/", 1)[1].startswith("part-") for f in files)
+    assert sorted(rundir.read_parts(parts, ["id", "v"])["id"]) == ["q1", "q2", "q3"]
