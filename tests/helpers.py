@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+DEMO = ROOT / "jobs" / "configs" / "demo-cpu.yaml"
 N_QUESTIONS = 300  # make_corpus's default size
 
 
@@ -82,3 +86,57 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, what: str, log
         except OSError:
             assert time.time() < deadline, f"{what} did not come up in {timeout_s:.0f} s"
             time.sleep(1)
+
+
+def write_config(tmp_path: Path, tree: dict) -> Path:
+    """A config tree as YAML in tmp_path (tmp_path/c.yaml)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def tiny_config(run_dir: Path, model: Path, *, teach: bool = True, data: Path | None = None) -> dict:
+    """A whole-run config on the tiny model: every stage, minutes on 2 CPUs (the end-to-end tests)."""
+    engine = {"backend": "vllm", "device": "cpu", "batch_size": 40, "kv_cache_gib": 0.25}
+    lm = {"path": str(model), "dtype": "float32", "max_model_len": 512}
+    columns = {"question": "question", "options": "options", "answer": "answer", "category": "topic"}
+    tree = {
+        "run_dir": str(run_dir),
+        "data": (
+            {"source": "synthetic", "synthetic": {"num_questions": 40, "seed": 0}}
+            if data is None
+            else {"source": "generic", "path": str(data), "columns": columns}
+        ),
+        "score": {"student": lm, "entropy_mode": "options", "deviation_sample": 0, "engine": engine},
+        "split": {"test_fraction": 0.25},
+        "train": {
+            "recipe": "complexity_aware" if teach else "sft_all",
+            "method": "lora",
+            "num_workers": 1,
+            "deepspeed": {"zero_stage": 0},
+            "save_steps": 100,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "phase1": {"epochs": 1, "max_steps": 2, "micro_batch_size": 4, "max_length": 256, "lr": 0.003},
+            "phase2": {"epochs": 1, "max_steps": 2, "micro_batch_size": 2, "max_length": 256, "lr": 0.003},
+        },
+        "eval": {
+            "dtype": "float32",
+            "max_model_len": 512,
+            "max_tokens_answer": 8,
+            "max_tokens_cot": 16,
+            "include_base": teach,
+            "bootstrap_resamples": 200,
+            "engine": engine,
+        },
+        "ray": {"num_cpus": 2},
+    }
+    if teach:
+        # The tiny teacher is random, so its answers are wrong: fall back to the gold answer as the target.
+        tree["teach"] = {
+            "teachers": [{"model": lm, "engine": {**engine, "batch_size": 16}}],
+            "sampling": {"max_tokens": 16},
+            "retries": 0,
+            "on_wrong": "fallback_to_answer",
+            "max_failure_ratio": 1.0,
+        }
+    return tree

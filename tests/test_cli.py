@@ -4,7 +4,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from raycat import split
 from raycat.cli import main
+from tests.helpers import write_config
 
 
 def config(tmp_path, **data):
@@ -150,3 +152,29 @@ def test_overrides_may_come_before_options():
     assert args.recipes == "sft_all" and args.overrides == ["run_dir=s3://b/r", "train.method=full"]
     # An option's value is never taken for an override, even when it contains "=".
     assert overrides_last(["score", "--config", "a=b.yaml", "x=1"]) == ["score", "--config", "a=b.yaml", "x=1"]
+
+
+def test_cli_prints_errors_without_markup(tmp_path, capsys):
+    run = tmp_path / "odd[/]dir[bold]"
+    cfg = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "unused"}}}
+    p = write_config(tmp_path, cfg)
+    # No scores yet: a RaycatError naming the path
+    assert main(["split", "--config", str(p)]) == 1
+    assert "odd[/]dir[bold]" in "".join(capsys.readouterr().err.split())
+
+
+def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
+    def boom(cfg):
+        raise ZeroDivisionError("a bug, not a user problem")
+
+    monkeypatch.setattr(split, "run", boom)
+    cfg = {"run_dir": str(tmp_path / "run"), "data": {"source": "synthetic"}, "score": {"student": {"path": "u"}}}
+    p = write_config(tmp_path, cfg)
+    with pytest.raises(ZeroDivisionError):
+        main(["split", "--config", str(p)])
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "raycat" in capsys.readouterr().out

@@ -20,7 +20,7 @@ _LETTERS_SYSTEM = (
     "Write down ONLY the LETTER of the correct answer and nothing else."
 )
 # The paper's v1/v2 "fallback" prompt (arXiv 2506.21220 v1/v2, as the authors' code writes it): numeric ids
-# and "0" for "I don't know" (tests/test_prompts.py::test_letter_and_paper_presets).
+# and "0" for "I don't know" (tests/data/test_prompts.py::test_letter_and_paper_presets).
 _PAPER_TAIL = (
     "If you are certain about the answer return the correct option number, otherwise return 0. "
     "Write down ONLY the NUMBER and nothing else."
@@ -191,7 +191,7 @@ def teach_template_hash(tokenizer) -> str:
 # --- training and evaluation prompts (one renderer for both, so eval sees what training taught) ---
 # Option labels here are always letters, whatever score.prompt.preset: the teacher's CoT ends in
 # [[LETTER]], and numeric ids make "10" two tokens in Qwen-style tokenizers
-# (tests/test_prompts.py::test_label_tokens_detect_multi_token_labels).
+# (tests/data/test_prompts.py::test_label_tokens_detect_multi_token_labels).
 TRAIN_PROMPT_VERSION = "train-v1"
 _TRAIN_ANSWER_MCQ = (
     "The following is a multiple choice question{about}. "

@@ -1,6 +1,6 @@
 """The transformers reference engine: one unpadded forward pass per prompt, log-softmax in float64.
 
-It checks vLLM's numbers (tests/test_engine_parity.py) and serves where vLLM cannot run."""
+It checks vLLM's numbers (tests/engines/test_parity.py) and serves where vLLM cannot run."""
 
 from __future__ import annotations
 

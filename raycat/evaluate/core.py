@@ -1,7 +1,7 @@
 """Pure core of the eval stage: bootstrap intervals, paired differences, accuracy tables, and which
 rows every model could be asked.
 
-No Ray and no engine here: numpy and pandas on rows already read (tests/test_run_report.py).
+No Ray and no engine here: numpy and pandas on rows already read (tests/evaluate/test_core.py).
 """
 
 from __future__ import annotations

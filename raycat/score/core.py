@@ -2,7 +2,7 @@
 scored row.
 
 No Ray and no engine here (only the engine interface's result type and dtype rule), so each piece
-runs the same inside a Ray Data actor or a unit test (tests/test_score_units.py).
+runs the same inside a Ray Data actor or a unit test (tests/score/test_core.py).
 """
 
 from __future__ import annotations

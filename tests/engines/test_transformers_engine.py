@@ -1,5 +1,5 @@
 """The transformers reference engine: the keywords it takes and how it generates (its numbers against
-vLLM's are in tests/test_engine_parity.py)."""
+vLLM's are in tests/engines/test_parity.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The vLLM engine's settings that need no engine running (the engine itself: tests/test_engine_parity.py)."""
+"""The vLLM engine's settings that need no engine running (the engine itself: tests/engines/test_parity.py)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,11 @@
-"""The error boundary seen from the CLI (no Ray, no engines): errors print as written, unexpected errors keep
-their traceback, and the teach driver checks its input and its API key before Ray starts."""
+"""The teach driver checks its input rows and its teachers' API keys on the driver, before Ray starts."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
-import pytest
-import yaml
 
-from raycat import split
 from raycat.cli import main
-
-
-def write_config(tmp_path: Path, tree: dict) -> Path:
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(tree))
-    return p
+from tests.helpers import write_config
 
 
 def test_teach_driver_checks_its_columns_before_ray(tmp_path, capsys):
@@ -38,32 +27,6 @@ def test_teach_driver_checks_its_columns_before_ray(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "teach: input rows lack column(s) gold" in " ".join(err.split())
     assert not ray.is_initialized()
-
-
-def test_cli_prints_errors_without_markup(tmp_path, capsys):
-    run = tmp_path / "odd[/]dir[bold]"
-    cfg = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "unused"}}}
-    p = write_config(tmp_path, cfg)
-    # No scores yet: a RaycatError naming the path
-    assert main(["split", "--config", str(p)]) == 1
-    assert "odd[/]dir[bold]" in "".join(capsys.readouterr().err.split())
-
-
-def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
-    def boom(cfg):
-        raise ZeroDivisionError("a bug, not a user problem")
-
-    monkeypatch.setattr(split, "run", boom)
-    cfg = {"run_dir": str(tmp_path / "run"), "data": {"source": "synthetic"}, "score": {"student": {"path": "u"}}}
-    p = write_config(tmp_path, cfg)
-    with pytest.raises(ZeroDivisionError):
-        main(["split", "--config", str(p)])
-
-
-def test_version_flag(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["--version"])
-    assert e.value.code == 0 and "raycat" in capsys.readouterr().out
 
 
 def test_missing_api_key_is_reported_on_the_driver_before_ray(tmp_path, monkeypatch, capsys):

@@ -4,13 +4,13 @@ or extrapolated by FLOPs per token), memory per worker from the model config alo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from raycat.config import validate_config
 from raycat.study import costs
+from tests.helpers import ROOT
 
 
 def _rec(kind: str, params: float, rate: float, device: str = "cpu", **extra) -> dict:
@@ -168,7 +168,7 @@ def test_memory_per_worker_for_a_70b_lora_student_from_its_config_alone(tmp_path
 def test_the_shipped_70b_config_plans_16_gpus_per_stage_and_extrapolates_a_benched_8b_rate(tmp_path, llama70b_dir):
     import yaml
 
-    tree = yaml.safe_load((Path(__file__).parents[1] / "jobs/configs/llama-3.1-70b-mmlu-pro-lora.yaml").read_text())
+    tree = yaml.safe_load((ROOT / "jobs/configs/llama-3.1-70b-mmlu-pro-lora.yaml").read_text())
     tree["run_dir"] = str(tmp_path / "run")
     tree["data"]["limit"] = 1000
     tree["score"]["student"]["path"] = str(llama70b_dir)  # its config.json only

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from raycat.config import ConfigError, load_config
@@ -11,8 +9,7 @@ from raycat.errors import RaycatError
 from raycat.recipes import RECIPES
 from raycat.train.loop import deepspeed_config, scheduler_factory
 from raycat.train.memory import describe, estimate, preflight
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def _cfg(name: str, *overrides: str):

@@ -27,9 +27,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import ROOT
+
 pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 BUCKET = "raycat-test"
 BIN = Path(sys.executable).parent
 
@@ -271,7 +273,7 @@ def _submit(cluster: Cluster, job: Path, run_prefix: str, *extra: str, wait: boo
 
 
 def tiny_cluster_config() -> dict:
-    from tests.test_run_e2e import tiny_config
+    from tests.helpers import tiny_config
 
     tree = tiny_config(Path("unused"), Path("unused"))
     # The README line's run_dir=s3://... override sets it

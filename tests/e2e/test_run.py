@@ -1,5 +1,5 @@
 """`raycat run` end to end on tiny local models (real vLLM, real Ray Train + DeepSpeed) and its resume
-rules. The same job on a multi-node cluster through `ray job submit` is tests/test_cluster.py."""
+rules. The same job on a multi-node cluster through `ray job submit` is tests/e2e/test_cluster.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-SINGLE = "base (single-token, from score)"  # raycat.evaluate.SINGLE_TOKEN_BASE
+from tests.helpers import tiny_config
+
+# raycat.evaluate.stage.SINGLE_TOKEN_BASE
+SINGLE = "base (single-token, from score)"
 pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.filterwarnings("ignore")]
 
 
@@ -28,52 +31,6 @@ def write_corpus(path: Path, changed: tuple[str, ...] = ()) -> Path:
         rows.append({"question": q, "options": [f"c{j}-{i}" for j in range(k)], "answer": "ABCD"[i % k], "topic": "t"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def tiny_config(run_dir: Path, model: Path, *, teach: bool = True, data: Path | None = None) -> dict:
-    engine = {"backend": "vllm", "device": "cpu", "batch_size": 40, "kv_cache_gib": 0.25}
-    lm = {"path": str(model), "dtype": "float32", "max_model_len": 512}
-    columns = {"question": "question", "options": "options", "answer": "answer", "category": "topic"}
-    tree = {
-        "run_dir": str(run_dir),
-        "data": (
-            {"source": "synthetic", "synthetic": {"num_questions": 40, "seed": 0}}
-            if data is None
-            else {"source": "generic", "path": str(data), "columns": columns}
-        ),
-        "score": {"student": lm, "entropy_mode": "options", "deviation_sample": 0, "engine": engine},
-        "split": {"test_fraction": 0.25},
-        "train": {
-            "recipe": "complexity_aware" if teach else "sft_all",
-            "method": "lora",
-            "num_workers": 1,
-            "deepspeed": {"zero_stage": 0},
-            "save_steps": 100,
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-            "phase1": {"epochs": 1, "max_steps": 2, "micro_batch_size": 4, "max_length": 256, "lr": 0.003},
-            "phase2": {"epochs": 1, "max_steps": 2, "micro_batch_size": 2, "max_length": 256, "lr": 0.003},
-        },
-        "eval": {
-            "dtype": "float32",
-            "max_model_len": 512,
-            "max_tokens_answer": 8,
-            "max_tokens_cot": 16,
-            "include_base": teach,
-            "bootstrap_resamples": 200,
-            "engine": engine,
-        },
-        "ray": {"num_cpus": 2},
-    }
-    if teach:
-        # The tiny teacher is random, so its answers are wrong: fall back to the gold answer as the target.
-        tree["teach"] = {
-            "teachers": [{"model": lm, "engine": {**engine, "batch_size": 16}}],
-            "sampling": {"max_tokens": 16},
-            "retries": 0,
-            "on_wrong": "fallback_to_answer",
-            "max_failure_ratio": 1.0,
-        }
-    return tree
 
 
 def _raycat(cfg: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -199,8 +156,8 @@ def reference_run(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.mark.slow
-# Killed mid-train: tests/test_cluster.py (driver SIGKILL in phase 2, resumed from S3) and
-# tests/test_train_ray.py (a worker killed in phase 2) cover it; each case here costs a full run.
+# Killed mid-train: tests/e2e/test_cluster.py (driver SIGKILL in phase 2, resumed from S3) and
+# tests/train/test_stage.py (a worker killed in phase 2) cover it; each case here costs a full run.
 @pytest.mark.parametrize("stage", ["score"])
 def test_killed_run_resumes_to_the_same_outputs(tmp_path, tiny_model_dir, reference_run, stage):
     import pandas as pd

@@ -1,7 +1,5 @@
 """`raycat study` units: expansion, variant configs, plan, and the comparison report's arithmetic."""
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +9,7 @@ from raycat.config import ConfigError
 from raycat.storage import rundir
 from raycat.study.comparison import paired, summarize
 from raycat.study.grid import StudyConfig, expand, load_study, plan
+from tests.helpers import ROOT
 
 BASE = {
     "data": {"source": "synthetic", "sample": 40},
@@ -117,9 +116,7 @@ def test_summary_across_seeds_and_paired_differences_on_the_same_rows(tmp_path):
     assert p["ci95"][0] <= 0.25 <= p["ci95"][1]
 
 
-@pytest.mark.parametrize(
-    "path", sorted(Path(__file__).parents[1].joinpath("jobs", "studies").glob("*.yaml")), ids=lambda p: p.name
-)
+@pytest.mark.parametrize("path", sorted(ROOT.joinpath("jobs", "studies").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_study_configs_validate_every_variant(path):
     s = load_study(path)  # every variant's config is validated here (no GPU, no cluster needed)
     assert len(s.variants()) >= 2

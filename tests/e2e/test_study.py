@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from raycat.cli import main
-from tests.test_run_e2e import tiny_config
+from tests.helpers import tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 

@@ -1,0 +1,47 @@
+"""The evaluation statistics: bootstrap intervals, accuracy tables, paired differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raycat.evaluate.core import accuracy_table, bootstrap_ci
+
+
+def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    small, big = rng.random(40) < 0.6, rng.random(4000) < 0.6
+    lo, hi = bootstrap_ci(small, 2000, seed=1)
+    assert lo < small.mean() < hi
+    blo, bhi = bootstrap_ci(big, 2000, seed=1)
+    assert blo < big.mean() < bhi and (bhi - blo) < (hi - lo) / 5
+    assert bootstrap_ci(small, 2000, seed=1) == (lo, hi)  # seeded
+    assert all(np.isnan(bootstrap_ci(np.array([]), 10, 0)))
+
+
+def test_accuracy_table_per_band_and_category():
+    df = pd.DataFrame(
+        {
+            "correct": [True, False, True, True] * 5,
+            "extracted": ["A", None, "B", "C"] * 5,
+            "band": ["easy", "easy", "hard", "medium"] * 5,
+            "category": ["x"] * 12 + ["y"] * 8,
+        }
+    )
+    t = accuracy_table(df, 100, 0)
+    assert t["overall"]["n"] == 20 and t["overall"]["accuracy"] == 0.75 and t["overall"]["unparsed"] == 5
+    assert t["per_band"]["easy"]["accuracy"] == 0.5 and t["per_band"]["hard"]["accuracy"] == 1.0
+    assert set(t["per_category"]) == {"x"}  # y has n < 10
+
+
+def test_paired_bootstrap_of_two_models_on_the_same_rows():
+    from raycat.evaluate.core import paired_bootstrap
+
+    a = np.array([1, 1, 0, 1, 0, 1, 1, 0] * 5, dtype=bool)
+    same = paired_bootstrap(a, a, 500, 0)
+    assert same["diff"] == 0 and same["ci95"] == [0.0, 0.0]  # unpaired CIs would not collapse to 0
+    b = a.copy()
+    b[:10] = False  # b loses seven of a's right answers
+    d = paired_bootstrap(a, b, 2000, 0)
+    assert d["diff"] == pytest.approx(7 / 40) and 0 < d["ci95"][0] < d["diff"] < d["ci95"][1]

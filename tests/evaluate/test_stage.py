@@ -1,0 +1,82 @@
+"""The eval stage's driver side without engines: the targets it builds and the comparison finalize writes."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from raycat.config import load_config
+from tests.helpers import DEMO
+
+
+def test_eval_targets_serve_lora_phases_as_adapters_and_load_full_phases(tmp_path):
+    from raycat.config import validate_config
+    from raycat.evaluate.stage import make_plans
+
+    run = tmp_path / "run"
+    for recipe, adapter in (("sft_all", True), ("distill_all", False)):
+        pdir = run / "train" / recipe / "phase1"
+        (pdir / "model").mkdir(parents=True)
+        (pdir / "done.json").write_text(json.dumps({"hash": recipe}))
+        (pdir / "model" / ("adapter_config.json" if adapter else "config.json")).write_text('{"r": 4}')
+    cfg = validate_config(
+        {"run_dir": f"file://{run}", "data": {"source": "synthetic"}, "score": {"student": {"path": "org/student"}}}
+    )
+    got = {t.name: t for t in make_plans(cfg, ["sft_all", "distill_all"])}
+    lora, full = got["sft_all/phase1"], got["distill_all/phase1"]
+    assert (lora.model_path, lora.adapter) == ("org/student", f"file://{run}/train/sft_all/phase1/model")
+    assert (full.model_path, full.adapter) == (f"file://{run}/train/distill_all/phase1/model", None)
+    # The cache key follows the model dir's content: a retrained adapter is evaluated again.
+    (run / "train/sft_all/phase1/model/adapter_config.json").write_text('{"r": 8}')
+    assert {t.name: t for t in make_plans(cfg, ["sft_all"])}["sft_all/phase1"].cache_key != lora.cache_key
+
+
+def test_eval_compares_every_model_on_the_same_rows(tmp_path):
+    from raycat.evaluate.stage import SINGLE_TOKEN_BASE, EvalPlan, finalize, parts_dir, rows_path
+    from raycat.storage import rowkey, rundir
+
+    cfg = load_config(DEMO, [f"run_dir={tmp_path / 'run'}"])
+    rows = rowkey.add(
+        pd.DataFrame(
+            {
+                "id": [f"q{i}" for i in range(4)],
+                "question": [f"q{i}" for i in range(4)],
+                "options": [["a", "b"]] * 4,
+                "gold": "A",
+                "category": "c",
+                "band": ["easy", "medium", "hard", "hard"],
+                "correct": [True, False, True, False],  # the score stage's single-token answers
+                "predicted": ["A", "B", "A", "B"],
+            }
+        )
+    )
+    rundir.write_parquet(rows_path(cfg.run_dir), rows)
+
+    def target(name):
+        return EvalPlan(name, "m", None, "answer", name, 8, 100, 0, "vllm", {})
+
+    def answers(name, correct, skip=()):
+        out = rows[["id", "row_hash", "band", "category"]].assign(
+            model=name,
+            kind="answer",
+            text="[[A]]",
+            extracted="A",
+            correct=correct,
+            completion_tokens=3,
+            finish_reason="stop",
+            skip_reason=["prompt too long" if i in skip else "" for i in range(4)],
+        )
+        rundir.write_part(out, parts_dir(cfg, target(name)))
+
+    answers("base", [False, False, False, False])
+    answers("r/phase1", [True, True, True, False], skip=(3,))  # could not ask row 3: out for everyone
+    m = finalize(cfg, [target("base"), target("r/phase1")])
+    assert m["test_rows"] == 4 and m["compared_rows"] == 3 and m["excluded_rows"]["n"] == 1
+    assert list(m["models"]) == [SINGLE_TOKEN_BASE, "base", "r/phase1"]
+    assert all(v["overall"]["n"] == 3 for v in m["models"].values())
+    assert m["models"][SINGLE_TOKEN_BASE]["overall"]["accuracy"] == pytest.approx(2 / 3)  # not 0 by construction
+    assert m["models"]["r/phase1"]["band_average"] == pytest.approx(1.0)
+    pair = next(p for p in m["paired"] if p["a"] == "base" and p["b"] == "r/phase1")
+    assert pair["n"] == 3 and pair["diff"] == pytest.approx(-1.0)

@@ -1,0 +1,59 @@
+"""The stage graph: stage hashes, what reruns after a change, --from/--only, and what each recipe needs."""
+
+from __future__ import annotations
+
+import pytest
+
+from raycat.config import load_config
+from raycat.errors import RaycatError
+from raycat.pipeline import STAGES, plan, stage_hashes
+from tests.helpers import DEMO
+
+
+def test_a_teacher_parameter_changes_teach_and_everything_downstream_only():
+    a = stage_hashes(load_config(DEMO), ["complexity_aware"])
+    b = stage_hashes(load_config(DEMO, ["teach.sampling.max_tokens=100"]), ["complexity_aware"])
+    assert [s for s in STAGES if a[s] != b[s]] == ["teach", "train", "eval", "report"]
+    c = stage_hashes(load_config(DEMO, ["split.seed=7"]), ["complexity_aware"])
+    assert [s for s in STAGES if a[s] != c[s]] == ["split", "teach", "train", "eval", "report"]
+    d = stage_hashes(load_config(DEMO), ["complexity_aware", "sft_all"])
+    assert [s for s in STAGES if a[s] != d[s]] == ["train", "eval", "report"]
+
+
+def test_a_data_file_or_model_dir_edited_in_place_reruns_its_stage(tmp_path):
+    import os
+
+    data, model = tmp_path / "q.jsonl", tmp_path / "student"
+    data.write_text('{"question": "q?", "options": ["a", "b"], "answer": "A"}\n')
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"w" * 8)
+    over = ["data.source=generic", f"data.path={data}", f"score.student.path={model}"]
+    a = stage_hashes(load_config(DEMO, over), ["complexity_aware"])
+    assert a == stage_hashes(load_config(DEMO, over), ["complexity_aware"])
+    data.write_text('{"question": "other?", "options": ["a", "b"], "answer": "B"}\n')
+    b = stage_hashes(load_config(DEMO, over), ["complexity_aware"])
+    assert [s for s in STAGES if a[s] != b[s]] == list(STAGES)  # same config, new data: everything reruns
+    os.utime(model / "model.safetensors", ns=(1, 1))  # the student retrained in place (same size)
+    assert stage_hashes(load_config(DEMO, over), ["complexity_aware"])["score"] != b["score"]
+
+
+def test_plan_skips_done_stages_and_honours_from_and_only():
+    cfg = load_config(DEMO)
+    hashes = stage_hashes(cfg, ["complexity_aware"])
+    manifest = {"stages": {s: {"hash": hashes[s], "status": "done"} for s in STAGES}}
+    assert {a for _, _, a in plan(cfg, ["complexity_aware"], manifest, None, None)} == {"skip"}
+    got = {s: a for s, _, a in plan(cfg, ["complexity_aware"], manifest, "train", None)}
+    assert [s for s in STAGES if got[s] == "run"] == ["train", "eval", "report"]
+    got = {s: a for s, _, a in plan(cfg, ["complexity_aware"], manifest, None, "split")}
+    assert [s for s in STAGES if got[s] == "run"] == ["split"]
+    manifest["stages"]["teach"]["status"] = "failed"
+    got = {s: a for s, _, a in plan(cfg, ["complexity_aware"], manifest, None, None)}
+    assert [s for s in STAGES if got[s] == "run"] == ["teach"]  # the stage that failed; later ones still match
+
+
+def test_cot_recipes_need_a_teacher():
+    cfg = load_config(DEMO)
+    cfg.teach = None
+    with pytest.raises(RaycatError, match="no teach: section"):
+        plan(cfg, ["complexity_aware"], {"stages": {}}, None, None)
+    assert dict((s, a) for s, _, a in plan(cfg, ["sft_all"], {"stages": {}}, None, None))["teach"] == "off"
