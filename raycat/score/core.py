@@ -40,6 +40,8 @@ def cache_key(cfg: RaycatConfig, model_path: str, template_hash: str) -> str:
         "preset": score.prompt.preset,
         "system_prompt": score.prompt.system_prompt,
         "free_form_max_tokens": score.free_form_max_tokens,
+        # Rows over the prompt budget are cached as skipped: a larger budget must score them.
+        "max_prompt_tokens": score.student.max_model_len - score.free_form_max_tokens,
         # The label spellings summed into the options distribution.
         "label_tokens": "alone+in-context",
     }

@@ -111,6 +111,8 @@ def make_plan(cfg: RaycatConfig, teacher: TeacherConfig) -> TeachPlan:
         "prompt_version": TEACH_PROMPT_VERSION,
         "schedule": [asdict(attempt) for attempt in schedule],
         "kept": "best-then-first",
+        # Rows over the prompt budget are cached as skipped: a larger budget must teach them.
+        "max_prompt_tokens": model.max_model_len - sampling.max_tokens,
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     engine = teacher.engine

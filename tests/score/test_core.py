@@ -113,6 +113,15 @@ def test_cache_key_tracks_what_changes_the_numbers():
     assert base != cache_key(cfg(prompt={"preset": "paper"}), "m", "t")
 
 
+def test_a_larger_max_model_len_rescores_rows_skipped_as_too_long():
+    # A row over the prompt budget is written to the parts as skipped; the skip message says to raise
+    # score.student.max_model_len, so a larger budget is a new key (the row is scored, not found done).
+    base = cache_key(cfg(), "m", "t")
+    longer = cache_key(cfg(student={"path": "m", "max_model_len": 4096}), "m", "t")
+    assert base != longer
+    assert base != cache_key(cfg(free_form_max_tokens=64), "m", "t")
+
+
 def test_deviation_sample_is_stable_under_reordering():
     ids = pd.Series([f"q{i}" for i in range(100)])
     a = deviation_sample(ids, 10)

@@ -54,3 +54,24 @@ def test_missing_api_key_is_reported_on_the_driver_before_ray(tmp_path, monkeypa
     p = write_config(tmp_path, cfg)
     assert main(["teach", "--config", str(p)]) == 1
     assert "RAYCAT_NO_SUCH_KEY" in capsys.readouterr().err and not ray.is_initialized()
+
+
+def test_a_larger_teacher_max_model_len_reteaches_rows_skipped_as_too_long(monkeypatch):
+    from raycat.config import validate_config
+    from raycat.teach.stage import make_plan
+
+    monkeypatch.setenv("RAYCAT_TEST_KEY", "k")
+
+    def key(max_model_len: int, max_tokens: int = 512) -> str:
+        teacher = {"model": {"path": "t", "max_model_len": max_model_len}, "api": {"base_url": "http://x/v1"}}
+        tree = {
+            "data": {"source": "synthetic"},
+            "score": {"student": {"path": "m"}},
+            "teach": {"teachers": [teacher], "sampling": {"max_tokens": max_tokens}},
+        }
+        cfg = validate_config(tree)
+        return make_plan(cfg, cfg.teach.teachers[0]).cache_key
+
+    # Rows over the prompt budget are cached as skipped; raising the budget must teach them.
+    assert key(4096) != key(8192)
+    assert key(4096) == key(4096)
