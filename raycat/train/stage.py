@@ -94,6 +94,18 @@ def check_template(cfg: RaycatConfig, tokenizer, bands: dict[str, pd.DataFrame])
     return mine
 
 
+def _student_identity(cfg: RaycatConfig) -> dict:
+    """What names the student's weights: path, revision, remote code, and a local or URI dir's files
+    (retrained in place is a new student; a hub id fingerprints as "", its revision is here)."""
+    student = cfg.score.student
+    return {
+        "path": student.path,
+        "revision": student.revision,
+        "trust_remote_code": student.trust_remote_code,
+        "files": rundir.fingerprint(student.path),
+    }
+
+
 def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[PhasePlan], pd.DataFrame]:
     """Rows, encoded examples and hash for every phase of the recipe; plus every skipped row."""
     train = cfg.train
@@ -120,13 +132,15 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
                 "labels": _hash(encoded["labels"].map(list).tolist()),
                 "hp": hp.model_dump(),
                 "method": train.method,
-                "lora": train.lora.model_dump() if train.method == "lora" else None,
+                # A merge is its own step after training: flipping it retrains nothing.
+                "lora": train.lora.model_dump(exclude={"merge"}) if train.method == "lora" else None,
                 "deepspeed": train.deepspeed.model_dump(),
                 # 'grouped' composes steps differently.
                 "batching": train.batching,
                 "precision": uses_bf16(cfg),
                 "workers": train.num_workers,
-                "student": cfg.score.student.model_dump(),
+                # The student's weights, not its scoring engine's settings (max_model_len, dtype).
+                "student": _student_identity(cfg),
                 "template": train_template_hash(tokenizer),
                 "seed": train.seed,
             }
