@@ -120,7 +120,9 @@ def stage_hashes(cfg: RaycatConfig, recipes: list[str]) -> dict[str, str]:
 
 
 def plan(cfg: RaycatConfig, recipes: list[str], manifest: dict, start: str | None, only: str | None) -> list[tuple]:
-    """(stage, hash, action) with action 'run', 'skip' (done, same hash) or 'off' (not configured)."""
+    """(stage, hash, action) with action 'run', 'skip' (done, same hash), 'off' (not configured), or for
+    a stage ``only`` leaves out 'not run' / 'not run, stale' (its outputs are missing or from another
+    hash)."""
     hashes = stage_hashes(cfg, recipes)
     forced = set()
     if start:
@@ -135,14 +137,26 @@ def plan(cfg: RaycatConfig, recipes: list[str], manifest: dict, start: str | Non
                 raise RaycatError(f"recipes {recipes} train on teacher CoT but the config has no teach: section")
             steps.append((stage, hashes[stage], "off"))
             continue
+        stale = done.get("hash") != hashes[stage] or done.get("status") != "done"
         if only and stage != only:
-            action = "skip"
-        elif stage in forced or done.get("hash") != hashes[stage] or done.get("status") != "done":
+            action = "not run, stale" if stale else "not run"
+        elif stage in forced or stale:
             action = "run"
         else:
             action = "skip"
         steps.append((stage, hashes[stage], action))
     return steps
+
+
+def not_run_reason(action: str, stage_hash: str, only: str | None) -> str:
+    """Why a stage of the plan does not run, as the run prints it."""
+    if action == "off":
+        return "not configured"
+    if action == "not run":
+        return f"not run (--only {only}); up to date (hash {stage_hash})"
+    if action == "not run, stale":
+        return f"not run (--only {only}); NOT up to date: its outputs are missing or from another config"
+    return f"up to date (hash {stage_hash}), skipping"
 
 
 def read_manifest(cfg: RaycatConfig) -> dict:
@@ -192,8 +206,7 @@ def run(
                 entry.clear()
                 entry.update({"hash": stage_hash, "status": "not configured"})
             if action != "run":
-                skipping = f"up to date (hash {stage_hash}), skipping"
-                say(f"{stage}: {'not configured' if action == 'off' else skipping}")
+                say(f"{stage}: {not_run_reason(action, stage_hash, only)}")
                 continue
             entry.update({"hash": stage_hash, "status": "running", "started": time.time()})
             rundir.write_json(path, manifest)

@@ -57,3 +57,19 @@ def test_cot_recipes_need_a_teacher():
     with pytest.raises(RaycatError, match="no teach: section"):
         plan(cfg, ["complexity_aware"], {"stages": {}}, None, None)
     assert dict((s, a) for s, _, a in plan(cfg, ["sft_all"], {"stages": {}}, None, None))["teach"] == "off"
+
+
+def test_only_says_which_other_stages_are_not_run_and_whether_they_are_up_to_date():
+    from raycat.pipeline import not_run_reason
+
+    cfg = load_config(DEMO)
+    hashes = stage_hashes(cfg, ["complexity_aware"])
+    manifest = {"stages": {s: {"hash": hashes[s], "status": "done"} for s in STAGES}}
+    manifest["stages"]["train"]["hash"] = "an-older-config"
+    got = {s: (a, h) for s, h, a in plan(cfg, ["complexity_aware"], manifest, None, "eval")}
+    assert got["eval"][0] == "run"
+    assert got["score"][0] == "not run" and got["train"][0] == "not run, stale"
+    lines = {s: not_run_reason(a, h, "eval") for s, (a, h) in got.items() if s != "eval"}
+    assert lines["score"] == f"not run (--only eval); up to date (hash {hashes['score']})"
+    assert lines["train"].startswith("not run (--only eval); NOT up to date")
+    assert not any("skipping" in line for line in lines.values())
