@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     study_parser.add_argument("--config", required=True, help="study YAML (jobs/studies/*.yaml)")
     study_parser.add_argument("--plan", action="store_true", help="print what each variant would run, then stop")
     study_parser.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    study_parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides: study.* keys set the study (e.g. study.run_dir=s3://bucket/studies/x), "
+        "any other key the base config of every variant (e.g. score.engine.num_engines=2)",
+    )
     report_parser = sub.add_parser(
         "report", help="rebuild report.md / report.html / plots from a run or study directory"
     )
@@ -106,7 +112,7 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    study = grid.load_study(args.config)
+    study = grid.load_study(args.config, args.overrides)
     if args.plan:
         rows = grid.plan(study)
         if args.json:

@@ -527,16 +527,32 @@ class RaycatConfig(Strict):
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    node = tree
+    """Set ``key`` (dotted; a number indexes a list, e.g. ``teach.teachers.0.engine.num_engines``) in
+    ``tree``, creating missing sections."""
+    node: Any = tree
     parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{key}: '{part}' is a value, not a section; cannot set '{key}'")
-        node = child
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the config"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"{key}: '{where}' is a list of {len(node)} item(s); index it with 0..{len(node) - 1}"
+                )
+            index = int(part)
+            if last:
+                node[index] = value
+                return
+            node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: '{where}' is a value, not a section; cannot set '{key}'")
+        if last:
+            node[part] = value
+            return
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:

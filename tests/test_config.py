@@ -89,6 +89,17 @@ def test_yaml_is_loaded_safely(tmp_path):
         load_config(p)
 
 
+def test_overrides_index_list_items_as_the_readme_says(tmp_path):
+    tree = {**MINIMAL, "teach": {"teachers": [{"model": {"path": "a"}}, {"model": {"path": "b"}}]}}
+    cfg = load_config(write(tmp_path, tree), ["teach.teachers.1.engine.num_engines=2", "teach.teachers.0.model.path=c"])
+    assert [t.model.path for t in cfg.teach.teachers] == ["c", "b"]
+    assert [t.engine.num_engines for t in cfg.teach.teachers] == [1, 2]
+    with pytest.raises(ConfigError, match=r"'teach.teachers' is a list of 2 item\(s\); index it with 0..1"):
+        load_config(write(tmp_path, tree), ["teach.teachers.2.engine.num_engines=2"])
+    with pytest.raises(ConfigError, match=r"'score.student.path' is a value, not a section"):
+        load_config(write(tmp_path, tree), ["score.student.path.x=1"])
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="not key=value"):
         parse_overrides(["score.engine.batch_size"])

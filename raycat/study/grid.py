@@ -23,7 +23,15 @@ import yaml
 from pydantic import Field, ValidationError
 
 from raycat import pipeline
-from raycat.config import ConfigError, RaycatConfig, Strict, dump_config, set_dotted, validate_config
+from raycat.config import (
+    ConfigError,
+    RaycatConfig,
+    Strict,
+    dump_config,
+    parse_overrides,
+    set_dotted,
+    validate_config,
+)
 from raycat.errors import RaycatError
 from raycat.score import stage as score
 from raycat.storage import rundir
@@ -168,8 +176,25 @@ def beside(study_file: str, path: str) -> str:
     return str((Path(study_file).parent / path).resolve())
 
 
-def load_study(path) -> Study:
+def split_overrides(overrides: list[str] | None) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """``study.*`` overrides (the study's own keys) and the others (the base config of every variant)."""
+    study_keys, base_keys = [], []
+    for key, value in parse_overrides(overrides or []):
+        if key in ("run_dir", "cache_dir"):
+            raise ConfigError(
+                f"override {key}: a study sets every variant's {key} under study.run_dir; set study.run_dir=... instead"
+            )
+        if key.startswith("study."):
+            study_keys.append((key.removeprefix("study."), value))
+        else:
+            base_keys.append((key, value))
+    return study_keys, base_keys
+
+
+def load_study(path, overrides: list[str] | None = None) -> Study:
+    """The study at ``path`` with ``overrides`` (see ``split_overrides``) applied, every variant validated."""
     path = str(path)
+    study_overrides, base_overrides = split_overrides(overrides)
     if not rundir.exists(path):
         raise ConfigError(f"study config not found: {path}")
     try:
@@ -178,6 +203,8 @@ def load_study(path) -> Study:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(tree, dict) or "study" not in tree:
         raise ConfigError(f"{path}: a study config has one top-level section, study: (base, axes, seeds, ...)")
+    for key, value in study_overrides:
+        set_dotted(tree["study"], key, value)
     try:
         config = StudyConfig.model_validate(tree["study"])
     except ValidationError as err:
@@ -191,7 +218,9 @@ def load_study(path) -> Study:
             raise ConfigError(f"study.base: {base_path} not found (a path is relative to the study file)")
         base = yaml.safe_load(rundir.read_bytes(base_path).decode("utf-8")) or {}
     else:
-        base = config.base
+        base = copy.deepcopy(config.base)
+    for key, value in base_overrides:
+        set_dotted(base, key, value)
     name = config.name or Path(path).stem
     study = Study(config, name, config.run_dir or rundir.join("runs", "studies", name), base, path)
     labels = {v.label for v in study.variants()}

@@ -56,6 +56,28 @@ def test_variant_configs_apply_set_axes_and_seed_and_share_one_cache(tmp_path):
     assert cfg.cache_dir == str(tmp_path / "study" / "cache")
 
 
+def test_study_overrides_set_the_study_and_the_base_config_of_every_variant(tmp_path):
+    path = write_study(tmp_path, axes={"split.quantiles": [[0.1, 0.9], [0.2, 0.8]]})
+    s = load_study(path, [f"study.run_dir={tmp_path / 'elsewhere'}", "score.engine.batch_size=3"])
+    assert s.root == str(tmp_path / "elsewhere")
+    for variant in s.variants():
+        cfg = s.variant_config(variant)
+        assert cfg.score.engine.batch_size == 3 and cfg.run_dir.startswith(str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match=r"set study.run_dir=\.\.\. instead"):
+        load_study(path, ["run_dir=/x"])
+
+
+def test_raycat_study_takes_overrides_on_the_command_line(tmp_path, capsys):
+    import json
+
+    from raycat.cli import main
+
+    path = write_study(tmp_path, axes={"split.quantiles": [[0.1, 0.9]]})
+    assert main(["study", "--config", str(path), "--plan", "--json", f"study.run_dir={tmp_path / 'cli'}"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(row["run_dir"].startswith(str(tmp_path / "cli")) for row in rows)
+
+
 def test_a_bad_variant_or_baseline_fails_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)study variant 'split.quantiles=.*seed 0.*split.quantiles"):
         load_study(write_study(tmp_path, axes={"split.quantiles": [[0.9, 0.1]]}))
