@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,38 @@ def _text(value: Any, field: str) -> str:
         )
     if not value.strip():
         raise _Bad(field, "empty text")
+    problem = text_problem(value)
+    if problem:
+        raise _Bad(field, problem, "Fix or remove the row in the data file")
     return value
+
+
+# Characters a reader cannot see: format characters (zero-width space/joiners, BOM, soft hyphen, bidi
+# marks: category Cf) and whitespace other than str.strip's.
+_INVISIBLE = {"Cf", "Zs", "Zl", "Zp", "Cc"}
+
+
+def text_problem(value: str) -> str:
+    """Why a text is not a usable question or option ("" when it is): nothing visible in it, or
+    characters that cannot be stored (``encoding_problem``)."""
+    if all(unicodedata.category(char) in _INVISIBLE for char in value):
+        shown = " ".join(sorted({f"U+{ord(char):04X}" for char in value}))
+        return f"no visible text (only invisible characters: {shown})"
+    return encoding_problem(value)
+
+
+def encoding_problem(value: str) -> str:
+    """A NUL character, or an unpaired UTF-16 surrogate (invalid Unicode that cannot be written as
+    UTF-8, e.g. from a broken JSON escape); "" when there is neither."""
+    if "\x00" in value:
+        return "a NUL character (U+0000) in the text: the file is probably binary or mis-encoded"
+    try:
+        # C speed: only an unpaired surrogate fails to encode.
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        surrogate = ord(value[error.start])
+        return f"an unpaired surrogate U+{surrogate:04X} (invalid Unicode, e.g. a broken JSON \\u escape)"
+    return ""
 
 
 def _as_list(value: Any, field: str) -> list:
@@ -326,6 +358,9 @@ def _validate(rec: dict, src: str, row_label: str) -> dict:
         category = ""
     elif not isinstance(category, str):
         raise _Bad("category", f"expected text, got {type(category).__name__} {category!r}")
+    for field, value in (("id", str(rid)), ("category", category)):
+        if encoding_problem(value):
+            raise _Bad(field, encoding_problem(value), "Fix or remove the row in the data file")
     return {
         "id": str(rid),
         "question": question,
@@ -337,7 +372,19 @@ def _validate(rec: dict, src: str, row_label: str) -> dict:
 
 
 def _json_safe(row: dict) -> dict:
-    return json.loads(pd.Series(row).to_json(default_handler=str))
+    return json.loads(pd.Series(_encodable(row)).to_json(default_handler=str))
+
+
+def _encodable(value: Any) -> Any:
+    """``value`` with unpaired surrogates written as ``\\udXXX`` text, so a quarantined row can be
+    written as UTF-8 (JSON, Parquet) and still shows what the file held."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {key: _encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(item) for item in value]
+    return value
 
 
 def _cop_base(cfg: DataConfig, raws: list[tuple[str, dict | BadLine]]) -> tuple[int, str]:

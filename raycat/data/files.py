@@ -29,6 +29,9 @@ class BadLine:
     text: str
 
 
+TOO_DEEP = "JSON nested deeper than the parser allows (no question row is nested like this)"
+
+
 def _decode(f: Path) -> str:
     data = f.read_bytes()
     try:
@@ -55,6 +58,9 @@ def _json_lines(f: Path, text: str) -> list[dict | BadLine]:
             hint = " (the last line: was the file cut off?)" if last else ""
             out.append(BadLine(f"{f.name} line {n}", f"not valid JSON: {e.msg} at column {e.colno}{hint}", line[:200]))
             continue
+        except RecursionError:
+            out.append(BadLine(f"{f.name} line {n}", TOO_DEEP, line[:200]))
+            continue
         if not isinstance(obj, dict):
             out.append(BadLine(f"{f.name} line {n}", f"expected a JSON object, got {type(obj).__name__}", line[:200]))
             continue
@@ -72,6 +78,11 @@ def _json(f: Path, text: str) -> list[dict | BadLine]:
             if head == "{" and e.msg == "Extra data":
                 return _json_lines(f, text)
             raise RaycatError(f"data.path: {f} line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            # One object per line may still be JSON Lines, where only the deep line is a bad row.
+            if head == "{" and len(text.strip().splitlines()) > 1:
+                return _json_lines(f, text)
+            raise RaycatError(f"data.path: {f}: {TOO_DEEP}") from None
         if isinstance(obj, list):
             bad = [i for i, r in enumerate(obj) if not isinstance(r, dict)]
             if bad:

@@ -146,6 +146,14 @@ BAD_ROWS = [
     ({"answer_index": 7, "answer": None}, "answer_index", "not among the 3 options"),
     ({"answer": "B"}, "answer", "disagrees with answer_index"),
     ({"category": 3}, "category", "expected text"),
+    # Text a reader cannot see: zero-width space/joiner, BOM, ideographic and no-break spaces.
+    ({"question": "\u200b\u3000\u200d"}, "question", "no visible text"),
+    ({"question": "\ufeff\u00a0"}, "question", "no visible text"),
+    ({"options": ["a", "\u200b", "c"]}, "options", "no visible text"),
+    ({"question": "Q\x00Q"}, "question", "NUL character"),
+    ({"question": "Q \ud800"}, "question", "unpaired surrogate"),
+    ({"category": "law\udfff"}, "category", "unpaired surrogate"),
+    ({"question_id": "q\x00"}, "id", "NUL character"),
 ]
 
 
@@ -292,3 +300,21 @@ def test_medmcqa_release_files_are_json_lines_with_one_based_cop(tmp_path):
     with pytest.raises(RaycatError, match="set data.medmcqa_cop_base"):
         load("medmcqa", str(path))
     assert list(load("medmcqa", str(path), medmcqa_cop_base=1)[0].gold) == ["A", "B", "C"]
+
+
+def test_json_nested_deeper_than_the_parser_allows_is_a_bad_row_named_by_line(tmp_path):
+    deep = '{"question": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(MCQ) + "\n" + deep + "\n" + json.dumps(MCQ) + "\n")
+    with pytest.raises(BadRowError, match=r"row d.jsonl line 2, field '\(line\)': JSON nested deeper"):
+        load("generic", str(p), columns=COLS)
+    df, bad, n = load("generic", str(p), columns=COLS, on_bad_rows="quarantine")
+    assert n == 3 and len(df) == 2 and bad[0]["row"] == "d.jsonl line 2"
+    # The first line deep too, and a whole-file JSON document: still named, never a raw RecursionError.
+    p.write_text(deep + "\n" + json.dumps(MCQ) + "\n")
+    _, bad, _ = load("generic", str(p), columns=COLS, on_bad_rows="quarantine")
+    assert bad[0]["row"] == "d.jsonl line 1"
+    one = tmp_path / "one.json"
+    one.write_text("[" + deep + "]")
+    with pytest.raises(RaycatError, match=r"one.json: JSON nested deeper"):
+        load("generic", str(one), columns=COLS)
