@@ -153,13 +153,20 @@ def _mmlu_pro(row: dict, _cfg: DataConfig) -> dict:
 
 
 def _mmlu(row: dict, _cfg: DataConfig) -> dict:
-    # cais/mmlu: choices (list) + answer (0-3); the CSV export: choice0..choice3 + answer (0-3).
+    # cais/mmlu: choices (list) + answer (0-3); the CSV export: choice0..choice3 + answer (0-3); the
+    # original header-less CSVs: the answer as a letter.
     if "choices" in row:
         raw = _as_list(row.get("choices"), "choices")
     else:
         raw = [row.get(f"choice{i}") for i in range(4)]
     options = [_text(o, "choices") for o in raw]
-    gold = _gold_from_index(_index(row.get("answer"), "answer"), len(options), "answer")
+    answer = row.get("answer")
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().isalpha():
+        gold = answer.strip().upper()
+        if gold not in LETTERS[: len(options)]:
+            raise _Bad("answer", f"answer letter {answer!r} is not among the {len(options)} options")
+    else:
+        gold = _gold_from_index(_index(answer, "answer"), len(options), "answer")
     return {
         "id": None,
         "question": row.get("question"),
@@ -295,6 +302,18 @@ def check_columns(cfg: DataConfig, have: set[str], where: str) -> None:
         )
 
 
+# The original MMLU release (Hendrycks et al., data.tar): one CSV per subject and split, no header row,
+# question, the four options, then the answer as a letter.
+MMLU_HEADERLESS = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
+
+
+def headerless_mmlu(records: list[dict | BadLine]) -> bool:
+    """Whether a CSV read with a header is really the original MMLU layout: six columns, the "header"
+    a question whose last field is an answer letter."""
+    header = [str(name).strip() for name in (records[0] if records and isinstance(records[0], dict) else {})]
+    return len(header) == 6 and "question" not in header and header[-1].upper() in ("A", "B", "C", "D")
+
+
 def read_raw(cfg: DataConfig) -> Iterator[tuple[str, dict | BadLine]]:
     """Yield (row label, raw row dict or a BadLine) in a stable order: file name, then row number."""
     assert cfg.path is not None
@@ -308,6 +327,8 @@ def read_raw(cfg: DataConfig) -> Iterator[tuple[str, dict | BadLine]]:
         raise MissingInputError(f"data.path {cfg.path}: no .parquet/.jsonl/.json/.csv files found")
     for f in files:
         records = read_records(f)
+        if cfg.source == "mmlu" and f.suffix.lower() == ".csv" and headerless_mmlu(records):
+            records = read_records(f, names=MMLU_HEADERLESS)
         if records:
             check_columns(cfg, columns_of(records), f"data.path {f}")
         # The MMLU CSV export has one file per subject (<subject>_<split>.csv) and no subject column.

@@ -97,8 +97,9 @@ def _json(f: Path, text: str) -> list[dict | BadLine]:
     raise RaycatError(f"data.path: {f} line 1: not JSON (starts with {text.lstrip()[:20]!r})")
 
 
-def read_records(f: Path) -> list[dict | BadLine]:
-    """The raw records of one data file, in file order (blank JSON Lines lines skipped)."""
+def read_records(f: Path, names: list[str] | None = None) -> list[dict | BadLine]:
+    """The raw records of one data file, in file order (blank JSON Lines lines skipped). ``names``: a
+    CSV without a header row, read with these column names."""
     suffix = f.suffix.lower()
     if suffix == ".parquet":
         try:
@@ -116,7 +117,14 @@ def read_records(f: Path) -> list[dict | BadLine]:
         return _json(f, text)
     try:
         # keep_default_na=False: an option literally reading "None" or "NA" is text, not missing.
-        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
+        table = pd.read_csv(
+            io.StringIO(text),
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            header=None if names else "infer",
+            names=names,
+        )
     except (ValueError, pd.errors.ParserError) as e:
         raise RaycatError(f"data.path: {f} cannot be read as CSV: {e}") from e
     return table.to_dict(orient="records")

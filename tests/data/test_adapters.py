@@ -318,3 +318,22 @@ def test_json_nested_deeper_than_the_parser_allows_is_a_bad_row_named_by_line(tm
     one.write_text("[" + deep + "]")
     with pytest.raises(RaycatError, match=r"one.json: JSON nested deeper"):
         load("generic", str(one), columns=COLS)
+
+
+def test_the_original_header_less_mmlu_csvs_are_read(tmp_path):
+    # As in the original release (data.tar): no header, question, four options, the answer letter.
+    subject = tmp_path / "mmlu"
+    subject.mkdir()
+    (subject / "anatomy_test.csv").write_text(
+        '"What is the embryological origin of the hyoid bone?",The first arch,The second arch,"A, and B",None,D\n'
+        "Which nerve?,vagus,facial,optic,ulnar,b\n"
+        "Bad letter?,w,x,y,z,E\n"
+    )
+    (subject / "virology_dev.csv").write_text("question,choice0,choice1,choice2,choice3,answer\nQ,w,x,y,z,1\n")
+    df, bad, n = load("mmlu", str(subject), on_bad_rows="quarantine")
+    assert n == 4 and len(df) == 3
+    first = df[df.category == "anatomy"].iloc[0]
+    assert first.question.startswith("What is the embryological") and list(first.options)[2:] == ["A, and B", "None"]
+    assert list(df[df.category == "anatomy"].gold) == ["D", "B"]
+    assert df[df.category == "virology"].gold.tolist() == ["B"]
+    assert bad[0]["field"] == "answer" and "answer letter 'E' is not among the 4 options" in bad[0]["reason"]
