@@ -46,6 +46,19 @@ def paired_table(correct: dict[str, np.ndarray], resamples: int, seed: int) -> l
     ]
 
 
+def band_average_ci(rows: pd.DataFrame, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the unweighted mean of the band accuracies: each band's rows are
+    resampled within the band (its size fixed), the three band means averaged per resample."""
+    rng = np.random.default_rng(seed)
+    band_means = []
+    for band in BANDS:
+        correct = rows.loc[rows["band"] == band, "correct"].to_numpy(dtype=np.float64)
+        band_means.append(correct[rng.integers(0, len(correct), size=(resamples, len(correct)))].mean(axis=1))
+    averages = np.mean(band_means, axis=0)
+    lo, hi = np.quantile(averages, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
 def accuracy_table(rows: pd.DataFrame, resamples: int, seed: int) -> dict:
     """Accuracy with CI overall, per band and per category (categories with n >= 10)."""
 
@@ -65,6 +78,7 @@ def accuracy_table(rows: pd.DataFrame, resamples: int, seed: int) -> dict:
     # The unweighted mean of the band accuracies: comparable across test sets with other band mixes.
     accuracies = [out["per_band"][band]["accuracy"] for band in BANDS]
     out["band_average"] = float(np.mean(accuracies)) if all(a is not None for a in accuracies) else None
+    out["band_average_ci95"] = list(band_average_ci(rows, resamples, seed)) if out["band_average"] is not None else None
     for category, part in rows.groupby("category"):
         if len(part) >= MIN_CATEGORY_ROWS:
             out["per_category"][str(category)] = one(part)

@@ -313,6 +313,16 @@ def _paired_section(paired: list[dict]) -> list[str]:
     return lines
 
 
+def _saving_cell(saving: dict) -> str:
+    """The teacher saving of one run; '–' without a teach stage, and says so when no token was booked
+    (every teacher request failed: there is nothing to compare)."""
+    if not saving:
+        return "–"
+    if saving.get("saving_pct") is None:
+        return "– (no teacher tokens booked)"
+    return f"{saving['saving_pct']:.1f} % ({saving.get('basis', '?')})"
+
+
 def _cost_section(variants: list[dict]) -> list[str]:
     lines = [
         "## Cost per run",
@@ -323,7 +333,7 @@ def _cost_section(variants: list[dict]) -> list[str]:
     for variant in variants:
         numbers = variant["numbers"]
         saving = numbers["teacher_saving"] or {}
-        saved = f"{saving.get('saving_pct', 0):.1f} % ({saving.get('basis', '?')})" if saving else "–"
+        saved = _saving_cell(saving)
         lines.append(
             f"| {variant['label']} | {variant['seed']} | {numbers['teacher_tokens'] or '–'} | "
             f"{_f(numbers.get('teacher_cost'), 4)} | {saved} | {numbers['training_tokens']} |"

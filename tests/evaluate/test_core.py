@@ -45,3 +45,27 @@ def test_paired_bootstrap_of_two_models_on_the_same_rows():
     b[:10] = False  # b loses seven of a's right answers
     d = paired_bootstrap(a, b, 2000, 0)
     assert d["diff"] == pytest.approx(7 / 40) and 0 < d["ci95"][0] < d["diff"] < d["ci95"][1]
+
+
+def test_the_band_average_has_a_bootstrap_ci_resampled_within_each_band():
+    from raycat.evaluate.core import band_average_ci
+
+    rng = np.random.default_rng(0)
+
+    def rows(n_per_band: int) -> pd.DataFrame:
+        # easy 90 %, medium 60 %, hard 30 % correct: the band average is 0.6 whatever the band sizes.
+        parts = [
+            pd.DataFrame({"band": band, "correct": rng.random(n) < p, "category": "c", "extracted": "A"})
+            for band, p, n in (("easy", 0.9, n_per_band), ("medium", 0.6, 2 * n_per_band), ("hard", 0.3, n_per_band))
+        ]
+        return pd.concat(parts, ignore_index=True)
+
+    small, large = rows(40), rows(400)
+    table = accuracy_table(small, 500, 0)
+    low, high = table["band_average_ci95"]
+    assert low < table["band_average"] < high
+    assert (low, high) == band_average_ci(small, 500, 0)  # seeded
+    big_low, big_high = band_average_ci(large, 500, 0)
+    assert big_high - big_low < (high - low) / 2 and big_low < 0.6 < big_high
+    # An empty band: no average, no interval.
+    assert accuracy_table(small[small.band != "hard"], 100, 0)["band_average_ci95"] is None

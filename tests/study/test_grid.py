@@ -210,3 +210,16 @@ def test_variant_numbers_read_teacher_tokens_cost_and_training_tokens_from_the_r
         (d / "metrics.json").write_text(json.dumps({"history": [{"tokens": t} for t in tokens]} if tokens else {}))
     n = variant_numbers(str(run))
     assert (n["teacher_tokens"], n["teacher_cost"], n["training_tokens"]) == (1234, 0.0042, 30)
+
+
+def test_the_cost_table_of_a_run_whose_teacher_booked_no_token_says_so():
+    from raycat.study.comparison import _cost_section
+
+    numbers = {"teacher_tokens": 0, "teacher_cost": None, "training_tokens": 10}
+    variants = [
+        {"label": "all failed", "seed": 0, "numbers": {**numbers, "teacher_saving": {"saving_pct": None}}},
+        {"label": "no teach", "seed": 0, "numbers": {**numbers, "teacher_saving": None}},
+        {"label": "ok", "seed": 0, "numbers": {**numbers, "teacher_saving": {"saving_pct": 62.5, "basis": "measured"}}},
+    ]
+    rows = _cost_section(variants)[4:]
+    assert "| – (no teacher tokens booked) |" in rows[0] and "| – |" in rows[1] and "| 62.5 % (measured) |" in rows[2]
