@@ -267,7 +267,12 @@ class ApiConfig(Strict):
     tokens_per_minute: int | None = Field(
         None, gt=0, description="Client-side token rate limit (estimated), per engine actor."
     )
-    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Per-request timeout. A 4k-8k-token chain-of-thought at 20-50 tokens/s takes minutes; "
+        "a request that times out is retried, then the row counts as failed (retried by the next run).",
+    )
     max_retries: int = Field(
         5,
         ge=0,
@@ -311,7 +316,11 @@ class TeachConfig(Strict):
         "target), or 'keep' the wrong CoT (what the paper's v1 did).",
     )
     max_failure_ratio: float = Field(
-        0.5, ge=0, le=1, description="Stop with an error when more than this fraction of rows fail outright."
+        0.1,
+        ge=0,
+        le=1,
+        description="Stop with an error when more than this fraction of rows fail outright (failed "
+        "requests: an outage, timeouts). Finished rows are kept and a rerun retries the failed ones.",
     )
     limit: int | None = Field(None, ge=1, description="Teach at most N rows (seeded sample; for demos).")
     seed: int = Field(0, description="Seed for teach.limit.")

@@ -106,6 +106,12 @@ def teach_table(metrics: dict, cfg: RaycatConfig) -> None:
     saving = accounting.get("saving")
     if saving and saving["saving_pct"] is not None:
         _row(table, f"teacher tokens saved vs every band ({saving['basis']})", f"{saving['saving_pct']:.1f}%")
+    failed = metrics["status"].get("failed", 0)
+    if failed:
+        # What was lost: failed rows have no CoT; a rerun retries them.
+        _row(table, "rows failed (no CoT; a rerun retries them)", f"{failed} of {metrics['rows']}")
+    if metrics.get("failed_rows_retried"):
+        _row(table, "failed rows of an earlier run, retried", str(metrics["failed_rows_retried"]))
     _row(table, "rows this run / wall s", f"{metrics['rows_this_run']} / {metrics['wall_s']}")
     console.print(table)
 

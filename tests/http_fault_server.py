@@ -24,6 +24,8 @@ class FaultServer:
         self.calls: dict[str, list[float]] = {}
         self.auth: set[str] = set()
         self.models: list[str] = []
+        # An outage: while set, every request gets 503.
+        self.down = False
         self.lock = threading.Lock()
         server = self
 
@@ -40,6 +42,8 @@ class FaultServer:
                     server.models.append(body["model"])
                     n = len(server.calls.setdefault(text, []))
                     server.calls[text].append(time.monotonic())
+                if server.down:
+                    return self._send(503, {"error": {"message": "service unavailable"}})
                 if mode == "429" and n == 0:
                     return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
                 if mode == "500" and n == 0:

@@ -108,8 +108,9 @@ def check_columns(stage: str, rows: pd.DataFrame | Sequence[str], required: Sequ
         )
 
 
-# A resume rule: (parts dir, required status or None). A row is done when its (id, row_hash) key has a
-# part there (with that status): its own stage's parts, or e.g. an earlier teacher's verified rows.
+# A resume rule: (parts dir, required status, "!status" for any other, or None). A row is done when its
+# (id, row_hash) key has a part there (with that status): its own stage's parts, or e.g. an earlier
+# teacher's verified rows.
 Done = tuple[str, "str | None"]
 
 

@@ -210,8 +210,8 @@ def write_part(batch: pd.DataFrame, directory: str) -> int:
 
 def part_keys(directory: str, status: str | None = None) -> set[str]:
     """The (id, row_hash) keys (``rowkey.keys``) that already have a part in ``directory``; with
-    ``status``, only rows whose ``status`` column equals it. Parts of an older raycat, without a
-    row_hash, count as not done: their rows are computed again."""
+    ``status``, only rows whose ``status`` column equals it (``"!failed"``: differs from it). Parts of
+    an older raycat, without a row_hash, count as not done: their rows are computed again."""
     out: set[str] = set()
     for f in list_files(directory, ".parquet"):
         have = parquet_columns(f)
@@ -219,7 +219,9 @@ def part_keys(directory: str, status: str | None = None) -> set[str]:
             continue
         columns = ["id", "row_hash"] + (["status"] if status is not None else [])
         rows = read_parquet_columns(f, columns)
-        if status is not None:
+        if status is not None and status.startswith("!"):
+            rows = rows[rows["status"] != status[1:]]
+        elif status is not None:
             rows = rows[rows["status"] == status]
         out.update(rowkey.keys(rows))
     return out

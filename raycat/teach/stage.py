@@ -186,6 +186,11 @@ def parts_dir(cfg: RaycatConfig, plan: TeachPlan) -> str:
     return rundir.join(cache_root(cfg), "teach", "cache", plan.cache_key)
 
 
+# The resume rule of a teacher's own parts: a row is done once it has an answer (verified, wrong,
+# hedged, truncated, none); a failed request is retried by the next run.
+ANSWERED = "!failed"
+
+
 def read_parts(parts_dir: str) -> pd.DataFrame:
     return rundir.read_parts(parts_dir, PART_COLUMNS)
 
@@ -276,7 +281,9 @@ def finalize(cfg: RaycatConfig, plans: list[TeachPlan]) -> dict:
     # Each cache is read once; only this content's rows count (a reused id is a new row).
     for plan in plans:
         answers = read_parts(parts_dir(cfg, plan))
-        answers = answers.assign(_key=rowkey.keys(answers))
+        # A row retried after a failed request has a newer part: its answer wins over the failure.
+        answers = answers.assign(_key=rowkey.keys(answers), _failed=answers["status"].eq("failed"))
+        answers = answers.sort_values("_failed", kind="stable").drop(columns=["_failed"])
         results.append(answers.loc[answers["_key"].isin(want)].drop_duplicates("_key"))
         # Every band, from this run or an earlier one sharing the cache: the per-band accounting.
         spent_pool.append(answers.loc[answers["_key"].isin(in_pool)].drop_duplicates("_key"))
@@ -338,19 +345,22 @@ def run(cfg: RaycatConfig) -> dict:
     plans = [make_plan(cfg, teacher) for teacher in cfg.teach.teachers]
     worker_cfg = for_workers(cfg)
     path = rows_path(worker_cfg.run_dir)
-    written = 0
+    written = retried = 0
     with ray_session(cfg.ray, cfg.run_dir):
         remote_call(ray.remote(num_cpus=1)(prepare), worker_cfg)
         # Rows a teacher already answered (same id and content) or an earlier teacher verified are
-        # left out on the workers.
+        # left out on the workers. A failed request (an outage, a timeout) is no answer: retried.
         for i, (teacher, plan) in enumerate(zip(cfg.teach.teachers, plans, strict=True)):
             parts = parts_dir(worker_cfg, plan)
-            skip = [(parts, None)] + [(parts_dir(worker_cfg, earlier), "verified") for earlier in plans[:i]]
+            skip = [(parts, ANSWERED)] + [(parts_dir(worker_cfg, earlier), "verified") for earlier in plans[:i]]
             counts = remote_call(ray.remote(num_cpus=0.1)(actor_pool.todo_count), path, skip)
+            retrying = remote_call(ray.remote(num_cpus=0.1)(actor_pool.todo_count), path, [(parts, "failed")])
+            retried += retrying["done"][0]
             progress.say(
                 "teach",
                 f"({i + 1}/{len(plans)}) {plan.name}: {counts['rows']} rows, {sum(counts['done'][1:])} solved by "
-                f"earlier teachers, {counts['done'][0]} cached, {counts['todo']} to generate",
+                f"earlier teachers, {counts['done'][0]} cached, {counts['todo']} to generate"
+                + (f" ({retrying['done'][0]} failed in an earlier run: retried)" if retrying["done"][0] else ""),
             )
             if counts["todo"]:
                 rows = rundir.parquet_dataset(path)
@@ -359,6 +369,9 @@ def run(cfg: RaycatConfig) -> dict:
         metrics = remote_call(ray.remote(num_cpus=1)(finalize), worker_cfg, plans)
     metrics["wall_s"] = round(time.time() - started, 2)
     metrics["rows_this_run"] = written
+    # Rows whose earlier answer was a failed request, sent again this run (the status counts say how
+    # many of them failed again).
+    metrics["failed_rows_retried"] = retried
     rundir.write_json(rundir.join(cfg.run_dir, "teach", "metrics.json"), metrics)
     save_config(cfg, "teach")
     if metrics["failure_ratio"] > cfg.teach.max_failure_ratio:

@@ -195,6 +195,41 @@ def test_api_key_never_reaches_outputs_or_logs(tmp_path, monkeypatch, capfd):
             assert SECRET.encode() not in f.read_bytes(), f
 
 
+# The user's path: a hosted teacher is down for a while, `raycat teach` fails; rerun once it is back.
+@pytest.mark.integration
+def test_rows_that_failed_during_an_outage_are_retried_by_the_next_run(tmp_path, capfd):
+    write_split(tmp_path / "run")
+    with FaultServer() as srv:
+        teacher = {"model": {"path": "hosted-teacher"}, "api": {"base_url": srv.url, "max_retries": 0}}
+        tree = {
+            "run_dir": str(tmp_path / "run"),
+            "data": {"source": "synthetic"},
+            "score": {"student": {"path": "unused"}},
+            "ray": {"num_cpus": 2},
+            "teach": {"teachers": [teacher]},
+        }
+        p = tmp_path / "c.yaml"
+        p.write_text(yaml.safe_dump(tree))
+        srv.down = True
+        assert main(["teach", "--config", str(p)]) == 1  # every row failed: over teach.max_failure_ratio
+        first = json.loads((tmp_path / "run" / "teach" / "metrics.json").read_text())
+        assert first["status"] == {"failed": 6} and first["failed_rows_retried"] == 0
+        calls = sum(len(times) for times in srv.calls.values())
+        srv.down = False
+        capfd.readouterr()
+        assert main(["teach", "--config", str(p)]) == 0
+        again = json.loads((tmp_path / "run" / "teach" / "metrics.json").read_text())
+        assert sum(len(times) for times in srv.calls.values()) == calls + 6  # each failed row sent once more
+    assert again["status"] == {"verified": 6} and again["failed_rows_retried"] == 6
+    printed = capfd.readouterr()
+    out = " ".join((printed.out + printed.err).split())
+    assert "6 failed in an earlier run: retried" in out and "failed rows of an earlier run, retried" in out
+    # A third run has nothing left to send.
+    assert main(["teach", "--config", str(p)]) == 0
+    third = json.loads((tmp_path / "run" / "teach" / "metrics.json").read_text())
+    assert third["status"] == {"verified": 6} and third["rows_this_run"] == 0 and third["failed_rows_retried"] == 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,3 +18,16 @@ def test_parts_are_named_after_their_ids_so_a_retried_block_replaces_its_part(tm
     files = rundir.list_files(parts, ".parquet")
     assert len(files) == 2 and all(f.rsplit("/", 1)[1].startswith("part-") for f in files)
     assert sorted(rundir.read_parts(parts, ["id", "v"])["id"]) == ["q1", "q2", "q3"]
+
+
+def test_part_keys_select_rows_by_status_or_by_any_other_status(tmp_path):
+    from raycat.storage import rowkey
+
+    parts = str(tmp_path / "parts")
+    rows = pd.DataFrame({"id": ["a", "b", "c"], "row_hash": ["h1", "h2", "h3"]})
+    rundir.write_part(rows.assign(status=["verified", "failed", "wrong"]), parts)
+    keys = dict(zip(rows["id"], rowkey.keys(rows), strict=True))
+    assert rundir.part_keys(parts) == set(keys.values())
+    assert rundir.part_keys(parts, "failed") == {keys["b"]}
+    # A teacher's resume rule: answered (anything but a failed request) is done.
+    assert rundir.part_keys(parts, "!failed") == {keys["a"], keys["c"]}
