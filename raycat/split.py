@@ -6,7 +6,8 @@ hard; tests/test_split.py::test_bands_are_bounded_and_disjoint_no_middle_band_bu
 banded by rank of (entropy, id): the same as the thresholds when entropies are distinct, and when
 many rows share one value (coarse entropies), the rows tied at a threshold are split by id, so the
 band sizes follow the quantiles and the split stays deterministic.
-Thresholds come from the training pool only; an optional held-out test set is drawn first.
+Thresholds come from the training pool only; an optional held-out test set is drawn first, and its
+rows are banded by the same rule (``held_out_bands``).
 Quantiles are exact (numpy, linear interpolation) over the entropy column: 8 bytes a row, so even
 10M questions fit comfortably in one worker's memory.
 """
@@ -40,6 +41,31 @@ def rank_bands(entropy: np.ndarray, ids: np.ndarray, quantiles: tuple[float, flo
     bands = np.empty(n, dtype=object)
     bands[order[:n_low]], bands[order[n_low:n_high]], bands[order[n_high:]] = "easy", "medium", "hard"
     return bands.astype(str)
+
+
+def held_out_bands(
+    entropy: np.ndarray, ids: np.ndarray, pool_entropy: np.ndarray, pool_ids: np.ndarray, quantiles, t_low, t_high
+) -> np.ndarray:
+    """Bands of held-out rows by the training rows' rule: by value, and a row tied with a threshold
+    by where its (entropy, id) falls among the pool's, as ``rank_bands`` splits the pool's own tied
+    rows (with 40 % of entropies at 0.0 the held-out easy band is not empty)."""
+    bands = assign_bands(entropy, t_low, t_high)
+    entropy = np.asarray(entropy, dtype=np.float64)
+    tied = np.flatnonzero((entropy == t_low) | (entropy == t_high))
+    if not len(tied):
+        return bands
+    n = len(pool_entropy)
+    n_low, n_high = (int(np.ceil(q * (n - 1))) if n else 0 for q in quantiles)
+    pool_entropy = np.asarray(pool_entropy, dtype=np.float64)
+    pool_ids = np.asarray(pool_ids).astype(str)
+    ids = np.asarray(ids).astype(str)
+    for value in {t_low, t_high}:
+        rows = tied[entropy[tied] == value]
+        # Position among the pool's (entropy, id) order: rows below the value, then tied ids before.
+        same = np.sort(pool_ids[pool_entropy == value])
+        position = int((pool_entropy < value).sum()) + np.searchsorted(same, ids[rows])
+        bands[rows] = np.where(position < n_low, "easy", np.where(position < n_high, "medium", "hard"))
+    return bands
 
 
 def assign_bands(entropy: np.ndarray, t_low: float, t_high: float) -> np.ndarray:
@@ -97,7 +123,18 @@ def split_frame(rows: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.Data
     else:
         pool["band"] = assign_bands(pool["entropy"].to_numpy(), t_low, t_high)
     ties = int(((pool["entropy"] == t_low) | (pool["entropy"] == t_high)).sum()) if method == "quantiles" else 0
-    test["band"] = assign_bands(test["entropy"].to_numpy(), t_low, t_high)
+    if method == "quantiles":
+        test["band"] = held_out_bands(
+            test["entropy"].to_numpy(),
+            test["id"].to_numpy(),
+            pool["entropy"].to_numpy(),
+            pool["id"].to_numpy(),
+            cfg.quantiles,
+            t_low,
+            t_high,
+        )
+    else:
+        test["band"] = assign_bands(test["entropy"].to_numpy(), t_low, t_high)
     per_category = None
     if cfg.per_category and method == "quantiles":
         # The same quantiles within each category's training rows (a subject the student finds hard
@@ -111,10 +148,25 @@ def split_frame(rows: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.Data
             lo, hi = quantile_thresholds(part["entropy"].to_numpy(), cfg.quantiles)
             per_category[str(category)] = [float(lo), float(hi)]
             in_category = cats_test == category
-            test.loc[in_category, "band"] = assign_bands(test.loc[in_category, "entropy"].to_numpy(), lo, hi)
+            test.loc[in_category, "band"] = held_out_bands(
+                test.loc[in_category, "entropy"].to_numpy(),
+                test.loc[in_category, "id"].to_numpy(),
+                part["entropy"].to_numpy(),
+                part["id"].to_numpy(),
+                cfg.quantiles,
+                lo,
+                hi,
+            )
     test_before = {b: int((test["band"] == b).sum()) for b in BANDS}
     if cfg.test_balance and len(test):
         n = min(test_before.values())
+        if n == 0:
+            empty = [band for band in BANDS if test_before[band] == 0]
+            raise RaycatError(
+                f"split.test_balance: the held-out set has no {' / '.join(empty)} row(s) "
+                f"({test_before}), so a balanced test set would be empty; raise split.test_fraction or "
+                "set split.test_balance=false"
+            )
         test = pd.concat([test[test["band"] == b].sample(n=n, random_state=cfg.seed) for b in BANDS]).sort_index()
     bands = {b: pool[pool["band"] == b] for b in BANDS}
     before = {b: int(len(v)) for b, v in bands.items()}

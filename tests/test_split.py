@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from raycat.config import SplitConfig
+from raycat.errors import RaycatError
 from raycat.split import assign_bands, holdout_mask, quantile_thresholds, split_frame
 
 
@@ -143,3 +144,26 @@ def test_per_category_bands_use_each_categorys_own_quantiles():
     for cat, part in test.groupby("category"):
         lo, hi = info["per_category_thresholds"][cat]
         assert (part["band"] == assign_bands(part["entropy"].to_numpy(), lo, hi)).all()
+
+
+def test_held_out_rows_are_banded_by_the_training_rows_rule_under_ties():
+    # 40 % of entropies at 0.0 (the 25 % quantile): by value alone no held-out row would be easy.
+    e = [0.0] * 400 + list(np.linspace(0.1, 2.0, 600))
+    bands, test, info = split_frame(frame(e), SplitConfig(test_fraction=0.2, seed=1))
+    assert info["test_counts"]["easy"] > 0
+    sizes = {band: count / len(test) for band, count in info["test_counts"].items()}
+    assert abs(sizes["easy"] - 0.25) < 0.08 and abs(sizes["hard"] - 0.25) < 0.08
+    # A held-out zero is easy exactly when a training zero with that id would be.
+    pool_zero_ids = sorted(pd.concat(bands.values()).query("entropy == 0.0")["id"])
+    cut = sorted(bands["easy"]["id"])[-1]
+    for row in test[test.entropy == 0.0].itertuples():
+        assert (row.band == "easy") == (row.id < cut), (row.id, row.band, cut, len(pool_zero_ids))
+    # Balanced, the test set is not emptied.
+    _, balanced, _ = split_frame(frame(e), SplitConfig(test_fraction=0.2, seed=1, test_balance=True))
+    assert len(balanced) > 0 and balanced["band"].value_counts().nunique() == 1
+
+
+def test_a_balanced_test_set_that_would_be_empty_is_refused_with_the_fix():
+    e = list(np.linspace(0, 1, 40))
+    with pytest.raises(RaycatError, match=r"has no (easy|medium|hard).*raise split.test_fraction"):
+        split_frame(frame(e), SplitConfig(test_fraction=0.05, seed=0, test_balance=True))
