@@ -478,6 +478,11 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (unset = all).")
 
 
+# Llama 3.x templates write "Today Date: <today>" into every prompt unless date_string is given;
+# "26 Jul 2024" is those templates' own fallback date.
+DEFAULT_CHAT_TEMPLATE_KWARGS: dict[str, Any] = {"date_string": "26 Jul 2024"}
+
+
 class RaycatConfig(Strict):
     run_dir: str = Field("runs/default", description="Run directory; every stage writes its own folder in it.")
     cache_dir: str | None = Field(
@@ -485,6 +490,14 @@ class RaycatConfig(Strict):
         description="Where the row-level caches live (score parts, teacher answers, eval answers), each "
         "keyed by model, settings and row content; unset = the run dir. Runs sharing it (a study's "
         "variants) compute every such row once.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_CHAT_TEMPLATE_KWARGS),
+        description="Variables every chat template is rendered with, in score, teach (local teachers), "
+        "train and eval alike, and in every cache key and phase hash. date_string fixes the date "
+        "Llama 3.x templates write into each prompt (otherwise today's: every rerun on another day "
+        "would re-score and retrain); e.g. add enable_thinking: false for Qwen3-style students, whose "
+        "first token would otherwise be <think>. A hosted (api) teacher renders its own template.",
     )
     data: DataConfig
     score: ScoreConfig

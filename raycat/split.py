@@ -43,22 +43,19 @@ def rank_bands(entropy: np.ndarray, ids: np.ndarray, quantiles: tuple[float, flo
     return bands.astype(str)
 
 
-def held_out_bands(
-    entropy: np.ndarray, ids: np.ndarray, pool_entropy: np.ndarray, pool_ids: np.ndarray, quantiles, t_low, t_high
-) -> np.ndarray:
+def held_out_bands(test: pd.DataFrame, pool: pd.DataFrame, quantiles, t_low: float, t_high: float) -> np.ndarray:
     """Bands of held-out rows by the training rows' rule: by value, and a row tied with a threshold
     by where its (entropy, id) falls among the pool's, as ``rank_bands`` splits the pool's own tied
     rows (with 40 % of entropies at 0.0 the held-out easy band is not empty)."""
+    entropy = test["entropy"].to_numpy(dtype=np.float64)
     bands = assign_bands(entropy, t_low, t_high)
-    entropy = np.asarray(entropy, dtype=np.float64)
     tied = np.flatnonzero((entropy == t_low) | (entropy == t_high))
     if not len(tied):
         return bands
-    n = len(pool_entropy)
+    n = len(pool)
     n_low, n_high = (int(np.ceil(q * (n - 1))) if n else 0 for q in quantiles)
-    pool_entropy = np.asarray(pool_entropy, dtype=np.float64)
-    pool_ids = np.asarray(pool_ids).astype(str)
-    ids = np.asarray(ids).astype(str)
+    pool_entropy = pool["entropy"].to_numpy(dtype=np.float64)
+    pool_ids, ids = pool["id"].astype(str).to_numpy(), test["id"].astype(str).to_numpy()
     for value in {t_low, t_high}:
         rows = tied[entropy[tied] == value]
         # Position among the pool's (entropy, id) order: rows below the value, then tied ids before.
@@ -107,6 +104,34 @@ def holdout_mask(ids: pd.Series, fraction: float, seed: int, groups: pd.Series |
     return np.isin(labels, chosen)
 
 
+def _per_category_bands(pool: pd.DataFrame, test: pd.DataFrame, cfg: SplitConfig) -> dict[str, list[float]]:
+    """The same quantiles within each category's training rows (a subject the student finds hard
+    overall still gets an easy band); held-out rows use their category's thresholds (the global ones
+    for a category with no training rows). Sets ``band`` in place; returns the thresholds."""
+    per_category = {}
+    cats_pool, cats_test = pool["category"].fillna(""), test["category"].fillna("")
+    for category, idx in pool.groupby(cats_pool).groups.items():
+        part = pool.loc[idx]
+        pool.loc[idx, "band"] = rank_bands(part["entropy"].to_numpy(), part["id"].to_numpy(), cfg.quantiles)
+        low, high = quantile_thresholds(part["entropy"].to_numpy(), cfg.quantiles)
+        per_category[str(category)] = [float(low), float(high)]
+        in_category = cats_test == category
+        test.loc[in_category, "band"] = held_out_bands(test.loc[in_category], part, cfg.quantiles, low, high)
+    return per_category
+
+
+def _balanced(test: pd.DataFrame, counts: dict[str, int], seed: int) -> pd.DataFrame:
+    """The same number of held-out rows per band (seeded); refused when a band has none."""
+    n = min(counts.values())
+    if n == 0:
+        empty = [band for band in BANDS if counts[band] == 0]
+        raise RaycatError(
+            f"split.test_balance: the held-out set has no {' / '.join(empty)} row(s) ({counts}), so a "
+            "balanced test set would be empty; raise split.test_fraction or set split.test_balance=false"
+        )
+    return pd.concat([test[test["band"] == band].sample(n=n, random_state=seed) for band in BANDS]).sort_index()
+
+
 def split_frame(rows: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
     """Returns ({band: rows}, test rows, thresholds info). Each row keeps its entropy and gets a band."""
     rows = rows.reset_index(drop=True)
@@ -124,50 +149,13 @@ def split_frame(rows: pd.DataFrame, cfg: SplitConfig) -> tuple[dict[str, pd.Data
         pool["band"] = assign_bands(pool["entropy"].to_numpy(), t_low, t_high)
     ties = int(((pool["entropy"] == t_low) | (pool["entropy"] == t_high)).sum()) if method == "quantiles" else 0
     if method == "quantiles":
-        test["band"] = held_out_bands(
-            test["entropy"].to_numpy(),
-            test["id"].to_numpy(),
-            pool["entropy"].to_numpy(),
-            pool["id"].to_numpy(),
-            cfg.quantiles,
-            t_low,
-            t_high,
-        )
+        test["band"] = held_out_bands(test, pool, cfg.quantiles, t_low, t_high)
     else:
         test["band"] = assign_bands(test["entropy"].to_numpy(), t_low, t_high)
-    per_category = None
-    if cfg.per_category and method == "quantiles":
-        # The same quantiles within each category's training rows (a subject the student finds hard
-        # overall still gets an easy band); test rows use their category's thresholds (the global ones
-        # for a category with no training rows).
-        per_category = {}
-        cats_pool, cats_test = pool["category"].fillna(""), test["category"].fillna("")
-        for category, idx in pool.groupby(cats_pool).groups.items():
-            part = pool.loc[idx]
-            pool.loc[idx, "band"] = rank_bands(part["entropy"].to_numpy(), part["id"].to_numpy(), cfg.quantiles)
-            lo, hi = quantile_thresholds(part["entropy"].to_numpy(), cfg.quantiles)
-            per_category[str(category)] = [float(lo), float(hi)]
-            in_category = cats_test == category
-            test.loc[in_category, "band"] = held_out_bands(
-                test.loc[in_category, "entropy"].to_numpy(),
-                test.loc[in_category, "id"].to_numpy(),
-                part["entropy"].to_numpy(),
-                part["id"].to_numpy(),
-                cfg.quantiles,
-                lo,
-                hi,
-            )
+    per_category = _per_category_bands(pool, test, cfg) if cfg.per_category and method == "quantiles" else None
     test_before = {b: int((test["band"] == b).sum()) for b in BANDS}
     if cfg.test_balance and len(test):
-        n = min(test_before.values())
-        if n == 0:
-            empty = [band for band in BANDS if test_before[band] == 0]
-            raise RaycatError(
-                f"split.test_balance: the held-out set has no {' / '.join(empty)} row(s) "
-                f"({test_before}), so a balanced test set would be empty; raise split.test_fraction or "
-                "set split.test_balance=false"
-            )
-        test = pd.concat([test[test["band"] == b].sample(n=n, random_state=cfg.seed) for b in BANDS]).sort_index()
+        test = _balanced(test, test_before, cfg.seed)
     bands = {b: pool[pool["band"] == b] for b in BANDS}
     before = {b: int(len(v)) for b, v in bands.items()}
     if cfg.balance_per_band is not None:

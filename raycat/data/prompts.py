@@ -7,8 +7,11 @@ time is byte-identical to the one that was scored.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from typing import Any
 
+from raycat.config import DEFAULT_CHAT_TEMPLATE_KWARGS
 from raycat.errors import RaycatError
 
 PROMPT_VERSION = "score-v1"
@@ -60,11 +63,13 @@ def messages_for(
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def template_hash(tokenizer, preset: str, system_prompt: str | None) -> str:
-    """Hash of everything that shapes the prompt tokens: chat template, preset texts, version."""
+def template_hash(tokenizer, preset: str, system_prompt: str | None, template_kwargs=None) -> str:
+    """Hash of everything that shapes the prompt tokens: chat template and its variables, preset
+    texts, version."""
     digest = hashlib.sha256()
     for part in (
         tokenizer.chat_template or "",
+        _kwargs_part(template_kwargs),
         PROMPT_VERSION,
         preset,
         system_prompt or "",
@@ -78,13 +83,34 @@ def template_hash(tokenizer, preset: str, system_prompt: str | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def render_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+# Variables every chat template is rendered with when the caller passes none (benches, tests): the
+# config's default, so a prompt (and every cache key and phase hash over its tokens) does not change
+# with the day it is rendered on.
+DEFAULT_TEMPLATE_KWARGS = DEFAULT_CHAT_TEMPLATE_KWARGS
+
+
+def template_kwargs_of(template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    return DEFAULT_TEMPLATE_KWARGS if template_kwargs is None else template_kwargs
+
+
+def _kwargs_part(template_kwargs: dict[str, Any] | None) -> str:
+    return json.dumps(template_kwargs_of(template_kwargs), sort_keys=True, default=str)
+
+
+def apply_template(tokenizer, messages: list[dict[str, str]], generation_prompt: bool, template_kwargs=None) -> str:
+    """The chat template's text, rendered with ``template_kwargs`` (``config.chat_template_kwargs``)."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, **template_kwargs_of(template_kwargs)
+    )
+
+
+def render_ids(tokenizer, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
     if not tokenizer.chat_template:
         raise RaycatError(
             "the student tokenizer has no chat template; raycat scores instruct/chat models with their "
             "own template. Use an instruct model, or set tokenizer.chat_template in the model directory."
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = apply_template(tokenizer, messages, True, template_kwargs)
     # The template already writes BOS/role markers; add_special_tokens would add a second BOS.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -105,12 +131,10 @@ class LabelTokens:
         return [list(self.ids[lab]) for lab in labels]
 
 
-def generation_context(tokenizer, preset: str, system_prompt: str | None) -> str:
+def generation_context(tokenizer, preset: str, system_prompt: str | None, template_kwargs=None) -> str:
     """The text a rendered prompt ends with (the chat template's generation prompt): the context the
     answer label is written in."""
-    return tokenizer.apply_chat_template(
-        messages_for("?", ["x", "y"], "", preset, system_prompt), tokenize=False, add_generation_prompt=True
-    )
+    return apply_template(tokenizer, messages_for("?", ["x", "y"], "", preset, system_prompt), True, template_kwargs)
 
 
 def _in_context(tokenizer, context: str, label: str) -> int | None:
@@ -179,10 +203,12 @@ def teach_messages(question: str, options: list[str], category: str) -> list[dic
     ]
 
 
-def teach_template_hash(tokenizer) -> str:
+def teach_template_hash(tokenizer, template_kwargs=None) -> str:
+    """``tokenizer`` None: an HTTP teacher, whose server renders its own template (no variables of ours)."""
     digest = hashlib.sha256()
     template = getattr(tokenizer, "chat_template", None) or ""
-    for part in (template, TEACH_PROMPT_VERSION, _TEACH_MCQ, _TEACH_FREE):
+    variables = _kwargs_part(template_kwargs) if tokenizer is not None else ""
+    for part in (template, variables, TEACH_PROMPT_VERSION, _TEACH_MCQ, _TEACH_FREE):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -228,10 +254,11 @@ def answer_target(gold: str) -> str:
     return f"[[{gold}]]"
 
 
-def train_template_hash(tokenizer) -> str:
+def train_template_hash(tokenizer, template_kwargs=None) -> str:
     digest = hashlib.sha256()
     for part in (
         tokenizer.chat_template or "",
+        _kwargs_part(template_kwargs),
         TRAIN_PROMPT_VERSION,
         _TRAIN_ANSWER_MCQ,
         _TRAIN_ANSWER_FREE,

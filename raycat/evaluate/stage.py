@@ -79,6 +79,8 @@ class EvalPlan:
     backend: str
     # engines.base.engine_kwargs(...) for the backend
     engine_kwargs: dict
+    # config.chat_template_kwargs (None: the default variables)
+    template_kwargs: dict | None = None
 
 
 def make_plan(
@@ -96,8 +98,10 @@ def make_plan(
         evaluation.seed,
         TRAIN_PROMPT_VERSION,
         resolve_dtype(evaluation.dtype, evaluation.engine.device),
+        # The chat template's variables shape every prompt token.
+        cfg.chat_template_kwargs,
     ]
-    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
     model = ModelConfig(
         path=model_path,
         revision=revision,
@@ -116,6 +120,7 @@ def make_plan(
         seed=evaluation.seed,
         backend=evaluation.engine.backend,
         engine_kwargs=engine_kwargs(model, evaluation.engine),
+        template_kwargs=cfg.chat_template_kwargs,
     )
 
 
@@ -197,7 +202,7 @@ class EvalBatch(actor_pool.EngineActor):
         for i, row in enumerate(batch.to_dict(orient="records")):
             options = list(row["options"]) if row["options"] is not None else []
             messages = train_messages(row["question"], options, row["category"] or "", plan.kind)
-            prompt = render_ids(self.tokenizer, messages)
+            prompt = render_ids(self.tokenizer, messages, plan.template_kwargs)
             record = {
                 "id": row["id"],
                 "row_hash": row["row_hash"],

@@ -78,6 +78,8 @@ class ScorePlan:
     preset: str
     system_prompt: str | None
     labels: LabelTokens
+    # config.chat_template_kwargs: the variables the chat template is rendered with
+    template_kwargs: dict
     template_hash: str
     cache_key: str
     sample_ids: frozenset[str]
@@ -97,7 +99,7 @@ def make_plan(cfg: RaycatConfig, tokenizer, n_max: int, sample_ids) -> ScorePlan
     prompt = score.prompt
     # Workers fetch the weights (models.local).
     model_path = models.portable(score.student.path)
-    template = template_hash(tokenizer, prompt.preset, prompt.system_prompt)
+    template = template_hash(tokenizer, prompt.preset, prompt.system_prompt, cfg.chat_template_kwargs)
     sample = frozenset() if score.entropy_mode == "full" else frozenset(sample_ids)
     return ScorePlan(
         model_path=model_path,
@@ -106,8 +108,12 @@ def make_plan(cfg: RaycatConfig, tokenizer, n_max: int, sample_ids) -> ScorePlan
         preset=prompt.preset,
         system_prompt=prompt.system_prompt,
         labels=label_tokens(
-            tokenizer, max(n_max, 1), prompt.preset, generation_context(tokenizer, prompt.preset, prompt.system_prompt)
+            tokenizer,
+            max(n_max, 1),
+            prompt.preset,
+            generation_context(tokenizer, prompt.preset, prompt.system_prompt, cfg.chat_template_kwargs),
         ),
+        template_kwargs=cfg.chat_template_kwargs,
         template_hash=template,
         cache_key=cache_key(cfg, score.student.path, template),
         sample_ids=sample,
@@ -150,7 +156,9 @@ class RenderPrompts:
         for question, options, category in zip(batch["question"], batch["options"], batch["category"], strict=True):
             options = list(options)
             prompt = render_ids(
-                self.tokenizer, messages_for(question, options, category, plan.preset, plan.system_prompt)
+                self.tokenizer,
+                messages_for(question, options, category, plan.preset, plan.system_prompt),
+                plan.template_kwargs,
             )
             reason = ""
             if not options and plan.mode == "options":
@@ -324,7 +332,7 @@ def run(cfg: RaycatConfig) -> dict:
     with ray_session(cfg.ray, cfg.run_dir):
         summary = questions.stage_questions(cfg)
         n_sample = 0 if score.entropy_mode == "full" else score.deviation_sample
-        template = template_hash(tokenizer, score.prompt.preset, score.prompt.system_prompt)
+        template = template_hash(tokenizer, score.prompt.preset, score.prompt.system_prompt, cfg.chat_template_kwargs)
         key = cache_key(cfg, score.student.path, template)
         parts = rundir.absolute(parts_dir(cfg, key))
         state = remote_call(ray.remote(num_cpus=1)(prepare), questions_path, parts, n_sample)

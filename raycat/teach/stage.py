@@ -63,6 +63,8 @@ class TeachPlan:
     model_path: str
     revision: str | None
     trust_remote_code: bool
+    # config.chat_template_kwargs: the variables a local teacher's chat template is rendered with
+    template_kwargs: dict
     template_hash: str
     cache_key: str
     schedule: tuple[Sampling, ...]
@@ -96,7 +98,7 @@ def make_plan(cfg: RaycatConfig, teacher: TeacherConfig) -> TeachPlan:
             trust_remote_code=model.trust_remote_code,
             key=f"teach teacher {model.path!r}",
         )
-        template = teach_template_hash(tokenizer)
+        template = teach_template_hash(tokenizer, cfg.chat_template_kwargs)
     sampling = teach.sampling
     first = Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.seed, sampling.n)
     schedule = tuple(attempt_schedule(first, teach.retries, teach.retry_temperatures))
@@ -121,6 +123,7 @@ def make_plan(cfg: RaycatConfig, teacher: TeacherConfig) -> TeachPlan:
         model_path=path,
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,
+        template_kwargs=cfg.chat_template_kwargs,
         template_hash=template,
         cache_key=key,
         schedule=schedule,
@@ -166,7 +169,7 @@ class TeachBatch(actor_pool.EngineActor):
             # An HTTP teacher gets messages; the server renders them.
             prompt, reason = messages, ""
             if self.tokenizer is not None:
-                prompt = render_ids(self.tokenizer, messages)
+                prompt = render_ids(self.tokenizer, messages, plan.template_kwargs)
                 if len(prompt) >= plan.max_prompt_tokens:
                     reason = (
                         f"prompt has {len(prompt)} tokens; model.max_model_len - sampling.max_tokens "

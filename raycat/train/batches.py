@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycat.data.prompts import answer_target, render_ids, train_messages
+from raycat.data.prompts import answer_target, apply_template, render_ids, train_messages
 from raycat.errors import RaycatError
 
 IGNORE_INDEX = -100
@@ -69,17 +69,21 @@ class Encoded:
 
 
 def encode(
-    tokenizer, messages: list[dict[str, str]], target: str, stop_ids: set[int], max_length: int, overlong: str
+    tokenizer,
+    messages: list[dict[str, str]],
+    target: str,
+    stop_ids: set[int],
+    max_length: int,
+    overlong: str,
+    template_kwargs: dict | None = None,
 ) -> Encoded | str:
     """One example, or the reason it cannot be used (over-long under 'drop', nothing left to learn)."""
     # Templates such as Llama-3's trim content; the mask must match what is rendered.
     target = target.strip()
     if not target:
         raise TemplateError("empty target")
-    prompt_ids = render_ids(tokenizer, messages)
-    full_text = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": target}], tokenize=False, add_generation_prompt=False
-    )
+    prompt_ids = render_ids(tokenizer, messages, template_kwargs)
+    full_text = apply_template(tokenizer, messages + [{"role": "assistant", "content": target}], False, template_kwargs)
     full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
     n = len(prompt_ids)
     if full_ids[:n] != prompt_ids:
@@ -107,7 +111,13 @@ def encode(
 
 
 def encode_rows(
-    tokenizer, rows: pd.DataFrame, kind: str, stop_ids: set[int], max_length: int, overlong: str
+    tokenizer,
+    rows: pd.DataFrame,
+    kind: str,
+    stop_ids: set[int],
+    max_length: int,
+    overlong: str,
+    template_kwargs: dict | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows with ``question, options, category, gold`` (+ ``target`` for kind 'cot') → (encoded, skipped).
 
@@ -118,7 +128,7 @@ def encode_rows(
         target = answer_target(r.gold) if kind == "answer" else r.target
         msgs = train_messages(r.question, options, r.category or "", kind)
         try:
-            enc = encode(tokenizer, msgs, target, stop_ids, max_length, overlong)
+            enc = encode(tokenizer, msgs, target, stop_ids, max_length, overlong, template_kwargs)
         except TemplateError as e:
             raise TemplateError(f"row {r.id!r}: {e}") from None
         if isinstance(enc, str):

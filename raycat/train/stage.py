@@ -83,7 +83,7 @@ def load_inputs(cfg: RaycatConfig) -> tuple[dict[str, pd.DataFrame], pd.DataFram
 
 def check_template(cfg: RaycatConfig, tokenizer, bands: dict[str, pd.DataFrame]) -> str:
     """Training must render prompts with the chat template the rows were scored under."""
-    mine = template_hash(tokenizer, cfg.score.prompt.preset, cfg.score.prompt.system_prompt)
+    mine = template_hash(tokenizer, cfg.score.prompt.preset, cfg.score.prompt.system_prompt, cfg.chat_template_kwargs)
     seen = set().union(*(set(b["template_hash"].dropna()) for b in bands.values() if "template_hash" in b))
     if seen and seen != {mine} and not cfg.train.allow_template_mismatch:
         raise RaycatError(
@@ -117,7 +117,9 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
     skipped_frames = [skipped]
     for phase, rows in selected:
         hp = train.phase(phase.name)
-        encoded, skip = encode_rows(tokenizer, rows, phase.target, stops, hp.max_length, train.overlong)
+        encoded, skip = encode_rows(
+            tokenizer, rows, phase.target, stops, hp.max_length, train.overlong, cfg.chat_template_kwargs
+        )
         skipped_frames.append(skip.assign(phase=phase.name))
         encoded = encoded.sample(frac=1.0, random_state=train.seed).reset_index(drop=True)  # one seeded shuffle
         # Everything that changes the trained weights (not save/log cadence): rows, tokens, labels,
@@ -141,7 +143,7 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
                 "workers": train.num_workers,
                 # The student's weights, not its scoring engine's settings (max_model_len, dtype).
                 "student": _student_identity(cfg),
-                "template": train_template_hash(tokenizer),
+                "template": train_template_hash(tokenizer, cfg.chat_template_kwargs),
                 "seed": train.seed,
             }
         )
