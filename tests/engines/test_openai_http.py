@@ -160,29 +160,32 @@ def write_split(run: Path, n: int = 6):
         rundir.write_parquet(str(run / "split" / f"{band}.parquet"), rowkey.add(rows))
 
 
+def write_teach_config(tmp_path, teachers: list[dict], **teach) -> Path:
+    """A `raycat teach` config over write_split's run dir with these (HTTP) teachers."""
+    tree = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "synthetic"},
+        "score": {"student": {"path": "unused"}},
+        "ray": {"num_cpus": 2},
+        "teach": {"teachers": teachers, **teach},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
 # `raycat teach` runs the HTTP teacher in Ray Data
 @pytest.mark.integration
 def test_api_key_never_reaches_outputs_or_logs(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("RAYCAT_TEST_KEY", SECRET)
     write_split(tmp_path / "run")
     with FaultServer() as srv:
-        tree = {
-            "run_dir": str(tmp_path / "run"),
-            "data": {"source": "synthetic"},
-            "score": {"student": {"path": "unused"}},
-            "ray": {"num_cpus": 2},
-            "teach": {
-                "teachers": [
-                    {
-                        "model": {"path": "hosted-teacher"},
-                        "api": {"base_url": srv.url, "api_key_env": "RAYCAT_TEST_KEY"},
-                        "price": {"prompt_per_mtok": 3, "completion_per_mtok": 15},
-                    }
-                ]
-            },
+        teacher = {
+            "model": {"path": "hosted-teacher"},
+            "api": {"base_url": srv.url, "api_key_env": "RAYCAT_TEST_KEY"},
+            "price": {"prompt_per_mtok": 3, "completion_per_mtok": 15},
         }
-        p = tmp_path / "c.yaml"
-        p.write_text(yaml.safe_dump(tree))
+        p = write_teach_config(tmp_path, [teacher])
         assert main(["teach", "--config", str(p)]) == 0
     assert srv.auth == {f"Bearer {SECRET}"}
     m = json.loads((tmp_path / "run" / "teach" / "metrics.json").read_text())
@@ -201,15 +204,7 @@ def test_rows_that_failed_during_an_outage_are_retried_by_the_next_run(tmp_path,
     write_split(tmp_path / "run")
     with FaultServer() as srv:
         teacher = {"model": {"path": "hosted-teacher"}, "api": {"base_url": srv.url, "max_retries": 0}}
-        tree = {
-            "run_dir": str(tmp_path / "run"),
-            "data": {"source": "synthetic"},
-            "score": {"student": {"path": "unused"}},
-            "ray": {"num_cpus": 2},
-            "teach": {"teachers": [teacher]},
-        }
-        p = tmp_path / "c.yaml"
-        p.write_text(yaml.safe_dump(tree))
+        p = write_teach_config(tmp_path, [teacher])
         srv.down = True
         assert main(["teach", "--config", str(p)]) == 1  # every row failed: over teach.max_failure_ratio
         first = json.loads((tmp_path / "run" / "teach" / "metrics.json").read_text())
