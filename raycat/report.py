@@ -170,13 +170,19 @@ def _loss_plot(curves: list[tuple[str, list[int], list[float]]]) -> dict[str, by
     return {"loss_curves.png": _png(fig)}
 
 
-def _recipes(run: str) -> list[str]:
-    return rundir.list_dirs(rundir.join(run, "train"))
+def run_recipes(run: str) -> list[str]:
+    """The recipes of this run: those its manifest.json names (an earlier run's recipe dirs in the same
+    run dir are not this run's), or, without a manifest (stages run one by one), every train/ dir."""
+    trained = rundir.list_dirs(rundir.join(run, "train"))
+    manifest = rundir.read_json_if_exists(rundir.join(run, "manifest.json")) or {}
+    if "recipes" not in manifest:
+        return trained
+    return [recipe for recipe in manifest["recipes"] if recipe in trained]
 
 
 def _loss_curves(run: str) -> list[tuple[str, list[int], list[float]]]:
     out = []
-    for recipe in _recipes(run):
+    for recipe in run_recipes(run):
         offset = 0
         for phase in ("phase1", "phase2", "phase3"):
             history = (_read(run, "train", recipe, phase, "metrics.json") or {}).get("history")
@@ -204,7 +210,7 @@ def markdown(run: str, images: list[str]) -> str:
         _score_section(_read(run, "score", "metrics.json"), _read(run, "split", "thresholds.json")),
         _eval_section(_read(run, "eval", "metrics.json")),
         _teach_section(_read(run, "teach", "metrics.json")),
-        _train_section(run, _recipes(run)),
+        _train_section(run, run_recipes(run)),
         _stages_section(_read(run, "manifest.json")),
         _plots_section(images),
         _provenance_section(run),
@@ -416,7 +422,7 @@ def build(run: str) -> dict:
     outputs: a mistyped path must not produce an empty report."""
     if not rundir.exists(run):
         raise MissingInputError(f"run directory {run} does not exist")
-    if not (any(rundir.exists(rundir.join(run, o)) for o in OUTPUTS) or _recipes(run)):
+    if not (any(rundir.exists(rundir.join(run, o)) for o in OUTPUTS) or run_recipes(run)):
         raise MissingInputError(
             f"run directory {run} holds no stage outputs to report on (looked for "
             f"{', '.join(OUTPUTS)} and train/<recipe>/)"

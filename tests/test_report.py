@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,24 @@ def test_the_papers_auc_is_named_only_for_the_full_vocabulary_entropy():
     assert "options entropy" in _paper_auc_note(options) and "is this one" not in _paper_auc_note(options)
     assert greedy_auc_label(full).endswith("paper ≈ 0.73)")
     assert greedy_auc_label(options).startswith("ROC AUC (decoded token, options entropy;")
+
+
+def test_report_and_study_totals_hold_only_the_recipes_of_this_run(tmp_path):
+    from raycat.report import markdown, run_recipes
+    from raycat.study.comparison import variant_numbers
+
+    run = tmp_path / "run"
+    make_run_dir(run)
+    (recipe,) = run_recipes(str(run))
+    # An earlier run in the same run dir trained another recipe; this run's manifest names only one.
+    shutil.copytree(run / "train" / recipe, run / "train" / "sft_all_earlier")
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "recipes": [recipe]}))
+    assert run_recipes(str(run)) == [recipe]
+    assert "sft_all_earlier" not in markdown(str(run), [])
+    alone = variant_numbers(str(run))["training_tokens"]
+    (run / "manifest.json").write_text(json.dumps({**manifest, "recipes": [recipe, "sft_all_earlier"]}))
+    assert variant_numbers(str(run))["training_tokens"] == 2 * alone > 0
+    # Without a manifest (stages run one by one) every recipe dir is the run's.
+    (run / "manifest.json").unlink()
+    assert sorted(run_recipes(str(run))) == sorted([recipe, "sft_all_earlier"])

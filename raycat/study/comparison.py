@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from raycat.evaluate.core import paired_bootstrap
+from raycat.report import run_recipes
 from raycat.storage import rundir
 from raycat.study import plot
 
@@ -35,7 +36,7 @@ def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75))
     accounting = (teach or {}).get("accounting", {})
     trained, final = 0, {}
     train = rundir.join(run_dir, "train")
-    for recipe in rundir.list_dirs(train):
+    for recipe in run_recipes(run_dir):
         for phase in rundir.list_dirs(rundir.join(train, recipe)):
             phase_metrics = rundir.read_json_if_exists(rundir.join(train, recipe, phase, "metrics.json"))
             trained += sum(h["tokens"] for h in (phase_metrics or {}).get("history", []))
