@@ -326,6 +326,12 @@ def _teach_section(teach_metrics: dict | None) -> list[str]:
             f"| teacher tokens saved vs teaching every band ({saving['basis']}) | {saving['saving_pct']:.1f}% | "
             "teach/metrics.json `accounting.saving` |"
         )
+    hard_only = accounting.get("hard_only_saving")
+    if hard_only and hard_only["saving_pct"] is not None:
+        lines.append(
+            f"| teacher tokens teaching the hard band only would save ({hard_only['basis']}) | "
+            f"{hard_only['saving_pct']:.1f}% | teach/metrics.json `accounting.hard_only_saving` |"
+        )
     for name, teacher in accounting["per_teacher"].items():
         if "cost" in teacher:
             lines.append(f"| cost, {name} | {teacher['cost']:.4f} {teacher['currency']} | teach/metrics.json |")

@@ -106,6 +106,10 @@ def teach_table(metrics: dict, cfg: RaycatConfig) -> None:
     saving = accounting.get("saving")
     if saving and saving["saving_pct"] is not None:
         _row(table, f"teacher tokens saved vs every band ({saving['basis']})", f"{saving['saving_pct']:.1f}%")
+    hard_only = accounting.get("hard_only_saving")
+    if hard_only and hard_only["saving_pct"] is not None:
+        label = f"teaching the hard band only would save ({hard_only['basis']})"
+        _row(table, label, f"{hard_only['saving_pct']:.1f}%")
     failed = metrics["status"].get("failed", 0)
     if failed:
         # What was lost: failed rows have no CoT; a rerun retries them.

@@ -128,6 +128,20 @@ def test_saving_is_measured_when_every_band_was_taught():
     assert b["saving"]["saving_pct"] == pytest.approx(100 * (1 - 300 / (300 + 6 * 20)))
 
 
+def test_a_run_teaching_every_band_also_reports_the_hard_band_only_saving():
+    # distill_all in --recipes teaches every band: that saving is 0 by construction; the method's own
+    # saving (the hard band only) is measured from the same rows.
+    spent = pd.DataFrame(
+        {"_key": list(_pool()["_key"]), "prompt_tokens": 10, "completion_tokens": [10] * 6 + [90, 190]}
+    )
+    every = band_accounting(_pool(), spent, ["easy", "medium", "hard"])
+    assert every["saving"]["saving_pct"] == 0.0
+    hard_only = every["hard_only_saving"]
+    assert hard_only["saving_pct"] == pytest.approx(100 * (1 - 300 / (300 + 6 * 20)))
+    assert hard_only["basis"] == "measured" and hard_only["taught_bands_tokens"] == 300
+    assert "hard_only_saving" not in band_accounting(_pool(), spent, ["hard"])
+
+
 def test_saving_is_an_estimate_labelled_when_bands_were_not_taught():
     spent = pd.DataFrame({"_key": ["h0", "h1", "m0"], "prompt_tokens": [10, 10, 5], "completion_tokens": [90, 190, 15]})
     b = band_accounting(_pool(), spent, ["hard"])
