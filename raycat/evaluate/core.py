@@ -36,6 +36,25 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int, le
     return {"n": int(len(x)), "diff": float(x.mean()), "ci95": [lo, hi]}
 
 
+def clustered_paired_bootstrap(
+    differences: np.ndarray, clusters: np.ndarray, resamples: int, seed: int, level: float = 0.95
+) -> dict:
+    """Mean of per-row differences whose rows come in clusters (the same test question under several
+    seeds: its differences are correlated), with a percentile bootstrap CI that resamples whole
+    clusters, so S seeds of the same rows do not narrow the interval as S independent rows would."""
+    x = np.asarray(differences, dtype=np.float64)
+    if len(x) == 0:
+        return {"n": 0, "clusters": 0, "diff": None, "ci95": [None, None]}
+    labels, index = np.unique(np.asarray(clusters).astype(str), return_inverse=True)
+    sums = np.bincount(index, weights=x, minlength=len(labels))
+    counts = np.bincount(index, minlength=len(labels)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, len(labels), size=(resamples, len(labels)))
+    means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"n": int(len(x)), "clusters": int(len(labels)), "diff": float(x.mean()), "ci95": [float(lo), float(hi)]}
+
+
 def paired_table(correct: dict[str, np.ndarray], resamples: int, seed: int) -> list[dict]:
     """``paired_bootstrap`` of every pair of models (a before b in ``correct``'s order) on the same rows."""
     names = list(correct)

@@ -15,9 +15,9 @@ import json
 import numpy as np
 import pandas as pd
 
-from raycat.evaluate.core import paired_bootstrap
+from raycat.evaluate.core import clustered_paired_bootstrap
 from raycat.report import run_recipes
-from raycat.storage import rundir
+from raycat.storage import rowkey, rundir
 from raycat.study import plot
 
 
@@ -198,7 +198,7 @@ def paired(variants: list[dict], baseline: str, resamples: int = 1000, seed: int
     both answered, same seed paired with same seed, pooled over seeds."""
     base = {v["seed"]: _compared_answers(v["run_dir"]) for v in variants if v["label"] == baseline}
     base_variant = {v["seed"]: v for v in variants if v["label"] == baseline}
-    out: dict[tuple[str, str], list[np.ndarray]] = {}
+    out: dict[tuple[str, str], list[pd.DataFrame]] = {}
     for variant in variants:
         if variant["label"] == baseline or base.get(variant["seed"]) is None:
             continue
@@ -211,14 +211,17 @@ def paired(variants: list[dict], baseline: str, resamples: int = 1000, seed: int
             a = mine[mine["model"] == ours[model]][["id", "row_hash", "correct"]]
             b = theirs[theirs["model"] == others[model]][["id", "row_hash", "correct"]]
             both = a.merge(b, on=["id", "row_hash"], suffixes=("_a", "_b"))
+            difference = both["correct_a"].to_numpy(dtype=float) - both["correct_b"].to_numpy(dtype=float)
             out.setdefault((variant["label"], model), []).append(
-                both["correct_a"].to_numpy(dtype=float) - both["correct_b"].to_numpy(dtype=float)
+                pd.DataFrame({"row": rowkey.keys(both).to_numpy(), "difference": difference})
             )
     result = []
-    for (label, model), diffs in out.items():
-        pooled = np.concatenate(diffs)
-        bootstrap = paired_bootstrap(pooled, np.zeros_like(pooled), resamples, seed)
-        result.append({"variant": label, "baseline": baseline, "model": model, "seeds": len(diffs), **bootstrap})
+    for (label, model), per_seed in out.items():
+        pooled = pd.concat(per_seed, ignore_index=True)
+        # Seeds share test rows (split.seed is not a seed key by default): a row's differences under
+        # every seed are resampled together.
+        bootstrap = clustered_paired_bootstrap(pooled["difference"], pooled["row"], resamples, seed)
+        result.append({"variant": label, "baseline": baseline, "model": model, "seeds": len(per_seed), **bootstrap})
     return result
 
 

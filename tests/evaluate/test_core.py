@@ -69,3 +69,30 @@ def test_the_band_average_has_a_bootstrap_ci_resampled_within_each_band():
     assert big_high - big_low < (high - low) / 2 and big_low < 0.6 < big_high
     # An empty band: no average, no interval.
     assert accuracy_table(small[small.band != "hard"], 100, 0)["band_average_ci95"] is None
+
+
+def test_seeds_of_the_same_rows_do_not_narrow_the_paired_interval():
+    from raycat.evaluate.core import clustered_paired_bootstrap, paired_bootstrap
+
+    # Known answer: four seeds give exactly the same per-row differences on the same 200 rows, so
+    # they carry the information of one seed: the interval must be one seed's, not half of it.
+    rng = np.random.default_rng(1)
+    one_seed = rng.choice([-1.0, 0.0, 0.0, 1.0, 1.0], size=200)
+    rows = np.array([f"q{i}" for i in range(200)])
+    pooled, clusters = np.tile(one_seed, 4), np.tile(rows, 4)
+    clustered = clustered_paired_bootstrap(pooled, clusters, 2000, 0)
+    single = paired_bootstrap(one_seed, np.zeros(200), 2000, 0)
+    independent = paired_bootstrap(pooled, np.zeros_like(pooled), 2000, 0)
+
+    def width(result):
+        return result["ci95"][1] - result["ci95"][0]
+
+    assert clustered["n"] == 800 and clustered["clusters"] == 200
+    assert clustered["diff"] == pytest.approx(single["diff"])
+    assert width(clustered) == pytest.approx(width(single), rel=0.15)
+    assert width(independent) < 0.6 * width(clustered)  # the pooled-as-independent CI, √4 too narrow
+    # Independent rows in each seed: clustering by row changes nothing material.
+    fresh = np.concatenate([rng.choice([-1.0, 0.0, 1.0], size=200) for _ in range(4)])
+    assert width(clustered_paired_bootstrap(fresh, np.arange(800), 2000, 0)) == pytest.approx(
+        width(paired_bootstrap(fresh, np.zeros(800), 2000, 0)), rel=0.15
+    )
