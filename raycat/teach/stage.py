@@ -102,6 +102,7 @@ def make_plan(cfg: RaycatConfig, teacher: TeacherConfig) -> TeachPlan:
     sampling = teach.sampling
     first = Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.seed, sampling.n)
     schedule = tuple(attempt_schedule(first, teach.retries, teach.retry_temperatures))
+    max_prompt_tokens = model.max_model_len - sampling.max_tokens
     # "kept": which attempt a row keeps (teach.core.teach_rows); cached rows were chosen by that rule.
     key_parts = {
         "model": model.path,
@@ -114,7 +115,7 @@ def make_plan(cfg: RaycatConfig, teacher: TeacherConfig) -> TeachPlan:
         "schedule": [asdict(attempt) for attempt in schedule],
         "kept": "best-then-first",
         # Rows over the prompt budget are cached as skipped: a larger budget must teach them.
-        "max_prompt_tokens": model.max_model_len - sampling.max_tokens,
+        "max_prompt_tokens": max_prompt_tokens,
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     engine = teacher.engine
@@ -127,7 +128,7 @@ def make_plan(cfg: RaycatConfig, teacher: TeacherConfig) -> TeachPlan:
         template_hash=template,
         cache_key=key,
         schedule=schedule,
-        max_prompt_tokens=model.max_model_len - sampling.max_tokens,
+        max_prompt_tokens=max_prompt_tokens,
         gpus=(
             engine.tensor_parallel_size * engine.pipeline_parallel_size
             if engine.device == "gpu" and teacher.api is None
@@ -356,18 +357,21 @@ def run(cfg: RaycatConfig) -> dict:
         for i, (teacher, plan) in enumerate(zip(cfg.teach.teachers, plans, strict=True)):
             parts = parts_dir(worker_cfg, plan)
             skip = [(parts, ANSWERED)] + [(parts_dir(worker_cfg, earlier), "verified") for earlier in plans[:i]]
-            counts = remote_call(ray.remote(num_cpus=0.1)(actor_pool.todo_count), path, skip)
-            retrying = remote_call(ray.remote(num_cpus=0.1)(actor_pool.todo_count), path, [(parts, "failed")])
-            retried += retrying["done"][0]
+            # One pass; the last rule counts the rows left to generate that failed in an earlier run
+            # (a row answered since, or solved by an earlier teacher, is not counted).
+            counts = remote_call(ray.remote(num_cpus=0.1)(actor_pool.todo_count), path, skip + [(parts, "failed")])
+            *done, retrying = counts["done"]
+            todo = counts["todo"] + retrying
+            retried += retrying
             progress.say(
                 "teach",
-                f"({i + 1}/{len(plans)}) {plan.name}: {counts['rows']} rows, {sum(counts['done'][1:])} solved by "
-                f"earlier teachers, {counts['done'][0]} cached, {counts['todo']} to generate"
-                + (f" ({retrying['done'][0]} failed in an earlier run: retried)" if retrying["done"][0] else ""),
+                f"({i + 1}/{len(plans)}) {plan.name}: {counts['rows']} rows, {sum(done[1:])} solved by "
+                f"earlier teachers, {done[0]} cached, {todo} to generate"
+                + (f" ({retrying} failed in an earlier run: retried)" if retrying else ""),
             )
-            if counts["todo"]:
+            if todo:
                 rows = rundir.parquet_dataset(path)
-                with progress.rows("teaching", counts["todo"]) as advance:
+                with progress.rows("teaching", todo) as advance:
                     written += run_pipeline(teacher, plan, rows, parts, advance, skip)
         metrics = remote_call(ray.remote(num_cpus=1)(finalize), worker_cfg, plans)
     metrics["wall_s"] = round(time.time() - started, 2)

@@ -66,3 +66,18 @@ def test_multi_gpu_engine_placement_group_is_strict_pack(monkeypatch):
     strategy = got["scheduling_strategy"]
     assert isinstance(strategy, PlacementGroupSchedulingStrategy)
     assert strategy.placement_group_capture_child_tasks  # vLLM's workers land in the same group
+
+
+def test_a_row_answered_after_a_failed_request_is_not_counted_as_retried_again(tmp_path):
+    # A teacher's parts after two runs: the first failed rows a and b (one part), the second answered
+    # a in a part of its own; the failed part is still there.
+    from raycat.storage import rundir
+
+    rows_path = str(tmp_path / "rows.parquet")
+    rundir.write_parquet(rows_path, pd.DataFrame({"id": ["a", "b", "c"], "row_hash": ["h", "h", "h"]}))
+    parts = str(tmp_path / "parts")
+    rundir.write_part(pd.DataFrame({"id": ["a", "b"], "row_hash": "h", "status": "failed"}), parts)
+    rundir.write_part(pd.DataFrame({"id": ["a"], "row_hash": "h", "status": "verified"}), parts)
+    counts = actor_pool.todo_count(rows_path, [(parts, "!failed"), (parts, "failed")])
+    # a: answered (cached); b: failed earlier, to retry; c: never sent.
+    assert counts == {"rows": 3, "done": [1, 1], "todo": 1}
