@@ -397,8 +397,8 @@ def _json_safe(row: dict) -> dict:
 
 
 def _encodable(value: Any) -> Any:
-    """``value`` with unpaired surrogates written as ``\\udXXX`` text, so a quarantined row can be
-    written as UTF-8 (JSON, Parquet) and still shows what the file held."""
+    """``value`` with each unpaired surrogate written as its escape text (e.g. ``\\ud800``), so a
+    quarantined row can be written as UTF-8 (JSON, Parquet) and still shows what the file held."""
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):

@@ -66,31 +66,34 @@ def messages_for(
 def template_hash(tokenizer, preset: str, system_prompt: str | None, template_kwargs=None) -> str:
     """Hash of everything that shapes the prompt tokens: chat template and its variables, preset
     texts, version."""
-    digest = hashlib.sha256()
-    for part in (
-        tokenizer.chat_template or "",
-        _kwargs_part(template_kwargs),
-        PROMPT_VERSION,
-        preset,
-        system_prompt or "",
-        _LETTERS_SYSTEM,
-        _PAPER_SYSTEM,
-        _FREE_FORM_SYSTEM,
-        type(tokenizer).__name__,
-    ):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
-
-
-# Variables every chat template is rendered with when the caller passes none (benches, tests): the
-# config's default, so a prompt (and every cache key and phase hash over its tokens) does not change
-# with the day it is rendered on.
-DEFAULT_TEMPLATE_KWARGS = DEFAULT_CHAT_TEMPLATE_KWARGS
+    return _digest(
+        (
+            tokenizer.chat_template or "",
+            _kwargs_part(template_kwargs),
+            PROMPT_VERSION,
+            preset,
+            system_prompt or "",
+            _LETTERS_SYSTEM,
+            _PAPER_SYSTEM,
+            _FREE_FORM_SYSTEM,
+            type(tokenizer).__name__,
+        )
+    )
 
 
 def template_kwargs_of(template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    return DEFAULT_TEMPLATE_KWARGS if template_kwargs is None else template_kwargs
+    """The variables a chat template is rendered with; a caller that passes none (benches, tests) gets
+    the config's default, so a prompt does not change with the day it is rendered on."""
+    return DEFAULT_CHAT_TEMPLATE_KWARGS if template_kwargs is None else template_kwargs
+
+
+def _digest(parts) -> str:
+    """The short hash of a prompt's ingredients (template hashes: cache keys and phase hashes)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _kwargs_part(template_kwargs: dict[str, Any] | None) -> str:
@@ -205,13 +208,9 @@ def teach_messages(question: str, options: list[str], category: str) -> list[dic
 
 def teach_template_hash(tokenizer, template_kwargs=None) -> str:
     """``tokenizer`` None: an HTTP teacher, whose server renders its own template (no variables of ours)."""
-    digest = hashlib.sha256()
     template = getattr(tokenizer, "chat_template", None) or ""
     variables = _kwargs_part(template_kwargs) if tokenizer is not None else ""
-    for part in (template, variables, TEACH_PROMPT_VERSION, _TEACH_MCQ, _TEACH_FREE):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
+    return _digest((template, variables, TEACH_PROMPT_VERSION, _TEACH_MCQ, _TEACH_FREE))
 
 
 # --- training and evaluation prompts (one renderer for both, so eval sees what training taught) ---
@@ -255,16 +254,14 @@ def answer_target(gold: str) -> str:
 
 
 def train_template_hash(tokenizer, template_kwargs=None) -> str:
-    digest = hashlib.sha256()
-    for part in (
-        tokenizer.chat_template or "",
-        _kwargs_part(template_kwargs),
-        TRAIN_PROMPT_VERSION,
-        _TRAIN_ANSWER_MCQ,
-        _TRAIN_ANSWER_FREE,
-        _TRAIN_COT_MCQ,
-        _TRAIN_COT_FREE,
-    ):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
+    return _digest(
+        (
+            tokenizer.chat_template or "",
+            _kwargs_part(template_kwargs),
+            TRAIN_PROMPT_VERSION,
+            _TRAIN_ANSWER_MCQ,
+            _TRAIN_ANSWER_FREE,
+            _TRAIN_COT_MCQ,
+            _TRAIN_COT_FREE,
+        )
+    )
