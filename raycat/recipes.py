@@ -12,12 +12,17 @@ others are returned as skipped with the reason, never dropped silently.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from raycat.storage import rowkey
+
+if TYPE_CHECKING:
+    from raycat.config import RaycatConfig
 
 BANDS = ("easy", "medium", "hard")
 
@@ -45,6 +50,56 @@ NO_COT = (
     "no teacher CoT for this row: the teacher failed on it (see teach/skipped.parquet) or teach.bands / "
     "teach.limit did not cover it"
 )
+
+
+def phase_settings(cfg: RaycatConfig, recipe: str, phase_name: str) -> dict[str, object]:
+    """What the config says about how a phase's model is made, as dotted keys: the training settings
+    (this phase's and every earlier phase's hyper-parameters), the student and the template variables.
+    Training writes it into done.json; eval compares it with its own config, so a model trained under
+    other settings is not reported under this config's name. Save/log cadence, ``train.lora.merge`` and
+    engine settings are left out: they change no weights. The rows (data, split, teacher) are not
+    compared: they are in the phase hash, which training checks, and eval follows their changes by row."""
+    train = cfg.train
+    names = [p.name for p in RECIPES[recipe]]
+    tree = {
+        "train": {
+            "recipe": recipe,
+            "method": train.method,
+            "lora": train.lora.model_dump(exclude={"merge"}) if train.method == "lora" else None,
+            "deepspeed": train.deepspeed.model_dump(),
+            "precision": train.precision,
+            "device": train.device,
+            "batching": train.batching,
+            "num_workers": train.num_workers,
+            "overlong": train.overlong,
+            "seed": train.seed,
+            **{name: train.phase(name).model_dump() for name in names[: names.index(phase_name) + 1]},
+        },
+        "score": {"student": {"path": cfg.score.student.path, "revision": cfg.score.student.revision}},
+        "chat_template_kwargs": cfg.chat_template_kwargs,
+    }
+    # Through JSON: the shape done.json gives back (tuples become lists).
+    return json.loads(json.dumps(_dotted(tree), sort_keys=True, default=str))
+
+
+def settings_changes(recorded: dict[str, object], current: dict[str, object]) -> list[str]:
+    """``key: recorded -> current`` for every setting that differs (a key on one side only included)."""
+    missing = "(unset)"
+    return [
+        f"{key}: {recorded.get(key, missing)!r} -> {current.get(key, missing)!r}"
+        for key in sorted(set(recorded) | set(current))
+        if recorded.get(key, missing) != current.get(key, missing)
+    ]
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "chat_template_kwargs":
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def needs_cot(recipe: str) -> bool:

@@ -32,10 +32,10 @@ from raycat.data.answers import extract_answer
 from raycat.data.prompts import TRAIN_PROMPT_VERSION, render_ids, train_messages
 from raycat.engines import actor_pool
 from raycat.engines.base import Sampling, engine_kwargs, make_engine, resolve_dtype
-from raycat.errors import MissingInputError
+from raycat.errors import MissingInputError, RaycatError
 from raycat.evaluate.core import accuracy_table, excluded_rows, paired_table
 from raycat.ray_env import ray_session, remote_call
-from raycat.recipes import RECIPES
+from raycat.recipes import RECIPES, phase_settings, settings_changes
 from raycat.storage import models, rowkey, rundir
 
 INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold", "band")
@@ -140,6 +140,7 @@ def make_plans(cfg: RaycatConfig, recipes: list[str]) -> list[EvalPlan]:
             if not rundir.exists(done):
                 raise MissingInputError(f"{done} not found: run `raycat train` (train.recipe={recipe}) first")
             state = rundir.read_json(done)
+            _check_trained_as_configured(cfg, recipe, phase.name, state, done)
             # train.on_empty_phase=skip: no model to evaluate (see empty_phases).
             if state.get("empty"):
                 continue
@@ -151,6 +152,21 @@ def make_plans(cfg: RaycatConfig, recipes: list[str]) -> list[EvalPlan]:
             else:
                 plans.append(make_plan(cfg, name, model, None, phase.target, content, None))
     return plans
+
+
+def _check_trained_as_configured(cfg: RaycatConfig, recipe: str, phase: str, state: dict, done: str) -> None:
+    """The phase's model was made under this config's settings; else its numbers would be reported under
+    a config that did not make it. A done.json from before settings were recorded is taken as it is."""
+    if "settings" not in state:
+        return
+    changes = settings_changes(state["settings"], phase_settings(cfg, recipe, phase))
+    if changes:
+        raise RaycatError(
+            f"{recipe}/{phase} was not trained with this config ({done} records other settings; "
+            f"trained -> now: {'; '.join(changes[:6])}{' ...' if len(changes) > 6 else ''}): run `raycat train` "
+            f"(train.recipe={recipe}) with this config first (it retrains only what changed), or evaluate "
+            "with the config the model was trained with"
+        )
 
 
 def _dir_hash(path: str) -> str:

@@ -53,6 +53,8 @@ class LoopConfig:
     phase_dir: str
     # What done.json records: the driver skips a phase whose done.json holds its hash.
     phase_hash: str
+    # recipes.phase_settings, also in done.json: what eval compares with its config.
+    phase_settings: dict
     # The driver's half of metrics.json (metrics.phase_info).
     info: dict
     method: Literal["lora", "full"]
@@ -319,7 +321,7 @@ def _finish(cfg: LoopConfig, state: dict, wall_s: float) -> None:
     """Rank 0, after the phase's export and final checkpoint: its metrics.json, then done.json."""
     metrics = phase_metrics(cfg.info, state, wall_s, state["started"])
     rundir.write_json(rundir.join(cfg.phase_dir, "metrics.json"), metrics)
-    rundir.write_json(rundir.join(cfg.phase_dir, "done.json"), {"hash": cfg.phase_hash})
+    rundir.write_json(rundir.join(cfg.phase_dir, "done.json"), {"hash": cfg.phase_hash, "settings": cfg.phase_settings})
 
 
 @dataclass(frozen=True)

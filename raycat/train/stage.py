@@ -33,7 +33,7 @@ from raycat.config import RaycatConfig, TrainConfig, save_config
 from raycat.data.prompts import template_hash, train_template_hash
 from raycat.errors import MissingInputError, RaycatError
 from raycat.ray_env import ray_session
-from raycat.recipes import RECIPES, Phase, needs_cot, select
+from raycat.recipes import RECIPES, Phase, needs_cot, phase_settings, select
 from raycat.storage import models, rundir
 from raycat.train import memory
 from raycat.train.batches import encode_rows, pad_to_world, stop_token_ids, total_steps
@@ -53,6 +53,8 @@ class PhasePlan:
     encoded: pd.DataFrame
     hash: str
     score_template_hash: str
+    # recipes.phase_settings: written into done.json beside the hash, for eval to compare.
+    settings: dict
 
 
 # What one fit trains: consecutive phases, each as (plan, phase dir, the model it starts from).
@@ -148,7 +150,14 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
             }
         )
         plans.append(
-            PhasePlan(phase=phase, rows=rows, encoded=encoded, hash=phase_hash, score_template_hash=score_template)
+            PhasePlan(
+                phase=phase,
+                rows=rows,
+                encoded=encoded,
+                hash=phase_hash,
+                score_template_hash=score_template,
+                settings=phase_settings(cfg, train.recipe, phase.name),
+            )
         )
         prev = phase_hash
     return plans, pd.concat(skipped_frames, ignore_index=True)
@@ -168,6 +177,7 @@ def _loop_config(
         model_dir=rundir.absolute(rundir.join(phase_dir, "model")),
         phase_dir=rundir.absolute(phase_dir),
         phase_hash=plan.hash,
+        phase_settings=plan.settings,
         info=info,
         method=train.method,
         lora=train.lora.model_copy(),
@@ -288,7 +298,7 @@ def _record_empty(plan: PhasePlan, phase_dir: str, why: str, say) -> dict:
     """An empty phase under ``train.on_empty_phase=skip``: no model, records saying why; its summary entry."""
     say(f"{plan.phase.name}: skipped, {why} (train.on_empty_phase=skip)")
     rundir.write_json(rundir.join(phase_dir, "metrics.json"), {"status": "empty", "reason": why})
-    rundir.write_json(rundir.join(phase_dir, "done.json"), {"hash": plan.hash, "empty": why})
+    rundir.write_json(rundir.join(phase_dir, "done.json"), {"hash": plan.hash, "settings": plan.settings, "empty": why})
     return {"status": "empty", "reason": why, "examples": 0}
 
 
@@ -324,6 +334,7 @@ def _group_into_fits(
             continue
         if recorded(phase_dir, plan.hash):
             say(f"{name}: already trained (hash {plan.hash}), skipping")
+            _refresh_settings(plan, phase_dir)
             status[name] = {"status": "cached"}
             fit = None
         else:
@@ -337,6 +348,15 @@ def _group_into_fits(
         model_dir = rundir.absolute(rundir.join(phase_dir, "model"))
         init = {"model": None if lora else model_dir, "adapter": model_dir if lora else None}
     return fits, status
+
+
+def _refresh_settings(plan: PhasePlan, phase_dir: str) -> None:
+    """A phase reused under a config whose settings differ only where the weights do not (its hash
+    matches): done.json takes this config's settings, so eval accepts the model under it."""
+    done_path = rundir.join(phase_dir, "done.json")
+    done = rundir.read_json(done_path)
+    if done.get("settings") != plan.settings:
+        rundir.write_json(done_path, {**done, "settings": plan.settings})
 
 
 def _fit_and_check(cfg: RaycatConfig, fit: Fit, pad_id: int) -> None:

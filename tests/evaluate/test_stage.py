@@ -80,3 +80,43 @@ def test_eval_compares_every_model_on_the_same_rows(tmp_path):
     assert m["models"]["r/phase1"]["band_average"] == pytest.approx(1.0)
     pair = next(p for p in m["paired"] if p["a"] == "base" and p["b"] == "r/phase1")
     assert pair["n"] == 3 and pair["diff"] == pytest.approx(-1.0)
+
+
+def test_eval_refuses_a_model_trained_under_other_train_settings(tmp_path):
+    """Review m10 / issue 22 item 5: a train setting changed without training is refused, naming the key;
+    settings that change no weights (lora.merge) and a done.json from before settings were recorded are
+    taken as they are."""
+    from raycat.config import validate_config
+    from raycat.errors import RaycatError
+    from raycat.evaluate.stage import make_plans
+    from raycat.recipes import phase_settings
+
+    run = tmp_path / "run"
+
+    def cfg(**train):
+        tree = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "org/s"}}}
+        return validate_config({**tree, "train": train})
+
+    trained = cfg(phase1={"lr": 2e-4})
+    for phase in ("phase1", "phase2"):
+        pdir = run / "train" / "complexity_aware" / phase
+        (pdir / "model").mkdir(parents=True)
+        (pdir / "model" / "adapter_config.json").write_text("{}")
+        settings = phase_settings(trained, "complexity_aware", phase)
+        (pdir / "done.json").write_text(json.dumps({"hash": phase, "settings": settings}))
+
+    assert len(make_plans(trained, ["complexity_aware"])) == 3
+    assert len(make_plans(cfg(phase1={"lr": 2e-4}, lora={"merge": True}), ["complexity_aware"])) == 3
+    with pytest.raises(RaycatError, match=r"complexity_aware/phase1 was not trained with this config") as e:
+        make_plans(cfg(phase1={"lr": 1e-4}), ["complexity_aware"])
+    assert "train.phase1.lr: 0.0002 -> 0.0001" in str(e.value) and "raycat train" in str(e.value)
+    # Phase 2 continues from phase 1: phase 1's settings are phase 2's too.
+    assert "train.phase1.lr" in phase_settings(trained, "complexity_aware", "phase2")
+    with pytest.raises(RaycatError, match=r"complexity_aware/phase2 was not trained.*train.phase2.epochs: 3 -> 1"):
+        make_plans(cfg(phase1={"lr": 2e-4}, phase2={"epochs": 1}), ["complexity_aware"])
+    with pytest.raises(RaycatError, match=r"train.method: 'lora' -> 'full'"):
+        make_plans(cfg(phase1={"lr": 2e-4}, method="full"), ["complexity_aware"])
+    # Recorded before settings were: accepted.
+    for phase in ("phase1", "phase2"):
+        (run / "train" / "complexity_aware" / phase / "done.json").write_text(json.dumps({"hash": phase}))
+    assert len(make_plans(cfg(phase1={"lr": 1e-4}), ["complexity_aware"])) == 3

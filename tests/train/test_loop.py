@@ -25,6 +25,7 @@ def _phase(root: Path, name: str, phase_hash: str) -> LoopConfig:
         model_dir=str(phase_dir / "model"),
         phase_dir=str(phase_dir),
         phase_hash=phase_hash,
+        phase_settings={},
         info={},
         method="lora",
         lora=LoraSettings(),

@@ -80,6 +80,7 @@ def _generate_vllm(model_dir: Path, adapter: str | None = None) -> str:
 def test_lora_zero2_two_phases_export_merge_and_rerun(tmp_path, tiny_model_dir):
     from peft import AutoPeftModelForCausalLM
 
+    from raycat.recipes import phase_settings
     from raycat.train.stage import run_train
 
     run = make_run(tmp_path / "run", tiny_model_dir)
@@ -109,6 +110,18 @@ def test_lora_zero2_two_phases_export_merge_and_rerun(tmp_path, tiny_model_dir):
     t0 = time.time()
     again = run_train(cfg, say=lambda m: None)
     assert {v["status"] for v in again["phases"].values()} == {"cached"} and time.time() - t0 < 60
+    # done.json records the settings eval checks; a change that makes the same weights (fp32 is what
+    # 'auto' means on CPU) retrains nothing and records the new settings, so eval accepts the models.
+    done = json.loads((run / f"train/{cfg.train.recipe}/phase2/done.json").read_text())
+    assert done["settings"] == phase_settings(cfg, cfg.train.recipe, "phase2")
+    fp32 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "fp32"})})
+    assert {v["status"] for v in run_train(fp32, say=lambda m: None)["phases"].values()} == {"cached"}
+    done = json.loads((run / f"train/{cfg.train.recipe}/phase2/done.json").read_text())
+    assert (
+        done["settings"]
+        == phase_settings(fp32, cfg.train.recipe, "phase2")
+        != phase_settings(cfg, cfg.train.recipe, "phase2")
+    )
     # Phase 2 fit on its own (a new worker group, from phase 1's export) trains exactly as it did after
     # phase 1 in the shared group.
     import shutil
