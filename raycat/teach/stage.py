@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pandas as pd
 
 from raycat import progress
@@ -256,12 +257,17 @@ def pool_keys(cfg: RaycatConfig) -> pd.DataFrame:
 
 def _cascade(rows: pd.DataFrame, results: list[pd.DataFrame]) -> pd.DataFrame:
     """Each row's result across the teachers, in cascade order: the first verified one, otherwise the
-    last teacher that answered. ``results``: one frame per teacher, with ``_key`` (rowkey.keys)."""
-    # Rank: verified rows by teacher order first, then the others by reverse teacher order.
-    both = pd.concat(
-        [r.assign(_rank=(r["status"] != "verified") * (10_000 - 2 * i) + i) for i, r in enumerate(results)],
-        ignore_index=True,
-    )
+    last teacher that answered (a wrong CoT is kept over a later teacher's failed request: under
+    teach.on_wrong=keep it is a target), otherwise the last failure. ``results``: one frame per
+    teacher, with ``_key`` (rowkey.keys)."""
+    n = len(results)
+
+    def rank(r: pd.DataFrame, i: int) -> pd.Series:
+        tier = np.where(r["status"] == "verified", 0, np.where(r["status"] == "failed", 2, 1))
+        # Verified rows by teacher order; the others by reverse teacher order.
+        return pd.Series(tier * 10_000 + np.where(tier == 0, i, n - i), index=r.index)
+
+    both = pd.concat([r.assign(_rank=rank(r, i)) for i, r in enumerate(results)], ignore_index=True)
     best = both.sort_values("_rank", kind="stable").drop_duplicates("_key").set_index("_key")
     missing = rows["_key"][~rows["_key"].isin(best.index)]
     if len(missing):

@@ -75,3 +75,24 @@ def test_a_larger_teacher_max_model_len_reteaches_rows_skipped_as_too_long(monke
     # Rows over the prompt budget are cached as skipped; raising the budget must teach them.
     assert key(4096) != key(8192)
     assert key(4096) == key(4096)
+
+
+def test_the_cascade_keeps_a_wrong_cot_over_a_later_teachers_failed_request():
+    """Review m5: teacher 1 answered wrong, teacher 2 could not be reached; under on_wrong=keep the wrong
+    CoT is a target, so it must win over the failure. Verified still wins in teacher order, and among
+    answers the later teacher's."""
+    from raycat.teach.stage import _cascade
+
+    def result(statuses):
+        return pd.DataFrame({"_key": [f"k{i}" for i in range(len(statuses))], "status": statuses})
+
+    rows = pd.DataFrame({"_key": ["k0", "k1", "k2", "k3"]})
+    first = result(["wrong", "verified", "wrong", "failed"]).assign(teacher="t1")
+    second = result(["failed", "verified", "truncated", "failed"]).assign(teacher="t2")
+    got = _cascade(rows, [first, second])
+    assert list(zip(got["status"], got["teacher"], strict=True)) == [
+        ("wrong", "t1"),
+        ("verified", "t1"),
+        ("truncated", "t2"),
+        ("failed", "t2"),
+    ]
