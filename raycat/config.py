@@ -342,7 +342,8 @@ class PhaseConfig(Strict):
 
 
 class LoraSettings(Strict):
-    r: int = Field(64, ge=1, description="LoRA rank (paper v3: 64).")
+    # vLLM serves adapters up to rank 512 (its max_lora_rank choices), and eval serves phases with it.
+    r: int = Field(64, ge=1, le=512, description="LoRA rank (paper v3: 64; at most 512, vLLM's largest).")
     alpha: int = Field(128, ge=1, description="LoRA alpha (paper v3: 128).")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | Literal["all-linear"] = Field(

@@ -208,3 +208,14 @@ def test_a_system_prompt_with_stray_braces_fails_at_config_time():
     with pytest.raises(ValueError, match="only {subject} may appear"):
         PromptConfig(system_prompt="Answer {subject} in {format}")
     PromptConfig(system_prompt="Answer {subject} as {{json}}")
+
+
+MINIMAL = {"data": {"source": "synthetic"}, "score": {"student": {"path": "org/student"}}}
+
+
+def test_a_lora_rank_vllm_cannot_serve_is_refused_by_the_config():
+    """Review m13: eval serves LoRA phases with vLLM, whose largest max_lora_rank is 512; a larger rank
+    failed as a bare StopIteration inside an eval actor after training."""
+    with pytest.raises(ConfigError, match=r"train\.lora\.r"):
+        validate_config({**MINIMAL, "train": {"lora": {"r": 1024}}})
+    assert validate_config({**MINIMAL, "train": {"lora": {"r": 512}}}).train.lora.r == 512

@@ -1,7 +1,8 @@
 """Prompt rendering with the student's own chat template, option labels and the template hash.
 
-The same renderer (and hash) serves scoring, training and evaluation, so a prompt seen at training
-time is byte-identical to the one that was scored.
+One renderer (the student's template, config.chat_template_kwargs) serves every stage. Scoring uses the
+score prompt (``messages``); training and evaluation share the train prompt (``train_messages``), so a
+model is evaluated on exactly the prompt it was trained on, which is not the scoring prompt.
 """
 
 from __future__ import annotations

@@ -13,13 +13,19 @@ import numpy as np
 
 from raycat import entropy
 from raycat.engines.base import Generation, Sampling, ScoreRequest, ScoreResult, resolve_dtype
+from raycat.errors import RaycatError
 
 
 def _lora_rank_slot(adapter_dir: str) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that holds the adapter's rank."""
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         rank = int(json.load(f)["r"])
-    return next(slot for slot in (8, 16, 32, 64, 128, 256, 320, 512) if slot >= rank)
+    slot = next((slot for slot in (8, 16, 32, 64, 128, 256, 320, 512) if slot >= rank), None)
+    if slot is None:
+        raise RaycatError(
+            f"{adapter_dir}: LoRA rank {rank} is above 512, the largest vLLM serves; retrain with train.lora.r <= 512"
+        )
+    return slot
 
 
 def _configure_vllm_env(in_process: bool, log_level: str) -> None:

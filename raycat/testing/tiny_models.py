@@ -15,7 +15,7 @@ import pandas as pd
 from raycat.data.prompts import template_hash
 from raycat.storage import rowkey
 
-__all__ = ["CHATML", "LLAMA3", "build_tiny_model", "build_tiny_train_run"]
+__all__ = ["CHATML", "LLAMA3", "LLAMA3_DATED", "build_tiny_model", "build_tiny_train_run"]
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -24,6 +24,18 @@ CHATML = (
 
 LLAMA3 = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# LLAMA3 with the date logic of Llama 3.1/3.2's own template: "Today Date: <today>" in a system turn
+# unless the caller passes date_string.
+LLAMA3_DATED = (
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "26 Jul 2024" %}'
+    "{%- endif %}{%- endif %}"
+    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>"
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
     "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
@@ -48,7 +60,8 @@ def build_tiny_model(path: Path, seed: int = 0, family: str = "chatml") -> Path:
 
     ``family``: 'chatml' (Qwen-style <|im_start|>/<|im_end|>, EOS = <|im_end|>) or 'llama3'
     (<|begin_of_text|> BOS, header tokens, <|eot_id|> ends a turn; EOS = <|end_of_text|>, and
-    generation_config lists both, as Llama-3-Instruct ships)."""
+    generation_config lists both, as Llama-3-Instruct ships); 'llama3_dated' also writes today's date
+    into every prompt, as Llama 3.1/3.2 do."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -90,7 +103,7 @@ def build_tiny_model(path: Path, seed: int = 0, family: str = "chatml") -> Path:
             pad_token="<|finetune_right_pad_id|>",
             bos_token="<|begin_of_text|>",
         )
-        fast.chat_template = LLAMA3
+        fast.chat_template = LLAMA3_DATED if family == "llama3_dated" else LLAMA3
         eos = [fast.eos_token_id, fast.convert_tokens_to_ids("<|eot_id|>")]
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -203,6 +203,9 @@ def _loop_config(
     )
 
 
+MLFLOW_BARE_URIS = ("databricks", "databricks-uc", "uc")
+
+
 def tracking_uri(cfg: RaycatConfig) -> str | None:
     """The MLflow URI the workers log to: the configured one, else a file store in the run dir (a
     relative ./mlruns would land in each worker's own working directory and be lost with it)."""
@@ -211,6 +214,9 @@ def tracking_uri(cfg: RaycatConfig) -> str | None:
         return train.tracking_uri
     # A local run dir (config checks the rest).
     uri = train.tracking_uri or rundir.join(cfg.run_dir, "mlruns")
+    # MLflow's scheme-less URIs (a Databricks workspace) are not paths.
+    if uri in MLFLOW_BARE_URIS:
+        return uri
     # A plain path is a file store; absolute, or each worker would resolve it in its own cwd.
     return uri if ":" in uri.split("/", 1)[0] else Path(os.path.abspath(uri)).as_uri()
 

@@ -352,6 +352,11 @@ def test_mlflow_default_uri_is_a_file_store_in_the_run_dir(tmp_path, tiny_model_
     assert tracking_uri(validate_config(tree)) == (tmp_path / "runs/x/mlruns").as_uri()  # not a worker's ./mlruns
     tree["train"]["tracking_uri"] = "http://mlflow.internal:5000"
     assert tracking_uri(validate_config(tree)) == "http://mlflow.internal:5000"
+    # MLflow's scheme-less Databricks URI is not a path (review m17); a plain relative path is.
+    tree["train"]["tracking_uri"] = "databricks"
+    assert tracking_uri(validate_config(tree)) == "databricks"
+    tree["train"]["tracking_uri"] = "logs/mlflow"
+    assert tracking_uri(validate_config(tree)) == (tmp_path / "logs/mlflow").as_uri()
 
 
 @pytest.mark.integration
