@@ -227,9 +227,9 @@ def _memory_cell(memory: dict) -> str:
     """Device memory per training worker, per phase, or why it is unknown."""
     if "error" in memory:
         return memory["error"]
+    verdict = {True: "", False: " (does not fit)", None: " (host RAM unknown)"}
     return ", ".join(
-        f"{p} {x['device_gib_per_worker']:.1f} GiB" + ("" if x["fits"] is not False else " (does not fit)")
-        for p, x in memory["phases"].items()
+        f"{p} {x['device_gib_per_worker']:.1f} GiB" + verdict[x["fits"]] for p, x in memory["phases"].items()
     )
 
 

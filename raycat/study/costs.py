@@ -478,13 +478,24 @@ def memory(cfg: RaycatConfig, recipes: list[str]) -> dict:
         "worker_memory_gib": _fig(capacity, basis),
         "phases": {},
     }
+    # GPU workers' host RAM is the cluster's, not this planning machine's: unknown unless configured.
+    host_known = train.device == "cpu" or train.host_memory_per_worker_gib is not None
     for name in sorted({phase.name for r in recipes for phase in RECIPES[r]}):
         estimate = phase_estimate(cfg, shape, shape["trainable"], name)
-        problem = check_fit(estimate, capacity, host, same_pool=train.device == "cpu")
+        problem = check_fit(estimate, capacity, host if host_known else math.inf, same_pool=train.device == "cpu")
+        fits: bool | None = problem is None
+        if fits and not host_known and estimate["host_gib_per_worker"] > 0:
+            fits, problem = (
+                None,
+                (
+                    f"offloaded states need ~{estimate['host_gib_per_worker']:.1f} GiB of host RAM per worker; "
+                    "the workers' host RAM is unknown here (set train.host_memory_per_worker_gib)"
+                ),
+            )
         out["phases"][name] = {
             "device_gib_per_worker": estimate["device_gib_per_worker"],
             "host_gib_per_worker": estimate["host_gib_per_worker"],
-            "fits": problem is None,
+            "fits": fits,
             "problem": problem,
         }
     return out

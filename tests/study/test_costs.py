@@ -163,6 +163,18 @@ def test_memory_per_worker_for_a_70b_lora_student_from_its_config_alone(tmp_path
     tree["train"]["num_workers"] = 1  # the whole 141 GB of weights on one 80 GB GPU: refused, with the numbers
     one = costs.memory(validate_config(tree), ["complexity_aware"])["phases"]["phase1"]
     assert one["fits"] is False and one["device_gib_per_worker"] > 130 and "GiB" in one["problem"]
+    # Optimizer offload on GPU workers: their host RAM is the cluster's, not this machine's (review m18).
+    tree["train"].update(num_workers=16, deepspeed={"zero_stage": 3, "offload_optimizer": True})
+    offload = costs.memory(validate_config(tree), ["complexity_aware"])["phases"]["phase1"]
+    assert (
+        offload["host_gib_per_worker"] > 0
+        and offload["fits"] is None
+        and "host_memory_per_worker_gib" in offload["problem"]
+    )
+    tree["train"]["host_memory_per_worker_gib"] = 1e-3
+    assert costs.memory(validate_config(tree), ["complexity_aware"])["phases"]["phase1"]["fits"] is False
+    tree["train"]["host_memory_per_worker_gib"] = 200
+    assert costs.memory(validate_config(tree), ["complexity_aware"])["phases"]["phase1"]["fits"] is True
 
 
 def test_the_shipped_70b_config_plans_16_gpus_per_stage_and_extrapolates_a_benched_8b_rate(tmp_path, llama70b_dir):
