@@ -114,6 +114,13 @@ def teach_table(metrics: dict, cfg: RaycatConfig) -> None:
     if failed:
         # What was lost: failed rows have no CoT; a rerun retries them.
         _row(table, "rows failed (no CoT; a rerun retries them)", f"{failed} of {metrics['rows']}")
+    skipped = metrics["status"].get("skipped", 0)
+    if skipped:
+        _row(
+            table,
+            "rows skipped (prompt too long for the teacher; teach/skipped.parquet)",
+            f"{skipped} of {metrics['rows']}",
+        )
     if metrics.get("failed_rows_retried"):
         _row(table, "failed rows of an earlier run, retried", str(metrics["failed_rows_retried"]))
     _row(table, "rows this run / wall s", f"{metrics['rows_this_run']} / {metrics['wall_s']}")

@@ -13,8 +13,9 @@ import pandas as pd
 from raycat.data.answers import extract_answer
 from raycat.engines.base import Generator, Sampling
 
-# Per attempt: verified | wrong | truncated | no_answer (best first). Per row before any attempt: failed
-# (with a reason). "truncated": cut off by sampling.max_tokens; never verified, whatever it contains, since
+# Per attempt: verified | wrong | truncated | no_answer (best first). Per row before any attempt: skipped
+# (its prompt does not fit the teacher: the same next run, unless the budget changes, which is in the
+# cache key); per row whose request failed for good: failed (retried by the next run). "truncated": cut off by sampling.max_tokens; never verified, whatever it contains, since
 # a CoT that stops mid-sentence is not a training target even when an answer appeared before the cut.
 _RANK = {"verified": 0, "wrong": 1, "truncated": 2, "no_answer": 3}
 BANDS = ("easy", "medium", "hard")
@@ -42,7 +43,7 @@ def teach_rows(engine: Generator, rows: list[dict], schedule: list[Sampling]) ->
     ``rows``: dicts with prompt (token ids, or chat messages for an HTTP teacher), n_options, gold, and
     skip_reason ("" = generate). Tokens and engine seconds are summed over all attempts: retries cost
     what they cost. A request that failed for good stops that row's attempts; with no earlier answer
-    the row is "failed" with the error as its reason.
+    the row is "failed" with the error as its reason; a row with a skip_reason is "skipped", not sent.
 
     The row keeps its best attempt (verified > wrong > no answer) and, among equals, the FIRST one: for
     ``teach.on_wrong: keep`` the kept wrong response is the earliest, sampled at the schedule's first
@@ -52,7 +53,7 @@ def teach_rows(engine: Generator, rows: list[dict], schedule: list[Sampling]) ->
         {
             "response": None,
             "extracted": None,
-            "status": "failed" if r["skip_reason"] else "no_answer",
+            "status": "skipped" if r["skip_reason"] else "no_answer",
             "reason": r["skip_reason"],
             "attempts": 0,
             "prompt_tokens": 0,
@@ -108,6 +109,8 @@ def resolve(attempt_status: str, response: str | None, gold: str, on_wrong: str)
         return "verified", response, ""
     if attempt_status == "failed":
         return "failed", None, "teacher did not produce a response"
+    if attempt_status == "skipped":
+        return "skipped", None, "not sent to the teacher"
     what = {
         "wrong": "wrong answer",
         "truncated": "cut off at teach.sampling.max_tokens (raise it)",

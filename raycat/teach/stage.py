@@ -110,13 +110,14 @@ def make_plan(cfg: RaycatConfig, teacher: TeacherConfig) -> TeachPlan:
         # A dir retrained in place is a new model.
         "model_files": rundir.fingerprint(path) if teacher.api is None else "",
         "revision": model.revision,
-        "dtype": resolve_dtype(model.dtype, teacher.engine.device) if teacher.api is None else model.dtype,
+        # An HTTP teacher uses neither: the server holds the weights and its own context limit.
+        "dtype": resolve_dtype(model.dtype, teacher.engine.device) if teacher.api is None else None,
         "template": template,
         "prompt_version": TEACH_PROMPT_VERSION,
         "schedule": [asdict(attempt) for attempt in schedule],
         "kept": "best-then-first",
         # Rows over the prompt budget are cached as skipped: a larger budget must teach them.
-        "max_prompt_tokens": max_prompt_tokens,
+        "max_prompt_tokens": max_prompt_tokens if teacher.api is None else None,
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     engine = teacher.engine
@@ -192,7 +193,8 @@ def parts_dir(cfg: RaycatConfig, plan: TeachPlan) -> str:
 
 
 # The resume rule of a teacher's own parts: a row is done once it has an answer (verified, wrong,
-# hedged, truncated, none); a failed request is retried by the next run.
+# hedged, truncated, none) or was skipped (its prompt does not fit); a failed request is retried by
+# the next run.
 ANSWERED = "!failed"
 
 
@@ -258,12 +260,13 @@ def pool_keys(cfg: RaycatConfig) -> pd.DataFrame:
 def _cascade(rows: pd.DataFrame, results: list[pd.DataFrame]) -> pd.DataFrame:
     """Each row's result across the teachers, in cascade order: the first verified one, otherwise the
     last teacher that answered (a wrong CoT is kept over a later teacher's failed request: under
-    teach.on_wrong=keep it is a target), otherwise the last failure. ``results``: one frame per
-    teacher, with ``_key`` (rowkey.keys)."""
+    teach.on_wrong=keep it is a target), otherwise the last failure, otherwise the last skip (a prompt
+    too long for that teacher). ``results``: one frame per teacher, with ``_key`` (rowkey.keys)."""
     n = len(results)
+    tiers = {"verified": 0, "failed": 2, "skipped": 3}
 
     def rank(r: pd.DataFrame, i: int) -> pd.Series:
-        tier = np.where(r["status"] == "verified", 0, np.where(r["status"] == "failed", 2, 1))
+        tier = r["status"].map(tiers).fillna(1).astype(int).to_numpy()
         # Verified rows by teacher order; the others by reverse teacher order.
         return pd.Series(tier * 10_000 + np.where(tier == 0, i, n - i), index=r.index)
 

@@ -56,14 +56,15 @@ def test_missing_api_key_is_reported_on_the_driver_before_ray(tmp_path, monkeypa
     assert "RAYCAT_NO_SUCH_KEY" in capsys.readouterr().err and not ray.is_initialized()
 
 
-def test_a_larger_teacher_max_model_len_reteaches_rows_skipped_as_too_long(monkeypatch):
+def test_a_larger_teacher_max_model_len_reteaches_rows_skipped_as_too_long(monkeypatch, tiny_model_dir):
     from raycat.config import validate_config
     from raycat.teach.stage import make_plan
 
     monkeypatch.setenv("RAYCAT_TEST_KEY", "k")
 
-    def key(max_model_len: int, max_tokens: int = 512) -> str:
-        teacher = {"model": {"path": "t", "max_model_len": max_model_len}, "api": {"base_url": "http://x/v1"}}
+    def key(max_model_len: int, max_tokens: int = 512, api: bool = False, dtype: str = "auto") -> str:
+        model = {"path": "t" if api else str(tiny_model_dir), "max_model_len": max_model_len, "dtype": dtype}
+        teacher = {"model": model, **({"api": {"base_url": "http://x/v1"}} if api else {})}
         tree = {
             "data": {"source": "synthetic"},
             "score": {"student": {"path": "m"}},
@@ -72,9 +73,13 @@ def test_a_larger_teacher_max_model_len_reteaches_rows_skipped_as_too_long(monke
         cfg = validate_config(tree)
         return make_plan(cfg, cfg.teach.teachers[0]).cache_key
 
-    # Rows over the prompt budget are cached as skipped; raising the budget must teach them.
-    assert key(4096) != key(8192)
+    # A local teacher caches rows over its prompt budget as skipped; raising the budget must teach them.
+    assert key(4096) != key(8192) and key(4096, 512) != key(4096, 1024)
     assert key(4096) == key(4096)
+    # An HTTP teacher skips nothing (the server has its own limits) and uses neither model.max_model_len
+    # nor model.dtype: changing them must not buy every row again.
+    assert key(4096, api=True) == key(8192, api=True) == key(4096, api=True, dtype="float32")
+    assert key(4096, 512, api=True) != key(4096, 1024, api=True)  # the completion budget is the schedule's
 
 
 def test_the_cascade_keeps_a_wrong_cot_over_a_later_teachers_failed_request():
@@ -86,13 +91,15 @@ def test_the_cascade_keeps_a_wrong_cot_over_a_later_teachers_failed_request():
     def result(statuses):
         return pd.DataFrame({"_key": [f"k{i}" for i in range(len(statuses))], "status": statuses})
 
-    rows = pd.DataFrame({"_key": ["k0", "k1", "k2", "k3"]})
-    first = result(["wrong", "verified", "wrong", "failed"]).assign(teacher="t1")
-    second = result(["failed", "verified", "truncated", "failed"]).assign(teacher="t2")
+    rows = pd.DataFrame({"_key": ["k0", "k1", "k2", "k3", "k4", "k5"]})
+    first = result(["wrong", "verified", "wrong", "failed", "skipped", "skipped"]).assign(teacher="t1")
+    second = result(["failed", "verified", "truncated", "failed", "wrong", "failed"]).assign(teacher="t2")
     got = _cascade(rows, [first, second])
     assert list(zip(got["status"], got["teacher"], strict=True)) == [
         ("wrong", "t1"),
         ("verified", "t1"),
         ("truncated", "t2"),
         ("failed", "t2"),
+        ("wrong", "t2"),  # too long for t1, answered by t2 (a longer context)
+        ("failed", "t2"),  # a failure is retried by the next run: it shows, not the skip
     ]
