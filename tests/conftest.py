@@ -68,6 +68,12 @@ def tiny_llama3_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dated_dir(tmp_path_factory) -> Path:
+    """Llama-3.1-style: its chat template writes today's date into every prompt."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama3-dated"), family="llama3_dated")
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

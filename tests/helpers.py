@@ -14,6 +14,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DEMO = ROOT / "jobs" / "configs" / "demo-cpu.yaml"
+
+
+def days_ahead(days: int) -> dict[str, str]:
+    """The environment of a subprocess (and the Ray workers it starts) whose chat templates see the
+    clock ``days`` ahead (tests/clock/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(ROOT / "tests" / "clock"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "RAYCAT_TEST_DAYS_AHEAD": str(days)}
+
+
 N_QUESTIONS = 300  # make_corpus's default size
 
 

@@ -12,17 +12,7 @@ import pytest
 
 from raycat.config import validate_config
 from raycat.data.prompts import render_ids, template_hash, train_messages
-
-# The date logic of Llama 3.1/3.2's own template, around the tiny Llama-3-style one.
-DATED = (
-    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
-    '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "26 Jul 2024" %}'
-    "{%- endif %}{%- endif %}"
-    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>"
-    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
+from raycat.testing.tiny_models import LLAMA3_DATED as DATED
 
 
 @pytest.fixture
@@ -107,3 +97,24 @@ def test_a_rerun_the_next_day_finds_its_score_cache_and_its_trained_phases(dated
     assert template_hash(tokenizer, "letters", None, {"date_string": "1 Jan 2025"}) != template_hash(
         tokenizer, "letters", None
     )
+
+
+@pytest.mark.integration
+def test_the_test_clock_moves_the_date_a_chat_template_renders_in_a_subprocess(tiny_dated_dir):
+    """The clock tests/e2e/test_run.py moves to rerun a job the next day reaches the template."""
+    import subprocess
+    import sys
+
+    from tests.helpers import days_ahead
+
+    code = (
+        "import sys; from transformers import AutoTokenizer; "
+        "t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+        "print(t.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False))"
+    )
+    days = {dt.date.today() + dt.timedelta(days=1)}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_dated_dir)], env=days_ahead(1), capture_output=True, text=True, check=True
+    ).stdout
+    days.add(dt.date.today() + dt.timedelta(days=1))  # midnight in between
+    assert any(f"Today Date: {d.strftime('%d %b %Y')}" in out for d in days), out

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import tiny_config
+from tests.helpers import days_ahead, tiny_config
 
 # raycat.evaluate.stage.SINGLE_TOKEN_BASE
 SINGLE = "base (single-token, from score)"
@@ -33,21 +33,23 @@ def write_corpus(path: Path, changed: tuple[str, ...] = ()) -> Path:
     return path
 
 
-def _raycat(cfg: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _raycat(cfg: Path, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     r = subprocess.run(
         [sys.executable, "-m", "raycat.cli", "run", "--config", str(cfg), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 
 
-def test_run_end_to_end_then_resume_rules(tmp_path, tiny_model_dir):
+def test_run_end_to_end_then_resume_rules(tmp_path, tiny_dated_dir):
+    # Student and teacher have a Llama-3.1-style template that writes today's date into every prompt.
     run = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(run, tiny_model_dir, data=write_corpus(tmp_path / "v1.jsonl"))))
+    cfg.write_text(yaml.safe_dump(tiny_config(run, tiny_dated_dir, data=write_corpus(tmp_path / "v1.jsonl"))))
     _raycat(cfg)
     manifest = json.loads((run / "manifest.json").read_text())
     assert {s: e["status"] for s, e in manifest["stages"].items()} == {
@@ -64,6 +66,14 @@ def test_run_end_to_end_then_resume_rules(tmp_path, tiny_model_dir):
     # Same command again: nothing to do.
     again = _raycat(cfg)
     assert " ".join(again.stderr.split()).count("up to date") == 6
+    # Every stage forced to run again the next day (the date its templates would render has moved):
+    # each finds its rows and phases done under the same keys and hashes (issue 22 item 2).
+    eval_parts = sorted(run.glob("eval/*/parts/*/part-*.parquet"))
+    tomorrow = " ".join(_raycat(cfg, "--from", "score", env=days_ahead(1)).stderr.split())
+    for stage in ("score", "teach"):
+        assert json.loads((run / stage / "metrics.json").read_text())["rows_this_run"] == 0, stage
+    assert "phase1: already trained" in tomorrow and "phase2: already trained" in tomorrow
+    assert sorted(run.glob("eval/*/parts/*/part-*.parquet")) == eval_parts
     # One teacher parameter: teach, train, eval and report rerun; score and split do not.
     before = {s: e["hash"] for s, e in manifest["stages"].items()}
     changed = _raycat(cfg, "teach.sampling.max_tokens=12")
