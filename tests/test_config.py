@@ -10,6 +10,7 @@ from raycat.config import (
     dump_config,
     load_config,
     parse_overrides,
+    set_dotted,
     validate_config,
 )
 
@@ -219,3 +220,95 @@ def test_a_lora_rank_vllm_cannot_serve_is_refused_by_the_config():
     with pytest.raises(ConfigError, match=r"train\.lora\.r"):
         validate_config({**MINIMAL, "train": {"lora": {"r": 1024}}})
     assert validate_config({**MINIMAL, "train": {"lora": {"r": 512}}}).train.lora.r == 512
+
+
+def test_gpu_scoring_with_an_eval_section_on_cpu_says_set_the_key_not_add_a_section():
+    """Review §4: on the demo (which has an eval: section) score.engine.device=gpu said "add an eval:
+    section"; it must say which key to set."""
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "jobs" / "configs" / "demo-cpu.yaml", ["score.engine.device=gpu"])
+    msg = " ".join(str(e.value).split())
+    assert "eval.engine.device: score.engine runs on gpu" in msg and "set eval.engine.device=gpu" in msg
+    assert "add an eval: section" not in msg
+    load_config(ROOT / "jobs" / "configs" / "demo-cpu.yaml", ["score.engine.device=gpu", "eval.engine.device=gpu"])
+    # Without an eval: section, the override still comes first.
+    with pytest.raises(ConfigError, match=r"set eval\.engine\.device=gpu \(or add an eval: section"):
+        validate_config({**MINIMAL, "score": {**MINIMAL["score"], "engine": {"device": "gpu"}}})
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("teach.bands=hard", "teach.bands=[hard]"),
+        ("teach.bands=easy,hard", "teach.bands=[easy,hard]"),
+        ("split.quantiles=0.25,0.75", "split.quantiles=[0.25,0.75]"),
+        ("split.quantiles=0.1 0.9", "split.quantiles=[0.1,0.9]"),
+        ("teach.retry_temperatures=0.7", "teach.retry_temperatures=[0.7]"),
+    ],
+)
+def test_a_list_given_as_one_value_gets_one_line_with_the_list_form_that_then_validates(override, hint):
+    """Review §4: teach.bands=hard gave two pydantic lines and split.quantiles=0.25,0.75 no hint at all."""
+    teach = {"teachers": [{"model": {"path": "t"}}]}
+    base = {**MINIMAL, "teach": teach}
+    tree = yaml.safe_load(yaml.safe_dump(base))
+    for key, value in parse_overrides([override]):
+        set_dotted(tree, key, value)
+    with pytest.raises(ConfigError) as e:
+        validate_config(tree)
+    lines = str(e.value).splitlines()[1:]
+    key = override.partition("=")[0]
+    assert len(lines) == 1 and lines[0].startswith(f"  {key}: ") and lines[0].endswith(f"write it as a list: {hint}")
+    if key == "teach.bands":
+        assert "Input should be a valid list or 'all'" in lines[0]
+    # The hint, copied as an override, is accepted.
+    tree = yaml.safe_load(yaml.safe_dump(base))
+    for key, value in parse_overrides([hint]):
+        set_dotted(tree, key, value)
+    validate_config(tree)
+
+
+def test_no_list_hint_for_a_value_that_would_not_read_back_as_a_list():
+    with pytest.raises(ConfigError) as e:
+        validate_config({**MINIMAL, "teach": {"teachers": [{"model": {"path": "t"}}], "bands": {"a": "b"}}})
+    assert "write it as a list" not in str(e.value)
+
+
+# Made-up values shaped like real keys (prefix, length, alphabet); none is a live credential.
+PASTED_KEYS = [
+    "gsk_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8s9T0u1V2w3X4y5Z6",  # Groq
+    "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh",  # Hugging Face: letters only
+    "0123456789abcdef0123456789abcdef01234567",  # 40-char hex
+    "0123456789ABCDEF0123456789ABCDEF01234567",
+    "AKIAIOSFODNN7EXAMPLE",  # AWS's documented example access key id
+    "sk_live_" + "51H8xY2eZvKYlo2C0abcdEFGhij",
+    "ghp_" + "1a2B3c4D5e6F7g8H9i0J1k2L3m4N5o6P7q8R",
+    "k3j4h5g6f7d8s9a0q1w2e3r4t5y6u7i8",  # lowercase and digits
+    "AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q",
+]
+
+
+@pytest.mark.parametrize("secret", PASTED_KEYS, ids=lambda s: s[:4])
+def test_a_pasted_key_that_looks_like_a_variable_name_is_refused_without_being_echoed(tmp_path, secret):
+    """Review item 11: keys made of letters, digits and _ passed the name check, then were echoed by
+    "environment variable <key> is not set" and written to config.yaml."""
+    teach = {"teachers": [{"model": {"path": "hosted"}, "api": {"base_url": "http://x/v1", "api_key_env": secret}}]}
+    with pytest.raises(ConfigError, match="looks like an API key") as e:
+        load_config(write(tmp_path, {**MINIMAL, "teach": teach}))
+    assert secret not in str(e.value) and secret[-8:] not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            write(tmp_path, MINIMAL),
+            [f"teach.teachers=[{{model: {{path: h}}, api: {{base_url: u, api_key_env: {secret}}}}}]"],
+        )
+    assert secret not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["OPENROUTER_API_KEY", "MY_KEY_2", "HF_TOKEN", "hf_token", "GROQ_API_KEY", "openai_api_key", "XAI_API_KEY",
+     "HUGGING_FACE_HUB_TOKEN", "TOGETHER_API_KEY_2024", "OpenRouterApiKey", "AWS_SECRET_ACCESS_KEY", "_K"],
+)  # fmt: skip
+def test_ordinary_variable_names_stay_accepted(name):
+    api = {"base_url": "http://x/v1", "api_key_env": name}
+    cfg = validate_config({**MINIMAL, "teach": {"teachers": [{"model": {"path": "hosted"}, "api": api}]}})
+    assert cfg.teach.teachers[0].api.api_key_env == name
