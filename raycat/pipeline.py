@@ -75,6 +75,19 @@ def effective_config(cfg: RaycatConfig, recipes: list[str]) -> RaycatConfig:
     return cfg
 
 
+def bands_note(cfg: RaycatConfig, recipes: list[str]) -> str | None:
+    """What the user reads when --recipes widens teach.bands: teacher rows cost money, and every band
+    is about four times the hard band's rows."""
+    widened = effective_config(cfg, recipes)
+    if cfg.teach is None or widened.teach.bands == cfg.teach.bands:
+        return None
+    return (
+        f"teach.bands {cfg.teach.bands} -> all: --recipes {','.join(recipes)} trains on teacher CoT for every "
+        "band, so the teacher writes CoT for every training row, about 4x the hard band's (hard rows are "
+        "taught once and shared)"
+    )
+
+
 def data_fingerprint(cfg: RaycatConfig) -> str:
     """The input files' fingerprint (names, sizes, mtimes): a data file edited in place reruns score."""
     if cfg.data.path is None:  # synthetic data: the config is the whole input
@@ -178,7 +191,10 @@ def run(
         progress.say("run", msg)
 
     started = time.time()
-    cfg = effective_config(cfg, check_recipes(recipes))
+    note = bands_note(cfg, check_recipes(recipes))
+    if note:
+        say(note)
+    cfg = effective_config(cfg, recipes)
     manifest = read_manifest(cfg)
     steps = plan(cfg, recipes, manifest, start, only)
     errors, warnings = version_problems(cfg)

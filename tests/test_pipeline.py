@@ -73,3 +73,15 @@ def test_only_says_which_other_stages_are_not_run_and_whether_they_are_up_to_dat
     assert lines["score"] == f"not run (--only eval); up to date (hash {hashes['score']})"
     assert lines["train"].startswith("not run (--only eval); NOT up to date")
     assert not any("skipping" in line for line in lines.values())
+
+
+def test_recipes_that_widen_teach_bands_say_so():
+    """Review §2: adding distill_all to --recipes taught every band (~4x the paid teacher rows) silently."""
+    from raycat.pipeline import bands_note, effective_config
+
+    cfg = load_config(DEMO)
+    assert bands_note(cfg, ["complexity_aware", "sft_all"]) is None
+    note = bands_note(cfg, ["complexity_aware", "distill_all"])
+    assert note.startswith("teach.bands ['hard'] -> all") and "4x" in note
+    assert effective_config(cfg, ["distill_all"]).teach.bands == "all" and cfg.teach.bands == ["hard"]
+    assert bands_note(load_config(DEMO, ["teach.bands=all"]), ["distill_all"]) is None

@@ -80,6 +80,8 @@ def _llm_args(
         # Full-vocab logprobs (multi-process engines only) need an unlimited cap; otherwise 128
         # covers option ids and top-k.
         max_logprobs=-1 if need_full and not in_process else 128,
+        # No "Loading safetensors checkpoint shards" bars in job logs: each engine's start is logged.
+        use_tqdm_on_load=False,
     )
     if in_process:
         from raycat.engines.first_token import FirstTokenStats

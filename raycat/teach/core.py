@@ -13,10 +13,11 @@ import pandas as pd
 from raycat.data.answers import extract_answer
 from raycat.engines.base import Generator, Sampling
 
-# Per attempt: verified | wrong | truncated | no_answer (best first). Per row before any attempt: skipped
-# (its prompt does not fit the teacher: the same next run, unless the budget changes, which is in the
-# cache key); per row whose request failed for good: failed (retried by the next run). "truncated": cut off by sampling.max_tokens; never verified, whatever it contains, since
-# a CoT that stops mid-sentence is not a training target even when an answer appeared before the cut.
+# Per attempt: verified | wrong | truncated | no_answer (best first). Per row before any attempt:
+# skipped (its prompt does not fit the teacher: the same next run unless the budget, which is in the
+# cache key, changes). A request that failed for good: failed (retried by the next run).
+# "truncated": cut off by sampling.max_tokens; never verified, whatever it contains, since a CoT that
+# stops mid-sentence is not a training target even when an answer appeared before the cut.
 _RANK = {"verified": 0, "wrong": 1, "truncated": 2, "no_answer": 3}
 BANDS = ("easy", "medium", "hard")
 

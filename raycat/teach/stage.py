@@ -106,7 +106,8 @@ def make_plan(cfg: RaycatConfig, teacher: TeacherConfig) -> TeachPlan:
     max_prompt_tokens = model.max_model_len - sampling.max_tokens
     # "kept": which attempt a row keeps (teach.core.teach_rows); cached rows were chosen by that rule.
     key_parts = {
-        "model": model.path,
+        # An HTTP teacher's model is the name sent to the server (api.model, else model.path).
+        "model": model.path if teacher.api is None else path,
         # A dir retrained in place is a new model.
         "model_files": rundir.fingerprint(path) if teacher.api is None else "",
         "revision": model.revision,

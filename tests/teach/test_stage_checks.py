@@ -62,9 +62,9 @@ def test_a_larger_teacher_max_model_len_reteaches_rows_skipped_as_too_long(monke
 
     monkeypatch.setenv("RAYCAT_TEST_KEY", "k")
 
-    def key(max_model_len: int, max_tokens: int = 512, api: bool = False, dtype: str = "auto") -> str:
+    def key(max_model_len: int, max_tokens: int = 512, api: bool = False, dtype: str = "auto", name=None) -> str:
         model = {"path": "t" if api else str(tiny_model_dir), "max_model_len": max_model_len, "dtype": dtype}
-        teacher = {"model": model, **({"api": {"base_url": "http://x/v1"}} if api else {})}
+        teacher = {"model": model, **({"api": {"base_url": "http://x/v1", "model": name}} if api else {})}
         tree = {
             "data": {"source": "synthetic"},
             "score": {"student": {"path": "m"}},
@@ -80,6 +80,8 @@ def test_a_larger_teacher_max_model_len_reteaches_rows_skipped_as_too_long(monke
     # nor model.dtype: changing them must not buy every row again.
     assert key(4096, api=True) == key(8192, api=True) == key(4096, api=True, dtype="float32")
     assert key(4096, 512, api=True) != key(4096, 1024, api=True)  # the completion budget is the schedule's
+    # The model the server is asked for is api.model when set: another model is another cache.
+    assert key(4096, api=True, name="org/other") != key(4096, api=True) == key(4096, api=True, name="t")
 
 
 def test_the_cascade_keeps_a_wrong_cot_over_a_later_teachers_failed_request():
