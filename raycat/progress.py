@@ -18,10 +18,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+# Job logs have no TTY: rich's default of 80 columns cut the tables' CIs off, and 160 the eval table's
+# last columns (a 100k-row test set's cells are 27 characters); rich pads no line to this width.
+JOB_LOG_WIDTH = 240
 console = Console(stderr=True)
 if not console.is_terminal and "COLUMNS" not in os.environ:
-    # Job logs have no TTY: rich's default of 80 columns cut the tables' CIs off.
-    console.width = 160
+    console.width = JOB_LOG_WIDTH
 
 
 def verbose() -> bool:
