@@ -21,7 +21,8 @@ BANDS = ["easy", "medium", "hard"]
 
 
 def band_migration(before: pd.DataFrame, after: pd.DataFrame, quantiles: tuple[float, float]) -> dict:
-    """``before``: ``id, band`` (the split's bands); ``after``: ``id, entropy`` (re-scored after phase 1).
+    """``before``: ``id, band`` (the split's bands); ``after``: ``id, entropy`` (re-scored after phase 1);
+    either may carry ``option_mass`` (the score stage's letter-token mass).
 
     Rows present in both are re-banded by rank among themselves with the split's quantiles. Returns the
     matrix (counts, rows = band before, columns = band after), the share of each band that stays, and
@@ -38,7 +39,18 @@ def band_migration(before: pd.DataFrame, after: pd.DataFrame, quantiles: tuple[f
         "matrix": counts,
         "stay_share": stay,
         "hard_still_hard": stay["hard"],
+        # The phase-1 model was trained to open with "[[": its options-mode entropy is renormalised over
+        # letter ids whose total mass may have collapsed. The mass says whether "after" is comparable.
+        "option_mass": {"before": _median(before, both["id"]), "after": _median(after, both["id"])},
     }
+
+
+def _median(frame: pd.DataFrame, ids: pd.Series) -> float | None:
+    """Median ``option_mass`` of these rows (None without the column, e.g. full-vocabulary scores)."""
+    if "option_mass" not in frame:
+        return None
+    mass = frame.loc[frame["id"].isin(ids), "option_mass"].dropna().astype(float)
+    return float(mass.median()) if len(mass) else None
 
 
 def confident_wrong(scores: pd.DataFrame, answers: dict[str, pd.DataFrame] | None = None) -> dict:

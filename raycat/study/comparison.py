@@ -14,6 +14,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from raycat.evaluate.core import clustered_paired_bootstrap
 from raycat.report import run_recipes
@@ -91,14 +92,25 @@ def _band_migration(run_dir: str, quantiles: tuple[float, float]) -> dict | None
     root = rundir.join(run_dir, "rescore")
     split = rundir.join(run_dir, "split")
     out = {}
+    original = rundir.join(run_dir, "score", "scores.parquet")
     for phase in rundir.list_dirs(root):
         scores = rundir.join(root, phase, "score", "scores.parquet")
         pool = [rundir.join(split, f"{b}.parquet") for b in ("easy", "medium", "hard")]
         if not rundir.exists(scores) or not all(rundir.exists(p) for p in pool):
             continue
         before = pd.concat([rundir.read_parquet_columns(p, ["id", "band"]) for p in pool], ignore_index=True)
-        out[phase] = band_migration(before, rundir.read_parquet_columns(scores, ["id", "entropy"]), quantiles)
+        if rundir.exists(original):
+            before = before.merge(_mass_columns(original, ["id"]), on="id", how="left")
+        out[phase] = band_migration(before, _mass_columns(scores, ["id", "entropy"]), quantiles)
     return out or None
+
+
+def _mass_columns(path: str, columns: list[str]) -> pd.DataFrame:
+    """``columns`` of a scores file, with ``option_mass`` when it has one."""
+    try:
+        return rundir.read_parquet_columns(path, [*columns, "option_mass"])
+    except (KeyError, ValueError, pa.ArrowException):
+        return rundir.read_parquet_columns(path, columns)
 
 
 def mode_agreements(variants: list[dict]) -> list[dict]:
@@ -366,13 +378,25 @@ def _migration_section(variants: list[dict]) -> list[str]:
     if not migrations:
         return []
     lines = ["## Band migration after re-scoring (training pool, bands before -> after)", ""]
-    lines += ["| variant | seed | after | rows | easy -> | medium -> | hard -> | hard still hard |"]
-    lines += ["|---|---|---|---|---|---|---|---|"]
+    columns = ["variant", "seed", "after", "rows", "easy ->", "medium ->", "hard ->", "hard still hard"]
+    lines += ["| " + " | ".join([*columns, "option mass, score -> rescore"]) + " |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
     for variant, phase, migration in migrations:
         matrix = migration["matrix"]
         cells = ["/".join(str(matrix[b][a]) for a in ("easy", "medium", "hard")) for b in ("easy", "medium", "hard")]
         head = f"| {variant['label']} | {variant['seed']} | {phase} | {migration['rows']} | "
-        lines.append(head + " | ".join(cells) + f" | {_f(migration['hard_still_hard'])} |")
+        mass = migration.get("option_mass") or {}
+        lines.append(
+            head
+            + " | ".join(cells)
+            + f" | {_f(migration['hard_still_hard'])} | {_f(mass.get('before'))} -> {_f(mass.get('after'))} |"
+        )
+    lines += [
+        "",
+        "Option mass (median): the probability on the option letters. The re-scored model was trained to "
+        "open with `[[`; a low mass after means its options-mode entropy is renormalised over little mass and "
+        "the bands after are not comparable with the bands before.",
+    ]
     return lines
 
 
