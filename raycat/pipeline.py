@@ -20,7 +20,7 @@ from raycat.config import RaycatConfig
 from raycat.data.adapters import resolve_data_path
 from raycat.errors import RaycatError
 from raycat.evaluate import stage as evaluate
-from raycat.preflight import empty_phase_risks, resource_problems, version_problems
+from raycat.preflight import device_mix_warnings, empty_phase_risks, resource_problems, version_problems
 from raycat.ray_env import ray_session
 from raycat.recipes import RECIPES, needs_cot
 from raycat.score import stage as score
@@ -198,7 +198,7 @@ def run(
     manifest = read_manifest(cfg)
     steps = plan(cfg, recipes, manifest, start, only)
     errors, warnings = version_problems(cfg)
-    for warning in warnings + empty_phase_risks(cfg, recipes):
+    for warning in warnings + empty_phase_risks(cfg, recipes) + device_mix_warnings(cfg):
         say(f"pre-flight warning: {warning}")
     if errors:
         raise RaycatError("pre-flight: " + "; ".join(errors))

@@ -94,6 +94,24 @@ def empty_phase_risks(cfg: RaycatConfig, recipes: list[str]) -> list[str]:
     ]
 
 
+def device_mix_warnings(cfg: RaycatConfig) -> list[str]:
+    """Everything defaults to CPU: a GPU config that says gpu for scoring but not for training or a
+    local teacher most likely forgot a key (each stage has its own). Warned, not refused: a CPU stage
+    beside GPU ones can be meant."""
+    if cfg.score.engine.device != "gpu":
+        return []
+    out = []
+    if cfg.train.device == "cpu":
+        out.append("score.engine.device is gpu but train.device is cpu: training runs on CPUs (set train.device=gpu)")
+    for i, teacher in enumerate(cfg.teach.teachers if cfg.teach else []):
+        if teacher.api is None and teacher.engine.device == "cpu":
+            out.append(
+                f"score.engine.device is gpu but teach.teachers.{i}.engine.device is cpu: that teacher "
+                f"generates on CPUs (set teach.teachers.{i}.engine.device=gpu)"
+            )
+    return out
+
+
 def engine_ask(e: EngineConfig) -> dict[str, float]:
     gpus = e.tensor_parallel_size * e.pipeline_parallel_size if e.device == "gpu" else 0
     return {"CPU": e.cpus_per_engine * e.num_engines, "GPU": gpus * e.num_engines}

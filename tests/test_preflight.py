@@ -46,3 +46,16 @@ def test_preflight_resources_and_versions():
     assert "teach asks for 4 GPU but the cluster has 2" in problems  # one TP-4 engine for the 72B teacher
     errors, _ = version_problems(cfg)
     assert errors == []  # this environment has everything the demo needs
+
+
+def test_gpu_scoring_with_cpu_training_or_a_cpu_teacher_is_warned_key_by_key():
+    """Review §3: everything defaults to CPU, so score.engine.device=gpu alone left training and the
+    teacher on CPUs without a word."""
+    from raycat.preflight import device_mix_warnings
+
+    gpu = ["score.engine.device=gpu", "eval.engine.device=gpu"]
+    assert device_mix_warnings(load_config(DEMO)) == []  # all CPU: meant
+    got = device_mix_warnings(load_config(DEMO, gpu))
+    assert len(got) == 2 and "set train.device=gpu" in got[0] and "set teach.teachers.0.engine.device=gpu" in got[1]
+    every = [*gpu, "train.device=gpu", "teach.teachers.0.engine.device=gpu"]
+    assert device_mix_warnings(load_config(DEMO, every)) == []
