@@ -32,10 +32,8 @@ from raycat.progress import console
 from raycat.storage import rundir
 from raycat.storage.models import REGISTRY, prepare
 from raycat.study import comparison, grid
+from raycat.study.costs import UNREADABLE
 from raycat.tables import TABLES, cost_table, plan_table, report_line
-
-# How raycat.study.costs reports a model whose config it could not read (a plan cell then shows '?').
-UNREADABLE = "model config not readable"
 
 
 def _printer(cfg: RaycatConfig):

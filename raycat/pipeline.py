@@ -75,10 +75,9 @@ def effective_config(cfg: RaycatConfig, recipes: list[str]) -> RaycatConfig:
     return cfg
 
 
-def bands_note(cfg: RaycatConfig, recipes: list[str]) -> str | None:
-    """What the user reads when --recipes widens teach.bands: teacher rows cost money, and every band
-    is about four times the hard band's rows."""
-    widened = effective_config(cfg, recipes)
+def bands_note(cfg: RaycatConfig, widened: RaycatConfig, recipes: list[str]) -> str | None:
+    """What the user reads when --recipes widened teach.bands (``widened``: effective_config's result):
+    teacher rows cost money, and every band is about four times the hard band's rows."""
     if cfg.teach is None or widened.teach.bands == cfg.teach.bands:
         return None
     return (
@@ -191,10 +190,11 @@ def run(
         progress.say("run", msg)
 
     started = time.time()
-    note = bands_note(cfg, check_recipes(recipes))
+    widened = effective_config(cfg, check_recipes(recipes))
+    note = bands_note(cfg, widened, recipes)
     if note:
         say(note)
-    cfg = effective_config(cfg, recipes)
+    cfg = widened
     manifest = read_manifest(cfg)
     steps = plan(cfg, recipes, manifest, start, only)
     errors, warnings = version_problems(cfg)

@@ -79,9 +79,12 @@ def test_recipes_that_widen_teach_bands_say_so():
     """Review §2: adding distill_all to --recipes taught every band (~4x the paid teacher rows) silently."""
     from raycat.pipeline import bands_note, effective_config
 
+    def note(cfg, recipes):
+        return bands_note(cfg, effective_config(cfg, recipes), recipes)
+
     cfg = load_config(DEMO)
-    assert bands_note(cfg, ["complexity_aware", "sft_all"]) is None
-    note = bands_note(cfg, ["complexity_aware", "distill_all"])
-    assert note.startswith("teach.bands ['hard'] -> all") and "4x" in note
+    assert note(cfg, ["complexity_aware", "sft_all"]) is None
+    said = note(cfg, ["complexity_aware", "distill_all"])
+    assert said.startswith("teach.bands ['hard'] -> all") and "4x" in said
     assert effective_config(cfg, ["distill_all"]).teach.bands == "all" and cfg.teach.bands == ["hard"]
-    assert bands_note(load_config(DEMO, ["teach.bands=all"]), ["distill_all"]) is None
+    assert note(load_config(DEMO, ["teach.bands=all"]), ["distill_all"]) is None

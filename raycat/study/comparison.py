@@ -14,7 +14,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from raycat.evaluate.core import clustered_paired_bootstrap
 from raycat.report import run_recipes
@@ -107,10 +106,8 @@ def _band_migration(run_dir: str, quantiles: tuple[float, float]) -> dict | None
 
 def _mass_columns(path: str, columns: list[str]) -> pd.DataFrame:
     """``columns`` of a scores file, with ``option_mass`` when it has one."""
-    try:
-        return rundir.read_parquet_columns(path, [*columns, "option_mass"])
-    except (KeyError, ValueError, pa.ArrowException):
-        return rundir.read_parquet_columns(path, columns)
+    has_mass = "option_mass" in rundir.parquet_columns(path)
+    return rundir.read_parquet_columns(path, [*columns, "option_mass"] if has_mass else columns)
 
 
 def mode_agreements(variants: list[dict]) -> list[dict]:

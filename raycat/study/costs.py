@@ -28,6 +28,9 @@ from raycat.train.memory import check_fit, lora_trainable, model_shape, phase_es
 # Kind of work per stage: what a bench measures and what the FLOPs factor is (per parameter and token).
 KINDS = {"score": "prefill", "teach": "decode", "train": "train", "eval": "decode", "eval_prompts": "prefill"}
 
+# How a plan cell says a model config could not be read (the CLI finds these to suggest HF_HUB_OFFLINE).
+UNREADABLE = "model config not readable"
+
 
 # ---- throughput records (written by bench/*.py --json) --------------------------------------------
 
@@ -290,7 +293,7 @@ class _ShapeCache:
                 # Parameters only: no LoRA on a teacher's config.
                 self._by_path[model.path] = model_params(model.path, model.trust_remote_code)
             except Exception as e:  # noqa: BLE001 - any failure to read the config is reported, not raised
-                self._by_path[model.path] = f"model config not readable: {first_line(e)}"
+                self._by_path[model.path] = f"{UNREADABLE}: {first_line(e)}"
         return self._by_path[model.path]
 
 
@@ -464,7 +467,7 @@ def memory(cfg: RaycatConfig, recipes: list[str]) -> dict:
     try:
         shape = model_params(student.path, student.trust_remote_code, train.method, train.lora.model_dump())
     except Exception as e:  # noqa: BLE001
-        return {"error": f"model config not readable: {first_line(e)}"}
+        return {"error": f"{UNREADABLE}: {first_line(e)}"}
     capacity, host = worker_capacity(train)
     if train.worker_memory_gib:
         basis = "train.worker_memory_gib"
@@ -485,12 +488,10 @@ def memory(cfg: RaycatConfig, recipes: list[str]) -> dict:
         problem = check_fit(estimate, capacity, host if host_known else math.inf, same_pool=train.device == "cpu")
         fits: bool | None = problem is None
         if fits and not host_known and estimate["host_gib_per_worker"] > 0:
-            fits, problem = (
-                None,
-                (
-                    f"offloaded states need ~{estimate['host_gib_per_worker']:.1f} GiB of host RAM per worker; "
-                    "the workers' host RAM is unknown here (set train.host_memory_per_worker_gib)"
-                ),
+            fits = None
+            problem = (
+                f"offloaded states need ~{estimate['host_gib_per_worker']:.1f} GiB of host RAM per worker; "
+                "the workers' host RAM is unknown here (set train.host_memory_per_worker_gib)"
             )
         out["phases"][name] = {
             "device_gib_per_worker": estimate["device_gib_per_worker"],
