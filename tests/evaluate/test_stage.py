@@ -120,3 +120,32 @@ def test_eval_refuses_a_model_trained_under_other_train_settings(tmp_path):
     for phase in ("phase1", "phase2"):
         (run / "train" / "complexity_aware" / phase / "done.json").write_text(json.dumps({"hash": phase}))
     assert len(make_plans(cfg(phase1={"lr": 1e-4}), ["complexity_aware"])) == 3
+
+
+def test_raycat_eval_on_the_users_path_refuses_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """Item 5 as a user meets it: the CLI, a relative run_dir, a train override on the command line and
+    no `raycat train` since. done.json holds what training records for the unchanged config (the real
+    DeepSpeed test checks that training writes exactly this)."""
+    import ray
+
+    from raycat.cli import main
+    from raycat.recipes import phase_settings
+    from tests.helpers import write_config
+
+    monkeypatch.chdir(tmp_path)
+    tree = {"run_dir": "runs/x", "data": {"source": "synthetic"}, "score": {"student": {"path": "org/s"}}}
+    config = write_config(tmp_path, tree)
+    cfg = load_config(config)
+    split = tmp_path / "runs/x/split"
+    split.mkdir(parents=True)
+    test = {"id": ["q0"], "row_hash": ["h"], "question": ["q?"], "options": [["a", "b"]], "category": ["c"]}
+    pd.DataFrame({**test, "gold": ["A"], "band": ["easy"]}).to_parquet(split / "test.parquet")
+    for phase in ("phase1", "phase2"):
+        pdir = tmp_path / "runs/x/train/complexity_aware" / phase
+        (pdir / "model").mkdir(parents=True)
+        done = {"hash": phase, "settings": phase_settings(cfg, "complexity_aware", phase)}
+        (pdir / "done.json").write_text(json.dumps(done))
+    assert main(["eval", "--config", str(config), "train.phase1.lr=0.5"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "complexity_aware/phase1 was not trained with this config" in err and "train.phase1.lr: 0.0001 -> 0.5" in err
+    assert not ray.is_initialized()
