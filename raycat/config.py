@@ -111,8 +111,8 @@ class EngineConfig(Strict):
     backend: Literal["vllm", "transformers", "null"] = Field(
         "vllm",
         description="'vllm' is the product path; 'transformers' is the reference/fallback; 'null' loads no "
-        "model and scores every option alike (uniform): it measures raycat's data plane (bench/corpus.py), "
-        "never a model, and cannot generate.",
+        "model: it scores every option alike (uniform) and generates empty answers. It measures raycat's data "
+        "plane and resource lifecycle (bench/corpus.py), never a model.",
     )
     device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines run; 'gpu' asks Ray for GPUs.")
     num_engines: int = Field(1, ge=1, description="Engine replicas (Ray actors); one per GPU or TP group.")
@@ -586,12 +586,7 @@ class RaycatConfig(Strict):
                 "land on a training worker's disk; set train.tracking_uri to your MLflow server "
                 "(http://...) or a path on a shared filesystem"
             )
-        for key, e, local in engines:
-            if local and e.backend == "null" and not key.startswith("score."):
-                raise ValueError(f"{key}.backend: 'null' loads no model and cannot generate; use vllm or transformers")
         engines.append(("eval.engine", self.eval.engine, True))
-        if self.eval.engine.backend == "null":
-            raise ValueError("eval.engine.backend: 'null' loads no model and cannot generate; use vllm or transformers")
         for key, e, _ in engines:
             if e.tensor_parallel_size * e.pipeline_parallel_size > 1 and e.device != "gpu":
                 raise ValueError(f"{key}.device: model parallelism (tensor/pipeline_parallel_size > 1) needs gpu")

@@ -161,11 +161,20 @@ def test_mlflow_on_a_cluster_needs_a_tracking_uri():
     assert validate_config({**tree, "run_dir": "runs/x", "train": {"tracking": "mlflow"}})  # local: <run_dir>/mlruns
 
 
-def test_null_backend_only_scores():
+def test_null_backend_scores_uniformly_and_generates_empty_answers():
+    import numpy as np
+
+    from raycat.engines.base import NullEngine, Sampling, ScoreRequest
+
     base = {"data": {"source": "synthetic"}, "score": {"student": {"path": "m"}, "engine": {"backend": "null"}}}
     assert validate_config(base).score.engine.backend == "null"
-    with pytest.raises(ConfigError, match="eval.engine.backend: 'null'"):
-        validate_config({**base, "eval": {"engine": {"backend": "null"}}})
+    # Every stage may run it (resource-lifecycle tests and benches of the data plane)
+    assert validate_config({**base, "eval": {"engine": {"backend": "null"}}}).eval.engine.backend == "null"
+    engine = NullEngine("m")
+    got = engine.generate([[1, 2, 3], [4]], Sampling(0.0, 1.0, 8, 0, n=2))
+    assert [(g.text, g.prompt_tokens, g.completion_tokens) for g in got] == [("", 3, 0)] * 2 + [("", 1, 0)] * 2
+    [scored] = engine.score([ScoreRequest(prompt_ids=[1], option_groups=[[5], [6], [7]])], "options", 0, 0)
+    assert scored.option_logprobs == pytest.approx([-np.log(3)] * 3)
 
 
 def test_a_misspelt_key_gets_a_did_you_mean_and_union_errors_name_only_user_keys():

@@ -61,10 +61,12 @@ class Pool:
         """One bundle per GPU of a multi-GPU engine; bundle 0 also holds the actor's CPUs."""
         return [{"GPU": 1, "CPU": self.num_cpus if i == 0 else 1} for i in range(self.gpu_bundles)]
 
-    def remote_args(self) -> dict[str, Any]:
+    def remote_args(self, groups: list | None = None) -> dict[str, Any]:
         """``map_batches`` resource arguments. A multi-GPU engine's actor asks for no GPU itself: it runs
         in its own STRICT_PACK placement group (one node), and vLLM's Ray executor places its workers in
-        the group's GPU bundles, as vLLM's Ray Data examples do."""
+        the group's GPU bundles, as vLLM's Ray Data examples do. Every group made is appended to
+        ``groups``: a group lives as long as the driver unless removed, so its GPUs would stay reserved
+        for the next stage (``run`` removes them when the pool ends)."""
         if self.gpu_bundles <= 1:
             args: dict[str, Any] = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
             if not self.num_gpus:
@@ -75,17 +77,32 @@ class Pool:
                 args["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(math.ceil(self.num_cpus))}}
             return args
         bundles = self.placement_bundles()
+        made = groups if groups is not None else []
 
+        # Ray Data calls this on the driver for every actor it starts (restarts included).
         def in_placement_group() -> dict[str, Any]:
             import ray
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
             group = ray.util.placement_group(bundles, strategy="STRICT_PACK")
+            made.append(group)
             return {
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
             }
 
         return {"num_gpus": 0, "num_cpus": self.num_cpus, "ray_remote_args_fn": in_placement_group}
+
+
+def remove_groups(groups: list) -> None:
+    """Remove a pool's placement groups (their actors and vLLM's workers in them end with them)."""
+    import ray
+
+    while groups:
+        group = groups.pop()
+        try:
+            ray.util.remove_placement_group(group)
+        except Exception:  # noqa: BLE001 - already gone (e.g. the session ended); nothing left to free
+            pass
 
 
 @dataclass(frozen=True)
@@ -192,6 +209,7 @@ def run(
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=prestage.num_cpus,
         )
+    groups: list = []
     # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
     dataset = dataset.map_batches(
         actor,
@@ -199,16 +217,20 @@ def run(
         batch_format="pandas",
         batch_size=pool.batch_size,
         compute=ray.data.ActorPoolStrategy(size=pool.size),
-        **pool.remote_args(),
+        **pool.remote_args(groups),
     )
     # Parts are written where the block was made: rows never travel through the driver.
     dataset = dataset.map_batches(
         _write, fn_kwargs={"directory": parts_dir}, batch_size=None, batch_format="pandas", num_cpus=0.1
     )
     written = 0
-    for counts in dataset.iter_batches(batch_size=None, batch_format="pandas"):
-        n = int(counts["rows"].sum())
-        if n:
-            written += n
-            on_rows(n)
+    try:
+        for counts in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+            n = int(counts["rows"].sum())
+            if n:
+                written += n
+                on_rows(n)
+    finally:
+        # Also on failure and Ctrl-C: the next stage (or target) gets every GPU back.
+        remove_groups(groups)
     return written

@@ -135,8 +135,9 @@ def engine_kwargs(model, engine) -> dict:
 
 
 class NullEngine:
-    """No model: every option gets the same log-probability (entropy log k). It measures what raycat's
-    data plane costs around an engine (bench/corpus.py); it says nothing about a model."""
+    """No model: every option gets the same log-probability (entropy log k) and every generation is
+    empty. It measures what raycat's data plane costs around an engine (bench/corpus.py) and lets the
+    resource lifecycle be tested without GPUs; it says nothing about a model."""
 
     vocab_size = 0
 
@@ -153,7 +154,10 @@ class NullEngine:
         ]
 
     def generate(self, prompts: list, sampling: Sampling) -> list[Generation]:
-        raise ValueError("backend 'null' cannot generate: use vllm or transformers for teach and eval")
+        # An empty answer: teach counts it failed (no answer), eval wrong; only the plumbing runs.
+        return [
+            Generation("", len(p) if isinstance(p, list) else 0, 0, "stop") for p in prompts for _ in range(sampling.n)
+        ]
 
     def close(self) -> None:
         pass

@@ -61,8 +61,11 @@ def test_multi_gpu_engine_placement_group_is_strict_pack(monkeypatch):
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     pool = actor_pool.Pool.of(EngineConfig(device="gpu", tensor_parallel_size=2))
-    got = pool.remote_args()["ray_remote_args_fn"]()
+    groups: list = []
+    got = pool.remote_args(groups)["ray_remote_args_fn"]()
     assert made == {"bundles": [{"GPU": 1, "CPU": 1}] * 2, "strategy": "STRICT_PACK"}
+    # Recorded, so the pool removes it when it ends (tests/engines/test_gpu_lifecycle.py)
+    assert len(groups) == 1
     strategy = got["scheduling_strategy"]
     assert isinstance(strategy, PlacementGroupSchedulingStrategy)
     assert strategy.placement_group_capture_child_tasks  # vLLM's workers land in the same group
