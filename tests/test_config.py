@@ -321,3 +321,10 @@ def test_ordinary_variable_names_stay_accepted(name):
     api = {"base_url": "http://x/v1", "api_key_env": name}
     cfg = validate_config({**MINIMAL, "teach": {"teachers": [{"model": {"path": "hosted"}, "api": api}]}})
     assert cfg.teach.teachers[0].api.api_key_env == name
+
+
+def test_split_holds_out_a_tenth_by_default(tmp_path):
+    """`raycat run` ends in eval, so a config without a split section must still hold rows out (the
+    paper's recipe: 10 %, seed 42)."""
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.split.test_fraction == 0.1 and cfg.split.seed == 42

@@ -30,7 +30,7 @@ def test_exact_quantile_thresholds_on_known_input():
 def test_bands_are_bounded_and_disjoint_no_middle_band_bug():
     rng = np.random.default_rng(0)
     e = rng.exponential(size=1000)
-    bands, test, info = split_frame(frame(e), SplitConfig())
+    bands, test, info = split_frame(frame(e), SplitConfig(test_fraction=0))
     lo, hi = info["thresholds"]
     # The medium band of the paper's v1/v2 splits had no upper bound.
     assert bands["medium"]["entropy"].max() < hi
@@ -43,11 +43,11 @@ def test_bands_are_bounded_and_disjoint_no_middle_band_bug():
 
 def test_ties_land_in_the_same_band_deterministically():
     e = np.array([0.0] * 5 + [1.0] * 10 + [2.0] * 5)
-    bands, _, info = split_frame(frame(e), SplitConfig())
+    bands, _, info = split_frame(frame(e), SplitConfig(test_fraction=0))
     assert info["thresholds"] == [pytest.approx(0.75), pytest.approx(1.25)]
     assert set(bands["medium"]["entropy"]) == {1.0} and len(bands["medium"]) == 10
     shuffled = frame(e).sample(frac=1, random_state=3)
-    bands2, _, _ = split_frame(shuffled, SplitConfig())
+    bands2, _, _ = split_frame(shuffled, SplitConfig(test_fraction=0))
     assert {b: set(v["id"]) for b, v in bands.items()} == {b: set(v["id"]) for b, v in bands2.items()}
 
 
@@ -80,10 +80,10 @@ def test_holdout_is_seeded_and_independent_of_row_order():
 
 def test_balancing_samples_n_per_band_seeded():
     e = np.random.default_rng(0).normal(size=400)
-    bands, _, info = split_frame(frame(e), SplitConfig(balance_per_band=30, seed=5))
+    bands, _, info = split_frame(frame(e), SplitConfig(test_fraction=0, balance_per_band=30, seed=5))
     assert info["counts"] == {"easy": 30, "medium": 30, "hard": 30}
     assert info["counts_before_balancing"] == {"easy": 100, "medium": 200, "hard": 100}
-    again, _, _ = split_frame(frame(e), SplitConfig(balance_per_band=30, seed=5))
+    again, _, _ = split_frame(frame(e), SplitConfig(test_fraction=0, balance_per_band=30, seed=5))
     assert all(set(bands[b]["id"]) == set(again[b]["id"]) for b in bands)
 
 
@@ -117,11 +117,11 @@ def test_ties_at_a_threshold_are_split_by_id_so_band_sizes_follow_the_quantiles(
     # Coarse entropies: 40 % of rows at exactly 0.0 (confident answers). By value alone every one of
     # them would be medium (0.0 is the 25 % quantile) and the easy band would be empty.
     e = [0.0] * 40 + list(np.linspace(0.1, 2.0, 60))
-    bands, _, info = split_frame(frame(e), SplitConfig())
+    bands, _, info = split_frame(frame(e), SplitConfig(test_fraction=0))
     sizes = {b: len(v) for b, v in bands.items()}
     assert sizes == {"easy": 25, "medium": 50, "hard": 25} and info["rows_at_a_threshold"] == 40
     assert set(bands["easy"]["id"]) == set(sorted(f"q{i}" for i in range(40))[:25])  # zeros, lowest ids
-    again, _, _ = split_frame(frame(e).sample(frac=1, random_state=3), SplitConfig())
+    again, _, _ = split_frame(frame(e).sample(frac=1, random_state=3), SplitConfig(test_fraction=0))
     assert set(again["easy"]["id"]) == set(bands["easy"]["id"])  # by id, not by row order
 
 
@@ -130,9 +130,9 @@ def test_per_category_bands_use_each_categorys_own_quantiles():
     rows are hard or medium; per category each subject gets its own easy / medium / hard quarter."""
     e = [i / 10 for i in range(10)] + [1 + i / 10 for i in range(10)]
     df = frame(e).assign(category=["math"] * 10 + ["law"] * 10)
-    glob, _, _ = split_frame(df, SplitConfig())
+    glob, _, _ = split_frame(df, SplitConfig(test_fraction=0))
     assert set(glob["easy"]["category"]) == {"math"} and set(glob["hard"]["category"]) == {"law"}
-    per, _, info = split_frame(df, SplitConfig(per_category=True))
+    per, _, info = split_frame(df, SplitConfig(test_fraction=0, per_category=True))
     for cat in ("math", "law"):
         counts = {b: int((per[b]["category"] == cat).sum()) for b in ("easy", "medium", "hard")}
         assert counts == {"easy": 3, "medium": 4, "hard": 3}  # ceil(q * 9) rule within the 10 rows

@@ -1,6 +1,7 @@
 """From a corpus to validated questions, and the question format in and out.
 
-adapters.py reads a corpus (files, hub datasets, synthetic) into rows; files.py the file formats;
-questions.py validates and caches them on a worker; prompts.py renders prompts; answers.py extracts
-and normalises answers.
+sources.py resolves data.path (local, URI, prefix, glob) into files; files.py reads the file formats;
+adapters.py maps each schema to question records and holds the per-row rules; corpus.py decides the
+whole-corpus rules from per-file results; questions.py writes questions/ on a worker, and parallel.py
+with one Ray task per file; prompts.py renders prompts; answers.py extracts and normalises answers.
 """

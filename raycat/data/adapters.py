@@ -8,7 +8,6 @@ they raise ``BadRowError`` naming row and field, or go to a quarantine list with
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -22,11 +21,13 @@ import pandas as pd
 
 from raycat.config import DataConfig
 from raycat.data.answers import parse_number
-from raycat.data.files import SUFFIXES, BadLine, columns_of, read_records
-from raycat.data.synthetic import generate_arithmetic
+from raycat.data.files import BadLine, columns_of, read_records
+from raycat.data.sources import basename, package_path, split_name
 from raycat.errors import MissingInputError, RaycatError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# A row's place in the corpus, ``_order``: its shard's index << ORDER_BITS | its row in the shard.
+ORDER_BITS = 32
 COLUMNS = ["id", "question", "options", "gold", "category", "source"]
 
 
@@ -42,13 +43,6 @@ class BadRowError(RaycatError, ValueError):
     def __reduce__(self):
         """Raised in a Ray task: rebuilt on the driver from its fields."""
         return (BadRowError, (self.row, self.field, self.reason, self.fix))
-
-
-class _BadAt(Exception):
-    """A bad line found while reading a file (not JSON...), with its own place: file and line."""
-
-    def __init__(self, where: str, field: str, reason: str, text: str):
-        self.where, self.field, self.reason, self.text = where, field, reason, text
 
 
 class _Bad(Exception):
@@ -256,13 +250,10 @@ ADAPTERS: dict[str, Callable[[dict, DataConfig], dict]] = {
 
 
 def resolve_data_path(path: str) -> Path | None:
-    """Local path, or ``package:<pkg>/<relative path>`` inside an installed package; None = hub id."""
+    """A local path, or ``package:<pkg>/<relative path>`` inside an installed package; None for
+    anything else (a hub id, a URI, a glob: ``sources.resolve`` lists their files)."""
     if path.startswith("package:"):
-        pkg, _, rel = path.removeprefix("package:").partition("/")
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or spec.origin is None:
-            raise MissingInputError(f"data.path {path}: package '{pkg}' is not installed (pip install {pkg})")
-        return Path(spec.origin).parent / rel
+        return package_path(path)
     local = Path(path).expanduser()
     return local if local.exists() else None
 
@@ -314,30 +305,21 @@ def headerless_mmlu(records: list[dict | BadLine]) -> bool:
     return len(header) == 6 and "question" not in header and header[-1].upper() in ("A", "B", "C", "D")
 
 
-def read_raw(cfg: DataConfig) -> Iterator[tuple[str, dict | BadLine]]:
-    """Yield (row label, raw row dict or a BadLine) in a stable order: file name, then row number."""
-    assert cfg.path is not None
-    local = resolve_data_path(cfg.path)
-    if local is None:
-        yield from _read_hub(cfg)
-        return
-    files = sorted(f for f in local.rglob("*") if f.is_file()) if local.is_dir() else [local]
-    files = [f for f in files if f.suffix.lower() in SUFFIXES]
-    if not files:
-        raise MissingInputError(f"data.path {cfg.path}: no .parquet/.jsonl/.json/.csv files found")
-    for f in files:
-        records = read_records(f)
-        if cfg.source == "mmlu" and f.suffix.lower() == ".csv" and headerless_mmlu(records):
-            records = read_records(f, names=MMLU_HEADERLESS)
-        if records:
-            check_columns(cfg, columns_of(records), f"data.path {f}")
+def read_file(cfg: DataConfig, location: str) -> list[dict | BadLine]:
+    """One data file's raw rows, in file order, as ``cfg.source`` reads them (the MMLU CSV layouts)."""
+    records = read_records(location)
+    stem, suffix, _ = split_name(basename(location))
+    if cfg.source == "mmlu" and suffix == ".csv" and headerless_mmlu(records):
+        records = read_records(location, names=MMLU_HEADERLESS)
+    if records:
+        check_columns(cfg, columns_of(records), f"data.path {location}")
+    if cfg.source == "mmlu":
         # The MMLU CSV export has one file per subject (<subject>_<split>.csv) and no subject column.
-        subject = re.sub(r"_(dev|val|test|train)$", "", f.stem)
-        for i, row in enumerate(records):
-            if isinstance(row, dict) and cfg.source == "mmlu" and "subject" not in row:
+        subject = re.sub(r"_(dev|val|test|train)$", "", stem)
+        for row in records:
+            if isinstance(row, dict) and "subject" not in row:
                 row["subject"] = subject
-            label = f"{f.name}:{i}" if len(files) > 1 else str(i)
-            yield label, row
+    return records
 
 
 def _read_hub(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
@@ -392,7 +374,7 @@ def _validate(rec: dict, src: str, row_label: str) -> dict:
     }
 
 
-def _json_safe(row: dict) -> dict:
+def json_safe(row: dict) -> dict:
     return json.loads(pd.Series(_encodable(row)).to_json(default_handler=str))
 
 
@@ -408,19 +390,25 @@ def _encodable(value: Any) -> Any:
     return value
 
 
-def _cop_base(cfg: DataConfig, raws: list[tuple[str, dict | BadLine]]) -> tuple[int, str]:
-    """MedMCQA's ``cop`` convention for a whole file, never per row: (base, how it was decided)."""
-    if cfg.medmcqa_cop_base is not None:
-        return cfg.medmcqa_cop_base, "set by data.medmcqa_cop_base"
+def cop_values(records: list[dict | BadLine]) -> set[int]:
+    """The integer MedMCQA ``cop`` values of some rows: what the convention is decided from."""
     values = set()
-    for _, row in raws:
+    for row in records:
         if isinstance(row, dict):
             try:
                 values.add(int(row.get("cop")))
             except (TypeError, ValueError):
                 pass
+    return values
+
+
+def cop_base(cfg: DataConfig, values: set[int]) -> tuple[int, str]:
+    """MedMCQA's ``cop`` convention for the whole corpus (every shard's ``cop_values``), never per row:
+    (base, how it was decided)."""
+    if cfg.medmcqa_cop_base is not None:
+        return cfg.medmcqa_cop_base, "set by data.medmcqa_cop_base"
     # The test split's "no published answer": says nothing about the convention.
-    values.discard(-1)
+    values = values - {-1}
     if not values:
         return 0, "no published answers in the file (cop = -1)"
     if 0 in values and 4 in values:
@@ -442,71 +430,64 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def load_questions(cfg: DataConfig) -> tuple[pd.DataFrame, list[dict], int]:
-    """Return (valid questions, quarantined rows with reasons, rows read). ``df.attrs["notes"]`` holds
-    what the summary should state: conventions detected, rows flagged but kept."""
-    if cfg.source == "synthetic":
-        rows = generate_arithmetic(**cfg.synthetic.model_dump())
-        return pd.DataFrame(rows, columns=COLUMNS), [], len(rows)
+def _ambiguity(rec: dict) -> tuple[str, bool]:
+    """(why the gold option is ambiguous or "", whether two options read the same) for a valid row."""
+    texts = [_norm(o) for o in rec["options"]]
+    if len(set(texts)) == len(texts):
+        return "", False
+    gold = texts[LETTERS.index(rec["gold"])]
+    # Two options read the same and one of them is the answer: ambiguous.
+    if texts.count(gold) > 1:
+        shown = rec["options"][LETTERS.index(rec["gold"])]
+        return f"the gold option's text {shown!r} appears more than once, so the answer is ambiguous", True
+    return "", True
+
+
+def bad_record(order: int, row: str, field: str, reason: str, raw: Any, fix: str = "") -> dict:
+    """A quarantine record (row, field, reason, raw) with its place in the corpus and the fix a
+    ``BadRowError`` adds (both dropped before it is written)."""
+    return {"row": row, "field": field, "reason": reason, "raw": raw, "_order": order, "_fix": fix}
+
+
+def check_rows(
+    cfg: DataConfig, records: list[dict | BadLine], shard: int, name: str
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Every per-row rule on one shard's records (its MedMCQA ``cop`` base already decided): (valid
+    rows, bad rows). Valid rows carry their place ``_order`` (shard << 32 | row), ``_label`` (the row
+    name in messages: ``<name>:<row>``, or the row number when ``name`` is ""), and what only the whole
+    corpus can settle: ``_ambiguous`` (the reason, or ""; quarantined unless the row is a duplicate id),
+    ``_raw`` (for those rows' quarantine record) and ``_repeated`` (two options read the same)."""
     adapter = ADAPTERS[cfg.source]
-    raws = list(read_raw(cfg))
-    if not raws:
-        raise RaycatError(f"data.path {cfg.path}: no rows (an empty file); point data.path at the questions")
-    notes: dict = {}
-    if cfg.source == "medmcqa":
-        base, how = _cop_base(cfg, raws)
-        cfg = cfg.model_copy(update={"medmcqa_cop_base": base})
-        notes["medmcqa_cop"] = how
-    good: list[dict] = []
+    valid: list[dict] = []
     bad: list[dict] = []
-    seen: dict[str, str] = {}
-    duplicated: list[str] = []
-    for label, raw in raws:
+    for i, raw in enumerate(records):
+        order, label = shard << ORDER_BITS | i, f"{name}:{i}" if name else str(i)
+        if isinstance(raw, BadLine):
+            bad.append(bad_record(order, raw.where, "(line)", raw.reason, raw.text))
+            continue
         try:
-            if isinstance(raw, BadLine):
-                raise _BadAt(raw.where, "(line)", raw.reason, raw.text)
             rec = _validate(adapter(raw, cfg), cfg.source, label)
-            if rec["id"] in seen:
-                raise _Bad(
-                    "id",
-                    f"duplicate id {rec['id']!r} (first seen at row {seen[rec['id']]})",
-                    "Ids must be unique; fix the source or drop the duplicate",
-                )
-            seen[rec["id"]] = label
-            texts = [_norm(o) for o in rec["options"]]
-            if len(set(texts)) < len(texts):
-                gold = texts[LETTERS.index(rec["gold"])]
-                # Two options read the same and one of them is the answer: ambiguous.
-                if texts.count(gold) > 1:
-                    raise _Bad(
-                        "options",
-                        f"the gold option's text {rec['options'][LETTERS.index(rec['gold'])]!r} "
-                        "appears more than once, so the answer is ambiguous",
-                    )
-                duplicated.append(rec["id"])
-            good.append(rec)
-        except _BadAt as problem:
-            if cfg.on_bad_rows == "error":
-                raise BadRowError(problem.where, problem.field, problem.reason) from None
-            bad.append({"row": problem.where, "field": problem.field, "reason": problem.reason, "raw": problem.text})
         except _Bad as problem:
-            if cfg.on_bad_rows == "error":
-                raise BadRowError(label, problem.field, problem.reason, problem.fix) from None
-            bad.append({"row": label, "field": problem.field, "reason": problem.reason, "raw": _json_safe(raw)})
-    if duplicated:
-        notes["duplicate_option_texts"] = {
-            "rows": len(duplicated),
-            "ids": duplicated[:20],
-            "rule": "kept: two options read the same (case and spacing ignored), but not the gold one",
-        }
-    questions = pd.DataFrame(good, columns=COLUMNS)
-    questions.attrs["notes"] = notes
-    return questions, bad, len(raws)
+            bad.append(bad_record(order, label, problem.field, problem.reason, json_safe(raw), problem.fix))
+            continue
+        ambiguous, repeated = _ambiguity(rec)
+        raw_json = json_safe(raw) if ambiguous else None
+        valid.append({**rec, "_order": order, "_label": label, "_ambiguous": ambiguous, "_raw": raw_json})
+        valid[-1]["_repeated"] = repeated
+    columns = [*COLUMNS, "_order", "_label", "_ambiguous", "_raw", "_repeated"]
+    return pd.DataFrame(valid, columns=columns).astype({"_order": "int64", "_repeated": bool}), bad
 
 
 def select_rows(questions: pd.DataFrame, limit: int | None, sample: int | None, seed: int) -> pd.DataFrame:
-    if sample is not None and sample < len(questions):
-        questions = questions.sample(n=sample, random_state=seed).sort_index()
-    if limit is not None:
-        questions = questions.head(limit)
-    return questions.reset_index(drop=True)
+    """The rows ``selected(len(questions), ...)`` names, in corpus order."""
+    return questions.iloc[selected(len(questions), limit, sample, seed)].reset_index(drop=True)
+
+
+def selected(n_valid: int, limit: int | None, sample: int | None, seed: int) -> np.ndarray:
+    """The positions (in corpus order, among the valid rows) data.sample and data.limit keep: a
+    function of the count alone, so shards can apply it without the rows. The same draw as pandas'
+    ``DataFrame.sample(n=sample, random_state=seed)``, so a corpus keeps its selection."""
+    positions = np.arange(n_valid)
+    if sample is not None and sample < n_valid:
+        positions = np.sort(np.random.RandomState(seed).choice(n_valid, size=sample, replace=False))
+    return positions[:limit] if limit is not None else positions

@@ -1,4 +1,5 @@
-"""Reading local data files into raw records, with errors a user can act on.
+"""Reading data files (local or on an object store, compressed or not) into raw records, with errors a
+user can act on.
 
 Every problem names the file and line: invalid UTF-8, a JSON Lines line that is not JSON (a truncated
 last line), a CSV that pandas cannot parse. A UTF-8 byte-order mark is read normally. A ``.json`` file
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from raycat.data.sources import basename, split_name
 from raycat.errors import RaycatError
-
-SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+from raycat.storage import rundir
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,7 @@ class BadLine:
 TOO_DEEP = "JSON nested deeper than the parser allows (no question row is nested like this)"
 
 
-def _decode(f: Path) -> str:
-    data = f.read_bytes()
+def _decode(f: str, data: bytes) -> str:
     try:
         # A byte-order mark is not part of the first column's name.
         return data.decode("utf-8-sig")
@@ -46,8 +46,9 @@ def _decode(f: Path) -> str:
         ) from None
 
 
-def _json_lines(f: Path, text: str) -> list[dict | BadLine]:
+def _json_lines(f: str, text: str) -> list[dict | BadLine]:
     out: list[dict | BadLine] = []
+    name = basename(f)
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -56,19 +57,19 @@ def _json_lines(f: Path, text: str) -> list[dict | BadLine]:
         except json.JSONDecodeError as e:
             last = n == len(text.splitlines())
             hint = " (the last line: was the file cut off?)" if last else ""
-            out.append(BadLine(f"{f.name} line {n}", f"not valid JSON: {e.msg} at column {e.colno}{hint}", line[:200]))
+            out.append(BadLine(f"{name} line {n}", f"not valid JSON: {e.msg} at column {e.colno}{hint}", line[:200]))
             continue
         except RecursionError:
-            out.append(BadLine(f"{f.name} line {n}", TOO_DEEP, line[:200]))
+            out.append(BadLine(f"{name} line {n}", TOO_DEEP, line[:200]))
             continue
         if not isinstance(obj, dict):
-            out.append(BadLine(f"{f.name} line {n}", f"expected a JSON object, got {type(obj).__name__}", line[:200]))
+            out.append(BadLine(f"{name} line {n}", f"expected a JSON object, got {type(obj).__name__}", line[:200]))
             continue
         out.append(obj)
     return out
 
 
-def _json(f: Path, text: str) -> list[dict | BadLine]:
+def _json(f: str, text: str) -> list[dict | BadLine]:
     head = text.lstrip()[:1]
     if head == "[" or head == "{":
         try:
@@ -97,18 +98,26 @@ def _json(f: Path, text: str) -> list[dict | BadLine]:
     raise RaycatError(f"data.path: {f} line 1: not JSON (starts with {text.lstrip()[:20]!r})")
 
 
-def read_records(f: Path, names: list[str] | None = None) -> list[dict | BadLine]:
-    """The raw records of one data file, in file order (blank JSON Lines lines skipped). ``names``: a
-    CSV without a header row, read with these column names."""
-    suffix = f.suffix.lower()
+def read_records(location: str | Path, names: list[str] | None = None) -> list[dict | BadLine]:
+    """The raw records of one data file (a local path or a URI), in file order (blank JSON Lines lines
+    skipped). ``names``: a CSV without a header row, read with these column names."""
+    f = str(location)
+    _, suffix, compression = split_name(basename(f))
     if suffix == ".parquet":
         try:
-            return pd.read_parquet(f).to_dict(orient="records")
+            with rundir.open_input_file(f) as stream:
+                return pd.read_parquet(stream).to_dict(orient="records")
         except (OSError, ValueError) as e:
             raise RaycatError(f"data.path: {f} cannot be read as Parquet: {e}") from e
-    if suffix not in SUFFIXES:
-        raise RaycatError(f"unsupported data file {f}: use .parquet, .jsonl, .json or .csv")
-    text = _decode(f)
+    if not suffix:
+        raise RaycatError(
+            f"unsupported data file {f}: use .parquet, .jsonl, .json or .csv (text files may end in .gz or .zst)"
+        )
+    try:
+        data = rundir.read_input(f, compression)
+    except OSError as e:
+        raise RaycatError(f"data.path: {f} cannot be read ({e})") from e
+    text = _decode(f, data)
     if not text.strip():
         return []
     if suffix == ".jsonl":

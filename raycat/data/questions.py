@@ -1,17 +1,19 @@
 """Questions stage: load a corpus through its adapter, validate, write questions/ in the run dir.
 
-``build`` is the pure work (read, validate, de-duplicate, select, write); ``stage_questions`` runs it as
-a Ray task, so the corpus is read on a worker and only the summary comes back to the driver.
+``build`` is the pure work (read, validate, de-duplicate, select, write) in one process;
+``stage_questions`` runs it as a Ray task for one file or a hub split, and a corpus of several files
+through ``raycat.data.parallel``, one task per file. Either way only the summary comes back to the driver.
 """
 
 from __future__ import annotations
 
 import json
-
-import pandas as pd
+from collections import Counter
 
 from raycat.config import RaycatConfig
-from raycat.data.adapters import load_questions, select_rows
+from raycat.data import sources
+from raycat.data.adapters import select_rows
+from raycat.data.corpus import load_questions, reason_counts
 from raycat.ray_env import remote_call
 from raycat.storage import rowkey, rundir
 
@@ -24,6 +26,10 @@ def block_rows(cfg: RaycatConfig) -> int:
 
 def path(run_dir: str) -> str:
     return rundir.join(run_dir, "questions", "questions.parquet")
+
+
+def quarantine_path(run_dir: str) -> str:
+    return rundir.join(run_dir, "questions", "quarantine.jsonl")
 
 
 def dataset(run_dir: str):
@@ -40,26 +46,31 @@ def build(cfg: RaycatConfig) -> dict:
     n_valid = len(questions)
     # The row hash: every cache downstream keys on it.
     questions = rowkey.add(select_rows(questions, data.limit, data.sample, data.seed))
-    out = rundir.join(cfg.run_dir, "questions")
     # Each row group is one read task and one block of the score pipeline, on the workers.
     rundir.write_parquet(path(cfg.run_dir), questions, row_group_size=block_rows(cfg))
-    quarantine = rundir.join(out, "quarantine.jsonl")
+    quarantine = quarantine_path(cfg.run_dir)
     if bad or rundir.exists(quarantine):
         rundir.write_text(quarantine, "".join(json.dumps(b) + "\n" for b in bad))
+    max_options = int(questions["options"].map(len).max()) if len(questions) else 0
+    return write_summary(cfg, n_read, n_valid, len(questions), reason_counts(bad), max_options, notes)
+
+
+def write_summary(
+    cfg: RaycatConfig, n_read: int, n_valid: int, n_selected: int, reasons: Counter, max_options: int, notes: dict
+) -> dict:
+    """questions/summary.json: what was read, kept, quarantined (per reason) and noted."""
     summary = {
-        "source": data.source,
-        "path": data.path,
+        "source": cfg.data.source,
+        "path": cfg.data.path,
         "rows_read": n_read,
         "valid": n_valid,
-        "selected": int(len(questions)),
-        "quarantined": len(bad),
-        "quarantine_reasons": pd.Series([b["field"] + ": " + b["reason"].split(" (")[0] for b in bad], dtype=str)
-        .value_counts()
-        .to_dict(),
-        "max_options": int(questions["options"].map(len).max()) if len(questions) else 0,
+        "selected": int(n_selected),
+        "quarantined": sum(reasons.values()),
+        "quarantine_reasons": dict(reasons.most_common()),
+        "max_options": max_options,
         **notes,
     }
-    rundir.write_json(rundir.join(out, "summary.json"), summary)
+    rundir.write_json(rundir.join(cfg.run_dir, "questions", "summary.json"), summary)
     return summary
 
 
@@ -70,4 +81,9 @@ def stage_questions(cfg: RaycatConfig) -> dict:
 
     # Workers do not share the driver's working directory: they get the run dir as an absolute path.
     cfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})
+    files = sources.resolve(cfg.data.path) if cfg.data.source != "synthetic" and cfg.data.path else None
+    if files is not None and len(files) > 1:
+        from raycat.data import parallel
+
+        return parallel.build(cfg, [rundir.absolute(f) for f in files])
     return remote_call(ray.remote(num_cpus=1)(build), cfg)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+from filelock import FileLock
 
 from raycat.errors import MissingInputError, RaycatError
 
@@ -197,26 +198,27 @@ def localize(uri: str, *, weights: bool = True) -> str:
     target = base / f"{ident}-{version}{'' if weights else '-meta'}"
     if (target / ".complete").is_file():
         return str(target)
-    tmp = base / f".tmp-{ident}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        for rel, _, _ in files:
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(f"{root.rstrip('/')}/{rel}", str(dst), source_filesystem=filesystem)
-        (tmp / ".complete").write_text(uri + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process on this node won the race: keep its copy.
-            if not (target / ".complete").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)
+    # One download per node: the other processes (workers, engines) wait here for it and share the copy.
+    # The kernel drops the lock of a process that dies mid-download; the next waiter fetches afresh.
+    with FileLock(f"{target}.lock"):
+        if not (target / ".complete").is_file():
+            tmp = base / f".tmp-{ident}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                for rel, _, _ in files:
+                    dst = tmp / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    pafs.copy_files(f"{root.rstrip('/')}/{rel}", str(dst), source_filesystem=filesystem)
+                (tmp / ".complete").write_text(uri + "\n")
+                os.rename(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     # Older versions of this URI, of the same kind.
     for old in base.glob(f"{ident}-*"):
-        if old != target and old.name.endswith("-meta") != weights:
+        if old.is_dir() and old != target and old.name.endswith("-meta") != weights:
             shutil.rmtree(old, ignore_errors=True)
+            Path(f"{old}.lock").unlink(missing_ok=True)
     return str(target)
 
 

@@ -12,6 +12,8 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import numpy as np
@@ -147,7 +149,7 @@ def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def parquet_dataset(path: str):
+def parquet_dataset(path: str, num_cpus: float = 0.1):
     """A Parquet file as a Ray Dataset read on the workers: one block per row group, each read by a
     small task (a fraction of a CPU, so reading never waits on CPUs the engines hold). Ray Data's own
     Parquet reader lists files in a 1-CPU task, which waits forever on a node the engines fill."""
@@ -156,7 +158,7 @@ def parquet_dataset(path: str):
     path = absolute(path)
     items = [{"path": path, "group": group} for group in row_groups(path)]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return dataset.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=0.1)
+    return dataset.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=num_cpus)
 
 
 def read_parquet_columns(path: str, columns: list[str]) -> pd.DataFrame:
@@ -253,3 +255,51 @@ def fingerprint(path: str) -> str:
 def read_parts(directory: str, columns: list[str]) -> pd.DataFrame:
     frames = [read_parquet(f) for f in list_files(directory, ".parquet")]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def file_type(path: str) -> str | None:
+    """ "file", "dir", or None where nothing is at ``path`` (local path or URI)."""
+    filesystem, fs_path = _fs(path)
+    kind = filesystem.get_file_info(fs_path).type
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(kind)
+
+
+def list_tree(directory: str) -> list[str]:
+    """Every file under ``directory``, recursively, sorted, each named the way ``directory`` is (a URI
+    stays a URI, a relative path stays relative)."""
+    filesystem, fs_path = _fs(directory)
+    root = fs_path.rstrip("/")
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    infos = filesystem.get_file_info(selector)
+    return sorted(join(directory, i.path[len(root) :].lstrip("/")) for i in infos if i.type == pafs.FileType.File)
+
+
+def read_input(path: str, compression: str | None = None) -> bytes:
+    """A local or URI file's bytes, decompressed where ``compression`` ("gzip", "zstd") says."""
+    filesystem, fs_path = _fs(path)
+    with filesystem.open_input_stream(fs_path, compression=compression) as f:
+        return f.read()
+
+
+def open_input_file(path: str):
+    """A seekable local or URI file (Parquet's footer is at the end)."""
+    filesystem, fs_path = _fs(path)
+    return filesystem.open_input_file(fs_path)
+
+
+@contextmanager
+def atomic_output(path: str) -> Iterator[pa.NativeFile]:
+    """A stream for a file too large to build in memory first: it appears at ``path`` only when the
+    block ends without an error (written under a temporary name, then renamed, as ``write_bytes``)."""
+    filesystem, fs_path = _fs(path)
+    parent = fs_path.rsplit("/", 1)[0]
+    filesystem.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    try:
+        with filesystem.open_output_stream(tmp) as stream:
+            yield stream
+    except BaseException:
+        with suppress(OSError):
+            filesystem.delete_file(tmp)
+        raise
+    filesystem.move(tmp, fs_path)

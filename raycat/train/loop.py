@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -146,15 +147,15 @@ def _no_shm_build() -> None:
 
 
 def _load_model(cfg: LoopConfig, ds_config: dict):
-    """``(model, base model dir, HfDeepSpeedConfig or None)``: the model this phase starts from (the
+    """``(model, HfDeepSpeedConfig or None)``: the model this phase starts from (the
     previous phase's export, else the student), LoRA-wrapped for ``method=lora``. Under ZeRO-3 the
     caller keeps the HfDeepSpeedConfig alive for the phase: transformers only sees it while it lives."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    base = models.local(cfg.student_path)
-    source = models.local(cfg.init_model) if cfg.init_model else base
+    # Only the weights loaded here come to this node: after a full phase, not the student's.
+    source = models.local(cfg.init_model or cfg.student_path)
     hf_ds_config = None
     if ds_config["zero_optimization"]["stage"] == 3:
         # Under an active HfDeepSpeedConfig, from_pretrained loads straight into ZeRO-3 partitions
@@ -191,7 +192,7 @@ def _load_model(cfg: LoopConfig, ds_config: dict):
             )
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-    return model, base, hf_ds_config
+    return model, hf_ds_config
 
 
 def fingerprint(model, zero_stage: int) -> dict[str, float]:
@@ -302,6 +303,70 @@ def check_packing(engine, device) -> None:
             f"train.batching=packed: this model's attention lets packed examples see each other (logits off "
             f"by {err:.3g}); set train.batching=grouped or padded"
         )
+
+
+def gathered_trainable(module, rank: int) -> dict | None:
+    """Under ZeRO-3, the trainable parameters (a LoRA adapter) gathered whole onto rank 0's CPU, one at a
+    time (collective: all ranks call it). DeepSpeed's own consolidation, even with
+    ``exclude_frozen_parameters``, gathers every frozen base weight too (~140 GB for a 70B model)."""
+    import deepspeed
+
+    state = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", copy=True)
+    return state if rank == 0 else None
+
+
+# A ZeRO shard of one data-parallel rank: its optimizer states, and under ZeRO-3 its model states.
+_RANK_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_")
+
+
+def rank_files(names: list[str], rank: int) -> list[str]:
+    """The files of a checkpoint that restoring data-parallel ``rank`` reads: all but the other ranks'
+    ZeRO shards. DeepSpeed's ``load_checkpoint`` (with a tag, no elastic checkpoint) opens this rank's
+    ``zero_pp_rank_<rank>_*`` files and, below ZeRO-3, the ``mp_rank_00_model_states.pt`` all ranks
+    share; raycat adds state.json."""
+    kept = []
+    for name in names:
+        shard = _RANK_SHARD.match(name.rsplit("/", 1)[-1])
+        if shard is None or int(shard.group(1)) == rank:
+            kept.append(name)
+    return kept
+
+
+def fetch_for_rank(ckpt, rank: int) -> str:
+    """A local dir holding what ``rank`` needs of Ray Train checkpoint ``ckpt`` (``rank_files``): the
+    checkpoint itself on a local filesystem; otherwise one node-local dir, each file fetched once per node
+    (the ranks there wait for each other's downloads of the files they share). Ray's ``as_directory``
+    would fetch every rank's shards to every node (~1 TB per node for a 70B full fine-tune)."""
+    import hashlib
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+    from filelock import FileLock
+
+    filesystem, root = ckpt.filesystem, ckpt.path.rstrip("/")
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return ckpt.path
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted((i.path[len(root) :].lstrip("/"), i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    # Keyed by the listing too: a copy left by a crashed attempt serves only the same checkpoint.
+    key = hashlib.sha256(repr((root, files)).encode()).hexdigest()[:16]
+    local = Path(tempfile.gettempdir()) / f"raycat-restore-{key}"
+    names = [name for name, _, _ in files]
+    for name in rank_files(names, rank):
+        dst = local / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{dst}.lock"):
+            if not dst.is_file():
+                tmp = dst.with_name(f".tmp-{dst.name}")
+                pafs.copy_files(f"{root}/{name}", str(tmp), source_filesystem=filesystem)
+                os.replace(tmp, dst)
+    return str(local)
 
 
 def _saved_state(ckpt) -> dict:
@@ -426,8 +491,6 @@ class PhaseRun:
     def __init__(self, cfg: LoopConfig, rank: int, world: int) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.engine = None
-        # The base student's dir: the export saves its tokenizer.
-        self.base_dir: str | None = None
         # What a checkpoint's state.json holds and metrics.json is built from.
         self.state: dict = {}
         # When this phase's attempt began (the fit's start, or the previous phase's end).
@@ -457,7 +520,7 @@ class PhaseRun:
             weight_decay=hp.weight_decay,
             gpu=cfg.device == "gpu",
         )
-        model, self.base_dir, self._hf_ds_config = _load_model(cfg, ds_config)
+        model, self._hf_ds_config = _load_model(cfg, ds_config)
         params = [x for x in model.parameters() if x.requires_grad]
         init_fingerprint = fingerprint(model, cfg.zero_stage)
         optimizer = None if cfg.offload_optimizer else torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
@@ -489,14 +552,23 @@ class PhaseRun:
         self.log, self.close_log = _tracker(cfg) if self.rank == 0 else (None, None)
 
     def _restore(self, ckpt) -> None:
-        """The engine and loop state of a checkpoint of this phase."""
+        """The engine and loop state of a checkpoint of this phase (collective: all ranks call it)."""
+        import shutil
+
+        import torch.distributed as dist
+
         engine = self.engine
-        with ckpt.as_directory() as ckpt_dir:
-            engine.load_checkpoint(
-                os.path.join(ckpt_dir, "deepspeed"), tag="ckpt", load_module_strict=self.cfg.method != "lora"
-            )
-            with open(os.path.join(ckpt_dir, "state.json")) as f:
-                self.state = json.load(f)
+        ckpt_dir = fetch_for_rank(ckpt, self.rank)
+        engine.load_checkpoint(
+            os.path.join(ckpt_dir, "deepspeed"), tag="ckpt", load_module_strict=self.cfg.method != "lora"
+        )
+        with open(os.path.join(ckpt_dir, "state.json")) as f:
+            self.state = json.load(f)
+        if ckpt_dir != ckpt.path:
+            # Every rank on this node has read the files they share.
+            dist.barrier()
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
         self.state["phase"] = self.cfg.phase_name
         # Not in DeepSpeed's own checkpoint; keeps the accumulation windows aligned.
         engine.micro_steps = self.state["micro_steps"]
@@ -645,13 +717,18 @@ class PhaseRun:
         from transformers import AutoTokenizer
 
         cfg, engine = self.cfg, self.engine
-        state_dict = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None
+        state_dict = None
+        if cfg.zero_stage == 3 and cfg.method == "lora":
+            state_dict = gathered_trainable(engine.module, self.rank)
+        elif cfg.zero_stage == 3:
+            state_dict = engine._zero3_consolidated_16bit_state_dict()
         if self.rank != 0:
             return
         with tempfile.TemporaryDirectory() as tmp_dir:
             engine.module.save_pretrained(tmp_dir, state_dict=state_dict, safe_serialization=True)
+            # The student's tokenizer and config files only (resolve): its weights stay where they are.
             AutoTokenizer.from_pretrained(
-                self.base_dir, revision=cfg.student_revision, trust_remote_code=cfg.trust_remote_code
+                models.resolve(cfg.student_path), revision=cfg.student_revision, trust_remote_code=cfg.trust_remote_code
             ).save_pretrained(tmp_dir)
             rundir.replace_dir(tmp_dir, cfg.model_dir)
 

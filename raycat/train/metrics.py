@@ -4,24 +4,21 @@ half, rank 0 writes the whole at the end of the phase (phases of one worker grou
 
 from __future__ import annotations
 
-import pandas as pd
 
-
-def phase_info(
-    phase, rows: pd.DataFrame, encoded: pd.DataFrame, phase_hash: str, repeated: int, total: int, ckpts: str
-) -> dict:
-    """The driver's half: the phase's rows and encoded examples, the planned steps, the checkpoint dir."""
+def phase_info(phase, stats: dict, phase_hash: str, total: int, ckpts: str) -> dict:
+    """The driver's half: the phase's example counts (``stats``, from the worker that prepared them), the
+    planned steps, the checkpoint dir."""
     return {
         "phase": phase.name,
         "target": phase.target,
         "bands": list(phase.bands),
         "hash": phase_hash,
-        "rows": int(len(rows)),
-        "examples": int(len(encoded)),
-        "repeated_rows_for_equal_shards": repeated,
-        "truncated": int(encoded["truncated"].sum()) if len(encoded) else 0,
-        "tokens": int(encoded["num_tokens"].sum()) if len(encoded) else 0,
-        "target_tokens": int(encoded["num_target_tokens"].sum()) if len(encoded) else 0,
+        "rows": stats["rows"],
+        "examples": stats["examples"],
+        "repeated_rows_for_equal_shards": stats["repeated"],
+        "truncated": stats["truncated"],
+        "tokens": stats["tokens"],
+        "target_tokens": stats["target_tokens"],
         "total_steps": total,
         "checkpoints": ckpts,
     }

@@ -7,7 +7,11 @@ Per phase, under ``train/<recipe>/<phase>/``:
                     ``phase2/``, named after phase 2's hash, which chains phase 1's
   ``model/``        HF model dir (LoRA: adapter + tokenizer; full: weights + tokenizer)
   ``merged/``       LoRA merged into the base (train.lora.merge)
-  ``skipped.parquet``, ``metrics.json`` (per step and per epoch), ``done.json`` (the phase's hash)
+  ``examples.parquet`` the phase's encoded examples, shuffled and padded to the workers: prepared by a
+                    Ray task on a worker (``prepare``), read by the training workers; the driver holds
+                    only counts and hashes
+  ``metrics.json`` (per step and per epoch), ``done.json`` (the phase's hash); ``skipped.parquet``
+  (rows left out, with the reason) is one level up, per recipe
 
 A phase is done when ``done.json`` holds the phase's hash (its rows, targets, hyper-parameters and the
 previous phase's hash); rank 0 writes it when the phase ends, inside the fit, so a failure in phase 2
@@ -29,10 +33,10 @@ from pathlib import Path
 import pandas as pd
 
 from raycat import progress
-from raycat.config import RaycatConfig, TrainConfig, save_config
+from raycat.config import RaycatConfig, TrainConfig, for_workers, save_config
 from raycat.data.prompts import template_hash, train_template_hash
 from raycat.errors import MissingInputError, RaycatError
-from raycat.ray_env import ray_session
+from raycat.ray_env import ray_session, remote_call
 from raycat.recipes import RECIPES, Phase, needs_cot, phase_settings, select
 from raycat.storage import models, rundir
 from raycat.train import memory
@@ -45,12 +49,15 @@ from raycat.train.metrics import phase_info
 
 @dataclass(frozen=True, eq=False)
 class PhasePlan:
-    """One phase of the recipe as planned on the driver: its rows, their encoded (shuffled) examples, and
-    the hash that decides whether a finished phase can be reused."""
+    """One phase of the recipe as planned on a worker (``prepare``): its example counts, where its encoded
+    (shuffled, padded to the workers) examples are, and the hash that decides whether a finished phase
+    can be reused. Small: the driver holds this, never the rows."""
 
     phase: Phase
-    rows: pd.DataFrame
-    encoded: pd.DataFrame
+    # rows, examples, repeated (for equal shards), truncated, tokens, target_tokens
+    stats: dict
+    # examples.parquet in the phase dir (absolute); not written for a phase already trained
+    examples: str
     hash: str
     score_template_hash: str
     # recipes.phase_settings: written into done.json beside the hash, for eval to compare.
@@ -108,12 +115,34 @@ def _student_identity(cfg: RaycatConfig) -> dict:
     }
 
 
+def examples_path(cfg: RaycatConfig, phase: str) -> str:
+    return rundir.absolute(rundir.join(cfg.run_dir, "train", cfg.train.recipe, phase, "examples.parquet"))
+
+
+def _stats(rows: pd.DataFrame, encoded: pd.DataFrame, repeated: int) -> dict:
+    return {
+        "rows": int(len(rows)),
+        "examples": int(len(encoded)),
+        "repeated": int(repeated),
+        "truncated": int(encoded["truncated"].sum()) if len(encoded) else 0,
+        "tokens": int(encoded["num_tokens"].sum()) if len(encoded) else 0,
+        "target_tokens": int(encoded["num_target_tokens"].sum()) if len(encoded) else 0,
+    }
+
+
+# Rows per block of a phase's examples: the unit Ray Data streams to the training workers.
+EXAMPLE_BLOCK_ROWS = 4096
+
+
 def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[PhasePlan], pd.DataFrame]:
-    """Rows, encoded examples and hash for every phase of the recipe; plus every skipped row."""
+    """Every phase of the recipe: its rows encoded, shuffled and padded to the workers, written to the
+    phase's examples.parquet (unless the phase is already trained), with its counts and hash; plus every
+    skipped row. Runs where the rows are: ``prepare`` calls it on a worker."""
     train = cfg.train
     bands, cot = load_inputs(cfg)
     score_template = check_template(cfg, tokenizer, bands)
     selected, skipped = select(train.recipe, bands, cot, train.seed)
+    del bands, cot
     stops = stop_token_ids(tokenizer, model_dir, revision=cfg.score.student.revision)
     plans, prev = [], None
     skipped_frames = [skipped]
@@ -149,11 +178,17 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
                 "seed": train.seed,
             }
         )
+        padded, repeated = pad_to_world(encoded, train.num_workers, train.seed)
+        path = examples_path(cfg, phase.name)
+        # The training workers read these (never the driver); a trained phase needs none.
+        if len(padded) and not recorded(rundir.join(cfg.run_dir, "train", train.recipe, phase.name), phase_hash):
+            block = max(1, min(math.ceil(len(padded) / 8), EXAMPLE_BLOCK_ROWS))
+            rundir.write_parquet(path, padded[["input_ids", "labels"]], row_group_size=block)
         plans.append(
             PhasePlan(
                 phase=phase,
-                rows=rows,
-                encoded=encoded,
+                stats=_stats(rows, encoded, repeated),
+                examples=path,
                 hash=phase_hash,
                 score_template_hash=score_template,
                 settings=phase_settings(cfg, train.recipe, phase.name),
@@ -161,6 +196,22 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
         )
         prev = phase_hash
     return plans, pd.concat(skipped_frames, ignore_index=True)
+
+
+def prepare(cfg: RaycatConfig) -> tuple[list[PhasePlan], list[dict]]:
+    """On a worker: ``plan_phases`` with the student's tokenizer, skipped.parquet written; returns the
+    plans and the skipped rows counted by phase and reason (the driver holds no rows)."""
+    student = cfg.score.student
+    model_dir = models.resolve(models.portable(student.path))
+    tokenizer = models.load_tokenizer(
+        model_dir, revision=student.revision, trust_remote_code=student.trust_remote_code, key="score.student.path"
+    )
+    plans, skipped = plan_phases(cfg, tokenizer, model_dir)
+    rundir.write_parquet(rundir.join(cfg.run_dir, "train", cfg.train.recipe, "skipped.parquet"), skipped)
+    if not len(skipped):
+        return plans, []
+    counts = skipped.groupby(["phase", "skip_reason"]).size().reset_index(name="n").to_dict("records")
+    return plans, [{**c, "n": int(c["n"])} for c in counts]
 
 
 def _loop_config(
@@ -225,8 +276,6 @@ def fit_phases(cfg: RaycatConfig, fit: Fit, pad_id: int):
     """One TorchTrainer fit for consecutive phases ``(plan, phase dir, init)``, run in order by the same
     workers. Named after the last phase (its hash chains the others'), so a rerun of any tail of the
     group finds the same run and resumes from its latest checkpoint."""
-    import pyarrow as pa
-    import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -237,14 +286,14 @@ def fit_phases(cfg: RaycatConfig, fit: Fit, pad_id: int):
     loops, datasets = [], {}
     for plan, phase_dir, init in fit:
         hp = train.phase(plan.phase.name)
-        frame, repeated = pad_to_world(plan.encoded, train.num_workers, train.seed)
+        rows = plan.stats["examples"] + plan.stats["repeated"]
         total = total_steps(
-            len(frame), train.num_workers, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.epochs, hp.max_steps
+            rows, train.num_workers, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.epochs, hp.max_steps
         )
-        table = pa.Table.from_pandas(frame[["input_ids", "labels"]], preserve_index=False)
-        block = max(1, math.ceil(len(frame) / 8))
-        datasets[plan.phase.name] = ray.data.from_arrow([table.slice(i, block) for i in range(0, len(frame), block)])
-        info = phase_info(plan.phase, plan.rows, plan.encoded, plan.hash, repeated, total, rundir.join(storage, name))
+        # Read by the workers, one block per row group, in the order written (preserve_order below).
+        # No CPU asked: the training workers may hold every CPU of the cluster while they read.
+        datasets[plan.phase.name] = rundir.parquet_dataset(plan.examples, num_cpus=0)
+        info = phase_info(plan.phase, plan.stats, plan.hash, total, rundir.join(storage, name))
         loops.append(_loop_config(cfg, plan, init, total, pad_id, phase_dir, info))
     trainer = TorchTrainer(
         train_loop,
@@ -291,7 +340,7 @@ def _empty_phases(plans: list[PhasePlan], root: str, on_empty_phase: str) -> dic
         p.phase.name: f"no rows to train on ({p.phase.target} target, bands {'+'.join(p.phase.bands)}); "
         f"see {root}/skipped.parquet"
         for p in plans
-        if len(p.encoded) == 0
+        if p.stats["examples"] == 0
     }
     if empty and on_empty_phase == "error":
         raise RaycatError(
@@ -310,7 +359,7 @@ def _record_empty(plan: PhasePlan, phase_dir: str, why: str, say) -> dict:
 
 def _phase_line(plan: PhasePlan, train: TrainConfig, after: str | None) -> str:
     """What the user reads for a phase about to train: on new workers, or after ``after`` on the same."""
-    head = f"{plan.phase.name}: {len(plan.encoded)} examples ({plan.phase.target} target)"
+    head = f"{plan.phase.name}: {plan.stats['examples']} examples ({plan.phase.target} target)"
     if after is not None:
         return f"{head}, same workers, after {after}"
     stage = zero_stage(train)
@@ -398,14 +447,6 @@ def _merges(cfg: RaycatConfig) -> bool:
     return cfg.train.method == "lora" and cfg.train.lora.merge
 
 
-def _unmerged(cfg: RaycatConfig, trained: list[tuple[PhasePlan, str]]) -> bool:
-    """Some trained phase still lacks the merged model ``train.lora.merge`` asks for."""
-    return _merges(cfg) and any(
-        "merged" not in (rundir.read_json_if_exists(rundir.join(phase_dir, "metrics.json")) or {})
-        for _, phase_dir in trained
-    )
-
-
 def _merge_lora(cfg: RaycatConfig, trained: list[tuple[PhasePlan, str]], params: int) -> None:
     """Merges every trained phase not merged yet, also one a killed run finished but did not merge."""
     for _, phase_dir in trained if _merges(cfg) else []:
@@ -419,7 +460,7 @@ def _write_summary(
     cfg: RaycatConfig,
     root: str,
     preflight: dict,
-    skipped: pd.DataFrame,
+    skipped: list[dict],
     status: dict[str, dict],
     trained: list[tuple[PhasePlan, str]],
 ) -> dict:
@@ -434,9 +475,7 @@ def _write_summary(
         "zero_stage_configured": train.deepspeed.zero_stage,
         "num_workers": train.num_workers,
         "preflight": preflight,
-        "skipped": skipped.groupby(["phase", "skip_reason"]).size().reset_index(name="n").to_dict("records")
-        if len(skipped)
-        else [],
+        "skipped": skipped,
         "phases": status,
     }
     for plan, phase_dir in trained:
@@ -453,6 +492,8 @@ def _write_summary(
 
 def run_train(cfg: RaycatConfig, say=print) -> dict:
     """Every phase of ``train.recipe`` in order; finished phases (same hash) are skipped."""
+    import ray
+
     student = cfg.score.student
     base_dir = models.resolve(student.path)
     # Before Ray or any accelerator.
@@ -462,18 +503,16 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
         base_dir, revision=student.revision, trust_remote_code=student.trust_remote_code, key="score.student.path"
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    plans, skipped = plan_phases(cfg, tokenizer, base_dir)
     root = rundir.join(cfg.run_dir, "train", cfg.train.recipe)
-    rundir.write_parquet(rundir.join(root, "skipped.parquet"), skipped)
-    empty = _empty_phases(plans, root, cfg.train.on_empty_phase)
-    fits, status = _group_into_fits(cfg, plans, root, empty, say)
-    trained = [(plan, rundir.join(root, plan.phase.name)) for plan in plans if plan.phase.name not in empty]
-    # A Ray session only when something is left to train or merge.
-    if fits or _unmerged(cfg, trained):
-        with ray_session(cfg.ray, cfg.run_dir):
-            for fit in fits:
-                _fit_and_check(cfg, fit, pad_id)
-            _merge_lora(cfg, trained, preflight["params"])
+    with ray_session(cfg.ray, cfg.run_dir):
+        # Rows are read, encoded and written by a worker; the driver gets counts and hashes.
+        plans, skipped = remote_call(ray.remote(num_cpus=1)(prepare), for_workers(cfg))
+        empty = _empty_phases(plans, root, cfg.train.on_empty_phase)
+        fits, status = _group_into_fits(cfg, plans, root, empty, say)
+        trained = [(plan, rundir.join(root, plan.phase.name)) for plan in plans if plan.phase.name not in empty]
+        for fit in fits:
+            _fit_and_check(cfg, fit, pad_id)
+        _merge_lora(cfg, trained, preflight["params"])
     return _write_summary(cfg, root, preflight, skipped, status, trained)
 
 

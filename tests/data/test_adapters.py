@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from raycat.config import ColumnMap, DataConfig
-from raycat.data.adapters import BadRowError, _read_hub, load_questions, resolve_data_path
+from raycat.data.adapters import BadRowError, _read_hub, resolve_data_path
+from raycat.data.corpus import load_questions
 from raycat.errors import RaycatError
 
 

@@ -68,7 +68,7 @@ def test_the_clock_moves_prompts_only_without_a_date_string(dated_model, clock):
 def test_a_rerun_the_next_day_finds_its_score_cache_and_its_trained_phases(dated_model, clock, tmp_path):
     from raycat.score.core import cache_key
     from raycat.score.stage import make_plan
-    from raycat.storage import rowkey
+    from raycat.storage import rowkey, rundir
     from raycat.train.stage import plan_phases
 
     model, tokenizer = dated_model
@@ -83,7 +83,8 @@ def test_a_rerun_the_next_day_finds_its_score_cache_and_its_trained_phases(dated
         score = make_plan(cfg, tokenizer, 2, [])
         phases, _ = plan_phases(cfg, tokenizer, str(model))
         key = cache_key(cfg, str(model), score.template_hash)
-        return key, [phase.hash for phase in phases], phases[0].encoded["input_ids"].map(list).tolist()
+        first_ids = rundir.read_parquet(phases[0].examples)["input_ids"].map(list).tolist()
+        return key, [phase.hash for phase in phases], first_ids
 
     cfg = _config(model, tmp_path / "run")
     clock(dt.datetime(2026, 12, 4))

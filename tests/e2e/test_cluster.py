@@ -400,3 +400,79 @@ def test_a_local_run_dir_is_refused_before_anything_runs(cluster, tmp_path):
     assert "pre-flight: run_dir" in out and "is a local path" in out and "2 other node(s)" in out, out[-3000:]
     # Refused before any stage wrote anything
     assert not local.exists()
+
+
+def test_a_sharded_gzipped_corpus_on_an_s3_prefix_is_read_by_the_workers_scored_and_split(cluster, tmp_path):
+    """200k rows in 8 .jsonl.gz shards under an s3:// prefix, one read task per shard on the worker
+    nodes; a duplicate id split over two shards and bad rows in two others land in one quarantine."""
+    import gzip
+
+    import pyarrow.parquet as pq
+
+    started = time.time()
+    shards, per = 8, 25_000
+    for s in range(shards):
+        ids = range(s * per, (s + 1) * per)
+        # 2 to 4 options: the null engine's uniform scores then differ by row, so split has bands.
+        lines = [
+            f'{{"qid": "q{i}", "question": "Q{i}?", "options": {json.dumps(["a", "b", "c", "d"][: 2 + i % 3])}, '
+            f'"answer": "B"}}'
+            for i in ids
+        ]
+        if s == 0:
+            lines[-1] = lines[-1].replace(f'"q{per - 1}"', '"dup"')
+        if s == 5:
+            lines[3] = lines[3].replace(f'"q{5 * per + 3}"', '"dup"')
+        if s == 2:
+            lines[7] = lines[7].replace('"answer": "B"', '"answer": "Z"')
+        if s == 6:
+            lines[11] = '{"qid": "cut off'
+        # compression=None: pyarrow would otherwise gzip a .gz name a second time
+        with cluster.s3.open_output_stream(f"{BUCKET}/corpus/part-{s:02d}.jsonl.gz", compression=None) as f:
+            f.write(gzip.compress(("\n".join(lines) + "\n").encode(), compresslevel=1))
+    written = time.time()
+    tree = {
+        "data": {
+            "source": "generic",
+            "path": f"s3://{BUCKET}/corpus/",
+            "columns": {"id": "qid", "question": "question", "options": "options", "answer": "answer"},
+            "on_bad_rows": "quarantine",
+        },
+        "score": {
+            "student": {"path": f"s3://{BUCKET}/models/student", "max_model_len": 512},
+            "deviation_sample": 0,
+            "engine": {"backend": "null", "batch_size": 1024},
+        },
+        "split": {"test_fraction": 0.1},
+    }
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "corpus.yaml").write_text(yaml.safe_dump(tree))
+    run = f"s3://{BUCKET}/corpus-run"
+    for stage in ("score", "split"):
+        r = cluster.ray(
+            *("job", "submit", "--address", cluster.dashboard, "--working-dir", str(job), "--"),
+            *("raycat", stage, "--config", "corpus.yaml", f"run_dir={run}"),
+            timeout=1200,
+        )
+        assert r.returncode == 0 and "succeeded" in r.stdout + r.stderr, (r.stdout + r.stderr)[-5000:]
+    summary = cluster.s3_json("corpus-run/questions/summary.json")
+    assert (summary["rows_read"], summary["valid"], summary["selected"]) == (200_000, 199_997, 199_997)
+    reasons = summary["quarantine_reasons"]
+    assert summary["quarantined"] == 3 and len(reasons) == 3
+    assert reasons["answer: gold 'Z' is not among the option letters 'AB'"] == reasons["id: duplicate id 'dup'"] == 1
+    assert [k for k in reasons if k.startswith("(line): not valid JSON")]
+    with cluster.s3.open_input_stream(f"{BUCKET}/corpus-run/questions/quarantine.jsonl") as f:
+        quarantine = [json.loads(line) for line in f.read().decode().splitlines()]
+    assert [q["row"] for q in quarantine] == ["part-02.jsonl.gz:7", "part-05.jsonl.gz:3", "part-06.jsonl.gz line 12"]
+    assert quarantine[1]["reason"] == f"duplicate id 'dup' (first seen at row part-00.jsonl.gz:{per - 1})"
+    with cluster.s3.open_input_file(f"{BUCKET}/corpus-run/questions/questions.parquet") as f:
+        meta = pq.ParquetFile(f).metadata
+        assert meta.num_rows == 199_997 and meta.row_group(0).num_rows == 4 * 1024
+    assert cluster.s3_json("corpus-run/score/metrics.json")["scored"] == 199_997
+    split_rows = 0
+    for band in ("easy", "medium", "hard", "test"):
+        with cluster.s3.open_input_file(f"{BUCKET}/corpus-run/split/{band}.parquet") as f:
+            split_rows += pq.ParquetFile(f).metadata.num_rows
+    assert split_rows == 199_997
+    print(f"corpus written in {written - started:.0f} s; score + split {time.time() - written:.0f} s")

@@ -65,7 +65,9 @@ def test_localize_copies_once_per_version_and_cleans_up_older_ones(tmp_path, mon
     # Any pyarrow URI goes the same way as s3://
     uri = f"file://{src}"
     first = models.localize(uri)
-    assert sorted(p.name for p in (tmp_path / "cache/uri").iterdir()) == [first.rsplit("/", 1)[-1]]
+    # The entry and, next to it, the lock its download ran under
+    name = first.rsplit("/", 1)[-1]
+    assert sorted(p.name for p in (tmp_path / "cache/uri").iterdir()) == [name, f"{name}.lock"]
     assert open(f"{first}/model.safetensors", "rb").read() == b"w" * 10
     (tmp_path / "cache/uri" / first.rsplit("/", 1)[-1] / "marker").write_text("x")
     assert models.localize(uri) == first  # cached: not fetched again
@@ -80,7 +82,8 @@ def test_localize_copies_once_per_version_and_cleans_up_older_ones(tmp_path, mon
     second = models.localize(uri)
     assert second != first and open(f"{second}/model.safetensors", "rb").read() == b"v" * 12
     left = sorted(p.name for p in (tmp_path / "cache/uri").iterdir())
-    assert left == sorted([second.rsplit("/", 1)[-1], meta.rsplit("/", 1)[-1]])  # the old full copy is gone
+    kept = [second.rsplit("/", 1)[-1], meta.rsplit("/", 1)[-1]]
+    assert left == sorted(kept + [f"{k}.lock" for k in kept])  # the old full copy and its lock are gone
 
 
 def test_localize_of_nothing_says_what_to_check(tmp_path, monkeypatch):

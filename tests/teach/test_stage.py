@@ -32,6 +32,8 @@ def config(tmp, model, **teach):
             "deviation_sample": 0,
             "engine": {"backend": "transformers"},
         },
+        # Every row in the training pool: the accounting below counts all N + 1 of them.
+        "split": {"test_fraction": 0},
         "teach": {
             "teachers": [
                 {
