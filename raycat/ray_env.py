@@ -43,13 +43,13 @@ def ray_session(cfg: RayConfig, run_dir: str | None = None) -> Iterator[None]:
             ray.shutdown()
 
 
-def remote_call(task, *args, **kwargs):
-    """``ray.get(task.remote(...))``, with a raycat error raised in the task re-raised as itself (the
-    user's one-line message, not a remote traceback)."""
+def get(ref):
+    """``ray.get(ref)`` (one ref or a list, in order), with a raycat error raised in a task re-raised as
+    itself (the user's one-line message, not a remote traceback)."""
     import ray
 
     try:
-        return ray.get(task.remote(*args, **kwargs))
+        return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
         cause = e.cause
         while cause is not None and not isinstance(cause, RaycatError):
@@ -57,3 +57,8 @@ def remote_call(task, *args, **kwargs):
         if isinstance(cause, RaycatError):
             raise cause from None
         raise
+
+
+def remote_call(task, *args, **kwargs):
+    """``get(task.remote(...))``: one task's result, its raycat error as itself."""
+    return get(task.remote(*args, **kwargs))

@@ -42,7 +42,7 @@ from raycat.data.corpus import (
     resolve,
     shard_names,
 )
-from raycat.errors import RaycatError
+from raycat.ray_env import get
 from raycat.storage import rundir
 
 # Enough reducers that each holds a small share of the ids; few enough that a file's task returns
@@ -125,22 +125,9 @@ def _flush(writer: pq.ParquetWriter, pending: list[pa.Table], block: int, final:
 
 
 def _gather(refs: list) -> list:
-    """``ray.get`` in corpus order, a raycat error raised in a task re-raised as itself (the first
-    file's, as reading them one by one would), as ``ray_env.remote_call`` does for one task."""
-    import ray
-
-    out = []
-    for ref in refs:
-        try:
-            out.append(ray.get(ref))
-        except ray.exceptions.RayTaskError as e:
-            cause = e.cause
-            while cause is not None and not isinstance(cause, RaycatError):
-                cause = getattr(cause, "cause", None) or cause.__cause__
-            if isinstance(cause, RaycatError):
-                raise cause from None
-            raise
-    return out
+    """Results in corpus order; refs are waited on one by one, so a raycat error is the first file's,
+    as reading them one by one would give."""
+    return [get(ref) for ref in refs]
 
 
 def build(cfg: RaycatConfig, files: list[str]) -> dict:
