@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,15 @@ def pytest_collection_modifyitems(config, items):
             devices = _cuda_devices() if devices is None else devices
             if devices < want:
                 item.add_marker(pytest.mark.skip(reason=f"needs {want} CUDA GPU(s); {devices} visible"))
+
+
+@pytest.fixture(autouse=True)
+def _no_flask_in_this_process():
+    """vLLM's in-process engine start (register_triton_kernel_overrides) scans every module in
+    sys.modules and fails on flask's context proxies, so one test importing flask (moto.server does)
+    broke a later, unrelated vLLM test. Servers run as subprocesses (tests.helpers.moto_s3)."""
+    yield
+    assert "flask" not in sys.modules, "a test imported flask into pytest; run its server as a subprocess"
 
 
 @pytest.fixture(scope="session")

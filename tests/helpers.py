@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,6 +97,39 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, what: str, log
         except OSError:
             assert time.time() < deadline, f"{what} did not come up in {timeout_s:.0f} s"
             time.sleep(1)
+
+
+@contextlib.contextmanager
+def moto_s3(log: Path):
+    """moto's S3 server in its own process on a free loopback port, stopped by PID; yields the AWS_*
+    environment that points clients at it. Never `moto.server` in this process: it imports flask,
+    and vLLM's in-process engine start scans sys.modules and trips over flask's context proxies."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url, proc, 60, "moto's S3 server", lambda: log.read_text()[-3000:])
+        yield {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def write_config(tmp_path: Path, tree: dict) -> Path:

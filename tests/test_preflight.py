@@ -8,7 +8,7 @@ import pytest
 
 from raycat.config import load_config
 from raycat.preflight import storage_problem
-from tests.helpers import DEMO, ROOT
+from tests.helpers import DEMO, ROOT, moto_s3
 
 
 def _node(node_id: str, cpu: float = 2, gpu: float = 0, alive: bool = True) -> dict:
@@ -124,26 +124,17 @@ def test_a_cot_recipe_without_a_teach_section_is_one_of_the_problems():
     assert refusal(whole_run(cfg, ["sft_all"], ["train"], None, "-", {})) is None
 
 
-def test_s3_run_dir_is_probed_for_list_and_write(monkeypatch):
+def test_s3_run_dir_is_probed_for_list_and_write(monkeypatch, tmp_path):
     """Against moto's S3 server on loopback: an existing bucket passes and keeps no probe object (only
     the run dir's folder marker); a bucket that does not exist is one line naming the run dir."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from raycat.preflight import run_dir_check
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for key, value in {
-            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
+    with moto_s3(tmp_path / "s3.log") as aws:
+        for key, value in aws.items():
             monkeypatch.setenv(key, value)
-        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+        s3 = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"])
         s3.create_bucket(Bucket="raycat-runs")
         ok = run_dir_check("s3://raycat-runs/a/run")
         assert ok.status == "ok", ok.text
@@ -153,5 +144,3 @@ def test_s3_run_dir_is_probed_for_list_and_write(monkeypatch):
         missing = run_dir_check("s3://raycat-missing/run")
         assert missing.status == "problem" and "'s3://raycat-missing/run' cannot be listed or written" in missing.text
         assert "\n" not in missing.text
-    finally:
-        server.stop()

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, moto_s3
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
@@ -143,21 +143,10 @@ def cluster(tmp_path_factory, tiny_model_dir):
     # Short: Ray's unix sockets live under the head's --temp-dir and may not exceed 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
     procs: list[subprocess.Popen] = []
+    s3_server = moto_s3(root / "s3.log")
     try:
-        s3_port, gcs, dash = _free_port(), _free_port(), _free_port()
-        aws = {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-        moto = _start(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-            dict(os.environ),
-            root / "s3.log",
-        )
-        procs.append(moto)
-        _wait_up(aws["AWS_ENDPOINT_URL"], moto, 60, "moto's S3 server", root / "s3.log")
+        gcs, dash = _free_port(), _free_port()
+        aws = s3_server.__enter__()
         # This test process reads the bucket too; removed again below
         os.environ.update(aws)
         boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
@@ -236,6 +225,7 @@ def cluster(tmp_path_factory, tiny_model_dir):
     finally:
         for p in reversed(procs):
             _stop(p)
+        s3_server.__exit__(None, None, None)
         for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
             os.environ.pop(k, None)
         shutil.rmtree(root, ignore_errors=True)
