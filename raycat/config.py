@@ -50,6 +50,10 @@ class SyntheticConfig(Strict):
     seed: int = Field(0, description="Generator seed; the same seed gives the same questions.")
 
 
+# data.path forms that are never a hub id
+_FILE_FORMS = ("s3://", "gs://", "file://", "package:", "/", "./", "../", "~")
+
+
 class DataConfig(Strict):
     source: Literal["mmlu_pro", "mmlu", "medmcqa", "gsm8k", "generic", "synthetic"] = Field(
         description="Schema adapter: a public hub schema, 'generic' (with data.columns) or 'synthetic'."
@@ -63,6 +67,11 @@ class DataConfig(Strict):
     )
     subset: str | None = Field(None, description="Hub config name (e.g. 'all' for cais/mmlu, 'main' for gsm8k).")
     split: str = Field("test", description="Split to load from the hub.")
+    revision: str | None = Field(
+        None,
+        description="Hub dataset revision to load (a commit sha, tag or branch); pin a commit sha for a "
+        "reproducible run. Hub ids only: files and URIs are fingerprinted by name, size and mtime instead.",
+    )
     limit: int | None = Field(None, ge=1, description="Keep only the first N valid rows (for smoke runs).")
     sample: int | None = Field(None, ge=1, description="Random sample of N valid rows (seeded by data.seed).")
     seed: int = Field(0, description="Seed for data.sample.")
@@ -89,6 +98,10 @@ class DataConfig(Strict):
     def _check(self) -> DataConfig:
         if self.source == "generic" and self.columns is None:
             raise ValueError("columns: source 'generic' needs data.columns (question/options/answer column names)")
+        if self.revision is not None and (self.path is None or self.path.startswith(_FILE_FORMS)):
+            raise ValueError(
+                f"revision: data.revision pins a hub dataset; data.path {self.path!r} is not a hub id (remove it)"
+            )
         if self.source not in ("generic", "synthetic") and self.path is None:
             raise ValueError(f"path: source '{self.source}' needs data.path (a hub dataset id or a local file)")
         return self

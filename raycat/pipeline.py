@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from raycat import preflight, progress, report, split
 from raycat.config import RaycatConfig
+from raycat.data import sources
 from raycat.data.adapters import resolve_data_path
 from raycat.errors import RaycatError
 from raycat.evaluate import stage as evaluate
@@ -87,11 +88,21 @@ def bands_note(cfg: RaycatConfig, widened: RaycatConfig, recipes: list[str]) -> 
 
 
 def data_fingerprint(cfg: RaycatConfig) -> str:
-    """The input files' fingerprint (names, sizes, mtimes): a data file edited in place reruns score."""
+    """The input files' fingerprint (names, sizes, mtimes): a data file edited in place, or a shard
+    added to, replaced in or removed from a prefix or glob, reruns score. A hub id gives "" (pin
+    ``data.revision``)."""
     if cfg.data.path is None:  # synthetic data: the config is the whole input
         return ""
     local = resolve_data_path(cfg.data.path)
-    return rundir.fingerprint(str(local)) if local is not None else ""
+    if local is not None:
+        return rundir.fingerprint(str(local))
+    if not (cfg.data.path.startswith(sources.SCHEMES) or sources.has_glob(cfg.data.path)):
+        return ""
+    # Listings only, never a read or a request per shard: cheap for thousands of shards.
+    files = sources.resolve(cfg.data.path) or []
+    if len(files) == 1:
+        return rundir.fingerprint(files[0])
+    return rundir.fingerprint(sources.common_root(files), only=set(files))
 
 
 def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):

@@ -37,6 +37,35 @@ def test_a_data_file_or_model_dir_edited_in_place_reruns_its_stage(tmp_path):
     assert stage_hashes(load_config(DEMO, over), ["complexity_aware"])["score"] != b["score"]
 
 
+@pytest.mark.parametrize("form", ["glob", "file_uri_prefix"])
+def test_a_shard_replaced_added_or_removed_under_a_prefix_or_glob_reruns_score(tmp_path, form):
+    import os
+
+    shards = tmp_path / "corpus"
+    shards.mkdir()
+    row = '{"question": "q?", "options": ["a", "b"], "answer": "A"}\n'
+    for i in range(3):
+        (shards / f"part-{i}.jsonl").write_text(row)
+    (shards / "notes.txt").write_text("not data")
+    path = str(shards / "part-*.jsonl") if form == "glob" else f"file://{shards}/"
+    over = ["data.source=generic", f"data.path={path}"]
+
+    def score_hash() -> str:
+        return stage_hashes(load_config(DEMO, over), ["complexity_aware"])["score"]
+
+    a = score_hash()
+    assert a == score_hash()
+    (shards / "notes.txt").write_text("edited, still not data")
+    assert score_hash() == a  # a file that is not part of the corpus
+    os.utime(shards / "part-1.jsonl", ns=(1, 1))  # a shard replaced with the same size
+    b = score_hash()
+    (shards / "part-3.jsonl").write_text(row)
+    c = score_hash()
+    (shards / "part-0.jsonl").unlink()
+    d = score_hash()
+    assert len({a, b, c, d}) == 4
+
+
 def test_plan_skips_done_stages_and_honours_from_and_only():
     cfg = load_config(DEMO)
     hashes = stage_hashes(cfg, ["complexity_aware"])

@@ -326,7 +326,7 @@ def _read_hub(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
     import datasets  # heavy import, only for hub loads
 
     try:
-        dataset = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
+        dataset = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split, revision=cfg.revision)
     except Exception as e:  # offline, typo, gated: all surface here
         raise MissingInputError(
             f"data.path {cfg.path!r} is not a local file and loading it from the hub failed: {e}. "

@@ -62,6 +62,7 @@ def write_summary(
     summary = {
         "source": cfg.data.source,
         "path": cfg.data.path,
+        **({"revision": cfg.data.revision} if cfg.data.revision else {}),
         "rows_read": n_read,
         "valid": n_valid,
         "selected": int(n_selected),

@@ -54,6 +54,10 @@ def package_path(path: str) -> Path:
     return Path(spec.origin).parent / rel
 
 
+def has_glob(path: str) -> bool:
+    return bool(_GLOB.search(path))
+
+
 def resolve(path: str) -> list[str] | None:
     """The data files ``path`` names, sorted (the corpus order: file, then row); None for a hub id.
     A URI or glob that matches no data file is an error, never taken for a hub id."""
@@ -104,11 +108,11 @@ def labels(files: list[str]) -> list[str]:
     names = [basename(f) for f in files]
     if len(set(names)) == len(names):
         return names
-    root = _common_root(files)
+    root = common_root(files)
     return [f[len(root) :].lstrip("/") for f in files]
 
 
-def _common_root(files: list[str]) -> str:
+def common_root(files: list[str]) -> str:
     parts = [f.split("/")[:-1] for f in files]
     common = parts[0]
     for p in parts[1:]:

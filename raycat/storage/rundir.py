@@ -229,10 +229,11 @@ def part_keys(directory: str, status: str | None = None) -> set[str]:
     return out
 
 
-def fingerprint(path: str) -> str:
+def fingerprint(path: str, only: set[str] | None = None) -> str:
     """A cheap content fingerprint of a local or URI file or directory: every file's relative name,
-    size and modification time (weights retrained in place keep their size, not their mtime). A path
-    that does not exist here (a hub id) gives "" (its revision is in the config)."""
+    size and modification time (weights retrained in place keep their size, not their mtime), from one
+    listing. ``only``: just these files under the directory (named as ``list_tree`` names them). A
+    path that does not exist here (a hub id) gives "" (its revision is in the config)."""
     try:
         filesystem, fs_path = _fs(path)
         info = filesystem.get_file_info(fs_path)
@@ -247,6 +248,8 @@ def fingerprint(path: str) -> str:
     )
     digest = hashlib.sha256()
     for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        if only is not None and join(path, i.path[len(fs_path.rstrip("/")) :].lstrip("/")) not in only:
+            continue
         mtime = i.mtime_ns if i.mtime_ns is not None else ""
         digest.update(f"{i.path[len(fs_path) :]}\0{i.size}\0{mtime}\n".encode())
     return digest.hexdigest()[:16]

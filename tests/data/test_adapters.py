@@ -222,6 +222,24 @@ def test_hub_loader_reads_a_hub_style_repository_layout(tmp_path):
     assert len(got) == 1
 
 
+def test_data_revision_pins_the_hub_load_and_is_refused_for_files(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.Dataset.from_list([{**GOOD, "question_id": 0}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = DataConfig(source="mmlu_pro", path="TIGER-Lab/MMLU-Pro", split="test", revision="3373e0b")
+    assert len(list(_read_hub(cfg))) == 1
+    assert calls == [(("TIGER-Lab/MMLU-Pro", None), {"split": "test", "revision": "3373e0b"})]
+    for path in ("s3://bucket/corpus/", "/data/corpus.jsonl", "package:raycat/x.jsonl", None):
+        with pytest.raises(ValueError, match="data.revision pins a hub dataset"):
+            DataConfig(source="generic", columns=COLS, path=path, revision="v1")
+
+
 # --- input handling: every problem names file, line/row and field ---
 
 MCQ = {"question": "Q?", "options": ["a", "b"], "answer": "A"}
