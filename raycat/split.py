@@ -8,8 +8,8 @@ many rows share one value (coarse entropies), the rows tied at a threshold are s
 band sizes follow the quantiles and the split stays deterministic.
 Thresholds come from the training pool only; an optional held-out test set is drawn first, and its
 rows are banded by the same rule (``held_out_bands``).
-Quantiles are exact (numpy, linear interpolation) over the entropy column: 8 bytes a row, so even
-10M questions fit comfortably in one worker's memory.
+Quantiles are exact (numpy, linear interpolation) over the entropy column. The task reads the whole
+of scores.parquet and questions.parquet (a few KiB a row): the stage that does not yet stream.
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ runs the same inside a Ray Data actor or a unit test (tests/score/test_core.py).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import re
+from collections.abc import Iterable
 
 import numpy as np
-import pandas as pd
 
 from raycat.config import RaycatConfig
 from raycat.data.answers import normalize_number
@@ -48,10 +49,10 @@ def cache_key(cfg: RaycatConfig, model_path: str, template_hash: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def deviation_sample(ids: pd.Series, n: int) -> frozenset[str]:
-    """A stable sample (by id hash, not row order) also scored in full mode."""
-    ranked = sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())
-    return frozenset(ranked[:n])
+def deviation_sample(ids: Iterable[str], n: int) -> frozenset[str]:
+    """A stable sample (by id hash, not row order) also scored in full mode. ``ids`` may be a stream:
+    only the ``n`` best are held."""
+    return frozenset(heapq.nsmallest(n, ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest()))
 
 
 def greedy_answer(result: ScoreResult, n_options: int, preset: str, label_ids: list[list[int]] | None) -> str:

@@ -8,6 +8,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 MIN_CATEGORY_ROWS = 10
+DEVIATION_COLUMNS = ["entropy_full", "entropy_options", "entropy_topk", "entropy_topk_bound"]
 
 
 def roc_auc(correct: np.ndarray, entropy: np.ndarray) -> float | None:
@@ -28,20 +29,57 @@ def _deviation(approx: pd.Series, full: pd.Series) -> dict:
     return {"n": int(len(full)), "mean_abs_nats": _f(diff.mean()), "max_abs_nats": _f(diff.max()), "spearman": _f(rho)}
 
 
+def scored_summary(scores: pd.DataFrame) -> pd.DataFrame:
+    """What the metrics need of each scored row, in ~25 bytes (bools, two floats, a category code), so
+    a merge that streams a corpus keeps only this per row."""
+    scored = scores[scores["status"] == "scored"]
+    out = pd.DataFrame(
+        {
+            "idk": scored["idk"].astype(bool).to_numpy(),
+            "correct": scored["correct"].astype(bool).to_numpy(),
+            "entropy": scored["entropy"].astype(float).to_numpy(),
+            "option_mass": scored["option_mass"].astype(float).to_numpy(),
+            "category": pd.Categorical(scored["category"].to_numpy()),
+        }
+    )
+    if "correct_greedy" in scored:
+        greedy = scored["predicted_greedy"]
+        named = greedy.fillna("").astype(str)
+        out["named"] = (named.ne("") & greedy.ne("IDK")).to_numpy()
+        out["invalid"] = (named == "").to_numpy()
+        out["greedy_idk"] = (greedy == "IDK").to_numpy()
+        out["agree"] = (greedy == scored["predicted"]).to_numpy()
+        out["correct_greedy"] = scored["correct_greedy"].astype(bool).to_numpy()
+    return out
+
+
+def deviation_rows(scores: pd.DataFrame) -> pd.DataFrame:
+    """The scored rows also scored in full mode (the deviation sample: a few hundred)."""
+    scored = scores[scores["status"] == "scored"]
+    columns = [c for c in DEVIATION_COLUMNS if c in scored]
+    return scored.loc[scored["entropy_full"].notna(), columns]
+
+
 def score_metrics(scores: pd.DataFrame, bins: int = 20) -> dict:
     """The score stage's metrics.json body from the merged rows (scored and skipped)."""
-    scored = scores[scores["status"] == "scored"]
-    idk = scored["idk"].astype(bool)
+    reasons = scores.loc[scores["status"] == "skipped", "skip_reason"].value_counts()
+    skipped = {str(k): int(v) for k, v in reasons.items()}
+    return summary_metrics(scored_summary(scores), len(scores), skipped, deviation_rows(scores), bins)
+
+
+def summary_metrics(scored: pd.DataFrame, rows: int, skipped: dict, sample: pd.DataFrame, bins: int = 20) -> dict:
+    """``score_metrics`` from ``scored_summary`` rows (of every scored row), the row count, the skipped
+    rows counted by reason and the ``deviation_rows``."""
+    idk = scored["idk"].to_numpy()
     # The paper drops "I don't know" answers before AUC and the split; we count them instead of hiding them.
     valid = scored[~idk]
-    correct = valid["correct"].astype(bool).to_numpy()
-    entropy = valid["entropy"].astype(float).to_numpy()
-    skip_reasons = scores.loc[scores["status"] == "skipped", "skip_reason"].value_counts()
+    correct = valid["correct"].to_numpy()
+    entropy = valid["entropy"].to_numpy()
     metrics: dict = {
-        "rows": int(len(scores)),
+        "rows": int(rows),
         "scored": int(len(scored)),
         "idk": int(idk.sum()),
-        "skipped": {str(k): int(v) for k, v in skip_reasons.items()},
+        "skipped": skipped,
         "accuracy": _f(correct.mean()) if len(valid) else None,
         "roc_auc": roc_auc(correct, entropy) if len(valid) else None,
         "roc_auc_convention": "positive = correct answer, score = -entropy",
@@ -53,26 +91,21 @@ def score_metrics(scores: pd.DataFrame, bins: int = 20) -> dict:
         "roc_auc_greedy drop invalid and 'I don't know' rows, as the paper does before its ROC AUC (~0.73)",
     }
     if "correct_greedy" in scored:
-        named = scored["predicted_greedy"].fillna("").astype(str).ne("") & scored["predicted_greedy"].ne("IDK")
-        answered = scored[named]
-        correct_greedy = answered["correct_greedy"].astype(bool).to_numpy()
+        answered = scored[scored["named"]]
+        correct_greedy = answered["correct_greedy"].to_numpy()
         metrics["greedy"] = {
             "rows": int(len(answered)),
-            "invalid": int((scored["predicted_greedy"].fillna("").astype(str) == "").sum()),
-            "idk": int((scored["predicted_greedy"] == "IDK").sum()),
-            "agree_with_options_argmax": _f((scored["predicted_greedy"] == scored["predicted"]).mean())
-            if len(scored)
-            else None,
+            "invalid": int(scored["invalid"].sum()),
+            "idk": int(scored["greedy_idk"].sum()),
+            "agree_with_options_argmax": _f(scored["agree"].mean()) if len(scored) else None,
         }
         metrics["accuracy_greedy"] = _f(correct_greedy.mean()) if len(answered) else None
-        metrics["roc_auc_greedy"] = (
-            roc_auc(correct_greedy, answered["entropy"].astype(float).to_numpy()) if len(answered) else None
-        )
+        metrics["roc_auc_greedy"] = roc_auc(correct_greedy, answered["entropy"].to_numpy()) if len(answered) else None
     categories = {}
-    for category, part in valid.groupby("category"):
+    for category, part in valid.groupby("category", observed=True):
         if len(part) >= MIN_CATEGORY_ROWS:
-            auc = roc_auc(part["correct"].astype(bool).to_numpy(), part["entropy"].astype(float).to_numpy())
-            accuracy = float(part["correct"].astype(bool).mean())
+            auc = roc_auc(part["correct"].to_numpy(), part["entropy"].to_numpy())
+            accuracy = float(part["correct"].mean())
             categories[str(category)] = {"n": int(len(part)), "accuracy": accuracy, "roc_auc": auc}
     metrics["per_category"] = categories
     if len(entropy):
@@ -83,10 +116,9 @@ def score_metrics(scores: pd.DataFrame, bins: int = 20) -> dict:
             "max": float(entropy.max()),
             "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
         }
-    mass = valid["option_mass"].dropna().astype(float)
+    mass = valid["option_mass"].dropna()
     if len(mass):
         metrics["option_mass"] = {"mean": float(mass.mean()), "median": float(mass.median()), "min": float(mass.min())}
-    sample = scored[scored["entropy_full"].notna()]
     deviation = {}
     if len(sample):
         full = sample["entropy_full"].astype(float)

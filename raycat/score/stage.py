@@ -19,9 +19,11 @@ actor ``ScoreBatch`` (``self.plan``); ``parts_dir``; ``prepare`` (a worker task 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import pandas as pd
+import pyarrow as pa
 
 from raycat import progress
 from raycat.config import RaycatConfig, cache_root, for_workers, save_config
@@ -40,7 +42,7 @@ from raycat.engines import actor_pool
 from raycat.engines.base import Scorer, ScoreRequest, engine_kwargs, make_engine, resolve_dtype
 from raycat.ray_env import ray_session, remote_call
 from raycat.score.core import cache_key, deviation_sample, row_result
-from raycat.storage import models, rowkey, rundir
+from raycat.storage import merge, models, rundir
 
 INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold")
 
@@ -247,7 +249,7 @@ def prepare(questions_path: str, parts_dir: str, n_sample: int) -> dict:
     """On a worker: how many questions there are, how many already have a part under this cache key
     (same id and content), and the deviation sample (ids only, a few hundred)."""
     counts = actor_pool.todo_count(questions_path, [(parts_dir, None)])
-    ids = rundir.read_parquet_columns(questions_path, ["id"])["id"] if n_sample else None
+    ids = (i for batch in rundir.iter_parquet(questions_path, ["id"]) for i in batch["id"])
     return {
         "questions": counts["rows"],
         "done": counts["done"][0],
@@ -273,35 +275,48 @@ def run_pipeline(plan: ScorePlan, pool: actor_pool.Pool, rows, parts_dir: str, o
 
 
 def finalize(cfg: RaycatConfig, plan: ScorePlan, questions_path: str, parts_dir: str) -> dict:
-    """Merge parts into scores.parquet / skipped.parquet; returns the metrics (``run`` writes them).
-    Runs as a Ray task: the rows stay on a worker."""
+    """Merge parts into scores.parquet / skipped.parquet in the questions' order; returns the metrics
+    (``run`` writes them). Runs as a Ray task that streams: it holds a bucket of rows, the corpus's
+    keys and the few columns the metrics need (``merge``, ``scored_summary``), not the corpus."""
     # Imports sklearn and scipy: loaded only in the worker that merges.
-    from raycat.score.metrics import score_metrics
+    from raycat.score.metrics import DEVIATION_COLUMNS, deviation_rows, scored_summary, summary_metrics
 
-    question_keys = rowkey.keys(rundir.read_parquet_columns(questions_path, ["id", "row_hash"]))
-    scores = rundir.read_parts(parts_dir, PART_COLUMNS)
+    score = cfg.score
+    constants = {
+        "model": score.student.path,
+        "model_revision": score.student.revision or "",
+        "template_hash": plan.template_hash,
+        "prompt_version": PROMPT_VERSION,
+        "entropy_mode": score.entropy_mode,
+        "logits": "raw",
+        "cache_key": plan.cache_key,
+    }
+    score_dir = rundir.join(cfg.run_dir, "score")
+    schema = merge.part_schema(parts_dir, {name: pa.string() for name in constants})
+    if schema is None:
+        schema = pa.schema([(c, pa.null()) for c in PART_COLUMNS] + [(c, pa.string()) for c in constants])
     # A part row counts only for the same id *and* content: an id reused by another data.path is new.
-    scores = scores.assign(_key=rowkey.keys(scores)).loc[lambda f: f["_key"].isin(set(question_keys))]
     # Parts are written at least once: a worker of a killed run can finish a part the rerun also
     # computes (same model, same key, same values). Each row counts once; the extra copies are reported.
-    duplicates = int(scores["_key"].duplicated().sum())
-    scores = scores.drop_duplicates("_key", keep="first").set_index("_key")
-    # In the questions' order.
-    scores = scores.loc[question_keys[question_keys.isin(scores.index)]].reset_index(drop=True)
-    score = cfg.score
-    scores["model"] = score.student.path
-    scores["model_revision"] = score.student.revision or ""
-    scores["template_hash"] = plan.template_hash
-    scores["prompt_version"] = PROMPT_VERSION
-    scores["entropy_mode"] = score.entropy_mode
-    scores["logits"] = "raw"
-    scores["cache_key"] = plan.cache_key
-    score_dir = rundir.join(cfg.run_dir, "score")
-    rundir.write_parquet(rundir.join(score_dir, "scores.parquet"), scores[scores["status"] == "scored"])
-    rundir.write_parquet(rundir.join(score_dir, "skipped.parquet"), scores[scores["status"] == "skipped"])
-    metrics = score_metrics(scores)
-    metrics["duplicate_part_rows_dropped"] = duplicates
-    metrics["missing"] = int(len(question_keys) - len(scores))
+    merged = merge.OrderedParts(parts_dir, questions_path)
+    summaries, samples, skipped = [], [], Counter()
+    with (
+        merge.ParquetSink(rundir.join(score_dir, "scores.parquet"), schema) as scored_out,
+        merge.ParquetSink(rundir.join(score_dir, "skipped.parquet"), schema) as skipped_out,
+    ):
+        for chunk in merged:
+            chunk = chunk.assign(**constants)
+            status = chunk["status"]
+            scored_out.write(chunk[status == "scored"])
+            skipped_out.write(chunk[status == "skipped"])
+            skipped.update(chunk.loc[status == "skipped", "skip_reason"].astype(str))
+            summaries.append(scored_summary(chunk))
+            samples.append(deviation_rows(chunk))
+    rows = _concat_summaries(summaries)
+    sample = pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(columns=DEVIATION_COLUMNS)
+    metrics = summary_metrics(rows, merged.rows, dict(skipped.most_common()), sample)
+    metrics["duplicate_part_rows_dropped"] = merged.duplicates
+    metrics["missing"] = merged.missing
     metrics["provenance"] = {
         "model": score.student.path,
         "model_revision": score.student.revision,
@@ -318,6 +333,18 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions_path: str, parts_dir:
         "cache_key": plan.cache_key,
     }
     return metrics
+
+
+def _concat_summaries(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The chunks' ``scored_summary`` frames as one, the category codes merged (no string per row)."""
+    from raycat.score.metrics import scored_summary
+
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return scored_summary(pd.DataFrame(columns=PART_COLUMNS))
+    # One category dtype for all chunks, so concat keeps the codes (sorted: groupby's order).
+    names = sorted({c for f in frames for c in f["category"].cat.categories}, key=str)
+    return pd.concat([f.assign(category=f["category"].cat.set_categories(names)) for f in frames], ignore_index=True)
 
 
 def run(cfg: RaycatConfig) -> dict:

@@ -117,6 +117,18 @@ def write_parquet(path: str, frame: pd.DataFrame, row_group_size: int | None = N
     write_bytes(path, buf.getvalue())
 
 
+def parquet_schema(path: str) -> pa.Schema:
+    """A Parquet file's Arrow schema (from its footer), without pandas metadata."""
+    with open_input_file(path) as f:
+        return pq.read_schema(f).remove_metadata()
+
+
+def parquet_rows(path: str) -> int:
+    """A Parquet file's row count, from its footer."""
+    with open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def parquet_columns(path: str) -> list[str]:
     filesystem, fs_path = _fs(path)
     with filesystem.open_input_file(fs_path) as f:
@@ -210,11 +222,12 @@ def write_part(batch: pd.DataFrame, directory: str) -> int:
     return len(batch)
 
 
-def part_keys(directory: str, status: str | None = None) -> set[str]:
-    """The (id, row_hash) keys (``rowkey.keys``) that already have a part in ``directory``; with
+def part_keys(directory: str, status: str | None = None) -> rowkey.KeySet:
+    """The (id, row_hash) keys (as ``rowkey.key64``) that already have a part in ``directory``; with
     ``status``, only rows whose ``status`` column equals it (``"!failed"``: differs from it). Parts of
-    an older raycat, without a row_hash, count as not done: their rows are computed again."""
-    out: set[str] = set()
+    an older raycat, without a row_hash, count as not done: their rows are computed again. 8 bytes a
+    row: part files are read one at a time, two key columns each."""
+    out: list[np.ndarray] = []
     for f in list_files(directory, ".parquet"):
         have = parquet_columns(f)
         if "row_hash" not in have:
@@ -225,8 +238,16 @@ def part_keys(directory: str, status: str | None = None) -> set[str]:
             rows = rows[rows["status"] != status[1:]]
         elif status is not None:
             rows = rows[rows["status"] == status]
-        out.update(rowkey.keys(rows))
-    return out
+        out.append(rowkey.key64(rows))
+    return rowkey.KeySet(np.concatenate(out)) if out else rowkey.KeySet()
+
+
+def iter_parquet(path: str, columns: list[str] | None = None, batch_rows: int = 65536) -> Iterator[pd.DataFrame]:
+    """A Parquet file as frames of at most ``batch_rows`` rows, in file order, read as they are used:
+    memory is one batch, whatever the file's size."""
+    with open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+            yield batch.to_pandas(ignore_metadata=True)
 
 
 def fingerprint(path: str, only: set[str] | None = None) -> str:

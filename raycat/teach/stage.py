@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from raycat import progress
 from raycat.config import RaycatConfig, TeacherConfig, cache_root, for_workers, save_config
@@ -33,7 +34,7 @@ from raycat.engines.base import Sampling, engine_kwargs, make_engine, resolve_dt
 from raycat.engines.openai_http import OpenAITeacher
 from raycat.errors import MissingInputError, RaycatError, StageFailed
 from raycat.ray_env import ray_session, remote_call
-from raycat.storage import models, rowkey, rundir
+from raycat.storage import merge, models, rowkey, rundir
 from raycat.teach.core import accounting, attempt_schedule, band_accounting, resolve, teach_rows
 
 INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold")
@@ -228,17 +229,29 @@ def check_inputs(cfg: RaycatConfig) -> None:
 
 def prepare(cfg: RaycatConfig) -> int:
     """On a worker: the rows to teach (the chosen bands of the split, ``teach.limit`` applied) written
-    to teach/rows.parquet; returns their count."""
+    to teach/rows.parquet; returns their count. Streams the band files: memory is one batch."""
     teach = cfg.teach
-    frames = [
-        rundir.read_parquet(rundir.join(cfg.run_dir, "split", f"{band}.parquet")).assign(band=band)
-        for band in taught_bands(cfg)  # check_inputs found each of them
-    ]
-    rows = pd.concat(frames, ignore_index=True)
-    if teach.limit is not None and teach.limit < len(rows):
-        rows = rows.sample(n=teach.limit, random_state=teach.seed).sort_index().reset_index(drop=True)
-    rundir.write_parquet(rows_path(cfg.run_dir), rows, row_group_size=block_rows(cfg))
-    return int(len(rows))
+    paths = {band: rundir.join(cfg.run_dir, "split", f"{band}.parquet") for band in taught_bands(cfg)}
+    sizes = {band: rundir.parquet_rows(path) for band, path in paths.items()}
+    total = sum(sizes.values())
+    keep = None
+    if teach.limit is not None and teach.limit < total:
+        # The positions DataFrame.sample(n=limit, random_state=seed) draws from the bands' concatenation.
+        keep = np.sort(np.random.RandomState(teach.seed).choice(total, size=teach.limit, replace=False))
+    schema = pa.unify_schemas([rundir.parquet_schema(path) for path in paths.values()], promote_options="permissive")
+    if "band" not in schema.names:
+        schema = schema.append(pa.field("band", pa.string()))
+    start = 0
+    with merge.ParquetSink(rows_path(cfg.run_dir), schema, row_group_size=block_rows(cfg)) as out:
+        for band, path in paths.items():
+            for batch in rundir.iter_parquet(path):
+                batch = batch.assign(band=band)
+                if keep is not None:
+                    at = keep[(keep >= start) & (keep < start + len(batch))] - start
+                    start += len(batch)
+                    batch = batch.iloc[at]
+                out.write(batch)
+    return out.rows
 
 
 def run_pipeline(teacher: TeacherConfig, plan: TeachPlan, rows, parts_dir: str, on_rows, skip=()) -> int:

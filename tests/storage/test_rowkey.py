@@ -83,3 +83,27 @@ def test_fingerprint_changes_when_a_file_is_rewritten_in_place(tmp_path):
     os.utime(model_dir / "model.safetensors", ns=(1, 1))
     assert rundir.fingerprint(str(model_dir)) != before
     assert rundir.fingerprint("Org/hub-model") == "" and rundir.fingerprint("registry:smollm2") == ""
+
+
+def test_key64_is_the_same_in_every_process_and_keysets_answer_membership_by_batch():
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    rows = pd.DataFrame({"id": [f"q{i}" for i in range(5000)], "row_hash": [f"h{i % 7}" for i in range(5000)]})
+    mine = rowkey.key64(rows)
+    code = (
+        "import pandas as pd, sys; from raycat.storage import rowkey; "
+        "r = pd.DataFrame({'id': ['q0', 'q4999'], 'row_hash': ['h0', 'h1']}); print(rowkey.key64(r).tolist())"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert other.strip() == str([int(mine[0]), int(mine[-1])])  # not salted per process, like hash()
+    assert mine.dtype == np.uint64 and len(set(mine.tolist())) == 5000
+    # The key covers the content: the same id with another row_hash is another key.
+    assert rowkey.key64(rows.assign(row_hash="x"))[0] != mine[0]
+    evens, odds = rowkey.KeySet(mine[::2]), rowkey.KeySet(mine[1::2])
+    assert evens.contains(mine).tolist() == [i % 2 == 0 for i in range(5000)]
+    both = rowkey.KeySet.union([evens, odds, rowkey.KeySet()])
+    assert len(both) == 5000 and both.contains(mine).all()
+    assert not rowkey.KeySet().contains(mine).any() and len(rowkey.key64(rows.iloc[:0])) == 0

@@ -105,3 +105,36 @@ def test_the_cascade_keeps_a_wrong_cot_over_a_later_teachers_failed_request():
         ("wrong", "t2"),  # too long for t1, answered by t2 (a longer context)
         ("failed", "t2"),  # a failure is retried by the next run: it shows, not the skip
     ]
+
+
+def test_the_rows_to_teach_are_streamed_from_the_bands_with_the_limit_drawn_as_before(tmp_path):
+    """teach.prepare reads the band files batch by batch; teach.limit keeps the rows that
+    DataFrame.sample(n=limit, random_state=seed) over the bands' concatenation kept (same rows, same
+    order), so runs from before the streaming rewrite keep their teacher cache."""
+    from raycat.config import validate_config
+    from raycat.storage import rundir
+    from raycat.teach.stage import prepare, rows_path
+
+    run = tmp_path / "run"
+    (run / "split").mkdir(parents=True)
+    frames = []
+    for k, band in enumerate(("easy", "medium", "hard")):
+        n = [150_000, 3, 70_001][k]
+        rows = pd.DataFrame({"id": [f"{band}{i}" for i in range(n)], "row_hash": "h", "band": band, "x": range(n)})
+        rows.to_parquet(run / "split" / f"{band}.parquet", row_group_size=40_000)
+        frames.append(rows)
+    tree = {
+        "run_dir": str(run),
+        "data": {"source": "synthetic"},
+        "score": {"student": {"path": "unused"}},
+        "teach": {"teachers": [{"model": {"path": "unused"}}], "bands": "all", "limit": 1000, "seed": 7},
+    }
+    assert prepare(validate_config(tree)) == 1000
+    got = rundir.read_parquet(rows_path(str(run)))
+    want = pd.concat(frames, ignore_index=True).sample(n=1000, random_state=7).sort_index()
+    assert got["id"].tolist() == want["id"].tolist()
+    assert got["band"].tolist() == want["band"].tolist() and set(got["band"]) == {"easy", "hard"}
+    tree["teach"].update(bands=["hard"], limit=None)
+    assert prepare(validate_config(tree)) == 70_001
+    got = rundir.read_parquet(rows_path(str(run)))
+    assert got["id"].tolist() == frames[2]["id"].tolist() and (got["band"] == "hard").all()

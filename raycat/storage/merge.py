@@ -1,0 +1,128 @@
+"""A stage's part files merged into the corpus order, in memory bounded by a bucket, not the corpus.
+
+Parts arrive in whatever order Ray Data finished its blocks, and a part can hold a row twice over
+(a killed run's worker finished a part the rerun also computed). ``OrderedParts`` yields the parts'
+rows in the order of a rows file (questions.parquet), each key once, first part file (by name) winning:
+
+1. the rows file's keys, streamed: 8 bytes a row (``rowkey.key64``) plus a sorted index of them;
+2. each part file, one at a time: its rows are looked up, the first copy of each kept, and spread
+   by corpus position into buckets of ``bucket_rows`` on the worker's local disk;
+3. each bucket in turn: read, sorted by position, yielded.
+
+So memory is one part file or one bucket plus ~17 bytes a corpus row, at 10M rows ~170 MB.
+``ParquetSink`` writes the chunks to one Parquet file, atomically, without holding them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raycat.storage import rowkey, rundir
+
+BUCKET_ROWS = 100_000
+
+
+def part_schema(parts_dir: str, extra: dict[str, pa.DataType] | None = None) -> pa.Schema | None:
+    """One schema for every part file (a column that is all null in one part and typed in another
+    takes the type); ``extra`` columns appended. None when there are no parts."""
+    files = rundir.list_files(parts_dir, ".parquet")
+    if not files:
+        return None
+    schema = pa.unify_schemas([rundir.parquet_schema(f) for f in files], promote_options="permissive")
+    for name, kind in (extra or {}).items():
+        schema = schema.append(pa.field(name, kind))
+    return schema
+
+
+class OrderedParts:
+    """Iterate for the chunks; ``rows``, ``duplicates`` and ``missing`` hold the counts afterwards."""
+
+    def __init__(self, parts_dir: str, order_path: str, bucket_rows: int = BUCKET_ROWS):
+        self.parts_dir, self.order_path, self.bucket_rows = parts_dir, order_path, bucket_rows
+        self.rows = self.duplicates = self.missing = 0
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        keys = [rowkey.key64(b) for b in rundir.iter_parquet(self.order_path, ["id", "row_hash"])]
+        order_keys = np.concatenate(keys) if keys else np.empty(0, dtype=np.uint64)
+        index = np.argsort(order_keys, kind="stable")
+        sorted_keys = order_keys[index]
+        del keys, order_keys
+        seen = np.zeros(len(sorted_keys), dtype=bool)
+        tmp = Path(tempfile.mkdtemp(prefix="raycat-merge-"))
+        try:
+            buckets: dict[int, list[Path]] = {}
+            for i, f in enumerate(rundir.list_files(self.parts_dir, ".parquet")):
+                part = rundir.read_parquet(f)
+                pos = _positions(sorted_keys, index, rowkey.key64(part))
+                first = pos >= 0
+                first[first] = ~pd.Series(pos[first]).duplicated().to_numpy() & ~seen[pos[first]]
+                # Rows of this corpus seen before (in this part or an earlier one) are the extra copies.
+                self.duplicates += int(((pos >= 0) & ~first).sum())
+                part, pos = part[first], pos[first]
+                seen[pos] = True
+                for bucket in np.unique(pos // self.bucket_rows):
+                    mine = pos // self.bucket_rows == bucket
+                    path = tmp / f"{bucket:09d}-{i:09d}.parquet"
+                    chunk = part[mine].assign(_pos=pos[mine])
+                    pq.write_table(
+                        pa.Table.from_pandas(chunk, preserve_index=False).replace_schema_metadata(None), path
+                    )
+                    buckets.setdefault(int(bucket), []).append(path)
+            self.rows = int(seen.sum())
+            self.missing = int(len(seen) - self.rows)
+            del seen
+            for bucket in sorted(buckets):
+                frames = [pq.read_table(p).to_pandas(ignore_metadata=True) for p in buckets[bucket]]
+                chunk = pd.concat(frames, ignore_index=True).sort_values("_pos", kind="stable")
+                for p in buckets[bucket]:
+                    p.unlink()
+                yield chunk.drop(columns="_pos").reset_index(drop=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _positions(sorted_keys: np.ndarray, index: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Each wanted key's position in the rows file, -1 where it is not there."""
+    if not len(sorted_keys):
+        return np.full(len(wanted), -1, dtype=np.int64)
+    at = np.searchsorted(sorted_keys, wanted).clip(max=len(sorted_keys) - 1)
+    return np.where(sorted_keys[at] == wanted, index[at], -1).astype(np.int64)
+
+
+class ParquetSink:
+    """Frames written one after another into one Parquet file under ``schema``; the file appears at
+    ``path`` only when the block ends without an error (``rundir.atomic_output``)."""
+
+    def __init__(self, path: str, schema: pa.Schema, row_group_size: int | None = None):
+        self.path, self.schema, self.row_group_size = path, schema, row_group_size
+        self.rows = 0
+
+    def __enter__(self) -> ParquetSink:
+        self._output = rundir.atomic_output(self.path)
+        self._writer = pq.ParquetWriter(self._output.__enter__(), self.schema)
+        return self
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if not len(frame):
+            return
+        table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+        self._writer.write_table(table.select(self.schema.names).cast(self.schema), self.row_group_size)
+        self.rows += len(frame)
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            self._writer.close()
+        except BaseException as e:
+            # A file that did not close is not published.
+            self._output.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._output.__exit__(*exc)
+        return False
