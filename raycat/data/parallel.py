@@ -44,6 +44,7 @@ from raycat.data.corpus import (
 )
 from raycat.ray_env import get
 from raycat.storage import rundir
+from raycat.storage.merge import flush_groups
 
 # Enough reducers that each holds a small share of the ids; few enough that a file's task returns
 # few objects.
@@ -110,18 +111,9 @@ def _write(cfg: RaycatConfig, settled: list, counts: list[int], with_quarantine:
             n_selected += len(rows)
             max_options = max(max_options, int(rows["options"].map(len).max()) if len(rows) else 0)
             pending.append(pa.Table.from_pandas(rows[SCHEMA.names], schema=SCHEMA, preserve_index=False))
-            pending = _flush(writer, pending, block, final=False)
-        _flush(writer, pending, block, final=True)
+            pending = flush_groups(writer, pending, block, final=False)
+        flush_groups(writer, pending, block, final=True)
     return {"selected": n_selected, "max_options": int(max_options)}
-
-
-def _flush(writer: pq.ParquetWriter, pending: list[pa.Table], block: int, final: bool) -> list[pa.Table]:
-    """Write the whole row groups of ``block`` rows pending (and, at the end, the rest); return the rest."""
-    table = pa.concat_tables(pending).replace_schema_metadata(None)
-    whole = len(table) if final else len(table) - len(table) % block
-    if whole:
-        writer.write_table(table.slice(0, whole), row_group_size=block)
-    return [table.slice(whole)] if whole < len(table) else []
 
 
 def _gather(refs: list) -> list:

@@ -14,6 +14,7 @@ from raycat.config import RaycatConfig
 from raycat.data import sources
 from raycat.data.adapters import select_rows
 from raycat.data.corpus import load_questions, reason_counts
+from raycat.errors import RaycatError
 from raycat.ray_env import remote_call
 from raycat.storage import rowkey, rundir
 
@@ -83,6 +84,11 @@ def stage_questions(cfg: RaycatConfig) -> dict:
     # Workers do not share the driver's working directory: they get the run dir as an absolute path.
     cfg = cfg.model_copy(update={"run_dir": rundir.absolute(cfg.run_dir)})
     files = sources.resolve(cfg.data.path) if cfg.data.source != "synthetic" and cfg.data.path else None
+    if files is not None and cfg.data.revision:
+        raise RaycatError(
+            f"data.revision={cfg.data.revision!r} pins a hub dataset, but data.path {cfg.data.path} names "
+            "files here; remove data.revision (files are fingerprinted by name, size and mtime)"
+        )
     if files is not None and len(files) > 1:
         from raycat.data import parallel
 

@@ -309,7 +309,7 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions_path: str, parts_dir:
             status = chunk["status"]
             scored_out.write(chunk[status == "scored"])
             skipped_out.write(chunk[status == "skipped"])
-            skipped.update(chunk.loc[status == "skipped", "skip_reason"].astype(str))
+            skipped.update(chunk.loc[status == "skipped", "skip_reason"].dropna().astype(str))
             summaries.append(scored_summary(chunk))
             samples.append(deviation_rows(chunk))
     rows = _concat_summaries(summaries)

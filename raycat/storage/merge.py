@@ -15,6 +15,7 @@ So memory is one part file or one bucket plus ~17 bytes a corpus row, at 10M row
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raycat.errors import RaycatError
 from raycat.storage import rowkey, rundir
 
 BUCKET_ROWS = 100_000
@@ -45,8 +47,9 @@ def part_schema(parts_dir: str, extra: dict[str, pa.DataType] | None = None) -> 
 class OrderedParts:
     """Iterate for the chunks; ``rows``, ``duplicates`` and ``missing`` hold the counts afterwards."""
 
-    def __init__(self, parts_dir: str, order_path: str, bucket_rows: int = BUCKET_ROWS):
+    def __init__(self, parts_dir: str, order_path: str, bucket_rows: int = BUCKET_ROWS, tmp_root: str | None = None):
         self.parts_dir, self.order_path, self.bucket_rows = parts_dir, order_path, bucket_rows
+        self.tmp_root = tmp_root
         self.rows = self.duplicates = self.missing = 0
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
@@ -55,8 +58,18 @@ class OrderedParts:
         index = np.argsort(order_keys, kind="stable")
         sorted_keys = order_keys[index]
         del keys, order_keys
+        if len(sorted_keys) > 1 and (sorted_keys[1:] == sorted_keys[:-1]).any():
+            # Two rows with one 64-bit key (~3e-6 at 10M rows) would share one merged row: refuse.
+            raise RaycatError(
+                f"{self.order_path}: two rows share a 64-bit (id, row_hash) key; give one of them another id"
+            )
         seen = np.zeros(len(sorted_keys), dtype=bool)
-        tmp = Path(tempfile.mkdtemp(prefix="raycat-merge-"))
+        # One directory per parts dir, wiped first: a merge retried after its worker died (Ray retries
+        # the task) reuses it instead of leaving another copy of every part on the node's disk.
+        digest = hashlib.sha256(self.parts_dir.encode()).hexdigest()[:16]
+        tmp = Path(self.tmp_root or tempfile.gettempdir()) / f"raycat-merge-{digest}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         try:
             buckets: dict[int, list[Path]] = {}
             for i, f in enumerate(rundir.list_files(self.parts_dir, ".parquet")):
@@ -98,12 +111,15 @@ def _positions(sorted_keys: np.ndarray, index: np.ndarray, wanted: np.ndarray) -
 
 
 class ParquetSink:
-    """Frames written one after another into one Parquet file under ``schema``; the file appears at
-    ``path`` only when the block ends without an error (``rundir.atomic_output``)."""
+    """Frames written one after another into one Parquet file under ``schema`` (a column a frame lacks
+    is null); the file appears at ``path`` only when the block ends without an error
+    (``rundir.atomic_output``). With ``row_group_size``, rows are held until they fill a row group,
+    so small frames still make whole groups (one Ray block each downstream)."""
 
     def __init__(self, path: str, schema: pa.Schema, row_group_size: int | None = None):
         self.path, self.schema, self.row_group_size = path, schema, row_group_size
         self.rows = 0
+        self._pending: list[pa.Table] = []
 
     def __enter__(self) -> ParquetSink:
         self._output = rundir.atomic_output(self.path)
@@ -114,11 +130,20 @@ class ParquetSink:
         if not len(frame):
             return
         table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
-        self._writer.write_table(table.select(self.schema.names).cast(self.schema), self.row_group_size)
+        for field in self.schema:
+            if field.name not in table.column_names:
+                table = table.append_column(field.name, pa.nulls(len(table), field.type))
+        table = table.select(self.schema.names).cast(self.schema)
         self.rows += len(frame)
+        if self.row_group_size is None:
+            self._writer.write_table(table)
+        else:
+            self._pending = flush_groups(self._writer, [*self._pending, table], self.row_group_size, final=False)
 
     def __exit__(self, *exc) -> bool:
         try:
+            if exc[0] is None and self._pending:
+                flush_groups(self._writer, self._pending, self.row_group_size, final=True)
             self._writer.close()
         except BaseException as e:
             # A file that did not close is not published.
@@ -126,3 +151,12 @@ class ParquetSink:
             raise
         self._output.__exit__(*exc)
         return False
+
+
+def flush_groups(writer: pq.ParquetWriter, pending: list[pa.Table], block: int, final: bool) -> list[pa.Table]:
+    """Write the whole row groups of ``block`` rows pending (and, at the end, the rest); return the rest."""
+    table = pa.concat_tables(pending).replace_schema_metadata(None)
+    whole = len(table) if final else len(table) - len(table) % block
+    if whole:
+        writer.write_table(table.slice(0, whole), row_group_size=block)
+    return [table.slice(whole)] if whole < len(table) else []

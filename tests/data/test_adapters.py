@@ -240,6 +240,22 @@ def test_data_revision_pins_the_hub_load_and_is_refused_for_files(monkeypatch):
             DataConfig(source="generic", columns=COLS, path=path, revision="v1")
 
 
+def test_data_revision_with_a_relative_path_to_files_is_refused_before_any_task(tmp_path, monkeypatch):
+    from raycat.config import validate_config
+    from raycat.data.questions import stage_questions
+    from raycat.errors import RaycatError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text(json.dumps(MCQ) + "\n")
+    tree = {
+        "run_dir": "run",
+        "data": {"source": "generic", "path": "corpus.jsonl", "revision": "v1", "columns": COLS.model_dump()},
+        "score": {"student": {"path": "unused"}},
+    }
+    with pytest.raises(RaycatError, match="data.revision='v1' pins a hub dataset, but data.path corpus.jsonl"):
+        stage_questions(validate_config(tree))
+
+
 # --- input handling: every problem names file, line/row and field ---
 
 MCQ = {"question": "Q?", "options": ["a", "b"], "answer": "A"}

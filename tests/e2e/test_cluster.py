@@ -11,6 +11,7 @@ Everything is started and stopped by PID (process groups this module created).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -143,10 +144,10 @@ def cluster(tmp_path_factory, tiny_model_dir):
     # Short: Ray's unix sockets live under the head's --temp-dir and may not exceed 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
     procs: list[subprocess.Popen] = []
-    s3_server = moto_s3(root / "s3.log")
+    servers = contextlib.ExitStack()
     try:
         gcs, dash = _free_port(), _free_port()
-        aws = s3_server.__enter__()
+        aws = servers.enter_context(moto_s3(root / "s3.log"))
         # This test process reads the bucket too; removed again below
         os.environ.update(aws)
         boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
@@ -225,7 +226,7 @@ def cluster(tmp_path_factory, tiny_model_dir):
     finally:
         for p in reversed(procs):
             _stop(p)
-        s3_server.__exit__(None, None, None)
+        servers.close()
         for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
             os.environ.pop(k, None)
         shutil.rmtree(root, ignore_errors=True)
