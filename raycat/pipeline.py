@@ -96,10 +96,10 @@ def data_fingerprint(cfg: RaycatConfig) -> str:
     local = resolve_data_path(cfg.data.path)
     if local is not None:
         return rundir.fingerprint(str(local))
-    if not (cfg.data.path.startswith(sources.SCHEMES) or sources.has_glob(cfg.data.path)):
-        return ""
     # Listings only, never a read or a request per shard: cheap for thousands of shards.
-    files = sources.resolve(cfg.data.path) or []
+    files = sources.resolve(cfg.data.path)
+    if files is None:
+        return ""
     if len(files) == 1:
         return rundir.fingerprint(files[0])
     return rundir.fingerprint(sources.common_root(files), only=set(files))

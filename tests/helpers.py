@@ -124,13 +124,19 @@ def moto_s3(log: Path):
             "AWS_DEFAULT_REGION": "us-east-1",
         }
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, 30)
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it started: SIGTERM to
+    its group, SIGKILL after ``timeout_s``."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def write_config(tmp_path: Path, tree: dict) -> Path:

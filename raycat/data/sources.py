@@ -54,10 +54,6 @@ def package_path(path: str) -> Path:
     return Path(spec.origin).parent / rel
 
 
-def has_glob(path: str) -> bool:
-    return bool(_GLOB.search(path))
-
-
 def resolve(path: str) -> list[str] | None:
     """The data files ``path`` names, sorted (the corpus order: file, then row); None for a hub id.
     A URI or glob that matches no data file is an error, never taken for a hub id."""

@@ -8,6 +8,18 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 MIN_CATEGORY_ROWS = 10
+# The score part columns scored_summary reads (an empty merge still reports the greedy section).
+SUMMARY_INPUTS = [
+    "status",
+    "idk",
+    "correct",
+    "entropy",
+    "option_mass",
+    "category",
+    "predicted",
+    "predicted_greedy",
+    "correct_greedy",
+]
 DEVIATION_COLUMNS = ["entropy_full", "entropy_options", "entropy_topk", "entropy_topk_bound"]
 
 
@@ -51,6 +63,16 @@ def scored_summary(scores: pd.DataFrame) -> pd.DataFrame:
         out["agree"] = (greedy == scored["predicted"]).to_numpy()
         out["correct_greedy"] = scored["correct_greedy"].astype(bool).to_numpy()
     return out
+
+
+def concat_summaries(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Chunks' ``scored_summary`` frames as one, the category codes merged (no string per row)."""
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return scored_summary(pd.DataFrame(columns=SUMMARY_INPUTS))
+    # One category dtype for all chunks, so concat keeps the codes (sorted: groupby's order).
+    names = sorted({c for f in frames for c in f["category"].cat.categories}, key=str)
+    return pd.concat([f.assign(category=f["category"].cat.set_categories(names)) for f in frames], ignore_index=True)
 
 
 def deviation_rows(scores: pd.DataFrame) -> pd.DataFrame:

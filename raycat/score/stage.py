@@ -279,7 +279,13 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions_path: str, parts_dir:
     (``run`` writes them). Runs as a Ray task that streams: it holds a bucket of rows, the corpus's
     keys and the few columns the metrics need (``merge``, ``scored_summary``), not the corpus."""
     # Imports sklearn and scipy: loaded only in the worker that merges.
-    from raycat.score.metrics import DEVIATION_COLUMNS, deviation_rows, scored_summary, summary_metrics
+    from raycat.score.metrics import (
+        DEVIATION_COLUMNS,
+        concat_summaries,
+        deviation_rows,
+        scored_summary,
+        summary_metrics,
+    )
 
     score = cfg.score
     constants = {
@@ -312,7 +318,7 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions_path: str, parts_dir:
             skipped.update(chunk.loc[status == "skipped", "skip_reason"].dropna().astype(str))
             summaries.append(scored_summary(chunk))
             samples.append(deviation_rows(chunk))
-    rows = _concat_summaries(summaries)
+    rows = concat_summaries(summaries)
     sample = pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(columns=DEVIATION_COLUMNS)
     metrics = summary_metrics(rows, merged.rows, dict(skipped.most_common()), sample)
     metrics["duplicate_part_rows_dropped"] = merged.duplicates
@@ -333,18 +339,6 @@ def finalize(cfg: RaycatConfig, plan: ScorePlan, questions_path: str, parts_dir:
         "cache_key": plan.cache_key,
     }
     return metrics
-
-
-def _concat_summaries(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """The chunks' ``scored_summary`` frames as one, the category codes merged (no string per row)."""
-    from raycat.score.metrics import scored_summary
-
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return scored_summary(pd.DataFrame(columns=PART_COLUMNS))
-    # One category dtype for all chunks, so concat keeps the codes (sorted: groupby's order).
-    names = sorted({c for f in frames for c in f["category"].cat.categories}, key=str)
-    return pd.concat([f.assign(category=f["category"].cat.set_categories(names)) for f in frames], ignore_index=True)
 
 
 def run(cfg: RaycatConfig) -> dict:

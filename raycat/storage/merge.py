@@ -32,16 +32,20 @@ from raycat.storage import rowkey, rundir
 BUCKET_ROWS = 100_000
 
 
-def part_schema(parts_dir: str, extra: dict[str, pa.DataType] | None = None) -> pa.Schema | None:
-    """One schema for every part file (a column that is all null in one part and typed in another
-    takes the type); ``extra`` columns appended. None when there are no parts."""
-    files = rundir.list_files(parts_dir, ".parquet")
-    if not files:
-        return None
+def unified_schema(files: list[str], extra: dict[str, pa.DataType] | None = None) -> pa.Schema:
+    """One schema for every file (a column that is all null in one file and typed in another takes
+    the type), from the footers; ``extra`` columns appended where the files lack them."""
     schema = pa.unify_schemas([rundir.parquet_schema(f) for f in files], promote_options="permissive")
     for name, kind in (extra or {}).items():
-        schema = schema.append(pa.field(name, kind))
+        if name not in schema.names:
+            schema = schema.append(pa.field(name, kind))
     return schema
+
+
+def part_schema(parts_dir: str, extra: dict[str, pa.DataType] | None = None) -> pa.Schema | None:
+    """``unified_schema`` of a stage's part files; None when there are no parts."""
+    files = rundir.list_files(parts_dir, ".parquet")
+    return unified_schema(files, extra) if files else None
 
 
 class OrderedParts:

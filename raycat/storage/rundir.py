@@ -130,9 +130,7 @@ def parquet_rows(path: str) -> int:
 
 
 def parquet_columns(path: str) -> list[str]:
-    filesystem, fs_path = _fs(path)
-    with filesystem.open_input_file(fs_path) as f:
-        return list(pq.ParquetFile(f).schema_arrow.names)
+    return list(parquet_schema(path).names)
 
 
 def row_groups(path: str) -> list[int]:

@@ -232,15 +232,12 @@ def prepare(cfg: RaycatConfig) -> int:
     to teach/rows.parquet; returns their count. Streams the band files: memory is one batch."""
     teach = cfg.teach
     paths = {band: rundir.join(cfg.run_dir, "split", f"{band}.parquet") for band in taught_bands(cfg)}
-    sizes = {band: rundir.parquet_rows(path) for band, path in paths.items()}
-    total = sum(sizes.values())
+    total = sum(rundir.parquet_rows(path) for path in paths.values())
     keep = None
     if teach.limit is not None and teach.limit < total:
         # The positions DataFrame.sample(n=limit, random_state=seed) draws from the bands' concatenation.
         keep = np.sort(np.random.RandomState(teach.seed).choice(total, size=teach.limit, replace=False))
-    schema = pa.unify_schemas([rundir.parquet_schema(path) for path in paths.values()], promote_options="permissive")
-    if "band" not in schema.names:
-        schema = schema.append(pa.field("band", pa.string()))
+    schema = merge.unified_schema(list(paths.values()), {"band": pa.string()})
     start = 0
     with merge.ParquetSink(rows_path(cfg.run_dir), schema, row_group_size=block_rows(cfg)) as out:
         for band, path in paths.items():

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT, moto_s3
+from tests.helpers import ROOT, moto_s3, stop_group
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
@@ -78,17 +78,6 @@ def _wait_up(url: str, proc: subprocess.Popen, timeout_s: float, what: str, log:
         except OSError:
             assert time.time() < deadline, f"{what} did not come up in {timeout_s:.0f} s"
             time.sleep(1)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        # `ray start --block` stops the daemons it started
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _listed(stdout: str) -> list[dict]:
@@ -225,7 +214,8 @@ def cluster(tmp_path_factory, tiny_model_dir):
         yield running
     finally:
         for p in reversed(procs):
-            _stop(p)
+            # `ray start --block` stops the daemons it started
+            stop_group(p, 60)
         servers.close()
         for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
             os.environ.pop(k, None)
