@@ -19,7 +19,7 @@ Each size runs in a fresh driver process, one local Ray session (``ray.num_cpus=
   (it wraps ``raycat.data.questions.stage_questions``), so the corpus is read once.
 - score: the rest of ``score.run``, null engine (``score.engine.backend: null``: uniform option scores,
   no model; the tiny test tokenizer renders real chat-template prompts): Ray Data pipeline, parts, merge.
-- split: ``raycat.split.run`` (one worker task).
+- split: ``raycat.split.stage.run`` (one worker task).
 - teach: ``raycat.teach.stage.prepare`` as a Ray task: the hard band selected into teach/rows.parquet
   (no teacher runs).
 - train: ``raycat.train.stage.prepare`` as a Ray task, recipe ``sft_all`` (no CoT needed): every band's
@@ -225,11 +225,11 @@ def child(tree: dict, out: Path, wanted: list[str]) -> None:
     """One size: every stage in one Ray session; results (with rows per stage) written to ``out``."""
     import ray
 
-    from raycat import split
     from raycat.config import for_workers, validate_config
     from raycat.data import questions
     from raycat.ray_env import ray_session, remote_call
     from raycat.score import stage as score
+    from raycat.split import stage as split
     from raycat.teach import stage as teach
     from raycat.train import stage as train
 

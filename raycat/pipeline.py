@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 
-from raycat import preflight, progress, report, split
+from raycat import preflight, progress, report
 from raycat.config import RaycatConfig
 from raycat.data import sources
 from raycat.data.adapters import resolve_data_path
@@ -24,6 +24,7 @@ from raycat.evaluate import stage as evaluate
 from raycat.ray_env import ray_session
 from raycat.recipes import RECIPES, needs_cot
 from raycat.score import stage as score
+from raycat.split import stage as split
 from raycat.storage import rundir
 from raycat.teach import stage as teach
 from raycat.train import stage as train

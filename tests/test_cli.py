@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from raycat import split
 from raycat.cli import main
+from raycat.split import stage as split
 from tests.helpers import write_config
 
 

@@ -5,16 +5,17 @@ Parts arrive in whatever order Ray Data finished its blocks, and a part can hold
 rows in the order of a rows file (questions.parquet), each key once, first part file (by name) winning:
 
 1. the rows file's keys, streamed: 8 bytes a row (``rowkey.key64``) plus a sorted index of them;
-2. each part file, one at a time: its rows are looked up, the first copy of each kept, and spread
+2. each part file, a batch at a time: its rows are looked up, the first copy of each kept, and spread
    by corpus position into buckets of ``bucket_rows`` on the worker's local disk;
 3. each bucket in turn: read, sorted by position, yielded.
 
-So memory is one part file or one bucket plus ~17 bytes a corpus row, at 10M rows ~170 MB.
+So memory is one batch or one bucket plus ~17 bytes a corpus row, at 10M rows ~170 MB.
 ``ParquetSink`` writes the chunks to one Parquet file, atomically, without holding them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import tempfile
@@ -48,65 +49,130 @@ def part_schema(parts_dir: str, extra: dict[str, pa.DataType] | None = None) -> 
     return unified_schema(files, extra) if files else None
 
 
+@contextlib.contextmanager
+def scratch(name: str, tmp_root: str | None = None) -> Iterator[Path]:
+    """A directory on this node's local disk, one per ``name``, wiped first and removed after: work
+    retried after its worker died (Ray retries the task) reuses it instead of leaving another copy."""
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    tmp = Path(tmp_root or tempfile.gettempdir()) / f"raycat-merge-{digest}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Buckets:
+    """Rows spread by a target position into files of ``bucket_rows`` positions on local disk, read
+    back a bucket at a time in position order (``_pos`` kept): an external sort by position."""
+
+    def __init__(self, directory: Path, bucket_rows: int = BUCKET_ROWS):
+        self.dir, self.bucket_rows = directory, bucket_rows
+        self._files: dict[int, list[Path]] = {}
+
+    def add(self, frame: pd.DataFrame, pos: np.ndarray) -> None:
+        for bucket in np.unique(pos // self.bucket_rows):
+            mine = pos // self.bucket_rows == bucket
+            files = self._files.setdefault(int(bucket), [])
+            path = self.dir / f"{bucket:09d}-{len(files):09d}.parquet"
+            chunk = frame[mine].assign(_pos=pos[mine])
+            pq.write_table(pa.Table.from_pandas(chunk, preserve_index=False).replace_schema_metadata(None), path)
+            files.append(path)
+
+    def chunks(self, keep: bool = False) -> Iterator[pd.DataFrame]:
+        """Each bucket, sorted by ``_pos``; with ``keep``, the files stay for another pass."""
+        for bucket in sorted(self._files):
+            frames = [pq.read_table(p).to_pandas(ignore_metadata=True) for p in self._files[bucket]]
+            if not keep:
+                for p in self._files.pop(bucket):
+                    p.unlink()
+            yield pd.concat(frames, ignore_index=True).sort_values("_pos", kind="stable").reset_index(drop=True)
+
+
+def order_keys(order_paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, their positions) of the rows of ``order_paths`` taken as one file; two rows with
+    one 64-bit key (~3e-6 at 10M rows) would share one merged row: refused."""
+    keys = [rowkey.key64(b) for path in order_paths for b in rundir.iter_parquet(path, ["id", "row_hash"])]
+    all_keys = np.concatenate(keys) if keys else np.empty(0, dtype=np.uint64)
+    index = np.argsort(all_keys, kind="stable")
+    sorted_keys = all_keys[index]
+    if len(sorted_keys) > 1 and (sorted_keys[1:] == sorted_keys[:-1]).any():
+        raise RaycatError(
+            f"{', '.join(order_paths)}: two rows share a 64-bit (id, row_hash) key; give one of them another id"
+        )
+    return sorted_keys, index
+
+
 class OrderedParts:
     """Iterate for the chunks; ``rows``, ``duplicates`` and ``missing`` hold the counts afterwards."""
 
-    def __init__(self, parts_dir: str, order_path: str, bucket_rows: int = BUCKET_ROWS, tmp_root: str | None = None):
-        self.parts_dir, self.order_path, self.bucket_rows = parts_dir, order_path, bucket_rows
-        self.tmp_root = tmp_root
+    def __init__(
+        self,
+        parts_dir: str,
+        order_path: str | list[str],
+        bucket_rows: int = BUCKET_ROWS,
+        tmp_root: str | None = None,
+        files: list[str] | None = None,
+        positions: bool = False,
+    ):
+        """``order_path``: the rows file, or files taken as one in this order; ``files``: these files
+        instead of ``parts_dir``'s (which still names the scratch dir); ``positions``: each chunk keeps
+        its rows' positions in the rows file as ``_pos``."""
+        self.parts_dir, self.bucket_rows = parts_dir, bucket_rows
+        self.order_paths = [order_path] if isinstance(order_path, str) else list(order_path)
+        self.tmp_root, self.files, self.positions = tmp_root, files, positions
         self.rows = self.duplicates = self.missing = 0
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
-        keys = [rowkey.key64(b) for b in rundir.iter_parquet(self.order_path, ["id", "row_hash"])]
-        order_keys = np.concatenate(keys) if keys else np.empty(0, dtype=np.uint64)
-        index = np.argsort(order_keys, kind="stable")
-        sorted_keys = order_keys[index]
-        del keys, order_keys
-        if len(sorted_keys) > 1 and (sorted_keys[1:] == sorted_keys[:-1]).any():
-            # Two rows with one 64-bit key (~3e-6 at 10M rows) would share one merged row: refuse.
-            raise RaycatError(
-                f"{self.order_path}: two rows share a 64-bit (id, row_hash) key; give one of them another id"
-            )
+        sorted_keys, index = order_keys(self.order_paths)
         seen = np.zeros(len(sorted_keys), dtype=bool)
-        # One directory per parts dir, wiped first: a merge retried after its worker died (Ray retries
-        # the task) reuses it instead of leaving another copy of every part on the node's disk.
-        digest = hashlib.sha256(self.parts_dir.encode()).hexdigest()[:16]
-        tmp = Path(self.tmp_root or tempfile.gettempdir()) / f"raycat-merge-{digest}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            buckets: dict[int, list[Path]] = {}
-            for i, f in enumerate(rundir.list_files(self.parts_dir, ".parquet")):
-                part = rundir.read_parquet(f)
-                pos = _positions(sorted_keys, index, rowkey.key64(part))
+        with scratch(self.parts_dir, self.tmp_root) as tmp:
+            buckets = Buckets(tmp, self.bucket_rows)
+            files = self.files if self.files is not None else rundir.list_files(self.parts_dir, ".parquet")
+            # Batches of each file, so neither a big part nor a whole stage file is ever held.
+            for part in (part for f in files for part in rundir.iter_parquet(f)):
+                pos = positions(sorted_keys, index, rowkey.key64(part))
                 first = pos >= 0
                 first[first] = ~pd.Series(pos[first]).duplicated().to_numpy() & ~seen[pos[first]]
                 # Rows of this corpus seen before (in this part or an earlier one) are the extra copies.
                 self.duplicates += int(((pos >= 0) & ~first).sum())
                 part, pos = part[first], pos[first]
                 seen[pos] = True
-                for bucket in np.unique(pos // self.bucket_rows):
-                    mine = pos // self.bucket_rows == bucket
-                    path = tmp / f"{bucket:09d}-{i:09d}.parquet"
-                    chunk = part[mine].assign(_pos=pos[mine])
-                    pq.write_table(
-                        pa.Table.from_pandas(chunk, preserve_index=False).replace_schema_metadata(None), path
-                    )
-                    buckets.setdefault(int(bucket), []).append(path)
+                buckets.add(part, pos)
             self.rows = int(seen.sum())
             self.missing = int(len(seen) - self.rows)
-            del seen
-            for bucket in sorted(buckets):
-                frames = [pq.read_table(p).to_pandas(ignore_metadata=True) for p in buckets[bucket]]
-                chunk = pd.concat(frames, ignore_index=True).sort_values("_pos", kind="stable")
-                for p in buckets[bucket]:
-                    p.unlink()
-                yield chunk.drop(columns="_pos").reset_index(drop=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            del seen, sorted_keys, index
+            for chunk in buckets.chunks():
+                yield chunk if self.positions else chunk.drop(columns="_pos")
 
 
-def _positions(sorted_keys: np.ndarray, index: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+def aligned(
+    order_paths: list[str], chunks, batch_rows: int = 65536
+) -> Iterator[tuple[int, pd.DataFrame, pd.DataFrame]]:
+    """(start, batch, matches) for each batch of the rows of ``order_paths`` taken as one file, where
+    ``matches`` are the rows of ``chunks`` (frames in ``_pos`` order, e.g. ``OrderedParts`` with
+    positions) whose ``_pos`` falls in the batch: two sorted streams walked side by side."""
+    chunks = iter(chunks)
+    pending, start, more = None, 0, True
+    for path in order_paths:
+        for batch in rundir.iter_parquet(path, batch_rows=batch_rows):
+            end = start + len(batch)
+            while more and (pending is None or not len(pending) or pending["_pos"].iloc[-1] < end):
+                chunk = next(chunks, None)
+                more = chunk is not None
+                if more:
+                    pending = (
+                        chunk if pending is None or not len(pending) else pd.concat([pending, chunk], ignore_index=True)
+                    )
+            n = int(np.searchsorted(pending["_pos"].to_numpy(), end)) if pending is not None else 0
+            mine = pending.iloc[:n] if pending is not None else pd.DataFrame({"_pos": np.empty(0, np.int64)})
+            pending = pending.iloc[n:].reset_index(drop=True) if pending is not None else None
+            yield start, batch, mine
+            start = end
+
+
+def positions(sorted_keys: np.ndarray, index: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """Each wanted key's position in the rows file, -1 where it is not there."""
     if not len(sorted_keys):
         return np.full(len(wanted), -1, dtype=np.int64)

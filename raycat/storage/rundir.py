@@ -47,6 +47,13 @@ def exists(path: str) -> bool:
     return filesystem.get_file_info(fs_path).type != pafs.FileType.NotFound
 
 
+def remove_file(path: str) -> None:
+    """Delete a file if it is there (a stage output the new run no longer writes)."""
+    filesystem, fs_path = _fs(path)
+    if filesystem.get_file_info(fs_path).type == pafs.FileType.File:
+        filesystem.delete_file(fs_path)
+
+
 def upload_dir(local_dir: str, dest: str) -> None:
     """Copy a finished local directory (an HF model dir) to ``dest``, a local path or a cloud URI."""
     filesystem, fs_path = _fs(dest)
@@ -238,6 +245,12 @@ def part_keys(directory: str, status: str | None = None) -> rowkey.KeySet:
             rows = rows[rows["status"] == status]
         out.append(rowkey.key64(rows))
     return rowkey.KeySet(np.concatenate(out)) if out else rowkey.KeySet()
+
+
+def file_keys(path: str) -> rowkey.KeySet:
+    """The ``key64`` set of a Parquet file's rows (id, row_hash), streamed."""
+    keys = [rowkey.key64(b) for b in iter_parquet(path, ["id", "row_hash"])]
+    return rowkey.KeySet(np.concatenate(keys)) if keys else rowkey.KeySet()
 
 
 def iter_parquet(path: str, columns: list[str] | None = None, batch_rows: int = 65536) -> Iterator[pd.DataFrame]:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from raycat.split import rank_bands
+from raycat.split.rules import rank_bands
 
 BANDS = ["easy", "medium", "hard"]
 

@@ -50,11 +50,11 @@ def _fake_trained_phases(run_dir) -> None:
 def test_tensor_parallel_pools_give_every_gpu_back_between_stages(tmp_path, tiny_model_dir):
     import ray
 
-    from raycat import split as split_stage
     from raycat.config import validate_config
     from raycat.data.questions import stage_questions
     from raycat.evaluate import stage as eval_stage
     from raycat.score import stage as score_stage
+    from raycat.split import stage as split_stage
     from raycat.teach import stage as teach_stage
 
     tree = tiny_config(tmp_path / "run", tiny_model_dir)

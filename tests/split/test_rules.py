@@ -4,7 +4,9 @@ import pytest
 
 from raycat.config import SplitConfig
 from raycat.errors import RaycatError
-from raycat.split import assign_bands, holdout_mask, quantile_thresholds, split_frame
+from raycat.split.holdout import holdout_mask
+from raycat.split.plan import split_frame
+from raycat.split.rules import assign_bands, quantile_thresholds
 
 
 def frame(entropies):

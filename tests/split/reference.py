@@ -1,25 +1,14 @@
-"""Split stage: entropy → easy / medium / hard bands. Pure pandas/numpy in one Ray task, no GPU.
-
-Bands are half-open and bounded on both sides: easy < t_low <= medium < t_high <= hard (the
-v1/v2 splits released with arXiv 2506.21220 had a medium band with no upper bound that overlapped
-hard; tests/test_split.py::test_bands_are_bounded_and_disjoint_no_middle_band_bug). Training rows are
-banded by rank of (entropy, id): the same as the thresholds when entropies are distinct, and when
-many rows share one value (coarse entropies), the rows tied at a threshold are split by id, so the
-band sizes follow the quantiles and the split stays deterministic.
-Thresholds come from the training pool only; an optional held-out test set is drawn first, and its
-rows are banded by the same rule (``held_out_bands``).
-Quantiles are exact (numpy, linear interpolation) over the entropy column. The task reads the whole
-of scores.parquet and questions.parquet (a few KiB a row): the stage that does not yet stream.
-"""
+"""The split as raycat computed it before it streamed (raycat/split.py at 4d2a225): whole frames in
+one task. Kept as the reference the streamed stage must reproduce file for file
+(tests/split/test_stage.py) and the array rules row for row (tests/split/test_plan.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from raycat.config import RaycatConfig, SplitConfig, for_workers, save_config
+from raycat.config import RaycatConfig, SplitConfig
 from raycat.errors import MissingInputError, RaycatError
-from raycat.ray_env import ray_session, remote_call
 from raycat.storage import rowkey, rundir
 
 BANDS = ("easy", "medium", "hard")
@@ -243,14 +232,4 @@ def split_files(cfg: RaycatConfig) -> dict:
     rundir.write_parquet(rundir.join(split_dir, "skipped.parquet"), skipped)
     info["skipped"] = {"idk": int(idk.sum()), "not_drawn_by_balancing": int(len(unsampled))}
     rundir.write_json(rundir.join(split_dir, "thresholds.json"), info)
-    return info
-
-
-def run(cfg: RaycatConfig) -> dict:
-    """The split stage, as a Ray task: the bands are written on a worker; the driver gets the summary."""
-    import ray
-
-    with ray_session(cfg.ray, cfg.run_dir):
-        info = remote_call(ray.remote(num_cpus=1)(split_files), for_workers(cfg))
-    save_config(cfg, "split")
     return info
