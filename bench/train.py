@@ -105,10 +105,10 @@ def main() -> None:
         AutoModelForCausalLM.from_config(conf).save_pretrained(model_dir)
     import json
 
+    import pandas as pd
     from transformers import AutoTokenizer
 
-    from raycat.recipes import select
-    from raycat.train.stage import load_inputs
+    from raycat.train.stage import input_paths
 
     results = {}
     runs = ((1, "packed"), (2, "packed"), (1, "padded")) if args.device == "cpu" else ((1, "packed"),)
@@ -166,8 +166,8 @@ def main() -> None:
         }
         if name == "raycat1" and args.device == "cpu":
             tok = AutoTokenizer.from_pretrained(model_dir)
-            bands, cot = load_inputs(cfg)
-            ((_, rows),) = select("sft_all", bands, cot, 0)[0]
+            # sft_all's one phase: the three bands in order.
+            rows = pd.concat([pd.read_parquet(p) for p in input_paths(cfg)[0].values()], ignore_index=True)
             enc, _ = encode_rows(tok, rows, "answer", stop_token_ids(tok, str(model_dir)), 1024, "drop")
             t0 = time.perf_counter()
             results["bare"] = {

@@ -1,4 +1,4 @@
-"""Which rows each training phase sees, and with which target, for every recipe. Pure pandas.
+"""Which rows each training phase sees, and with which target, for every recipe. Pure numpy.
 
     complexity_aware  phase1: easy+medium, answer    phase2: hard, teacher CoT      (the method)
     sft_all           phase1: easy+medium+hard, answer                               (baseline)
@@ -7,7 +7,7 @@
     random_split      phase1: |easy|+|medium| random rows, answer; phase2: the other |hard| rows, CoT
 
 A CoT phase only trains rows with a teacher target (verified, or the teach.on_wrong fallback); the
-others are returned as skipped with the reason, never dropped silently.
+others are skipped with the reason (``NO_COT``), never dropped silently (``train.examples``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-
-from raycat.storage import rowkey
 
 if TYPE_CHECKING:
     from raycat.config import RaycatConfig
@@ -106,36 +103,15 @@ def needs_cot(recipe: str) -> bool:
     return any(p.target == "cot" for p in RECIPES[recipe])
 
 
-def select(
-    recipe: str, bands: dict[str, pd.DataFrame], cot: pd.DataFrame | None, seed: int
-) -> tuple[list[tuple[Phase, pd.DataFrame]], pd.DataFrame]:
-    """(phase, rows) per phase in order, and the skipped rows with ``phase`` and ``skip_reason``.
-
-    ``bands`` maps easy/medium/hard to the split stage's rows; ``cot`` has ``id, row_hash, target``
-    (teach/cot.parquet).
-    """
+def phase_sources(
+    recipe: str, sizes: dict[str, int], seed: int
+) -> list[tuple[Phase, tuple[str, ...], np.ndarray | None]]:
+    """Per phase: the bands it reads, in order, and the positions of their concatenation it keeps
+    (None: every row). ``sizes``: rows per band. random_split draws |easy|+|medium| seeded positions of
+    all three bands for phase 1 and gives phase 2 the rest, each in file order."""
     phases = RECIPES[recipe]
-    if recipe == "random_split":
-        pool = pd.concat([bands[b] for b in BANDS], ignore_index=True)
-        order = np.random.default_rng(seed).permutation(len(pool))
-        phase1_size = len(bands["easy"]) + len(bands["medium"])
-        chosen = [pool.iloc[np.sort(order[:phase1_size])], pool.iloc[np.sort(order[phase1_size:])]]
-    else:
-        chosen = [pd.concat([bands[b] for b in p.bands], ignore_index=True) for p in phases]
-    out, skipped = [], []
-    for phase, rows in zip(phases, chosen, strict=True):
-        rows = rows.reset_index(drop=True).drop(columns=["target"], errors="ignore")
-        if phase.target == "cot":
-            # By id and content: a CoT written for another question under the same id is not this row's.
-            targets = (
-                cot.assign(_key=rowkey.keys(cot)).drop_duplicates("_key").set_index("_key")["target"]
-                if cot is not None
-                else pd.Series(dtype=object)
-            )
-            rows = rows.assign(target=rowkey.keys(rows).map(targets))
-            missing = rows["target"].isna()
-            skipped.append(rows.loc[missing, ["id"]].assign(phase=phase.name, skip_reason=NO_COT))
-            rows = rows[~missing].reset_index(drop=True)
-        out.append((phase, rows))
-    skip = pd.concat(skipped, ignore_index=True) if skipped else pd.DataFrame(columns=["id", "phase", "skip_reason"])
-    return out, skip
+    if recipe != "random_split":
+        return [(p, p.bands, None) for p in phases]
+    order = np.random.default_rng(seed).permutation(sum(sizes[b] for b in BANDS))
+    first = sizes["easy"] + sizes["medium"]
+    return [(phases[0], BANDS, np.sort(order[:first])), (phases[1], BANDS, np.sort(order[first:]))]

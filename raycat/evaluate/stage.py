@@ -36,7 +36,7 @@ from raycat.errors import MissingInputError, RaycatError
 from raycat.evaluate.core import accuracy_table, excluded_rows, paired_table
 from raycat.ray_env import ray_session, remote_call
 from raycat.recipes import RECIPES, phase_settings, settings_changes
-from raycat.storage import models, rowkey, rundir
+from raycat.storage import merge, models, rowkey, rundir
 
 INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold", "band")
 
@@ -279,14 +279,17 @@ def check_inputs(cfg: RaycatConfig) -> None:
 
 
 def prepare(cfg: RaycatConfig) -> int:
-    """On a worker: the held-out rows (``eval.limit`` applied) written to eval/rows.parquet, in row
-    groups of a few engine batches (the blocks of the eval pipeline); returns their count."""
-    rows = rundir.read_parquet(rundir.join(cfg.run_dir, "split", "test.parquet"))
-    if cfg.eval.limit is not None and cfg.eval.limit < len(rows):
-        rows = rows.sample(n=cfg.eval.limit, random_state=cfg.eval.seed).sort_index()
-    rows = rows.reset_index(drop=True)
-    rundir.write_parquet(rows_path(cfg.run_dir), rows, row_group_size=max(4, 4 * cfg.eval.engine.batch_size))
-    return int(len(rows))
+    """On a worker: the held-out rows (``eval.limit`` applied, the rows ``DataFrame.sample`` drew)
+    written to eval/rows.parquet, in row groups of a few engine batches (the blocks of the eval
+    pipeline); returns their count. Streamed: memory is one batch."""
+    path = rundir.join(cfg.run_dir, "split", "test.parquet")
+    total, limit = rundir.parquet_rows(path), cfg.eval.limit
+    keep = merge.sample_positions(total, limit, cfg.eval.seed) if limit is not None and limit < total else None
+    block = max(4, 4 * cfg.eval.engine.batch_size)
+    with merge.ParquetSink(rows_path(cfg.run_dir), rundir.parquet_schema(path), row_group_size=block) as out:
+        for _, rows in merge.kept(rundir.iter_parquet(path), keep):
+            out.write(rows)
+    return out.rows
 
 
 def run_pipeline(cfg: RaycatConfig, plan: EvalPlan, rows, parts_dir: str, on_rows) -> int:

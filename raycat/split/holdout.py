@@ -70,8 +70,3 @@ def holdout_mask(labels, fraction: float, seed: int) -> np.ndarray:
     chosen = np.zeros(len(unique), dtype=bool)
     chosen[order[taken_before < n_test]] = True
     return chosen[codes.ravel()]
-
-
-def sample_positions(n: int, size: int, seed: int) -> np.ndarray:
-    """Sorted positions that ``DataFrame.sample(n=size, random_state=seed)`` draws from n rows."""
-    return np.sort(np.random.RandomState(seed).choice(n, size=size, replace=False))

@@ -14,6 +14,7 @@ from raycat.config import SplitConfig
 from raycat.errors import RaycatError
 from raycat.split import holdout, rules
 from raycat.split.rules import BANDS
+from raycat.storage import merge
 
 
 @dataclass
@@ -68,7 +69,7 @@ def _draw_per_band(band: np.ndarray, among: np.ndarray, size, seed: int) -> np.n
     kept = np.zeros(len(band), dtype=bool)
     for i in range(len(BANDS)):
         rows = np.flatnonzero(among & (band == i))
-        kept[rows[holdout.sample_positions(len(rows), size(len(rows)), seed)]] = True
+        kept[rows[merge.sample_positions(len(rows), size(len(rows)), seed)]] = True
     return kept
 
 
@@ -83,6 +84,11 @@ def assign(
     if cfg.thresholds is not None:
         t_low, t_high, method = *cfg.thresholds, "absolute"
     else:
+        if not pool.any():
+            raise RaycatError(
+                f"no scored row left to take quantiles of ({int(test.sum())} held out, none in the training "
+                "pool): check score/skipped.parquet, or lower split.test_fraction"
+            )
         t_low, t_high = rules.quantile_thresholds(entropy[pool], cfg.quantiles)
         method = "quantiles"
     band = np.empty(len(entropy), dtype=np.int8)

@@ -1,12 +1,14 @@
-"""The split stage over a run dir, streamed: memory is a batch of rows plus a few compact arrays per
-corpus row (a 64-bit key, a 128-bit duplicate digest, an id rank, an entropy, a category code:
-~60 bytes a row at the peak, one byte a row while the files are written), never a frame of the corpus.
+"""The split stage over a run dir, streamed: memory is a batch of rows plus compact arrays per corpus
+row, never a frame of the corpus. At the peak (deciding) ~150-200 bytes a row plus the ids' bytes
+(keys, a 128-bit duplicate digest, id ranks, entropies, category codes and their sort temporaries);
+while the files are written, ~20 bytes a row (two int8 codes and the merge's keys).
 
 1. scores.parquet's keys, entropies and idk flags, then questions.parquet's keys, duplicate digests,
    categories and ids, read in batches;
 2. ``plan.assign`` decides held-out rows, bands and balancing on those arrays;
 3. the scores, put in questions order by ``merge.OrderedParts``, are joined to the questions batch by
-   batch and written to the band, test and skipped files (``merge.ParquetSink``, atomic).
+   batch and written to the band, test and skipped files (``merge.ParquetSink``, atomic). skipped.parquet
+   is in questions order (the whole-frame split wrote the idk rows first).
 """
 
 from __future__ import annotations
@@ -102,8 +104,11 @@ def _destinations(cfg: RaycatConfig, scores: str, questions: str, skipped: str) 
             f"{stale} question(s) of {questions} have no score for their current content in "
             f"{scores} (an interrupted or older `raycat score`); rerun `raycat score`"
         )
-    entropy = np.where(scored, s_entropy[at.clip(min=0)], np.nan)
-    idk = scored & s_idk[at.clip(min=0)]
+    if len(s_keys):
+        entropy, idk = np.where(scored, s_entropy[at.clip(min=0)], np.nan), scored & s_idk[at.clip(min=0)]
+    else:  # every question set aside by the score stage
+        entropy, idk = np.full(len(q.keys), np.nan), np.zeros(len(q.keys), dtype=bool)
+    del s_keys, s_entropy, s_idk, at
     # np.quantile would turn one NaN into NaN thresholds and every row into "hard".
     missing = np.flatnonzero(scored & ~idk & np.isnan(entropy))
     if len(missing):
@@ -116,6 +121,7 @@ def _destinations(cfg: RaycatConfig, scores: str, questions: str, skipped: str) 
     rows = np.flatnonzero(scored & ~idk)
     rank = holdout.id_ranks(q.ids.take(pa.array(rows)))
     labels = holdout.group_labels(q.digests[rows], rank)
+    del q.digests, q.ids
     a = plan.assign(entropy[rows], rank, labels, q.categories[rows], q.names, cfg.split)
     dest = np.full(len(q.keys), NOWHERE, dtype=np.int8)
     dest[scored & idk] = IDK
@@ -131,6 +137,8 @@ def _joined(questions: str, scores: str, columns: list[str]) -> Iterator[tuple[n
     and its score ``columns``, a questions batch at a time."""
     ordered = merge.OrderedParts(scores, questions, BUCKET_ROWS, files=[scores], positions=True)
     for start, batch, scored in merge.aligned([questions], ordered, ROW_GROUP):
+        if not len(scored):
+            continue
         rows = batch.iloc[scored["_pos"].to_numpy() - start].reset_index(drop=True)
         for column in columns:
             rows[column] = scored[column].to_numpy()
@@ -150,9 +158,6 @@ def split_files(cfg: RaycatConfig) -> dict:
     test_path = rundir.join(split_dir, "test.parquet")
     if (dest == TEST).any():
         outputs[TEST] = test_path
-    else:
-        # A test set of an earlier split with other settings must not be evaluated on.
-        rundir.remove_file(test_path)
     with contextlib.ExitStack() as stack:
         sink = {
             code: stack.enter_context(merge.ParquetSink(path, base.append(pa.field("band", pa.string())), ROW_GROUP))
@@ -169,6 +174,9 @@ def split_files(cfg: RaycatConfig) -> dict:
                 out.write(rows[to == code].assign(band=bands[to == code]))
             aside = (to == IDK) | (to == UNDRAWN)
             skipped_sink.write(rows[aside].assign(skip_reason=np.where(to[aside] == IDK, SKIP_IDK, SKIP_UNDRAWN)))
+    if TEST not in outputs:
+        # A test set of an earlier split with other settings must not be evaluated on.
+        rundir.remove_file(test_path)
     rundir.write_json(rundir.join(split_dir, "thresholds.json"), info)
     return info
 

@@ -80,10 +80,12 @@ class Buckets:
             pq.write_table(pa.Table.from_pandas(chunk, preserve_index=False).replace_schema_metadata(None), path)
             files.append(path)
 
-    def chunks(self, keep: bool = False) -> Iterator[pd.DataFrame]:
-        """Each bucket, sorted by ``_pos``; with ``keep``, the files stay for another pass."""
+    def chunks(self, keep: bool = False, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+        """Each bucket, sorted by ``_pos`` (only ``columns`` and ``_pos`` read, when given); with
+        ``keep``, the files stay for another pass."""
+        wanted = None if columns is None else [*columns, "_pos"]
         for bucket in sorted(self._files):
-            frames = [pq.read_table(p).to_pandas(ignore_metadata=True) for p in self._files[bucket]]
+            frames = [pq.read_table(p, columns=wanted).to_pandas(ignore_metadata=True) for p in self._files[bucket]]
             if not keep:
                 for p in self._files.pop(bucket):
                     p.unlink()
@@ -115,13 +117,16 @@ class OrderedParts:
         tmp_root: str | None = None,
         files: list[str] | None = None,
         positions: bool = False,
+        columns: list[str] | None = None,
     ):
         """``order_path``: the rows file, or files taken as one in this order; ``files``: these files
         instead of ``parts_dir``'s (which still names the scratch dir); ``positions``: each chunk keeps
-        its rows' positions in the rows file as ``_pos``."""
+        its rows' positions in the rows file as ``_pos``; ``columns``: only these of the parts (with
+        ``id`` and ``row_hash``)."""
         self.parts_dir, self.bucket_rows = parts_dir, bucket_rows
         self.order_paths = [order_path] if isinstance(order_path, str) else list(order_path)
         self.tmp_root, self.files, self.positions = tmp_root, files, positions
+        self.columns = None if columns is None else list(dict.fromkeys(["id", "row_hash", *columns]))
         self.rows = self.duplicates = self.missing = 0
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
@@ -131,7 +136,7 @@ class OrderedParts:
             buckets = Buckets(tmp, self.bucket_rows)
             files = self.files if self.files is not None else rundir.list_files(self.parts_dir, ".parquet")
             # Batches of each file, so neither a big part nor a whole stage file is ever held.
-            for part in (part for f in files for part in rundir.iter_parquet(f)):
+            for part in (part for f in files for part in rundir.iter_parquet(f, self.columns)):
                 pos = positions(sorted_keys, index, rowkey.key64(part))
                 first = pos >= 0
                 first[first] = ~pd.Series(pos[first]).duplicated().to_numpy() & ~seen[pos[first]]
@@ -170,6 +175,25 @@ def aligned(
             pending = pending.iloc[n:].reset_index(drop=True) if pending is not None else None
             yield start, batch, mine
             start = end
+
+
+def sample_positions(n: int, size: int, seed: int) -> np.ndarray:
+    """Sorted positions that ``DataFrame.sample(n=size, random_state=seed)`` draws from n rows, so a
+    stream keeps the rows a whole-frame sample kept."""
+    return np.sort(np.random.RandomState(seed).choice(n, size=size, replace=False))
+
+
+def kept(batches, keep: np.ndarray | None) -> Iterator[tuple[int, pd.DataFrame]]:
+    """(start, rows) of each batch of a stream (its first row at position ``start``), only the rows at
+    the sorted positions ``keep`` (None: every row)."""
+    start = 0
+    for batch in batches:
+        rows = batch
+        if keep is not None:
+            lo, hi = np.searchsorted(keep, [start, start + len(batch)])
+            rows = batch.iloc[keep[lo:hi] - start]
+        yield start, rows
+        start += len(batch)
 
 
 def positions(sorted_keys: np.ndarray, index: np.ndarray, wanted: np.ndarray) -> np.ndarray:

@@ -235,19 +235,12 @@ def prepare(cfg: RaycatConfig) -> int:
     total = sum(rundir.parquet_rows(path) for path in paths.values())
     keep = None
     if teach.limit is not None and teach.limit < total:
-        # The positions DataFrame.sample(n=limit, random_state=seed) draws from the bands' concatenation.
-        keep = np.sort(np.random.RandomState(teach.seed).choice(total, size=teach.limit, replace=False))
+        keep = merge.sample_positions(total, teach.limit, teach.seed)
     schema = merge.unified_schema(list(paths.values()), {"band": pa.string()})
-    start = 0
+    batches = (b.assign(band=band) for band, path in paths.items() for b in rundir.iter_parquet(path))
     with merge.ParquetSink(rows_path(cfg.run_dir), schema, row_group_size=block_rows(cfg)) as out:
-        for band, path in paths.items():
-            for batch in rundir.iter_parquet(path):
-                batch = batch.assign(band=band)
-                if keep is not None:
-                    at = keep[(keep >= start) & (keep < start + len(batch))] - start
-                    start += len(batch)
-                    batch = batch.iloc[at]
-                out.write(batch)
+        for _, rows in merge.kept(batches, keep):
+            out.write(rows)
     return out.rows
 
 

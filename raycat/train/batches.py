@@ -182,16 +182,6 @@ def length_groups(lengths: list[int], micro_batch_size: int, seed: int) -> list[
     return [i for r in runs for i in r]
 
 
-def pad_to_world(frame: pd.DataFrame, world: int, seed: int) -> tuple[pd.DataFrame, int]:
-    """Repeat a few seeded rows so every worker gets the same number of rows (DistributedSampler's
-    rule): DeepSpeed ranks must run the same number of steps. Returns (frame, rows repeated)."""
-    extra = (-len(frame)) % world
-    if extra == 0 or len(frame) == 0:
-        return frame, 0
-    pick = np.random.default_rng(seed).choice(len(frame), size=extra, replace=len(frame) < extra)
-    return pd.concat([frame, frame.iloc[pick]], ignore_index=True), extra
-
-
 def total_steps(
     rows: int, world: int, micro_batch_size: int, accumulation: int, epochs: int, max_steps: int | None
 ) -> int:

@@ -21,26 +21,21 @@ and resume from the latest checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from raycat import progress
 from raycat.config import RaycatConfig, TrainConfig, for_workers, save_config
 from raycat.data.prompts import template_hash, train_template_hash
 from raycat.errors import MissingInputError, RaycatError
 from raycat.ray_env import ray_session, remote_call
-from raycat.recipes import RECIPES, Phase, needs_cot, phase_settings, select
+from raycat.recipes import BANDS, RECIPES, Phase, needs_cot, phase_settings, phase_sources
 from raycat.storage import models, rundir
-from raycat.train import memory
-from raycat.train.batches import encode_rows, pad_to_world, stop_token_ids, total_steps
+from raycat.train import examples, memory
+from raycat.train.batches import encode_rows, stop_token_ids, total_steps
 from raycat.train.loop import LoopConfig, recorded, train_loop
 from raycat.train.lora_merge import merge_remote
 from raycat.train.memory import uses_bf16, zero_stage
@@ -68,32 +63,33 @@ class PhasePlan:
 Fit = list[tuple[PhasePlan, str, dict]]
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def load_inputs(cfg: RaycatConfig) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None]:
+def input_paths(cfg: RaycatConfig) -> tuple[dict[str, str], str | None]:
+    """The split's band files and teach/cot.parquet (None when there is none and the recipe needs none)."""
     split = rundir.join(cfg.run_dir, "split")
     bands = {}
-    for band in ("easy", "medium", "hard"):
-        path = rundir.join(split, f"{band}.parquet")
-        if not rundir.exists(path):
-            raise MissingInputError(f"{path} not found: run `raycat split` with this config first")
-        bands[band] = rundir.read_parquet(path)
+    for band in BANDS:
+        bands[band] = rundir.join(split, f"{band}.parquet")
+        if not rundir.exists(bands[band]):
+            raise MissingInputError(f"{bands[band]} not found: run `raycat split` with this config first")
     cot_path = rundir.join(cfg.run_dir, "teach", "cot.parquet")
-    cot = rundir.read_parquet(cot_path) if rundir.exists(cot_path) else None
-    if cot is None and needs_cot(cfg.train.recipe):
+    if rundir.exists(cot_path):
+        return bands, cot_path
+    if needs_cot(cfg.train.recipe):
         raise MissingInputError(
             f"{cot_path} not found: recipe '{cfg.train.recipe}' trains on teacher CoT; run "
             "`raycat teach` first (teach.bands=all for distill_all / random_split)"
         )
-    return bands, cot
+    return bands, None
 
 
-def check_template(cfg: RaycatConfig, tokenizer, bands: dict[str, pd.DataFrame]) -> str:
+def check_template(cfg: RaycatConfig, tokenizer, band_paths: dict[str, str]) -> str:
     """Training must render prompts with the chat template the rows were scored under."""
     mine = template_hash(tokenizer, cfg.score.prompt.preset, cfg.score.prompt.system_prompt, cfg.chat_template_kwargs)
-    seen = set().union(*(set(b["template_hash"].dropna()) for b in bands.values() if "template_hash" in b))
+    seen: set[str] = set()
+    for path in band_paths.values():
+        if "template_hash" in rundir.parquet_columns(path):
+            for batch in rundir.iter_parquet(path, ["template_hash"]):
+                seen.update(batch["template_hash"].dropna())
     if seen and seen != {mine} and not cfg.train.allow_template_mismatch:
         raise RaycatError(
             f"the student's chat template (hash {mine}) differs from the one the rows were scored "
@@ -119,99 +115,92 @@ def examples_path(cfg: RaycatConfig, phase: str) -> str:
     return rundir.absolute(rundir.join(cfg.run_dir, "train", cfg.train.recipe, phase, "examples.parquet"))
 
 
-def _stats(rows: pd.DataFrame, encoded: pd.DataFrame, repeated: int) -> dict:
+def _hash_fields(cfg: RaycatConfig, tokenizer, phase: Phase, prev: str | None) -> dict:
+    """Everything that changes the trained weights (not save/log cadence) but the examples themselves:
+    hyper-parameters, parallel layout, the student, and the previous phase's hash. ``examples.prepare``
+    adds the shuffled examples' ids, input ids and labels."""
+    train = cfg.train
     return {
-        "rows": int(len(rows)),
-        "examples": int(len(encoded)),
-        "repeated": int(repeated),
-        "truncated": int(encoded["truncated"].sum()) if len(encoded) else 0,
-        "tokens": int(encoded["num_tokens"].sum()) if len(encoded) else 0,
-        "target_tokens": int(encoded["num_target_tokens"].sum()) if len(encoded) else 0,
+        "prev": prev,
+        "phase": phase.name,
+        "target": phase.target,
+        "hp": train.phase(phase.name).model_dump(),
+        "method": train.method,
+        # A merge is its own step after training: flipping it retrains nothing.
+        "lora": train.lora.model_dump(exclude={"merge"}) if train.method == "lora" else None,
+        "deepspeed": train.deepspeed.model_dump(),
+        # 'grouped' composes steps differently.
+        "batching": train.batching,
+        "precision": uses_bf16(cfg),
+        "workers": train.num_workers,
+        # The student's weights, not its scoring engine's settings (max_model_len, dtype).
+        "student": _student_identity(cfg),
+        "template": train_template_hash(tokenizer, cfg.chat_template_kwargs),
+        "seed": train.seed,
     }
 
 
-# Rows per block of a phase's examples: the unit Ray Data streams to the training workers.
-EXAMPLE_BLOCK_ROWS = 4096
-
-
-def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[PhasePlan], pd.DataFrame]:
+def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[PhasePlan], list[dict]]:
     """Every phase of the recipe: its rows encoded, shuffled and padded to the workers, written to the
-    phase's examples.parquet (unless the phase is already trained), with its counts and hash; plus every
-    skipped row. Runs where the rows are: ``prepare`` calls it on a worker."""
+    phase's examples.parquet (unless the phase is already trained), with its counts and hash; the
+    skipped rows written to the recipe's skipped.parquet and returned counted by phase and reason.
+    Runs where the rows are (``prepare`` calls it on a worker), streamed (``train.examples``)."""
     train = cfg.train
-    bands, cot = load_inputs(cfg)
-    score_template = check_template(cfg, tokenizer, bands)
-    selected, skipped = select(train.recipe, bands, cot, train.seed)
-    del bands, cot
+    band_paths, cot_path = input_paths(cfg)
+    score_template = check_template(cfg, tokenizer, band_paths)
     stops = stop_token_ids(tokenizer, model_dir, revision=cfg.score.student.revision)
+    sizes = {band: rundir.parquet_rows(path) for band, path in band_paths.items()}
+    root = rundir.join(cfg.run_dir, "train", train.recipe)
     plans, prev = [], None
-    skipped_frames = [skipped]
-    for phase, rows in selected:
-        hp = train.phase(phase.name)
-        encoded, skip = encode_rows(
-            tokenizer, rows, phase.target, stops, hp.max_length, train.overlong, cfg.chat_template_kwargs
-        )
-        skipped_frames.append(skip.assign(phase=phase.name))
-        encoded = encoded.sample(frac=1.0, random_state=train.seed).reset_index(drop=True)  # one seeded shuffle
-        # Everything that changes the trained weights (not save/log cadence): rows, tokens, labels,
-        # hyper-parameters, parallel layout, the student, and the previous phase's hash.
-        phase_hash = _hash(
-            {
-                "prev": prev,
-                "phase": phase.name,
-                "target": phase.target,
-                "rows": encoded["id"].tolist(),
-                "inputs": _hash(encoded["input_ids"].map(list).tolist()),
-                "labels": _hash(encoded["labels"].map(list).tolist()),
-                "hp": hp.model_dump(),
-                "method": train.method,
-                # A merge is its own step after training: flipping it retrains nothing.
-                "lora": train.lora.model_dump(exclude={"merge"}) if train.method == "lora" else None,
-                "deepspeed": train.deepspeed.model_dump(),
-                # 'grouped' composes steps differently.
-                "batching": train.batching,
-                "precision": uses_bf16(cfg),
-                "workers": train.num_workers,
-                # The student's weights, not its scoring engine's settings (max_model_len, dtype).
-                "student": _student_identity(cfg),
-                "template": train_template_hash(tokenizer, cfg.chat_template_kwargs),
-                "seed": train.seed,
-            }
-        )
-        padded, repeated = pad_to_world(encoded, train.num_workers, train.seed)
-        path = examples_path(cfg, phase.name)
-        # The training workers read these (never the driver); a trained phase needs none.
-        if len(padded) and not recorded(rundir.join(cfg.run_dir, "train", train.recipe, phase.name), phase_hash):
-            block = max(1, min(math.ceil(len(padded) / 8), EXAMPLE_BLOCK_ROWS))
-            rundir.write_parquet(path, padded[["input_ids", "labels"]], row_group_size=block)
-        plans.append(
-            PhasePlan(
-                phase=phase,
-                stats=_stats(rows, encoded, repeated),
-                examples=path,
-                hash=phase_hash,
-                score_template_hash=score_template,
-                settings=phase_settings(cfg, train.recipe, phase.name),
+    with examples.Skipped(rundir.join(root, "skipped.parquet")) as skipped:
+        for phase, bands, keep in phase_sources(train.recipe, sizes, train.seed):
+            hp = train.phase(phase.name)
+
+            def encode(rows, phase=phase, hp=hp):
+                kwargs = cfg.chat_template_kwargs
+                return encode_rows(tokenizer, rows, phase.target, stops, hp.max_length, train.overlong, kwargs)
+
+            stats, phase_hash = examples.prepare(
+                examples.phase_rows(
+                    phase,
+                    [band_paths[b] for b in bands],
+                    keep,
+                    cot_path,
+                    scratch=examples_path(cfg, phase.name) + "#cot",
+                ),
+                encode,
+                phase=phase.name,
+                fields=_hash_fields(cfg, tokenizer, phase, prev),
+                seed=train.seed,
+                world=train.num_workers,
+                out_path=examples_path(cfg, phase.name),
+                # The training workers read examples.parquet (never the driver); a trained phase needs none.
+                trained=lambda h, name=phase.name: recorded(rundir.join(root, name), h),
+                skipped=skipped,
             )
-        )
-        prev = phase_hash
-    return plans, pd.concat(skipped_frames, ignore_index=True)
+            plans.append(
+                PhasePlan(
+                    phase=phase,
+                    stats=stats,
+                    examples=examples_path(cfg, phase.name),
+                    hash=phase_hash,
+                    score_template_hash=score_template,
+                    settings=phase_settings(cfg, train.recipe, phase.name),
+                )
+            )
+            prev = phase_hash
+    return plans, skipped.summary()
 
 
 def prepare(cfg: RaycatConfig) -> tuple[list[PhasePlan], list[dict]]:
-    """On a worker: ``plan_phases`` with the student's tokenizer, skipped.parquet written; returns the
-    plans and the skipped rows counted by phase and reason (the driver holds no rows)."""
+    """On a worker: ``plan_phases`` with the student's tokenizer; returns the plans and the skipped rows
+    counted by phase and reason (the driver holds no rows)."""
     student = cfg.score.student
     model_dir = models.resolve(models.portable(student.path))
     tokenizer = models.load_tokenizer(
         model_dir, revision=student.revision, trust_remote_code=student.trust_remote_code, key="score.student.path"
     )
-    plans, skipped = plan_phases(cfg, tokenizer, model_dir)
-    rundir.write_parquet(rundir.join(cfg.run_dir, "train", cfg.train.recipe, "skipped.parquet"), skipped)
-    if not len(skipped):
-        return plans, []
-    counts = skipped.groupby(["phase", "skip_reason"]).size().reset_index(name="n").to_dict("records")
-    return plans, [{**c, "n": int(c["n"])} for c in counts]
+    return plan_phases(cfg, tokenizer, model_dir)
 
 
 def _loop_config(

@@ -128,3 +128,16 @@ def test_a_scored_row_without_entropy_is_refused_by_id(tmp_path):
     rundir.write_parquet(str(tmp_path / "score/scores.parquet"), scores)
     with pytest.raises(RaycatError, match=f"1 scored row.*{scores.loc[row, 'id']}"):
         stage.split_files(config(tmp_path))
+
+
+def test_a_run_whose_every_question_was_set_aside(tmp_path):
+    write_run(tmp_path, n=30)
+    questions = pd.read_parquet(tmp_path / "questions/questions.parquet")
+    scores = pd.read_parquet(tmp_path / "score/scores.parquet")
+    rundir.write_parquet(str(tmp_path / "score/scores.parquet"), scores.iloc[:0])
+    rundir.write_parquet(str(tmp_path / "score/skipped.parquet"), questions.assign(skip_reason="bad options"))
+    info = stage.split_files(config(tmp_path, thresholds=[0.3, 0.9]))
+    assert info["counts"] == {"easy": 0, "medium": 0, "hard": 0}
+    assert len(pd.read_parquet(tmp_path / "split/hard.parquet")) == 0
+    with pytest.raises(RaycatError, match="no scored row left to take quantiles of"):
+        stage.split_files(config(tmp_path))

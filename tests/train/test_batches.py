@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from raycat.data.prompts import answer_target, train_messages
-from raycat.recipes import NO_COT, RECIPES, select
-from raycat.train.batches import IGNORE_INDEX, TemplateError, collate, encode, encode_rows, pad_to_world, stop_token_ids
+from raycat.recipes import NO_COT, RECIPES
+from raycat.train.batches import IGNORE_INDEX, TemplateError, collate, encode, encode_rows, stop_token_ids
 
 
 @pytest.fixture(scope="module", params=["chatml", "llama3"])
@@ -123,45 +123,52 @@ def test_collate_pads_right_and_masks_padding():
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-def test_pad_to_world_repeats_rows_so_shards_are_equal():
-    df = pd.DataFrame({"id": range(5)})
-    out, extra = pad_to_world(df, 2, seed=0)
-    assert extra == 1 and len(out) == 6 and set(out["id"]) == set(range(5))
-    assert pad_to_world(df, 5, seed=0)[1] == 0
-
-
 # --- recipes: which rows each phase trains on ---
 
 
-def _bands() -> dict[str, pd.DataFrame]:
+def _select(tmp_path, recipe: str, cot_ids, seed: int = 0):
+    """(phase, rows, ids skipped for want of a CoT) per phase, through the band files as training reads them."""
+    from raycat.recipes import phase_sources
+    from raycat.storage import rowkey, rundir
+    from raycat.train.examples import phase_rows
+
     ids = {"easy": range(0, 3), "medium": range(3, 9), "hard": range(9, 12)}
-    return {b: pd.DataFrame({"id": [f"q{i}" for i in r], "gold": "A"}) for b, r in ids.items()}
-
-
-def _cot(ids) -> pd.DataFrame:
-    return pd.DataFrame({"id": [f"q{i}" for i in ids], "target": [f"cot {i} [[A]]" for i in ids]})
+    paths = {}
+    for band, r in ids.items():
+        rows = rowkey.add(_rows(12).iloc[list(r)])
+        paths[band] = str(tmp_path / f"{band}.parquet")
+        rundir.write_parquet(paths[band], rows)
+    cot = rowkey.add(_rows(12, with_target=True)).iloc[list(cot_ids)][["id", "row_hash", "target"]]
+    cot_path = str(tmp_path / "cot.parquet")
+    rundir.write_parquet(cot_path, cot)
+    sizes = {b: len(r) for b, r in ids.items()}
+    out = []
+    for phase, bands, keep in phase_sources(recipe, sizes, seed):
+        parts = list(phase_rows(phase, [paths[b] for b in bands], keep, cot_path, batch_rows=5))
+        rows = pd.concat([p[0] for p in parts], ignore_index=True)
+        out.append((phase, rows, [i for p in parts for i in p[1]["id"]]))
+    return out
 
 
 def _ids(df):
     return sorted(df["id"], key=lambda s: int(s[1:]))
 
 
-def test_complexity_aware_trains_answers_on_easy_medium_then_cot_on_hard():
-    phases, skipped = select("complexity_aware", _bands(), _cot([9, 10]), seed=0)
-    (p1, r1), (p2, r2) = phases
-    assert (p1.name, p1.target, _ids(r1)) == ("phase1", "answer", [f"q{i}" for i in range(9)])
+def test_complexity_aware_trains_answers_on_easy_medium_then_cot_on_hard(tmp_path):
+    (p1, r1, s1), (p2, r2, s2) = _select(tmp_path, "complexity_aware", [9, 10])
+    assert (p1.name, p1.target, _ids(r1), s1) == ("phase1", "answer", [f"q{i}" for i in range(9)], [])
     assert (p2.name, p2.target, _ids(r2)) == ("phase2", "cot", ["q9", "q10"])
-    assert r2.set_index("id")["target"]["q10"] == "cot 10 [[A]]"
-    assert skipped.to_dict("records") == [{"id": "q11", "phase": "phase2", "skip_reason": NO_COT}]
+    assert r2.set_index("id")["target"]["q10"] == "Add them: 20. So the answer is [[C]]"
+    assert s2 == ["q11"] and NO_COT.startswith("no teacher CoT")
 
 
-def test_baselines_select_their_rows():
-    sft, _ = select("sft_all", _bands(), None, seed=0)
+def test_baselines_select_their_rows(tmp_path):
+    sft = _select(tmp_path, "sft_all", [])
     assert len(sft) == 1 and sft[0][0].target == "answer" and len(sft[0][1]) == 12
-    distill, skipped = select("distill_all", _bands(), _cot(range(12)), seed=0)
-    assert len(distill) == 1 and distill[0][0].target == "cot" and len(distill[0][1]) == 12 and skipped.empty
-    cur, _ = select("curriculum", _bands(), None, seed=0)
-    assert [(p.name, p.target, len(r)) for p, r in cur] == [
+    distill = _select(tmp_path, "distill_all", range(12))
+    assert len(distill) == 1 and distill[0][0].target == "cot" and len(distill[0][1]) == 12 and not distill[0][2]
+    cur = _select(tmp_path, "curriculum", [])
+    assert [(p.name, p.target, len(r)) for p, r, _ in cur] == [
         ("phase1", "answer", 3),
         ("phase2", "answer", 6),
         ("phase3", "answer", 3),
@@ -169,14 +176,13 @@ def test_baselines_select_their_rows():
     assert _ids(cur[0][1]) == ["q0", "q1", "q2"] and _ids(cur[2][1]) == ["q9", "q10", "q11"]
 
 
-def test_random_split_keeps_band_sizes_with_random_disjoint_rows():
-    phases, skipped = select("random_split", _bands(), _cot(range(12)), seed=1)
-    (p1, r1), (p2, r2) = phases
-    assert len(r1) == 9 and len(r2) == 3 and skipped.empty
+def test_random_split_keeps_band_sizes_with_random_disjoint_rows(tmp_path):
+    (_, r1, _), (_, r2, s2) = _select(tmp_path, "random_split", range(12), seed=1)
+    assert len(r1) == 9 and len(r2) == 3 and not s2
     assert not set(r1["id"]) & set(r2["id"]) and set(r1["id"]) | set(r2["id"]) == {f"q{i}" for i in range(12)}
     # Seed 1 does not happen to pick the hard band.
     assert set(r2["id"]) != {"q9", "q10", "q11"}
-    again, _ = select("random_split", _bands(), _cot(range(12)), seed=1)
+    again = _select(tmp_path, "random_split", range(12), seed=1)
     assert list(again[1][1]["id"]) == list(r2["id"])  # seeded
     assert set(RECIPES) == {"complexity_aware", "sft_all", "distill_all", "curriculum", "random_split"}
 

@@ -330,12 +330,12 @@ def test_template_mismatch_with_scoring_is_an_error_unless_allowed(tmp_path, tin
     from transformers import AutoTokenizer
 
     from raycat.errors import RaycatError
-    from raycat.train.stage import check_template, load_inputs
+    from raycat.train.stage import check_template, input_paths
 
     run = make_run(tmp_path / "run", tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = validate_config(config(run, tiny_model_dir))
-    bands, _ = load_inputs(cfg)
+    bands, _ = input_paths(cfg)
     assert check_template(cfg, tok, bands)  # scored with this very template
     tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
     with pytest.raises(RaycatError, match="differs from the one the rows were scored with"):

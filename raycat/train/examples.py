@@ -1,0 +1,211 @@
+"""A phase's training examples prepared at corpus size on one worker, a batch at a time; memory is a
+batch or a shuffle bucket (``EXAMPLE_BUCKET_TOKENS`` tokens) plus ~30 bytes a phase row (the shuffle's
+positions, the CoT join's keys), whatever the corpus; local disk holds the encoded examples once.
+
+1. the phase's rows: its band files in order (random_split: the seeded positions of the bands'
+   concatenation it keeps); a CoT phase joins each row to its teacher target by (id, row_hash), the
+   first copy in teach/cot.parquet (``merge.OrderedParts``); rows without one are skipped (``NO_COT``);
+2. each batch encoded (``batches.encode_rows``) and spooled to the node's local disk;
+3. the examples spread by their shuffled position (the order ``DataFrame.sample(frac=1)`` gave) into
+   buckets (``merge.Buckets``), then read back in order: to hash the input ids and labels, to hash the
+   ids (the same bytes ``json.dumps`` of the whole lists hashed, so phase hashes stay as they were),
+   and, for a phase not trained yet, to write examples.parquet with the few rows repeated so every
+   worker gets the same number (DistributedSampler's rule: DeepSpeed ranks must run the same steps).
+skipped.parquet lists each batch's rows without a CoT, then its over-long ones (the whole-frame
+preparation listed every row without a CoT first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raycat.recipes import NO_COT, Phase
+from raycat.storage import merge, rundir
+
+# Rows tokenized at a time; rows per block of examples.parquet (the unit Ray Data streams to workers).
+BATCH_ROWS = 4096
+EXAMPLE_BLOCK_ROWS = 4096
+BUCKET_ROWS = merge.BUCKET_ROWS
+# Tokens per shuffle bucket (input ids + labels, 8 bytes each in a frame: ~0.5 GB).
+EXAMPLE_BUCKET_TOKENS = 32_000_000
+EXAMPLES = pa.schema([("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64()))])
+SKIPPED = pa.schema([("id", pa.string()), ("phase", pa.string()), ("skip_reason", pa.string())])
+
+
+class Skipped(merge.ParquetSink):
+    """skipped.parquet of a recipe (id, phase, skip_reason), streamed, with the counts."""
+
+    def __init__(self, path: str):
+        super().__init__(path, SKIPPED, row_group_size=65536)
+        self.counts: Counter = Counter()
+
+    def add(self, rows: pd.DataFrame, phase: str, reason: str | None = None) -> None:
+        rows = rows[["id"]].assign(phase=phase, skip_reason=reason) if reason else rows.assign(phase=phase)
+        self.counts.update(zip(rows["phase"], rows["skip_reason"], strict=True))
+        self.write(rows[["id", "phase", "skip_reason"]])
+
+    def summary(self) -> list[dict]:
+        """Counts by phase and reason, sorted (as a groupby gives them)."""
+        return [{"phase": p, "skip_reason": r, "n": n} for (p, r), n in sorted(self.counts.items())]
+
+
+def phase_rows(
+    phase: Phase,
+    band_paths: list[str],
+    keep: np.ndarray | None,
+    cot_path: str | None,
+    batch_rows: int | None = None,
+    scratch: str = "",
+) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
+    """(rows, rows without a teacher CoT) of a phase, a batch at a time, in its band files' order;
+    ``scratch`` names the CoT join's local dir (one per phase of a recipe)."""
+    batches = _with_targets(
+        phase, band_paths, cot_path, batch_rows or BATCH_ROWS, scratch or f"{cot_path}#{phase.name}"
+    )
+    for _, batch in merge.kept(batches, keep):
+        batch = batch.reset_index(drop=True)
+        if phase.target != "cot":
+            yield batch, batch.iloc[:0]
+            continue
+        missing = batch["target"].isna().to_numpy()
+        yield batch[~missing].reset_index(drop=True), batch[missing]
+
+
+def _with_targets(
+    phase: Phase, paths: list[str], cot_path: str | None, batch_rows: int, scratch: str
+) -> Iterator[pd.DataFrame]:
+    """The band files' batches taken as one; a CoT phase's carry ``target``."""
+    if phase.target != "cot":
+        for path in paths:
+            for batch in rundir.iter_parquet(path, batch_rows=batch_rows):
+                yield batch.drop(columns="target", errors="ignore")
+        return
+    ordered = merge.OrderedParts(scratch, paths, BUCKET_ROWS, files=[cot_path], positions=True, columns=["target"])
+    for start, batch, found in merge.aligned(paths, ordered, batch_rows):
+        target = np.full(len(batch), None, dtype=object)
+        if len(found):
+            target[found["_pos"].to_numpy() - start] = found["target"].to_numpy()
+        yield batch.drop(columns="target", errors="ignore").assign(target=target)
+
+
+def _list_into(h, batches: Iterator[list]) -> None:
+    """``json.dumps(whole list)``'s bytes into ``h``, a batch of items at a time."""
+    h.update(b"[")
+    first = True
+    for items in batches:
+        if items:
+            h.update(((", " if not first else "") + json.dumps(items, default=str)[1:-1]).encode())
+            first = False
+    h.update(b"]")
+
+
+def list_hash(batches: Iterator[list]) -> str:
+    """``hashlib.sha256(json.dumps(the whole list))[:16]``, streamed."""
+    h = hashlib.sha256()
+    _list_into(h, batches)
+    return h.hexdigest()[:16]
+
+
+_MARK = "\x00raycat streamed list\x00"
+
+
+def dict_hash(fields: dict, key: str, batches: Iterator[list]) -> str:
+    """The hash of ``json.dumps({**fields, key: the whole list}, sort_keys=True, default=str)``, streamed."""
+    head, tail = json.dumps({**fields, key: _MARK}, sort_keys=True, default=str).split(json.dumps(_MARK))
+    h = hashlib.sha256(head.encode())
+    _list_into(h, batches)
+    h.update(tail.encode())
+    return h.hexdigest()[:16]
+
+
+def _spool(rows, encode, spool: Path, skipped: Skipped, phase: str) -> dict:
+    """Every batch encoded and appended to a local Parquet file; returns the counts."""
+    stats = dict.fromkeys(("rows", "examples", "truncated", "tokens", "target_tokens"), 0)
+    schema = pa.schema([("id", pa.string()), *EXAMPLES])
+    with pq.ParquetWriter(spool, schema) as writer:
+        for batch, no_cot in rows:
+            if len(no_cot):
+                skipped.add(no_cot, phase, NO_COT)
+            encoded, skip = encode(batch)
+            if len(skip):
+                skipped.add(skip, phase)
+            stats["rows"] += len(batch)
+            stats["examples"] += len(encoded)
+            if len(encoded):
+                stats["truncated"] += int(encoded["truncated"].sum())
+                stats["tokens"] += int(encoded["num_tokens"].sum())
+                stats["target_tokens"] += int(encoded["num_target_tokens"].sum())
+                table = pa.Table.from_pandas(encoded[schema.names], preserve_index=False)
+                writer.write_table(table.replace_schema_metadata(None).cast(schema))
+    return stats
+
+
+def _write(buckets: merge.Buckets, n: int, world: int, seed: int, path: str) -> None:
+    """examples.parquet: the shuffled examples, then the rows repeated for equal shards."""
+    extra = (-n) % world
+    pick = np.random.default_rng(seed).choice(n, size=extra, replace=n < extra) if extra else np.empty(0, int)
+    repeated: dict[int, tuple] = {}
+    block = max(1, min(math.ceil((n + extra) / 8), EXAMPLE_BLOCK_ROWS))
+    with merge.ParquetSink(path, EXAMPLES, row_group_size=block) as out:
+        for chunk in buckets.chunks(columns=["input_ids", "labels"]):
+            for at in np.flatnonzero(np.isin(chunk["_pos"].to_numpy(), pick)):
+                repeated[int(chunk["_pos"].iloc[at])] = (chunk["input_ids"].iloc[at], chunk["labels"].iloc[at])
+            out.write(chunk[["input_ids", "labels"]])
+        if extra:
+            out.write(pd.DataFrame([repeated[int(p)] for p in pick], columns=["input_ids", "labels"]))
+
+
+def _lists(buckets: merge.Buckets, column: str) -> Iterator[list]:
+    """A token column as Python lists, a slice of a bucket at a time (JSON text of a whole bucket of
+    long examples would be gigabytes)."""
+    for chunk in buckets.chunks(keep=True, columns=[column]):
+        for at in range(0, len(chunk), BATCH_ROWS):
+            yield [x.tolist() for x in chunk[column].iloc[at : at + BATCH_ROWS]]
+
+
+def prepare(
+    rows: Iterator[tuple[pd.DataFrame, pd.DataFrame]],
+    encode: Callable[[pd.DataFrame], tuple[pd.DataFrame, pd.DataFrame]],
+    *,
+    phase: str,
+    fields: dict,
+    seed: int,
+    world: int,
+    out_path: str,
+    trained: Callable[[str], bool],
+    skipped: Skipped,
+) -> tuple[dict, str]:
+    """(stats, hash) of one phase; examples.parquet written unless ``trained(hash)``. The hash is of
+    ``fields`` plus the shuffled examples' ``rows`` (ids), ``inputs`` and ``labels``."""
+    with merge.scratch(out_path) as tmp:
+        stats = _spool(rows, encode, tmp / "spool.parquet", skipped, phase)
+        n = stats["examples"]
+        # The positions DataFrame.sample(frac=1.0, random_state=seed) gives: one seeded shuffle.
+        order = np.random.RandomState(seed).choice(n, size=n, replace=False)
+        target = np.empty(n, dtype=np.int64)
+        target[order] = np.arange(n)
+        # Buckets of ~EXAMPLE_BUCKET_TOKENS tokens: a bucket is what one read holds.
+        per_bucket = max(1, min(BUCKET_ROWS, EXAMPLE_BUCKET_TOKENS // max(1, stats["tokens"] // max(1, n))))
+        buckets, start = merge.Buckets(tmp, per_bucket), 0
+        for batch in rundir.iter_parquet(str(tmp / "spool.parquet")):
+            buckets.add(batch, target[start : start + len(batch)])
+            start += len(batch)
+        (tmp / "spool.parquet").unlink()
+        del order, target
+        digests = {key: list_hash(_lists(buckets, key)) for key in ("input_ids", "labels")}
+        ids = (c["id"].tolist() for c in buckets.chunks(keep=True, columns=["id"]))
+        phase_hash = dict_hash({**fields, "inputs": digests["input_ids"], "labels": digests["labels"]}, "rows", ids)
+        stats["repeated"] = (-n) % world if n else 0
+        if n and not trained(phase_hash):
+            _write(buckets, n, world, seed, out_path)
+    return stats, phase_hash
