@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from raycat.split import holdout
+
 BANDS = ("easy", "medium", "hard")
 NAMES = np.array(BANDS)
 
@@ -48,10 +50,7 @@ def rank_codes(entropy: np.ndarray, id_rank: np.ndarray, quantiles: tuple[float,
 
 def rank_bands(entropy: np.ndarray, ids: np.ndarray, quantiles: tuple[float, float]) -> np.ndarray:
     """``rank_codes`` as band names, for ids given as strings (small frames: studies, tests)."""
-    ids = np.asarray(ids).astype(str)
-    rank = np.empty(len(ids), dtype=np.int64)
-    rank[np.argsort(ids, kind="stable")] = np.arange(len(ids))
-    return NAMES[rank_codes(entropy, rank, quantiles)]
+    return NAMES[rank_codes(entropy, holdout.id_ranks(ids), quantiles)]
 
 
 def held_out_codes(

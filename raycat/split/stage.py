@@ -51,19 +51,13 @@ def _inputs(run_dir: str) -> tuple[str, str, str]:
 
 
 def _scores(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sorted keys, their score rows' entropy, idk flag) of scores.parquet."""
-    keys, entropy, idk = [], [], []
+    """(keys, entropy, idk flag) of scores.parquet's rows, in file order."""
+    keys, entropy, idk = [np.empty(0, dtype=np.uint64)], [np.empty(0)], [np.empty(0, dtype=bool)]
     for batch in rundir.iter_parquet(path, ["id", "row_hash", "entropy", "idk"]):
         keys.append(rowkey.key64(batch))
         entropy.append(batch["entropy"].to_numpy(dtype=np.float64, na_value=np.nan))
         idk.append(batch["idk"].fillna(False).astype(bool).to_numpy())
-    keys_all = np.concatenate(keys) if keys else np.empty(0, dtype=np.uint64)
-    order = np.argsort(keys_all, kind="stable")
-    keys_all = keys_all[order]
-    if len(keys_all) > 1 and (keys_all[1:] == keys_all[:-1]).any():
-        raise RaycatError(f"{path} holds a question twice (one id and content): rerun `raycat score`")
-    cat = np.concatenate if keys else (lambda _: np.empty(0))
-    return keys_all, cat(entropy)[order], cat(idk)[order].astype(bool)
+    return np.concatenate(keys), np.concatenate(entropy), np.concatenate(idk)
 
 
 class _Questions:
@@ -93,7 +87,8 @@ def _destinations(cfg: RaycatConfig, scores: str, questions: str, skipped: str) 
     """(destination per question row, band per question row, thresholds info)."""
     s_keys, s_entropy, s_idk = _scores(scores)
     q = _Questions(questions)
-    at = merge.positions(s_keys, np.arange(len(s_keys)), q.keys)
+    twice = f"{scores} holds a question twice (one id and content): rerun `raycat score`"
+    at = merge.positions(*merge.key_index(s_keys, twice), q.keys)
     scored = at >= 0
     done = scored.copy()
     if rundir.exists(skipped):

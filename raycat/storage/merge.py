@@ -92,18 +92,24 @@ class Buckets:
             yield pd.concat(frames, ignore_index=True).sort_values("_pos", kind="stable").reset_index(drop=True)
 
 
-def order_keys(order_paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted keys, their positions) of the rows of ``order_paths`` taken as one file; two rows with
-    one 64-bit key (~3e-6 at 10M rows) would share one merged row: refused."""
-    keys = [rowkey.key64(b) for path in order_paths for b in rundir.iter_parquet(path, ["id", "row_hash"])]
-    all_keys = np.concatenate(keys) if keys else np.empty(0, dtype=np.uint64)
-    index = np.argsort(all_keys, kind="stable")
-    sorted_keys = all_keys[index]
+def key_index(keys: np.ndarray, twice: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, their positions in ``keys``) for ``positions``; a key there twice is refused
+    with the error ``twice``."""
+    index = np.argsort(keys, kind="stable")
+    sorted_keys = keys[index]
     if len(sorted_keys) > 1 and (sorted_keys[1:] == sorted_keys[:-1]).any():
-        raise RaycatError(
-            f"{', '.join(order_paths)}: two rows share a 64-bit (id, row_hash) key; give one of them another id"
-        )
+        raise RaycatError(twice)
     return sorted_keys, index
+
+
+def order_keys(order_paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``key_index`` of the rows of ``order_paths`` taken as one file; two rows with one 64-bit key
+    (~3e-6 at 10M rows) would share one merged row: refused."""
+    keys = [rowkey.key64(b) for path in order_paths for b in rundir.iter_parquet(path, ["id", "row_hash"])]
+    return key_index(
+        np.concatenate(keys) if keys else np.empty(0, dtype=np.uint64),
+        f"{', '.join(order_paths)}: two rows share a 64-bit (id, row_hash) key; give one of them another id",
+    )
 
 
 class OrderedParts:
@@ -159,20 +165,17 @@ def aligned(
     ``matches`` are the rows of ``chunks`` (frames in ``_pos`` order, e.g. ``OrderedParts`` with
     positions) whose ``_pos`` falls in the batch: two sorted streams walked side by side."""
     chunks = iter(chunks)
-    pending, start, more = None, 0, True
+    pending, start, more = pd.DataFrame({"_pos": np.empty(0, dtype=np.int64)}), 0, True
     for path in order_paths:
         for batch in rundir.iter_parquet(path, batch_rows=batch_rows):
             end = start + len(batch)
-            while more and (pending is None or not len(pending) or pending["_pos"].iloc[-1] < end):
+            while more and (not len(pending) or pending["_pos"].iloc[-1] < end):
                 chunk = next(chunks, None)
                 more = chunk is not None
                 if more:
-                    pending = (
-                        chunk if pending is None or not len(pending) else pd.concat([pending, chunk], ignore_index=True)
-                    )
-            n = int(np.searchsorted(pending["_pos"].to_numpy(), end)) if pending is not None else 0
-            mine = pending.iloc[:n] if pending is not None else pd.DataFrame({"_pos": np.empty(0, np.int64)})
-            pending = pending.iloc[n:].reset_index(drop=True) if pending is not None else None
+                    pending = pd.concat([pending, chunk], ignore_index=True) if len(pending) else chunk
+            n = int(np.searchsorted(pending["_pos"].to_numpy(), end))
+            mine, pending = pending.iloc[:n], pending.iloc[n:].reset_index(drop=True)
             yield start, batch, mine
             start = end
 

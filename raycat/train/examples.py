@@ -98,22 +98,21 @@ def _with_targets(
         yield batch.drop(columns="target", errors="ignore").assign(target=target)
 
 
-def _list_into(h, batches: Iterator[list]) -> None:
-    """``json.dumps(whole list)``'s bytes into ``h``, a batch of items at a time."""
-    h.update(b"[")
-    first = True
-    for items in batches:
+class JsonList:
+    """``json.dumps(a whole list)``'s bytes fed to a hash a batch of items at a time."""
+
+    def __init__(self, h=None):
+        self.h, self.first = h or hashlib.sha256(), True
+        self.h.update(b"[")
+
+    def add(self, items: list) -> None:
         if items:
-            h.update(((", " if not first else "") + json.dumps(items, default=str)[1:-1]).encode())
-            first = False
-    h.update(b"]")
+            self.h.update(((", " if not self.first else "") + json.dumps(items, default=str)[1:-1]).encode())
+            self.first = False
 
-
-def list_hash(batches: Iterator[list]) -> str:
-    """``hashlib.sha256(json.dumps(the whole list))[:16]``, streamed."""
-    h = hashlib.sha256()
-    _list_into(h, batches)
-    return h.hexdigest()[:16]
+    def close(self):
+        self.h.update(b"]")
+        return self.h
 
 
 _MARK = "\x00raycat streamed list\x00"
@@ -122,8 +121,10 @@ _MARK = "\x00raycat streamed list\x00"
 def dict_hash(fields: dict, key: str, batches: Iterator[list]) -> str:
     """The hash of ``json.dumps({**fields, key: the whole list}, sort_keys=True, default=str)``, streamed."""
     head, tail = json.dumps({**fields, key: _MARK}, sort_keys=True, default=str).split(json.dumps(_MARK))
-    h = hashlib.sha256(head.encode())
-    _list_into(h, batches)
+    out = JsonList(hashlib.sha256(head.encode()))
+    for items in batches:
+        out.add(items)
+    h = out.close()
     h.update(tail.encode())
     return h.hexdigest()[:16]
 
@@ -150,9 +151,8 @@ def _spool(rows, encode, spool: Path, skipped: Skipped, phase: str) -> dict:
     return stats
 
 
-def _write(buckets: merge.Buckets, n: int, world: int, seed: int, path: str) -> None:
-    """examples.parquet: the shuffled examples, then the rows repeated for equal shards."""
-    extra = (-n) % world
+def _write(buckets: merge.Buckets, n: int, extra: int, seed: int, path: str) -> None:
+    """examples.parquet: the shuffled examples, then ``extra`` rows repeated for equal shards."""
     pick = np.random.default_rng(seed).choice(n, size=extra, replace=n < extra) if extra else np.empty(0, int)
     repeated: dict[int, tuple] = {}
     block = max(1, min(math.ceil((n + extra) / 8), EXAMPLE_BLOCK_ROWS))
@@ -165,12 +165,16 @@ def _write(buckets: merge.Buckets, n: int, world: int, seed: int, path: str) -> 
             out.write(pd.DataFrame([repeated[int(p)] for p in pick], columns=["input_ids", "labels"]))
 
 
-def _lists(buckets: merge.Buckets, column: str) -> Iterator[list]:
-    """A token column as Python lists, a slice of a bucket at a time (JSON text of a whole bucket of
-    long examples would be gigabytes)."""
-    for chunk in buckets.chunks(keep=True, columns=[column]):
+def _token_hashes(buckets: merge.Buckets) -> tuple[str, str]:
+    """The list hashes of every example's input ids and labels, in one pass over the buckets, a slice
+    at a time (JSON text of a whole bucket of long examples would be gigabytes)."""
+    inputs, labels = JsonList(), JsonList()
+    for chunk in buckets.chunks(keep=True, columns=["input_ids", "labels"]):
         for at in range(0, len(chunk), BATCH_ROWS):
-            yield [x.tolist() for x in chunk[column].iloc[at : at + BATCH_ROWS]]
+            part = chunk.iloc[at : at + BATCH_ROWS]
+            inputs.add([x.tolist() for x in part["input_ids"]])
+            labels.add([x.tolist() for x in part["labels"]])
+    return inputs.close().hexdigest()[:16], labels.close().hexdigest()[:16]
 
 
 def prepare(
@@ -202,10 +206,10 @@ def prepare(
             start += len(batch)
         (tmp / "spool.parquet").unlink()
         del order, target
-        digests = {key: list_hash(_lists(buckets, key)) for key in ("input_ids", "labels")}
+        inputs, labels = _token_hashes(buckets)
         ids = (c["id"].tolist() for c in buckets.chunks(keep=True, columns=["id"]))
-        phase_hash = dict_hash({**fields, "inputs": digests["input_ids"], "labels": digests["labels"]}, "rows", ids)
+        phase_hash = dict_hash({**fields, "inputs": inputs, "labels": labels}, "rows", ids)
         stats["repeated"] = (-n) % world if n else 0
         if n and not trained(phase_hash):
-            _write(buckets, n, world, seed, out_path)
+            _write(buckets, n, stats["repeated"], seed, out_path)
     return stats, phase_hash
