@@ -11,6 +11,16 @@ import pandas as pd
 
 BANDS = ("easy", "medium", "hard")
 MIN_CATEGORY_ROWS = 10
+# Row indices drawn at a time: one (resamples, n) draw of a 100k-row test set would be 0.8 GB.
+DRAW_BLOCK = 1 << 22
+
+
+def per_resample(n: int, resamples: int, rng: np.random.Generator, stat) -> np.ndarray:
+    """``stat(drawn)`` of ``resamples`` draws of ``n`` indices with replacement (``drawn``: a block of
+    rows of indices), drawn a block at a time; below ``DRAW_BLOCK`` indices, one draw as before."""
+    per = max(1, DRAW_BLOCK // max(1, n))
+    blocks = [rng.integers(0, n, size=(min(per, resamples - i), n)) for i in range(0, resamples, per)]
+    return np.concatenate([stat(drawn) for drawn in blocks]) if blocks else np.empty(0)
 
 
 def bootstrap_ci(correct: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
@@ -20,7 +30,7 @@ def bootstrap_ci(correct: np.ndarray, resamples: int, seed: int, level: float = 
     if len(x) == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    means = per_resample(len(x), resamples, rng, lambda drawn: x[drawn].mean(axis=1))
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
 
@@ -49,8 +59,7 @@ def clustered_paired_bootstrap(
     sums = np.bincount(index, weights=x, minlength=len(labels))
     counts = np.bincount(index, minlength=len(labels)).astype(np.float64)
     rng = np.random.default_rng(seed)
-    drawn = rng.integers(0, len(labels), size=(resamples, len(labels)))
-    means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
+    means = per_resample(len(labels), resamples, rng, lambda drawn: sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1))
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return {"n": int(len(x)), "clusters": int(len(labels)), "diff": float(x.mean()), "ci95": [float(lo), float(hi)]}
 
@@ -72,7 +81,7 @@ def band_average_ci(rows: pd.DataFrame, resamples: int, seed: int, level: float 
     band_means = []
     for band in BANDS:
         correct = rows.loc[rows["band"] == band, "correct"].to_numpy(dtype=np.float64)
-        band_means.append(correct[rng.integers(0, len(correct), size=(resamples, len(correct)))].mean(axis=1))
+        band_means.append(per_resample(len(correct), resamples, rng, lambda drawn, c=correct: c[drawn].mean(axis=1)))
     averages = np.mean(band_means, axis=0)
     lo, hi = np.quantile(averages, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)

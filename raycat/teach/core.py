@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 
 from raycat.data.answers import extract_answer
@@ -124,30 +125,43 @@ def resolve(attempt_status: str, response: str | None, gold: str, on_wrong: str)
     return f"dropped_{attempt_status}", None, f"{what} after all attempts (teach.on_wrong={on_wrong})"
 
 
+TOTALS = ("attempts", "prompt_tokens", "completion_tokens", "engine_seconds", "gpu_seconds")
+
+
+def teacher_totals(rows: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per teacher of ``rows`` (teacher results): their count and the sums of ``TOTALS`` (a missing
+    value counts 0). Sums of disjoint row sets add up: the streamed merge adds them per batch."""
+    return {
+        str(name): {"rows": len(answers), **{k: answers[k].sum() for k in TOTALS}}
+        for name, answers in rows.groupby("teacher")
+    }
+
+
 def accounting(rows: pd.DataFrame, prices: dict[str, tuple[float, float, str] | None]) -> dict:
     """Token, time and cost totals of ``rows`` (every teacher's result for the rows taught)."""
+    rows_taught = int(rows["_key"].nunique()) if "_key" in rows else int(len(rows))
+    return priced(teacher_totals(rows), rows_taught, prices)
+
+
+def priced(totals: dict[str, dict[str, float]], rows_taught: int, prices: dict) -> dict:
+    """``accounting`` from ``teacher_totals`` (summed over batches): counts, tokens, seconds and cost."""
     per_teacher = {}
-    for name, answers in rows.groupby("teacher"):
-        totals = {
-            "rows": int(len(answers)),
-            "attempts": int(answers["attempts"].sum()),
-            "prompt_tokens": int(answers["prompt_tokens"].sum()),
-            "completion_tokens": int(answers["completion_tokens"].sum()),
-            "engine_seconds": float(answers["engine_seconds"].sum()),
-            "gpu_seconds": float(answers["gpu_seconds"].sum()),
-        }
+    for name, sums in totals.items():
+        out = {"rows": int(sums["rows"]), **{k: int(sums[k]) for k in TOTALS[:3]}}
+        out.update({k: float(sums[k]) for k in TOTALS[3:]})
         price = prices.get(name)
         if price:
-            totals["cost"] = (totals["prompt_tokens"] * price[0] + totals["completion_tokens"] * price[1]) / 1e6
-            totals["currency"] = price[2]
-        per_teacher[str(name)] = totals
-    prompt_tokens, completion_tokens = int(rows["prompt_tokens"].sum()), int(rows["completion_tokens"].sum())
+            out["cost"] = (out["prompt_tokens"] * price[0] + out["completion_tokens"] * price[1]) / 1e6
+            out["currency"] = price[2]
+        per_teacher[name] = out
+    prompt_tokens = sum(t["prompt_tokens"] for t in per_teacher.values())
+    completion_tokens = sum(t["completion_tokens"] for t in per_teacher.values())
     out = {
         "per_teacher": per_teacher,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "rows_taught": int(rows["_key"].nunique()) if "_key" in rows else int(len(rows)),
+        "rows_taught": rows_taught,
     }
     costs = [d["cost"] for d in per_teacher.values() if "cost" in d]
     if costs:
@@ -155,25 +169,25 @@ def accounting(rows: pd.DataFrame, prices: dict[str, tuple[float, float, str] | 
     return out
 
 
-def band_accounting(pool: pd.DataFrame, spent: pd.DataFrame, taught: list[str]) -> dict:
+def band_accounting(bands: np.ndarray, tokens: np.ndarray, taught: list[str]) -> dict:
     """Teacher tokens per band of the training pool, and the saving of teaching only ``taught``.
 
-    ``pool``: ``_key, band`` of every training row; ``spent``: every teacher result found for pool rows
-    (``_key``, prompt and completion tokens over all attempts), from this run or any earlier one sharing
-    the cache. A band's tokens are measured for the rows the teacher has answered; the rest are
-    estimated from that band's measured mean per row (or, for a band never taught, from the mean of the
-    measured rows of all bands) and labelled so. The saving compares the taught bands' tokens with all
-    bands' tokens and says whether both are measured."""
-    tokens = (spent["prompt_tokens"] + spent["completion_tokens"]).groupby(spent["_key"]).sum()
-    measured_all = tokens[tokens.index.isin(set(pool["_key"]))]
-    overall_mean = float(measured_all.mean()) if len(measured_all) else None
+    ``bands``: the band of every training row; ``tokens``: each row's teacher tokens (prompt and
+    completion over all attempts, summed over the teachers that answered it, from this run or any
+    earlier one sharing the cache), NaN where no teacher has answered it. A band's tokens are measured
+    for the rows the teacher has answered; the rest are estimated from that band's measured mean per row
+    (or, for a band never taught, from the mean of the measured rows of all bands) and labelled so. The
+    saving compares the taught bands' tokens with all bands' tokens and says whether both are measured."""
+    bands, tokens = np.asarray(bands), np.asarray(tokens, dtype=np.float64)
+    measured = ~np.isnan(tokens)
+    overall_mean = float(tokens[measured].mean()) if measured.any() else None
     per_band, bases = {}, []
     for band in BANDS:
-        keys = pool.loc[pool["band"] == band, "_key"]
-        got = tokens.reindex(keys).dropna()
-        entry = {"rows": int(len(keys)), "taught": band in taught, "measured_rows": int(len(got))}
+        mine = bands == band
+        got = tokens[mine & measured]
+        entry = {"rows": int(mine.sum()), "taught": band in taught, "measured_rows": int(len(got))}
         entry["measured_tokens"] = int(got.sum())
-        missing = len(keys) - len(got)
+        missing = int(mine.sum()) - len(got)
         mean, source = (
             (float(got.mean()), "this band's measured mean per row")
             if len(got)

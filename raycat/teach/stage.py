@@ -22,7 +22,6 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -34,8 +33,9 @@ from raycat.engines.base import Sampling, engine_kwargs, make_engine, resolve_dt
 from raycat.engines.openai_http import OpenAITeacher
 from raycat.errors import MissingInputError, RaycatError, StageFailed
 from raycat.ray_env import ray_session, remote_call
-from raycat.storage import merge, models, rowkey, rundir
-from raycat.teach.core import accounting, attempt_schedule, band_accounting, resolve, teach_rows
+from raycat.storage import merge, models, rundir
+from raycat.teach import results
+from raycat.teach.core import attempt_schedule, band_accounting, priced, resolve, teach_rows
 
 INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold")
 
@@ -250,90 +250,90 @@ def run_pipeline(teacher: TeacherConfig, plan: TeachPlan, rows, parts_dir: str, 
     return actor_pool.run("teach", rows, TeachBatch, plan, pool, parts_dir, on_rows, skip=skip)
 
 
-def pool_keys(cfg: RaycatConfig) -> pd.DataFrame:
-    """``_key, band`` of every training-pool row (the split's easy / medium / hard files)."""
-    frames = []
-    for band in ("easy", "medium", "hard"):
-        path = rundir.join(cfg.run_dir, "split", f"{band}.parquet")
-        if rundir.exists(path):
-            keys = rundir.read_parquet_columns(path, ["id", "row_hash"])
-            frames.append(pd.DataFrame({"_key": rowkey.keys(keys), "band": band}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["_key", "band"])
+def band_paths(cfg: RaycatConfig) -> dict[str, str]:
+    """The split's training-pool files (easy / medium / hard), by band."""
+    return {band: rundir.join(cfg.run_dir, "split", f"{band}.parquet") for band in ("easy", "medium", "hard")}
 
 
-def _cascade(rows: pd.DataFrame, results: list[pd.DataFrame]) -> pd.DataFrame:
-    """Each row's result across the teachers, in cascade order: the first verified one, otherwise the
-    last teacher that answered (a wrong CoT is kept over a later teacher's failed request: under
-    teach.on_wrong=keep it is a target), otherwise the last failure, otherwise the last skip (a prompt
-    too long for that teacher). ``results``: one frame per teacher, with ``_key`` (rowkey.keys)."""
-    n = len(results)
-    tiers = {"verified": 0, "failed": 2, "skipped": 3}
+# The parts' types where no teacher wrote a part (nothing to teach): the outputs keep their columns.
+_PART_TYPES = {"attempts": pa.int64(), "prompt_tokens": pa.int64(), "completion_tokens": pa.int64()}
+EMPTY_PART_SCHEMA = pa.schema(
+    [(c, _PART_TYPES.get(c, pa.float64() if c.endswith("_seconds") else pa.string())) for c in PART_COLUMNS]
+)
 
-    def rank(r: pd.DataFrame, i: int) -> pd.Series:
-        tier = r["status"].map(tiers).fillna(1).astype(int).to_numpy()
-        # Verified rows by teacher order; the others by reverse teacher order.
-        return pd.Series(tier * 10_000 + np.where(tier == 0, i, n - i), index=r.index)
 
-    both = pd.concat([r.assign(_rank=rank(r, i)) for i, r in enumerate(results)], ignore_index=True)
-    best = both.sort_values("_rank", kind="stable").drop_duplicates("_key").set_index("_key")
-    missing = rows["_key"][~rows["_key"].isin(best.index)]
-    if len(missing):
-        raise RaycatError(
-            f"{len(missing)} row(s) have no teacher result (e.g. {missing.iloc[0].split(rowkey.SEP)[0]}); "
-            "rerun `raycat teach` to finish them"
-        )
-    return best.loc[rows["_key"]].drop(columns=["_rank"]).reset_index(drop=True)
+def output_schema(cfg: RaycatConfig, plans: list[TeachPlan]) -> pa.Schema:
+    """cot.parquet's and skipped.parquet's columns: the rows', each row's chosen result's, the verdict."""
+    files = [f for plan in plans for f in rundir.list_files(parts_dir(cfg, plan), ".parquet")]
+    parts = merge.unified_schema(files) if files else EMPTY_PART_SCHEMA
+    fields = list(rundir.parquet_schema(rows_path(cfg.run_dir)))
+    fields += [parts.field(c) for c in parts.names if c not in ("id", "row_hash", *[f.name for f in fields])]
+    verdict = ("reason", "final_status", "target", "teach_prompt_version", "teacher_template_hash")
+    # ``reason`` keeps its place among the result's columns and becomes the verdict's text.
+    fields = [pa.field(f.name, pa.string()) if f.name == "reason" else f for f in fields]
+    fields += [pa.field(c, pa.string()) for c in verdict if c not in {f.name for f in fields}]
+    return pa.schema(fields)
+
+
+def resolved(cfg: RaycatConfig, plans: list[TeachPlan], chunk: pd.DataFrame) -> pd.DataFrame:
+    """A batch of rows with their chosen result: teach.on_wrong applied, the verdict columns added."""
+    verdicts = [
+        resolve(status, response, gold, cfg.teach.on_wrong)
+        for status, response, gold in zip(chunk["status"], chunk["response"], chunk["gold"], strict=True)
+    ]
+    whys = zip([why for _, _, why in verdicts], chunk["reason"], strict=True)
+    return chunk.assign(
+        reason=["; ".join(x for x in pair if x) for pair in whys],
+        final_status=[final for final, _, _ in verdicts],
+        target=[target for _, target, _ in verdicts],
+        teach_prompt_version=TEACH_PROMPT_VERSION,
+        teacher_template_hash=chunk["teacher"].map({plan.name: plan.template_hash for plan in plans}),
+    )
 
 
 def finalize(cfg: RaycatConfig, plans: list[TeachPlan]) -> dict:
     """On a worker: pick each row's result across the cascade, apply teach.on_wrong, write cot/skipped
-    Parquet; returns the metrics (``run`` writes them)."""
-    teach = cfg.teach
-    rows = rundir.read_parquet(rows_path(cfg.run_dir))
-    rows["_key"] = rowkey.keys(rows)
-    want = set(rows["_key"])
-    pool = pool_keys(cfg)
-    in_pool = set(pool["_key"])
-    results, spent_pool = [], []
-    # Each cache is read once; only this content's rows count (a reused id is a new row).
-    for plan in plans:
-        answers = read_parts(parts_dir(cfg, plan))
-        # A row retried after a failed request has a newer part: its answer wins over the failure.
-        answers = answers.assign(_key=rowkey.keys(answers), _failed=answers["status"].eq("failed"))
-        answers = answers.sort_values("_failed", kind="stable").drop(columns=["_failed"])
-        results.append(answers.loc[answers["_key"].isin(want)].drop_duplicates("_key"))
-        # Every band, from this run or an earlier one sharing the cache: the per-band accounting.
-        spent_pool.append(answers.loc[answers["_key"].isin(in_pool)].drop_duplicates("_key"))
-    chosen = _cascade(rows, results).drop(columns=["id", "row_hash"])
-    resolved = [
-        resolve(status, response, gold, teach.on_wrong)
-        for status, response, gold in zip(chosen["status"], chosen["response"], rows["gold"], strict=True)
-    ]
-    out = pd.concat([rows.drop(columns=["_key"]), chosen], axis=1)
-    out["final_status"] = [final for final, _, _ in resolved]
-    out["target"] = [target for _, target, _ in resolved]
-    whys = zip([why for _, _, why in resolved], chosen["reason"], strict=True)
-    out["reason"] = ["; ".join(x for x in pair if x) for pair in whys]
-    out["teach_prompt_version"] = TEACH_PROMPT_VERSION
-    out["teacher_template_hash"] = out["teacher"].map({plan.name: plan.template_hash for plan in plans})
+    Parquet; returns the metrics (``run`` writes them). Streamed (``results``): memory is a batch, a
+    bucket and ~9 bytes a training-pool row a teacher."""
+    teach, path = cfg.teach, rows_path(cfg.run_dir)
     teach_dir = rundir.join(cfg.run_dir, "teach")
-    rundir.write_parquet(rundir.join(teach_dir, "cot.parquet"), out[out["target"].notna()])
-    rundir.write_parquet(rundir.join(teach_dir, "skipped.parquet"), out[out["target"].isna()])
-    # Accounting counts every attempt of every teacher that worked on these rows.
-    spent = pd.concat(results, ignore_index=True)
+    pool_keys, pool_index, bands = results.pool_index(band_paths(cfg))
+    pool = results.PoolTokens(pool_keys, pool_index, len(plans))
+    merged = results.Merged()
+    schema = output_schema(cfg, plans)
+    block = block_rows(cfg)
+    with (
+        merge.scratch(rundir.join(teach_dir, "finalize")) as tmp,
+        merge.ParquetSink(rundir.join(teach_dir, "cot.parquet"), schema, row_group_size=block) as cot,
+        merge.ParquetSink(rundir.join(teach_dir, "skipped.parquet"), schema, row_group_size=block) as skipped,
+    ):
+        buckets = merge.Buckets(tmp, results.PART_BATCH_ROWS)
+        # Each cache is read once; only this content's rows count (a reused id is a new row).
+        results.spread(path, [parts_dir(cfg, plan) for plan in plans], pool, buckets)
+        for chunk in results.walk(path, buckets, len(plans), merged):
+            out = resolved(cfg, plans, chunk)
+            merged.final_status.update(out["final_status"])
+            merged.attempt_status.update(out["status"])
+            cot.write(out[out["target"].notna()])
+            skipped.write(out[out["target"].isna()])
+        if merged.missing:
+            # Raised inside the sinks: neither file is published.
+            raise results.no_result_error(merged)
+    n_rows = cot.rows + skipped.rows
     prices = {
         t.model.path: (t.price.prompt_per_mtok, t.price.completion_per_mtok, t.price.currency) if t.price else None
         for t in teach.teachers
     }
     metrics = {
-        "rows": int(len(out)),
+        "rows": n_rows,
         "bands": teach.bands,
-        "status": {s: int(n) for s, n in out["final_status"].value_counts().items()},
-        "attempt_status": {s: int(n) for s, n in out["status"].value_counts().items()},
+        "status": dict(merged.final_status.most_common()),
+        "attempt_status": dict(merged.attempt_status.most_common()),
         "accounting": {
-            **accounting(spent, prices),
-            "pool_rows": int(len(pool)),
-            **band_accounting(pool, pd.concat(spent_pool, ignore_index=True), taught_bands(cfg)),
+            # Counts every attempt of every teacher that worked on these rows.
+            **priced(merged.totals, merged.rows_taught, prices),
+            "pool_rows": int(len(bands)),
+            **band_accounting(bands, pool.per_row(), taught_bands(cfg)),
         },
         "provenance": {
             "prompt_version": TEACH_PROMPT_VERSION,
@@ -345,7 +345,7 @@ def finalize(cfg: RaycatConfig, plans: list[TeachPlan]) -> dict:
         },
     }
     failed = metrics["status"].get("failed", 0)
-    metrics["failure_ratio"] = failed / len(out) if len(out) else 0.0
+    metrics["failure_ratio"] = failed / n_rows if n_rows else 0.0
     return metrics
 
 

@@ -35,9 +35,11 @@ from raycat.storage import merge, rundir
 # Rows tokenized at a time; rows per block of examples.parquet (the unit Ray Data streams to workers).
 BATCH_ROWS = 4096
 EXAMPLE_BLOCK_ROWS = 4096
+SPOOL_ROWS = 32_768
 BUCKET_ROWS = merge.BUCKET_ROWS
-# Tokens per shuffle bucket (input ids + labels, 8 bytes each in a frame: ~0.5 GB).
-EXAMPLE_BUCKET_TOKENS = 32_000_000
+# Tokens per shuffle bucket: input ids + labels, 8 bytes each, ~130 MB in a frame; reading a bucket
+# holds a few copies of it (Arrow, pandas, sorted), which is the preparation task's peak.
+EXAMPLE_BUCKET_TOKENS = 8_000_000
 EXAMPLES = pa.schema([("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64()))])
 SKIPPED = pa.schema([("id", pa.string()), ("phase", pa.string()), ("skip_reason", pa.string())])
 
@@ -133,6 +135,7 @@ def _spool(rows, encode, spool: Path, skipped: Skipped, phase: str) -> dict:
     """Every batch encoded and appended to a local Parquet file; returns the counts."""
     stats = dict.fromkeys(("rows", "examples", "truncated", "tokens", "target_tokens"), 0)
     schema = pa.schema([("id", pa.string()), *EXAMPLES])
+    pending: list[pa.Table] = []
     with pq.ParquetWriter(spool, schema) as writer:
         for batch, no_cot in rows:
             if len(no_cot):
@@ -147,7 +150,12 @@ def _spool(rows, encode, spool: Path, skipped: Skipped, phase: str) -> dict:
                 stats["tokens"] += int(encoded["num_tokens"].sum())
                 stats["target_tokens"] += int(encoded["num_target_tokens"].sum())
                 table = pa.Table.from_pandas(encoded[schema.names], preserve_index=False)
-                writer.write_table(table.replace_schema_metadata(None).cast(schema))
+                pending.append(table.replace_schema_metadata(None).cast(schema))
+                # Row groups of SPOOL_ROWS: the shuffle reads a group at a time and writes a file per
+                # bucket it touches, so small groups would make many tiny files at 10M rows.
+                pending = merge.flush_groups(writer, pending, SPOOL_ROWS, final=False)
+        if pending:
+            merge.flush_groups(writer, pending, SPOOL_ROWS, final=True)
     return stats
 
 

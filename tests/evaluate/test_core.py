@@ -20,6 +20,32 @@ def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
     assert all(np.isnan(bootstrap_ci(np.array([]), 10, 0)))
 
 
+def test_a_large_test_set_is_resampled_in_blocks_not_one_matrix(monkeypatch):
+    """1000 resamples of a 100k-row test set drawn at once are 0.8 GB of indices: blocks of at most
+    DRAW_BLOCK indices give the same kind of interval (the draws continue one seeded stream)."""
+    from raycat.evaluate import core
+
+    x = np.random.default_rng(0).random(5000) < 0.7
+    whole = bootstrap_ci(x, 400, seed=3)
+    sizes = []
+    real = np.random.default_rng
+
+    class Spy:
+        def __init__(self, seed):
+            self.rng = real(seed)
+
+        def integers(self, low, high=None, size=None):
+            sizes.append(int(np.prod(size)))
+            return self.rng.integers(low, high, size=size)
+
+    monkeypatch.setattr(np.random, "default_rng", Spy)
+    monkeypatch.setattr(core, "DRAW_BLOCK", 12_000)
+    lo, hi = bootstrap_ci(x, 400, seed=3)
+    assert max(sizes) <= 12_000 and sum(sizes) == 400 * 5000 and len(sizes) == 200
+    assert lo < x.mean() < hi and abs((hi - lo) - (whole[1] - whole[0])) < 0.01
+    assert len(core.per_resample(5000, 400, real(0), lambda d: d.mean(axis=1))) == 400
+
+
 def test_accuracy_table_per_band_and_category():
     df = pd.DataFrame(
         {

@@ -2,11 +2,12 @@
 
 import os
 
+import numpy as np
 import pandas as pd
 
 from raycat.engines import actor_pool
-from raycat.storage import rowkey, rundir
-from raycat.teach.stage import _cascade
+from raycat.storage import merge, rowkey, rundir
+from raycat.teach import results
 
 
 def frame(ids, questions, gold="A"):
@@ -48,28 +49,36 @@ def test_parts_count_as_done_only_for_the_same_id_and_content(tmp_path):
     assert actor_pool.todo_count(path, [(legacy, None)])["todo"] == 4
 
 
-def test_cascade_takes_the_first_verified_else_the_last_answer_per_content():
+def test_cascade_takes_the_first_verified_else_the_last_answer_per_content(tmp_path):
     rows = frame(["a", "b", "c"], ["qa", "qb", "qc"])
-    rows["_key"] = rowkey.keys(rows)
+    path = str(tmp_path / "rows.parquet")
+    rundir.write_parquet(path, rows)
 
     def res(teacher, statuses, rows=rows):
-        out = rows[["id", "row_hash"]].assign(_key=rowkey.keys(rows), teacher=teacher, response=teacher)
-        out["status"] = statuses
+        out = rows[["id", "row_hash"]].assign(teacher=teacher, response=teacher, status=statuses)
+        out = out.assign(attempts=1, prompt_tokens=1, completion_tokens=1, engine_seconds=0.0, gpu_seconds=0.0)
         return out[out["status"].notna()]
+
+    def merged(*teachers):
+        dirs = []
+        for i, answers in enumerate(teachers):
+            dirs.append(str(tmp_path / f"{len(teachers)}-{i}"))
+            rundir.write_part(answers, dirs[-1])
+        empty = results.PoolTokens(np.empty(0, np.uint64), np.empty(0, np.int64), len(dirs))
+        buckets, counts = merge.Buckets(tmp_path / f"buckets-{len(teachers)}"), results.Merged()
+        (tmp_path / f"buckets-{len(teachers)}").mkdir()
+        results.spread(path, dirs, empty, buckets)
+        return pd.concat(results.walk(path, buckets, len(dirs), counts)), counts
 
     t1 = res("t1", ["verified", "wrong", "wrong"])
     t2 = res("t2", [None, "verified", "missing"])
     t3 = res("t3", [None, None, "wrong"])
-    got = _cascade(rows, [t1, t2, t3])
+    got, _ = merged(t1, t2, t3)
     assert list(got["teacher"]) == ["t1", "t2", "t3"] and list(got["status"]) == ["verified", "verified", "wrong"]
     # A teacher's result for the same id but other content is not this row's result.
     stale = res("t1", ["verified", "verified", "verified"], rows=frame(["a", "b", "c"], ["qa", "OLD", "qc"]))
-    try:
-        _cascade(rows, [stale[stale["_key"].isin(set(rows["_key"]))]])
-    except Exception as e:
-        assert "1 row(s) have no teacher result (e.g. b)" in str(e)
-    else:
-        raise AssertionError("a row without a result for its content was accepted")
+    got, counts = merged(stale)
+    assert list(got["id"]) == ["a", "c"] and counts.missing == 1 and counts.missing_example == "b"
 
 
 def test_fingerprint_changes_when_a_file_is_rewritten_in_place(tmp_path):

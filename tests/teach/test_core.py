@@ -1,5 +1,6 @@
 """The teach loop, policy and accounting with a scripted engine (wiring only; real engines elsewhere)."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -109,21 +110,20 @@ def test_accounting_totals_and_costs():
     assert a["per_teacher"]["t1"]["cost"] == pytest.approx((300 * 1 + 900 * 2) / 1e6)
 
 
-def _pool():
-    return pd.DataFrame(
-        {
-            "_key": [f"e{i}" for i in range(2)] + [f"m{i}" for i in range(4)] + ["h0", "h1"],
-            "band": ["easy"] * 2 + ["medium"] * 4 + ["hard"] * 2,
-        }
-    )
+KEYS = [f"e{i}" for i in range(2)] + [f"m{i}" for i in range(4)] + ["h0", "h1"]
+BANDS = np.array(["easy"] * 2 + ["medium"] * 4 + ["hard"] * 2)
+
+
+def _tokens(spent: pd.DataFrame) -> np.ndarray:
+    """Each pool row's tokens (NaN: no answer), from answers by key."""
+    per_key = (spent["prompt_tokens"] + spent["completion_tokens"]).groupby(spent["_key"]).sum()
+    return per_key.reindex(KEYS).to_numpy(dtype=float)
 
 
 def test_saving_is_measured_when_every_band_was_taught():
     # A distill-all run earlier in the same cache answered every row: the saving is measured.
-    spent = pd.DataFrame(
-        {"_key": list(_pool()["_key"]), "prompt_tokens": 10, "completion_tokens": [10] * 6 + [90, 190]}
-    )
-    b = band_accounting(_pool(), spent, ["hard"])
+    spent = pd.DataFrame({"_key": KEYS, "prompt_tokens": 10, "completion_tokens": [10] * 6 + [90, 190]})
+    b = band_accounting(BANDS, _tokens(spent), ["hard"])
     assert b["per_band"]["hard"]["tokens"] == 100 + 200 and b["per_band"]["easy"]["basis"] == "measured"
     assert b["saving"]["basis"] == "measured"
     assert b["saving"]["saving_pct"] == pytest.approx(100 * (1 - 300 / (300 + 6 * 20)))
@@ -132,20 +132,18 @@ def test_saving_is_measured_when_every_band_was_taught():
 def test_a_run_teaching_every_band_also_reports_the_hard_band_only_saving():
     # distill_all in --recipes teaches every band: that saving is 0 by construction; the method's own
     # saving (the hard band only) is measured from the same rows.
-    spent = pd.DataFrame(
-        {"_key": list(_pool()["_key"]), "prompt_tokens": 10, "completion_tokens": [10] * 6 + [90, 190]}
-    )
-    every = band_accounting(_pool(), spent, ["easy", "medium", "hard"])
+    spent = pd.DataFrame({"_key": KEYS, "prompt_tokens": 10, "completion_tokens": [10] * 6 + [90, 190]})
+    every = band_accounting(BANDS, _tokens(spent), ["easy", "medium", "hard"])
     assert every["saving"]["saving_pct"] == 0.0
     hard_only = every["hard_only_saving"]
     assert hard_only["saving_pct"] == pytest.approx(100 * (1 - 300 / (300 + 6 * 20)))
     assert hard_only["basis"] == "measured" and hard_only["taught_bands_tokens"] == 300
-    assert "hard_only_saving" not in band_accounting(_pool(), spent, ["hard"])
+    assert "hard_only_saving" not in band_accounting(BANDS, _tokens(spent), ["hard"])
 
 
 def test_saving_is_an_estimate_labelled_when_bands_were_not_taught():
     spent = pd.DataFrame({"_key": ["h0", "h1", "m0"], "prompt_tokens": [10, 10, 5], "completion_tokens": [90, 190, 15]})
-    b = band_accounting(_pool(), spent, ["hard"])
+    b = band_accounting(BANDS, _tokens(spent), ["hard"])
     med, easy = b["per_band"]["medium"], b["per_band"]["easy"]
     assert med["measured_tokens"] == 20 and med["estimated_tokens"] == 3 * 20  # this band's own mean
     assert "estimated for 3 from this band's measured mean" in med["basis"]

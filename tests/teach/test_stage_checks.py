@@ -88,15 +88,14 @@ def test_the_cascade_keeps_a_wrong_cot_over_a_later_teachers_failed_request():
     """Review m5: teacher 1 answered wrong, teacher 2 could not be reached; under on_wrong=keep the wrong
     CoT is a target, so it must win over the failure. Verified still wins in teacher order, and among
     answers the later teacher's."""
-    from raycat.teach.stage import _cascade
+    from raycat.teach.results import cascade
 
-    def result(statuses):
-        return pd.DataFrame({"_key": [f"k{i}" for i in range(len(statuses))], "status": statuses})
+    def result(statuses, teacher, i):
+        return pd.DataFrame({"_pos": range(len(statuses)), "status": statuses, "teacher": teacher, "_teacher": i})
 
-    rows = pd.DataFrame({"_key": ["k0", "k1", "k2", "k3", "k4", "k5"]})
-    first = result(["wrong", "verified", "wrong", "failed", "skipped", "skipped"]).assign(teacher="t1")
-    second = result(["failed", "verified", "truncated", "failed", "wrong", "failed"]).assign(teacher="t2")
-    got = _cascade(rows, [first, second])
+    first = result(["wrong", "verified", "wrong", "failed", "skipped", "skipped"], "t1", 0)
+    second = result(["failed", "verified", "truncated", "failed", "wrong", "failed"], "t2", 1)
+    got = cascade(pd.concat([second, first], ignore_index=True), 2)
     assert list(zip(got["status"], got["teacher"], strict=True)) == [
         ("wrong", "t1"),
         ("verified", "t1"),

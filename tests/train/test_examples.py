@@ -77,6 +77,7 @@ def test_batches_reproduce_the_whole_frame_preparation(
     # Many batches and buckets, as at corpus size.
     monkeypatch.setattr(examples, "BATCH_ROWS", 7)
     monkeypatch.setattr(examples, "BUCKET_ROWS", 11)
+    monkeypatch.setattr(examples, "SPOOL_ROWS", 10)
     plans, skipped = stage.plan_phases(config(new, recipe, workers), tokenizer, str(tiny_model_dir))
     assert [(p.phase, p.stats, p.hash) for p in plans] == [(p.phase, p.stats, p.hash) for p in expected]
     for plan in expected:
