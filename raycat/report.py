@@ -73,7 +73,9 @@ def _entropy_plots(run: str, thresholds: dict | None) -> dict[str, bytes]:
     scores_path = rundir.join(run, "score", "scores.parquet")
     if not rundir.exists(scores_path):
         return {}
-    scored = metric_rows(rundir.read_parquet(scores_path))
+    # Three columns, not the questions' text: a million-row corpus is ~10 MB here.
+    wanted = [c for c in ("entropy", "correct", "idk") if c in rundir.parquet_columns(scores_path)]
+    scored = metric_rows(rundir.read_parquet_columns(scores_path, wanted))
     out = {"entropy_histogram.png": _entropy_histogram(scored, thresholds)}
     correct = scored["correct"].astype(bool).to_numpy()
     if 0 < correct.sum() < len(correct):

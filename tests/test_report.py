@@ -363,3 +363,19 @@ def test_report_and_study_totals_hold_only_the_recipes_of_this_run(tmp_path):
     # Without a manifest (stages run one by one) every recipe dir is the run's.
     (run / "manifest.json").unlink()
     assert sorted(run_recipes(str(run))) == sorted([recipe, "sft_all_earlier"])
+
+
+def test_the_entropy_plots_read_three_columns_of_the_scores_not_the_questions(tmp_path, monkeypatch):
+    """A million-row scores.parquet holds the questions' text; the plots need entropy, correct, idk."""
+    from raycat import report
+    from raycat.storage import rundir
+
+    make_run_dir(tmp_path)
+    scores = pd.read_parquet(tmp_path / "score/scores.parquet").assign(question="a long question " * 20)
+    scores.to_parquet(tmp_path / "score/scores.parquet")
+    read = []
+    real = rundir.read_parquet_columns
+    monkeypatch.setattr(rundir, "read_parquet", lambda path: pytest.fail(f"read whole: {path}"))
+    monkeypatch.setattr(rundir, "read_parquet_columns", lambda path, cols: read.append(cols) or real(path, cols))
+    plots = report._entropy_plots(str(tmp_path), None)
+    assert set(plots) == {"entropy_histogram.png", "roc.png"} and read == [["entropy", "correct"]]

@@ -1,5 +1,5 @@
-"""Pure core of the eval stage: bootstrap intervals, paired differences, accuracy tables, and which
-rows every model could be asked.
+"""Pure core of the eval stage: bootstrap intervals (drawn in blocks), paired differences and accuracy
+tables (which rows every model could be asked: ``tally``).
 
 No Ray and no engine here: numpy and pandas on rows already read (tests/evaluate/test_core.py).
 """
@@ -111,16 +111,3 @@ def accuracy_table(rows: pd.DataFrame, resamples: int, seed: int) -> dict:
         if len(part) >= MIN_CATEGORY_ROWS:
             out["per_category"][str(category)] = one(part)
     return out
-
-
-def excluded_rows(want: set[str], answers: dict[str, pd.DataFrame]) -> dict[str, str]:
-    """Row key → why it is left out of every model's accuracy: the first model (in ``answers``' order)
-    that could not be asked it (prompt too long for its generation budget) or has no answer recorded.
-    ``want``: the keys of the rows under test; ``answers``: each model's answers, indexed by row key."""
-    excluded: dict[str, str] = {}
-    for name, answered in answers.items():
-        for key, why in answered.loc[answered["skip_reason"].fillna("") != "", "skip_reason"].items():
-            excluded.setdefault(key, f"{name}: {why}")
-        for key in want - set(answered.index):
-            excluded.setdefault(key, f"{name}: no answer recorded")
-    return excluded

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from raycat import progress
 from raycat.config import ModelConfig, RaycatConfig, cache_root, for_workers, save_config
@@ -33,10 +34,11 @@ from raycat.data.prompts import TRAIN_PROMPT_VERSION, render_ids, train_messages
 from raycat.engines import actor_pool
 from raycat.engines.base import Sampling, engine_kwargs, make_engine, resolve_dtype
 from raycat.errors import MissingInputError, RaycatError
-from raycat.evaluate.core import accuracy_table, excluded_rows, paired_table
+from raycat.evaluate import tally
+from raycat.evaluate.core import accuracy_table, paired_table
 from raycat.ray_env import ray_session, remote_call
 from raycat.recipes import RECIPES, phase_settings, settings_changes
-from raycat.storage import merge, models, rowkey, rundir
+from raycat.storage import merge, models, rundir
 
 INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold", "band")
 
@@ -298,26 +300,12 @@ def run_pipeline(cfg: RaycatConfig, plan: EvalPlan, rows, parts_dir: str, on_row
     return actor_pool.run("eval", rows, EvalBatch, plan, pool, parts_dir, on_rows, skip=[(parts_dir, None)])
 
 
-def read_answers(cfg: RaycatConfig, plans: list[EvalPlan], want: set[str]) -> dict[str, pd.DataFrame]:
-    """Each model's answers to the rows under test (``want``: their keys), indexed by row key. Only this
-    content's rows count: an id reused by another data.path is a new row."""
-    answers = {}
-    for plan in plans:
-        parts = read_parts(parts_dir(cfg, plan))
-        parts = parts.assign(_key=rowkey.keys(parts)).loc[lambda f: f["_key"].isin(want)].drop_duplicates("_key")
-        answers[plan.name] = parts.set_index("_key")
-    return answers
-
-
-def single_token_metrics(cfg: RaycatConfig, rows: pd.DataFrame, common: list[str]) -> tuple[dict, np.ndarray]:
+def single_token_metrics(cfg: RaycatConfig, rows: tally.Rows, common: np.ndarray) -> tuple[dict, np.ndarray]:
     """The base student in the single-token format it was scored in (its score-stage answer, no [[X]]
     format to learn) on the compared rows: (its metrics, its per-row correctness)."""
     evaluation = cfg.eval
-    compared = rows.set_index("_key").loc[common]
-    single = pd.DataFrame(
-        {"correct": compared["correct"].astype(bool), "band": compared["band"], "category": compared["category"]}
-    )
-    single["extracted"] = compared["predicted"]
+    unparsed = rows.predicted.isna().to_numpy() if rows.predicted is not None else np.zeros(len(common), bool)
+    single = tally.table_rows(rows, common, rows.correct, unparsed)
     metrics = {
         **accuracy_table(single, evaluation.bootstrap_resamples, evaluation.seed),
         "kind": "single-token (the score stage's answer: arg-max among the option tokens)",
@@ -331,21 +319,34 @@ def single_token_metrics(cfg: RaycatConfig, rows: pd.DataFrame, common: list[str
 
 
 def model_metrics(
-    cfg: RaycatConfig, plan: EvalPlan, answers: pd.DataFrame, common: list[str]
+    cfg: RaycatConfig, plan: EvalPlan, rows: tally.Rows, answers: tally.Answers, common: np.ndarray
 ) -> tuple[dict, np.ndarray]:
     """One model's answers on the compared rows: (its metrics, its per-row correctness)."""
     evaluation = cfg.eval
-    scored = answers.loc[[key for key in common if key in answers.index]]
+    scored = tally.table_rows(rows, common, answers.correct, answers.unparsed)
+    tokens = answers.completion_tokens[common]
     metrics = {
         **accuracy_table(scored, evaluation.bootstrap_resamples, evaluation.seed),
         "kind": plan.kind,
         "path": plan.model_path,
         "adapter": plan.adapter,
         "cache_key": plan.cache_key,
-        "skipped": int((answers["skip_reason"].fillna("") != "").sum()),
-        "mean_completion_tokens": float(scored["completion_tokens"].mean()) if len(scored) else None,
+        "skipped": int(answers.skipped.sum()),
+        "mean_completion_tokens": float(pd.Series(tokens).mean()) if len(tokens) else None,
     }
-    return metrics, scored["correct"].astype(bool).to_numpy()
+    return metrics, scored["correct"].to_numpy()
+
+
+def write_answers(cfg: RaycatConfig, plans: list[EvalPlan], rows: tally.Rows, compared: np.ndarray) -> None:
+    """eval.parquet: every model's answers to the test rows (the ones the metrics used), in read order,
+    with ``compared`` (the row is in the paired comparison)."""
+    files = [f for plan in plans for f in rundir.list_files(parts_dir(cfg, plan), ".parquet")]
+    schema = merge.unified_schema(files) if files else pa.schema([(c, pa.string()) for c in PART_COLUMNS])
+    schema = schema.append(pa.field("compared", pa.bool_()))
+    with merge.ParquetSink(rundir.join(cfg.run_dir, "eval", "eval.parquet"), schema) as out:
+        for plan in plans:
+            for part, pos in tally.first_rows(rows, parts_dir(cfg, plan), None):
+                out.write(part.assign(compared=compared[pos]))
 
 
 def finalize(cfg: RaycatConfig, plans: list[EvalPlan]) -> dict:
@@ -354,31 +355,28 @@ def finalize(cfg: RaycatConfig, plans: list[EvalPlan]) -> dict:
     Every model is compared on the same rows: a row that any model could not be asked (its prompt too
     long for that model's generation budget) is left out of every model's accuracy and counted. The
     base student is also reported in the single-token format it was scored in (its score-stage answer,
-    no [[X]] format to learn), so the baseline is not 0 by construction."""
+    no [[X]] format to learn), so the baseline is not 0 by construction. Streamed (``tally``): memory
+    is a batch and ~12 bytes a test row a model; a row's band is the current split's."""
     evaluation = cfg.eval
-    rows = rundir.read_parquet(rows_path(cfg.run_dir))
-    rows["_key"] = rowkey.keys(rows)
-    want = set(rows["_key"])
-    answers = read_answers(cfg, plans, want)
-    excluded = excluded_rows(want, answers)
-    common = [key for key in rows["_key"] if key not in excluded]
-    frames, metrics, correct = [], {}, {}
-    if evaluation.include_base and "correct" in rows:
+    rows = tally.Rows.read(rows_path(cfg.run_dir))
+    n = len(rows.index)
+    answers = [tally.read_answers(rows, parts_dir(cfg, plan)) for plan in plans]
+    excluded_by = tally.first_excluded(answers, n)
+    common = excluded_by < 0
+    metrics, correct = {}, {}
+    if evaluation.include_base and rows.correct is not None:
         metrics[SINGLE_TOKEN_BASE], correct[SINGLE_TOKEN_BASE] = single_token_metrics(cfg, rows, common)
-    for plan in plans:
-        answered = answers[plan.name]
-        frames.append(answered.reset_index(drop=True).assign(compared=answered.index.isin(common)))
-        metrics[plan.name], correct[plan.name] = model_metrics(cfg, plan, answered, common)
-    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PART_COLUMNS)
-    rundir.write_parquet(rundir.join(cfg.run_dir, "eval", "eval.parquet"), out)
-    reasons = pd.Series(list(excluded.values()), dtype=str)
+    for plan, answered in zip(plans, answers, strict=True):
+        metrics[plan.name], correct[plan.name] = model_metrics(cfg, plan, rows, answered, common)
+    write_answers(cfg, plans, rows, common)
+    by_model = pd.Series([plans[i].name for i in excluded_by[~common]], dtype=str).value_counts()
     return {
-        "test_rows": int(len(rows)),
-        "compared_rows": len(common),
+        "test_rows": n,
+        "compared_rows": int(common.sum()),
         "excluded_rows": {
-            "n": len(excluded),
+            "n": int((~common).sum()),
             "rule": "a row any model could not be asked is left out of every model's accuracy (paired comparison)",
-            "reasons": reasons.str.split(":").str[0].value_counts().to_dict() if len(reasons) else {},
+            "reasons": {str(k): int(v) for k, v in by_model.items()},
         },
         "models": metrics,
         "paired": paired_table(correct, evaluation.bootstrap_resamples, evaluation.seed),
