@@ -109,14 +109,18 @@ def apply_template(tokenizer, messages: list[dict[str, str]], generation_prompt:
 
 
 def render_ids(tokenizer, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    # The template already writes BOS/role markers; add_special_tokens would add a second BOS.
+    return tokenizer(render_text(tokenizer, messages, template_kwargs), add_special_tokens=False)["input_ids"]
+
+
+def render_text(tokenizer, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None) -> str:
+    """The prompt as inference renders it: the chat template with the generation prompt."""
     if not tokenizer.chat_template:
         raise RaycatError(
             "the student tokenizer has no chat template; raycat scores instruct/chat models with their "
             "own template. Use an instruct model, or set tokenizer.chat_template in the model directory."
         )
-    text = apply_template(tokenizer, messages, True, template_kwargs)
-    # The template already writes BOS/role markers; add_special_tokens would add a second BOS.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return apply_template(tokenizer, messages, True, template_kwargs)
 
 
 @dataclass(frozen=True)

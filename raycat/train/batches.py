@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycat.data.prompts import answer_target, apply_template, render_ids, train_messages
+from raycat.data.prompts import answer_target, apply_template, render_text, train_messages
 from raycat.errors import RaycatError
 
 IGNORE_INDEX = -100
@@ -78,13 +78,26 @@ def encode(
     template_kwargs: dict | None = None,
 ) -> Encoded | str:
     """One example, or the reason it cannot be used (over-long under 'drop', nothing left to learn)."""
+    prompt, full = _texts(tokenizer, messages, target, template_kwargs)
+    prompt_ids, full_ids = tokenizer([prompt, full], add_special_tokens=False)["input_ids"]
+    return label(prompt_ids, full_ids, stop_ids, max_length, overlong)
+
+
+def _texts(tokenizer, messages: list[dict[str, str]], target: str, template_kwargs: dict | None) -> tuple[str, str]:
+    """The prompt as inference renders it and the whole conversation with the assistant turn."""
     # Templates such as Llama-3's trim content; the mask must match what is rendered.
     target = target.strip()
     if not target:
         raise TemplateError("empty target")
-    prompt_ids = render_ids(tokenizer, messages, template_kwargs)
-    full_text = apply_template(tokenizer, messages + [{"role": "assistant", "content": target}], False, template_kwargs)
-    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    prompt = render_text(tokenizer, messages, template_kwargs)
+    full = apply_template(tokenizer, messages + [{"role": "assistant", "content": target}], False, template_kwargs)
+    return prompt, full
+
+
+def label(
+    prompt_ids: list[int], full_ids: list[int], stop_ids: set[int], max_length: int, overlong: str
+) -> Encoded | str:
+    """The loss mask of one rendered example (``encode``'s rule), from its prompt's and its whole ids."""
     n = len(prompt_ids)
     if full_ids[:n] != prompt_ids:
         raise TemplateError(
@@ -121,22 +134,31 @@ def encode_rows(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows with ``question, options, category, gold`` (+ ``target`` for kind 'cot') → (encoded, skipped).
 
-    A template problem is an error naming the row; a too-long example is skipped with its reason."""
-    out, skipped = [], []
+    A template problem is an error naming the row; a too-long example is skipped with its reason. The
+    batch's texts are tokenized in one call (a call per text cost more than the tokenizing itself)."""
+    texts: list[str] = []
     for r in rows.itertuples(index=False):
         options = list(r.options) if r.options is not None else []
         target = answer_target(r.gold) if kind == "answer" else r.target
-        msgs = train_messages(r.question, options, r.category or "", kind)
         try:
-            enc = encode(tokenizer, msgs, target, stop_ids, max_length, overlong, template_kwargs)
+            texts.extend(
+                _texts(tokenizer, train_messages(r.question, options, r.category or "", kind), target, template_kwargs)
+            )
         except TemplateError as e:
             raise TemplateError(f"row {r.id!r}: {e}") from None
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out, skipped = [], []
+    for i, row_id in enumerate(rows["id"]):
+        try:
+            enc = label(ids[2 * i], ids[2 * i + 1], stop_ids, max_length, overlong)
+        except TemplateError as e:
+            raise TemplateError(f"row {row_id!r}: {e}") from None
         if isinstance(enc, str):
-            skipped.append({"id": r.id, "skip_reason": enc})
+            skipped.append({"id": row_id, "skip_reason": enc})
             continue
         out.append(
             {
-                "id": r.id,
+                "id": row_id,
                 "input_ids": enc.input_ids,
                 "labels": enc.labels,
                 "truncated": enc.truncated,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -131,19 +131,30 @@ def dict_hash(fields: dict, key: str, batches: Iterator[list]) -> str:
     return h.hexdigest()[:16]
 
 
-def _spool(rows, encode, spool: Path, skipped: Skipped, phase: str) -> dict:
-    """Every batch encoded and appended to a local Parquet file; returns the counts."""
+def _spool(rows, encode, map_batches, spool: Path, skipped: Skipped, phase: str) -> dict:
+    """Every batch encoded (``map_batches(encode, batches)``, in order) and appended to a local Parquet
+    file; returns the counts."""
     stats = dict.fromkeys(("rows", "examples", "truncated", "tokens", "target_tokens"), 0)
     schema = pa.schema([("id", pa.string()), *EXAMPLES])
     pending: list[pa.Table] = []
-    with pq.ParquetWriter(spool, schema) as writer:
+    # Each sent batch's size and rows without a CoT, until its encoding comes back.
+    sizes: deque[int] = deque()
+    no_cots: deque[pd.DataFrame] = deque()
+
+    def sent():
         for batch, no_cot in rows:
+            sizes.append(len(batch))
+            no_cots.append(no_cot)
+            yield batch
+
+    with pq.ParquetWriter(spool, schema) as writer:
+        for encoded, skip in map_batches(encode, sent()):
+            size, no_cot = sizes.popleft(), no_cots.popleft()
             if len(no_cot):
                 skipped.add(no_cot, phase, NO_COT)
-            encoded, skip = encode(batch)
             if len(skip):
                 skipped.add(skip, phase)
-            stats["rows"] += len(batch)
+            stats["rows"] += size
             stats["examples"] += len(encoded)
             if len(encoded):
                 stats["truncated"] += int(encoded["truncated"].sum())
@@ -196,11 +207,13 @@ def prepare(
     out_path: str,
     trained: Callable[[str], bool],
     skipped: Skipped,
+    map_batches: Callable = map,
 ) -> tuple[dict, str]:
     """(stats, hash) of one phase; examples.parquet written unless ``trained(hash)``. The hash is of
-    ``fields`` plus the shuffled examples' ``rows`` (ids), ``inputs`` and ``labels``."""
+    ``fields`` plus the shuffled examples' ``rows`` (ids), ``inputs`` and ``labels``. ``map_batches``
+    runs ``encode`` over the batches in order (``train.encoders.pool``: on Ray actors)."""
     with merge.scratch(out_path) as tmp:
-        stats = _spool(rows, encode, tmp / "spool.parquet", skipped, phase)
+        stats = _spool(rows, encode, map_batches, tmp / "spool.parquet", skipped, phase)
         n = stats["examples"]
         # The positions DataFrame.sample(frac=1.0, random_state=seed) gives: one seeded shuffle.
         order = np.random.RandomState(seed).choice(n, size=n, replace=False)

@@ -34,7 +34,7 @@ from raycat.errors import MissingInputError, RaycatError
 from raycat.ray_env import ray_session, remote_call
 from raycat.recipes import BANDS, RECIPES, Phase, needs_cot, phase_settings, phase_sources
 from raycat.storage import models, rundir
-from raycat.train import examples, memory
+from raycat.train import encoders, examples, memory
 from raycat.train.batches import encode_rows, stop_token_ids, total_steps
 from raycat.train.loop import LoopConfig, recorded, train_loop
 from raycat.train.lora_merge import merge_remote
@@ -140,11 +140,12 @@ def _hash_fields(cfg: RaycatConfig, tokenizer, phase: Phase, prev: str | None) -
     }
 
 
-def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[PhasePlan], list[dict]]:
+def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str, map_batches=map) -> tuple[list[PhasePlan], list[dict]]:
     """Every phase of the recipe: its rows encoded, shuffled and padded to the workers, written to the
     phase's examples.parquet (unless the phase is already trained), with its counts and hash; the
     skipped rows written to the recipe's skipped.parquet and returned counted by phase and reason.
-    Runs where the rows are (``prepare`` calls it on a worker), streamed (``train.examples``)."""
+    Runs where the rows are (``prepare`` calls it on a worker), streamed (``train.examples``);
+    ``map_batches`` tokenizes the batches in order (``train.encoders.pool``)."""
     train = cfg.train
     band_paths, cot_path = input_paths(cfg)
     score_template = check_template(cfg, tokenizer, band_paths)
@@ -177,6 +178,7 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
                 # The training workers read examples.parquet (never the driver); a trained phase needs none.
                 trained=lambda h, name=phase.name: recorded(rundir.join(root, name), h),
                 skipped=skipped,
+                map_batches=map_batches,
             )
             plans.append(
                 PhasePlan(
@@ -193,14 +195,15 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
 
 
 def prepare(cfg: RaycatConfig) -> tuple[list[PhasePlan], list[dict]]:
-    """On a worker: ``plan_phases`` with the student's tokenizer; returns the plans and the skipped rows
-    counted by phase and reason (the driver holds no rows)."""
+    """On a worker: ``plan_phases`` with the student's tokenizer, tokenizing on Encoder actors; returns
+    the plans and the skipped rows counted by phase and reason (the driver holds no rows)."""
     student = cfg.score.student
     model_dir = models.resolve(models.portable(student.path))
     tokenizer = models.load_tokenizer(
         model_dir, revision=student.revision, trust_remote_code=student.trust_remote_code, key="score.student.path"
     )
-    return plan_phases(cfg, tokenizer, model_dir)
+    with encoders.pool() as map_batches:
+        return plan_phases(cfg, tokenizer, model_dir, map_batches)
 
 
 def _loop_config(
