@@ -304,7 +304,7 @@ def single_token_metrics(cfg: RaycatConfig, rows: tally.Rows, common: np.ndarray
     """The base student in the single-token format it was scored in (its score-stage answer, no [[X]]
     format to learn) on the compared rows: (its metrics, its per-row correctness)."""
     evaluation = cfg.eval
-    unparsed = rows.predicted.isna().to_numpy() if rows.predicted is not None else np.zeros(len(common), bool)
+    unparsed = rows.unpredicted if rows.unpredicted is not None else np.zeros(len(common), bool)
     single = tally.table_rows(rows, common, rows.correct, unparsed)
     metrics = {
         **accuracy_table(single, evaluation.bootstrap_resamples, evaluation.seed),

@@ -27,20 +27,29 @@ class Rows:
     index: np.ndarray
     band: pd.Categorical
     category: pd.Categorical
-    # The base student's score-stage answer (None when the rows have no ``correct``).
+    # The base student's score-stage answer (None when the rows have no ``correct``), and where it
+    # gave no option (None without a ``predicted`` column).
     correct: np.ndarray | None
-    predicted: pd.Series | None
+    unpredicted: np.ndarray | None
 
     @classmethod
     def read(cls, path: str) -> Rows:
         sorted_keys, index = merge.order_keys([path])
         names = rundir.parquet_columns(path)
         base = "correct" in names
-        wanted = ["band", "category", *(["correct", "predicted"] if base else [])]
+        wanted = [
+            "band",
+            "category",
+            *(["correct"] if base else []),
+            *(["predicted"] if base and "predicted" in names else []),
+        ]
         parts = {c: [] for c in wanted}
         for batch in rundir.iter_parquet(path, wanted):
             for c in wanted:
-                parts[c].append(batch[c].astype("category") if c in ("band", "category") else batch[c])
+                column = batch[c]
+                if c == "predicted":
+                    column = column.isna()
+                parts[c].append(column.astype("category") if c in ("band", "category") else column)
 
         def joined(c: str) -> pd.Series:
             if not parts[c]:
@@ -53,7 +62,7 @@ class Rows:
             pd.Categorical(joined("band")),
             pd.Categorical(joined("category")),
             joined("correct").astype(bool).to_numpy() if base else None,
-            joined("predicted") if base and "predicted" in names else None,
+            joined("predicted").to_numpy(dtype=bool) if "predicted" in parts else None,
         )
 
 

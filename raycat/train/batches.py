@@ -135,7 +135,7 @@ def encode_rows(
     """Rows with ``question, options, category, gold`` (+ ``target`` for kind 'cot') → (encoded, skipped).
 
     A template problem is an error naming the row; a too-long example is skipped with its reason. The
-    batch's texts are tokenized in one call (a call per text cost more than the tokenizing itself)."""
+    batch's texts are tokenized in one call (the fast tokenizer's batch path: threaded where allowed)."""
     texts: list[str] = []
     for r in rows.itertuples(index=False):
         options = list(r.options) if r.options is not None else []

@@ -6,12 +6,15 @@ example), so each batch goes to one of a few ``Encoder`` actors and comes back i
 with at most ``WINDOW`` batches per actor in flight: memory stays a few batches, the rows and the
 skipped file stay in the same order as when encoded in place.
 
-The actors take the CPUs free when the preparation starts (at most ``MAX_ENCODERS``); none free, or
-none placed within ``READY_S``, and the batches are encoded in the task itself.
+The actors take the CPUs free when the preparation starts (at most ``MAX_ENCODERS``), one tokenizer
+thread each (the fast tokenizer's batch call would otherwise use every core of the node per actor).
+None free, none placed within ``READY_S``, or the phase's ``encode`` not loadable on them (a remote-code
+tokenizer whose module only the preparation task has), and the batches are encoded in the task itself.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +28,8 @@ WINDOW = 2
 READY_S = 60.0
 
 MapBatches = Callable[[Callable, Iterable], Iterator]
+ONE_THREAD = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}}
+log = logging.getLogger(__name__)
 
 
 class Encoder:
@@ -36,12 +41,15 @@ class Encoder:
     def ready(self) -> bool:
         return True
 
-    def run(self, key: str, boxed: list, batch):
+    def load(self, key: str, boxed: list) -> None:
         if key != self.key:
             import ray
 
             # Boxed so Ray does not fetch it for every call: the tokenizer can be megabytes.
             self.key, self.fn = key, ray.get(boxed[0])
+
+    def run(self, key: str, boxed: list, batch):
+        self.load(key, boxed)
         return self.fn(batch)
 
 
@@ -49,14 +57,21 @@ def _start(limit: int) -> list:
     import ray
 
     free = int(ray.available_resources().get("CPU", 0))
-    actors = [ray.remote(num_cpus=1)(Encoder).remote() for _ in range(max(0, min(limit, free)))]
+    remote = ray.remote(num_cpus=1)(Encoder).options(runtime_env=ONE_THREAD)
+    actors = [remote.remote() for _ in range(max(0, min(limit, free)))]
     if not actors:
         return []
     pings = {a.ready.remote(): a for a in actors}
     done, _ = ray.wait(list(pings), num_returns=len(pings), timeout=READY_S)
-    placed = [pings[r] for r in done]
+    placed = []
+    for ref in done:
+        try:
+            ray.get(ref)
+            placed.append(pings[ref])
+        except ray.exceptions.RayError:
+            pass
     for actor in set(actors) - set(placed):
-        # Another job took the CPUs between the count and the placement.
+        # Not placed (another job took the CPUs between the count and the placement) or not started.
         ray.kill(actor)
     return placed
 
@@ -65,6 +80,13 @@ def _ordered(actors: list, fn: Callable, batches: Iterable) -> Iterator:
     import ray
 
     key, boxed, inflight = uuid.uuid4().hex, [ray.put(fn)], deque()
+    try:
+        ray.get([a.load.remote(key, boxed) for a in actors])
+    except ray.exceptions.RayError as e:
+        reason = str(e).splitlines()[0]
+        log.warning("tokenizing in the preparation task: its encode does not load on the Encoder actors (%s)", reason)
+        yield from map(fn, batches)
+        return
     for i, batch in enumerate(batches):
         inflight.append(actors[i % len(actors)].run.remote(key, boxed, batch))
         if len(inflight) >= WINDOW * len(actors):

@@ -162,12 +162,17 @@ def _spool(rows, encode, map_batches, spool: Path, skipped: Skipped, phase: str)
                 stats["target_tokens"] += int(encoded["num_target_tokens"].sum())
                 table = pa.Table.from_pandas(encoded[schema.names], preserve_index=False)
                 pending.append(table.replace_schema_metadata(None).cast(schema))
-                # Row groups of SPOOL_ROWS: the shuffle reads a group at a time and writes a file per
-                # bucket it touches, so small groups would make many tiny files at 10M rows.
-                pending = merge.flush_groups(writer, pending, SPOOL_ROWS, final=False)
+                # Row groups of SPOOL_ROWS, fewer when examples are long (a group is what the shuffle
+                # reads at once): small groups would make many tiny bucket files at 10M rows.
+                pending = merge.flush_groups(writer, pending, _group_rows(stats), final=False)
         if pending:
-            merge.flush_groups(writer, pending, SPOOL_ROWS, final=True)
+            merge.flush_groups(writer, pending, _group_rows(stats), final=True)
     return stats
+
+
+def _group_rows(stats: dict) -> int:
+    """Rows of about ``EXAMPLE_BUCKET_TOKENS`` tokens at the mean length so far, at most SPOOL_ROWS."""
+    return max(1, min(SPOOL_ROWS, EXAMPLE_BUCKET_TOKENS // max(1, stats["tokens"] // max(1, stats["examples"]))))
 
 
 def _write(buckets: merge.Buckets, n: int, extra: int, seed: int, path: str) -> None:
@@ -222,7 +227,7 @@ def prepare(
         # Buckets of ~EXAMPLE_BUCKET_TOKENS tokens: a bucket is what one read holds.
         per_bucket = max(1, min(BUCKET_ROWS, EXAMPLE_BUCKET_TOKENS // max(1, stats["tokens"] // max(1, n))))
         buckets, start = merge.Buckets(tmp, per_bucket), 0
-        for batch in rundir.iter_parquet(str(tmp / "spool.parquet")):
+        for batch in rundir.iter_parquet(str(tmp / "spool.parquet"), batch_rows=per_bucket):
             buckets.add(batch, target[start : start + len(batch)])
             start += len(batch)
         (tmp / "spool.parquet").unlink()

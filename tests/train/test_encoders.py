@@ -49,6 +49,27 @@ def test_batches_come_back_in_order_from_actors(ray_two_cpus):
     _cpus_back()
 
 
+def _refuse():
+    raise ModuleNotFoundError("No module named 'transformers_modules'")
+
+
+class OnlyHere:
+    """Loads only in this process, as a remote-code tokenizer's class does."""
+
+    def __call__(self, batch):
+        return os.getpid(), batch
+
+    def __reduce__(self):
+        return _refuse, ()
+
+
+def test_an_encode_the_actors_cannot_load_runs_in_place(ray_two_cpus):
+    with encoders.pool() as map_batches:
+        out = list(map_batches(OnlyHere(), range(5)))
+    assert out == [(os.getpid(), b) for b in range(5)]
+    _cpus_back()
+
+
 def test_no_free_cpu_encodes_in_place(ray_two_cpus):
     import ray
 
