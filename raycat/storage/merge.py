@@ -252,6 +252,9 @@ class ParquetSink:
 
 def flush_groups(writer: pq.ParquetWriter, pending: list[pa.Table], block: int, final: bool) -> list[pa.Table]:
     """Write the whole row groups of ``block`` rows pending (and, at the end, the rest); return the rest."""
+    if not pending:
+        # Whole groups already written: rows a multiple of ``block``.
+        return []
     table = pa.concat_tables(pending).replace_schema_metadata(None)
     whole = len(table) if final else len(table) - len(table) % block
     if whole:

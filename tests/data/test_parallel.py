@@ -53,6 +53,10 @@ def test_the_parallel_build_writes_the_same_questions_quarantine_and_summary(tmp
         summary = questions.stage_questions(many)
         with pytest.raises(BadRowError, match=r"row a.jsonl:40, field 'answer'"):
             questions.stage_questions(config(tmp_path, "err"))
+        # Rows a multiple of the row group (4 x 16): the last flush has nothing left (it raised).
+        whole = config(tmp_path, "whole", **{**data, "sample": 64})
+        assert questions.stage_questions(whole)["selected"] == 64
+        assert rundir.parquet_rows(questions.path(whole.run_dir)) == 64
     assert {**summary, "path": None} == {**expected, "path": None}
     assert summary["rows_read"] == 121 and summary["valid"] == 118 and summary["selected"] == 70
     gold = "answer: gold 'Z' is not among the option letters 'ABC'"

@@ -93,3 +93,15 @@ def test_the_sink_takes_one_schema_for_all_parts_and_publishes_only_a_finished_f
         sink.write(pd.DataFrame({"id": ["a"], "skip_reason": [None], "x": [1], "model": "m"}))
         raise RuntimeError("killed mid-merge")
     assert not (tmp_path / "half.parquet").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_flushing_rows_a_multiple_of_the_group_leaves_nothing_for_the_last_flush(tmp_path):
+    import pyarrow.parquet as pq
+
+    table = pa.table({"x": list(range(8))})
+    with pq.ParquetWriter(tmp_path / "f.parquet", table.schema) as writer:
+        pending = merge.flush_groups(writer, [table], 4, final=False)
+        assert pending == []
+        assert merge.flush_groups(writer, pending, 4, final=True) == []
+    assert pq.read_table(tmp_path / "f.parquet")["x"].to_pylist() == list(range(8))
+    assert pq.ParquetFile(tmp_path / "f.parquet").num_row_groups == 2
