@@ -33,7 +33,10 @@ peak, shown with what it gained in the stage (the rest it already held: Ray keep
 Ray Data's actors can outlive their dataset) and the last task it ran; Ray's daemons are left out of
 it, and the raylet's and GCS's peaks are shown on their own. Where
 clear_refs cannot be written, sampled VmRSS is used instead (the header says which). A worker's RSS
-includes the object-store pages it has touched (shared memory), so it can read higher than its own heap.
+includes the object-store pages it has touched (shared memory: RssShmem), so it can read higher than its
+own heap: a task that reads many objects one after another (the questions writer reads every shard's
+rows) touches them all. "private" is the largest sampled RssAnon of any worker in the stage (its own
+heap, every 0.5 s, so a spike between samples can be missed): the memory the process itself holds.
 """
 
 from __future__ import annotations
@@ -147,6 +150,7 @@ class Meter:
             if kind == "worker":
                 seen = stage["workers"].setdefault(proc.pid, {"peak": 0, "start": 0, "title": title})
                 seen["peak"] = max(seen["peak"], kib)
+                seen["private"] = max(seen.get("private", 0), status_kib(proc.pid, "RssAnon") or 0)
                 # The last task or actor it ran in this stage (between tasks a worker is ray::IDLE).
                 if title != "ray::IDLE" or seen["title"] == "ray::IDLE":
                     seen["title"] = title
@@ -204,6 +208,8 @@ class Meter:
             largest = max(workers, key=lambda pid: workers[pid]["peak"], default=None)
             grew = max(workers, key=lambda pid: workers[pid]["peak"] - workers[pid]["start"], default=None)
             w, g = workers.get(largest), workers.get(grew)
+            private = max(workers, key=lambda pid: workers[pid].get("private", 0), default=None)
+            p = workers.get(private)
             out[name] = {
                 "wall_s": round(s["wall_s"], 2),
                 "driver_peak_mib": round(s["driver_kib"] / mib, 1),
@@ -211,6 +217,8 @@ class Meter:
                 # How much of that peak it gained in this stage (the rest it held when the stage began).
                 "worker_gain_mib": round((w["peak"] - w["start"]) / mib, 1) if w else 0.0,
                 "worker": w["title"] if w else None,
+                "worker_private_peak_mib": round(p.get("private", 0) / mib, 1) if p else 0.0,
+                "worker_private": p["title"] if p else None,
                 "most_gained_worker": g["title"] if g else None,
                 "most_gained_worker_peak_mib": round(g["peak"] / mib, 1) if g else 0.0,
                 "most_gained_worker_gain_mib": round((g["peak"] - g["start"]) / mib, 1) if g else 0.0,
@@ -391,7 +399,8 @@ def print_size(res: dict) -> None:
     )
     print(
         f"  {'stage':<10}{'rows in':>11}{'rows out':>11}{'wall s':>9}{'rows/s':>10}"
-        f"{'driver MiB':>12}{'worker MiB':>12}{'gained':>8}{'raylet':>8}{'gcs':>6}  largest worker (of workers seen)"
+        f"{'driver MiB':>12}{'worker MiB':>12}{'gained':>8}{'private':>9}{'raylet':>8}{'gcs':>6}"
+        "  largest worker (of workers seen)"
     )
     ran = [name for name in STAGES if name in res["stages"]]
     for name in ran:
@@ -399,6 +408,7 @@ def print_size(res: dict) -> None:
         print(
             f"  {name:<10}{s['rows_in']:>11,}{s['rows_out']:>11,}{s['wall_s']:>9.1f}{s['rows_per_s']:>10,}"
             f"{s['driver_peak_mib']:>12.0f}{s['worker_peak_mib']:>12.0f}{s['worker_gain_mib']:>+8.0f}"
+            f"{s.get('worker_private_peak_mib', 0):>9.0f}"
             f"{s['raylet_peak_mib']:>8.0f}{s['gcs_peak_mib']:>6.0f}  {s['worker']} (of {s['workers_seen']})"
         )
     for name in ran:
@@ -417,7 +427,7 @@ def ratios(results: list[dict]) -> dict:
     bases = {r["n"]: r for r in results[:-1] if r["n"] in (1_000_000, results[0]["n"])}
     out = {}
     for name in [name for name in STAGES if name in largest["stages"]]:
-        for who in ("driver", "worker"):
+        for who in ("driver", "worker", "worker_private"):
             key = f"{who}_peak_mib"
             for n, base in bases.items():
                 b = base["stages"][name][key]
