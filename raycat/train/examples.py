@@ -1,11 +1,12 @@
-"""A phase's training examples prepared at corpus size on one worker, a batch at a time; memory is a
+"""A phase's training examples prepared at corpus size by one task, a batch at a time; memory is a
 batch or a shuffle bucket (``EXAMPLE_BUCKET_TOKENS`` tokens) plus ~30 bytes a phase row (the shuffle's
 positions, the CoT join's keys), whatever the corpus; local disk holds the encoded examples once.
 
 1. the phase's rows: its band files in order (random_split: the seeded positions of the bands'
    concatenation it keeps); a CoT phase joins each row to its teacher target by (id, row_hash), the
    first copy in teach/cot.parquet (``merge.OrderedParts``); rows without one are skipped (``NO_COT``);
-2. each batch encoded (``batches.encode_rows``) and spooled to the node's local disk;
+2. each batch encoded (``batches.encode_rows``; on ``train.encoders``' actors, back in order) and spooled
+   to the node's local disk;
 3. the examples spread by their shuffled position (the order ``DataFrame.sample(frac=1)`` gave) into
    buckets (``merge.Buckets``), then read back in order: to hash the input ids and labels, to hash the
    ids (the same bytes ``json.dumps`` of the whole lists hashed, so phase hashes stay as they were),
