@@ -9,7 +9,7 @@ found more than once, never rows. The steps, each a set of tasks running ``rayca
 3. ``_duplicates``: one task per partition, the ids found more than once with their first copy.
 4. ``_settle``: a file's later copies of an id and ambiguous golds quarantined, row hashes added.
 5. ``_write``: one task streams the files' rows in corpus order into questions.parquet (row groups of
-   ``block_rows``, the selected positions only) and their bad rows into quarantine.jsonl, holding one
+   ``rundir.group_rows``, the selected positions only) and their bad rows into quarantine.jsonl, holding one
    file's rows at a time.
 
 A file is the unit of work: a corpus in one big file is read by one task (``questions.build``).
@@ -94,7 +94,7 @@ def _write(cfg: RaycatConfig, settled: list, counts: list[int], with_quarantine:
 
     data = cfg.data
     keep = selected(sum(counts), data.limit, data.sample, data.seed)
-    block = questions.block_rows(cfg)
+    block = rundir.group_rows(questions.block_rows(cfg))
     starts = np.cumsum([0, *counts])
     pending: list[pa.Table] = []
     n_selected = max_options = 0

@@ -20,8 +20,8 @@ from raycat.storage import rowkey, rundir
 
 
 def block_rows(cfg: RaycatConfig) -> int:
-    """Rows per Parquet row group of questions.parquet, which is also a block of the score pipeline: a
-    few engine batches, so parts (the resume state) and progress arrive every few batches."""
+    """Rows per block of the score pipeline: a few engine batches, so parts (the resume state) and
+    progress arrive every few batches. questions.parquet's row groups hold ``rundir.group_rows`` of it."""
     return max(16, 4 * cfg.score.engine.batch_size)
 
 
@@ -33,9 +33,9 @@ def quarantine_path(run_dir: str) -> str:
     return rundir.join(run_dir, "questions", "quarantine.jsonl")
 
 
-def dataset(run_dir: str):
-    """questions.parquet as a Ray Dataset read on the workers, one block per row group."""
-    return rundir.parquet_dataset(path(run_dir))
+def dataset(cfg: RaycatConfig):
+    """questions.parquet as a Ray Dataset read on the workers (the score pipeline cuts its blocks)."""
+    return rundir.parquet_dataset(path(cfg.run_dir))
 
 
 def build(cfg: RaycatConfig) -> dict:
@@ -47,8 +47,8 @@ def build(cfg: RaycatConfig) -> dict:
     n_valid = len(questions)
     # The row hash: every cache downstream keys on it.
     questions = rowkey.add(select_rows(questions, data.limit, data.sample, data.seed))
-    # Each row group is one read task and one block of the score pipeline, on the workers.
-    rundir.write_parquet(path(cfg.run_dir), questions, row_group_size=block_rows(cfg))
+    # Read back on the workers (``dataset``) in blocks cut from these groups.
+    rundir.write_parquet(path(cfg.run_dir), questions, row_group_size=rundir.group_rows(block_rows(cfg)))
     quarantine = quarantine_path(cfg.run_dir)
     if bad or rundir.exists(quarantine):
         rundir.write_text(quarantine, "".join(json.dumps(b) + "\n" for b in bad))

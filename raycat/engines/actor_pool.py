@@ -184,13 +184,15 @@ def run(
 
     # Written by workers, which do not share the driver's cwd.
     parts_dir = rundir.absolute(parts_dir)
+    # Blocks of a few batches: parts (the resume state) and progress arrive every few batches, and the
+    # engines share the rows block by block (Ray Data gives a whole block to one actor).
+    block = 4 * pool.batch_size
     if isinstance(rows, pd.DataFrame):
         check_columns(stage, rows, actor.REQUIRED_COLUMNS)
         if not len(rows):
             return 0
-        # A frame from the driver (benches, tests); blocks of a few batches keep the stream moving and
-        # progress visible. Stages read their rows on the workers (``rundir.parquet_dataset``).
-        block = 4 * pool.batch_size
+        # A frame from the driver (benches, tests). Stages read their rows on the workers
+        # (``rundir.parquet_dataset``).
         dataset = ray.data.from_pandas([rows.iloc[i : i + block] for i in range(0, len(rows), block)])
     else:
         # A Dataset's columns are checked by the caller, from its source's schema (no execution).
@@ -212,6 +214,9 @@ def run(
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=prestage.num_cpus,
         )
+    # Cut after every map above (one fused with the read would merge its blocks again), before the
+    # engines (an actor op does not fuse after the cut).
+    dataset = rundir.cut_blocks(dataset, block, num_cpus=0.1)
     groups: list = []
     # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
     dataset = dataset.map_batches(

@@ -367,7 +367,7 @@ def run(cfg: RaycatConfig) -> dict:
         written = 0
         if todo:
             actor_pool.check_columns("score", rundir.parquet_columns(questions_path), INPUT_COLUMNS)
-            rows = questions.dataset(cfg.run_dir)
+            rows = questions.dataset(cfg)
             with progress.rows("scoring", todo) as advance:
                 written = run_pipeline(plan, actor_pool.Pool.of(score.engine), rows, parts, on_rows=advance)
         metrics = remote_call(ray.remote(num_cpus=1)(finalize), for_workers(cfg), plan, questions_path, parts)

@@ -140,11 +140,25 @@ def parquet_columns(path: str) -> list[str]:
     return list(parquet_schema(path).names)
 
 
-def row_groups(path: str) -> list[int]:
-    """The row groups of a Parquet file (its footer only is read)."""
+# A Parquet footer grows with the file's row groups and every reader parses all of it: with row groups
+# of a few engine batches, each of a 10M-row corpus's 78k read tasks parsed a ~100 MB footer. Files the
+# pipelines read are written in groups of at least GROUP_ROWS rows, and a read task covers about
+# READ_ROWS rows whatever the groups; the pipeline's blocks are cut from what a task read.
+GROUP_ROWS = 8192
+READ_ROWS = 8192
+
+
+def group_rows(block_rows: int) -> int:
+    """Rows per row group of a file whose pipeline blocks hold ``block_rows`` rows."""
+    return max(block_rows, GROUP_ROWS)
+
+
+def row_group_rows(path: str) -> list[int]:
+    """The row count of each row group of a Parquet file (its footer only is read)."""
     filesystem, fs_path = _fs(path)
     with filesystem.open_input_file(fs_path) as f:
-        return list(range(pq.ParquetFile(f).num_row_groups))
+        meta = pq.ParquetFile(f).metadata
+        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
 
 
 def read_row_groups(path: str, groups: list[int]) -> pd.DataFrame:
@@ -153,10 +167,26 @@ def read_row_groups(path: str, groups: list[int]) -> pd.DataFrame:
         return pq.ParquetFile(f).read_row_groups(groups).to_pandas(ignore_metadata=True)
 
 
+def read_spans(counts: list[int], rows: int) -> list[tuple[int, int]]:
+    """Consecutive row groups (first, stop) of at least ``rows`` rows each (the last may hold fewer)."""
+    spans, first, held = [], 0, 0
+    for g, n in enumerate(counts):
+        held += n
+        if held >= rows:
+            spans.append((first, g + 1))
+            first, held = g + 1, 0
+    if first < len(counts):
+        spans.append((first, len(counts)))
+    return spans
+
+
 def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
     """On a worker: the row groups a ``parquet_dataset`` batch names, as one frame."""
     frame = pd.concat(
-        [read_row_groups(path, [int(group)]) for path, group in zip(batch["path"], batch["group"], strict=True)]
+        [
+            read_row_groups(path, list(range(int(first), int(stop))))
+            for path, first, stop in zip(batch["path"], batch["first"], batch["stop"], strict=True)
+        ]
     )
     # List columns (options) arrive as numpy arrays; Ray Data would try its tensor type on them, fail on
     # ragged lengths and fall back to pickling with a warning. Plain lists become Arrow lists.
@@ -166,16 +196,40 @@ def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def parquet_dataset(path: str, num_cpus: float = 0.1):
-    """A Parquet file as a Ray Dataset read on the workers: one block per row group, each read by a
-    small task (a fraction of a CPU, so reading never waits on CPUs the engines hold). Ray Data's own
-    Parquet reader lists files in a 1-CPU task, which waits forever on a node the engines fill."""
+def parquet_dataset(path: str, num_cpus: float = 0.1, block_rows: int | None = None):
+    """A Parquet file as a Ray Dataset read on the workers in blocks of at most ``block_rows`` rows
+    (default: the file's first row group), in file order. Each small read task (a fraction of a CPU, so
+    reading never waits on CPUs the engines hold) parses the footer once and reads ~READ_ROWS rows.
+    Ray Data's own Parquet reader lists files in a 1-CPU task, which waits forever on a node the
+    engines fill."""
     import ray
 
     path = absolute(path)
-    items = [{"path": path, "group": group} for group in row_groups(path)]
+    counts = row_group_rows(path)
+    block = block_rows or (counts[0] if counts else 1)
+    spans = read_spans(counts, max(READ_ROWS, block))
+    items = [{"path": path, "first": first, "stop": stop} for first, stop in spans]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return dataset.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=num_cpus)
+    dataset = dataset.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=num_cpus)
+    if any(sum(counts[first:stop]) > block for first, stop in spans):
+        # Fused into the read tasks. A map_batches after it may fuse too and merge the blocks again:
+        # pipelines cut right before their engines (``engines.actor_pool.run``).
+        dataset = cut_blocks(dataset, block, num_cpus)
+    return dataset
+
+
+def cut_blocks(dataset, block: int, num_cpus: float):
+    """``dataset``'s blocks cut into blocks of at most ``block`` rows by tasks of ``num_cpus``."""
+    from ray.data._internal.logical.operators import StreamingRepartition
+
+    dataset = dataset.repartition(target_num_rows_per_block=block)
+    op = dataset._logical_plan.dag
+    if not isinstance(op, StreamingRepartition) or not hasattr(op, "ray_remote_args"):
+        raise RuntimeError(f"this Ray ({op!r}) has no streaming repartition with remote args; see rundir._cut")
+    # Ray Data fuses map_batches -> streaming repartition only where their remote args match, and
+    # ``repartition`` takes none: unfused, the cut asks a whole CPU, which engines may hold forever.
+    object.__setattr__(op, "ray_remote_args", {"num_cpus": num_cpus})
+    return dataset
 
 
 def read_parquet_columns(path: str, columns: list[str]) -> pd.DataFrame:

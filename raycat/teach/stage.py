@@ -209,7 +209,8 @@ def rows_path(run_dir: str) -> str:
 
 
 def block_rows(cfg: RaycatConfig) -> int:
-    """Rows per row group of teach/rows.parquet: one block of the teach pipeline, a few engine batches."""
+    """Rows per block of the teach pipeline, a few engine batches (teach/rows.parquet's row groups hold
+    ``rundir.group_rows`` of it)."""
     return max(4, 4 * max(teacher.engine.batch_size for teacher in cfg.teach.teachers))
 
 
@@ -238,7 +239,8 @@ def prepare(cfg: RaycatConfig) -> int:
         keep = merge.sample_positions(total, teach.limit, teach.seed)
     schema = merge.unified_schema(list(paths.values()), {"band": pa.string()})
     batches = (b.assign(band=band) for band, path in paths.items() for b in rundir.iter_parquet(path))
-    with merge.ParquetSink(rows_path(cfg.run_dir), schema, row_group_size=block_rows(cfg)) as out:
+    group = rundir.group_rows(block_rows(cfg))
+    with merge.ParquetSink(rows_path(cfg.run_dir), schema, row_group_size=group) as out:
         for _, rows in merge.kept(batches, keep):
             out.write(rows)
     return out.rows
@@ -301,11 +303,11 @@ def finalize(cfg: RaycatConfig, plans: list[TeachPlan]) -> dict:
     pool = results.PoolTokens(pool_keys, pool_index, len(plans))
     merged = results.Merged()
     schema = output_schema(cfg, plans)
-    block = block_rows(cfg)
+    group = rundir.group_rows(block_rows(cfg))
     with (
         merge.scratch(rundir.join(teach_dir, "finalize")) as tmp,
-        merge.ParquetSink(rundir.join(teach_dir, "cot.parquet"), schema, row_group_size=block) as cot,
-        merge.ParquetSink(rundir.join(teach_dir, "skipped.parquet"), schema, row_group_size=block) as skipped,
+        merge.ParquetSink(rundir.join(teach_dir, "cot.parquet"), schema, row_group_size=group) as cot,
+        merge.ParquetSink(rundir.join(teach_dir, "skipped.parquet"), schema, row_group_size=group) as skipped,
     ):
         buckets = merge.Buckets(tmp, results.PART_BATCH_ROWS)
         # Each cache is read once; only this content's rows count (a reused id is a new row).

@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 
+import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import tiny_config
@@ -70,6 +71,10 @@ def test_tensor_parallel_pools_give_every_gpu_back_between_stages(tmp_path, tiny
         stage_questions(cfg)
         score_stage.run(cfg)
         _all_gpus_back("score")
+        # questions.parquet is one row group; the engines still get blocks of 4 batches (32 rows), so
+        # both engines work and parts land every block: 40 rows -> 2 parts.
+        parts = sorted((tmp_path / "run" / "score" / "parts").rglob("*.parquet"))
+        assert [pq.ParquetFile(p).metadata.num_rows for p in parts] in ([32, 8], [8, 32])
         split_stage.run(cfg)
         teach_stage.run(cfg)
         _all_gpus_back("teach")

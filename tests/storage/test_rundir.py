@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from raycat.storage import rundir
 
@@ -37,3 +38,39 @@ def test_part_keys_select_rows_by_status_or_by_any_other_status(tmp_path):
     # A teacher's resume rule: answered (anything but a failed request) is done.
     assert done("!failed") == ["a", "c"]
     assert not rundir.part_keys(str(tmp_path / "none")).contains(rowkey.key64(asked)).any()
+
+
+def test_read_spans_cover_every_row_group_once_in_order():
+    assert rundir.read_spans([8, 8, 8, 3], 16) == [(0, 2), (2, 4)]
+    assert rundir.read_spans([20, 1], 16) == [(0, 1), (1, 2)]
+    assert rundir.read_spans([], 16) == []
+    assert rundir.group_rows(16) == rundir.GROUP_ROWS and rundir.group_rows(10**5) == 10**5
+
+
+@pytest.mark.integration
+def test_a_parquet_dataset_is_read_in_few_tasks_and_cut_into_blocks_while_engines_hold_the_cpus(tmp_path):
+    """A footer is parsed per read task, not per row group: ~READ_ROWS rows a task, cut into blocks
+    inside the task (no task of its own: with 0.2 CPU left, a 1-CPU cut would wait forever)."""
+    import ray
+
+    n = 20_000
+    path = str(tmp_path / "rows.parquet")
+    rundir.write_parquet(path, pd.DataFrame({"id": [f"q{i}" for i in range(n)]}), row_group_size=rundir.group_rows(16))
+    assert rundir.row_group_rows(path) == [8192, 8192, 3616]
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        engine = ray.remote(num_cpus=0.8)(Engine).remote()
+        ray.get(engine.ready.remote())
+        dataset = rundir.parquet_dataset(path, block_rows=16)
+        blocks = [b["id"].tolist() for b in dataset.iter_batches(batch_size=None, batch_format="pandas")]
+        stats = dataset.stats()
+    finally:
+        ray.shutdown()
+    assert max(map(len, blocks)) == 16 and sorted(i for b in blocks for i in b) == sorted(f"q{i}" for i in range(n))
+    assert "MapBatches(_read_groups)->StreamingRepartition" in stats
+    assert "3 tasks executed" in stats.split("MapBatches(_read_groups)")[1].split("\n")[0]
+
+
+class Engine:
+    def ready(self) -> bool:
+        return True
