@@ -148,8 +148,9 @@ class Meter:
             title = self._title(proc)
             kind = self._kind(title)
             if kind == "worker":
-                seen = stage["workers"].setdefault(proc.pid, {"peak": 0, "start": 0, "title": title})
+                seen = stage["workers"].setdefault(proc.pid, {"peak": 0, "start": 0, "gain": 0, "title": title})
                 seen["peak"] = max(seen["peak"], kib)
+                seen["gain"] = max(seen["gain"], kib - seen["start"])
                 seen["private"] = max(seen.get("private", 0), status_kib(proc.pid, "RssAnon") or 0)
                 # The last task or actor it ran in this stage (between tasks a worker is ray::IDLE).
                 if title != "ray::IDLE" or seen["title"] == "ray::IDLE":
@@ -189,8 +190,14 @@ class Meter:
                     self._clear_refs(pid)
             for proc in procs:
                 kib = status_kib(proc.pid, "VmRSS")
-                if kib is not None and proc.pid not in self.stages[name]["workers"]:
-                    self.stages[name]["workers"][proc.pid] = {"peak": 0, "start": kib, "title": "ray::IDLE"}
+                if kib is None:
+                    continue
+                # A stage entered again (score, after the questions stage inside it): a worker's gain is
+                # counted from now, not what it gained in between (the questions writer's pages).
+                seen = self.stages[name]["workers"].setdefault(
+                    proc.pid, {"peak": 0, "start": kib, "gain": 0, "title": "ray::IDLE"}
+                )
+                seen["start"] = kib
             self.started = time.time()
             self._sample()
 
@@ -206,7 +213,7 @@ class Meter:
         for name, s in self.stages.items():
             workers = {pid: w for pid, w in s["workers"].items() if w["peak"]}
             largest = max(workers, key=lambda pid: workers[pid]["peak"], default=None)
-            grew = max(workers, key=lambda pid: workers[pid]["peak"] - workers[pid]["start"], default=None)
+            grew = max(workers, key=lambda pid: workers[pid]["gain"], default=None)
             w, g = workers.get(largest), workers.get(grew)
             private = max(workers, key=lambda pid: workers[pid].get("private", 0), default=None)
             p = workers.get(private)
@@ -215,13 +222,13 @@ class Meter:
                 "driver_peak_mib": round(s["driver_kib"] / mib, 1),
                 "worker_peak_mib": round(w["peak"] / mib, 1) if w else 0.0,
                 # How much of that peak it gained in this stage (the rest it held when the stage began).
-                "worker_gain_mib": round((w["peak"] - w["start"]) / mib, 1) if w else 0.0,
+                "worker_gain_mib": round(w["gain"] / mib, 1) if w else 0.0,
                 "worker": w["title"] if w else None,
                 "worker_private_peak_mib": round(p.get("private", 0) / mib, 1) if p else 0.0,
                 "worker_private": p["title"] if p else None,
                 "most_gained_worker": g["title"] if g else None,
                 "most_gained_worker_peak_mib": round(g["peak"] / mib, 1) if g else 0.0,
-                "most_gained_worker_gain_mib": round((g["peak"] - g["start"]) / mib, 1) if g else 0.0,
+                "most_gained_worker_gain_mib": round(g["gain"] / mib, 1) if g else 0.0,
                 "workers_seen": len(workers),
                 "raylet_peak_mib": round(s["raylet_kib"] / mib, 1),
                 "gcs_peak_mib": round(s["gcs_server_kib"] / mib, 1),

@@ -414,7 +414,7 @@ def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
             counts = remote_call(ray.remote(num_cpus=0.1)(actor_pool.todo_count), path, [(parts, None)])
             progress.say("eval", f"{plan.name} ({plan.kind} prompt): {n_rows} test rows, {counts['todo']} to do")
             if counts["todo"]:
-                rows = rundir.parquet_dataset(path)
+                rows = rundir.parquet_dataset(path, task_rows=rundir.READ_ROWS)
                 with progress.rows(f"eval {plan.name}", counts["todo"]) as advance:
                     run_pipeline(worker_cfg, plan, rows, parts, on_rows=advance)
         metrics = remote_call(ray.remote(num_cpus=1)(finalize), worker_cfg, plans)

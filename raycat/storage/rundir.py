@@ -141,9 +141,9 @@ def parquet_columns(path: str) -> list[str]:
 
 
 # A Parquet footer grows with the file's row groups and every reader parses all of it: with row groups
-# of a few engine batches, each of a 10M-row corpus's 78k read tasks parsed a ~100 MB footer. Files the
-# pipelines read are written in groups of at least GROUP_ROWS rows, and a read task covers about
-# READ_ROWS rows whatever the groups; the pipeline's blocks are cut from what a task read.
+# of a few engine batches (128 rows), each of a 2M-row corpus's 15,625 read tasks parsed an 18.6 MiB
+# footer (bench/footer.py). Files the pipelines read are written in groups of at least GROUP_ROWS rows,
+# a read task covers about READ_ROWS rows, and the pipeline cuts its blocks (``actor_pool.run``).
 GROUP_ROWS = 8192
 READ_ROWS = 8192
 
@@ -196,26 +196,18 @@ def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def parquet_dataset(path: str, num_cpus: float = 0.1, block_rows: int | None = None):
-    """A Parquet file as a Ray Dataset read on the workers in blocks of at most ``block_rows`` rows
-    (default: the file's first row group), in file order. Each small read task (a fraction of a CPU, so
-    reading never waits on CPUs the engines hold) parses the footer once and reads ~READ_ROWS rows.
-    Ray Data's own Parquet reader lists files in a 1-CPU task, which waits forever on a node the
-    engines fill."""
+def parquet_dataset(path: str, num_cpus: float = 0.1, task_rows: int = 1):
+    """A Parquet file as a Ray Dataset read on the workers, in file order: each small read task (a
+    fraction of a CPU, so reading never waits on CPUs the engines hold) parses the footer once and
+    reads whole row groups, at least ``task_rows`` rows (default: one group, one block). Ray Data's own
+    Parquet reader lists files in a 1-CPU task, which waits forever on a node the engines fill."""
     import ray
 
     path = absolute(path)
-    counts = row_group_rows(path)
-    block = block_rows or (counts[0] if counts else 1)
-    spans = read_spans(counts, max(READ_ROWS, block))
+    spans = read_spans(row_group_rows(path), task_rows)
     items = [{"path": path, "first": first, "stop": stop} for first, stop in spans]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    dataset = dataset.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=num_cpus)
-    if any(sum(counts[first:stop]) > block for first, stop in spans):
-        # Fused into the read tasks. A map_batches after it may fuse too and merge the blocks again:
-        # pipelines cut right before their engines (``engines.actor_pool.run``).
-        dataset = cut_blocks(dataset, block, num_cpus)
-    return dataset
+    return dataset.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=num_cpus)
 
 
 def cut_blocks(dataset, block: int, num_cpus: float):

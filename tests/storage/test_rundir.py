@@ -50,7 +50,7 @@ def test_read_spans_cover_every_row_group_once_in_order():
 @pytest.mark.integration
 def test_a_parquet_dataset_is_read_in_few_tasks_and_cut_into_blocks_while_engines_hold_the_cpus(tmp_path):
     """A footer is parsed per read task, not per row group: ~READ_ROWS rows a task, cut into blocks
-    inside the task (no task of its own: with 0.2 CPU left, a 1-CPU cut would wait forever)."""
+    inside the task (fused: with 0.2 CPU left, a cut asking a whole CPU would wait forever)."""
     import ray
 
     n = 20_000
@@ -61,7 +61,7 @@ def test_a_parquet_dataset_is_read_in_few_tasks_and_cut_into_blocks_while_engine
     try:
         engine = ray.remote(num_cpus=0.8)(Engine).remote()
         ray.get(engine.ready.remote())
-        dataset = rundir.parquet_dataset(path, block_rows=16)
+        dataset = rundir.cut_blocks(rundir.parquet_dataset(path, task_rows=rundir.READ_ROWS), 16, num_cpus=0.1)
         blocks = [b["id"].tolist() for b in dataset.iter_batches(batch_size=None, batch_format="pandas")]
         stats = dataset.stats()
     finally:
