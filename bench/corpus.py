@@ -29,8 +29,9 @@ Memory is the peak resident set (Linux VmHWM), reset at each stage start by writ
 /proc/<pid>/clear_refs for the driver and every process of the Ray session (the driver's descendants);
 a sampler thread reads every process's VmHWM every 0.5 s, so a worker that exits mid-stage counts up
 to its last sample. "Largest worker" is the Ray worker or actor process (``ray::...``) with the highest
-peak, shown with what it gained in the stage (the rest it already held: Ray keeps idle workers, and
-Ray Data's actors can outlive their dataset) and the last task it ran; Ray's daemons are left out of
+peak, shown with what it gained in the stage, counted from the stage's latest start (score is entered
+again after the questions stage inside it); the rest it already held (Ray keeps idle workers, and
+Ray Data's actors can outlive their dataset), and the last task it ran; Ray's daemons are left out of
 it, and the raylet's and GCS's peaks are shown on their own. Where
 clear_refs cannot be written, sampled VmRSS is used instead (the header says which). A worker's RSS
 includes the object-store pages it has touched (shared memory: RssShmem), so it can read higher than its
