@@ -20,8 +20,8 @@ from raycat.storage import rowkey, rundir
 
 
 def block_rows(cfg: RaycatConfig) -> int:
-    """Rows per block of the score pipeline: a few engine batches, so parts (the resume state) and
-    progress arrive every few batches. questions.parquet's row groups hold ``rundir.group_rows`` of it."""
+    """A few score engine batches: questions.parquet's row groups hold ``rundir.group_rows`` of it
+    (the score pipeline cuts its own blocks of 4 batches, ``actor_pool.run``)."""
     return max(16, 4 * cfg.score.engine.batch_size)
 
 

@@ -280,11 +280,6 @@ def check_inputs(cfg: RaycatConfig) -> None:
     actor_pool.check_columns("eval", rundir.parquet_columns(path), INPUT_COLUMNS)
 
 
-def block_rows(cfg: RaycatConfig) -> int:
-    """Rows per block of the eval pipeline: a few engine batches (``actor_pool.run`` cuts them)."""
-    return max(4, 4 * cfg.eval.engine.batch_size)
-
-
 def prepare(cfg: RaycatConfig) -> int:
     """On a worker: the held-out rows (``eval.limit`` applied, the rows ``DataFrame.sample`` drew)
     written to eval/rows.parquet (row groups of ``rundir.group_rows``); returns their count.
@@ -292,7 +287,7 @@ def prepare(cfg: RaycatConfig) -> int:
     path = rundir.join(cfg.run_dir, "split", "test.parquet")
     total, limit = rundir.parquet_rows(path), cfg.eval.limit
     keep = merge.sample_positions(total, limit, cfg.eval.seed) if limit is not None and limit < total else None
-    group = rundir.group_rows(block_rows(cfg))
+    group = rundir.group_rows(max(4, 4 * cfg.eval.engine.batch_size))
     with merge.ParquetSink(rows_path(cfg.run_dir), rundir.parquet_schema(path), row_group_size=group) as out:
         for _, rows in merge.kept(rundir.iter_parquet(path), keep):
             out.write(rows)

@@ -217,7 +217,7 @@ def cut_blocks(dataset, block: int, num_cpus: float):
     dataset = dataset.repartition(target_num_rows_per_block=block)
     op = dataset._logical_plan.dag
     if not isinstance(op, StreamingRepartition) or not hasattr(op, "ray_remote_args"):
-        raise RuntimeError(f"this Ray ({op!r}) has no streaming repartition with remote args; see rundir._cut")
+        raise RuntimeError(f"this Ray ({op!r}) has no streaming repartition with remote args; see rundir.cut_blocks")
     # Ray Data fuses map_batches -> streaming repartition only where their remote args match, and
     # ``repartition`` takes none: unfused, the cut asks a whole CPU, which engines may hold forever.
     object.__setattr__(op, "ray_remote_args", {"num_cpus": num_cpus})

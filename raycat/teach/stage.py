@@ -209,8 +209,8 @@ def rows_path(run_dir: str) -> str:
 
 
 def block_rows(cfg: RaycatConfig) -> int:
-    """Rows per block of the teach pipeline, a few engine batches (teach/rows.parquet's row groups hold
-    ``rundir.group_rows`` of it)."""
+    """A few teacher engine batches: teach/rows.parquet's row groups hold ``rundir.group_rows`` of it
+    (the teach pipeline cuts its own blocks of 4 batches, ``actor_pool.run``)."""
     return max(4, 4 * max(teacher.engine.batch_size for teacher in cfg.teach.teachers))
 
 
