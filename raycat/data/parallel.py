@@ -7,10 +7,12 @@ found more than once, never rows. The steps, each a set of tasks running ``rayca
 2. ``_check``: a file read and every row checked; the rows stay in the object store, and the ids'
    places leave in hash partitions.
 3. ``_duplicates``: one task per partition, the ids found more than once with their first copy.
-4. ``_settle``: a file's later copies of an id and ambiguous golds quarantined, row hashes added.
-5. ``_write``: one task streams the files' rows in corpus order into questions.parquet (row groups of
-   ``rundir.group_rows``, the selected positions only) and their bad rows into quarantine.jsonl, holding one
-   file's rows at a time.
+4. ``_settle``: a file's later copies of an id and ambiguous golds quarantined, row hashes added; its
+   kept rows and its quarantine records written to ``questions/parts/`` in the run dir.
+5. ``_write``: one task streams those files in corpus order into questions.parquet (row groups of
+   ``rundir.group_rows``, the selected positions only) and quarantine.jsonl, a row group at a time, and
+   removes them. Rows never reach it through the object store: a task that read every file's rows from
+   there would touch (and count in its resident set) object-store pages for the whole corpus.
 
 A file is the unit of work: a corpus in one big file is read by one task (``questions.build``).
 """
@@ -21,16 +23,15 @@ import json
 from collections import Counter
 from contextlib import ExitStack
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycat.config import RaycatConfig
 from raycat.data import questions
 from raycat.data.adapters import check_rows, cop_values, read_file, selected
 from raycat.data.corpus import (
-    Resolved,
     decide_cop_base,
     duplicates,
     id_partitions,
@@ -76,43 +77,62 @@ def _duplicates(*places):
     return duplicates(list(places))
 
 
-def _settle(cfg: RaycatConfig, location: str, checked, dups) -> tuple[Resolved, dict]:
+def _spool(cfg: RaycatConfig) -> str:
+    """Where the settled files wait for ``_write`` (the run dir: shared by every node)."""
+    return rundir.join(cfg.run_dir, "questions", "parts")
+
+
+def _spooled(cfg: RaycatConfig, shard: int) -> tuple[str, str]:
+    """(kept rows, quarantine records) of file ``shard``."""
+    base = rundir.join(_spool(cfg), f"{shard:06d}")
+    return f"{base}.parquet", f"{base}.quarantine.jsonl"
+
+
+def _settle(cfg: RaycatConfig, location: str, shard: int, checked, dups) -> dict:
     valid, bad = checked
     settled = resolve(valid, bad, dups, lambda: read_file(cfg.data, location))
-    stats = {
+    rows_path, bad_path = _spooled(cfg, shard)
+    table = pa.Table.from_pandas(settled.good[SCHEMA.names], schema=SCHEMA, preserve_index=False)
+    with rundir.atomic_output(rows_path) as stream:
+        pq.write_table(table.replace_schema_metadata(None), stream, row_group_size=rundir.GROUP_ROWS)
+    if settled.bad:
+        rundir.write_text(bad_path, "".join(json.dumps(public(b)) + "\n" for b in settled.bad))
+    return {
         "valid": len(settled.good),
         "first_bad": settled.bad[0] if settled.bad else None,
         "reasons": reason_counts(settled.bad),
         "repeated": (settled.repeated_ids, settled.repeated),
     }
-    return settled, stats
 
 
-def _write(cfg: RaycatConfig, settled: list, counts: list[int], with_quarantine: bool) -> dict:
-    """questions.parquet and quarantine.jsonl from the settled files, in order, one file in memory."""
-    import ray
-
+def _write(cfg: RaycatConfig, counts: list[int], with_quarantine: bool) -> dict:
+    """questions.parquet and quarantine.jsonl from the settled files, in order, a row group in memory."""
     data = cfg.data
     keep = selected(sum(counts), data.limit, data.sample, data.seed)
     block = rundir.group_rows(questions.block_rows(cfg))
-    starts = np.cumsum([0, *counts])
     pending: list[pa.Table] = []
-    n_selected = max_options = 0
+    n_selected = max_options = start = 0
     with ExitStack() as stack:
         stream = stack.enter_context(rundir.atomic_output(questions.path(cfg.run_dir)))
         writer = stack.enter_context(pq.ParquetWriter(stream, SCHEMA))
         quarantine_path = questions.quarantine_path(cfg.run_dir)
         quarantine = stack.enter_context(rundir.atomic_output(quarantine_path)) if with_quarantine else None
-        for ref, start, stop in zip(settled, starts[:-1], starts[1:], strict=True):
-            part: Resolved = ray.get(ref)
-            rows = part.good.iloc[keep[(keep >= start) & (keep < stop)] - start]
-            if quarantine is not None and part.bad:
-                quarantine.write("".join(json.dumps(public(b)) + "\n" for b in part.bad).encode())
-            n_selected += len(rows)
-            max_options = max(max_options, int(rows["options"].map(len).max()) if len(rows) else 0)
-            pending.append(pa.Table.from_pandas(rows[SCHEMA.names], schema=SCHEMA, preserve_index=False))
-            pending = flush_groups(writer, pending, block, final=False)
+        for shard in range(len(counts)):
+            rows_path, bad_path = _spooled(cfg, shard)
+            if quarantine is not None and rundir.exists(bad_path):
+                rundir.copy_into(bad_path, quarantine)
+            with rundir.open_input_file(rows_path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=rundir.GROUP_ROWS):
+                    stop = start + batch.num_rows
+                    rows = pa.Table.from_batches([batch]).take(keep[(keep >= start) & (keep < stop)] - start)
+                    start = stop
+                    n_selected += len(rows)
+                    if len(rows):
+                        max_options = max(max_options, pc.max(pc.list_value_length(rows["options"])).as_py())
+                    pending.append(rows.cast(SCHEMA))
+                    pending = flush_groups(writer, pending, block, final=False)
         flush_groups(writer, pending, block, final=True)
+    rundir.remove_dir(_spool(cfg))
     return {"selected": n_selected, "max_options": int(max_options)}
 
 
@@ -141,17 +161,17 @@ def build(cfg: RaycatConfig, files: list[str]) -> dict:
     if not n_read:
         raise no_rows(data)
     dups = ray.put(pd.concat(_gather([task(_duplicates).remote(*(c[2 + k] for c in checks)) for k in range(n)])))
-    settle = task(_settle).options(num_returns=2)
-    settles = [settle.remote(cfg, f, c[0], dups) for f, c in zip(files, checks, strict=True)]
+    rundir.remove_dir(_spool(cfg))  # an interrupted run's
+    settles = [task(_settle).remote(cfg, f, i, c[0], dups) for i, (f, c) in enumerate(zip(files, checks, strict=True))]
     del checks  # each file's checked rows are freed once its settle task has them
-    stats = _gather([s[1] for s in settles])
+    stats = _gather(settles)
     if data.on_bad_rows == "error":
         raise_first_bad([s["first_bad"] for s in stats])
     reasons = sum((s["reasons"] for s in stats), Counter())
     counts = [s["valid"] for s in stats]
     write = ray.remote(num_cpus=1)(_write)
     with_quarantine = bool(reasons) or rundir.exists(questions.quarantine_path(cfg.run_dir))
-    written = _gather([write.remote(cfg, [s[0] for s in settles], counts, with_quarantine)])[0]
+    written = _gather([write.remote(cfg, counts, with_quarantine)])[0]
     notes.update(repeated_note([s["repeated"] for s in stats]))
     n_valid, max_options = sum(counts), written["max_options"]
     return questions.write_summary(cfg, n_read, n_valid, written["selected"], reasons, max_options, notes)

@@ -54,6 +54,21 @@ def remove_file(path: str) -> None:
         filesystem.delete_file(fs_path)
 
 
+def remove_dir(path: str) -> None:
+    """Delete a directory and everything under it, if it is there (a stage's scratch files)."""
+    filesystem, fs_path = _fs(path)
+    if filesystem.get_file_info(fs_path).type == pafs.FileType.Directory:
+        filesystem.delete_dir(fs_path)
+
+
+def copy_into(path: str, out: pa.NativeFile, chunk: int = 1 << 20) -> None:
+    """Append a local or URI file's bytes to an open stream, a chunk at a time."""
+    filesystem, fs_path = _fs(path)
+    with filesystem.open_input_stream(fs_path) as f:
+        while data := f.read(chunk):
+            out.write(data)
+
+
 def upload_dir(local_dir: str, dest: str) -> None:
     """Copy a finished local directory (an HF model dir) to ``dest``, a local path or a cloud URI."""
     filesystem, fs_path = _fs(dest)

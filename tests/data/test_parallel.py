@@ -49,6 +49,10 @@ def test_the_parallel_build_writes_the_same_questions_quarantine_and_summary(tmp
     one = config(tmp_path, "one", **data)
     expected = questions.build(one)
     many = config(tmp_path, "many", **data)
+    # An interrupted run's settled file: cleared, never read into this run.
+    leftover = tmp_path / "many" / "questions" / "parts" / "000009.parquet"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"not parquet")
     with ray_session(many.ray):
         summary = questions.stage_questions(many)
         with pytest.raises(BadRowError, match=r"row a.jsonl:40, field 'answer'"):
@@ -61,6 +65,8 @@ def test_the_parallel_build_writes_the_same_questions_quarantine_and_summary(tmp
     got, want = (questions.path(str(tmp_path / run)) for run in ("many", "one"))
     pd.testing.assert_frame_equal(rundir.read_parquet(got), rundir.read_parquet(want))
     assert rundir.row_group_rows(got) == [70]  # row groups of GROUP_ROWS, not of a block (16 rows)
+    # The settled files the writer streamed from are gone once questions.parquet is written.
+    assert not leftover.parent.exists()
     quarantine = (tmp_path / "many" / "questions" / "quarantine.jsonl").read_text()
     assert quarantine == (tmp_path / "one" / "questions" / "quarantine.jsonl").read_text()
     # Files in path order (a.jsonl, c.parquet, more/b.jsonl.gz), rows in file order.
