@@ -9,6 +9,7 @@
     raycat run --config jobs/configs/demo-cpu.yaml              # all of it, resumable, then the report
     raycat run --config ... --recipes complexity_aware,sft_all  # baselines sharing score and teacher outputs
     raycat run --plan --config jobs/configs/llama-3.1-70b-mmlu-pro-lora.yaml   # stages, GPUs, checks; runs nothing
+    raycat export --config jobs/configs/demo-cpu.yaml           # the training data for TRL, LLaMA-Factory, datasets
     raycat report runs/demo-cpu                                 # rebuild report.md / report.html
     raycat prepare-model smollm2-135m-instruct                  # build a registry-shipped model once
     raycat show-config --config jobs/configs/demo-cpu.yaml score.entropy_mode=full
@@ -79,7 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="print each stage's engines and GPUs, the teacher, the run dir and every pre-flight check, then "
         "stop (no Ray, no GPU); exit code 1 when a check fails",
     )
+    run_parser.add_argument(
+        "--export", action="store_true", help="after the run, `raycat export` its data next to it (run_dir/export)"
+    )
     run_parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    export_parser = sub.add_parser(
+        "export",
+        help="the run's training conversations and verified CoT as a HF dataset, chat messages, ShareGPT and "
+        "Alpaca JSON Lines (with LLaMA-Factory's dataset_info.json) and a dataset card",
+    )
+    export_parser.add_argument("--config", required=True, help="the run's YAML config")
+    export_parser.add_argument("--recipes", default=None, help="comma-separated recipes (default: train.recipe)")
+    export_parser.add_argument("--out", default=None, help="where (local path or s3://...; default: run_dir/export)")
+    export_parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push to this Hub dataset repo")
+    export_parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     study_parser = sub.add_parser(
         "study", help="a grid of runs over config keys x seeds sharing every cache; one comparison report"
     )
@@ -115,7 +129,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.plan:
         return _print_plan(args.config, cfg, recipes, args.start, args.only)
     pipeline.run(cfg, recipes, args.start, args.only, show=_printer(cfg))
+    if args.export:
+        from raycat.export.run import export
+
+        _print_export(export(cfg, recipes))
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    # Loads the training code (tokenizers, torch): only for this command.
+    from raycat.export.run import export
+
+    cfg = load_config(args.config, args.overrides)
+    recipes = (args.recipes or cfg.train.recipe).split(",")
+    _print_export(export(cfg, recipes, args.out, args.push_to_hub))
+    return 0
+
+
+def _print_export(summary: dict) -> None:
+    for recipe, phases in summary["recipes"].items():
+        for phase, s in phases.items():
+            left = sum(s["not_exported"].values())
+            console.print(
+                Text(
+                    f"export: {recipe}/{phase}: {s['rows']} rows"
+                    + (f" ({left} without a teacher target)" if left else "")
+                )
+            )
+    if summary["taught"] is not None:
+        console.print(Text(f"export: taught: {summary['taught']['rows']} rows"))
+    console.print(Text(f"export: {summary['out']} (README.md, dataset_info.json, hf/, <recipe>/<phase>/*.jsonl)"))
 
 
 # How each pre-flight status reads in the plan.
@@ -220,13 +263,14 @@ COMMANDS = {
     **{stage: cmd_stage for stage in STAGES if stage != "report"},
     "show-config": cmd_show_config,
     "run": cmd_run,
+    "export": cmd_export,
     "study": cmd_study,
     "report": cmd_report,
     "prepare-model": cmd_prepare_model,
 }
 
 # Options that take the next token as their value.
-_VALUED = ("--config", "--recipes", "--from", "--only")
+_VALUED = ("--config", "--recipes", "--from", "--only", "--out", "--push-to-hub")
 
 
 def overrides_last(argv: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ LAYERS = [
     {"errors", "config", "entropy", "recipes", "progress", "storage"},
     {"data", "engines", "ray_env", "preflight", "testing"},
     {"score", "split", "teach", "train", "evaluate", "report"},
-    {"pipeline", "study"},
+    {"pipeline", "study", "export"},
     {"cli", "tables"},
 ]
 NO_SIDEWAYS = 2  # the index of the stage layer

@@ -16,11 +16,16 @@ from raycat.engines.base import Generation, Sampling, ScoreRequest, ScoreResult,
 from raycat.errors import RaycatError
 
 
+def lora_rank_slot(rank: int) -> int | None:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank`` (None: none does)."""
+    return next((slot for slot in (8, 16, 32, 64, 128, 256, 320, 512) if slot >= rank), None)
+
+
 def _lora_rank_slot(adapter_dir: str) -> int:
-    """The smallest ``max_lora_rank`` vLLM accepts that holds the adapter's rank."""
+    """``lora_rank_slot`` of the adapter at ``adapter_dir``, or the error naming the fix."""
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         rank = int(json.load(f)["r"])
-    slot = next((slot for slot in (8, 16, 32, 64, 128, 256, 320, 512) if slot >= rank), None)
+    slot = lora_rank_slot(rank)
     if slot is None:
         raise RaycatError(
             f"{adapter_dir}: LoRA rank {rank} is above 512, the largest vLLM serves; retrain with train.lora.r <= 512"

@@ -242,6 +242,16 @@ def local(path: str) -> str:
     return path.removeprefix("file://")
 
 
+def base_reference(path: str) -> str:
+    """What a trained adapter names as its base model (``base_model_name_or_path``), meaningful off this
+    cluster: a hub id or URI as given, a registry model's upstream hub id (its weights are that model's
+    GGUF dequantized: ``raycat prepare-model`` rebuilds them exactly), a local dir made absolute."""
+    if path.startswith("registry:"):
+        spec = REGISTRY.get(path.removeprefix("registry:"))
+        return spec.upstream if spec is not None else path
+    return portable(path)
+
+
 def portable(path: str) -> str:
     """A model reference that means the same on every node: a relative local dir made absolute (workers
     do not share the driver's working directory); registry names, hub ids and URIs unchanged."""

@@ -69,6 +69,17 @@ def copy_into(path: str, out: pa.NativeFile, chunk: int = 1 << 20) -> None:
             out.write(data)
 
 
+def copy_dir(source: str, dest: str) -> None:
+    """A directory's files copied to ``dest`` (each a local path or a URI, streamed between them);
+    what was at ``dest`` is removed first."""
+    source_fs, source_path = _fs(source)
+    dest_fs, dest_path = _fs(dest)
+    if dest_fs.get_file_info(dest_path).type != pafs.FileType.NotFound:
+        dest_fs.delete_dir_contents(dest_path, missing_dir_ok=True)
+    dest_fs.create_dir(dest_path, recursive=True)
+    pafs.copy_files(source_path, dest_path, source_filesystem=source_fs, destination_filesystem=dest_fs)
+
+
 def upload_dir(local_dir: str, dest: str) -> None:
     """Copy a finished local directory (an HF model dir) to ``dest``, a local path or a cloud URI."""
     filesystem, fs_path = _fs(dest)

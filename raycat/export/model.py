@@ -1,0 +1,111 @@
+"""Each recipe's final model as people use it: the last phase's model dir (a LoRA adapter, or full
+weights) and, where ``train.lora.merge`` wrote one, the merged weights, copied to
+``models/<recipe>/{model,merged}`` with a model card; an adapter's ``base_model_name_or_path`` names the
+base as a hub id or URI (``models.base_reference``), never a node's cache path.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from raycat import __version__
+from raycat.config import RaycatConfig
+from raycat.engines.vllm_engine import lora_rank_slot
+from raycat.recipes import RECIPES
+from raycat.storage import models, rundir
+
+
+def final_phase_dir(cfg: RaycatConfig, recipe: str) -> str | None:
+    """The recipe's last phase dir, if that phase finished training (its done.json)."""
+    phase_dir = rundir.join(cfg.run_dir, "train", recipe, RECIPES[recipe][-1].name)
+    return phase_dir if rundir.exists(rundir.join(phase_dir, "done.json")) else None
+
+
+def _eval_rows(metrics: dict | None, recipe: str) -> list[str]:
+    """The card's accuracy table: the base student and this recipe's phases, with 95% CIs."""
+    if not metrics:
+        return ["No evaluation in this run dir (`raycat eval`)."]
+
+    def cell(entry: dict | None) -> str:
+        if not entry or entry.get("accuracy") is None:
+            return "-"
+        lo, hi = entry.get("ci95") or (None, None)
+        ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
+        return f"{entry['accuracy']:.3f}{ci} (n={entry['n']})"
+
+    rows = ["| model | overall | easy | medium | hard |", "|---|---|---|---|---|"]
+    for name, m in metrics.get("models", {}).items():
+        if name == "base" or name.startswith(f"{recipe}/"):
+            bands = m.get("per_band", {})
+            rows.append(
+                f"| {name} | {cell(m.get('overall'))} | "
+                + " | ".join(cell(bands.get(b)) for b in ("easy", "medium", "hard"))
+                + " |"
+            )
+    return rows + [
+        "",
+        "Accuracy on the held-out rows (bootstrap 95% CI), per band of the student's entropy before training.",
+    ]
+
+
+def card(cfg: RaycatConfig, recipe: str, kind: str, eval_metrics: dict | None, rank: int | None = None) -> str:
+    """README.md of an exported model: Hub metadata (base model, library, tags), the recipe, eval, and
+    how to serve it (``rank``: an adapter's LoRA rank)."""
+    base = models.base_reference(cfg.score.student.path)
+    meta = {
+        "base_model": base,
+        "library_name": "peft" if kind == "adapter" else "transformers",
+        "tags": ["raycat", "complexity-aware-fine-tuning", recipe, *(["lora"] if kind == "adapter" else [])],
+    }
+    phases = ", ".join(f"{p.name}: {'+'.join(p.bands)} → {p.target}" for p in RECIPES[recipe])
+    serve = "vllm serve <this dir>"
+    if kind == "adapter":
+        slot = lora_rank_slot(rank or 1)
+        serve = f"vllm serve {base} --enable-lora --max-lora-rank {slot} --lora-modules {recipe}=<this dir>"
+    body = [
+        f"# {recipe} ({'LoRA adapter' if kind == 'adapter' else 'full weights'})",
+        "",
+        f"Fine-tuned from `{base}` by raycat {__version__} (complexity-aware fine-tuning, arXiv 2506.21220), "
+        f"recipe `{recipe}` ({phases}).",
+        "",
+        "## Evaluation",
+        "",
+        *_eval_rows(eval_metrics, recipe),
+        "",
+        "## Use",
+        "",
+        f"`{serve}`; prompts as in training: the chat template with the system prompt asking for the answer "
+        "as `[[X]]` (raycat/data/prompts.py `train_messages`).",
+    ]
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n" + "\n".join(body) + "\n"
+
+
+def _fix_base(adapter_dir: str, base: str) -> int:
+    """The adapter's base named by ``base``; returns its LoRA rank."""
+    path = rundir.join(adapter_dir, "adapter_config.json")
+    config = rundir.read_json(path)
+    config["base_model_name_or_path"] = base
+    rundir.write_text(path, json.dumps(config, indent=2) + "\n")
+    return int(config["r"])
+
+
+def export_models(cfg: RaycatConfig, recipe: str, out: str) -> dict | None:
+    """``out/models/<recipe>/``: the final phase's model (and merged weights); None if not trained."""
+    phase_dir = final_phase_dir(cfg, recipe)
+    if phase_dir is None:
+        return None
+    eval_metrics = rundir.read_json_if_exists(rundir.join(cfg.run_dir, "eval", "metrics.json"))
+    written = {}
+    for sub in ("model", "merged"):
+        source = rundir.join(phase_dir, sub)
+        if not rundir.exists(source):
+            continue
+        dest = rundir.join(out, "models", recipe, sub)
+        rundir.copy_dir(source, dest)
+        kind = "adapter" if rundir.exists(rundir.join(dest, "adapter_config.json")) else "full"
+        rank = _fix_base(dest, models.base_reference(cfg.score.student.path)) if kind == "adapter" else None
+        rundir.write_text(rundir.join(dest, "README.md"), card(cfg, recipe, kind, eval_metrics, rank))
+        written[sub] = {"path": dest, "kind": kind, "from": source}
+    return written

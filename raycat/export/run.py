@@ -1,0 +1,99 @@
+"""``raycat export``: a run dir's training data into every export format and each trained recipe's final
+model with its card, next to the run (``export/``) or at ``--out`` (a local path or an object-store
+URI), replaced as a whole; ``--push-to-hub REPO`` also pushes each recipe (a config of phase splits)
+and the taught rows to the Hugging Face Hub as a dataset.
+
+Runs where it is called (the driver, or a job's entrypoint): it streams, so memory is a batch; the
+files are built in a local temporary directory, then copied to their place.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from raycat.config import RaycatConfig
+from raycat.errors import MissingInputError
+from raycat.export import card
+from raycat.export.data import export_recipe, export_taught
+from raycat.export.formats import FORMATS, dataset_info
+from raycat.export.model import export_models
+from raycat.storage import rundir
+
+
+def default_out(cfg: RaycatConfig) -> str:
+    return rundir.join(cfg.run_dir, "export")
+
+
+def _facts(cfg: RaycatConfig) -> dict:
+    """What the card says of the run, from its config and metrics files."""
+    teach = rundir.read_json_if_exists(rundir.join(cfg.run_dir, "teach", "metrics.json")) or {}
+    provenance = teach.get("provenance") or {}
+    return {
+        "run_dir": cfg.run_dir,
+        "student": cfg.score.student.path,
+        "student_revision": cfg.score.student.revision,
+        "teach": provenance and {"teachers": provenance.get("teachers", []), "on_wrong": provenance.get("on_wrong")},
+        "split": rundir.read_json_if_exists(rundir.join(cfg.run_dir, "split", "thresholds.json")),
+        "accounting": teach.get("accounting"),
+    }
+
+
+def _hf_datasets(local: Path, recipes: dict[str, dict], taught: dict | None, cache: Path) -> None:
+    """``hf/<recipe>`` (a DatasetDict of its phases) and ``hf/taught``, for ``datasets.load_from_disk``."""
+    from datasets import Dataset, DatasetDict
+
+    def load(path: Path) -> Dataset:
+        return Dataset.from_parquet(str(path), cache_dir=str(cache))
+
+    for recipe, phases in recipes.items():
+        splits = {phase: load(local / recipe / phase / "rows.parquet") for phase in phases}
+        DatasetDict(splits).save_to_disk(str(local / "hf" / recipe))
+    if taught is not None:
+        DatasetDict({"train": load(local / "taught" / "rows.parquet")}).save_to_disk(str(local / "hf" / "taught"))
+
+
+def _llama_factory(local: Path, recipes: dict[str, dict], taught: dict | None) -> dict:
+    """dataset_info.json: every exported file registered under ``<recipe>_<phase>_<format>``."""
+    units = [(f"{recipe}_{phase}", f"{recipe}/{phase}") for recipe, phases in recipes.items() for phase in phases]
+    units += [("taught", "taught")] if taught is not None else []
+    return {f"{name}_{form}": dataset_info(f"{where}/{form}.jsonl", form) for name, where in units for form in FORMATS}
+
+
+def push(local: Path, repo: str, recipes: dict[str, dict], taught: dict | None) -> None:
+    """Each recipe as a config of the Hub dataset ``repo``, then the card (``HF_TOKEN`` authenticates)."""
+    from datasets import load_from_disk
+    from huggingface_hub import HfApi
+
+    for name in [*recipes, *(["taught"] if taught is not None else [])]:
+        load_from_disk(str(local / "hf" / name)).push_to_hub(repo, config_name=name)
+    HfApi().upload_file(
+        path_or_fileobj=str(local / "README.md"), path_in_repo="README.md", repo_id=repo, repo_type="dataset"
+    )
+
+
+def export(cfg: RaycatConfig, recipes: list[str], out: str | None = None, push_to_hub: str | None = None) -> dict:
+    """Every format for ``recipes`` (default: train.recipe) at ``out``; returns the summary (also
+    written as export.json)."""
+    if not rundir.exists(rundir.join(cfg.run_dir, "split")):
+        raise MissingInputError(f"{cfg.run_dir} has no split/: run `raycat run` (or score and split) first")
+    out = out or default_out(cfg)
+    with tempfile.TemporaryDirectory(prefix="raycat-export-") as tmp:
+        local, scratch = Path(tmp) / "export", Path(tmp) / "scratch"
+        per_recipe = {recipe: export_recipe(cfg, recipe, local, scratch) for recipe in recipes}
+        taught = export_taught(cfg, local)
+        _hf_datasets(local, per_recipe, taught, scratch / "hf-cache")
+        info = _llama_factory(local, per_recipe, taught)
+        (local / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        (local / "README.md").write_text(card.text(_facts(cfg), per_recipe, taught))
+        summary = {"out": out, "recipes": per_recipe, "taught": taught, "formats": [*FORMATS, "hf", "dataset_info"]}
+        rundir.replace_dir(str(local), out)
+        # Copied from the run dir to their place directly: full weights never pass through local disk.
+        trained = {recipe: export_models(cfg, recipe, out) for recipe in recipes}
+        summary["models"] = {recipe: m for recipe, m in trained.items() if m}
+        rundir.write_json(rundir.join(out, "export.json"), summary)
+        if push_to_hub:
+            push(local, push_to_hub, per_recipe, taught)
+            summary["pushed_to"] = push_to_hub
+    return summary

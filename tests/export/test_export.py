@@ -1,0 +1,220 @@
+"""``raycat export`` on a run dir: every format holds the rows each phase trains on, with the trained
+conversation, and loads with ``datasets``, TRL's data functions and LLaMA-Factory's registry; the card
+parses and names where the rows came from."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raycat.cli import main
+from raycat.config import load_config
+from raycat.data.prompts import answer_target, train_messages
+from raycat.export.run import export
+from raycat.recipes import BANDS, NO_COT
+from raycat.storage import rowkey, rundir
+from tests.helpers import DEMO
+
+
+def write_run(run, n=40, seed=1):
+    """Band files and a teach/cot.parquet as the stages write them: the hard band taught, all but two
+    of its rows verified (one has no CoT, one a CoT of another content under its id)."""
+    rng = np.random.default_rng(seed)
+    rows = rowkey.add(
+        pd.DataFrame(
+            {
+                "id": [f"q{i}" for i in range(n)],
+                "question": [f"What is {i} plus {i}?" for i in range(n)],
+                "options": [["one", "two", "three", "four"]] * n,
+                "gold": rng.choice(list("ABCD"), n),
+                "category": rng.choice(["math", None], n),
+            }
+        )
+    )
+    band = np.array(BANDS)[np.arange(n) % 3]
+    for name in BANDS:
+        rundir.write_parquet(str(run / "split" / f"{name}.parquet"), rows[band == name].assign(band=name))
+    hard = rows[band == "hard"].assign(band="hard")
+    taught = hard.iloc[2:].assign(
+        teacher="teacher-x",
+        final_status="verified",
+        prompt_tokens=50,
+        completion_tokens=20,
+        target=[
+            f" Step by step for {i}.\n[[{g}]]" for i, g in zip(hard["id"].iloc[2:], hard["gold"].iloc[2:], strict=True)
+        ],
+    )
+    other = hard.iloc[[1]].assign(row_hash="0" * 16, teacher="teacher-x", final_status="verified", target="[[A]]")
+    rundir.write_parquet(str(run / "teach" / "cot.parquet"), pd.concat([taught, other], ignore_index=True))
+    thresholds = {"method": "quantiles", "quantiles": [0.25, 0.75], "thresholds": [0.5, 1.2], "counts": {"hard": 13}}
+    rundir.write_json(str(run / "split" / "thresholds.json"), thresholds)
+    accounting = {
+        "prompt_tokens": 600,
+        "completion_tokens": 240,
+        "rows_taught": 12,
+        "saving": {"saving_pct": 70.0, "label": "measured: x"},
+    }
+    teach = {
+        "accounting": accounting,
+        "provenance": {"on_wrong": "drop", "teachers": [{"model": "teacher-x", "revision": None}]},
+    }
+    rundir.write_json(str(run / "teach" / "metrics.json"), teach)
+    return rows.assign(band=band), taught
+
+
+@pytest.fixture
+def exported(tmp_path):
+    run = tmp_path / "run"
+    rows, taught = write_run(run)
+    cfg = load_config(DEMO, [f"run_dir={run}"])
+    summary = export(cfg, ["complexity_aware", "sft_all"])
+    return run / "export", rows, taught, summary
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_each_phase_exports_the_rows_it_trains_on_with_their_target(exported):
+    out, rows, taught, summary = exported
+    by_id = rows.set_index("id")
+    cot = taught.set_index("id")["target"]
+    expected = {
+        ("complexity_aware", "phase1"): rows[rows["band"] != "hard"]["id"].tolist(),
+        ("complexity_aware", "phase2"): list(cot.index),
+        ("sft_all", "phase1"): rows.sort_values("band", key=lambda b: b.map(BANDS.index), kind="stable")["id"].tolist(),
+    }
+    for (recipe, phase), ids in expected.items():
+        got = pd.read_parquet(out / recipe / phase / "rows.parquet")
+        assert sorted(got["id"]) == sorted(ids), (recipe, phase)
+        kind = "cot" if phase == "phase2" else "answer"
+        for row_id, messages in zip(got["id"], got["messages"], strict=True):
+            r = by_id.loc[row_id]
+            target = cot[row_id].strip() if kind == "cot" else answer_target(r["gold"])
+            want = [
+                *train_messages(r["question"], list(r["options"]), r["category"] or "", kind),
+                {"role": "assistant", "content": target},
+            ]
+            assert [dict(m) for m in messages] == want
+        for form in ("messages", "sharegpt", "alpaca"):
+            assert len(jsonl(out / recipe / phase / f"{form}.jsonl")) == len(ids)
+    # The hard row without a CoT and the one whose CoT is for other content are counted, not exported.
+    assert summary["recipes"]["complexity_aware"]["phase2"]["not_exported"] == {NO_COT: 2}
+    assert summary["taught"] == {"rows": 12, "final_status": {"verified": 12}}
+
+
+def test_the_files_load_with_datasets_trl_and_llama_factory_registry(exported):
+    out, _, _, summary = exported
+    datasets = pytest.importorskip("datasets")
+    from trl.data_utils import apply_chat_template, is_conversational, is_conversational_from_value
+
+    phases = datasets.load_from_disk(str(out / "hf" / "complexity_aware"))
+    assert {k: len(v) for k, v in phases.items()} == {"phase1": 27, "phase2": 11}
+    assert len(datasets.load_from_disk(str(out / "hf" / "taught"))["train"]) == 12
+    # The card's configs: the export dir loads as a Hub dataset repo would.
+    card_loaded = datasets.load_dataset(str(out), "complexity_aware")
+    assert {k: len(v) for k, v in card_loaded.items()} == {"phase1": 27, "phase2": 11}
+    messages = datasets.load_dataset("json", data_files=str(out / "complexity_aware/phase2/messages.jsonl"))["train"]
+    assert is_conversational(messages[0])
+    from transformers import AutoTokenizer
+
+    from raycat.testing.tiny_models import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(out.parent / "tok"))
+    assert "[[" in apply_chat_template(messages[0], tokenizer)["text"]
+    assert is_conversational_from_value(jsonl(out / "complexity_aware/phase1/sharegpt.jsonl")[0])
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert len(info) == 3 * 3 + 3  # 3 phases and the taught rows, 3 formats each
+    for name, entry in info.items():
+        first = jsonl(out / entry["file_name"])[0]
+        assert set(entry["columns"].values()) <= set(first), name
+
+
+def test_the_card_parses_and_says_where_the_rows_came_from(exported):
+    from huggingface_hub import DatasetCard
+
+    out = exported[0]
+    card = DatasetCard.load(out / "README.md")
+    configs = {c["config_name"]: c for c in card.data.configs}
+    assert set(configs) == {"complexity_aware", "sft_all", "taught"}
+    assert [f["split"] for f in configs["complexity_aware"]["data_files"]] == ["phase1", "phase2"]
+    text = card.text
+    for fact in ("teacher-x", "teach.on_wrong = `drop`", "[0.5, 1.2]", "600 prompt + 240 completion", "70.0%"):
+        assert fact in text, fact
+    assert json.loads((out / "export.json").read_text())["taught"]["rows"] == 12
+
+
+def test_the_cli_exports_to_a_chosen_place_replacing_what_was_there(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_run(run)
+    dest = tmp_path / "elsewhere"
+    (dest / "stale").mkdir(parents=True)
+    (dest / "stale" / "old.jsonl").write_text("{}\n")
+    assert main(["export", "--config", str(DEMO), "--out", str(dest), f"run_dir={run}"]) == 0
+    assert not (dest / "stale").exists()
+    assert (dest / "complexity_aware/phase2/messages.jsonl").exists()
+    said = " ".join(capsys.readouterr().err.split())
+    assert "complexity_aware/phase2: 11 rows (2 without a teacher target)" in said
+
+
+def test_an_unscored_run_dir_is_refused_with_the_next_step(tmp_path, capsys):
+    assert main(["export", "--config", str(DEMO), f"run_dir={tmp_path / 'none'}"]) == 1
+    assert "run `raycat run`" in capsys.readouterr().err.replace("\n", " ")
+
+
+def write_adapter(phase_dir, base_dir):
+    """A real PEFT LoRA adapter of the tiny model, saved as training saves it (its base: a local path)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(phase_dir / "model")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(phase_dir / "model")
+    (phase_dir / "done.json").write_text('{"hash": "x"}')
+
+
+def test_the_final_lora_adapter_names_its_hub_base_and_carries_a_model_card(tmp_path, tiny_model_dir):
+    from huggingface_hub import ModelCard
+    from peft import PeftConfig
+
+    run = tmp_path / "run"
+    write_run(run)
+    write_adapter(run / "train" / "complexity_aware" / "phase2", tiny_model_dir)
+    assert json.loads((run / "train/complexity_aware/phase2/model/adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(tiny_model_dir)
+    models = {"base": {"overall": {"accuracy": 0.5, "n": 10, "ci95": [0.2, 0.8]}, "per_band": {}}}
+    models["complexity_aware/phase2"] = {"overall": {"accuracy": 0.7, "n": 10, "ci95": [0.4, 0.9]}, "per_band": {}}
+    rundir.write_json(str(run / "eval" / "metrics.json"), {"models": models})
+    # The student as a cluster names it: a URI whose weights each node caches locally.
+    cfg = load_config(DEMO, [f"run_dir={run}", "score.student.path=s3://models/student-1b"])
+    summary = export(cfg, ["complexity_aware", "sft_all"])
+    exported = run / "export" / "models" / "complexity_aware" / "model"
+    assert summary["models"] == {
+        "complexity_aware": {
+            "model": {
+                "path": str(exported),
+                "kind": "adapter",
+                "from": str(run / "train/complexity_aware/phase2/model"),
+            }
+        }
+    }
+    assert PeftConfig.from_pretrained(exported).base_model_name_or_path == "s3://models/student-1b"
+    card = ModelCard.load(exported / "README.md")
+    assert card.data.base_model == "s3://models/student-1b" and card.data.library_name == "peft"
+    assert "0.700 [0.400, 0.900] (n=10)" in card.text and "--max-lora-rank 8 " in card.text
+    # The run's own adapter is left as training wrote it.
+    assert json.loads((run / "train/complexity_aware/phase2/model/adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(tiny_model_dir)
+
+
+def test_a_registry_base_is_named_by_its_upstream_hub_id():
+    from raycat.storage.models import REGISTRY, base_reference
+
+    name, spec = next(iter(REGISTRY.items()))
+    assert base_reference(f"registry:{name}") == spec.upstream
+    assert base_reference("org/model") == "org/model" and base_reference("s3://b/m") == "s3://b/m"
