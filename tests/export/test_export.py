@@ -218,3 +218,29 @@ def test_a_registry_base_is_named_by_its_upstream_hub_id():
     name, spec = next(iter(REGISTRY.items()))
     assert base_reference(f"registry:{name}") == spec.upstream
     assert base_reference("org/model") == "org/model" and base_reference("s3://b/m") == "s3://b/m"
+
+
+def test_an_s3_run_dir_exports_next_to_itself(monkeypatch, tmp_path, tiny_model_dir):
+    """The cluster's path: run dir and export on an object store (moto's S3 server on loopback)."""
+    import boto3
+
+    from tests.helpers import moto_s3
+
+    local = tmp_path / "run"
+    write_run(local)
+    write_adapter(local / "train" / "complexity_aware" / "phase2", tiny_model_dir)
+    with moto_s3(tmp_path / "s3.log") as aws:
+        for key, value in aws.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket="runs")
+        rundir.upload_dir(str(local), "s3://runs/r")
+        cfg = load_config(DEMO, ["run_dir=s3://runs/r", "score.student.path=org/student-1b"])
+        summary = export(cfg, ["complexity_aware"])
+        out = "s3://runs/r/export"
+        assert summary["out"] == out
+        lines = rundir.read_bytes(f"{out}/complexity_aware/phase2/messages.jsonl").decode().splitlines()
+        assert len(lines) == 11 and json.loads(lines[0])["messages"][-1]["role"] == "assistant"
+        adapter = rundir.read_json(f"{out}/models/complexity_aware/model/adapter_config.json")
+        assert adapter["base_model_name_or_path"] == "org/student-1b"
+        assert rundir.exists(f"{out}/hf/complexity_aware/dataset_dict.json")
+        assert rundir.read_json(f"{out}/export.json")["models"]["complexity_aware"]["model"]["kind"] == "adapter"
