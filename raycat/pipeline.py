@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 
-from raycat import preflight, progress, report
+from raycat import preflight, progress, report, tracking
 from raycat.config import RaycatConfig
 from raycat.data import sources
 from raycat.data.adapters import resolve_data_path
@@ -37,9 +37,14 @@ Show = Callable[[str, dict], None]
 
 
 def run_stage(
-    stage: str, cfg: RaycatConfig, recipes: list[str] | None = None, show: Show = lambda stage, result: None
+    stage: str,
+    cfg: RaycatConfig,
+    recipes: list[str] | None = None,
+    show: Show = lambda stage, result: None,
+    tracker: tracking.Tracker | None = None,
 ) -> None:
-    """Run one stage's driver; ``recipes`` (default: ``train.recipe``) for train and eval."""
+    """Run one stage's driver; ``recipes`` (default: ``train.recipe``) for train and eval; ``tracker``:
+    the ``raycat run``'s tracker run, which the training phases' runs nest under."""
     recipes = recipes or [cfg.train.recipe]
     if stage == "score":
         show(stage, score.run(cfg))
@@ -51,7 +56,7 @@ def run_stage(
         for recipe in recipes:
             recipe_cfg = cfg.model_copy(deep=True)
             recipe_cfg.train.recipe = recipe
-            show(stage, train.run(recipe_cfg))
+            show(stage, train.run(recipe_cfg, tracking_tags=tracker.parent_tags if tracker else None))
     elif stage == "eval":
         show(stage, evaluate.run(cfg, recipes))
     elif stage == "report":
@@ -190,6 +195,12 @@ def not_run_reason(action: str, stage_hash: str, only: str | None) -> str:
     return f"up to date (hash {stage_hash}), skipping"
 
 
+def _tracker(cfg: RaycatConfig, recipes: list[str]):
+    """The run's experiment-tracker run (MLflow; None for none or W&B, whose training phases log alone)."""
+    uri = train.tracking_uri(cfg)
+    return tracking.open_run(cfg.train.tracking, uri, cfg.train.tracking_project, cfg.run_dir, recipes)
+
+
 def read_manifest(cfg: RaycatConfig) -> dict:
     path = rundir.join(cfg.run_dir, "manifest.json")
     return rundir.read_json(path) if rundir.exists(path) else {"stages": {}}
@@ -250,7 +261,7 @@ def run(
     path = rundir.join(cfg.run_dir, "manifest.json")
     manifest.update({"recipes": recipes, "config": rundir.join(cfg.run_dir, "config.yaml")})
     # One Ray session for the whole job; each stage's actors end with its pipeline or fit.
-    with ray_session(cfg.ray, cfg.run_dir):
+    with ray_session(cfg.ray, cfg.run_dir), _tracker(cfg, recipes) as tracker:
         import ray
 
         available = ray.cluster_resources()
@@ -268,17 +279,21 @@ def run(
                 entry.update({"hash": stage_hash, "status": "not configured"})
             if action != "run":
                 say(f"{stage}: {not_run_reason(action, stage_hash, only)}")
+                if tracker is not None and action != "off":
+                    tracker.stage(stage, "up to date" if action in ("skip", "not run") else action)
                 continue
             entry.update({"hash": stage_hash, "status": "running", "started": time.time()})
             rundir.write_json(path, manifest)
             stage_started = time.time()
             try:
-                run_stage(stage, cfg, recipes, show)
+                run_stage(stage, cfg, recipes, show, tracker)
             except BaseException:
                 entry["status"] = "failed"
                 rundir.write_json(path, manifest)
                 raise
             entry.update({"status": "done", "wall_s": round(time.time() - stage_started, 2), "finished": time.time()})
             rundir.write_json(path, manifest)
+            if tracker is not None:
+                tracker.stage(stage, "done")
     say(f"finished in {time.time() - started:.0f} s; report: {rundir.join(cfg.run_dir, 'report', 'report.md')}")
     return manifest

@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "raycat"
 # layer; the stage layer never imports sideways (score does not import teach, train or evaluate).
 LAYERS = [
     {"errors", "config", "entropy", "recipes", "progress", "storage"},
-    {"data", "engines", "ray_env", "preflight", "testing"},
+    {"data", "engines", "ray_env", "preflight", "testing", "tracking"},
     {"score", "split", "teach", "train", "evaluate", "report"},
     {"pipeline", "study", "export"},
     {"cli", "tables"},

@@ -25,7 +25,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from raycat.config import LoraSettings, PhaseConfig
@@ -79,6 +79,8 @@ class LoopConfig:
     tracking: Literal["none", "mlflow", "wandb"]
     tracking_uri: str | None
     tracking_project: str
+    # Tags of the phase's tracker run: ``raycat run`` nests it under its own run (mlflow.parentRunId).
+    tracking_tags: dict = field(default_factory=dict)
 
     @property
     def hparams(self) -> dict:
@@ -226,6 +228,8 @@ def _tracker(cfg: LoopConfig):
             cfg.hparams,
             tracking_uri=cfg.tracking_uri,
             experiment_name=cfg.tracking_project,
+            run_name=f"train {cfg.recipe}/{cfg.phase_name}",
+            tags=cfg.tracking_tags or None,
             # As W&B does with a new project name.
             create_experiment_if_not_exists=True,
             rank_zero_only=True,

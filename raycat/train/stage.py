@@ -207,7 +207,14 @@ def prepare(cfg: RaycatConfig) -> tuple[list[PhasePlan], list[dict]]:
 
 
 def _loop_config(
-    cfg: RaycatConfig, plan: PhasePlan, init: dict, total_steps: int, pad_id: int, phase_dir: str, info: dict
+    cfg: RaycatConfig,
+    plan: PhasePlan,
+    init: dict,
+    total_steps: int,
+    pad_id: int,
+    phase_dir: str,
+    info: dict,
+    tracking_tags: dict | None = None,
 ) -> LoopConfig:
     train, student = cfg.train, cfg.score.student
     return LoopConfig(
@@ -243,6 +250,7 @@ def _loop_config(
         tracking=train.tracking,
         tracking_uri=tracking_uri(cfg),
         tracking_project=train.tracking_project,
+        tracking_tags=dict(tracking_tags or {}),
     )
 
 
@@ -264,10 +272,11 @@ def tracking_uri(cfg: RaycatConfig) -> str | None:
     return uri if ":" in uri.split("/", 1)[0] else Path(os.path.abspath(uri)).as_uri()
 
 
-def fit_phases(cfg: RaycatConfig, fit: Fit, pad_id: int):
+def fit_phases(cfg: RaycatConfig, fit: Fit, pad_id: int, tracking_tags: dict | None = None):
     """One TorchTrainer fit for consecutive phases ``(plan, phase dir, init)``, run in order by the same
     workers. Named after the last phase (its hash chains the others'), so a rerun of any tail of the
-    group finds the same run and resumes from its latest checkpoint."""
+    group finds the same run and resumes from its latest checkpoint. ``tracking_tags``: the tags of
+    each phase's tracker run (``raycat run`` nests them under its own)."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -286,7 +295,7 @@ def fit_phases(cfg: RaycatConfig, fit: Fit, pad_id: int):
         # No CPU asked: the training workers may hold every CPU of the cluster while they read.
         datasets[plan.phase.name] = rundir.parquet_dataset(plan.examples, num_cpus=0)
         info = phase_info(plan.phase, plan.stats, plan.hash, total, rundir.join(storage, name))
-        loops.append(_loop_config(cfg, plan, init, total, pad_id, phase_dir, info))
+        loops.append(_loop_config(cfg, plan, init, total, pad_id, phase_dir, info, tracking_tags))
     trainer = TorchTrainer(
         train_loop,
         # Ray Train wants a dict here; the typed configs travel inside it.
@@ -406,14 +415,14 @@ def _refresh_settings(plan: PhasePlan, phase_dir: str) -> None:
         rundir.write_json(done_path, {**done, "settings": plan.settings})
 
 
-def _fit_and_check(cfg: RaycatConfig, fit: Fit, pad_id: int) -> None:
+def _fit_and_check(cfg: RaycatConfig, fit: Fit, pad_id: int, tracking_tags: dict | None = None) -> None:
     """One fit; a failure after ``train.max_failures`` restarts, or a phase the fit did not record as
     trained, is an error that says how to go on."""
     from ray.train import TrainingFailedError
 
     names = "+".join(plan.phase.name for plan, _, _ in fit)
     try:
-        result = fit_phases(cfg, fit, pad_id)
+        result = fit_phases(cfg, fit, pad_id, tracking_tags)
         if getattr(result, "error", None) is not None:
             raise result.error
     except TrainingFailedError as e:
@@ -482,7 +491,7 @@ def _write_summary(
     return summary
 
 
-def run_train(cfg: RaycatConfig, say=print) -> dict:
+def run_train(cfg: RaycatConfig, say=print, tracking_tags: dict | None = None) -> dict:
     """Every phase of ``train.recipe`` in order; finished phases (same hash) are skipped."""
     import ray
 
@@ -503,14 +512,14 @@ def run_train(cfg: RaycatConfig, say=print) -> dict:
         fits, status = _group_into_fits(cfg, plans, root, empty, say)
         trained = [(plan, rundir.join(root, plan.phase.name)) for plan in plans if plan.phase.name not in empty]
         for fit in fits:
-            _fit_and_check(cfg, fit, pad_id)
+            _fit_and_check(cfg, fit, pad_id, tracking_tags)
         _merge_lora(cfg, trained, preflight["params"])
     return _write_summary(cfg, root, preflight, skipped, status, trained)
 
 
-def run(cfg: RaycatConfig) -> dict:
+def run(cfg: RaycatConfig, tracking_tags: dict | None = None) -> dict:
     """The train stage as the CLI and ``raycat run`` call it: ``run_train`` reporting through
     ``progress``, then the resolved config saved next to the outputs."""
-    summary = run_train(cfg, say=lambda msg: progress.say("train", msg))
+    summary = run_train(cfg, say=lambda msg: progress.say("train", msg), tracking_tags=tracking_tags)
     save_config(cfg, "train")
     return summary

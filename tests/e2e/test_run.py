@@ -45,12 +45,15 @@ def _raycat(cfg: Path, *args: str, timeout: int = 900, env: dict | None = None) 
     return r
 
 
-def test_run_end_to_end_then_resume_rules(tmp_path, tiny_dated_dir):
+def test_run_end_to_end_then_resume_rules(tmp_path, tiny_dated_dir, monkeypatch):
     # Student and teacher have a Llama-3.1-style template that writes today's date into every prompt.
     run = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(run, tiny_dated_dir, data=write_corpus(tmp_path / "v1.jsonl"))))
+    tree = tiny_config(run, tiny_dated_dir, data=write_corpus(tmp_path / "v1.jsonl"))
+    tree["train"]["tracking"] = "mlflow"  # no URI: a file store in the run dir
+    cfg.write_text(yaml.safe_dump(tree))
     _raycat(cfg)
+    tracked_every_stage(run, monkeypatch)
     manifest = json.loads((run / "manifest.json").read_text())
     assert {s: e["status"] for s, e in manifest["stages"].items()} == {
         s: "done" for s in ("score", "split", "teach", "train", "eval", "report")
@@ -92,6 +95,29 @@ def test_run_end_to_end_then_resume_rules(tmp_path, tiny_dated_dir):
     models = ["base", "complexity_aware/phase1", "complexity_aware/phase2", "sft_all/phase1"]
     assert list(ev["models"]) == [SINGLE, *models]
     changed_data_path_recomputes_exactly_the_changed_rows(tmp_path, run, cfg, models)
+
+
+def tracked_every_stage(run: Path, monkeypatch) -> None:
+    """One MLflow run for the `raycat run`: a nested run per stage with its numbers, the training phases'
+    own runs (every step's loss) nested under it too, and the report as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("raycat").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "raycat run run"
+    nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    phases = {"train complexity_aware/phase1", "train complexity_aware/phase2"}
+    assert set(nested) == {"score", "split", "teach", "train", "eval", "report"} | phases
+    score = json.loads((run / "score/metrics.json").read_text())
+    auc = nested["score"].data.metrics.get("roc_auc")
+    assert auc == pytest.approx(score["roc_auc"]) if score["roc_auc"] is not None else auc is None
+    assert "thresholds.0" in nested["split"].data.metrics and "accounting.total_tokens" in nested["teach"].data.metrics
+    assert any(k.endswith("overall.ci95.1") for k in nested["eval"].data.metrics)
+    assert client.get_metric_history(nested["train complexity_aware/phase2"].info.run_id, "loss")
+    artifacts = [a.path for a in client.list_artifacts(nested["report"].info.run_id, "report")]
+    assert "report/report.html" in artifacts
 
 
 def changed_data_path_recomputes_exactly_the_changed_rows(tmp_path: Path, run: Path, cfg: Path, models) -> None:
