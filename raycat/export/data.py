@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from raycat.config import RaycatConfig
 from raycat.export.formats import FORMATS, conversation, record
-from raycat.recipes import NO_COT, Phase, phase_sources
+from raycat.recipes import NO_COT, RECIPES, Phase, phase_sources
 from raycat.storage import rundir
 from raycat.train import examples
 from raycat.train.stage import input_paths
@@ -106,6 +106,11 @@ def export_recipe(cfg: RaycatConfig, recipe: str, out: Path, scratch: Path) -> d
                 files[phase.name].write(_table(rows, phase.target, ROWS))
             if len(missing):
                 summary[phase.name]["not_exported"][NO_COT] += len(missing)
+        # A phase with no rows at all (an empty band) still gets its files, empty.
+        for phase in RECIPES[recipe]:
+            if phase.name not in files:
+                files[phase.name] = Files(out / recipe / phase.name, ROWS)
+                summary[phase.name] = {"target": phase.target, "bands": list(phase.bands), "not_exported": Counter()}
     finally:
         for f in files.values():
             f.close()

@@ -42,16 +42,24 @@ def _facts(cfg: RaycatConfig) -> dict:
 
 def _hf_datasets(local: Path, recipes: dict[str, dict], taught: dict | None, cache: Path) -> None:
     """``hf/<recipe>`` (a DatasetDict of its phases) and ``hf/taught``, for ``datasets.load_from_disk``."""
+    import pyarrow.parquet as pq
     from datasets import Dataset, DatasetDict
+    from datasets.table import InMemoryTable
 
     def load(path: Path) -> Dataset:
+        if pq.ParquetFile(path).metadata.num_rows == 0:  # datasets' Parquet builder refuses an empty file
+            return Dataset(InMemoryTable(pq.read_table(path)))
         return Dataset.from_parquet(str(path), cache_dir=str(cache))
 
+    def save(splits: dict[str, Dataset], where: Path) -> None:
+        # An empty split gets one (empty) shard: saved as none, it cannot be loaded back.
+        shards = {name: None if len(split) else 1 for name, split in splits.items()}
+        DatasetDict(splits).save_to_disk(str(where), num_shards=shards)
+
     for recipe, phases in recipes.items():
-        splits = {phase: load(local / recipe / phase / "rows.parquet") for phase in phases}
-        DatasetDict(splits).save_to_disk(str(local / "hf" / recipe))
+        save({phase: load(local / recipe / phase / "rows.parquet") for phase in phases}, local / "hf" / recipe)
     if taught is not None:
-        DatasetDict({"train": load(local / "taught" / "rows.parquet")}).save_to_disk(str(local / "hf" / "taught"))
+        save({"train": load(local / "taught" / "rows.parquet")}, local / "hf" / "taught")
 
 
 def _llama_factory(local: Path, recipes: dict[str, dict], taught: dict | None) -> dict:

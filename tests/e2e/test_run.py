@@ -52,8 +52,9 @@ def test_run_end_to_end_then_resume_rules(tmp_path, tiny_dated_dir, monkeypatch)
     tree = tiny_config(run, tiny_dated_dir, data=write_corpus(tmp_path / "v1.jsonl"))
     tree["train"]["tracking"] = "mlflow"  # no URI: a file store in the run dir
     cfg.write_text(yaml.safe_dump(tree))
-    _raycat(cfg)
+    _raycat(cfg, "--export")
     tracked_every_stage(run, monkeypatch)
+    exported_for_other_tools(run, tiny_dated_dir)
     manifest = json.loads((run / "manifest.json").read_text())
     assert {s: e["status"] for s, e in manifest["stages"].items()} == {
         s: "done" for s in ("score", "split", "teach", "train", "eval", "report")
@@ -95,6 +96,22 @@ def test_run_end_to_end_then_resume_rules(tmp_path, tiny_dated_dir, monkeypatch)
     models = ["base", "complexity_aware/phase1", "complexity_aware/phase2", "sft_all/phase1"]
     assert list(ev["models"]) == [SINGLE, *models]
     changed_data_path_recomputes_exactly_the_changed_rows(tmp_path, run, cfg, models)
+
+
+def exported_for_other_tools(run: Path, model: Path) -> None:
+    """`raycat run --export`: the recipe's phases as chat messages (phase 2's targets the verified CoTs
+    of teach/cot.parquet) and the trained LoRA adapter naming the base it was trained from."""
+    import pandas as pd
+
+    out = run / "export"
+    summary = json.loads((out / "export.json").read_text())
+    phase2 = [json.loads(line) for line in (out / "complexity_aware/phase2/messages.jsonl").read_text().splitlines()]
+    cot = pd.read_parquet(run / "teach/cot.parquet")
+    assert sorted(m["messages"][-1]["content"] for m in phase2) == sorted(t.strip() for t in cot["target"])
+    assert summary["recipes"]["complexity_aware"]["phase2"]["rows"] == len(phase2)
+    adapter = json.loads((out / "models/complexity_aware/model/adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(model)
+    assert (out / "models/complexity_aware/model/README.md").exists() and (out / "README.md").exists()
 
 
 def tracked_every_stage(run: Path, monkeypatch) -> None:

@@ -244,3 +244,16 @@ def test_an_s3_run_dir_exports_next_to_itself(monkeypatch, tmp_path, tiny_model_
         assert adapter["base_model_name_or_path"] == "org/student-1b"
         assert rundir.exists(f"{out}/hf/complexity_aware/dataset_dict.json")
         assert rundir.read_json(f"{out}/export.json")["models"]["complexity_aware"]["model"]["kind"] == "adapter"
+
+
+def test_an_empty_phase_and_no_taught_rows_export_empty_files(tmp_path):
+    """No CoT at all (the teacher was never right, teach.on_wrong=drop): phase 2 is empty, not missing."""
+    datasets = pytest.importorskip("datasets")
+    run = tmp_path / "run"
+    write_run(run)
+    cot = pd.read_parquet(run / "teach" / "cot.parquet")
+    cot.iloc[:0].to_parquet(run / "teach" / "cot.parquet")
+    summary = export(load_config(DEMO, [f"run_dir={run}"]), ["complexity_aware"])
+    assert summary["recipes"]["complexity_aware"]["phase2"]["rows"] == 0 and summary["taught"]["rows"] == 0
+    assert (run / "export/complexity_aware/phase2/messages.jsonl").read_text() == ""
+    assert len(datasets.load_from_disk(str(run / "export/hf/complexity_aware"))["phase2"]) == 0
