@@ -1,7 +1,10 @@
 """The cluster files (cluster/, .dockerignore) parse and keep the properties cluster/README.md lists: the
 tested Ray pinned everywhere, token auth on (KubeRay authOptions; RAY_AUTH_MODE on every launcher
-`ray start`), keys only from Secrets, GPU tolerations, an HF cache, an idle timeout longer than a stage
-handoff, object-store run dirs in every documented submit command, a small non-editable image build.
+`ray start`), keys only from Secrets, GPU tolerations and the GPU type pinned per worker group, an HF
+cache on a shared PersistentVolumeClaim, an idle timeout longer than a stage handoff and not much
+longer, a RayJob that retries, has a deadline, deletes its cluster soon after it ends and submits from
+a small CPU image, object-store run dirs in every documented submit command, a small non-editable
+image build.
 
 KubeRay field names are those of the CRD reference (KubeRay v1.6.2, generated from
 ray-operator/apis/ray/v1); the launcher is validated with Ray's own schema, as `ray up` does."""
@@ -25,7 +28,7 @@ KUBERAY = ("raycluster.yaml", "rayjob.yaml")
 RAY = re.search(r"^ray==([\d.]+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
 KEY_LIKE = re.compile(r"(^|_)(KEY|TOKEN|SECRET|PASSWORD|CREDENTIALS?)(_|$)")  # HF_TOKEN, AWS_ACCESS_KEY_ID
 OBJECT_STORE = re.compile(r"^(s3|gs)://[^/]+/")
-HF_CACHE_VOLUMES = {"emptyDir", "persistentVolumeClaim", "hostPath"}
+GPU_PRODUCT = "nvidia.com/gpu.product"  # NVIDIA GPU Feature Discovery's node label
 
 # KubeRay v1.6.2 API reference: the fields these manifests may use, so that a misspelt one fails here,
 # without a cluster (the API server prunes unknown fields of a custom resource).
@@ -68,6 +71,23 @@ def _example_secrets() -> dict[str, dict]:
     """The Secrets of cluster/kuberay/secrets.example.yaml by name."""
     docs = yaml.safe_load_all((CLUSTER / "kuberay/secrets.example.yaml").read_text())
     return {d["metadata"]["name"]: d for d in docs}
+
+
+def _claims() -> dict[str, tuple[str, dict]]:
+    """(file name, claim) of every PersistentVolumeClaim in cluster/kuberay/ by claim name."""
+    out = {}
+    for path in sorted((CLUSTER / "kuberay").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "PersistentVolumeClaim":
+                out[doc["metadata"]["name"]] = (path.name, doc)
+    return out
+
+
+def _quantity(value) -> float:
+    """A Kubernetes quantity ("200m", "512Mi", "1Ti", 8) in cores or bytes."""
+    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    number, suffix = re.fullmatch(r"([\d.]+)([A-Za-z]*)", str(value)).groups()
+    return float(number) * (units[suffix] if suffix else 1)
 
 
 def _groups(spec: dict) -> list[dict]:
@@ -211,14 +231,36 @@ def test_gpu_worker_groups_request_gpus_and_tolerate_the_gpu_taint():
             assert toleration in group["template"]["spec"].get("tolerations", []), (name, group["groupName"])
 
 
-def test_every_pod_mounts_an_hf_cache_at_hf_home():
+def test_gpu_worker_groups_pin_the_gpu_type_they_are_sized_for():
+    for name, _, spec in _kuberay():
+        for group in spec["workerGroupSpecs"]:
+            # gpu-<count>x-<type>: the selector names that GPU, the pod requests that many
+            count, gpu_type = re.fullmatch(r"gpu-(\d+)x-([a-z0-9]+)", group["groupName"]).groups()
+            product = group["template"]["spec"]["nodeSelector"][GPU_PRODUCT]
+            assert product.startswith("NVIDIA-") and gpu_type in product.lower(), (name, product)
+            gpus = [int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in _containers(group)]
+            assert max(gpus) == int(count), (name, group["groupName"])
+
+
+def test_every_pod_mounts_the_shared_hf_cache_claim_at_hf_home():
+    claims = _claims()
     for name, _, spec in _kuberay():
         for group in _groups(spec):
             volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
             for c in _containers(group):
                 hf_home = next(e["value"] for e in c["env"] if e["name"] == "HF_HOME")
                 mount = next(m for m in c["volumeMounts"] if m["mountPath"] == hf_home)
-                assert HF_CACHE_VOLUMES & set(volumes[mount["name"]]), (name, c["name"])
+                # A claim this repository ships: a pod naming a missing claim stays Pending
+                claim_file, claim = claims[volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]]
+                # Pods on several nodes mount it at once
+                assert claim["spec"]["accessModes"] == ["ReadWriteMany"], (name, claim_file)
+                # Room for at least one 70B model in bf16 (~140 GB)
+                assert _quantity(claim["spec"]["resources"]["requests"]["storage"]) >= 140e9, (name, claim_file)
+    # The README applies each claim before the manifests that mount it
+    readme = (CLUSTER / "README.md").read_text()
+    for claim_file, _ in claims.values():
+        pvc_at = readme.index(f"kubectl apply -f cluster/kuberay/{claim_file}")
+        assert all(pvc_at < readme.index(f"kubectl apply -f cluster/kuberay/{m}") for m in KUBERAY)
 
 
 def test_idle_timeout_outlasts_a_stage_handoff():
@@ -226,7 +268,8 @@ def test_idle_timeout_outlasts_a_stage_handoff():
     assert raycluster["enableInTreeAutoscaling"] is True
     for name, _, spec in _kuberay():
         if spec.get("enableInTreeAutoscaling"):
-            assert spec["autoscalerOptions"]["idleTimeoutSeconds"] >= 300, name
+            # Set explicitly (KubeRay's default is 60 s), and not so long that an idle GPU node lingers
+            assert 300 <= spec["autoscalerOptions"]["idleTimeoutSeconds"] <= 900, name
             assert all(g.get("idleTimeoutSeconds", 300) >= 300 for g in spec["workerGroupSpecs"]), name
         else:
             # No autoscaler: a fixed-size cluster, nothing is scaled down between stages
@@ -240,11 +283,37 @@ def test_rayjob_runs_raycat_with_an_object_store_run_dir():
     assert job["entrypoint"].startswith("raycat run ")
     # A submitter Job: `kubectl logs -f job/<name>` follows it
     assert job["submissionMode"] == "K8sJobMode"
-    # ttlSecondsAfterFinished only acts with shutdownAfterJobFinishes.
-    assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
     head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     configs = next(v["name"] for v in head["volumes"] if v.get("configMap", {}).get("name") == "raycat-config")
     assert {"name": configs, "mountPath": "/configs"} in head["containers"][0]["volumeMounts"]
+
+
+def test_rayjob_retries_has_a_deadline_and_deletes_its_cluster_soon_after_it_ends():
+    job = _load(CLUSTER / "kuberay/rayjob.yaml")["spec"]
+    # Each retry gets a new RayCluster and resumes from what the failed attempt wrote under run_dir
+    assert job["backoffLimit"] >= 1
+    # A hung attempt fails instead of holding its GPUs (KubeRay does not retry one past its deadline)
+    assert isinstance(job["activeDeadlineSeconds"], int) and job["activeDeadlineSeconds"] > 0
+    # shutdownAfterJobFinishes deletes the cluster however the job ends (failed, past the deadline,
+    # submission failed); ttlSecondsAfterFinished acts only with it. deletionRules may not join it.
+    assert job["shutdownAfterJobFinishes"] is True and 0 <= job["ttlSecondsAfterFinished"] <= 600
+    assert "deletionStrategy" not in job
+
+
+def test_rayjob_submitter_is_a_small_cpu_ray_image_at_the_pinned_ray():
+    pod = _load(CLUSTER / "kuberay/rayjob.yaml")["spec"]["submitterPodTemplate"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (submitter,) = pod["containers"]  # KubeRay takes the first container as the submitter
+    # Ray's CPU image at the Ray and Python of the cluster's image (cluster/Dockerfile)
+    python = re.search(r"^FROM rayproject/ray:[\d.]+-(py\d+)-", (CLUSTER / "Dockerfile").read_text(), re.M)
+    assert submitter["image"] == f"rayproject/ray:{RAY}-{python.group(1)}-cpu"
+    # No command: KubeRay supplies `ray job submit` with the dashboard address and the token
+    assert "command" not in submitter and "args" not in submitter
+    requests, limits = submitter["resources"]["requests"], submitter["resources"]["limits"]
+    assert _quantity(requests["cpu"]) <= 1 and _quantity(requests["memory"]) <= 2**30
+    assert _quantity(limits["memory"]) <= 2 * 2**30 and "nvidia.com/gpu" not in limits
+    # No GPU toleration: it cannot take a slot on a GPU node
+    assert not pod.get("tolerations") and not pod.get("nodeSelector")
 
 
 def test_documented_submit_commands_use_object_store_run_dirs():
