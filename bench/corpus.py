@@ -35,8 +35,8 @@ Ray Data's actors can outlive their dataset), and the last task it ran; Ray's da
 it, and the raylet's and GCS's peaks are shown on their own. Where
 clear_refs cannot be written, sampled VmRSS is used instead (the header says which). A worker's RSS
 includes the object-store pages it has touched (shared memory: RssShmem), so it can read higher than its
-own heap: a task that reads many objects one after another (the questions writer reads every shard's
-rows) touches them all. "private" is the largest sampled RssAnon of any worker in the stage (its own
+own heap: a task that reads many objects one after another (a questions settle task reads each
+file's checked rows) touches them all. "private" is the largest sampled RssAnon of any worker in the stage (its own
 heap, every 0.5 s, so a spike between samples can be missed): the memory the process itself holds.
 """
 
