@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -26,6 +27,24 @@ def days_ahead(days: int) -> dict[str, str]:
 
 
 N_QUESTIONS = 300  # make_corpus's default size
+
+
+def question_rows(n: int, rng, categories: list) -> pd.DataFrame:
+    """``n`` four-option questions as the split writes them (with ``row_hash``): ids q0.., a seeded
+    gold letter and a category drawn from ``categories``."""
+    from raycat.storage import rowkey
+
+    return rowkey.add(
+        pd.DataFrame(
+            {
+                "id": [f"q{i}" for i in range(n)],
+                "question": [f"What is {i} plus {i}?" for i in range(n)],
+                "options": [["one", "two", "three", "four"]] * n,
+                "gold": rng.choice(list("ABCD"), n),
+                "category": rng.choice(categories, n),
+            }
+        )
+    )
 
 
 def make_corpus(path: Path, n: int = N_QUESTIONS) -> Path:

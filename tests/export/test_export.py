@@ -15,25 +15,15 @@ from raycat.config import load_config
 from raycat.data.prompts import answer_target, train_messages
 from raycat.export.run import export
 from raycat.recipes import BANDS, NO_COT
-from raycat.storage import rowkey, rundir
-from tests.helpers import DEMO
+from raycat.storage import rundir
+from tests.helpers import DEMO, question_rows
 
 
 def write_run(run, n=40, seed=1):
     """Band files and a teach/cot.parquet as the stages write them: the hard band taught, all but two
     of its rows verified (one has no CoT, one a CoT of another content under its id)."""
     rng = np.random.default_rng(seed)
-    rows = rowkey.add(
-        pd.DataFrame(
-            {
-                "id": [f"q{i}" for i in range(n)],
-                "question": [f"What is {i} plus {i}?" for i in range(n)],
-                "options": [["one", "two", "three", "four"]] * n,
-                "gold": rng.choice(list("ABCD"), n),
-                "category": rng.choice(["math", None], n),
-            }
-        )
-    )
+    rows = question_rows(n, rng, ["math", None])
     band = np.array(BANDS)[np.arange(n) % 3]
     for name in BANDS:
         rundir.write_parquet(str(run / "split" / f"{name}.parquet"), rows[band == name].assign(band=name))

@@ -14,9 +14,9 @@ from transformers import AutoTokenizer
 
 from raycat.config import load_config
 from raycat.recipes import BANDS, RECIPES, phase_sources
-from raycat.storage import rowkey, rundir
+from raycat.storage import rundir
 from raycat.train import examples, stage
-from tests.helpers import DEMO
+from tests.helpers import DEMO, question_rows
 from tests.train import reference_prep
 
 
@@ -25,17 +25,7 @@ def write_run(run, n=60, seed=0):
     first copy counts), one under another row_hash (not this row's), one of an unknown row, and CoTs of
     very different lengths (some over phase2's max_length)."""
     rng = np.random.default_rng(seed)
-    rows = rowkey.add(
-        pd.DataFrame(
-            {
-                "id": [f"q{i}" for i in range(n)],
-                "question": [f"What is {i} plus {i}?" for i in range(n)],
-                "options": [["one", "two", "three", "four"]] * n,
-                "gold": rng.choice(list("ABCD"), n),
-                "category": rng.choice(["math", ""], n),
-            }
-        )
-    )
+    rows = question_rows(n, rng, ["math", ""])
     band = rng.choice(BANDS, n, p=[0.3, 0.4, 0.3])
     for name in BANDS:
         rundir.write_parquet(str(run / "split" / f"{name}.parquet"), rows[band == name].assign(band=name))
