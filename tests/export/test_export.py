@@ -150,9 +150,11 @@ def test_the_cli_exports_to_a_chosen_place_replacing_what_was_there(tmp_path, ca
     assert "complexity_aware/phase2: 11 rows (2 without a teacher target)" in said
 
 
-def test_an_unscored_run_dir_is_refused_with_the_next_step(tmp_path, capsys):
+def test_an_unscored_run_dir_or_an_unknown_recipe_is_refused_with_the_fix(tmp_path, capsys):
     assert main(["export", "--config", str(DEMO), f"run_dir={tmp_path / 'none'}"]) == 1
     assert "run `raycat run`" in capsys.readouterr().err.replace("\n", " ")
+    assert main(["export", "--config", str(DEMO), "--recipes", "complexity_aware,sft_al"]) == 1
+    assert "unknown ['sft_al']; choose from complexity_aware" in " ".join(capsys.readouterr().err.split())
 
 
 def write_adapter(phase_dir, base_dir):
