@@ -72,8 +72,8 @@ def stage_files(run_dir: str, stage: str, recipes: list[str]) -> dict[str, str]:
 class Tracker:
     """The run's MLflow run (``open``); ``stage`` logs a finished stage as a nested run."""
 
-    def __init__(self, mlflow, run_id: str, experiment_id: str, run_dir: str, recipes: list[str]):
-        self.mlflow, self.run_id, self.experiment_id = mlflow, run_id, experiment_id
+    def __init__(self, client, run_id: str, experiment_id: str, run_dir: str, recipes: list[str]):
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
         self.run_dir, self.recipes = run_dir, recipes
 
     @property
@@ -84,15 +84,14 @@ class Tracker:
     def _log_numbers(self, run_id: str, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
-        client = self.mlflow.MlflowClient()
         now = int(1000 * time.time())
         items = [Metric(k, v, now, 0) for k, v in values.items()]
         for start in range(0, len(items), BATCH):
-            client.log_batch(run_id, metrics=items[start : start + BATCH])
+            self.client.log_batch(run_id, metrics=items[start : start + BATCH])
 
     def stage(self, stage: str, status: str) -> None:
         """A nested run named after the stage with every number of its files, or its report as artifacts."""
-        client = self.mlflow.MlflowClient()
+        client = self.client
         tags = {**self.parent_tags, "raycat.stage": stage, "raycat.status": status}
         run = client.create_run(self.experiment_id, run_name=stage, tags=tags)
         try:
@@ -109,15 +108,11 @@ class Tracker:
     def _artifacts(self, client, run_id: str) -> None:
         """report/ (report.html, report.md, the plots) copied through a local dir (the run dir may be a URI)."""
         report = rundir.join(self.run_dir, "report")
+        if rundir.file_type(report) != "dir":
+            return
         with tempfile.TemporaryDirectory() as tmp:
-            for path in rundir.list_tree(report):
-                name = path[len(report) :].lstrip("/")
-                local = os.path.join(tmp, "report", name)
-                os.makedirs(os.path.dirname(local), exist_ok=True)
-                with open(local, "wb") as f:
-                    f.write(rundir.read_bytes(path))
-            if os.path.isdir(os.path.join(tmp, "report")):
-                client.log_artifacts(run_id, os.path.join(tmp, "report"), "report")
+            rundir.upload_dir(report, tmp)
+            client.log_artifacts(run_id, tmp, "report")
 
 
 @contextmanager
@@ -147,7 +142,7 @@ def open_run(
         config = rundir.join(run_dir, "config.yaml")
         if rundir.exists(config):
             client.log_text(run.info.run_id, rundir.read_bytes(config).decode(), "config.yaml")
-        yield Tracker(mlflow, run.info.run_id, experiment.experiment_id, run_dir, recipes)
+        yield Tracker(client, run.info.run_id, experiment.experiment_id, run_dir, recipes)
         status = "FINISHED"
     finally:
         client.set_terminated(run.info.run_id, status=status)

@@ -129,7 +129,7 @@ def _write(cfg: RaycatConfig, counts: list[int], with_quarantine: bool) -> dict:
                     n_selected += len(rows)
                     if len(rows):
                         max_options = max(max_options, pc.max(pc.list_value_length(rows["options"])).as_py())
-                    pending.append(rows.cast(SCHEMA))
+                    pending.append(rows)
                     pending = flush_groups(writer, pending, block, final=False)
         flush_groups(writer, pending, block, final=True)
     rundir.remove_dir(_spool(cfg))

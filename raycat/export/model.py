@@ -103,7 +103,7 @@ def export_models(cfg: RaycatConfig, recipe: str, out: str) -> dict | None:
         if not rundir.exists(source):
             continue
         dest = rundir.join(out, "models", recipe, sub)
-        rundir.copy_dir(source, dest)
+        rundir.replace_dir(source, dest)
         kind = "adapter" if rundir.exists(rundir.join(dest, "adapter_config.json")) else "full"
         rank = _fix_base(dest, models.base_reference(cfg.score.student.path)) if kind == "adapter" else None
         rundir.write_text(rundir.join(dest, "README.md"), card(cfg, recipe, kind, eval_metrics, rank))

@@ -14,12 +14,12 @@ import tempfile
 from pathlib import Path
 
 from raycat.config import RaycatConfig
-from raycat.errors import MissingInputError, RaycatError
+from raycat.errors import MissingInputError
 from raycat.export import card
 from raycat.export.data import export_recipe, export_taught
 from raycat.export.formats import FORMATS, dataset_info
 from raycat.export.model import export_models
-from raycat.recipes import RECIPES
+from raycat.pipeline import check_recipes
 from raycat.storage import rundir
 
 
@@ -85,9 +85,7 @@ def push(local: Path, repo: str, recipes: dict[str, dict], taught: dict | None) 
 def export(cfg: RaycatConfig, recipes: list[str], out: str | None = None, push_to_hub: str | None = None) -> dict:
     """Every format for ``recipes`` (default: train.recipe) at ``out``; returns the summary (also
     written as export.json)."""
-    unknown = [r for r in recipes if r not in RECIPES]
-    if unknown:
-        raise RaycatError(f"--recipes: unknown {unknown}; choose from {', '.join(RECIPES)}")
+    check_recipes(recipes)
     if not rundir.exists(rundir.join(cfg.run_dir, "split")):
         raise MissingInputError(f"{cfg.run_dir} has no split/: run `raycat run` (or score and split) first")
     out = out or default_out(cfg)

@@ -69,31 +69,22 @@ def copy_into(path: str, out: pa.NativeFile, chunk: int = 1 << 20) -> None:
             out.write(data)
 
 
-def copy_dir(source: str, dest: str) -> None:
-    """A directory's files copied to ``dest`` (each a local path or a URI, streamed between them);
-    what was at ``dest`` is removed first."""
+def upload_dir(source: str, dest: str) -> None:
+    """Copy a finished directory (an HF model dir) to ``dest``; each a local path or a cloud URI, the
+    files streamed from one to the other."""
     source_fs, source_path = _fs(source)
-    dest_fs, dest_path = _fs(dest)
-    if dest_fs.get_file_info(dest_path).type != pafs.FileType.NotFound:
-        dest_fs.delete_dir_contents(dest_path, missing_dir_ok=True)
-    dest_fs.create_dir(dest_path, recursive=True)
-    pafs.copy_files(source_path, dest_path, source_filesystem=source_fs, destination_filesystem=dest_fs)
-
-
-def upload_dir(local_dir: str, dest: str) -> None:
-    """Copy a finished local directory (an HF model dir) to ``dest``, a local path or a cloud URI."""
     filesystem, fs_path = _fs(dest)
     filesystem.create_dir(fs_path, recursive=True)
-    pafs.copy_files(local_dir, fs_path, destination_filesystem=filesystem)
+    pafs.copy_files(source_path, fs_path, source_filesystem=source_fs, destination_filesystem=filesystem)
 
 
-def replace_dir(local_dir: str, dest: str) -> None:
-    """``dest``'s contents replaced by ``local_dir``'s (files of an earlier, interrupted export at the
+def replace_dir(source: str, dest: str) -> None:
+    """``dest``'s contents replaced by ``source``'s (files of an earlier, interrupted export at the
     same place must not mix with this one). Readers wait for a marker the caller writes afterwards."""
     filesystem, fs_path = _fs(dest)
     if filesystem.get_file_info(fs_path).type != pafs.FileType.NotFound:
         filesystem.delete_dir_contents(fs_path, missing_dir_ok=True)
-    upload_dir(local_dir, dest)
+    upload_dir(source, dest)
 
 
 def list_dirs(directory: str) -> list[str]:
