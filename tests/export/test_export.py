@@ -249,3 +249,16 @@ def test_an_empty_phase_and_no_taught_rows_export_empty_files(tmp_path):
     assert summary["recipes"]["complexity_aware"]["phase2"]["rows"] == 0 and summary["taught"]["rows"] == 0
     assert (run / "export/complexity_aware/phase2/messages.jsonl").read_text() == ""
     assert len(datasets.load_from_disk(str(run / "export/hf/complexity_aware"))["phase2"]) == 0
+
+
+def test_the_readme_command_with_the_demo_config_s_relative_run_dir(tmp_path, monkeypatch):
+    """The user's path: `raycat export --config jobs/configs/demo-cpu.yaml` from the directory the run
+    was made in, its run_dir relative (runs/demo-cpu)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(DEMO, [])
+    assert not cfg.run_dir.startswith("/")
+    write_run(tmp_path / cfg.run_dir)
+    assert main(["export", "--config", str(DEMO)]) == 0
+    out = tmp_path / cfg.run_dir / "export"
+    assert len(jsonl(out / "complexity_aware" / "phase2" / "messages.jsonl")) == 11
+    assert json.loads((out / "export.json").read_text())["out"] == f"{cfg.run_dir}/export"
