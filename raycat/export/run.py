@@ -1,7 +1,8 @@
 """``raycat export``: a run dir's training data into every export format and each trained recipe's final
 model with its card, next to the run (``export/``) or at ``--out`` (a local path or an object-store
-URI), replaced as a whole; ``--push-to-hub REPO`` also pushes each recipe (a config of phase splits)
-and the taught rows to the Hugging Face Hub as a dataset.
+URI), replaced as a whole, with ``lm_eval_tasks/`` and ``models/<recipe>/request.json`` (``harness``)
+to evaluate and query the models on the held-out rows; ``--push-to-hub REPO`` also pushes each recipe
+(a config of phase splits) and the taught rows to the Hugging Face Hub as a dataset.
 
 Runs where it is called (the driver, or a job's entrypoint): it streams, so memory is a batch; the
 files are built in a local temporary directory, then copied to their place.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from raycat.config import RaycatConfig
 from raycat.errors import MissingInputError
-from raycat.export import card
+from raycat.export import card, harness
 from raycat.export.data import export_recipe, export_taught
 from raycat.export.formats import FORMATS, dataset_info
 from raycat.export.model import export_models
@@ -97,11 +98,17 @@ def export(cfg: RaycatConfig, recipes: list[str], out: str | None = None, push_t
         info = _llama_factory(local, per_recipe, taught)
         (local / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
         (local / "README.md").write_text(card.text(_facts(cfg), per_recipe, taught))
+        lm_eval = harness.write_tasks(cfg, recipes, local)
         summary = {"out": out, "recipes": per_recipe, "taught": taught, "formats": [*FORMATS, "hf", "dataset_info"]}
+        summary["lm_eval"] = lm_eval
         rundir.replace_dir(str(local), out)
         # Copied from the run dir to their place directly: full weights never pass through local disk.
         trained = {recipe: export_models(cfg, recipe, out) for recipe in recipes}
         summary["models"] = {recipe: m for recipe, m in trained.items() if m}
+        for recipe in summary["models"]:
+            body = harness.request(cfg, recipe, local)
+            if body is not None:
+                rundir.write_text(rundir.join(out, "models", recipe, "request.json"), json.dumps(body, indent=2) + "\n")
         rundir.write_json(rundir.join(out, "export.json"), summary)
         if push_to_hub:
             push(local, push_to_hub, per_recipe, taught)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -16,43 +15,7 @@ from raycat.data.prompts import answer_target, train_messages
 from raycat.export.run import export
 from raycat.recipes import BANDS, NO_COT
 from raycat.storage import rundir
-from tests.helpers import DEMO, question_rows
-
-
-def write_run(run, n=40, seed=1):
-    """Band files and a teach/cot.parquet as the stages write them: the hard band taught, all but two
-    of its rows verified (one has no CoT, one a CoT of another content under its id)."""
-    rng = np.random.default_rng(seed)
-    rows = question_rows(n, rng, ["math", None])
-    band = np.array(BANDS)[np.arange(n) % 3]
-    for name in BANDS:
-        rundir.write_parquet(str(run / "split" / f"{name}.parquet"), rows[band == name].assign(band=name))
-    hard = rows[band == "hard"].assign(band="hard")
-    taught = hard.iloc[2:].assign(
-        teacher="teacher-x",
-        final_status="verified",
-        prompt_tokens=50,
-        completion_tokens=20,
-        target=[
-            f" Step by step for {i}.\n[[{g}]]" for i, g in zip(hard["id"].iloc[2:], hard["gold"].iloc[2:], strict=True)
-        ],
-    )
-    other = hard.iloc[[1]].assign(row_hash="0" * 16, teacher="teacher-x", final_status="verified", target="[[A]]")
-    rundir.write_parquet(str(run / "teach" / "cot.parquet"), pd.concat([taught, other], ignore_index=True))
-    thresholds = {"method": "quantiles", "quantiles": [0.25, 0.75], "thresholds": [0.5, 1.2], "counts": {"hard": 13}}
-    rundir.write_json(str(run / "split" / "thresholds.json"), thresholds)
-    accounting = {
-        "prompt_tokens": 600,
-        "completion_tokens": 240,
-        "rows_taught": 12,
-        "saving": {"saving_pct": 70.0, "label": "measured: x"},
-    }
-    teach = {
-        "accounting": accounting,
-        "provenance": {"on_wrong": "drop", "teachers": [{"model": "teacher-x", "revision": None}]},
-    }
-    rundir.write_json(str(run / "teach" / "metrics.json"), teach)
-    return rows.assign(band=band), taught
+from tests.helpers import DEMO, write_run
 
 
 @pytest.fixture
@@ -262,3 +225,46 @@ def test_the_readme_command_with_the_demo_config_s_relative_run_dir(tmp_path, mo
     out = tmp_path / cfg.run_dir / "export"
     assert len(jsonl(out / "complexity_aware" / "phase2" / "messages.jsonl")) == 11
     assert json.loads((out / "export.json").read_text())["out"] == f"{cfg.run_dir}/export"
+
+
+def test_the_held_out_rows_become_an_lm_eval_task_in_the_trained_prompt(exported, monkeypatch):
+    """lm-eval's own TaskManager reads the exported task (run from the export dir, as README says), its
+    docs are the held-out rows, the chat prompt is the recipe's training prompt, and its filter scores
+    the last [[...]] against the gold."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    out, _, _, summary = exported
+    test = pd.read_parquet(out.parent / "split" / "test.parquet")
+    assert summary["lm_eval"] == {
+        "rows": len(test),
+        "tasks": ["raycat_complexity_aware", "raycat_sft_all"],
+        "dir": "lm_eval_tasks",
+    }
+    monkeypatch.chdir(out)
+    manager = TaskManager(include_path=str(out / "lm_eval_tasks"))
+    tasks = get_task_dict(["raycat_complexity_aware", "raycat_sft_all"], manager)
+    for recipe, kind in (("complexity_aware", "cot"), ("sft_all", "answer")):
+        task = tasks[f"raycat_{recipe}"]
+        docs = list(task.test_docs())
+        assert [d["id"] for d in docs] == test["id"].tolist()
+        for doc, row in zip(docs, test.itertuples(), strict=True):
+            chat: list = []
+            task.fewshot_context(
+                doc, 0, apply_chat_template=True, chat_template=lambda m, _c=chat, **kw: _c.append(m) or ""
+            )
+            assert chat[0] == train_messages(row.question, list(row.options), row.category or "", kind)
+            assert task.doc_to_target(doc) == row.gold
+        budget = task.config.generation_kwargs["max_gen_toks"]
+        assert budget == (16 if kind == "answer" else 256)  # the demo's eval budgets
+    ensemble = tasks["raycat_complexity_aware"]._filters[0]
+    from lm_eval.api.instance import Instance
+
+    inst = Instance("generate_until", docs[0], ("x", {}), 0)
+    inst.resps = ["Think: [[A]] no, [[ b. ]]"]
+    ensemble.apply([inst])
+    assert inst.filtered_resps["last_bracket"] == "b."
+    # Scored against the gold as written, case and punctuation ignored.
+    task = tasks["raycat_complexity_aware"]
+    assert task.process_results({**docs[0], "gold": "B"}, ["b."])["exact_match"] == 1.0
+    assert task.process_results({**docs[0], "gold": "B"}, ["A"])["exact_match"] == 0.0
