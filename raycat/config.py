@@ -149,6 +149,12 @@ class EngineConfig(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM GPU memory fraction.")
     enforce_eager: bool = Field(True, description="Skip torch.compile/CUDA graphs (faster start, slower decode).")
     seed: int = Field(0, description="Engine seed.")
+    metrics: bool = Field(
+        True,
+        description="Export vLLM's engine statistics (prompt/generation tokens, running and waiting requests, "
+        "KV cache use, latencies) as Ray metrics: every node's Prometheus endpoint serves them as ray_vllm_*, "
+        "for the Ray dashboard and Grafana (cluster/README.md). false: the engine computes no statistics.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
@@ -164,7 +170,7 @@ class EngineConfig(Strict):
         fields = type(self).model_fields
         vllm_only = sorted(
             k
-            for k in ("kv_cache_gib", "gpu_memory_utilization", "enforce_eager")
+            for k in ("kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "metrics")
             if getattr(self, k) != fields[k].default
         )
         if vllm_only:

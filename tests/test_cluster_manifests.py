@@ -47,6 +47,19 @@ AUTOSCALER_OPTIONS = {
     "resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds", "upscalingMode",
     "version", "env", "envFrom", "volumeMounts",
 }  # fmt: skip
+# The labels KubeRay puts on every Ray pod over its template's own (ray-operator/controllers/ray/common/
+# pod.go, labelPod), less those naming one cluster, group or pod (ray.io/cluster, ray.io/group, ...).
+KUBERAY_POD_LABELS = {
+    "ray.io/is-ray-node": "yes",
+    "app.kubernetes.io/name": "kuberay",
+    "app.kubernetes.io/created-by": "kuberay-operator",
+}
+# Prometheus Operator (monitoring.coreos.com/v1) PodMonitor fields the monitors may use
+PODMONITOR_SPEC = {"jobLabel", "podTargetLabels", "podMetricsEndpoints", "selector", "namespaceSelector", "sampleLimit"}
+POD_METRICS_ENDPOINT = {
+    "port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings", "metricRelabelings",
+}  # fmt: skip
+RELABEL_CONFIG = {"sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement", "action"}
 HEAD_GROUP = {"template", "headService", "enableIngress", "resources", "labels", "rayStartParams", "serviceType"}
 WORKER_GROUP = {
     "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "resources",
@@ -371,3 +384,55 @@ def test_launcher_config_is_valid_filters_rsync_and_turns_token_auth_on():
     assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start ") for c in starts)
     assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "ray get-auth-token --generate" in (CLUSTER / "ray-cluster.aws.yaml").read_text()
+
+
+def _pod_labels(group: dict, node_type: str) -> dict[str, str]:
+    """The labels of a pod KubeRay creates for ``group``: the template's, then KubeRay's own."""
+    own = group["template"].get("metadata", {}).get("labels", {})
+    return {**own, **KUBERAY_POD_LABELS, "ray.io/node-type": node_type}
+
+
+def _named_ports(group: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in _containers(group) for p in c.get("ports", [])}
+
+
+def test_podmonitors_use_only_prometheus_operator_field_names():
+    monitors = list(yaml.safe_load_all((CLUSTER / "kuberay/podmonitor.yaml").read_text()))
+    assert len(monitors) == 2
+    for m in monitors:
+        assert (m["apiVersion"], m["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+        # kube-prometheus-stack's Prometheus selects monitors by its Helm release label
+        assert m["metadata"]["labels"]["release"] == "prometheus"
+        assert set(m["spec"]) <= PODMONITOR_SPEC and set(m["spec"]["selector"]) == {"matchLabels"}
+        # No namespaceSelector: the monitor's own namespace, where the Ray pods are
+        assert "namespaceSelector" not in m["spec"]
+        for endpoint in m["spec"]["podMetricsEndpoints"]:
+            assert set(endpoint) <= POD_METRICS_ENDPOINT
+            assert all(set(r) <= RELABEL_CONFIG for r in endpoint.get("relabelings", []))
+            # The RayCluster's name on every sample: several clusters can share one Prometheus
+            relabel = {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"], "targetLabel": "ray_io_cluster"}
+            assert relabel in endpoint["relabelings"]
+
+
+def test_podmonitors_scrape_every_ray_pod_once_on_its_named_metrics_ports():
+    """Every pod the manifests create (head and each worker group, a RayJob's too) is selected by one
+    PodMonitor by the labels KubeRay gives it, declares the named `metrics` port Ray's metrics agent
+    listens on (where the engines' ray_vllm_* are served) and every other *-metrics port it declares is
+    scraped; the autoscaler's is declared only where an autoscaler runs."""
+    monitors = list(yaml.safe_load_all((CLUSTER / "kuberay/podmonitor.yaml").read_text()))
+    for name, _, spec in _kuberay():
+        pods = [("head", spec["headGroupSpec"])] + [("worker", g) for g in spec["workerGroupSpecs"]]
+        for node_type, group in pods:
+            labels = _pod_labels(group, node_type)
+            (monitor,) = [m for m in monitors if m["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+            scraped = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+            ports = _named_ports(group)
+            assert all(len(p) <= 15 for p in ports), (name, ports)  # Kubernetes' limit on a port name
+            assert ports["metrics"] == int(group["rayStartParams"]["metrics-export-port"]) == 8080, name
+            assert {p for p in ports if p.endswith("metrics")} <= scraped, (name, node_type)
+            if node_type == "head":
+                assert ports["dash-metrics"] == 44227, name  # Ray's DASHBOARD_METRIC_PORT
+                assert ("as-metrics" in ports) == bool(spec.get("enableInTreeAutoscaling")), name
+                assert ports.get("as-metrics", 44217) == 44217, name  # Ray's AUTOSCALER_METRIC_PORT
+    readme = (CLUSTER / "README.md").read_text()
+    assert "kubectl apply -f cluster/kuberay/podmonitor.yaml" in readme

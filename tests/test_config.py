@@ -193,6 +193,8 @@ def test_a_misspelt_key_gets_a_did_you_mean_and_union_errors_name_only_user_keys
 def test_transformers_backend_refuses_vllm_only_settings():
     with pytest.raises(ValueError, match="kv_cache_gib only apply to backend=vllm"):
         EngineConfig(backend="transformers", kv_cache_gib=2)
+    with pytest.raises(ValueError, match="metrics only apply to backend=vllm"):
+        EngineConfig(backend="transformers", metrics=False)
     with pytest.raises(ValueError, match="tensor/pipeline parallelism"):
         EngineConfig(backend="transformers", device="gpu", tensor_parallel_size=2)
     EngineConfig(backend="transformers", device="gpu", batch_size=4)  # what it honours is fine

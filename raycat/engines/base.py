@@ -131,6 +131,7 @@ def engine_kwargs(model, engine) -> dict:
         gpu_memory_utilization=engine.gpu_memory_utilization,
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
+        metrics=engine.metrics,
     )
 
 

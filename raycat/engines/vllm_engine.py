@@ -69,8 +69,10 @@ def _llm_args(
     need_full: bool,
     lora_adapter: str | None,
     in_process: bool,
+    log_stats: bool,
 ) -> dict:
-    """The keyword arguments of ``vllm.LLM`` for these engine settings."""
+    """The keyword arguments of ``vllm.LLM`` for these engine settings (``log_stats``: the engine core
+    computes its per-step statistics, which ``_export_stats_to_ray`` then records)."""
     kwargs: dict = dict(
         model=model,
         tokenizer=model,
@@ -87,6 +89,8 @@ def _llm_args(
         max_logprobs=-1 if need_full and not in_process else 128,
         # No "Loading safetensors checkpoint shards" bars in job logs: each engine's start is logged.
         use_tqdm_on_load=False,
+        # vllm.LLM turns statistics off unless told otherwise.
+        disable_log_stats=not log_stats,
     )
     if in_process:
         from raycat.engines.first_token import FirstTokenStats
@@ -101,6 +105,35 @@ def _llm_args(
         # vLLM serves the adapter on top of the base weights: no merged copy of the model is written.
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(lora_adapter))
     return kwargs
+
+
+def _export_stats_to_ray(llm) -> None:
+    """Record the engine's statistics (tokens, requests running and waiting, KV cache use, latencies)
+    as Ray metrics: each node's Prometheus endpoint serves them as ``ray_vllm_*``, for the Ray
+    dashboard and Grafana. ``vllm.LLM`` takes no stat loggers, so the manager its engine built (into
+    prometheus_client's registry, which nothing serves in a Ray worker) is replaced."""
+    from vllm.v1.metrics import ray_wrappers
+    from vllm.v1.metrics.loggers import StatLoggerManager
+
+    if ray_wrappers.ray_metrics is None:
+        # vLLM imports Ray's metrics in one go with Ray Serve; without ray[serve] installed
+        # (grpc_reflection) that import fails and its Ray loggers refuse to start.
+        from ray.util import metrics
+
+        ray_wrappers.ray_metrics = metrics
+    engine = llm.llm_engine
+    engine.logger_manager = StatLoggerManager(
+        engine.vllm_config, custom_stat_loggers=[ray_wrappers.RayPrometheusStatLogger], enable_default_loggers=False
+    )
+    engine.logger_manager.log_engine_initialized()
+
+
+def _in_ray() -> bool:
+    """Whether this process is connected to Ray (an actor, a task, a driver): the only place Ray
+    metrics go anywhere."""
+    import ray
+
+    return ray.is_initialized()
 
 
 class VLLMEngine:
@@ -124,6 +157,7 @@ class VLLMEngine:
         need_full: bool = True,
         lora_adapter: str | None = None,
         log_level: str = "WARNING",
+        metrics: bool = True,
     ):
         # Engine core, worker and sampler in this process, or spread over tensor/pipeline-parallel workers.
         self.in_process = tensor_parallel_size * pipeline_parallel_size == 1
@@ -132,6 +166,7 @@ class VLLMEngine:
 
         self._n_tagged = 0
         self.lora = _lora_request(lora_adapter)
+        export = metrics and _in_ray()
         self.llm = LLM(
             **_llm_args(
                 model,
@@ -149,8 +184,11 @@ class VLLMEngine:
                 need_full=need_full,
                 lora_adapter=lora_adapter,
                 in_process=self.in_process,
+                log_stats=export,
             )
         )
+        if export:
+            _export_stats_to_ray(self.llm)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
     def score(

@@ -17,13 +17,14 @@ def test_lora_rank_slot(tmp_path):
 
 def test_engine_arguments_are_vllm_engine_args_without_loading_bars(tiny_model_dir):
     """Every keyword raycat passes to vllm.LLM is an EngineArgs field (a renamed one fails here, not in
-    an actor on a cluster); the safetensors loading bars stay out of job logs."""
+    an actor on a cluster); the safetensors loading bars stay out of job logs; statistics are computed
+    only when they are exported (vllm.LLM's own default is off)."""
     pytest.importorskip("vllm")
     from vllm.engine.arg_utils import EngineArgs
 
     from raycat.engines.vllm_engine import _llm_args
 
-    for in_process, device in ((True, "cpu"), (False, "gpu")):
+    for in_process, device, log_stats in ((True, "cpu", True), (True, "cpu", False), (False, "gpu", True)):
         kwargs = _llm_args(
             str(tiny_model_dir),
             revision=None,
@@ -40,7 +41,9 @@ def test_engine_arguments_are_vllm_engine_args_without_loading_bars(tiny_model_d
             need_full=True,
             lora_adapter=None,
             in_process=in_process,
+            log_stats=log_stats,
         )
-        assert kwargs["use_tqdm_on_load"] is False
+        assert kwargs["use_tqdm_on_load"] is False and kwargs["disable_log_stats"] is not log_stats
         if in_process:  # a multi-process engine's args look the model up on the hub when built
-            assert EngineArgs(**kwargs).use_tqdm_on_load is False
+            args = EngineArgs(**kwargs)
+            assert args.use_tqdm_on_load is False and args.disable_log_stats is not log_stats
