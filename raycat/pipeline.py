@@ -111,13 +111,17 @@ def data_fingerprint(cfg: RaycatConfig) -> str:
     return rundir.fingerprint(sources.common_root(files), only=set(files))
 
 
+# Settings that change what an operator sees, never a stage's rows: toggling them reruns nothing.
+_OBSERVABILITY_ONLY = {"engine": {"metrics"}}
+
+
 def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):
     """What a stage reads: its config section, and the fingerprints of the files and model dirs it reads
     (a model retrained in place, or a data file edited in place, is a new input)."""
     if stage == "score":
         return {
             "data": cfg.data.model_dump(mode="json"),
-            "score": cfg.score.model_dump(mode="json"),
+            "score": cfg.score.model_dump(mode="json", exclude=_OBSERVABILITY_ONLY),
             "inputs": [data_fingerprint(cfg), rundir.fingerprint(cfg.score.student.path)],
         }
     if stage == "split":
@@ -126,13 +130,13 @@ def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):
         if cfg.teach is None:
             return None
         return {
-            "teach": cfg.teach.model_dump(mode="json"),
+            "teach": cfg.teach.model_dump(mode="json", exclude={"teachers": {"__all__": _OBSERVABILITY_ONLY}}),
             "inputs": [rundir.fingerprint(t.model.path) for t in cfg.teach.teachers if t.api is None],
         }
     if stage == "train":
         return {"train": cfg.train.model_dump(mode="json", exclude={"recipe"}), "recipes": recipes}
     if stage == "eval":
-        return {"eval": cfg.eval.model_dump(mode="json"), "recipes": recipes}
+        return {"eval": cfg.eval.model_dump(mode="json", exclude=_OBSERVABILITY_ONLY), "recipes": recipes}
     return {"report": 1}
 
 

@@ -20,6 +20,18 @@ def test_a_teacher_parameter_changes_teach_and_everything_downstream_only():
     assert [s for s in STAGES if a[s] != d[s]] == ["train", "eval", "report"]
 
 
+def test_turning_engine_metrics_off_reruns_nothing():
+    """engine.metrics changes what the Ray dashboard shows, never a row: no stage's hash moves."""
+    a = stage_hashes(load_config(DEMO), ["complexity_aware"])
+    off = load_config(DEMO, ["score.engine.metrics=false", "eval.engine.metrics=false"])
+    for teacher in off.teach.teachers:
+        teacher.engine.metrics = False
+    assert not off.score.engine.metrics and not off.teach.teachers[0].engine.metrics
+    assert stage_hashes(off, ["complexity_aware"]) == a
+    # Its neighbours still count: a changed engine seed is a changed section.
+    assert stage_hashes(load_config(DEMO, ["score.engine.seed=3"]), ["complexity_aware"])["score"] != a["score"]
+
+
 def test_a_data_file_or_model_dir_edited_in_place_reruns_its_stage(tmp_path):
     import os
 
