@@ -92,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--config", required=True, help="the run's YAML config")
     export_parser.add_argument("--recipes", default=None, help="comma-separated recipes (default: train.recipe)")
     export_parser.add_argument("--out", default=None, help="where (local path or s3://...; default: run_dir/export)")
-    export_parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push to this Hub dataset repo")
+    export_parser.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO",
+        help="also push the data to this Hub dataset repo and each recipe's model to REPO-<recipe>",
+    )
     export_parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     study_parser = sub.add_parser(
         "study", help="a grid of runs over config keys x seeds sharing every cache; one comparison report"
@@ -158,7 +163,18 @@ def _print_export(summary: dict) -> None:
             )
     if summary["taught"] is not None:
         console.print(Text(f"export: taught: {summary['taught']['rows']} rows"))
-    console.print(Text(f"export: {summary['out']} (README.md, dataset_info.json, hf/, <recipe>/<phase>/*.jsonl)"))
+    for recipe, written in summary.get("models", {}).items():
+        for entry in written.values():
+            console.print(Text(f"export: {recipe}: {entry['kind']} at {entry['path']}"))
+    pushed = summary.get("pushed_to")
+    if pushed:
+        console.print(Text(f"export: pushed the data to {pushed['dataset']}, models to {', '.join(pushed['models'])}"))
+    console.print(
+        Text(
+            f"export: {summary['out']} (README.md, dataset_info.json, hf/, <recipe>/<phase>/*.jsonl, "
+            "lm_eval_tasks/, models/)"
+        )
+    )
 
 
 # How each pre-flight status reads in the plan.

@@ -41,7 +41,7 @@ def run_stage(
     cfg: RaycatConfig,
     recipes: list[str] | None = None,
     show: Show = lambda stage, result: None,
-    tracker: tracking.Tracker | None = None,
+    tracker: tracking.Tracker | tracking.WandbTracker | None = None,
 ) -> None:
     """Run one stage's driver; ``recipes`` (default: ``train.recipe``) for train and eval; ``tracker``:
     the ``raycat run``'s tracker run, which the training phases' runs nest under."""
@@ -200,7 +200,7 @@ def not_run_reason(action: str, stage_hash: str, only: str | None) -> str:
 
 
 def _tracker(cfg: RaycatConfig, recipes: list[str]):
-    """The run's experiment-tracker run (MLflow; None for none or W&B, whose training phases log alone)."""
+    """The run's experiment tracker: its MLflow run or W&B group (None without one)."""
     uri = train.tracking_uri(cfg)
     return tracking.open_run(cfg.train.tracking, uri, cfg.train.tracking_project, cfg.run_dir, recipes)
 

@@ -1,6 +1,7 @@
 """One MLflow run per ``raycat run``, with a nested run per stage holding that stage's numbers, and the
 report as artifacts; the training phases' own runs (logged by rank 0 of the workers, every step) are
-nested under it too (``parent_tags``). Pure apart from the MLflow calls: what a stage logs is every
+nested under it too (``parent_tags``). W&B, which does not nest runs, gets a group per ``raycat run``
+with a run per stage and per training phase in it. Pure apart from the MLflow calls: what a stage logs is every
 number of the files it wrote (``numbers``), so a metric added to a stage reaches the tracker as is.
 
 Which files: score/metrics.json (accuracy, ROC AUC, entropy, per category), split/thresholds.json
@@ -115,12 +116,64 @@ class Tracker:
             client.log_artifacts(run_id, tmp, "report")
 
 
+class WandbTracker:
+    """The ``raycat run``'s W&B group (W&B does not nest runs): one run per stage in the group, its
+    job type the stage, every number of the stage's files as its summary, the run's config.yaml as its
+    config and the report as a ``report`` artifact; the training phases' runs join the group
+    (``parent_tags``)."""
+
+    def __init__(self, project: str, group: str, run_dir: str, recipes: list[str], config: dict):
+        self.project, self.group, self.run_dir, self.recipes, self.config = project, group, run_dir, recipes, config
+
+    @property
+    def parent_tags(self) -> dict[str, str]:
+        return {"raycat.wandb_group": self.group, "raycat.run_dir": self.run_dir}
+
+    def stage(self, stage: str, status: str) -> None:
+        import wandb
+
+        config = {**self.config, "raycat": {"run_dir": self.run_dir, "status": status, "version": __version__}}
+        run = wandb.init(
+            project=self.project, group=self.group, job_type=stage, name=stage, config=config, reinit="create_new"
+        )
+        try:
+            values: dict[str, float] = {}
+            for name, path in stage_files(self.run_dir, stage, self.recipes).items():
+                data = rundir.read_json_if_exists(path)
+                if data is not None:
+                    values.update(numbers(data, "" if name == stage else name))
+            run.summary.update(values)
+            report = rundir.join(self.run_dir, "report")
+            if stage == "report" and rundir.file_type(report) == "dir":
+                with tempfile.TemporaryDirectory() as tmp:
+                    rundir.upload_dir(report, tmp)
+                    artifact = wandb.Artifact("report", type="report")
+                    artifact.add_dir(tmp)
+                    run.log_artifact(artifact)  # add_dir staged a copy: the temporary dir may go
+        finally:
+            run.finish()
+
+
+def _wandb_run(project: str, run_dir: str, recipes: list[str]) -> WandbTracker:
+    import uuid
+
+    import yaml
+
+    config_path = rundir.join(run_dir, "config.yaml")
+    config = yaml.safe_load(rundir.read_bytes(config_path)) if rundir.exists(config_path) else {}
+    group = f"raycat-{os.path.basename(run_dir.rstrip('/'))}-{uuid.uuid4().hex[:8]}"
+    return WandbTracker(project, group, run_dir, recipes, config or {})
+
+
 @contextmanager
 def open_run(
     tracking: str, uri: str | None, project: str, run_dir: str, recipes: list[str]
-) -> Iterator[Tracker | None]:
-    """The ``raycat run``'s MLflow run (None unless ``tracking`` is mlflow), ended when the block ends:
-    FINISHED, or FAILED with the error."""
+) -> Iterator[Tracker | WandbTracker | None]:
+    """The ``raycat run``'s tracker: its MLflow run, ended when the block ends (FINISHED, or FAILED
+    with the error), or its W&B group; None without a tracker."""
+    if tracking == "wandb":
+        yield _wandb_run(project, run_dir, recipes)
+        return
     if tracking != "mlflow":
         yield None
         return

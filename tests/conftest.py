@@ -7,6 +7,7 @@ skip unless N CUDA devices are visible. Helpers shared between test modules live
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import json
 import os
@@ -56,6 +57,22 @@ def pytest_collection_modifyitems(config, items):
             devices = _cuda_devices() if devices is None else devices
             if devices < want:
                 item.add_marker(pytest.mark.skip(reason=f"needs {want} CUDA GPU(s); {devices} visible"))
+
+
+# A native crash (SIGSEGV) of the pytest process must leave its Python traceback where CI shows it. pytest's
+# faulthandler writes to the terminal, which fd-capture hides while a test runs, and a native library loaded
+# later (Ray's core worker, vLLM) may install its own handler over it; so every test re-arms one that writes
+# every thread's stack to a file, which .ci/run prints when the suite fails.
+FAULT_LOG = Path(os.environ.get("RAYCAT_FAULT_LOG", Path(__file__).resolve().parents[1] / ".pytest-faults.log"))
+_fault_file = FAULT_LOG.open("w")
+
+
+@pytest.fixture(autouse=True)
+def _traceback_on_a_native_crash(request):
+    _fault_file.write(f"{request.node.nodeid}\n")
+    _fault_file.flush()
+    faulthandler.enable(file=_fault_file, all_threads=True)
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -254,3 +254,28 @@ def write_run(run: Path, n: int = 40, seed: int = 1, held_out: int = 6):
     }
     rundir.write_json(str(run / "teach" / "metrics.json"), teach)
     return rows.assign(band=band), taught
+
+
+def wandb_records(path: Path):
+    """The records of a W&B offline run file (``run-*.wandb``), parsed with wandb's own protobuf: its
+    reader left the Python package for wandb-core, the format (a LevelDB log) did not."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = Path(path).read_bytes(), 32768
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            return
+        pending = chunk if kind in (1, 2) else pending + chunk  # full, first / middle, last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from raycat.tracking import numbers, open_run
+from tests.helpers import wandb_records
 
 
 def test_numbers_are_every_finite_number_by_its_dotted_path():
@@ -116,3 +117,76 @@ def test_a_failed_run_is_marked_failed_and_none_tracks_nothing(tmp_path, monkeyp
     with open_run("none", None, "x", str(tmp_path / "other"), []) as tracker:
         assert tracker is None
     assert not (tmp_path / "other").exists()
+
+
+def _wandb_runs(root) -> dict[str, dict]:
+    """Per job type: the group, config, summary and artifact files of every offline run under ``root``."""
+    runs = {}
+    for path in sorted(root.glob("wandb/offline-run-*/run-*.wandb")):
+        seen: dict = {"summary": {}, "artifacts": {}}
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                seen["group"], seen["job_type"] = record.run.run_group, record.run.job_type
+                seen["config"] = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+            elif kind == "summary":
+                seen["summary"].update({i.key: json.loads(i.value_json) for i in record.summary.update})
+            elif kind == "artifact":
+                seen["artifacts"][record.artifact.name] = sorted(e.path for e in record.artifact.manifest.contents)
+        runs[seen["job_type"]] = seen
+    return runs
+
+
+def test_wandb_gets_a_group_with_a_run_per_stage_its_numbers_and_the_report(tmp_path, monkeypatch):
+    """W&B in offline mode (what it writes is what it would upload), read back from its run files."""
+    wandb = pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    write_metrics(run)
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(key, value)
+    stages = ("score", "split", "teach", "train", "eval", "report")
+    try:
+        with open_run("wandb", None, "raycat-test", str(run), ["complexity_aware"]) as tracker:
+            for stage in stages:
+                tracker.stage(stage, "done")
+            tags = tracker.parent_tags
+    finally:
+        wandb.teardown()  # its service process
+    runs = _wandb_runs(tmp_path)
+    assert set(runs) == set(stages)
+    assert {r["group"] for r in runs.values()} == {tags["raycat.wandb_group"]}
+    assert runs["score"]["config"]["run_dir"] == "x" and runs["score"]["config"]["raycat"]["status"] == "done"
+    assert runs["score"]["summary"]["accuracy"] == 0.41
+    assert runs["score"]["summary"]["roc_auc.incorrect_positive"] == 0.7
+    assert runs["split"]["summary"]["thresholds.1"] == 1.1 and runs["teach"]["summary"]["status.verified"] == 4
+    assert runs["train"]["summary"]["complexity_aware/phase1.last_loss"] == 1.5
+    assert runs["eval"]["summary"]["models.base.per_band.hard.ci95.0"] == 0.1
+    assert runs["report"]["artifacts"] == {"report": ["plots/entropy.png", "report.html"]}
+
+
+def test_a_training_phase_joins_the_runs_wandb_group(monkeypatch):
+    """The phase's W&B run (rank 0 of the workers, through Ray's setup_wandb) is put in the group."""
+    from types import SimpleNamespace
+
+    import ray.air.integrations.wandb as ray_wandb
+
+    from raycat.train.loop import _tracker
+
+    calls = []
+    monkeypatch.setattr(
+        ray_wandb, "setup_wandb", lambda config, **kw: calls.append(kw) or SimpleNamespace(log=None, finish=None)
+    )
+    cfg = SimpleNamespace(
+        tracking="wandb", tracking_tags={"raycat.wandb_group": "g-1"}, hparams={}, tracking_project="p",
+        recipe="complexity_aware", phase_name="phase2",
+    )  # fmt: skip
+    _tracker(cfg)
+    assert calls == [
+        {
+            "project": "p",
+            "rank_zero_only": True,
+            "group": "g-1",
+            "job_type": "train",
+            "name": "train complexity_aware/phase2",
+        }
+    ]

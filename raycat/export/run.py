@@ -2,7 +2,8 @@
 model with its card, next to the run (``export/``) or at ``--out`` (a local path or an object-store
 URI), replaced as a whole, with ``lm_eval_tasks/`` and ``models/<recipe>/request.json`` (``harness``)
 to evaluate and query the models on the held-out rows; ``--push-to-hub REPO`` also pushes each recipe
-(a config of phase splits) and the taught rows to the Hugging Face Hub as a dataset.
+(a config of phase splits) and the taught rows to the Hugging Face Hub as the dataset REPO, and each
+recipe's final model (with its card) as the model repo REPO-<recipe> (merged weights: REPO-<recipe>-merged).
 
 Runs where it is called (the driver, or a job's entrypoint): it streams, so memory is a batch; the
 files are built in a local temporary directory, then copied to their place.
@@ -83,6 +84,33 @@ def push(local: Path, repo: str, recipes: dict[str, dict], taught: dict | None) 
     )
 
 
+def model_repo(repo: str, recipe: str, sub: str) -> str:
+    """The Hub model repo of a recipe's final model: ``<repo>-<recipe>``, merged weights ``...-merged``."""
+    return f"{repo}-{recipe}" + ("-merged" if sub == "merged" else "")
+
+
+def push_models(models: dict[str, dict], repo: str) -> dict[str, str]:
+    """Each exported model dir (with its card) to its Hub model repo (``model_repo``), created if
+    missing; a dir on an object store comes down to a local temporary copy first. Returns {repo: path}."""
+    from huggingface_hub import HfApi
+
+    api, pushed = HfApi(), {}
+    for recipe, written in models.items():
+        for sub, entry in written.items():
+            target = model_repo(repo, recipe, sub)
+            api.create_repo(target, repo_type="model", exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="raycat-push-") as tmp:
+                rundir.upload_dir(entry["path"], tmp)
+                api.upload_folder(
+                    folder_path=tmp,
+                    repo_id=target,
+                    repo_type="model",
+                    commit_message=f"raycat export: {recipe}, {entry['kind']} ({sub}/)",
+                )
+            pushed[target] = entry["path"]
+    return pushed
+
+
 def export(cfg: RaycatConfig, recipes: list[str], out: str | None = None, push_to_hub: str | None = None) -> dict:
     """Every format for ``recipes`` (default: train.recipe) at ``out``; returns the summary (also
     written as export.json)."""
@@ -112,5 +140,6 @@ def export(cfg: RaycatConfig, recipes: list[str], out: str | None = None, push_t
         rundir.write_json(rundir.join(out, "export.json"), summary)
         if push_to_hub:
             push(local, push_to_hub, per_recipe, taught)
-            summary["pushed_to"] = push_to_hub
+            summary["pushed_to"] = {"dataset": push_to_hub, "models": push_models(summary["models"], push_to_hub)}
+            rundir.write_json(rundir.join(out, "export.json"), summary)
     return summary

@@ -238,7 +238,16 @@ def _tracker(cfg: LoopConfig):
     if cfg.tracking == "wandb":
         from ray.air.integrations.wandb import setup_wandb
 
-        run = setup_wandb(cfg.hparams, project=cfg.tracking_project, rank_zero_only=True)
+        # Under `raycat run`, the phase's run joins the run's W&B group (tracking.WandbTracker).
+        group = (cfg.tracking_tags or {}).get("raycat.wandb_group")
+        run = setup_wandb(
+            cfg.hparams,
+            project=cfg.tracking_project,
+            rank_zero_only=True,
+            group=group,
+            job_type="train",
+            name=f"train {cfg.recipe}/{cfg.phase_name}",
+        )
         return (lambda m, step: run.log(m, step=step)), run.finish
     return None, None
 

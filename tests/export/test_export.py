@@ -5,6 +5,7 @@ parses and names where the rows came from."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -165,6 +166,52 @@ def test_the_final_lora_adapter_names_its_hub_base_and_carries_a_model_card(tmp_
     assert json.loads((run / "train/complexity_aware/phase2/model/adapter_config.json").read_text())[
         "base_model_name_or_path"
     ] == str(tiny_model_dir)
+
+
+def test_push_to_hub_sends_the_data_and_each_final_model_with_its_card(tmp_path, tiny_model_dir, monkeypatch):
+    """Wiring only (no Hub here; the calls go to a recorder): the dataset configs and card to REPO, the
+    adapter dir with its card to REPO-<recipe>, and export.json says where."""
+    import datasets
+    import huggingface_hub
+
+    calls: list[tuple] = []
+
+    class Api:
+        def create_repo(self, repo_id, repo_type=None, exist_ok=False):
+            calls.append(("create_repo", repo_id, repo_type, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, repo_type, commit_message):
+            files = sorted(p.name for p in Path(folder_path).iterdir())
+            config = json.loads((Path(folder_path) / "adapter_config.json").read_text())
+            calls.append(("upload_folder", repo_id, repo_type, files, config["base_model_name_or_path"]))
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, repo_type):
+            calls.append(("upload_file", path_in_repo, repo_id, repo_type))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(
+        datasets.DatasetDict, "push_to_hub", lambda self, repo, config_name: calls.append(("data", repo, config_name))
+    )
+    run = tmp_path / "run"
+    write_run(run)
+    write_adapter(run / "train" / "complexity_aware" / "phase2", tiny_model_dir)
+    cfg = load_config(DEMO, [f"run_dir={run}", "score.student.path=org/student"])
+    summary = export(cfg, ["complexity_aware"], push_to_hub="me/cat")
+    assert ("data", "me/cat", "complexity_aware") in calls and ("data", "me/cat", "taught") in calls
+    assert ("upload_file", "README.md", "me/cat", "dataset") in calls
+    assert ("create_repo", "me/cat-complexity_aware", "model", True) in calls
+    (upload,) = [c for c in calls if c[0] == "upload_folder"]
+    assert upload[1:3] == ("me/cat-complexity_aware", "model") and upload[4] == "org/student"
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(upload[3])
+    written = json.loads((run / "export" / "export.json").read_text())["pushed_to"]
+    assert (
+        written
+        == summary["pushed_to"]
+        == {
+            "dataset": "me/cat",
+            "models": {"me/cat-complexity_aware": str(run / "export/models/complexity_aware/model")},
+        }
+    )
 
 
 def test_a_registry_base_is_named_by_its_upstream_hub_id():
