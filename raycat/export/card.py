@@ -17,15 +17,15 @@ _RULE = (
 
 
 def metadata(recipes: dict[str, dict], taught: dict | None) -> dict:
-    """The card's YAML header: each recipe a config whose splits are its phases' rows.parquet."""
-    configs = [
-        {
-            "config_name": recipe,
-            "data_files": [{"split": phase, "path": f"{recipe}/{phase}/rows.parquet"} for phase in phases],
-        }
-        for recipe, phases in recipes.items()
-    ]
-    if taught is not None:
+    """The card's YAML header: each recipe a config whose splits are its phases' rows.parquet. An empty
+    phase has no split (``load_dataset`` refuses a split without rows), nor a recipe or taught set
+    without any a config; their files are still there, empty."""
+    configs = []
+    for recipe, phases in recipes.items():
+        files = [{"split": p, "path": f"{recipe}/{p}/rows.parquet"} for p, s in phases.items() if s["rows"]]
+        if files:
+            configs.append({"config_name": recipe, "data_files": files})
+    if taught is not None and taught["rows"]:
         configs.append({"config_name": "taught", "data_files": [{"split": "train", "path": "taught/rows.parquet"}]})
     return {
         "tags": ["raycat", "complexity-aware-fine-tuning", "chain-of-thought", "distillation"],
@@ -110,6 +110,10 @@ def text(facts: dict, recipes: dict[str, dict], taught: dict | None) -> str:
         "- `<recipe>/<phase>/messages.jsonl`: OpenAI-style chat `messages` (TRL `SFTTrainer`)",
         "- `<recipe>/<phase>/sharegpt.jsonl`, `alpaca.jsonl` and `dataset_info.json`: LLaMA-Factory",
         "- `hf/<recipe>`, `hf/taught`: `datasets.load_from_disk`",
+        "",
+        'Loaded from a local copy, `load_dataset(DIR, "<recipe>")` is cached by the directory\'s name and the '
+        'config, not by the files: after a new export to the same place pass `download_mode="force_redownload"` '
+        "(or use `load_from_disk`).",
     ]
-    header = yaml.safe_dump(metadata({r: list(p) for r, p in recipes.items()}, taught), sort_keys=False)
+    header = yaml.safe_dump(metadata(recipes, taught), sort_keys=False)
     return f"---\n{header}---\n\n" + "\n".join(body) + "\n"

@@ -19,6 +19,7 @@ import yaml
 
 from raycat.config import RaycatConfig
 from raycat.data.prompts import train_messages
+from raycat.export.model import final_phase
 from raycat.recipes import RECIPES
 from raycat.storage import rundir
 from raycat.train import examples
@@ -27,9 +28,12 @@ TASKS = "lm_eval_tasks"
 _COLUMNS = ["id", "question", "options", "category", "gold", "band"]
 
 
-def final_kind(recipe: str) -> str:
-    """The target the recipe's last phase trained: 'answer' or 'cot'."""
-    return RECIPES[recipe][-1].target
+def final_kind(cfg: RaycatConfig, recipe: str) -> str:
+    """The prompt kind ('answer' or 'cot') of the recipe's result: its last trained phase's target
+    (``model.final_phase``), else its last phase's."""
+    final = final_phase(cfg, recipe)
+    name = final[0] if final is not None else RECIPES[recipe][-1].name
+    return next(p.target for p in RECIPES[recipe] if p.name == name)
 
 
 def _prompt(row, kind: str) -> list[dict]:
@@ -62,7 +66,7 @@ def write_heldout(cfg: RaycatConfig, kinds: set[str], out: Path) -> dict[str, in
 
 def task(cfg: RaycatConfig, recipe: str) -> dict:
     """The lm-eval task config of ``recipe``: greedy generation within eval's budget for its prompt kind."""
-    kind = final_kind(recipe)
+    kind = final_kind(cfg, recipe)
     budget = cfg.eval.max_tokens_answer if kind == "answer" else cfg.eval.max_tokens_cot
     return {
         "task": f"raycat_{recipe}",
@@ -99,7 +103,7 @@ def task(cfg: RaycatConfig, recipe: str) -> dict:
 
 def write_tasks(cfg: RaycatConfig, recipes: list[str], out: Path) -> dict:
     """The held-out files and one task yaml per recipe; the summary's ``lm_eval`` entry."""
-    rows = write_heldout(cfg, {final_kind(r) for r in recipes}, out)
+    rows = write_heldout(cfg, {final_kind(cfg, r) for r in recipes}, out)
     if not rows:
         return {"rows": 0, "tasks": []}
     for recipe in recipes:
@@ -111,14 +115,14 @@ def write_tasks(cfg: RaycatConfig, recipes: list[str], out: Path) -> dict:
 def request(cfg: RaycatConfig, recipe: str, out: Path) -> dict | None:
     """An OpenAI chat-completions body asking the served model (named ``recipe``) the first held-out
     question; None without held-out rows."""
-    path = out / TASKS / f"heldout_{final_kind(recipe)}.jsonl"
+    kind = final_kind(cfg, recipe)
+    path = out / TASKS / f"heldout_{kind}.jsonl"
     if not path.exists():
         return None
     with path.open(encoding="utf-8") as f:
         first = json.loads(f.readline() or "null")
     if first is None:
         return None
-    kind = final_kind(recipe)
     return {
         "model": recipe,
         "messages": [{"role": "system", "content": first["system"]}, {"role": "user", "content": first["user"]}],

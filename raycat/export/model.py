@@ -1,5 +1,5 @@
-"""Each recipe's final model as people use it: the last phase's model dir (a LoRA adapter, or full
-weights) and, where ``train.lora.merge`` wrote one, the merged weights, copied to
+"""Each recipe's final model as people use it: the last trained phase's model dir (a LoRA adapter, or
+full weights) and, where ``train.lora.merge`` wrote one, the merged weights, copied to
 ``models/<recipe>/{model,merged}`` with a model card; an adapter's ``base_model_name_or_path`` names the
 base as a hub id or URI (``models.base_reference``), never a node's cache path.
 """
@@ -17,10 +17,20 @@ from raycat.recipes import RECIPES
 from raycat.storage import models, rundir
 
 
-def final_phase_dir(cfg: RaycatConfig, recipe: str) -> str | None:
-    """The recipe's last phase dir, if that phase finished training (its done.json)."""
-    phase_dir = rundir.join(cfg.run_dir, "train", recipe, RECIPES[recipe][-1].name)
-    return phase_dir if rundir.exists(rundir.join(phase_dir, "done.json")) else None
+def final_phase(cfg: RaycatConfig, recipe: str) -> tuple[str, dict[str, str]] | None:
+    """(the phase whose model is the recipe's result, {later phase: why it has no model}). The result
+    is the last phase that trained: one after it can only be one ``train.on_empty_phase=skip`` left
+    empty (the demo's phase 2 when the teacher verified no CoT). None while the recipe is unfinished."""
+    empty: dict[str, str] = {}
+    for phase in reversed(RECIPES[recipe]):
+        done = rundir.join(cfg.run_dir, "train", recipe, phase.name, "done.json")
+        if not rundir.exists(done):
+            return None
+        why = rundir.read_json(done).get("empty")
+        if not why:
+            return phase.name, empty
+        empty = {phase.name: why, **empty}
+    return None
 
 
 def _eval_rows(metrics: dict | None, recipe: str) -> list[str]:
@@ -50,9 +60,18 @@ def _eval_rows(metrics: dict | None, recipe: str) -> list[str]:
     ]
 
 
-def card(cfg: RaycatConfig, recipe: str, kind: str, eval_metrics: dict | None, rank: int | None = None) -> str:
-    """README.md of an exported model: Hub metadata (base model, library, tags), the recipe, eval, and
-    how to serve it (``rank``: an adapter's LoRA rank)."""
+def card(
+    cfg: RaycatConfig,
+    recipe: str,
+    kind: str,
+    eval_metrics: dict | None,
+    rank: int | None = None,
+    phase: str | None = None,
+    empty: dict[str, str] | None = None,
+) -> str:
+    """README.md of an exported model: Hub metadata (base model, library, tags), the recipe, which phase
+    it is (``phase``; ``empty``: later phases left without a model, and why), eval, and how to serve it
+    (``rank``: an adapter's LoRA rank)."""
     base = models.base_reference(cfg.score.student.path)
     meta = {
         "base_model": base,
@@ -69,6 +88,16 @@ def card(cfg: RaycatConfig, recipe: str, kind: str, eval_metrics: dict | None, r
         "",
         f"Fine-tuned from `{base}` by raycat {__version__} (complexity-aware fine-tuning, arXiv 2506.21220), "
         f"recipe `{recipe}` ({phases}).",
+        *(
+            [
+                "",
+                f"This is {phase}'s model: "
+                + "; ".join(f"{name} has none, {why}" for name, why in empty.items())
+                + " (train.on_empty_phase=skip).",
+            ]
+            if phase and empty
+            else []
+        ),
         "",
         "## Evaluation",
         "",
@@ -95,9 +124,11 @@ def _fix_base(adapter_dir: str, base: str) -> int:
 
 def export_models(cfg: RaycatConfig, recipe: str, out: str) -> dict | None:
     """``out/models/<recipe>/``: the final phase's model (and merged weights); None if not trained."""
-    phase_dir = final_phase_dir(cfg, recipe)
-    if phase_dir is None:
+    final = final_phase(cfg, recipe)
+    if final is None:
         return None
+    phase, empty = final
+    phase_dir = rundir.join(cfg.run_dir, "train", recipe, phase)
     eval_metrics = rundir.read_json_if_exists(rundir.join(cfg.run_dir, "eval", "metrics.json"))
     written = {}
     for sub in ("model", "merged"):
@@ -108,6 +139,8 @@ def export_models(cfg: RaycatConfig, recipe: str, out: str) -> dict | None:
         rundir.replace_dir(source, dest)
         kind = "adapter" if rundir.exists(rundir.join(dest, "adapter_config.json")) else "full"
         rank = _fix_base(dest, models.base_reference(cfg.score.student.path)) if kind == "adapter" else None
-        rundir.write_text(rundir.join(dest, "README.md"), card(cfg, recipe, kind, eval_metrics, rank))
-        written[sub] = {"path": dest, "kind": kind, "from": source}
+        rundir.write_text(rundir.join(dest, "README.md"), card(cfg, recipe, kind, eval_metrics, rank, phase, empty))
+        written[sub] = {"path": dest, "kind": kind, "from": source, "phase": phase}
+        if empty:
+            written[sub]["not_trained"] = empty
     return written

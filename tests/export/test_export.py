@@ -69,7 +69,8 @@ def test_the_files_load_with_datasets_trl_and_llama_factory_registry(exported):
     assert {k: len(v) for k, v in phases.items()} == {"phase1": 27, "phase2": 11}
     assert len(datasets.load_from_disk(str(out / "hf" / "taught"))["train"]) == 12
     # The card's configs: the export dir loads as a Hub dataset repo would.
-    card_loaded = datasets.load_dataset(str(out), "complexity_aware")
+    # datasets caches a local dir's configs by the dir's name, not its files: every test's dir is "export".
+    card_loaded = datasets.load_dataset(str(out), "complexity_aware", download_mode="force_redownload")
     assert {k: len(v) for k, v in card_loaded.items()} == {"phase1": 27, "phase2": 11}
     messages = datasets.load_dataset("json", data_files=str(out / "complexity_aware/phase2/messages.jsonl"))["train"]
     assert is_conversational(messages[0])
@@ -155,6 +156,7 @@ def test_the_final_lora_adapter_names_its_hub_base_and_carries_a_model_card(tmp_
                 "path": str(exported),
                 "kind": "adapter",
                 "from": str(run / "train/complexity_aware/phase2/model"),
+                "phase": "phase2",
             }
         }
     }
@@ -214,6 +216,37 @@ def test_push_to_hub_sends_the_data_and_each_final_model_with_its_card(tmp_path,
     )
 
 
+def test_an_empty_last_phase_exports_the_phase_before_it_as_the_recipes_model(tmp_path, tiny_model_dir):
+    """The demo's usual outcome: the teacher verified no CoT, phase 2 was skipped as empty, so the recipe's
+    model is phase 1's; the card says why, and the request and lm-eval task use phase 1's answer prompt."""
+    run = tmp_path / "run"
+    write_run(run)
+    write_adapter(run / "train" / "complexity_aware" / "phase1", tiny_model_dir)
+    why = "no rows to train on (cot target, bands hard)"
+    rundir.write_json(str(run / "train/complexity_aware/phase2/done.json"), {"hash": "y", "empty": why})
+    summary = export(load_config(DEMO, [f"run_dir={run}"]), ["complexity_aware"])
+    entry = summary["models"]["complexity_aware"]["model"]
+    assert entry["phase"] == "phase1" and entry["not_trained"] == {"phase2": why}
+    assert entry["from"] == str(run / "train/complexity_aware/phase1/model")
+    card = (run / "export/models/complexity_aware/model/README.md").read_text()
+    assert f"This is phase1's model: phase2 has none, {why}" in card
+    request = json.loads((run / "export/models/complexity_aware/request.json").read_text())
+    assert request["max_tokens"] == 16  # the demo's answer budget
+    test = pd.read_parquet(run / "split" / "test.parquet").iloc[0]
+    assert request["messages"] == train_messages(
+        test["question"], list(test["options"]), test["category"] or "", "answer"
+    )
+    task = (run / "export/lm_eval_tasks/raycat_complexity_aware.yaml").read_text()
+    assert "heldout_answer.jsonl" in task and "max_gen_toks: 16" in task
+
+
+def test_a_recipe_still_training_exports_no_model(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    write_run(run)
+    write_adapter(run / "train" / "complexity_aware" / "phase1", tiny_model_dir)
+    assert export(load_config(DEMO, [f"run_dir={run}"]), ["complexity_aware"])["models"] == {}
+
+
 def test_a_registry_base_is_named_by_its_upstream_hub_id():
     from raycat.storage.models import REGISTRY, base_reference
 
@@ -259,6 +292,9 @@ def test_an_empty_phase_and_no_taught_rows_export_empty_files(tmp_path):
     assert summary["recipes"]["complexity_aware"]["phase2"]["rows"] == 0 and summary["taught"]["rows"] == 0
     assert (run / "export/complexity_aware/phase2/messages.jsonl").read_text() == ""
     assert len(datasets.load_from_disk(str(run / "export/hf/complexity_aware"))["phase2"]) == 0
+    # The card's configs hold the splits with rows: the dir loads as a Hub repo would (the demo's case).
+    loaded = datasets.load_dataset(str(run / "export"), "complexity_aware", download_mode="force_redownload")
+    assert {k: len(v) for k, v in loaded.items()} == {"phase1": 27}
 
 
 def test_the_readme_command_with_the_demo_config_s_relative_run_dir(tmp_path, monkeypatch):
