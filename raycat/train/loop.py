@@ -684,12 +684,13 @@ class PhaseRun:
         return metrics
 
     def _report(self, metrics: dict, done: bool) -> None:
-        """Logs a step (every ``log_every_steps``) and reports it to Ray Train, with a checkpoint every
-        ``save_steps`` (the final one is ``save_checkpoint(final=True)``'s)."""
+        """Logs a step (every ``log_every_steps``, and the last: a phase shorter than the interval still
+        reaches the tracker) and reports it to Ray Train, with a checkpoint every ``save_steps`` (the
+        final one is ``save_checkpoint(final=True)``'s)."""
         import ray.train
 
         cfg, step = self.cfg, metrics["step"]
-        if step % cfg.log_every_steps == 0:
+        if step % cfg.log_every_steps == 0 or done:
             # Ray forwards worker stdout to the driver: `ray job logs` shows training.
             if self.rank == 0:
                 print(

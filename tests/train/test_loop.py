@@ -108,3 +108,23 @@ def test_a_checkpoint_without_a_phase_name_holds_the_fits_last_phase(phases):
     _record(phases[1])
     assert resume_point(phases, {"fit_id": "old"}, FIT) == ResumePoint(start=2, from_checkpoint=True)
     assert resume_point(phases[:1], {}, FIT) == ResumePoint(start=0, from_checkpoint=True)
+
+
+def test_the_last_step_reaches_the_tracker_even_off_the_logging_interval(tmp_path, monkeypatch, capsys):
+    """The demo's phase 1 trains 8 steps with log_every_steps=10: its tracker run got no loss at all."""
+    import dataclasses
+
+    import ray.train
+
+    from raycat.train.loop import PhaseRun
+
+    reported, logged = [], []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: reported.append(metrics["step"]))
+    run = object.__new__(PhaseRun)
+    run.cfg = dataclasses.replace(_phase(tmp_path, "phase1", "h"), log_every_steps=10, save_steps=100, total_steps=8)
+    run.rank, run.log = 0, lambda metrics, step: logged.append(step)
+    for step in range(1, 9):
+        run._report({"step": step, "epoch": 0, "loss": 1.0, "lr": 0.1, "tokens_per_s": 5.0}, done=step == 8)
+    assert logged == [8]
+    assert "step 8/8" in capsys.readouterr().out
+    assert reported == []  # the final step's report is save_checkpoint(final=True)'s
