@@ -70,6 +70,17 @@ def stage_files(run_dir: str, stage: str, recipes: list[str]) -> dict[str, str]:
     return {}
 
 
+def stage_numbers(run_dir: str, stage: str, recipes: list[str]) -> dict[str, float]:
+    """Every number of the files a stage wrote, keyed by path (a file's name prefixes its keys, unless it
+    is named after the stage): what both trackers log for the stage."""
+    values: dict[str, float] = {}
+    for name, path in stage_files(run_dir, stage, recipes).items():
+        data = rundir.read_json_if_exists(path)
+        if data is not None:
+            values.update(numbers(data, "" if name == stage else name))
+    return values
+
+
 class Tracker:
     """The run's MLflow run (``open``); ``stage`` logs a finished stage as a nested run."""
 
@@ -98,11 +109,7 @@ class Tracker:
         try:
             if stage == "report":
                 self._artifacts(client, run.info.run_id)
-            for name, path in stage_files(self.run_dir, stage, self.recipes).items():
-                data = rundir.read_json_if_exists(path)
-                if data is not None:
-                    prefix = "" if name == stage else name
-                    self._log_numbers(run.info.run_id, numbers(data, prefix))
+            self._log_numbers(run.info.run_id, stage_numbers(self.run_dir, stage, self.recipes))
         finally:
             client.set_terminated(run.info.run_id)
 
@@ -137,12 +144,7 @@ class WandbTracker:
             project=self.project, group=self.group, job_type=stage, name=stage, config=config, reinit="create_new"
         )
         try:
-            values: dict[str, float] = {}
-            for name, path in stage_files(self.run_dir, stage, self.recipes).items():
-                data = rundir.read_json_if_exists(path)
-                if data is not None:
-                    values.update(numbers(data, "" if name == stage else name))
-            run.summary.update(values)
+            run.summary.update(stage_numbers(self.run_dir, stage, self.recipes))
             report = rundir.join(self.run_dir, "report")
             if stage == "report" and rundir.file_type(report) == "dir":
                 with tempfile.TemporaryDirectory() as tmp:
