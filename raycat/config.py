@@ -41,13 +41,31 @@ class ColumnMap(Strict):
     category: str | None = Field(None, description="Subject/category column, used for per-category metrics.")
 
 
+SyntheticKind = Literal["add1", "add2", "sub2", "mul1", "add3", "mul21", "sum3", "muladd"]
+
+
 class SyntheticConfig(Strict):
     """Built-in synthetic arithmetic MCQ generator (clearly labelled source 'synthetic')."""
 
     num_questions: int = Field(300, ge=1, description="How many questions to generate.")
     max_digits: int = Field(3, ge=1, le=9, description="Difficulty levels 1..max_digits = operand digits.")
-    num_options: int = Field(4, ge=2, le=10, description="Options per question.")
+    num_options: int = Field(
+        4, ge=0, le=10, description="Options per question; 0 = free-form (the gold is the number, like gsm8k)."
+    )
     seed: int = Field(0, description="Generator seed; the same seed gives the same questions.")
+    kinds: list[SyntheticKind] | None = Field(
+        None,
+        min_length=1,
+        description="Item types, cycled over the questions, each its own category: add1, add2, sub2, mul1, "
+        "add3, mul21 (2-digit x 1-digit), sum3 (three 2-digit terms), muladd (a x b + c), with near-miss wrong "
+        "options. Unset: a + b with 1..max_digits digits.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticConfig:
+        if self.num_options == 1:
+            raise ValueError("num_options: 0 (free-form) or 2..10 options; 1 option is no question")
+        return self
 
 
 # data.path forms that are never a hub id
@@ -123,11 +141,14 @@ class ModelConfig(Strict):
 
 
 class EngineConfig(Strict):
-    backend: Literal["vllm", "transformers", "null"] = Field(
+    backend: Literal["vllm", "transformers", "null", "oracle"] = Field(
         "vllm",
         description="'vllm' is the product path; 'transformers' is the reference/fallback; 'null' loads no "
         "model: it scores every option alike (uniform) and generates empty answers. It measures raycat's data "
-        "plane and resource lifecycle (bench/corpus.py), never a model.",
+        "plane and resource lifecycle (bench/corpus.py), never a model. 'oracle' (teachers only) loads no "
+        "model either: a deterministic solver writes correct step-by-step solutions to data.synthetic.kinds "
+        "questions (a stand-in for an always-right teacher in studies; model.path gives the tokenizer that "
+        "counts its tokens).",
     )
     device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines run; 'gpu' asks Ray for GPUs.")
     num_engines: int = Field(1, ge=1, description="Engine replicas (Ray actors); one per GPU or TP group.")
@@ -189,6 +210,13 @@ class PromptConfig(Strict):
     system_prompt: str | None = Field(
         None,
         description="Override the preset's system prompt ({subject} allowed; write other braces doubled, {{ and }}).",
+    )
+    answer_prefix: str = Field(
+        "",
+        description="Text written at the start of the student's answer, after the chat template's generation "
+        "prompt, so the next token is the answer itself (e.g. 'The answer is ' for a small instruct model that "
+        "otherwise opens with 'To solve this...'). The entropy is that next token's; a free-form answer is "
+        "read as the first number after it. Part of the template hash.",
     )
 
     @model_validator(mode="after")
@@ -537,6 +565,13 @@ class EvalConfig(Strict):
     max_tokens_answer: int = Field(16, ge=1, description="Generation budget for models trained on [[X]] answers.")
     max_tokens_cot: int = Field(1024, ge=1, description="Generation budget for models trained on CoT.")
     include_base: bool = Field(True, description="Also evaluate the untrained student.")
+    lora_weights: Literal["auto", "adapter", "merged"] = Field(
+        "auto",
+        description="How a LoRA phase is served: 'adapter' on the base student (vLLM's LoRA), 'merged' as the "
+        "phase's merged weights (train.lora.merge; on CPU decode runs ~4x the adapter's rate, measured), "
+        "'auto' = merged where training wrote them, else the adapter. Greedy answers may differ in a few "
+        "tokens between the two (the same weights, summed in another order).",
+    )
     base_prompt: Literal["answer", "cot"] = Field("answer", description="Prompt kind for the base student.")
     limit: int | None = Field(None, ge=1, description="Evaluate a seeded sample of N test rows (demos).")
     bootstrap_resamples: int = Field(1000, ge=10, description="Bootstrap resamples for the 95% CIs.")
@@ -581,10 +616,12 @@ class RaycatConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RaycatConfig:
-        if self.score.entropy_mode == "options" and self.data.source == "gsm8k":
+        synthetic = self.data.source == "synthetic"
+        free_form = self.data.source == "gsm8k" or (synthetic and not self.data.synthetic.num_options)
+        if self.score.entropy_mode == "options" and free_form:
             raise ValueError(
-                "score.entropy_mode: 'options' needs multiple-choice questions and gsm8k is free-form: "
-                "use score.entropy_mode=full or topk"
+                f"score.entropy_mode: 'options' needs multiple-choice questions and {self.data.source} is free-form "
+                "here: use score.entropy_mode=full or topk"
             )
         # (key, engine, whether it loads a model here): an HTTP teacher's engine settings only size
         # its client actors.
@@ -614,6 +651,11 @@ class RaycatConfig(Strict):
                 "(http://...) or a path on a shared filesystem"
             )
         engines.append(("eval.engine", self.eval.engine, True))
+        for key in ("score.engine", "eval.engine"):
+            if dict((k, e) for k, e, _ in engines)[key].backend == "oracle":
+                raise ValueError(
+                    f"{key}.backend: 'oracle' writes teacher solutions only; use vllm or transformers for the student"
+                )
         for key, e, _ in engines:
             if e.tensor_parallel_size * e.pipeline_parallel_size > 1 and e.device != "gpu":
                 raise ValueError(f"{key}.device: model parallelism (tensor/pipeline_parallel_size > 1) needs gpu")

@@ -64,11 +64,14 @@ def messages_for(
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def template_hash(tokenizer, preset: str, system_prompt: str | None, template_kwargs=None) -> str:
+def template_hash(
+    tokenizer, preset: str, system_prompt: str | None, template_kwargs=None, answer_prefix: str = ""
+) -> str:
     """Hash of everything that shapes the prompt tokens: chat template and its variables, preset
-    texts, version."""
+    texts, version, and the answer prefix (only when one is set, so hashes without one are unchanged)."""
     return _digest(
         (
+            *((f"answer_prefix={answer_prefix}",) if answer_prefix else ()),
             tokenizer.chat_template or "",
             _kwargs_part(template_kwargs),
             PROMPT_VERSION,
@@ -80,6 +83,13 @@ def template_hash(tokenizer, preset: str, system_prompt: str | None, template_kw
             type(tokenizer).__name__,
         )
     )
+
+
+def score_template_hash(cfg, tokenizer) -> str:
+    """The scoring prompt's hash (score.prompt and the chat template): cache keys, and the check that
+    training renders what was scored."""
+    prompt = cfg.score.prompt
+    return template_hash(tokenizer, prompt.preset, prompt.system_prompt, cfg.chat_template_kwargs, prompt.answer_prefix)
 
 
 def template_kwargs_of(template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -108,9 +118,14 @@ def apply_template(tokenizer, messages: list[dict[str, str]], generation_prompt:
     )
 
 
-def render_ids(tokenizer, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
+def render_ids(
+    tokenizer, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None, answer_prefix: str = ""
+) -> list[int]:
+    """The prompt's token ids; ``answer_prefix`` (score.prompt.answer_prefix) is the start of the answer,
+    written after the generation prompt, so the next token is the answer itself."""
     # The template already writes BOS/role markers; add_special_tokens would add a second BOS.
-    return tokenizer(render_text(tokenizer, messages, template_kwargs), add_special_tokens=False)["input_ids"]
+    text = render_text(tokenizer, messages, template_kwargs) + answer_prefix
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def render_text(tokenizer, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None) -> str:
@@ -139,10 +154,13 @@ class LabelTokens:
         return [list(self.ids[lab]) for lab in labels]
 
 
-def generation_context(tokenizer, preset: str, system_prompt: str | None, template_kwargs=None) -> str:
-    """The text a rendered prompt ends with (the chat template's generation prompt): the context the
-    answer label is written in."""
-    return apply_template(tokenizer, messages_for("?", ["x", "y"], "", preset, system_prompt), True, template_kwargs)
+def generation_context(
+    tokenizer, preset: str, system_prompt: str | None, template_kwargs=None, answer_prefix: str = ""
+) -> str:
+    """The text a rendered prompt ends with (the chat template's generation prompt and the answer prefix):
+    the context the answer label is written in."""
+    messages = messages_for("?", ["x", "y"], "", preset, system_prompt)
+    return apply_template(tokenizer, messages, True, template_kwargs) + answer_prefix
 
 
 def _in_context(tokenizer, context: str, label: str) -> int | None:

@@ -19,6 +19,7 @@ import numpy as np
 from raycat.progress import vllm_log_level
 
 if TYPE_CHECKING:
+    from raycat.engines.oracle import OracleEngine
     from raycat.engines.transformers_engine import TransformersEngine
     from raycat.engines.vllm_engine import VLLMEngine
 
@@ -119,7 +120,7 @@ def engine_kwargs(model, engine) -> dict:
     common = dict(
         revision=model.revision, trust_remote_code=model.trust_remote_code, dtype=model.dtype, device=engine.device
     )
-    if engine.backend in ("transformers", "null"):
+    if engine.backend in ("transformers", "null", "oracle"):
         return common
     return dict(
         **common,
@@ -164,7 +165,7 @@ class NullEngine:
         pass
 
 
-def make_engine(backend: str, model: str, **kwargs) -> VLLMEngine | TransformersEngine | NullEngine:
+def make_engine(backend: str, model: str, **kwargs) -> VLLMEngine | TransformersEngine | NullEngine | OracleEngine:
     # Threads: a CPU engine's actor process starts with OMP_NUM_THREADS = its CPUs (actor_pool.Pool).
     # The backends import this module's types, so they are imported here, when one is chosen.
     if backend == "vllm":
@@ -173,6 +174,10 @@ def make_engine(backend: str, model: str, **kwargs) -> VLLMEngine | Transformers
         return VLLMEngine(model, **kwargs)
     if backend == "null":
         return NullEngine(model, **kwargs)
+    if backend == "oracle":
+        from raycat.engines.oracle import OracleEngine
+
+        return OracleEngine(model, **kwargs)
     from raycat.engines.transformers_engine import TransformersEngine
 
     return TransformersEngine(model, **kwargs)

@@ -147,13 +147,35 @@ def make_plans(cfg: RaycatConfig, recipes: list[str]) -> list[EvalPlan]:
             if state.get("empty"):
                 continue
             model = rundir.absolute(rundir.join(phase_dir, "model"))
-            content = state["hash"] + _dir_hash(model)
             name = f"{recipe}/{phase.name}"
-            if rundir.exists(rundir.join(model, "adapter_config.json")):
+            merged = _merged_weights(cfg, phase_dir, model, name)
+            if merged is not None:
+                content = state["hash"] + "merged:" + _dir_hash(merged)
+                plans.append(make_plan(cfg, name, merged, None, phase.target, content, None))
+            elif rundir.exists(rundir.join(model, "adapter_config.json")):
+                content = state["hash"] + _dir_hash(model)
                 plans.append(make_plan(cfg, name, base, model, phase.target, content, student.revision))
             else:
+                content = state["hash"] + _dir_hash(model)
                 plans.append(make_plan(cfg, name, model, None, phase.target, content, None))
     return plans
+
+
+def _merged_weights(cfg: RaycatConfig, phase_dir: str, model: str, name: str) -> str | None:
+    """The phase's merged weights when eval.lora_weights serves them (a LoRA phase only), else None."""
+    merged = rundir.absolute(rundir.join(phase_dir, "merged"))
+    choice = cfg.eval.lora_weights
+    if choice == "adapter" or not rundir.exists(rundir.join(model, "adapter_config.json")):
+        return None
+    if rundir.exists(rundir.join(merged, "config.json")):
+        return merged
+    if choice == "merged":
+        raise MissingInputError(
+            f"eval.lora_weights=merged: {name} has no merged weights ({merged}); train with "
+            "train.lora.merge=true (a rerun of `raycat train` merges the finished phases) or set "
+            "eval.lora_weights=auto"
+        )
+    return None
 
 
 def _check_trained_as_configured(cfg: RaycatConfig, recipe: str, phase: str, state: dict, done: str) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from raycat.config import RaycatConfig
-from raycat.data.answers import normalize_number
+from raycat.data.answers import canonical_number, normalize_number, numbers
 from raycat.data.prompts import IDK_LABEL, LETTERS, PROMPT_VERSION, answer_labels
 from raycat.engines.base import ScoreResult, resolve_dtype
 from raycat.entropy import entropy_options, options_distribution
@@ -77,6 +77,7 @@ def row_result(
     mode: str,
     preset: str,
     label_ids: list[list[int]] | None = None,
+    answer_prefix: str = "",
 ) -> dict:
     """Pure: one engine result → the part columns of one scored row.
 
@@ -109,7 +110,10 @@ def row_result(
         out["predicted"], out["correct"] = out["predicted_greedy"], out["correct_greedy"]
         out["option_mass"], out["option_probs"], out["entropy_options"] = None, [], None
     else:
-        out["predicted"] = normalize_number(result.greedy_text) or ""
+        # After an answer prefix the answer comes first ("12. Because 6 + 6..."); a bare answer may follow words.
+        found = numbers(result.greedy_text)
+        first = canonical_number(found[0]) if found and answer_prefix else None
+        out["predicted"] = (first if answer_prefix else normalize_number(result.greedy_text)) or ""
         out["correct"] = out["predicted"] == gold
         out["predicted_greedy"], out["correct_greedy"] = out["predicted"], out["correct"]
         out["option_mass"] = None

@@ -36,7 +36,7 @@ from raycat.data.prompts import (
     label_tokens,
     messages_for,
     render_ids,
-    template_hash,
+    score_template_hash,
 )
 from raycat.engines import actor_pool
 from raycat.engines.base import Scorer, ScoreRequest, engine_kwargs, make_engine, resolve_dtype
@@ -79,6 +79,7 @@ class ScorePlan:
     trust_remote_code: bool
     preset: str
     system_prompt: str | None
+    answer_prefix: str
     labels: LabelTokens
     # config.chat_template_kwargs: the variables the chat template is rendered with
     template_kwargs: dict
@@ -101,7 +102,7 @@ def make_plan(cfg: RaycatConfig, tokenizer, n_max: int, sample_ids) -> ScorePlan
     prompt = score.prompt
     # Workers fetch the weights (models.local).
     model_path = models.portable(score.student.path)
-    template = template_hash(tokenizer, prompt.preset, prompt.system_prompt, cfg.chat_template_kwargs)
+    template = score_template_hash(cfg, tokenizer)
     sample = frozenset() if score.entropy_mode == "full" else frozenset(sample_ids)
     return ScorePlan(
         model_path=model_path,
@@ -109,11 +110,14 @@ def make_plan(cfg: RaycatConfig, tokenizer, n_max: int, sample_ids) -> ScorePlan
         trust_remote_code=score.student.trust_remote_code,
         preset=prompt.preset,
         system_prompt=prompt.system_prompt,
+        answer_prefix=prompt.answer_prefix,
         labels=label_tokens(
             tokenizer,
             max(n_max, 1),
             prompt.preset,
-            generation_context(tokenizer, prompt.preset, prompt.system_prompt, cfg.chat_template_kwargs),
+            generation_context(
+                tokenizer, prompt.preset, prompt.system_prompt, cfg.chat_template_kwargs, prompt.answer_prefix
+            ),
         ),
         template_kwargs=cfg.chat_template_kwargs,
         template_hash=template,
@@ -161,6 +165,7 @@ class RenderPrompts:
                 self.tokenizer,
                 messages_for(question, options, category, plan.preset, plan.system_prompt),
                 plan.template_kwargs,
+                plan.answer_prefix,
             )
             reason = ""
             if not options and plan.mode == "options":
@@ -231,7 +236,11 @@ class ScoreBatch(actor_pool.EngineActor):
             )
             if i in scored:
                 n_options = len(row["options"])
-                record.update(row_result(scored[i], n_options, row["gold"], plan.mode, plan.preset, label_ids[i]))
+                record.update(
+                    row_result(
+                        scored[i], n_options, row["gold"], plan.mode, plan.preset, label_ids[i], plan.answer_prefix
+                    )
+                )
                 record.update(status="scored", skip_reason="")
             else:
                 record.update(status="skipped", skip_reason=row["skip_reason"], correct=False, correct_greedy=False)
@@ -353,7 +362,7 @@ def run(cfg: RaycatConfig) -> dict:
     with ray_session(cfg.ray, cfg.run_dir):
         summary = questions.stage_questions(cfg)
         n_sample = 0 if score.entropy_mode == "full" else score.deviation_sample
-        template = template_hash(tokenizer, score.prompt.preset, score.prompt.system_prompt, cfg.chat_template_kwargs)
+        template = score_template_hash(cfg, tokenizer)
         key = cache_key(cfg, score.student.path, template)
         parts = rundir.absolute(parts_dir(cfg, key))
         state = remote_call(ray.remote(num_cpus=1)(prepare), questions_path, parts, n_sample)

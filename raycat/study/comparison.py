@@ -18,7 +18,7 @@ import pandas as pd
 from raycat.evaluate.core import clustered_paired_bootstrap
 from raycat.report import run_recipes
 from raycat.storage import rowkey, rundir
-from raycat.study import plot
+from raycat.study import plot, recipe_effect, recipe_report
 
 
 def variant_numbers(run_dir: str, quantiles: tuple[float, float] = (0.25, 0.75)) -> dict:
@@ -252,6 +252,7 @@ def build(study) -> dict:
         )
     baseline = study.config.baseline or variants[0]["label"]
     summary = summarize(variants)
+    recipes = study.recipes()
     report = {
         "study": study.name,
         "baseline": baseline,
@@ -262,14 +263,40 @@ def build(study) -> dict:
         "paired": paired(variants, baseline),
         "mode_agreement": mode_agreements(variants),
         "plot": plot.series(variants, summary, study.config.axes),
+        **_recipe_sections(variants, recipes, summary),
     }
     report_dir = rundir.join(study.root, "report")
     if report["plot"]:
         report["plot"]["file"] = "accuracy_vs_axis.png"
         plot.write_png(report["plot"], rundir.join(report_dir, "accuracy_vs_axis.png"))
+    if report.get("recipe_plot"):
+        report["recipe_plot"]["file"] = "accuracy_vs_recipe.png"
+        plot.write_recipe_png(report["recipe_plot"], rundir.join(report_dir, "accuracy_vs_recipe.png"))
     rundir.write_json(rundir.join(report_dir, "study.json"), report)
     rundir.write_text(rundir.join(report_dir, "study.md"), markdown(report))
     return report
+
+
+def _recipe_sections(variants: list[dict], recipes: list[str], summary: list[dict]) -> dict:
+    """With two or more recipes: recipe against recipe within each variant, teacher tokens per recipe, the
+    signal check per distinct held-out set, and the accuracy-vs-recipe plot."""
+    if len(recipes) < 2:
+        return {}
+    signals, seen = [], set()
+    for v in variants:
+        found = recipe_effect.signal(v["run_dir"])
+        # Seeds share the split unless a seed key changes it: one row per distinct result.
+        key = (v["label"], json.dumps(found, sort_keys=True))
+        if found is not None and key not in seen:
+            seen.add(key)
+            signals.append({"variant": v["label"], "seed": v["seed"], **found})
+    return {
+        "recipes": recipes,
+        "recipe_paired": recipe_effect.recipe_paired(variants, recipes),
+        "recipe_costs": recipe_effect.recipe_costs(variants, recipes),
+        "signal": signals,
+        "recipe_plot": plot.recipe_series(summary, recipes),
+    }
 
 
 def _f(x, digits: int = 3) -> str:
@@ -280,6 +307,7 @@ def markdown(report: dict) -> str:
     """study.md: a section per analysis; the optional ones (band migration, the plot, entropy-mode agreement)
     only where the study has them."""
     sections = [
+        *recipe_report.sections(report),
         _accuracy_section(report["summary"]),
         _paired_section(report["paired"]),
         _cost_section(report["variants"]),

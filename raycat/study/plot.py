@@ -74,3 +74,49 @@ def write_png(plot: dict, path: str) -> None:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     rundir.write_bytes(path, buf.getvalue())
+
+
+def recipe_series(summary: list[dict], recipes: list[str]) -> dict | None:
+    """Each recipe's final model (and the base student) per variant: mean accuracy across seeds with its
+    t-interval, overall and per band."""
+    bars: dict[str, list] = {}
+    names = ["base", *(f"{r} (final)" for r in recipes)]
+    for row in summary:
+        if row["model"] in names and row["mean"] is not None:
+            low, high = row["ci95_across_seeds"]
+            label = row["model"].removesuffix(" (final)")
+            bars.setdefault(row["variant"], []).append([label, row["mean"], low, high, len(row["seeds"])])
+    if not bars:
+        return None
+    order = {name.removesuffix(" (final)"): i for i, name in enumerate(names)}
+    return {
+        "bars": {k: sorted(v, key=lambda b: order[b[0]]) for k, v in bars.items()},
+        "basis": "mean held-out accuracy of each recipe's final model across seeds; bars: t-interval across seeds",
+    }
+
+
+def write_recipe_png(plot: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups = list(plot["bars"].items())
+    width = 0.8 / len(groups)
+    for g, (variant, bars) in enumerate(groups):
+        x = [i + g * width for i in range(len(bars))]
+        low = [b[1] - (b[2] if b[2] is not None else b[1]) for b in bars]
+        high = [(b[3] if b[3] is not None else b[1]) - b[1] for b in bars]
+        err = [low, high]
+        ax.bar(x, [b[1] for b in bars], width, yerr=err, capsize=3, label=variant)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(bars))], [b[0] for b in bars], fontsize=8)
+    ax.set_ylabel("held-out accuracy (mean across seeds)")
+    ax.set_ylim(0, 1)
+    if len(groups) > 1:
+        ax.legend(fontsize=7)
+    ax.set_title("Accuracy per recipe")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    rundir.write_bytes(path, buf.getvalue())

@@ -121,10 +121,14 @@ def make_plan(cfg: RaycatConfig, teacher: TeacherConfig) -> TeachPlan:
         # Rows over the prompt budget are cached as skipped: a larger budget must teach them.
         "max_prompt_tokens": max_prompt_tokens if teacher.api is None else None,
     }
+    oracle = teacher.api is None and teacher.engine.backend == "oracle"
+    if oracle:  # a solver, not the model: never shares a cache entry with the model's own answers
+        key_parts["backend"] = "oracle"
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     engine = teacher.engine
     return TeachPlan(
-        name=model.path,
+        # Labelled wherever its rows and numbers go (teach parts, metrics, tracking, the report).
+        name=f"oracle (solver; tokens counted by {model.path})" if oracle else model.path,
         model_path=path,
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from raycat import progress
 from raycat.config import RaycatConfig, TrainConfig, for_workers, save_config
-from raycat.data.prompts import template_hash, train_template_hash
+from raycat.data.prompts import score_template_hash, train_template_hash
 from raycat.errors import MissingInputError, RaycatError
 from raycat.ray_env import ray_session, remote_call
 from raycat.recipes import BANDS, RECIPES, Phase, needs_cot, phase_settings, phase_sources
@@ -84,7 +84,7 @@ def input_paths(cfg: RaycatConfig) -> tuple[dict[str, str], str | None]:
 
 def check_template(cfg: RaycatConfig, tokenizer, band_paths: dict[str, str]) -> str:
     """Training must render prompts with the chat template the rows were scored under."""
-    mine = template_hash(tokenizer, cfg.score.prompt.preset, cfg.score.prompt.system_prompt, cfg.chat_template_kwargs)
+    mine = score_template_hash(cfg, tokenizer)
     seen: set[str] = set()
     for path in band_paths.values():
         if "template_hash" in rundir.parquet_columns(path):

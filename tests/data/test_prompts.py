@@ -99,3 +99,18 @@ def test_label_tokens_include_the_in_context_spelling_of_sentencepiece_tokenizer
     assert answered[: len(prompt)] == prompt and answered[-1] in labels.ids["A"]
     # The options distribution missed the model's answer
     assert answered[-1] not in alone.ids["A"]
+
+
+def test_an_answer_prefix_ends_the_prompt_and_enters_the_hash_only_when_set(tiny_tokenizer):
+    from raycat.data.prompts import generation_context, render_ids
+
+    messages = messages_for("What is 2 + 2?", [], "", "letters")
+    plain, prefixed = render_ids(tiny_tokenizer, messages), render_ids(tiny_tokenizer, messages, None, "The answer is ")
+    assert tiny_tokenizer.decode(prefixed).endswith("<|im_start|>assistant\nThe answer is ")
+    assert prefixed[: len(plain)] == plain and len(prefixed) > len(plain)
+    # Unset, the hash is the one every existing cache was keyed by.
+    assert template_hash(tiny_tokenizer, "letters", None, None, "") == template_hash(tiny_tokenizer, "letters", None)
+    assert template_hash(tiny_tokenizer, "letters", None, None, "The answer is ") != template_hash(
+        tiny_tokenizer, "letters", None
+    )
+    assert generation_context(tiny_tokenizer, "letters", None, None, "Answer: ").endswith("assistant\nAnswer: ")

@@ -33,6 +33,33 @@ def test_eval_targets_serve_lora_phases_as_adapters_and_load_full_phases(tmp_pat
     assert {t.name: t for t in make_plans(cfg, ["sft_all"])}["sft_all/phase1"].cache_key != lora.cache_key
 
 
+def test_lora_phases_with_merged_weights_are_served_merged_unless_the_adapter_is_asked_for(tmp_path):
+    from raycat.config import validate_config
+    from raycat.errors import MissingInputError
+    from raycat.evaluate.stage import make_plans
+
+    run = tmp_path / "run"
+    pdir = run / "train" / "sft_all" / "phase1"
+    (pdir / "model").mkdir(parents=True)
+    (pdir / "done.json").write_text(json.dumps({"hash": "h"}))
+    (pdir / "model" / "adapter_config.json").write_text('{"r": 4}')
+    tree = {"run_dir": str(run), "data": {"source": "synthetic"}, "score": {"student": {"path": "org/student"}}}
+
+    def plan(choice):
+        cfg = validate_config({**tree, "eval": {"lora_weights": choice}})
+        return make_plans(cfg, ["sft_all"])[-1]
+
+    assert plan("auto").adapter == str(pdir / "model")  # nothing merged: the adapter
+    with pytest.raises(MissingInputError, match="train.lora.merge=true"):
+        plan("merged")
+    (pdir / "merged").mkdir()
+    (pdir / "merged" / "config.json").write_text("{}")
+    merged, adapter = plan("auto"), plan("adapter")
+    assert (merged.model_path, merged.adapter) == (str(pdir / "merged"), None)
+    assert adapter.adapter == str(pdir / "model") and merged.cache_key != adapter.cache_key
+    assert plan("merged").model_path == merged.model_path
+
+
 def test_eval_compares_every_model_on_the_same_rows(tmp_path):
     from raycat.evaluate.stage import SINGLE_TOKEN_BASE, EvalPlan, finalize, parts_dir, rows_path
     from raycat.storage import rowkey, rundir

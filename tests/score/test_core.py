@@ -127,3 +127,20 @@ def test_deviation_sample_is_stable_under_reordering():
     a = deviation_sample(ids, 10)
     assert len(a) == 10 and a == deviation_sample(ids[::-1], 10)
     assert deviation_sample(ids, 0) == frozenset()
+
+
+def test_after_an_answer_prefix_a_free_form_answer_is_its_first_number():
+    res = ScoreResult(greedy_text="12. Because 6 + 6 = 12, not 13", entropy_full=0.3)
+    assert row_result(res, 0, "12", "full", "letters", None, "The answer is ")["correct"]
+    # Without a prefix the model was asked for the number alone and may lead with words: the last number.
+    assert row_result(res, 0, "13", "full", "letters")["predicted"] == "13"
+    assert row_result(ScoreResult(greedy_text=" no idea"), 0, "1", "full", "letters", None, "A: ")["predicted"] == ""
+
+
+def test_the_answer_prefix_changes_the_cache_key(tiny_tokenizer):
+    from raycat.data.prompts import score_template_hash
+
+    plain = cfg(entropy_mode="full")
+    prefixed = cfg(entropy_mode="full", prompt={"answer_prefix": "The answer is "})
+    a, b = score_template_hash(plain, tiny_tokenizer), score_template_hash(prefixed, tiny_tokenizer)
+    assert a != b and cache_key(plain, "m", a) != cache_key(prefixed, "m", b)

@@ -1,0 +1,46 @@
+"""An oracle teacher: no model, a deterministic solver (``raycat.data.solve``) that writes a correct
+step-by-step solution for the synthetic arithmetic questions (``data.synthetic.kinds``).
+
+It stands in for a teacher that is always right, so a study can measure what the method does with
+correct chain-of-thought; it is labelled ``oracle`` wherever its rows go (backend name in the teach
+plan, the cache key, the report). Tokens are counted with the configured model's tokenizer (the
+teacher's ``model.path``), so the teacher-token accounting has the units of that tokenizer.
+"""
+
+from __future__ import annotations
+
+from raycat.data.solve import solution
+from raycat.engines.base import Generation, Sampling
+
+
+class OracleEngine:
+    vocab_size = 0
+
+    def __init__(self, model: str, revision: str | None = None, trust_remote_code: bool = False, **_settings):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+
+    def score(self, requests, mode, top_k, free_form_max_tokens):
+        raise ValueError("backend 'oracle' writes teacher solutions only; score with vllm or transformers")
+
+    def generate(self, prompts: list, sampling: Sampling) -> list[Generation]:
+        out = []
+        for prompt in prompts:
+            text = self.tokenizer.decode(prompt) if isinstance(prompt, list) else prompt[-1]["content"]
+            answer = solution(text)
+            if answer is None:
+                # Not a synthetic arithmetic question: a failed request, so teach names the row.
+                error = "the oracle teacher solves only data.synthetic.kinds questions (What is <a + b ...>?)"
+                out += [Generation("", len(prompt), 0, "error", error=error)] * sampling.n
+                continue
+            ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            finish = "stop"
+            if len(ids) > sampling.max_tokens:  # what a model cut at max_tokens would return
+                ids, finish = ids[: sampling.max_tokens], "length"
+                answer = self.tokenizer.decode(ids)
+            out += [Generation(answer, len(prompt), len(ids), finish)] * sampling.n
+        return out
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,208 @@
+"""The method's effect inside a study: recipe against recipe, and whether the design could see one.
+
+Every variant of a study trains every recipe of ``study.recipes`` on the same training pool and
+evaluates them on the same held-out rows, so recipes are compared *within* a run: for each pair, each
+seed's per-row differences (final model of recipe a minus final model of recipe b, on the rows both
+answered), pooled over seeds with the clustered bootstrap (a row's differences under every seed are
+resampled together: the seeds share test rows), overall and per band. Beside it:
+
+- the per-seed differences, so a reader sees how much training seeds move the result;
+- ``mde80``: the smallest difference this design detects with 80 % power at the 5 % level, from the
+  bootstrap's standard error (``(z_0.975 + z_0.8) x SE``, about 2.8 SE): a null result's power;
+- teacher tokens per recipe, from the teach stage's per-band accounting (a recipe pays for the CoT of
+  the bands its CoT phases read);
+- the signal check the method rests on: ROC AUC of the student's entropy for right vs wrong on the
+  held-out rows (bootstrap CI), and the base student's held-out accuracy (not at chance, not at ceiling).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from raycat.evaluate.core import clustered_paired_bootstrap
+from raycat.recipes import BANDS, RECIPES
+from raycat.storage import rowkey, rundir
+
+BASE = "base"  # the untrained student's name in eval.parquet (answering the training prompt)
+# The untrained student's single-token answers from the score stage, on the same held-out rows (the
+# eval report's row of that name): the base a small student is judged by when it cannot yet write the
+# trained answer format.
+SINGLE_TOKEN_BASE = "base (single-token, from score)"
+# z_0.975 + z_0.8: a difference this many standard errors from 0 is found 80 % of the time at the 5 % level.
+POWER_Z = 1.959964 + 0.841621
+
+
+def pairs(recipes: list[str]) -> list[tuple[str, str]]:
+    """The first recipe (the method under study) against every other recipe, then against the base student
+    (its single-token answers, and its answers to the training prompt)."""
+    first = recipes[0]
+    return [(first, other) for other in recipes[1:]] + [(first, SINGLE_TOKEN_BASE), (first, BASE)]
+
+
+def final_models(run_dir: str, rows: pd.DataFrame) -> dict[str, str]:
+    """Recipe -> the eval.parquet name of its final model (its last evaluated phase; a later phase may be
+    empty and untrained), plus ``base``."""
+    names = set(rows["model"])
+    out = {b: b for b in (BASE, SINGLE_TOKEN_BASE) if b in names}
+    for recipe in RECIPES:
+        done = sorted(n for n in names if n.startswith(f"{recipe}/"))
+        if done:
+            out[recipe] = done[-1]
+    return out
+
+
+def _answers(run_dir: str) -> pd.DataFrame | None:
+    """Every evaluated model's answers on the compared rows, plus the score stage's single-token answers
+    of the base student on the same rows (eval/rows.parquet) as ``SINGLE_TOKEN_BASE``."""
+    path = rundir.join(run_dir, "eval", "eval.parquet")
+    if not rundir.exists(path):
+        return None
+    rows = rundir.read_parquet(path)
+    rows = rows[rows["compared"]] if "compared" in rows else rows
+    scored = rundir.join(run_dir, "eval", "rows.parquet")
+    if rundir.exists(scored):
+        single = rundir.read_parquet_columns(scored, ["id", "row_hash", "band", "correct"])
+        compared = rows[["id", "row_hash"]].drop_duplicates()
+        single = single.merge(compared, on=["id", "row_hash"]).assign(model=SINGLE_TOKEN_BASE)
+        rows = pd.concat([rows, single], ignore_index=True)
+    return rows
+
+
+def _differences(rows: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    cols = ["id", "row_hash", "band", "correct"]
+    both = rows.loc[rows["model"] == a, cols].merge(
+        rows.loc[rows["model"] == b, ["id", "row_hash", "correct"]], on=["id", "row_hash"], suffixes=("_a", "_b")
+    )
+    return pd.DataFrame(
+        {
+            "row": rowkey.keys(both).to_numpy(),
+            "band": both["band"].to_numpy(),
+            "difference": both["correct_a"].to_numpy(dtype=float) - both["correct_b"].to_numpy(dtype=float),
+        }
+    )
+
+
+def _with_power(result: dict) -> dict:
+    low, high = result["ci95"]
+    se = None if low is None else (high - low) / (2 * 1.959964)
+    return {**result, "se": se, "mde80": None if se is None else POWER_Z * se}
+
+
+def recipe_paired(variants: list[dict], recipes: list[str], resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """Per variant label and recipe pair: the pooled paired difference with its CI, per band, per seed."""
+    groups: dict[tuple[str, str, str], list[pd.DataFrame]] = {}
+    seeds: dict[tuple[str, str, str], list[dict]] = {}
+    for variant in variants:
+        rows = _answers(variant["run_dir"])
+        if rows is None:
+            continue
+        final = final_models(variant["run_dir"], rows)
+        for a, b in pairs(recipes):
+            if a not in final or b not in final:
+                continue
+            diff = _differences(rows, final[a], final[b])
+            key = (variant["label"], a, b)
+            groups.setdefault(key, []).append(diff)
+            mean = float(diff["difference"].mean()) if len(diff) else None
+            seeds.setdefault(key, []).append({"seed": variant["seed"], "diff": mean, "n": int(len(diff))})
+    out = []
+    for (label, a, b), per_seed in groups.items():
+        pooled = pd.concat(per_seed, ignore_index=True)
+        overall = clustered_paired_bootstrap(pooled["difference"], pooled["row"], resamples, seed)
+        per_band = {
+            band: _with_power(clustered_paired_bootstrap(part["difference"], part["row"], resamples, seed))
+            for band in BANDS
+            if len(part := pooled[pooled["band"] == band])
+        }
+        out.append(
+            {
+                "variant": label,
+                "a": a,
+                "b": b,
+                "seeds": len(per_seed),
+                **_with_power(overall),
+                "per_seed": seeds[(label, a, b)],
+                "per_band": per_band,
+            }
+        )
+    return out
+
+
+def teacher_tokens(recipe: str, accounting: dict | None) -> dict:
+    """The teacher tokens a recipe needs: the CoT of every band its CoT phases read (random_split's CoT
+    phase reads |hard| rows drawn from all bands: estimated at all bands' mean per row)."""
+    if not any(phase.target == "cot" for phase in RECIPES[recipe]):
+        return {"tokens": 0, "basis": "measured: the recipe trains on no teacher CoT"}
+    per_band = (accounting or {}).get("per_band")
+    if not per_band:
+        return {"tokens": None, "basis": "unknown: the run has no teach accounting"}
+    bands = sorted({b for phase in RECIPES[recipe] if phase.target == "cot" for b in phase.bands}, key=BANDS.index)
+    if recipe == "random_split":
+        rows = sum(per_band[b]["rows"] for b in BANDS)
+        mean = sum(per_band[b]["tokens"] for b in BANDS) / rows if rows else 0.0
+        return {"tokens": mean * per_band["hard"]["rows"], "basis": "estimate: |hard| rows x all bands' mean per row"}
+    measured = all(per_band[b]["basis"] == "measured" for b in bands)
+    return {
+        "tokens": sum(per_band[b]["tokens"] for b in bands),
+        "bands": bands,
+        "basis": "measured" if measured else "estimate: " + "; ".join(f"{b}: {per_band[b]['basis']}" for b in bands),
+    }
+
+
+def recipe_costs(variants: list[dict], recipes: list[str]) -> list[dict]:
+    """Teacher tokens per recipe, per variant label (mean over its seeds; the teacher cache makes them equal
+    unless a seed key changes the teacher's rows)."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for variant in variants:
+        metrics = rundir.read_json_if_exists(rundir.join(variant["run_dir"], "teach", "metrics.json")) or {}
+        for recipe in recipes:
+            out.setdefault((variant["label"], recipe), []).append(teacher_tokens(recipe, metrics.get("accounting")))
+    rows = []
+    for (label, recipe), found in out.items():
+        tokens = [f["tokens"] for f in found if f["tokens"] is not None]
+        rows.append(
+            {
+                "variant": label,
+                "recipe": recipe,
+                "teacher_tokens": float(np.mean(tokens)) if tokens else None,
+                "basis": sorted({f["basis"] for f in found}),
+            }
+        )
+    return rows
+
+
+def _auc(entropy: np.ndarray, correct: np.ndarray) -> float | None:
+    """ROC AUC of -entropy for correct (ties count half); None without both classes."""
+    from scipy.stats import rankdata
+
+    pos, neg = int(correct.sum()), int((~correct).sum())
+    if not pos or not neg:
+        return None
+    ranks = rankdata(-entropy)
+    return float((ranks[correct].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def signal(run_dir: str, resamples: int = 2000, seed: int = 0) -> dict | None:
+    """The student's entropy against its own correctness on the held-out rows (split/test.parquet), with
+    a bootstrap CI, and the base student's held-out accuracy from eval; None before the split."""
+    path = rundir.join(run_dir, "split", "test.parquet")
+    if not rundir.exists(path):
+        return None
+    test = rundir.read_parquet_columns(path, ["entropy", "correct"]).dropna()
+    entropy, correct = test["entropy"].to_numpy(dtype=float), test["correct"].to_numpy(dtype=bool)
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(test), len(test)) for _ in range(resamples)] if len(test) else []
+    aucs = [a for d in draws if (a := _auc(entropy[d], correct[d])) is not None]
+    low, high = np.quantile(aucs, [0.025, 0.975]).tolist() if aucs else [None, None]
+    rows = _answers(run_dir)
+    base = rows[rows["model"] == SINGLE_TOKEN_BASE] if rows is not None else None
+    return {
+        "rows": int(len(test)),
+        "auc": _auc(entropy, correct),
+        "auc_ci95": [low, high],
+        "score_accuracy": float(correct.mean()) if len(test) else None,
+        "base_accuracy": float(base["correct"].astype(bool).mean()) if base is not None and len(base) else None,
+        "basis": "held-out rows (split/test.parquet): the student's score-stage entropy and answer; base "
+        "accuracy: its single-token answers on the rows the eval compared",
+    }
