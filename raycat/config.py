@@ -651,6 +651,12 @@ class RaycatConfig(Strict):
                 "(http://...) or a path on a shared filesystem"
             )
         engines.append(("eval.engine", self.eval.engine, True))
+        oracles = [k for k, e, _ in engines if k.startswith("teach.") and e.backend == "oracle"]
+        if oracles and self.data.source != "synthetic":
+            raise ValueError(
+                f"{oracles[0]}.backend: 'oracle' solves only data.source=synthetic questions; data.source is "
+                f"{self.data.source!r}: use a model teacher (vllm, or teach.teachers.N.api)"
+            )
         for key in ("score.engine", "eval.engine"):
             if dict((k, e) for k, e, _ in engines)[key].backend == "oracle":
                 raise ValueError(

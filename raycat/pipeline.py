@@ -120,8 +120,10 @@ def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):
     (a model retrained in place, or a data file edited in place, is a new input)."""
     if stage == "score":
         return {
-            "data": cfg.data.model_dump(mode="json"),
-            "score": cfg.score.model_dump(mode="json", exclude=_OBSERVABILITY_ONLY),
+            "data": _without_new_defaults(cfg.data.model_dump(mode="json"), {"synthetic": {"kinds": None}}),
+            "score": _without_new_defaults(
+                cfg.score.model_dump(mode="json", exclude=_OBSERVABILITY_ONLY), {"prompt": {"answer_prefix": ""}}
+            ),
             "inputs": [data_fingerprint(cfg), rundir.fingerprint(cfg.score.student.path)],
         }
     if stage == "split":
@@ -138,6 +140,17 @@ def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):
     if stage == "eval":
         return {"eval": cfg.eval.model_dump(mode="json", exclude=_OBSERVABILITY_ONLY), "recipes": recipes}
     return {"report": 1}
+
+
+def _without_new_defaults(tree: dict, new: dict) -> dict:
+    """``tree`` without the keys added after runs existed (``new``: their defaults) where they hold their
+    default: a run made before a key existed keeps its stage hash."""
+    for key, default in new.items():
+        if isinstance(default, dict) and isinstance(tree.get(key), dict):
+            tree[key] = _without_new_defaults(tree[key], default)
+        elif key in tree and tree[key] == default:
+            del tree[key]
+    return tree
 
 
 def stage_hashes(cfg: RaycatConfig, recipes: list[str]) -> dict[str, str]:

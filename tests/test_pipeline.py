@@ -129,3 +129,16 @@ def test_recipes_that_widen_teach_bands_say_so():
     assert said.startswith("teach.bands ['hard'] -> all") and "4x" in said
     assert effective_config(cfg, ["distill_all"]).teach.bands == "all" and cfg.teach.bands == ["hard"]
     assert note(load_config(DEMO, ["teach.bands=all"]), ["distill_all"]) is None
+
+
+def test_keys_added_after_runs_existed_leave_their_hashes_alone_until_set():
+    """data.synthetic.kinds and score.prompt.answer_prefix at their defaults are not in the score stage's
+    section (a run made before they existed is still up to date); set, they rerun score and after."""
+    from raycat.pipeline import _section
+
+    section = _section(load_config(DEMO), "score", ["complexity_aware"])
+    assert "kinds" not in section["data"]["synthetic"] and "answer_prefix" not in section["score"]["prompt"]
+    assert "preset" in section["score"]["prompt"] and "num_options" in section["data"]["synthetic"]
+    a = stage_hashes(load_config(DEMO), ["complexity_aware"])
+    b = stage_hashes(load_config(DEMO, ["score.prompt.answer_prefix=The answer is "]), ["complexity_aware"])
+    assert [s for s in STAGES if a[s] != b[s]] == list(STAGES)

@@ -5,10 +5,10 @@ Two generators, both clearly labelled ``source: synthetic``:
 - the default: ``a + b`` with 1..max_digits operand digits, ``category`` = ``"2-digit"``, so a scoring
   run can check that entropy rises with difficulty (a demo and test aid);
 - ``kinds``: named item types from one-step sums to multi-step expressions (``KINDS``), ``category`` =
-  the kind. Every question is ``What is <expression>?`` over non-negative integers with ``+ - *``, and the
-  wrong options are near misses (off by 1, 2, 9, 10, 11, 20 or 100, about half sharing the answer's
-  last digit), so neither an option's size nor its last digit gives the answer away: the student has to
-  compute. The method-effect study (jobs/studies/method-effect-cpu.yaml) uses them.
+  the kind. Every question is ``What is <expression>?`` over non-negative integers with ``+ - *``; the
+  wrong options are near misses on a grid of carry and unit slips around the answer (``_near_misses``),
+  so the student has to compute. The method-effect study (jobs/studies/method-effect-cpu.yaml) uses
+  them free-form (``num_options: 0``).
 """
 
 from __future__ import annotations
@@ -29,19 +29,17 @@ def _distractors(answer: int, digits: int, k: int, rng: random.Random) -> list[i
 
 
 def _near_misses(answer: int, k: int, rng: random.Random) -> list[int]:
-    """Wrong options close to the answer: carry slips (±10, ±100, sharing the last digit) and unit slips
-    (±1, ±2, ±9, ±11, ±20), drawn half from each so the last digit does not single out the answer."""
-    same_digit = [answer + d for d in (-10, 10, -20, 20, -100, 100)]
-    other_digit = [answer + d for d in (-1, 1, -2, 2, -9, 9, -11, 11)]
-    pools = [[c for c in pool if c >= 0] for pool in (same_digit, other_digit)]
-    for pool in pools:
-        rng.shuffle(pool)
-    out: list[int] = []
-    while len(out) < k and any(pools):
-        for pool in pools:
-            if pool and len(out) < k:
-                out.append(pool.pop())
-    return out
+    """k wrong options on a grid of slips around the answer: rows 10 apart (a carry slip) and columns 1
+    apart (a unit slip), with the answer in a random cell. Last digits come in pairs and the answer's
+    rank among the options is random, so neither size, last digit nor the middle option gives it away
+    (tests/data/test_synthetic.py checks those rules stay at chance)."""
+    columns, rows = (k + 2) // 2, 2 if k else 1
+    # The answer's cell, drawn among those that keep every option non-negative.
+    c0, r0 = rng.choice([(c, r) for c in range(columns) for r in range(rows) if answer - c - 10 * r >= 0])
+    grid = [answer + (c - c0) + 10 * (r - r0) for c in range(columns) for r in range(rows)]
+    wrong = [x for x in grid if x != answer]
+    rng.shuffle(wrong)
+    return wrong[:k]
 
 
 def _num(rng: random.Random, digits: int) -> int:

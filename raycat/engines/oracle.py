@@ -32,14 +32,20 @@ class OracleEngine:
             if answer is None:
                 # Not a synthetic arithmetic question: a failed request, so teach names the row.
                 error = "the oracle teacher solves only data.synthetic.kinds questions (What is <a + b ...>?)"
-                out += [Generation("", len(prompt), 0, "error", error=error)] * sampling.n
+                failed = [
+                    Generation("", len(prompt) if j == 0 else 0, 0, "error", error=error) for j in range(sampling.n)
+                ]
+                out += failed
                 continue
             ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-            finish = "stop"
-            if len(ids) > sampling.max_tokens:  # what a model cut at max_tokens would return
-                ids, finish = ids[: sampling.max_tokens], "length"
+            # As a model would: the end-of-sequence token is a completion token, and a completion that
+            # needs more than max_tokens is cut there ("length").
+            completion, finish = len(ids) + 1, "stop"
+            if completion > sampling.max_tokens:
+                ids, completion, finish = ids[: sampling.max_tokens], sampling.max_tokens, "length"
                 answer = self.tokenizer.decode(ids)
-            out += [Generation(answer, len(prompt), len(ids), finish)] * sampling.n
+            # The prompt is counted once per prompt, on its first sample (as the vLLM engine does).
+            out += [Generation(answer, len(prompt) if j == 0 else 0, completion, finish) for j in range(sampling.n)]
         return out
 
     def close(self) -> None:

@@ -148,7 +148,7 @@ def make_plans(cfg: RaycatConfig, recipes: list[str]) -> list[EvalPlan]:
                 continue
             model = rundir.absolute(rundir.join(phase_dir, "model"))
             name = f"{recipe}/{phase.name}"
-            merged = _merged_weights(cfg, phase_dir, model, name)
+            merged = _merged_weights(cfg, phase_dir, model, name, state["hash"])
             if merged is not None:
                 content = state["hash"] + "merged:" + _dir_hash(merged)
                 plans.append(make_plan(cfg, name, merged, None, phase.target, content, None))
@@ -161,13 +161,16 @@ def make_plans(cfg: RaycatConfig, recipes: list[str]) -> list[EvalPlan]:
     return plans
 
 
-def _merged_weights(cfg: RaycatConfig, phase_dir: str, model: str, name: str) -> str | None:
-    """The phase's merged weights when eval.lora_weights serves them (a LoRA phase only), else None."""
+def _merged_weights(cfg: RaycatConfig, phase_dir: str, model: str, name: str, trained: str) -> str | None:
+    """The phase's merged weights when eval.lora_weights serves them (a LoRA phase only), else None. Only a
+    merge this training recorded counts (the phase's metrics.json, rewritten without it by a retrain, names
+    it under the same hash as done.json): a ``merged/`` left by an earlier training is stale."""
     merged = rundir.absolute(rundir.join(phase_dir, "merged"))
     choice = cfg.eval.lora_weights
     if choice == "adapter" or not rundir.exists(rundir.join(model, "adapter_config.json")):
         return None
-    if rundir.exists(rundir.join(merged, "config.json")):
+    metrics = rundir.read_json_if_exists(rundir.join(phase_dir, "metrics.json")) or {}
+    if metrics.get("merged") and metrics.get("hash") == trained and rundir.exists(rundir.join(merged, "config.json")):
         return merged
     if choice == "merged":
         raise MissingInputError(

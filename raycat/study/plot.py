@@ -77,18 +77,22 @@ def write_png(plot: dict, path: str) -> None:
 
 
 def recipe_series(summary: list[dict], recipes: list[str]) -> dict | None:
-    """Each recipe's final model (and the base student) per variant: mean accuracy across seeds with its
-    t-interval, overall and per band."""
+    """Each recipe's final model (and the base student) per variant: mean held-out accuracy across seeds
+    with its t-interval."""
     bars: dict[str, list] = {}
-    names = ["base", *(f"{r} (final)" for r in recipes)]
+    # The untrained student twice: its single-token answers (the score stage) and its answers to the
+    # training prompt (a small student may not write that format at all).
+    labels = {"base (single-token, from score)": "base\n(single token)", "base": "base\n(trained prompt)"}
+    labels |= {f"{r} (final)": r for r in recipes}
     for row in summary:
-        if row["model"] in names and row["mean"] is not None:
+        if row["model"] in labels and row["mean"] is not None:
             low, high = row["ci95_across_seeds"]
-            label = row["model"].removesuffix(" (final)")
-            bars.setdefault(row["variant"], []).append([label, row["mean"], low, high, len(row["seeds"])])
+            bars.setdefault(row["variant"], []).append(
+                [labels[row["model"]], row["mean"], low, high, len(row["seeds"])]
+            )
     if not bars:
         return None
-    order = {name.removesuffix(" (final)"): i for i, name in enumerate(names)}
+    order = {label: i for i, label in enumerate(labels.values())}
     return {
         "bars": {k: sorted(v, key=lambda b: order[b[0]]) for k, v in bars.items()},
         "basis": "mean held-out accuracy of each recipe's final model across seeds; bars: t-interval across seeds",
@@ -104,13 +108,15 @@ def write_recipe_png(plot: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = list(plot["bars"].items())
     width = 0.8 / len(groups)
+    # Every name any variant has, in the plot's order: a variant without a recipe leaves a gap, not a shift.
+    names = list(dict.fromkeys(b[0] for _, bars in groups for b in bars))
     for g, (variant, bars) in enumerate(groups):
-        x = [i + g * width for i in range(len(bars))]
+        x = [names.index(b[0]) + g * width for b in bars]
         low = [b[1] - (b[2] if b[2] is not None else b[1]) for b in bars]
         high = [(b[3] if b[3] is not None else b[1]) - b[1] for b in bars]
         err = [low, high]
         ax.bar(x, [b[1] for b in bars], width, yerr=err, capsize=3, label=variant)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(bars))], [b[0] for b in bars], fontsize=8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8)
     ax.set_ylabel("held-out accuracy (mean across seeds)")
     ax.set_ylim(0, 1)
     if len(groups) > 1:

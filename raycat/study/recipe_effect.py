@@ -3,12 +3,19 @@
 Every variant of a study trains every recipe of ``study.recipes`` on the same training pool and
 evaluates them on the same held-out rows, so recipes are compared *within* a run: for each pair, each
 seed's per-row differences (final model of recipe a minus final model of recipe b, on the rows both
-answered), pooled over seeds with the clustered bootstrap (a row's differences under every seed are
-resampled together: the seeds share test rows), overall and per band. Beside it:
+answered), pooled over seeds, overall and per band, with two intervals:
+
+- ``ci95`` (rows): the clustered bootstrap over test rows (a row's differences under every seed drawn
+  together: the seeds share test rows). It says how sure the difference is *for these trained models*.
+- ``ci95_seeds`` (seeds x rows): a two-level bootstrap that also redraws the training seeds, so the
+  run-to-run spread of training enters: the interval for the recipes, not for three particular runs.
+  With few seeds it is the honest one, and the power below is computed from it.
+
+Beside them:
 
 - the per-seed differences, so a reader sees how much training seeds move the result;
 - ``mde80``: the smallest difference this design detects with 80 % power at the 5 % level, from the
-  bootstrap's standard error (``(z_0.975 + z_0.8) x SE``, about 2.8 SE): a null result's power;
+  seeds x rows bootstrap's standard error (``(z_0.975 + z_0.8) x SE``, about 2.8 SE): a null result's power;
 - teacher tokens per recipe, from the teach stage's per-band accounting (a recipe pays for the CoT of
   the bands its CoT phases read);
 - the signal check the method rests on: ROC AUC of the student's entropy for right vs wrong on the
@@ -83,10 +90,36 @@ def _differences(rows: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     )
 
 
-def _with_power(result: dict) -> dict:
-    low, high = result["ci95"]
-    se = None if low is None else (high - low) / (2 * 1.959964)
-    return {**result, "se": se, "mde80": None if se is None else POWER_Z * se}
+def seeds_rows_bootstrap(per_seed: list[pd.DataFrame], resamples: int, seed: int, level: float = 0.95) -> dict:
+    """Two-level percentile bootstrap of the mean difference: each resample draws the seeds with
+    replacement, then the test rows (by key) with replacement, and averages the drawn (seed, row)
+    differences. ``per_seed``: one frame of ``row, difference`` per seed."""
+    frames = [f for f in per_seed if len(f)]
+    if not frames:
+        return {"ci95_seeds": [None, None], "se_seeds": None}
+    rows = np.unique(np.concatenate([f["row"].to_numpy().astype(str) for f in frames]))
+    table = np.full((len(frames), len(rows)), np.nan)
+    for s, frame in enumerate(frames):
+        # A row answered twice under one seed (never, on compared rows) would count once: its mean.
+        means = frame.groupby(frame["row"].astype(str))["difference"].mean()
+        table[s, np.searchsorted(rows, means.index.to_numpy())] = means.to_numpy()
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for i in range(resamples):  # one draw at a time: bounded memory for large held-out sets
+        drawn = table[rng.integers(0, len(frames), len(frames))][:, rng.integers(0, len(rows), len(rows))]
+        means[i] = np.nanmean(drawn) if np.isfinite(drawn).any() else np.nan
+    means = means[np.isfinite(means)]
+    low, high = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"ci95_seeds": [float(low), float(high)], "se_seeds": float(means.std(ddof=1)) if len(means) > 1 else None}
+
+
+def _interval(per_seed: list[pd.DataFrame], resamples: int, seed: int) -> dict:
+    """Rows-only and seeds x rows intervals of the pooled mean difference, with the power of the latter."""
+    pooled = pd.concat(per_seed, ignore_index=True)
+    rows = clustered_paired_bootstrap(pooled["difference"], pooled["row"], resamples, seed)
+    both = seeds_rows_bootstrap(per_seed, resamples, seed)
+    se = both["se_seeds"]
+    return {**rows, **both, "mde80": None if se is None else POWER_Z * se}
 
 
 def recipe_paired(variants: list[dict], recipes: list[str], resamples: int = 2000, seed: int = 0) -> list[dict]:
@@ -109,11 +142,10 @@ def recipe_paired(variants: list[dict], recipes: list[str], resamples: int = 200
     out = []
     for (label, a, b), per_seed in groups.items():
         pooled = pd.concat(per_seed, ignore_index=True)
-        overall = clustered_paired_bootstrap(pooled["difference"], pooled["row"], resamples, seed)
         per_band = {
-            band: _with_power(clustered_paired_bootstrap(part["difference"], part["row"], resamples, seed))
+            band: _interval([f[f["band"] == band] for f in per_seed], resamples, seed)
             for band in BANDS
-            if len(part := pooled[pooled["band"] == band])
+            if (pooled["band"] == band).any()
         }
         out.append(
             {
@@ -121,7 +153,7 @@ def recipe_paired(variants: list[dict], recipes: list[str], resamples: int = 200
                 "a": a,
                 "b": b,
                 "seeds": len(per_seed),
-                **_with_power(overall),
+                **_interval(per_seed, resamples, seed),
                 "per_seed": seeds[(label, a, b)],
                 "per_band": per_band,
             }
@@ -192,8 +224,11 @@ def signal(run_dir: str, resamples: int = 2000, seed: int = 0) -> dict | None:
     test = rundir.read_parquet_columns(path, ["entropy", "correct"]).dropna()
     entropy, correct = test["entropy"].to_numpy(dtype=float), test["correct"].to_numpy(dtype=bool)
     rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(test), len(test)) for _ in range(resamples)] if len(test) else []
-    aucs = [a for d in draws if (a := _auc(entropy[d], correct[d])) is not None]
+    aucs = []
+    for _ in range(resamples if len(test) else 0):  # one draw at a time: held-out sets can be large
+        drawn = rng.integers(0, len(test), len(test))
+        if (auc := _auc(entropy[drawn], correct[drawn])) is not None:
+            aucs.append(auc)
     low, high = np.quantile(aucs, [0.025, 0.975]).tolist() if aucs else [None, None]
     rows = _answers(run_dir)
     base = rows[rows["model"] == SINGLE_TOKEN_BASE] if rows is not None else None

@@ -42,20 +42,23 @@ def _paired(paired: list[dict]) -> list[str]:
     lines = [
         "## Recipe against recipe (final models, same held-out rows, seeds pooled)",
         "",
-        "diff = accuracy of a − accuracy of b on the rows both answered; 95% CI: bootstrap over test rows, "
-        "each row's differences under every seed drawn together. MDE: the smallest difference this design "
-        "detects with 80 % power at the 5 % level (≈ 2.8 × the bootstrap SE), estimated from these rows.",
+        "diff = accuracy of a − accuracy of b on the rows both answered, seeds pooled. 95% CI, seeds × rows: "
+        "a bootstrap that redraws the training seeds and the test rows (the interval for the recipes); rows: "
+        "one that redraws the test rows only, each row's differences under every seed together (the interval "
+        "for these trained models). MDE: the smallest difference the design detects with 80 % power at the "
+        "5 % level (≈ 2.8 × the seeds × rows SE), estimated from these runs.",
         "",
-        "| variant | a | b | seeds | rows | diff | 95% CI | MDE (80 %) | per seed | hard band diff [95% CI] |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | a | b | seeds | rows | diff | 95% CI, seeds × rows | 95% CI, rows | MDE (80 %) | per seed "
+        "| hard band diff [seeds × rows CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in paired:
         per_seed = ", ".join(f"{s['seed']}: {_f(s['diff'])}" for s in p["per_seed"])
         hard = p["per_band"].get("hard")
-        hard_cell = f"{_f(hard['diff'])} {_ci(hard['ci95'])}" if hard else "–"
+        hard_cell = f"{_f(hard['diff'])} {_ci(hard['ci95_seeds'])}" if hard else "–"
         lines.append(
             f"| {p['variant']} | {p['a']} | {p['b']} | {p['seeds']} | {p['n']} | {_f(p['diff'])} | "
-            f"{_ci(p['ci95'])} | {_f(p['mde80'])} | {per_seed} | {hard_cell} |"
+            f"{_ci(p['ci95_seeds'])} | {_ci(p['ci95'])} | {_f(p['mde80'])} | {per_seed} | {hard_cell} |"
         )
     return lines
 

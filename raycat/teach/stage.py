@@ -28,6 +28,7 @@ import pyarrow as pa
 from raycat import progress
 from raycat.config import RaycatConfig, TeacherConfig, cache_root, for_workers, save_config
 from raycat.data.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
+from raycat.data.solve import SOLVER_VERSION
 from raycat.engines import actor_pool
 from raycat.engines.base import Sampling, engine_kwargs, make_engine, resolve_dtype
 from raycat.engines.openai_http import OpenAITeacher
@@ -123,7 +124,7 @@ def make_plan(cfg: RaycatConfig, teacher: TeacherConfig) -> TeachPlan:
     }
     oracle = teacher.api is None and teacher.engine.backend == "oracle"
     if oracle:  # a solver, not the model: never shares a cache entry with the model's own answers
-        key_parts["backend"] = "oracle"
+        key_parts["backend"] = f"oracle:{SOLVER_VERSION}"
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     engine = teacher.engine
     return TeachPlan(

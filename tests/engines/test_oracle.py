@@ -23,12 +23,17 @@ def test_the_oracle_answers_rendered_teacher_prompts_with_verified_solutions(tin
     for row, prompt, gen in zip(rows, prompts, out, strict=True):
         assert gen.text.endswith(f"[[{row['gold']}]]") and gen.finish_reason == "stop" and gen.error is None
         assert gen.prompt_tokens == len(prompt)
-        assert gen.completion_tokens == len(tiny_tokenizer(gen.text, add_special_tokens=False)["input_ids"])
-    # n samples per prompt, prompt-major; a budget cut gives what a model cut there would.
+        # The text's tokens and the end-of-sequence token, as a model's count has them.
+        assert gen.completion_tokens == len(tiny_tokenizer(gen.text, add_special_tokens=False)["input_ids"]) + 1
+    # n samples per prompt, prompt-major, the prompt counted once (as the vLLM engine counts it).
     two = engine.generate(prompts[:1], Sampling(0.0, 1.0, 256, 0, n=2))
-    assert [g.text for g in two] == [out[0].text] * 2
+    assert [g.text for g in two] == [out[0].text] * 2 and [g.prompt_tokens for g in two] == [len(prompts[0]), 0]
+    # A budget cut gives what a model cut there would; a budget of exactly the text still has no room for EOS.
     cut = engine.generate(prompts[:1], Sampling(0.0, 1.0, 5, 0))[0]
     assert cut.finish_reason == "length" and cut.completion_tokens == 5 and not cut.text.endswith("]]")
+    exact = out[0].completion_tokens - 1
+    assert engine.generate(prompts[:1], Sampling(0.0, 1.0, exact, 0))[0].finish_reason == "length"
+    assert engine.generate(prompts[:1], Sampling(0.0, 1.0, exact + 1, 0))[0].finish_reason == "stop"
 
 
 def test_a_question_it_cannot_solve_is_a_failed_request_naming_why(tiny_model_dir, tiny_tokenizer):
@@ -63,6 +68,9 @@ def test_oracle_is_a_teacher_backend_only():
     for stage in ("score", "eval"):
         with pytest.raises(ConfigError, match=f"{stage}.engine.backend: 'oracle' writes teacher solutions only"):
             validate_config(_tree(stage))
+    other = {**_tree("teach"), "data": {"source": "mmlu", "path": "cais/mmlu"}}
+    with pytest.raises(ConfigError, match="'oracle' solves only data.source=synthetic questions; data.source is 'mm"):
+        validate_config(other)
 
 
 def test_the_oracle_is_labelled_and_never_shares_the_model_cache(tiny_model_dir, tmp_path):
@@ -77,3 +85,14 @@ def test_the_oracle_is_labelled_and_never_shares_the_model_cache(tiny_model_dir,
     a, b = make_plan(oracle, oracle.teach.teachers[0]), make_plan(model, model.teach.teachers[0])
     assert a.name.startswith("oracle (solver") and b.name == str(tiny_model_dir)
     assert a.cache_key != b.cache_key and a.backend == "oracle"
+    # The solver's version is in its key: solutions written differently are taught again.
+    import raycat.data.solve
+
+    saved = raycat.data.solve.SOLVER_VERSION
+    try:
+        import raycat.teach.stage
+
+        raycat.teach.stage.SOLVER_VERSION = "solve-v0"
+        assert make_plan(oracle, oracle.teach.teachers[0]).cache_key != a.cache_key
+    finally:
+        raycat.teach.stage.SOLVER_VERSION = saved

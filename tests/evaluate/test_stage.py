@@ -54,6 +54,13 @@ def test_lora_phases_with_merged_weights_are_served_merged_unless_the_adapter_is
         plan("merged")
     (pdir / "merged").mkdir()
     (pdir / "merged" / "config.json").write_text("{}")
+    # A merged/ this training did not record (a retrain with merge off, or a merge of an earlier training)
+    # is stale: the adapter is served.
+    (pdir / "metrics.json").write_text(json.dumps({"hash": "h"}))
+    assert plan("auto").adapter == str(pdir / "model")
+    (pdir / "metrics.json").write_text(json.dumps({"hash": "earlier", "merged": str(pdir / "merged")}))
+    assert plan("auto").adapter == str(pdir / "model")
+    (pdir / "metrics.json").write_text(json.dumps({"hash": "h", "merged": str(pdir / "merged")}))
     merged, adapter = plan("auto"), plan("adapter")
     assert (merged.model_path, merged.adapter) == (str(pdir / "merged"), None)
     assert adapter.adapter == str(pdir / "model") and merged.cache_key != adapter.cache_key

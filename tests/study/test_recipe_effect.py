@@ -82,7 +82,9 @@ def test_recipes_are_paired_row_by_row_within_each_run_and_pooled_over_seeds(tmp
     assert [s["diff"] for s in vs_sft["per_seed"]] == pytest.approx([g / n for g in gained])
     low, high = vs_sft["ci95"]
     assert 0 < low < vs_sft["diff"] < high
-    assert vs_sft["mde80"] == pytest.approx(2.801585 * (high - low) / (2 * 1.959964))
+    assert vs_sft["mde80"] == pytest.approx(2.801585 * vs_sft["se_seeds"])
+    low_s, high_s = vs_sft["ci95_seeds"]
+    assert low_s <= vs_sft["diff"] <= high_s
     # The gain is all in the hard band; easy and medium rows do not move.
     assert vs_sft["per_band"]["easy"]["diff"] == 0 and vs_sft["per_band"]["hard"]["diff"] > vs_sft["diff"]
     same = out[("complexity_aware", "distill_all")]
@@ -128,3 +130,19 @@ def test_the_signal_check_reads_the_held_out_entropy_and_the_base_accuracy(tmp_p
     assert found["score_accuracy"] == pytest.approx(correct.mean())
     assert found["base_accuracy"] == pytest.approx(correct[:60].mean())
     assert recipe_effect.signal(str(tmp_path / "nothing")) is None
+
+
+def test_the_seeds_x_rows_interval_widens_with_the_spread_between_seeds_and_not_without_it():
+    rng = np.random.default_rng(1)
+    base = rng.integers(-1, 2, 200).astype(float)  # one seed's per-row differences
+    frames = [pd.DataFrame({"row": np.arange(200), "difference": base}) for _ in range(3)]
+    rows_only = recipe_effect.clustered_paired_bootstrap(np.tile(base, 3), np.tile(np.arange(200), 3), 2000, 0)
+    same = recipe_effect.seeds_rows_bootstrap(frames, 2000, 0)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    # Seeds that agree: the training seeds add nothing; the interval is the rows' one.
+    assert width(same["ci95_seeds"]) == pytest.approx(width(rows_only["ci95"]), rel=0.15)
+    # Seeds that disagree (one run +0.3 better on every row): the seeds' spread widens the interval.
+    spread = [f.assign(difference=f["difference"] + shift) for f, shift in zip(frames, (-0.3, 0.0, 0.3), strict=True)]
+    apart = recipe_effect.seeds_rows_bootstrap(spread, 2000, 0)
+    assert width(apart["ci95_seeds"]) > 2 * width(rows_only["ci95"]) and apart["se_seeds"] > 2 * same["se_seeds"]
+    assert recipe_effect.seeds_rows_bootstrap([frames[0].iloc[:0]], 10, 0)["ci95_seeds"] == [None, None]
