@@ -38,9 +38,9 @@ class OracleEngine:
                 out += failed
                 continue
             ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-            # As a model would: the end-of-sequence token is a completion token, and a completion that
-            # needs more than max_tokens is cut there ("length").
-            completion, finish = len(ids) + 1, "stop"
+            # The solution's own tokens (a model would add an end-of-sequence token: one per row, left out
+            # so the accounting counts text only); one longer than max_tokens is cut there, as a model's is.
+            completion, finish = len(ids), "stop"
             if completion > sampling.max_tokens:
                 ids, completion, finish = ids[: sampling.max_tokens], sampling.max_tokens, "length"
                 answer = self.tokenizer.decode(ids)

@@ -23,17 +23,17 @@ def test_the_oracle_answers_rendered_teacher_prompts_with_verified_solutions(tin
     for row, prompt, gen in zip(rows, prompts, out, strict=True):
         assert gen.text.endswith(f"[[{row['gold']}]]") and gen.finish_reason == "stop" and gen.error is None
         assert gen.prompt_tokens == len(prompt)
-        # The text's tokens and the end-of-sequence token, as a model's count has them.
-        assert gen.completion_tokens == len(tiny_tokenizer(gen.text, add_special_tokens=False)["input_ids"]) + 1
+        # The text's tokens (no end-of-sequence token: the accounting counts text).
+        assert gen.completion_tokens == len(tiny_tokenizer(gen.text, add_special_tokens=False)["input_ids"])
     # n samples per prompt, prompt-major, the prompt counted once (as the vLLM engine counts it).
     two = engine.generate(prompts[:1], Sampling(0.0, 1.0, 256, 0, n=2))
     assert [g.text for g in two] == [out[0].text] * 2 and [g.prompt_tokens for g in two] == [len(prompts[0]), 0]
-    # A budget cut gives what a model cut there would; a budget of exactly the text still has no room for EOS.
+    # A budget cut gives what a model cut there would.
     cut = engine.generate(prompts[:1], Sampling(0.0, 1.0, 5, 0))[0]
     assert cut.finish_reason == "length" and cut.completion_tokens == 5 and not cut.text.endswith("]]")
-    exact = out[0].completion_tokens - 1
-    assert engine.generate(prompts[:1], Sampling(0.0, 1.0, exact, 0))[0].finish_reason == "length"
-    assert engine.generate(prompts[:1], Sampling(0.0, 1.0, exact + 1, 0))[0].finish_reason == "stop"
+    exact = out[0].completion_tokens
+    assert engine.generate(prompts[:1], Sampling(0.0, 1.0, exact - 1, 0))[0].finish_reason == "length"
+    assert engine.generate(prompts[:1], Sampling(0.0, 1.0, exact, 0))[0].finish_reason == "stop"
 
 
 def test_a_question_it_cannot_solve_is_a_failed_request_naming_why(tiny_model_dir, tiny_tokenizer):
