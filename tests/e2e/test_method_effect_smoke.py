@@ -2,7 +2,7 @@
 study file, shrunk by overrides to 36 questions, one seed and two steps per phase on the tiny model
 (transformers engines: no vLLM start-up), through every real stage: scoring with the answer prefix,
 the oracle teacher, Ray Train + DeepSpeed for three recipes, eval, and the report `raycat report`
-rebuilds. The full study (SmolLM2-135M, three seeds, ~45 minutes) is README's "Does it work?"."""
+rebuilds. The full study (SmolLM2-135M, three seeds, 31 minutes here) is README's "Does it work?"."""
 
 from __future__ import annotations
 
