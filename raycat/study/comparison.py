@@ -75,12 +75,8 @@ def _confident_wrong(run_dir: str) -> dict | None:
     ]
     if not parts:
         return None
-    answers_path = rundir.join(run_dir, "eval", "eval.parquet")
-    answers = {}
-    if rundir.exists(answers_path):
-        rows = rundir.read_parquet(answers_path)
-        rows = rows[rows["compared"]] if "compared" in rows else rows
-        answers = {model: group[["id", "correct"]] for model, group in rows.groupby("model")}
+    rows = recipe_effect.compared_answers(run_dir)
+    answers = {} if rows is None else {model: group[["id", "correct"]] for model, group in rows.groupby("model")}
     return confident_wrong(pd.concat(parts, ignore_index=True), answers)
 
 
@@ -193,25 +189,16 @@ def _eval_names(variant: dict, rows: pd.DataFrame) -> dict[str, str]:
     return names
 
 
-def _compared_answers(run_dir: str) -> pd.DataFrame | None:
-    """The variant's eval answers on the rows every one of its models answered; None before its eval."""
-    path = rundir.join(run_dir, "eval", "eval.parquet")
-    if not rundir.exists(path):
-        return None
-    df = rundir.read_parquet(path)
-    return df[df["compared"]] if "compared" in df else df
-
-
 def paired(variants: list[dict], baseline: str, resamples: int = 1000, seed: int = 0) -> list[dict]:
     """Each variant's models against the baseline variant's same model, row by row on the test rows
     both answered, same seed paired with same seed, pooled over seeds."""
-    base = {v["seed"]: _compared_answers(v["run_dir"]) for v in variants if v["label"] == baseline}
+    base = {v["seed"]: recipe_effect.compared_answers(v["run_dir"]) for v in variants if v["label"] == baseline}
     base_variant = {v["seed"]: v for v in variants if v["label"] == baseline}
     out: dict[tuple[str, str], list[pd.DataFrame]] = {}
     for variant in variants:
         if variant["label"] == baseline or base.get(variant["seed"]) is None:
             continue
-        mine, theirs = _compared_answers(variant["run_dir"]), base[variant["seed"]]
+        mine, theirs = recipe_effect.compared_answers(variant["run_dir"]), base[variant["seed"]]
         if mine is None:
             continue
         # Model names as the report shows them; "<recipe> (final)" is each side's own last phase.

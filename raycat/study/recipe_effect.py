@@ -28,14 +28,14 @@ import numpy as np
 import pandas as pd
 
 from raycat.evaluate.core import clustered_paired_bootstrap
+from raycat.evaluate.stage import SINGLE_TOKEN_BASE
 from raycat.recipes import BANDS, RECIPES
 from raycat.storage import rowkey, rundir
 
 BASE = "base"  # the untrained student's name in eval.parquet (answering the training prompt)
-# The untrained student's single-token answers from the score stage, on the same held-out rows (the
-# eval report's row of that name): the base a small student is judged by when it cannot yet write the
-# trained answer format.
-SINGLE_TOKEN_BASE = "base (single-token, from score)"
+# SINGLE_TOKEN_BASE: the untrained student's single-token answers from the score stage, on the same
+# held-out rows (the eval report's row of that name): the base a small student is judged by when it
+# cannot yet write the trained answer format.
 # z_0.975 + z_0.8: a difference this many standard errors from 0 is found 80 % of the time at the 5 % level.
 POWER_Z = 1.959964 + 0.841621
 
@@ -47,7 +47,7 @@ def pairs(recipes: list[str]) -> list[tuple[str, str]]:
     return [(first, other) for other in recipes[1:]] + [(first, SINGLE_TOKEN_BASE), (first, BASE)]
 
 
-def final_models(run_dir: str, rows: pd.DataFrame) -> dict[str, str]:
+def final_models(rows: pd.DataFrame) -> dict[str, str]:
     """Recipe -> the eval.parquet name of its final model (its last evaluated phase; a later phase may be
     empty and untrained), plus ``base``."""
     names = set(rows["model"])
@@ -59,14 +59,21 @@ def final_models(run_dir: str, rows: pd.DataFrame) -> dict[str, str]:
     return out
 
 
-def _answers(run_dir: str) -> pd.DataFrame | None:
-    """Every evaluated model's answers on the compared rows, plus the score stage's single-token answers
-    of the base student on the same rows (eval/rows.parquet) as ``SINGLE_TOKEN_BASE``."""
+def compared_answers(run_dir: str) -> pd.DataFrame | None:
+    """The variant's eval answers on the rows every one of its models answered; None before its eval."""
     path = rundir.join(run_dir, "eval", "eval.parquet")
     if not rundir.exists(path):
         return None
     rows = rundir.read_parquet(path)
-    rows = rows[rows["compared"]] if "compared" in rows else rows
+    return rows[rows["compared"]] if "compared" in rows else rows
+
+
+def _answers(run_dir: str) -> pd.DataFrame | None:
+    """``compared_answers`` plus the score stage's single-token answers of the base student on the same
+    rows (eval/rows.parquet) as ``SINGLE_TOKEN_BASE``."""
+    rows = compared_answers(run_dir)
+    if rows is None:
+        return None
     scored = rundir.join(run_dir, "eval", "rows.parquet")
     if rundir.exists(scored):
         single = rundir.read_parquet_columns(scored, ["id", "row_hash", "band", "correct"])
@@ -130,7 +137,7 @@ def recipe_paired(variants: list[dict], recipes: list[str], resamples: int = 200
         rows = _answers(variant["run_dir"])
         if rows is None:
             continue
-        final = final_models(variant["run_dir"], rows)
+        final = final_models(rows)
         for a, b in pairs(recipes):
             if a not in final or b not in final:
                 continue
@@ -204,20 +211,11 @@ def recipe_costs(variants: list[dict], recipes: list[str]) -> list[dict]:
     return rows
 
 
-def _auc(entropy: np.ndarray, correct: np.ndarray) -> float | None:
-    """ROC AUC of -entropy for correct (ties count half); None without both classes."""
-    from scipy.stats import rankdata
-
-    pos, neg = int(correct.sum()), int((~correct).sum())
-    if not pos or not neg:
-        return None
-    ranks = rankdata(-entropy)
-    return float((ranks[correct].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
 def signal(run_dir: str, resamples: int = 2000, seed: int = 0) -> dict | None:
     """The student's entropy against its own correctness on the held-out rows (split/test.parquet), with
     a bootstrap CI, and the base student's held-out accuracy from eval; None before the split."""
+    from raycat.score.metrics import roc_auc  # sklearn: kept out of the CLI's start-up
+
     path = rundir.join(run_dir, "split", "test.parquet")
     if not rundir.exists(path):
         return None
@@ -227,14 +225,14 @@ def signal(run_dir: str, resamples: int = 2000, seed: int = 0) -> dict | None:
     aucs = []
     for _ in range(resamples if len(test) else 0):  # one draw at a time: held-out sets can be large
         drawn = rng.integers(0, len(test), len(test))
-        if (auc := _auc(entropy[drawn], correct[drawn])) is not None:
+        if (auc := roc_auc(correct[drawn], entropy[drawn])) is not None:
             aucs.append(auc)
     low, high = np.quantile(aucs, [0.025, 0.975]).tolist() if aucs else [None, None]
     rows = _answers(run_dir)
     base = rows[rows["model"] == SINGLE_TOKEN_BASE] if rows is not None else None
     return {
         "rows": int(len(test)),
-        "auc": _auc(entropy, correct),
+        "auc": roc_auc(correct, entropy),
         "auc_ci95": [low, high],
         "score_accuracy": float(correct.mean()) if len(test) else None,
         "base_accuracy": float(base["correct"].astype(bool).mean()) if base is not None and len(base) else None,
