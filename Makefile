@@ -90,6 +90,7 @@ test-gpu: install-gpu
 bench: install
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/teach.py
+	$(BIN)/python bench/eval_lora.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/train.py --hidden 512 --layers 4   # the larger model the 1 -> 2 worker goal is stated on
 	$(BIN)/python bench/corpus.py

@@ -1,13 +1,20 @@
-"""Teacher throughput: the `raycat teach` Ray Data stage vs the same vLLM engine driven directly.
+"""Teacher throughput with mixed completion lengths: the `raycat teach` Ray Data stage vs the same vLLM
+engine driven directly, with the engine streaming (``engine.batches_in_flight``) and one batch at a time.
 
     python bench/teach.py                                  # SmolLM2-135M as a stand-in teacher, CPU
     python bench/teach.py --model registry:qwen2.5-coder-1.5b-instruct --n 16 --max-tokens 256
 
 Same model, dtype ('auto', as raycat picks), threads (all CPUs) and greedy sampling in one run. The
-direct engine generates for n prompts in one call. The pipeline runs twice, on those n prompts and on
-2n (one engine batch of n each), so the difference of the two walls is the stage's time for n more
-prompts with the engine start cancelled out; the ratio is completion tokens/s of stage vs direct.
-A third run of the 2n rows in engine batches of n/4 shows what a small `engine.batch_size` costs.
+model writes to its own stop (EOS) up to ``--max-tokens``, so completion lengths spread as a teacher's
+do (the run prints their percentiles). Every rate is a difference of two runs over n and 2n prompts:
+(tokens(2n) - tokens(n)) / (time(2n) - time(n)), which cancels the engine start and the last
+request's tail, and leaves what n more prompts cost in a running engine.
+
+- direct: one ``generate`` call over all the prompts (vLLM's continuous batching over every request:
+  the limit on this machine).
+- stage: the teach stage in engine batches of ``--batch-size`` (several per run), with batches_in_flight
+  4 (the default: a batch's rows join the running ones) and 1 (one batch at a time: each batch waits for
+  its longest completion).
 """
 
 from __future__ import annotations
@@ -21,14 +28,17 @@ import time
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="registry:smollm2-135m-instruct")
-    parser.add_argument("--n", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--n", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[4, 1], help="batches_in_flight values to time")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument(
         "--json", help="append the teach stage's measured decode rate to this file (for study scaling plans)"
     )
     args = parser.parse_args()
 
+    import numpy as np
     import pandas as pd
     import torch
     from transformers import AutoTokenizer
@@ -45,7 +55,7 @@ def main() -> None:
     path = models.resolve(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     questions = generate_arithmetic(2 * args.n, 3, 4, 0)
-    prompts = [render_ids(tok, teach_messages(q["question"], q["options"], q["category"])) for q in questions[: args.n]]
+    prompts = [render_ids(tok, teach_messages(q["question"], q["options"], q["category"])) for q in questions]
     dtype = resolve_dtype("auto", args.device)
     threads = os.cpu_count() or 1
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -55,22 +65,26 @@ def main() -> None:
     t = time.perf_counter()
     engine = VLLMEngine(path, dtype=dtype, device=args.device, max_model_len=2048, kv_cache_gib=2, need_full=False)
     start = time.perf_counter() - t
-    t = time.perf_counter()
-    gens = engine.generate(prompts, sampling)
-    direct_s = time.perf_counter() - t
-    direct_tokens = sum(g.completion_tokens for g in gens)
+    direct = {}
+    for n in (args.n, 2 * args.n):
+        # Each stage run starts a fresh engine: no prompt is in the prefix cache.
+        engine.llm.reset_prefix_cache()
+        t = time.perf_counter()
+        gens = engine.generate(prompts[:n], sampling)
+        direct[n] = (time.perf_counter() - t, sum(g.completion_tokens for g in gens))
+    lengths = np.array([g.completion_tokens for g in gens])
     engine.close()
     del engine
 
-    def stage(n: int, batch_size: int) -> tuple[float, int, float]:
-        """(wall seconds incl. engine start, completion tokens, seconds inside the engine's generate calls)
-        of the teach stage on the first n rows."""
+    def stage(n: int, in_flight: int) -> tuple[float, int]:
+        """(wall seconds incl. engine start, completion tokens) of the teach stage on the first n rows."""
         with tempfile.TemporaryDirectory() as tmp:
             teacher = {
                 "model": {"path": path, "dtype": dtype, "max_model_len": 2048},
                 "engine": {
                     "device": args.device,
-                    "batch_size": batch_size,
+                    "batch_size": args.batch_size,
+                    "batches_in_flight": in_flight,
                     "kv_cache_gib": 2,
                     # ceil -> all threads; the light tasks fit beside.
                     "cpus_per_engine": max(threads - 0.5, 1),
@@ -94,49 +108,52 @@ def main() -> None:
                 run_pipeline(cfg.teach.teachers[0], plan, rows, cache, on_rows=lambda n: None)
                 wall = time.perf_counter() - t
             done = read_parts(cache)
-            return wall, int(done["completion_tokens"].sum()), float(done["engine_seconds"].sum())
+            return wall, int(done["completion_tokens"].sum())
 
-    # n then 2n rows, twice: the difference cancels the actor's engine start, whose own variation
-    # (several seconds) is the noise of a single pair; both pairs are reported and pooled.
-    pairs = [(stage(args.n, args.n), stage(2 * args.n, args.n)) for _ in range(2)]
-    wall1, tok1 = sum(p[0][0] for p in pairs) / 2, sum(p[0][1] for p in pairs) / 2
-    wall2, tok2, engine2 = (sum(p[1][i] for p in pairs) / 2 for i in range(3))
-    each = [((b[1] - a[1]) / (b[0] - a[0])) / (direct_tokens / direct_s) for a, b in pairs]
-    from transformers import AutoConfig
+    def rate(one: tuple[float, int], two: tuple[float, int]) -> tuple[float, int, float]:
+        """(tokens/s, more tokens, more seconds) of the n more prompts."""
+        seconds, tokens = max(two[0] - one[0], 1e-9), two[1] - one[1]
+        return tokens / seconds, tokens, seconds
 
-    conf = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(conf).parameters())
-    small = max(1, args.n // 4)
-    # The same rows in engine batches of n/4: what a small batch_size costs.
-    wall_small, tok_small, _ = stage(2 * args.n, small)
-    ray_s, ray_tokens = max(wall2 - wall1, 1e-9), tok2 - tok1
-    print(f"\nmodel {args.model}, dtype {dtype}, {threads} threads, {args.n} prompts, max_tokens {args.max_tokens}")
-    print(f"engine start (direct): {start:.1f} s; stage wall incl. engine start: {wall1:.1f} s (n), {wall2:.1f} s (2n)")
-    print(f"direct vLLM : {direct_tokens} completion tokens in {direct_s:.2f} s = {direct_tokens / direct_s:.1f} tok/s")
-    print(f"raycat teach: {ray_tokens} more completion tokens in {ray_s:.2f} s more = {ray_tokens / ray_s:.1f} tok/s")
+    direct_rate, direct_tokens, direct_s = rate(direct[args.n], direct[2 * args.n])
     print(
-        f"Ray Data stage / direct throughput ratio: {(ray_tokens / ray_s) / (direct_tokens / direct_s):.2f}"
-        f" (pooled over two n/2n pairs: {', '.join(f'{x:.2f}' for x in each)}; goal >= 0.91, i.e. within 1.1x)"
-    )
-    # Where the stage's time goes (2n run): inside the engine's generate calls (the actor's own clock)
-    # vs everything else (engine start, Ray Data, rendering, judging, writing parts).
-    print(
-        f"profile, 2n run: generate inside the actor {engine2:.1f} s = {tok2 / engine2:.1f} tok/s "
-        f"({tok2 / engine2 / (direct_tokens / direct_s):.2f}x direct); the rest of the stage wall: "
-        f"{wall2 - engine2:.1f} s of {wall2:.1f} s (engine start included)"
+        f"\nmodel {args.model}, dtype {dtype}, {threads} threads, n {args.n} / 2n {2 * args.n} prompts, "
+        f"max_tokens {args.max_tokens}, engine batches of {args.batch_size}"
     )
     print(
-        f"2n rows in engine batches of {small} vs {args.n}: wall {wall_small:.1f} vs {wall2:.1f} s "
-        f"({wall_small / wall2:.2f}x; a generate call waits for its longest completion, so bigger batches "
-        "keep vLLM's continuous batching full)"
+        f"completion tokens of the 2n prompts: p10 {np.percentile(lengths, 10):.0f}, median "
+        f"{np.median(lengths):.0f}, p90 {np.percentile(lengths, 90):.0f}, max {lengths.max()} "
+        f"({(lengths >= args.max_tokens).mean():.0%} at max_tokens)"
     )
+    print(f"engine start (direct): {start:.1f} s")
+    print(f"direct vLLM, one generate: {direct_tokens} more tokens in {direct_s:.2f} s more = {direct_rate:.1f} tok/s")
+    measured = {}
+    for in_flight in args.in_flight:
+        one, two = stage(args.n, in_flight), stage(2 * args.n, in_flight)
+        measured[in_flight] = rate(one, two)
+        r, tokens, seconds = measured[in_flight]
+        print(
+            f"raycat teach, batches_in_flight {in_flight}: {tokens} more tokens in {seconds:.2f} s more = "
+            f"{r:.1f} tok/s = {r / direct_rate:.2f}x direct (walls incl. engine start {one[0]:.1f} / {two[0]:.1f} s)"
+        )
+    if len(measured) > 1:
+        best, worst = max(measured), min(measured)
+        print(
+            f"batches_in_flight {best} vs {worst}: {measured[best][0] / measured[worst][0]:.2f}x the tokens/s "
+            "(goal: the stage >= 0.9x direct)"
+        )
 
     if args.json:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         from raycat.study import costs
 
+        with torch.device("meta"):
+            n_params = sum(
+                p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).parameters()
+            )
+        in_flight = max(measured)
+        r, tokens, seconds = measured[in_flight]
         rec = costs.record(
             bench="bench/teach.py",
             kind="decode",
@@ -144,10 +161,11 @@ def main() -> None:
             params=n_params,
             device=args.device,
             devices=1 if args.device == "gpu" else max(threads - 0.5, 1),
-            tokens=ray_tokens,
-            seconds=ray_s,
+            tokens=tokens,
+            seconds=seconds,
             dtype=dtype,
-            basis=f"raycat teach stage, completion tokens of n extra rows (max_tokens {args.max_tokens})",
+            basis=f"raycat teach stage, completion tokens of n extra rows (max_tokens {args.max_tokens}, "
+            f"batches_in_flight {in_flight})",
         )
         costs.append_records(args.json, [rec])
         print(f"wrote {args.json}: {rec['tokens_per_s_per_device']:.1f} decode tok/s per device")

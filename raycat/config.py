@@ -170,6 +170,21 @@ class EngineConfig(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM GPU memory fraction.")
     enforce_eager: bool = Field(True, description="Skip torch.compile/CUDA graphs (faster start, slower decode).")
     seed: int = Field(0, description="Engine seed.")
+    batches_in_flight: int = Field(
+        4,
+        ge=1,
+        description="Generation (teach, eval) with backend=vllm: batches one engine works on at once. One "
+        "thread steps the engine and each batch's rows join the running ones as they arrive, so a long "
+        "chain-of-thought never holds back the next rows (continuous batching across batches); up to "
+        "batches_in_flight x batch_size requests are in the engine. 1: one batch at a time. Scoring is "
+        "always 1.",
+    )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="How often Ray restarts an engine actor that died (an engine that fails while generating "
+        "ends its actor): its unfinished batches are retried on the new engine; rows already written stay.",
+    )
     metrics: bool = Field(
         True,
         description="Export vLLM's engine statistics (prompt/generation tokens, running and waiting requests, "
@@ -191,7 +206,7 @@ class EngineConfig(Strict):
         fields = type(self).model_fields
         vllm_only = sorted(
             k
-            for k in ("kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "metrics")
+            for k in ("kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "metrics", "batches_in_flight")
             if getattr(self, k) != fields[k].default
         )
         if vllm_only:
@@ -571,6 +586,14 @@ class EvalConfig(Strict):
         "phase's merged weights (train.lora.merge; on CPU decode runs ~4x the adapter's rate, measured), "
         "'auto' = merged where training wrote them, else the adapter. Greedy answers may differ in a few "
         "tokens between the two (the same weights, summed in another order).",
+    )
+    max_loras: int = Field(
+        4,
+        ge=0,
+        description="backend=vllm: LoRA phases served as adapters by one engine at once (vLLM multi-LoRA): "
+        "the base weights load once and every phase's answers run in one batch. More adapters take more "
+        "engines; the base student itself, merged and fully fine-tuned phases have an engine each. 0: one "
+        "engine per model.",
     )
     base_prompt: Literal["answer", "cot"] = Field("answer", description="Prompt kind for the base student.")
     limit: int | None = Field(None, ge=1, description="Evaluate a seeded sample of N test rows (demos).")

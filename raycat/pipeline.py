@@ -111,8 +111,9 @@ def data_fingerprint(cfg: RaycatConfig) -> str:
     return rundir.fingerprint(sources.common_root(files), only=set(files))
 
 
-# Settings that change what an operator sees, never a stage's rows: toggling them reruns nothing.
-_OBSERVABILITY_ONLY = {"engine": {"metrics"}}
+# Settings that change what an operator sees or how fast rows come, never a stage's rows: changing
+# them reruns nothing.
+_OBSERVABILITY_ONLY = {"engine": {"metrics", "batches_in_flight", "max_restarts"}}
 
 
 def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):
@@ -138,7 +139,9 @@ def _section(cfg: RaycatConfig, stage: str, recipes: list[str]):
     if stage == "train":
         return {"train": cfg.train.model_dump(mode="json", exclude={"recipe"}), "recipes": recipes}
     if stage == "eval":
-        return {"eval": cfg.eval.model_dump(mode="json", exclude=_OBSERVABILITY_ONLY), "recipes": recipes}
+        # How many models share an engine changes no answer.
+        exclude = {**_OBSERVABILITY_ONLY, "max_loras": True}
+        return {"eval": cfg.eval.model_dump(mode="json", exclude=exclude), "recipes": recipes}
     return {"report": 1}
 
 

@@ -12,6 +12,8 @@ frozen plan holding everything it needs; the input columns it reads are declared
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -24,10 +26,15 @@ from raycat.storage import rowkey, rundir
 
 
 class EngineActor:
-    """Base of a Ray Data engine stage: ``self.engine`` is closed when Ray ends the actor."""
+    """Base of a Ray Data engine stage: ``self.engine`` is closed when Ray ends the actor. A generation
+    actor's ``__call__`` may run on several threads at once (``Pool.in_flight``): its own state is
+    read-only, except what ``render_lock`` guards."""
 
     REQUIRED_COLUMNS: ClassVar[tuple[str, ...]] = ()
     engine: Any = None
+    # A fast tokenizer is not safe to call from several threads ("Already borrowed"): prompts are
+    # rendered one call at a time (cheap beside generation).
+    render_lock = threading.Lock()
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -45,17 +52,39 @@ class Pool:
     num_cpus: float
     # > 1: the engine spans this many GPUs (tensor x pipeline parallel), one placement-group bundle each.
     gpu_bundles: int = 0
+    # Batches an actor works on at once (its engine streams: ``engines.stream``).
+    in_flight: int = 1
+    # Ray restarts of an actor whose process died (Ray Data's default is forever).
+    max_restarts: int = 3
 
     @classmethod
-    def of(cls, engine: EngineConfig, *, remote: bool = False) -> Pool:
+    def of(cls, engine: EngineConfig, *, remote: bool = False, generate: bool = False) -> Pool:
         """An engine on GPU asks for tensor x pipeline parallel GPUs; a remote (HTTP) engine for a
-        fraction of a CPU and no GPU: it only waits on the network."""
+        fraction of a CPU and no GPU: it only waits on the network. ``generate``: a teach or eval pool,
+        whose vLLM engines stream (``streams``)."""
+        common = dict(max_restarts=engine.max_restarts)
         if remote:
-            return cls(engine.num_engines, engine.batch_size, 0, 0.25)
+            return cls(engine.num_engines, engine.batch_size, 0, 0.25, **common)
+        if generate and streams(engine.backend):
+            common["in_flight"] = engine.batches_in_flight
         gpus = engine.tensor_parallel_size * engine.pipeline_parallel_size if engine.device == "gpu" else 0
         if gpus > 1:
-            return cls(engine.num_engines, engine.batch_size, 0, engine.cpus_per_engine, gpu_bundles=gpus)
-        return cls(engine.num_engines, engine.batch_size, gpus, engine.cpus_per_engine)
+            return cls(engine.num_engines, engine.batch_size, 0, engine.cpus_per_engine, gpu_bundles=gpus, **common)
+        return cls(engine.num_engines, engine.batch_size, gpus, engine.cpus_per_engine, **common)
+
+    def compute(self):
+        """The actor pool: fixed size (vLLM start-up is long); a streaming engine takes several batches at
+        once, each on its own thread of the actor."""
+        import ray
+
+        if self.in_flight == 1:
+            return ray.data.ActorPoolStrategy(size=self.size)
+        return ray.data.ActorPoolStrategy(
+            size=self.size,
+            max_concurrent_calls_per_actor=self.in_flight,
+            max_tasks_in_flight_per_actor=self.in_flight,
+            enable_true_multi_threading=True,
+        )
 
     def placement_bundles(self) -> list[dict[str, float]]:
         """One bundle per GPU of a multi-GPU engine; bundle 0 also holds the actor's CPUs."""
@@ -68,7 +97,11 @@ class Pool:
         ``groups``: a group lives as long as the driver unless removed, so its GPUs would stay reserved
         for the next stage (``run`` removes them when the pool ends)."""
         if self.gpu_bundles <= 1:
-            args: dict[str, Any] = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+            args: dict[str, Any] = {
+                "num_gpus": self.num_gpus,
+                "num_cpus": self.num_cpus,
+                "max_restarts": self.max_restarts,
+            }
             if not self.num_gpus:
                 # A CPU engine computes with the CPUs it was given (rounded up). Set for the whole actor
                 # process, not by the engine's constructor: Ray Data calls the actor from another thread,
@@ -90,7 +123,17 @@ class Pool:
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
             }
 
-        return {"num_gpus": 0, "num_cpus": self.num_cpus, "ray_remote_args_fn": in_placement_group}
+        return {
+            "num_gpus": 0,
+            "num_cpus": self.num_cpus,
+            "max_restarts": self.max_restarts,
+            "ray_remote_args_fn": in_placement_group,
+        }
+
+
+def streams(backend: str) -> bool:
+    """Whether a backend's engine takes concurrent ``generate`` calls into one running batch."""
+    return backend == "vllm"
 
 
 def remove_groups(groups: list) -> None:
@@ -162,8 +205,12 @@ def todo_count(rows_path: str, done: Sequence[Done]) -> dict:
     return {"rows": rows, "done": counts, "todo": rows - sum(counts)}
 
 
-def _write(batch: pd.DataFrame, directory: str) -> pd.DataFrame:
-    return pd.DataFrame({"rows": [rundir.write_part(batch, directory)]})
+def _write(batch: pd.DataFrame, directory: str | dict[str, str]) -> pd.DataFrame:
+    """One part per block; with a directory per model (an engine serving several), one per model."""
+    if isinstance(directory, str):
+        return pd.DataFrame({"rows": [rundir.write_part(batch, directory)]})
+    written = sum(rundir.write_part(rows, directory[name]) for name, rows in batch.groupby("model", sort=False))
+    return pd.DataFrame({"rows": [written]})
 
 
 def run(
@@ -172,21 +219,27 @@ def run(
     actor: type[EngineActor],
     plan: Any,
     pool: Pool,
-    parts_dir: str,
+    parts_dir: str | dict[str, str],
     on_rows: Callable[[int], None] = lambda n: None,
     pre: Sequence[Prestage] = (),
     skip: Sequence[Done] = (),
 ) -> int:
     """Run ``actor`` over ``rows`` (a ``ray.data.Dataset`` or a pandas frame); every finished block
-    becomes a part in ``parts_dir``, written by a worker. ``skip``: leave out rows those rules mark
-    done (see ``Done``). Returns rows written."""
+    becomes a part in ``parts_dir``, written by a worker (a dict: the actor's rows go by their ``model``
+    column, a part per model). ``skip``: leave out rows those rules mark done (see ``Done``). Returns
+    rows written."""
     import ray
 
     # Written by workers, which do not share the driver's cwd.
-    parts_dir = rundir.absolute(parts_dir)
+    if isinstance(parts_dir, str):
+        parts_dir = rundir.absolute(parts_dir)
+    else:
+        parts_dir = {name: rundir.absolute(d) for name, d in parts_dir.items()}
     # Blocks of a few batches: parts (the resume state) and progress arrive every few batches, and the
-    # engines share the rows block by block (Ray Data gives a whole block to one actor).
-    block = 4 * pool.batch_size
+    # engines share the rows block by block (Ray Data gives a whole block to one actor, whose batches
+    # follow one another). A streaming engine takes a block per batch: its in_flight tasks are then
+    # in_flight batches, none waiting for the one before it in its block.
+    block = pool.batch_size if pool.in_flight > 1 else 4 * pool.batch_size
     if isinstance(rows, pd.DataFrame):
         check_columns(stage, rows, actor.REQUIRED_COLUMNS)
         if not len(rows):
@@ -218,15 +271,19 @@ def run(
     # engines (an actor op does not fuse after the cut).
     dataset = rundir.cut_blocks(dataset, block, num_cpus=0.1)
     groups: list = []
-    # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
-    dataset = dataset.map_batches(
-        actor,
-        fn_constructor_kwargs={"plan": plan},
-        batch_format="pandas",
-        batch_size=pool.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=pool.size),
-        **pool.remote_args(groups),
-    )
+    with warnings.catch_warnings():
+        # max_restarts has no named map_batches parameter (Ray 2.60): passed as a Ray remote argument,
+        # which Ray deprecates for Ray 2.64 with no replacement yet; without it Ray restarts forever.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        # vLLM start-up is long, so the pool is fixed-size: one engine per GPU or TP group.
+        dataset = dataset.map_batches(
+            actor,
+            fn_constructor_kwargs={"plan": plan},
+            batch_format="pandas",
+            batch_size=pool.batch_size,
+            compute=pool.compute(),
+            **pool.remote_args(groups),
+        )
     # Parts are written where the block was made: rows never travel through the driver.
     dataset = dataset.map_batches(
         _write, fn_kwargs={"directory": parts_dir}, batch_size=None, batch_format="pandas", num_cpus=0.1

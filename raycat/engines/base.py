@@ -55,6 +55,9 @@ class Generation:
     # Where the answer part of ``text`` starts: after a reasoning model's separate reasoning trace, which
     # is kept in ``text`` (it is the CoT we distil) but may weigh options before the final answer.
     answer_start: int = 0
+    # The engine's busy time spent on this prompt (its share of every step it ran in), from a streaming
+    # engine; None: the caller apportions its own wall clock.
+    engine_seconds: float | None = None
 
     @property
     def answer_text(self) -> str:
@@ -163,6 +166,12 @@ class NullEngine:
 
     def close(self) -> None:
         pass
+
+
+def generation_kwargs(backend: str) -> dict:
+    """Extra engine arguments of a teach or eval actor: a vLLM engine streams (its actor calls
+    ``generate`` from several threads; ``actor_pool.Pool.in_flight``)."""
+    return {"stream": True} if backend == "vllm" else {}
 
 
 def make_engine(backend: str, model: str, **kwargs) -> VLLMEngine | TransformersEngine | NullEngine | OracleEngine:

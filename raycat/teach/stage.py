@@ -30,7 +30,7 @@ from raycat.config import RaycatConfig, TeacherConfig, cache_root, for_workers, 
 from raycat.data.prompts import TEACH_PROMPT_VERSION, render_ids, teach_messages, teach_template_hash
 from raycat.data.solve import SOLVER_VERSION
 from raycat.engines import actor_pool
-from raycat.engines.base import Sampling, engine_kwargs, make_engine, resolve_dtype
+from raycat.engines.base import Sampling, engine_kwargs, generation_kwargs, make_engine, resolve_dtype
 from raycat.engines.openai_http import OpenAITeacher
 from raycat.errors import MissingInputError, RaycatError, StageFailed
 from raycat.ray_env import ray_session, remote_call
@@ -168,7 +168,9 @@ class TeachBatch(actor_pool.EngineActor):
         self.tokenizer = AutoTokenizer.from_pretrained(
             path, revision=plan.revision, trust_remote_code=plan.trust_remote_code
         )
-        self.engine = make_engine(plan.backend, path, need_full=False, **plan.engine_kwargs)
+        self.engine = make_engine(
+            plan.backend, path, need_full=False, **generation_kwargs(plan.backend), **plan.engine_kwargs
+        )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         plan = self.plan
@@ -179,7 +181,8 @@ class TeachBatch(actor_pool.EngineActor):
             # An HTTP teacher gets messages; the server renders them.
             prompt, reason = messages, ""
             if self.tokenizer is not None:
-                prompt = render_ids(self.tokenizer, messages, plan.template_kwargs)
+                with self.render_lock:
+                    prompt = render_ids(self.tokenizer, messages, plan.template_kwargs)
                 if len(prompt) >= plan.max_prompt_tokens:
                     reason = (
                         f"prompt has {len(prompt)} tokens; model.max_model_len - sampling.max_tokens "
@@ -253,7 +256,7 @@ def prepare(cfg: RaycatConfig) -> int:
 
 def run_pipeline(teacher: TeacherConfig, plan: TeachPlan, rows, parts_dir: str, on_rows, skip=()) -> int:
     """One teacher over ``rows`` (a Dataset or a frame), leaving out rows the ``skip`` rules mark done."""
-    pool = actor_pool.Pool.of(teacher.engine, remote=plan.api is not None)
+    pool = actor_pool.Pool.of(teacher.engine, remote=plan.api is not None, generate=True)
     return actor_pool.run("teach", rows, TeachBatch, plan, pool, parts_dir, on_rows, skip=skip)
 
 

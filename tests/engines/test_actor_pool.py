@@ -37,14 +37,27 @@ def test_pool_resources_follow_the_engine_config():
     assert (gpu.size, gpu.num_gpus, gpu.num_cpus, gpu.gpu_bundles) == (3, 0, 4, 4)
     assert gpu.placement_bundles() == [{"GPU": 1, "CPU": 4}] + [{"GPU": 1, "CPU": 1}] * 3
     args = gpu.remote_args()
-    assert (args["num_gpus"], args["num_cpus"]) == (0, 4) and callable(args["ray_remote_args_fn"])
+    assert (args["num_gpus"], args["num_cpus"], args["max_restarts"]) == (0, 4, 3)
+    assert callable(args["ray_remote_args_fn"])
     one = actor_pool.Pool.of(EngineConfig(device="gpu", cpus_per_engine=2))
     # One GPU: a plain actor, no placement group
-    assert one.remote_args() == {"num_gpus": 1, "num_cpus": 2}
+    # Ray restarts a dead engine actor at most engine.max_restarts times (Ray Data's default: forever).
+    assert one.remote_args() == {"num_gpus": 1, "num_cpus": 2, "max_restarts": 3}
     assert actor_pool.Pool.of(EngineConfig(device="gpu"), remote=True).num_gpus == 0
     # a CPU engine: its process computes with the CPUs it was given, rounded up (every thread of it)
     cpu = actor_pool.Pool.of(EngineConfig(device="cpu", cpus_per_engine=1.5)).remote_args()
-    assert cpu == {"num_gpus": 0, "num_cpus": 1.5, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
+    assert cpu == {
+        "num_gpus": 0,
+        "num_cpus": 1.5,
+        "max_restarts": 3,
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}},
+    }
+    # A teach or eval pool of vLLM engines takes batches_in_flight batches an actor, on its threads; scoring
+    # and other backends one.
+    assert actor_pool.Pool.of(EngineConfig(batches_in_flight=3), generate=True).in_flight == 3
+    assert actor_pool.Pool.of(EngineConfig(batches_in_flight=3)).in_flight == 1
+    assert actor_pool.Pool.of(EngineConfig(backend="null"), generate=True).in_flight == 1
+    assert actor_pool.Pool.of(EngineConfig(max_restarts=0)).remote_args()["max_restarts"] == 0
 
 
 def test_multi_gpu_engine_placement_group_is_strict_pack(monkeypatch):

@@ -39,7 +39,7 @@ def test_engine_arguments_are_vllm_engine_args_without_loading_bars(tiny_model_d
             seed=0,
             trust_remote_code=False,
             need_full=True,
-            lora_adapter=None,
+            lora_adapters=[],
             in_process=in_process,
             log_stats=log_stats,
         )

@@ -134,3 +134,62 @@ def test_killed_teach_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_
     out = pd.concat([pd.read_parquet(tmp_path / "run" / "teach" / f) for f in ("cot.parquet", "skipped.parquet")])
     split = pd.concat(pd.read_parquet(tmp_path / "run" / "split" / f"{b}.parquet") for b in ("easy", "medium", "hard"))
     assert sorted(out.id) == sorted(split.id)
+
+
+def test_an_engine_actor_killed_mid_teach_is_restarted_and_every_row_is_taught_once(
+    split_run, tmp_path, tiny_model_dir
+):
+    """The engine's process dies (SIGKILL, as an OOM kill would): Ray starts the actor again
+    (engine.max_restarts), its unfinished batches are retried there, and the stage ends with every row
+    once; the run itself is never stopped."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    # The module's scored and split run, without its teach outputs.
+    shutil.copytree(split_run / "run", tmp_path / "run", ignore=shutil.ignore_patterns("teach"))
+    tree = yaml.safe_load(config(split_run, tiny_model_dir).read_text())
+    tree["run_dir"] = str(tmp_path / "run")
+    cfg = tmp_path / "c.yaml"
+    tree["teach"].update(bands="all", retries=0)
+    tree["teach"]["teachers"][0]["engine"]["batch_size"] = 1
+    tree["teach"]["sampling"]["max_tokens"] = 48
+    cfg.write_text(yaml.safe_dump(tree))
+    cache = tmp_path / "run" / "teach" / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raycat.cli", "teach", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    killed = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(cache.glob("*/part-*.parquet")):
+            assert proc.poll() is None, f"raycat teach exited early: {proc.stderr.read().decode()[-2000:]}"
+            time.sleep(0.05)
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "TeachBatch" in " ".join(child.cmdline()):
+                    killed = child.pid
+                    os.kill(killed, signal.SIGKILL)  # a process of the session this test started
+                    break
+            except psutil.Error:
+                continue
+        before = sum(len(pd.read_parquet(p)) for p in cache.glob("*/part-*.parquet"))
+        _, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert killed is not None, "no engine actor process found"
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert before < N + 1, "the kill must land mid-run"
+    parts = pd.concat(pd.read_parquet(p) for p in cache.glob("*/part-*.parquet"))
+    assert parts.id.is_unique and len(parts) == N + 1
+    assert metrics(tmp_path)["rows_this_run"] == N + 1
