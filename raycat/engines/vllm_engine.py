@@ -227,34 +227,43 @@ class VLLMEngine:
         self.loras = _lora_requests(adapters)
         self.lora = self.loras.get(lora_adapter) if lora_adapter else None
         export = metrics and _in_ray()
-        self.llm = LLM(
-            **_llm_args(
-                model,
-                revision=revision,
-                dtype=dtype,
-                device=device,
-                max_model_len=max_model_len,
-                tensor_parallel_size=tensor_parallel_size,
-                pipeline_parallel_size=pipeline_parallel_size,
-                kv_cache_gib=kv_cache_gib,
-                gpu_memory_utilization=gpu_memory_utilization,
-                enforce_eager=enforce_eager,
-                seed=seed,
-                trust_remote_code=trust_remote_code,
-                need_full=need_full,
-                lora_adapters=adapters,
-                in_process=self.in_process,
-                log_stats=export,
-            )
+        args = _llm_args(
+            model,
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            kv_cache_gib=kv_cache_gib,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            need_full=need_full,
+            lora_adapters=adapters,
+            in_process=self.in_process,
+            log_stats=export,
         )
-        if export:
-            _export_stats_to_ray(self.llm)
-        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+
+        def build():
+            llm = LLM(**args)
+            if export:
+                _export_stats_to_ray(llm)
+            return llm
+
         self.stream = None
         if stream:
             from raycat.engines.stream import StreamingEngine
 
-            self.stream = StreamingEngine(self.llm.llm_engine, on_death=_exit_for_restart if _in_actor() else None)
+            # Built in the thread that steps it (engines.stream: vLLM CPU binds that thread's OpenMP team).
+            self.stream = StreamingEngine(
+                build, on_death=_exit_for_restart if _in_actor() else None, engine_of=lambda llm: llm.llm_engine
+            )
+            self.llm = self.stream.built
+        else:
+            self.llm = build()
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
     def score(
         self, requests: list[ScoreRequest], mode: str, top_k: int, free_form_max_tokens: int

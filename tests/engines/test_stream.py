@@ -56,7 +56,7 @@ class ScriptedEngine:
 
 def test_a_short_request_is_not_held_back_by_a_long_one():
     engine = ScriptedEngine()
-    stream = StreamingEngine(engine)
+    stream = StreamingEngine(lambda: engine)
     long = stream.submit(400, None)
     time.sleep(0.05)  # the long one is decoding
     short = stream.submit(3, None)
@@ -70,7 +70,7 @@ def test_a_short_request_is_not_held_back_by_a_long_one():
 
 def test_many_callers_get_their_own_outputs_and_the_engine_seconds_add_up():
     engine = ScriptedEngine(step_s=0.001)
-    stream = StreamingEngine(engine)
+    stream = StreamingEngine(lambda: engine)
     results: dict[int, list] = {}
 
     def caller(c: int) -> None:
@@ -101,7 +101,7 @@ def test_an_engine_that_dies_fails_every_waiting_request_and_says_so():
         died.append(exc)
 
     engine = ScriptedEngine(fail_at_step=5)
-    stream = StreamingEngine(engine, on_death=on_death)
+    stream = StreamingEngine(lambda: engine, on_death=on_death)
     futures.extend(stream.submit(50, None) for _ in range(3))
     for f in futures:
         with pytest.raises(EngineDied, match="engine core died"):
@@ -114,7 +114,7 @@ def test_an_engine_that_dies_fails_every_waiting_request_and_says_so():
 
 def test_a_refused_request_fails_alone():
     engine = ScriptedEngine(refuse={7})
-    stream = StreamingEngine(engine)
+    stream = StreamingEngine(lambda: engine)
     bad, good = stream.submit(7, None), stream.submit(2, None)
     with pytest.raises(ValueError, match="prompt 7 refused"):
         bad.result(timeout=10)
@@ -124,7 +124,7 @@ def test_a_refused_request_fails_alone():
 
 def test_close_fails_what_is_still_waiting():
     engine = ScriptedEngine(step_s=0.01)
-    stream = StreamingEngine(engine)
+    stream = StreamingEngine(lambda: engine)
     waiting = stream.submit(10_000, None)
     time.sleep(0.05)
     stream.close()
@@ -141,7 +141,7 @@ def test_an_engine_core_that_died_while_idle_is_a_death_not_a_refused_request():
             raise EngineDeadError("core gone")
 
     died = []
-    stream = StreamingEngine(Dead(), on_death=died.append)
+    stream = StreamingEngine(lambda: Dead(), on_death=died.append)
     with pytest.raises(EngineDied, match="core gone"):
         stream.submit(1, None).result(timeout=10)
     assert len(died) == 1
@@ -149,4 +149,22 @@ def test_an_engine_core_that_died_while_idle_is_a_death_not_a_refused_request():
 
 def test_close_right_after_start_and_when_idle_returns():
     for _ in range(50):
-        StreamingEngine(ScriptedEngine()).close()
+        StreamingEngine(lambda: ScriptedEngine()).close()
+
+
+def test_the_engine_is_built_in_the_stepping_thread_and_a_failed_build_raises_in_the_caller():
+    built_in = []
+
+    def build():
+        built_in.append(threading.current_thread().name)
+        return ScriptedEngine()
+
+    stream = StreamingEngine(build)
+    assert built_in == ["raycat-engine-step"] and isinstance(stream.built, ScriptedEngine)
+    stream.close()
+
+    def fail():
+        raise MemoryError("no room for the KV cache")
+
+    with pytest.raises(MemoryError, match="KV cache"):
+        StreamingEngine(fail)
