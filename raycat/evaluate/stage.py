@@ -273,8 +273,9 @@ class EvalBatch(actor_pool.EngineActor):
             path, revision=kwargs["revision"], trust_remote_code=kwargs["trust_remote_code"]
         )
         self.adapters = [models.local(p.adapter) if p.adapter else None for p in self.plans]
-        serve = {"lora_adapters": tuple(a for a in self.adapters if a)} if len(self.plans) > 1 else {}
-        if not serve:
+        if len(self.plans) > 1:
+            serve = {"lora_adapters": tuple(a for a in self.adapters if a)}
+        else:
             serve = {"lora_adapter": self.adapters[0]}
         self.engine = make_engine(
             first.backend, path, need_full=False, **serve, **generation_kwargs(first.backend), **kwargs
@@ -496,7 +497,7 @@ def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
     worker_cfg = for_workers(cfg)
     path = rows_path(worker_cfg.run_dir)
     # One engine at a time: each pool's engines end (freeing their GPUs) before the next loads. An engine
-    # serves one model, or the base and its LoRA phases (engine_groups).
+    # serves one model, or several LoRA phases of one base (engine_groups).
     with ray_session(cfg.ray, cfg.run_dir):
         n_rows = remote_call(ray.remote(num_cpus=1)(prepare), worker_cfg)
         for group in engine_groups(plans, cfg.eval.max_loras):
