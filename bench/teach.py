@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -42,6 +46,7 @@ def main() -> None:
     import numpy as np
     import pandas as pd
     import torch
+    from cpu_use import CpuSampler
     from transformers import AutoTokenizer
 
     from raycat.config import validate_config
@@ -76,8 +81,9 @@ def main() -> None:
     engine.close()
     del engine
 
-    def stage(n: int, in_flight: int, max_tokens: int) -> tuple[float, int]:
-        """(wall seconds incl. engine start, completion tokens) of the teach stage on the first n rows."""
+    def stage(n: int, in_flight: int, max_tokens: int) -> tuple[float, int, float, dict]:
+        """(wall seconds incl. engine start, completion tokens, engine busy seconds, cores busy per process
+        group over the wall) of the teach stage on the first n rows."""
         with tempfile.TemporaryDirectory() as tmp:
             teacher = {
                 "model": {"path": path, "dtype": dtype, "max_model_len": 2048},
@@ -101,14 +107,18 @@ def main() -> None:
             )
             plan = make_plan(cfg, cfg.teach.teachers[0])
             cache = os.path.join(tmp, "cache")
-            with ray_session(cfg.ray):
-                t = time.perf_counter()
+            with CpuSampler() as cpu, ray_session(cfg.ray):
+                t, t0 = time.perf_counter(), time.time()
                 # The stage keys its cache on (id, row_hash).
                 rows = rowkey.add(pd.DataFrame(questions[:n]))
                 run_pipeline(cfg.teach.teachers[0], plan, rows, cache, on_rows=lambda n: None)
                 wall = time.perf_counter() - t
+                used, span = cpu.window(t0, time.time())
             done = read_parts(cache)
-            return wall, int(done["completion_tokens"].sum())
+            # A row's engine seconds are its share of the engine steps it was in: they add up to the
+            # time the engine spent stepping.
+            busy = float(done["engine_seconds"].sum())
+            return wall, int(done["completion_tokens"].sum()), busy, {k: v / span for k, v in used.items()}
 
     direct_rate = direct_tokens / direct_s
     print(
@@ -122,16 +132,23 @@ def main() -> None:
     )
     print(f"engine start (direct): {start:.1f} s")
     print(f"direct vLLM, one generate: {direct_tokens} tokens in {direct_s:.2f} s = {direct_rate:.1f} tok/s")
-    fixed, _ = stage(1, max(args.in_flight), 1)
+    fixed = stage(1, max(args.in_flight), 1)[0]
     print(f"raycat teach stage on 1 row and 1 token (engine start, Ray Data, parts): {fixed:.1f} s")
     measured = {}
     for in_flight in args.in_flight:
-        wall, tokens = stage(2 * args.n, in_flight, args.max_tokens)
+        wall, tokens, busy, cores = stage(2 * args.n, in_flight, args.max_tokens)
         seconds = max(wall - fixed, 1e-9)
         measured[in_flight] = (tokens / seconds, tokens, seconds)
         print(
             f"raycat teach, batches_in_flight {in_flight}: {tokens} tokens in {wall:.1f} - {fixed:.1f} s = "
             f"{tokens / seconds:.1f} tok/s = {tokens / seconds / direct_rate:.2f}x direct"
+        )
+        # Where the gap to direct is: the engine idle between steps (waiting for rows), or stepping
+        # slower than alone (cores taken by Ray's other processes, threads of the actor).
+        print(
+            f"  engine stepping {busy:.1f} s of the {seconds:.1f} s ({tokens / busy:.1f} tok/s while stepping = "
+            f"{tokens / busy / direct_rate:.2f}x direct); cores busy over the stage's wall: "
+            + ", ".join(f"{g} {c:.2f}" for g, c in sorted(cores.items(), key=lambda x: -x[1])[:5])
         )
     if len(measured) > 1:
         best, worst = max(measured), min(measured)

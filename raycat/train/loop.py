@@ -30,7 +30,8 @@ from typing import Literal
 
 from raycat.config import LoraSettings, PhaseConfig
 from raycat.storage import models, rundir
-from raycat.train.batches import collate, length_groups, pack, target_tokens, window_loss
+from raycat.train.batches import target_tokens, window_loss
+from raycat.train.feed import Started, micro_batches
 from raycat.train.metrics import phase_metrics
 
 
@@ -263,35 +264,6 @@ def all_reduce_step(values: list[float], device) -> list[float]:
     return totals.tolist()
 
 
-def micro_batches(shard, cfg: LoopConfig, epoch: int):
-    """This worker's micro-batches for an epoch as torch tensors, in ``train.batching``'s form.
-
-    Deterministic for a given epoch (Ray Data's seeded local shuffle, seeded grouping), so a resumed
-    run skips exactly the micro-batches it had consumed."""
-    import torch
-
-    size = cfg.phase.micro_batch_size
-    # Micro-batches sorted together.
-    group = 8 if cfg.batching == "grouped" else 1
-    batches = shard.iter_batches(
-        batch_size=size * group,
-        batch_format="numpy",
-        local_shuffle_buffer_size=size * 8,
-        local_shuffle_seed=cfg.seed + epoch,
-        prefetch_batches=1,
-    )
-    for k, batch in enumerate(batches):
-        ids, labels = list(batch["input_ids"]), list(batch["labels"])
-        order = list(range(len(ids)))
-        if group > 1:
-            order = length_groups([len(x) for x in ids], size, seed=cfg.seed + 7919 * epoch + k)
-        for i in range(0, len(order), size):
-            chosen = order[i : i + size]
-            x, y = [ids[j] for j in chosen], [labels[j] for j in chosen]
-            arrays = pack(x, y) if cfg.batching == "packed" else collate(x, y, cfg.pad_id)
-            yield {name: torch.from_numpy(v) for name, v in arrays.items()}
-
-
 def check_packing(engine, device) -> None:
     """Refuse packing for a model whose attention does not isolate packed examples (e.g. custom code
     that ignores position ids when building its mask): the second of two packed examples must get the
@@ -511,6 +483,8 @@ class PhaseRun:
         self.log = self.close_log = None
         # Under ZeRO-3, held for the phase: transformers loads into partitions only while it lives.
         self._hf_ds_config = None
+        # A fresh phase's first epoch, its first fetch started before the model loads (feed.Started).
+        self._early = None
 
     def setup(self, ckpt, entered: float, started: float, fit_id: str) -> None:
         """The DeepSpeed engine, built from the previous phase's export; the loop state, restored from
@@ -533,6 +507,11 @@ class PhaseRun:
             weight_decay=hp.weight_decay,
             gpu=cfg.device == "gpu",
         )
+        if ckpt is None:
+            # Ray Data starts executing the shard at its first fetch (~3 s: read tasks, the split across
+            # workers): started now, that overlaps the model load and DeepSpeed init. A resumed phase
+            # learns its epoch from the checkpoint, so it starts its feed in train().
+            self._early = Started(self._batches(0))
         model, self._hf_ds_config = _load_model(cfg, ds_config)
         params = [x for x in model.parameters() if x.requires_grad]
         init_fingerprint = fingerprint(model, cfg.zero_stage)
@@ -587,13 +566,19 @@ class PhaseRun:
         engine.micro_steps = self.state["micro_steps"]
         self.state["resumed_from_step"] = engine.global_steps
 
+    def _batches(self, epoch: int):
+        """The epoch's micro-batches from this worker's shard; a generator, so nothing (not even the
+        shard lookup) runs before the first fetch."""
+        import ray.train
+
+        cfg = self.cfg
+        shard = ray.train.get_dataset_shard(cfg.phase_name)
+        yield from micro_batches(shard, cfg.batching, cfg.phase.micro_batch_size, cfg.pad_id, cfg.seed, epoch)
+
     def train(self) -> dict:
         """Optimizer steps until ``total_steps``, from where the state left off (skipping the micro-batches
         a resumed epoch already consumed); returns the last step's metrics."""
-        import ray.train
-
         cfg, engine, state = self.cfg, self.engine, self.state
-        shard = ray.train.get_dataset_shard(cfg.phase_name)
         if cfg.batching == "packed":
             check_packing(engine, engine.device)
         done = engine.global_steps >= cfg.total_steps
@@ -605,7 +590,8 @@ class PhaseRun:
         for epoch in range(state["epoch"], cfg.phase.epochs):
             if done:
                 break
-            batches = micro_batches(shard, cfg, epoch)
+            early, self._early = self._early, None
+            batches = iter(early) if early is not None and epoch == 0 else self._batches(epoch)
             skip = state["batch"] if epoch == state["epoch"] else 0
             # Consumed before the checkpoint we resumed from.
             for _ in itertools.islice(batches, skip):

@@ -291,9 +291,11 @@ def fit_phases(cfg: RaycatConfig, fit: Fit, pad_id: int, tracking_tags: dict | N
         total = total_steps(
             rows, train.num_workers, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.epochs, hp.max_steps
         )
-        # Read by the workers, one block per row group, in the order written (preserve_order below).
-        # No CPU asked: the training workers may hold every CPU of the cluster while they read.
-        datasets[plan.phase.name] = rundir.parquet_dataset(plan.examples, num_cpus=0)
+        # Read by the workers in the order written (preserve_order below), ~READ_ROWS rows a task: every
+        # epoch reruns the reads, and each task may start a Python process (Ray ends idle workers after
+        # a second), ~1 s of CPU taken from the training workers. No CPU asked: the training workers may
+        # hold every CPU of the cluster while they read.
+        datasets[plan.phase.name] = rundir.parquet_dataset(plan.examples, num_cpus=0, task_rows=rundir.READ_ROWS)
         info = phase_info(plan.phase, plan.stats, plan.hash, total, rundir.join(storage, name))
         loops.append(_loop_config(cfg, plan, init, total, pad_id, phase_dir, info, tracking_tags))
     trainer = TorchTrainer(
