@@ -19,6 +19,7 @@ per process group during those steps (bench/cpu_use.py) show what the workers sh
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -81,6 +82,11 @@ def main() -> None:
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step (per worker)")
     ap.add_argument(
+        "--deepspeed",
+        default="{}",
+        help='train.deepspeed communication knobs as JSON, e.g. \'{"overlap_comm": true, "reduce_scatter": false}\'',
+    )
+    ap.add_argument(
         "--scaling-only", action="store_true", help="raycat1 and raycat2 only (no bare loop, no padded run)"
     )
     ap.add_argument("--json", help="append raycat's measured 1-worker training rate to this file (scaling plans)")
@@ -91,6 +97,7 @@ def main() -> None:
         help="gpu: raycat on one GPU in bf16 only, for a --json record (the comparisons are CPU-only)",
     )
     args = ap.parse_args()
+    comm = json.loads(args.deepspeed)
 
     from cpu_use import CpuSampler
 
@@ -107,8 +114,6 @@ def main() -> None:
         conf = LlamaConfig.from_pretrained(model_dir)
         conf.hidden_size, conf.intermediate_size, conf.num_hidden_layers = args.hidden, 2 * args.hidden, args.layers
         AutoModelForCausalLM.from_config(conf).save_pretrained(model_dir)
-    import json
-
     import pandas as pd
     from transformers import AutoTokenizer
 
@@ -132,7 +137,7 @@ def main() -> None:
             "batching": batching,
             "save_steps": 10**6,
             "log_every_steps": 10**6,
-            "deepspeed": {"zero_stage": args.zero_stage},
+            "deepspeed": {"zero_stage": args.zero_stage, **comm},
             "phase1": {
                 "epochs": args.steps // per_epoch + 2,
                 "max_steps": args.steps + 1,
@@ -185,7 +190,8 @@ def main() -> None:
     print(
         f"\nmodel: Llama hidden {args.hidden} x {args.layers} layers, {args.n} examples, micro-batch "
         f"{args.micro_batch_size} x {args.accumulation} per step and worker, ZeRO-{args.zero_stage} (1 worker runs "
-        "stage 0), full fine-tuning, " + ("bf16, 1 GPU" if args.device == "gpu" else "fp32, 1 thread per worker")
+        f"stage 0) {args.deepspeed}, full fine-tuning, "
+        + ("bf16, 1 GPU" if args.device == "gpu" else "fp32, 1 thread per worker")
     )
     print(f"{'method':10} {'tokens/s':>10} {'wall s':>8} {'steps':>6} {'feed %':>7}")
     for k, v in results.items():

@@ -467,6 +467,9 @@ class LoraSettings(Strict):
     merge: bool = Field(False, description="Also export merged full weights per phase (model dir 'merged/').")
 
 
+COMM_KNOBS = {"overlap_comm", "reduce_scatter", "reduce_bucket_size", "allgather_bucket_size"}
+
+
 class DeepSpeedSettings(Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2,
@@ -478,6 +481,24 @@ class DeepSpeedSettings(Strict):
         description="Optimizer states in host RAM (DeepSpeedCPUAdam; its first use JIT-compiles a C++ op, ~2 min).",
     )
     offload_param: bool = Field(False, description="Parameters in host RAM (ZeRO-3 only).")
+    # ZeRO's communication knobs, DeepSpeed's names; unset keeps DeepSpeed's default. They change how
+    # gradients travel, not the update: not part of a phase's hash.
+    overlap_comm: bool | None = Field(
+        None, description="Reduce gradients while backward runs (DeepSpeed's default: on at stage 3 only)."
+    )
+    reduce_scatter: bool | None = Field(
+        None,
+        description="ZeRO-1/2: reduce gradients by reduce-scatter (DeepSpeed's default) or, false, by all-reduce.",
+    )
+    reduce_bucket_size: int | None = Field(None, ge=1, description="Elements reduced at once (DeepSpeed: 5e8).")
+    allgather_bucket_size: int | None = Field(
+        None, ge=1, description="ZeRO-1/2: elements all-gathered at once after the step (DeepSpeed: 5e8)."
+    )
+
+    @property
+    def comm(self) -> dict:
+        """The communication knobs that are set, as DeepSpeed's ``zero_optimization`` entries."""
+        return {k: v for k, v in self.model_dump(include=COMM_KNOBS).items() if v is not None}
 
     @model_validator(mode="after")
     def _check(self) -> DeepSpeedSettings:

@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 from raycat.recipes import NO_COT, Phase
 from raycat.storage import merge, rundir
 
-# Rows tokenized at a time; rows per block of examples.parquet (the unit Ray Data streams to workers).
+# Rows tokenized at a time; rows per row group of examples.parquet (the training workers' read tasks
+# take whole groups, ~rundir.READ_ROWS rows a task).
 BATCH_ROWS = 4096
 EXAMPLE_BLOCK_ROWS = 4096
 SPOOL_ROWS = 32_768

@@ -82,6 +82,8 @@ class LoopConfig:
     tracking_project: str
     # Tags of the phase's tracker run: ``raycat run`` nests it under its own run (mlflow.parentRunId).
     tracking_tags: dict = field(default_factory=dict)
+    # train.deepspeed's communication knobs that are set (zero_optimization entries).
+    zero_comm: dict = field(default_factory=dict)
 
     @property
     def hparams(self) -> dict:
@@ -102,8 +104,10 @@ def deepspeed_config(
     lr: float,
     weight_decay: float,
     gpu: bool,
+    comm: dict | None = None,
 ) -> dict:
-    zero: dict = {"stage": zero_stage}
+    # ``comm``: overlap_comm, reduce_scatter, bucket sizes; DeepSpeed's defaults where absent.
+    zero: dict = {"stage": zero_stage, **(comm or {})}
     if zero_stage == 3:
         # The export gathers the full weights on rank 0.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -506,6 +510,7 @@ class PhaseRun:
             lr=hp.lr,
             weight_decay=hp.weight_decay,
             gpu=cfg.device == "gpu",
+            comm=cfg.zero_comm,
         )
         if ckpt is None:
             # Ray Data starts executing the shard at its first fetch (~3 s: read tasks, the split across

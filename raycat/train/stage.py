@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raycat import progress
-from raycat.config import RaycatConfig, TrainConfig, for_workers, save_config
+from raycat.config import COMM_KNOBS, RaycatConfig, TrainConfig, for_workers, save_config
 from raycat.data.prompts import score_template_hash, train_template_hash
 from raycat.errors import MissingInputError, RaycatError
 from raycat.ray_env import ray_session, remote_call
@@ -38,7 +38,7 @@ from raycat.train import encoders, examples, memory
 from raycat.train.batches import encode_rows, stop_token_ids, total_steps
 from raycat.train.loop import LoopConfig, recorded, train_loop
 from raycat.train.lora_merge import merge_remote
-from raycat.train.memory import uses_bf16, zero_stage
+from raycat.train.memory import uses_bf16, zero_comm, zero_stage
 from raycat.train.metrics import phase_info
 
 
@@ -128,7 +128,8 @@ def _hash_fields(cfg: RaycatConfig, tokenizer, phase: Phase, prev: str | None) -
         "method": train.method,
         # A merge is its own step after training: flipping it retrains nothing.
         "lora": train.lora.model_dump(exclude={"merge"}) if train.method == "lora" else None,
-        "deepspeed": train.deepspeed.model_dump(),
+        # Its communication knobs move the same gradients.
+        "deepspeed": train.deepspeed.model_dump(exclude=COMM_KNOBS),
         # 'grouped' composes steps differently.
         "batching": train.batching,
         "precision": uses_bf16(cfg),
@@ -234,6 +235,7 @@ def _loop_config(
         zero_stage=zero_stage(train),
         offload_optimizer=train.deepspeed.offload_optimizer,
         offload_param=train.deepspeed.offload_param,
+        zero_comm=zero_comm(train),
         bf16=uses_bf16(cfg),
         device=train.device,
         threads=max(1, int(train.cpus_per_worker)),

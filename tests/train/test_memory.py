@@ -81,6 +81,21 @@ def test_deepspeed_config_uses_ds_optimizer_only_with_offload():
     assert off["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
+def test_the_set_communication_knobs_reach_zero_optimization_and_the_rest_stay_deepspeeds():
+    from raycat.config import DeepSpeedSettings
+
+    settings = DeepSpeedSettings(zero_stage=2, reduce_scatter=False, reduce_bucket_size=10**7)
+    assert settings.comm == {"reduce_scatter": False, "reduce_bucket_size": 10**7}
+    kw = dict(
+        bf16=False, micro_batch_size=4, accumulation=1, world=2, clipping=0.0, lr=1e-4, weight_decay=0.0, gpu=False
+    )
+    zero = deepspeed_config(zero_stage=2, offload_optimizer=False, offload_param=False, comm=settings.comm, **kw)
+    assert zero["zero_optimization"] == {"stage": 2, "reduce_scatter": False, "reduce_bucket_size": 10**7}
+    assert DeepSpeedSettings().comm == {}
+    with pytest.raises(ValueError, match="reduce_bucket_size"):
+        DeepSpeedSettings(reduce_bucket_size=0)
+
+
 def _lrs(kind: str, total: int, warmup: int) -> list[float]:
     """The learning rate each optimizer step 0..total runs with (peak 1.0), as DeepSpeed steps the schedule."""
     import torch
@@ -166,4 +181,25 @@ def test_the_preflight_line_names_each_phase_and_its_host_share_only_when_offloa
     assert describe(result) == (
         "pre-flight: 494.0M parameters (1.08M trainable), phase1: ~1.23 GiB/worker on device; "
         "phase2: ~2.50 GiB/worker on device + 10.00 GiB host (capacity 80.0 GiB)"
+    )
+
+
+def test_cpu_workers_all_reduce_gradients_at_zero_1_and_2_unless_configured():
+    from raycat.train.memory import zero_comm
+
+    def comm(*overrides: str) -> dict:
+        return zero_comm(_cfg("demo-cpu.yaml", *overrides).train)
+
+    # Gloo has no reduce-scatter: two CPU workers at ZeRO-2 all-reduce.
+    assert comm("train.num_workers=2", "train.deepspeed.zero_stage=2") == {"reduce_scatter": False}
+    assert comm("train.num_workers=2", "train.deepspeed.zero_stage=1")["reduce_scatter"] is False
+    # Configured wins; stage 0 (one worker runs it) and 3 have no such choice.
+    assert comm("train.num_workers=2", "train.deepspeed.reduce_scatter=true") == {"reduce_scatter": True}
+    assert comm("train.num_workers=1") == {}
+    assert comm("train.num_workers=2", "train.deepspeed.zero_stage=3", "train.deepspeed.overlap_comm=false") == {
+        "overlap_comm": False
+    }
+    # GPUs keep DeepSpeed's default (NCCL reduce-scatter).
+    assert _cfg("llama-3.1-70b-mmlu-pro-full.yaml").train.deepspeed.comm == zero_comm(
+        _cfg("llama-3.1-70b-mmlu-pro-full.yaml").train
     )

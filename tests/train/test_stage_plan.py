@@ -42,6 +42,8 @@ def test_the_phase_hash_holds_only_what_changes_the_trained_weights(tmp_path, ti
     assert hashes(lora={"merge": True}) == base
     # The scoring engine's settings do not change the trained weights.
     assert hashes(student={"max_model_len": 4096, "dtype": "float32"}) == base
+    # How gradients travel between workers does not either (train.deepspeed's communication knobs).
+    assert hashes(deepspeed={"overlap_comm": True, "reduce_scatter": False, "reduce_bucket_size": 10**6}) == base
     # What does change them still does.
     assert hashes(lora={"r": 4}) != base
     assert hashes(seed=7) != base
