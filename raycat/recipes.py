@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from raycat.config import COMM_KNOBS
+
 if TYPE_CHECKING:
     from raycat.config import RaycatConfig
 
@@ -53,9 +55,10 @@ def phase_settings(cfg: RaycatConfig, recipe: str, phase_name: str) -> dict[str,
     """What the config says about how a phase's model is made, as dotted keys: the training settings
     (this phase's and every earlier phase's hyper-parameters), the student and the template variables.
     Training writes it into done.json; eval compares it with its own config, so a model trained under
-    other settings is not reported under this config's name. Save/log cadence, ``train.lora.merge`` and
-    engine settings are left out: they change no weights. The rows (data, split, teacher) are not
-    compared: they are in the phase hash, which training checks, and eval follows their changes by row."""
+    other settings is not reported under this config's name. Save/log cadence, ``train.lora.merge``,
+    ZeRO's communication knobs and engine settings are left out: they change no weights. The rows (data,
+    split, teacher) are not compared: they are in the phase hash, which training checks, and eval follows
+    their changes by row."""
     train = cfg.train
     names = [p.name for p in RECIPES[recipe]]
     tree = {
@@ -63,7 +66,8 @@ def phase_settings(cfg: RaycatConfig, recipe: str, phase_name: str) -> dict[str,
             "recipe": recipe,
             "method": train.method,
             "lora": train.lora.model_dump(exclude={"merge"}) if train.method == "lora" else None,
-            "deepspeed": train.deepspeed.model_dump(),
+            # Its communication knobs move the same gradients (config.COMM_KNOBS).
+            "deepspeed": train.deepspeed.model_dump(exclude=COMM_KNOBS),
             "precision": train.precision,
             "device": train.device,
             "batching": train.batching,

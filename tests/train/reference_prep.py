@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from raycat.config import RaycatConfig
+from raycat.config import COMM_KNOBS, RaycatConfig
 from raycat.data.prompts import template_hash, train_template_hash
 from raycat.errors import MissingInputError, RaycatError
 from raycat.recipes import BANDS, NO_COT, RECIPES, Phase, needs_cot, phase_settings
@@ -105,7 +105,7 @@ def plan_phases(cfg: RaycatConfig, tokenizer, model_dir: str) -> tuple[list[Phas
                 "method": train.method,
                 # A merge is its own step after training: flipping it retrains nothing.
                 "lora": train.lora.model_dump(exclude={"merge"}) if train.method == "lora" else None,
-                "deepspeed": train.deepspeed.model_dump(),
+                "deepspeed": train.deepspeed.model_dump(exclude=COMM_KNOBS),
                 # 'grouped' composes steps differently.
                 "batching": train.batching,
                 "precision": uses_bf16(cfg),

@@ -48,3 +48,20 @@ def test_the_phase_hash_holds_only_what_changes_the_trained_weights(tmp_path, ti
     assert hashes(lora={"r": 4}) != base
     assert hashes(seed=7) != base
     assert hashes(student={"revision": "abc"}) != base
+
+
+def test_eval_does_not_see_the_communication_knobs_as_other_training_settings(tiny_model_dir):
+    from raycat.recipes import phase_settings
+
+    def settings(**deepspeed):
+        tree = {
+            "run_dir": "run",
+            "data": {"source": "synthetic"},
+            "score": {"student": {"path": str(tiny_model_dir)}},
+            "train": {"recipe": "sft_all", "deepspeed": deepspeed},
+        }
+        return phase_settings(validate_config(tree), "sft_all", "phase1")
+
+    base = settings()
+    assert settings(overlap_comm=True, reduce_scatter=False, allgather_bucket_size=10**6) == base
+    assert settings(zero_stage=3) != base
