@@ -495,6 +495,11 @@ class DeepSpeedSettings(Strict):
         None, ge=1, description="ZeRO-1/2: elements all-gathered at once after the step (DeepSpeed: 5e8)."
     )
 
+    def weight_settings(self) -> dict:
+        """What changes the trained weights (a phase's hash, eval's phase settings): all but the
+        communication knobs, which move the same gradients."""
+        return self.model_dump(exclude=COMM_KNOBS)
+
     @property
     def comm(self) -> dict:
         """The communication knobs that are set, as DeepSpeed's ``zero_optimization`` entries."""

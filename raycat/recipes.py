@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raycat.config import COMM_KNOBS
-
 if TYPE_CHECKING:
     from raycat.config import RaycatConfig
 
@@ -66,8 +64,7 @@ def phase_settings(cfg: RaycatConfig, recipe: str, phase_name: str) -> dict[str,
             "recipe": recipe,
             "method": train.method,
             "lora": train.lora.model_dump(exclude={"merge"}) if train.method == "lora" else None,
-            # Its communication knobs move the same gradients (config.COMM_KNOBS).
-            "deepspeed": train.deepspeed.model_dump(exclude=COMM_KNOBS),
+            "deepspeed": train.deepspeed.weight_settings(),
             "precision": train.precision,
             "device": train.device,
             "batching": train.batching,

@@ -35,7 +35,7 @@ def quarantine_path(run_dir: str) -> str:
 
 def dataset(cfg: RaycatConfig):
     """questions.parquet as a Ray Dataset read on the workers (the score pipeline cuts its blocks)."""
-    return rundir.parquet_dataset(path(cfg.run_dir), task_rows=rundir.READ_ROWS)
+    return rundir.parquet_dataset(path(cfg.run_dir))
 
 
 def build(cfg: RaycatConfig) -> dict:

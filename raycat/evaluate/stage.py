@@ -508,7 +508,7 @@ def run(cfg: RaycatConfig, recipes: list[str] | None = None) -> dict:
                 progress.say("eval", f"{plan.name} ({plan.kind} prompt): {n_rows} test rows, {counts['todo']} to do")
                 todo += counts["todo"]
             if todo:
-                rows = rundir.parquet_dataset(path, task_rows=rundir.READ_ROWS)
+                rows = rundir.parquet_dataset(path)
                 name = " + ".join(plan.name for plan in group)
                 with progress.rows(f"eval {name}", todo) as advance:
                     run_pipeline(worker_cfg, group, rows, parts, on_rows=advance)

@@ -213,11 +213,13 @@ def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def parquet_dataset(path: str, num_cpus: float = 0.1, task_rows: int = 1):
+def parquet_dataset(path: str, num_cpus: float = 0.1, task_rows: int = READ_ROWS):
     """A Parquet file as a Ray Dataset read on the workers, in file order: each small read task (a
     fraction of a CPU, so reading never waits on CPUs the engines hold) parses the footer once and
-    reads whole row groups, at least ``task_rows`` rows (default: one group, one block). Ray Data's own
-    Parquet reader lists files in a 1-CPU task, which waits forever on a node the engines fill."""
+    reads whole row groups, at least ``task_rows`` rows, as one block. Not a task per row group: every
+    pass (each training epoch) reruns the reads, and a task may start a Python process (Ray ends idle
+    workers after a second), ~1 s of CPU. Ray Data's own Parquet reader lists files in a 1-CPU task,
+    which waits forever on a node the engines fill."""
     import ray
 
     path = absolute(path)

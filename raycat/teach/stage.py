@@ -393,7 +393,7 @@ def run(cfg: RaycatConfig) -> dict:
                 + (f" ({retrying} failed in an earlier run: retried)" if retrying else ""),
             )
             if todo:
-                rows = rundir.parquet_dataset(path, task_rows=rundir.READ_ROWS)
+                rows = rundir.parquet_dataset(path)
                 with progress.rows("teaching", todo) as advance:
                     written += run_pipeline(teacher, plan, rows, parts, advance, skip)
         metrics = remote_call(ray.remote(num_cpus=1)(finalize), worker_cfg, plans)

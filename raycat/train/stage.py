@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raycat import progress
-from raycat.config import COMM_KNOBS, RaycatConfig, TrainConfig, for_workers, save_config
+from raycat.config import RaycatConfig, TrainConfig, for_workers, save_config
 from raycat.data.prompts import score_template_hash, train_template_hash
 from raycat.errors import MissingInputError, RaycatError
 from raycat.ray_env import ray_session, remote_call
@@ -128,8 +128,7 @@ def _hash_fields(cfg: RaycatConfig, tokenizer, phase: Phase, prev: str | None) -
         "method": train.method,
         # A merge is its own step after training: flipping it retrains nothing.
         "lora": train.lora.model_dump(exclude={"merge"}) if train.method == "lora" else None,
-        # Its communication knobs move the same gradients.
-        "deepspeed": train.deepspeed.model_dump(exclude=COMM_KNOBS),
+        "deepspeed": train.deepspeed.weight_settings(),
         # 'grouped' composes steps differently.
         "batching": train.batching,
         "precision": uses_bf16(cfg),
@@ -293,11 +292,9 @@ def fit_phases(cfg: RaycatConfig, fit: Fit, pad_id: int, tracking_tags: dict | N
         total = total_steps(
             rows, train.num_workers, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.epochs, hp.max_steps
         )
-        # Read by the workers in the order written (preserve_order below), ~READ_ROWS rows a task: every
-        # epoch reruns the reads, and each task may start a Python process (Ray ends idle workers after
-        # a second), ~1 s of CPU taken from the training workers. No CPU asked: the training workers may
-        # hold every CPU of the cluster while they read.
-        datasets[plan.phase.name] = rundir.parquet_dataset(plan.examples, num_cpus=0, task_rows=rundir.READ_ROWS)
+        # Read by the workers in the order written (preserve_order below). No CPU asked: the training
+        # workers may hold every CPU of the cluster while they read.
+        datasets[plan.phase.name] = rundir.parquet_dataset(plan.examples, num_cpus=0)
         info = phase_info(plan.phase, plan.stats, plan.hash, total, rundir.join(storage, name))
         loops.append(_loop_config(cfg, plan, init, total, pad_id, phase_dir, info, tracking_tags))
     trainer = TorchTrainer(

@@ -61,7 +61,7 @@ def test_a_parquet_dataset_is_read_in_few_tasks_and_cut_into_blocks_while_engine
     try:
         engine = ray.remote(num_cpus=0.8)(Engine).remote()
         ray.get(engine.ready.remote())
-        dataset = rundir.cut_blocks(rundir.parquet_dataset(path, task_rows=rundir.READ_ROWS), 16, num_cpus=0.1)
+        dataset = rundir.cut_blocks(rundir.parquet_dataset(path), 16, num_cpus=0.1)
         blocks = [b["id"].tolist() for b in dataset.iter_batches(batch_size=None, batch_format="pandas")]
         stats = dataset.stats()
     finally:
