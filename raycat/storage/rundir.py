@@ -213,6 +213,11 @@ def _read_groups(batch: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def parquet_spans(path: str, task_rows: int = READ_ROWS) -> list[tuple[int, int]]:
+    """The row groups (first, stop) each of ``parquet_dataset``'s read tasks reads, in order."""
+    return read_spans(row_group_rows(path), task_rows)
+
+
 def parquet_dataset(path: str, num_cpus: float = 0.1, task_rows: int = READ_ROWS):
     """A Parquet file as a Ray Dataset read on the workers, in file order: each small read task (a
     fraction of a CPU, so reading never waits on CPUs the engines hold) parses the footer once and
@@ -223,7 +228,7 @@ def parquet_dataset(path: str, num_cpus: float = 0.1, task_rows: int = READ_ROWS
     import ray
 
     path = absolute(path)
-    spans = read_spans(row_group_rows(path), task_rows)
+    spans = parquet_spans(path, task_rows)
     items = [{"path": path, "first": first, "stop": stop} for first, stop in spans]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     return dataset.map_batches(_read_groups, batch_size=1, batch_format="pandas", num_cpus=num_cpus)

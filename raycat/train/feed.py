@@ -4,6 +4,8 @@ load and DeepSpeed init instead of following them."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -37,6 +39,46 @@ def micro_batches(shard, batching: str, micro_batch_size: int, pad_id: int, seed
             x, y = [ids[j] for j in chosen], [labels[j] for j in chosen]
             arrays = pack(x, y) if batching == "packed" else collate(x, y, pad_id)
             yield {name: torch.from_numpy(v) for name, v in arrays.items()}
+
+
+# Bumped whenever micro_batches orders the same shard differently (buffer sizes, grouping, seeds).
+FEED_VERSION = 1
+
+
+def layout(spans: list[tuple[int, int]], world: int) -> dict:
+    """What, besides the phase hash, fixes an epoch's micro-batch sequence on each worker: the read
+    tasks' row-group spans (Ray's equal split deals whole blocks; the local shuffle mixes what one
+    buffer holds), the worker count and this module's ordering. A checkpoint's state.json records it."""
+    digest = hashlib.sha256(json.dumps([list(span) for span in spans]).encode()).hexdigest()[:16]
+    return {"version": FEED_VERSION, "read_tasks": len(spans), "read_spans": digest, "world": world}
+
+
+def resume_refusal(saved: dict, current: dict, phase: str, checkpoints: str) -> str | None:
+    """Why the checkpoint state ``saved`` cannot resume under the feed layout ``current`` (None: it can).
+
+    Only a checkpoint written mid-epoch depends on the layout: the resumed worker skips the micro-batches
+    it had trained on, which are other examples under another layout, so some of that epoch's examples
+    would be seen twice and others never. One without a recorded layout (before raycat recorded it) is
+    refused mid-epoch too: its layout is unknown."""
+    if saved.get("batch", 0) == 0:
+        return None
+    was = saved.get("feed")
+    if was == current:
+        return None
+    if was is None:
+        differs = "a layout it did not record (written by an older raycat)"
+    else:
+        keys = sorted(k for k in set(was) | set(current) if was.get(k) != current.get(k))
+        differs = ", ".join(f"{k} {was.get(k)} then, {current.get(k)} now" for k in keys)
+    hint = ""
+    if was is not None and was.get("world") != current.get("world"):
+        hint = f"rerun with train.num_workers: {was.get('world')}, or "
+    return (
+        f"{phase}: the latest checkpoint stopped mid-epoch (epoch {saved.get('epoch')}, after "
+        f"{saved['batch']} micro-batches per worker) under another data feed ({differs}); resuming would "
+        f"train on some of that epoch's examples twice and skip others. To go on: {hint}remove the fit's "
+        f"checkpoints, {checkpoints}, and rerun to train the phase again"
+    )
 
 
 class Started(Iterable):

@@ -31,7 +31,7 @@ from typing import Literal
 from raycat.config import LoraSettings, PhaseConfig
 from raycat.storage import models, rundir
 from raycat.train.batches import target_tokens, window_loss
-from raycat.train.feed import Started, micro_batches
+from raycat.train.feed import Started, micro_batches, resume_refusal
 from raycat.train.metrics import phase_metrics
 
 
@@ -75,6 +75,8 @@ class LoopConfig:
     total_steps: int
     pad_id: int
     seed: int
+    # feed.layout: the read spans and worker count a mid-epoch checkpoint's resume depends on.
+    feed_layout: dict
     save_steps: int
     log_every_steps: int
     tracking: Literal["none", "mlflow", "wandb"]
@@ -538,6 +540,7 @@ class PhaseRun:
             "real_tokens": 0,
             "padded_tokens": 0,
             "init_fingerprint": init_fingerprint,
+            "feed": cfg.feed_layout,
         }
         if ckpt is not None:
             self._restore(ckpt)
@@ -554,19 +557,22 @@ class PhaseRun:
 
         import torch.distributed as dist
 
-        engine = self.engine
+        engine, cfg = self.engine, self.cfg
         ckpt_dir = fetch_for_rank(ckpt, self.rank)
-        engine.load_checkpoint(
-            os.path.join(ckpt_dir, "deepspeed"), tag="ckpt", load_module_strict=self.cfg.method != "lora"
-        )
         with open(os.path.join(ckpt_dir, "state.json")) as f:
-            self.state = json.load(f)
+            saved = json.load(f)
+        # Every rank reads the same state, so every rank refuses (no rank waits in a collective).
+        refusal = resume_refusal(saved, cfg.feed_layout, cfg.phase_name, cfg.info.get("checkpoints", "?"))
+        if refusal is not None:
+            raise RuntimeError(refusal)
+        engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag="ckpt", load_module_strict=cfg.method != "lora")
+        self.state = saved
         if ckpt_dir != ckpt.path:
             # Every rank on this node has read the files they share.
             dist.barrier()
             if int(os.environ.get("LOCAL_RANK", "0")) == 0:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
-        self.state["phase"] = self.cfg.phase_name
+        self.state["phase"], self.state["feed"] = cfg.phase_name, cfg.feed_layout
         # Not in DeepSpeed's own checkpoint; keeps the accumulation windows aligned.
         engine.micro_steps = self.state["micro_steps"]
         self.state["resumed_from_step"] = engine.global_steps

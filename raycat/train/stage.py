@@ -36,6 +36,7 @@ from raycat.recipes import BANDS, RECIPES, Phase, needs_cot, phase_settings, pha
 from raycat.storage import models, rundir
 from raycat.train import encoders, examples, memory
 from raycat.train.batches import encode_rows, stop_token_ids, total_steps
+from raycat.train.feed import layout as feed_layout
 from raycat.train.loop import LoopConfig, recorded, train_loop
 from raycat.train.lora_merge import merge_remote
 from raycat.train.memory import uses_bf16, zero_comm, zero_stage
@@ -246,6 +247,7 @@ def _loop_config(
         total_steps=total_steps,
         pad_id=pad_id,
         seed=train.seed,
+        feed_layout=feed_layout(rundir.parquet_spans(plan.examples), train.num_workers),
         save_steps=train.save_steps,
         log_every_steps=train.log_every_steps,
         tracking=train.tracking,

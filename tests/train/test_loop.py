@@ -43,6 +43,7 @@ def _phase(root: Path, name: str, phase_hash: str) -> LoopConfig:
         total_steps=10,
         pad_id=0,
         seed=0,
+        feed_layout={"version": 1, "read_tasks": 1, "read_spans": "s", "world": 1},
         save_steps=2,
         log_every_steps=1,
         tracking="none",

@@ -88,6 +88,7 @@ def _loop_config(root: Path, model_dir: Path, zero_stage: int, method: str) -> L
         total_steps=10,
         pad_id=0,
         seed=0,
+        feed_layout={"version": 1, "read_tasks": 1, "read_spans": "s", "world": 1},
         save_steps=2,
         log_every_steps=1,
         tracking="none",
@@ -183,6 +184,17 @@ def _rank(rank: int, port: int, root: str, model_dir: str, zero_stage: int, meth
         )
     )
     resumed.engine.destroy()
+    # The same checkpoint under another feed layout (a worker more): refused mid-epoch, before any load.
+    moved = loop.PhaseRun(dataclasses.replace(cfg, feed_layout={**cfg.feed_layout, "world": WORLD + 1}), rank, WORLD)
+    try:
+        moved.setup(ray.train.Checkpoint(str(root_dir / "ckpt")), 0.0, 0.0, "fit")
+        refusal = None
+    except RuntimeError as e:
+        refusal = str(e)
+    moved.engine.destroy()
+    seen = json.loads((root_dir / f"rank{rank}.json").read_text())
+    seen.update(refusal=refusal, saved_feed=saved_state["feed"], resumed_feed=resumed.state["feed"])
+    (root_dir / f"rank{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
 
 
@@ -273,6 +285,9 @@ def test_restore_fetches_only_this_ranks_shards_and_resumes(written_by, request)
         assert seen["steps"][1] == seen["steps"][0] == 2
         assert seen["batch"][1] == seen["batch"][0] == 2
         assert seen["restored_equal"] and seen["moved"]
+        # state.json records the feed layout; another one is refused, naming how to go on.
+        assert seen["saved_feed"] == seen["resumed_feed"] and seen["saved_feed"]["world"] == 1
+        assert seen["refusal"] is not None and "train.num_workers: 1" in seen["refusal"]
     # The ranks share a node: everything else (state.json, DeepSpeed's tag file) is fetched once for both.
     fetched = opened[0] + opened[1]
     assert sorted(fetched) == sorted(files) and "state.json" in fetched
