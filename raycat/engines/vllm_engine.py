@@ -246,6 +246,13 @@ class VLLMEngine:
             log_stats=export,
         )
 
+        if adapters and device == "cpu" and self.in_process:
+            from raycat.engines import lora_cpu
+
+            # vLLM-CPU's own ops copy the adapter weights per token (lora_cpu): prefill through a LoRA
+            # ran several times slower than the base model.
+            lora_cpu.install()
+
         def build():
             llm = LLM(**args)
             if export:

