@@ -53,8 +53,13 @@ def lora_products(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Te
         weights = weights.squeeze(dim=1)
     inputs = inputs.to(dtype=dtype)
     if indices.shape[0] != inputs.shape[0]:
-        # Not one index per row: vLLM's broadcast, unchanged.
-        return None, torch.einsum("bi, boi -> bo", inputs, weights[indices].to(dtype=dtype))
+        # vLLM's einsum broadcasts a single row or a single index over the other; anything else it refuses.
+        if indices.shape[0] == 1:
+            indices = indices.expand(inputs.shape[0])
+        elif inputs.shape[0] == 1:
+            inputs = inputs.expand(indices.shape[0], -1)
+        else:
+            raise ValueError(f"LoRA indices for {indices.shape[0]} rows, inputs of {inputs.shape[0]}")
     adapters = [a for a in torch.unique(indices).tolist() if a >= 0]
     rows = indices >= 0
     if len(adapters) == 1 and bool(rows.all()):
@@ -78,11 +83,8 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
     rows, outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     # The adapter and the model may pad their outputs differently.
     common = min(outputs.shape[1], output_tensor.shape[1])
-    if rows is not None:
-        if outputs.shape[0] == 0:  # no row has an adapter
-            return
-        if rows.shape[0] == 1:  # the one row (broadcast below) has one
-            rows = None
+    if rows is not None and outputs.shape[0] == 0:  # no row has an adapter
+        return
     if rows is None:
         limit = output_tensor.shape[0]
         if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:

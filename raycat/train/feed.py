@@ -53,6 +53,17 @@ def layout(spans: list[tuple[int, int]], world: int) -> dict:
     return {"version": FEED_VERSION, "read_tasks": len(spans), "read_spans": digest, "world": world}
 
 
+class FeedMismatch(RuntimeError):
+    """A mid-epoch checkpoint cannot resume under this fit's feed layout (``resume_refusal`` says why)."""
+
+
+def check_resumable(saved: dict, current: dict, phase: str, checkpoints: str) -> None:
+    """Raise ``FeedMismatch`` where ``resume_refusal`` refuses."""
+    refusal = resume_refusal(saved, current, phase, checkpoints)
+    if refusal is not None:
+        raise FeedMismatch(refusal)
+
+
 def resume_refusal(saved: dict, current: dict, phase: str, checkpoints: str) -> str | None:
     """Why the checkpoint state ``saved`` cannot resume under the feed layout ``current`` (None: it can).
 

@@ -31,7 +31,7 @@ from typing import Literal
 from raycat.config import LoraSettings, PhaseConfig
 from raycat.storage import models, rundir
 from raycat.train.batches import target_tokens, window_loss
-from raycat.train.feed import Started, micro_batches, resume_refusal
+from raycat.train.feed import Started, check_resumable, micro_batches
 from raycat.train.metrics import phase_metrics
 
 
@@ -446,6 +446,10 @@ def train_loop(config: dict) -> None:
         # The checkpoint is the phase's last one: the model is exported; only its records may be missing.
         _finish(phases[point.finished], saved, saved["wall_s"])
     resume = ckpt if point.from_checkpoint else None
+    if resume is not None:
+        # Refused before any model loads (_restore checks again, for callers that start there).
+        phase = phases[point.start]
+        check_resumable(saved, phase.feed_layout, phase.phase_name, phase.info.get("checkpoints", "?"))
     # Ray's restart of a failed worker group does not say when the new group began: count from entering
     # the loop. A rerun's new fit restored from a checkpoint did start its group at fit_started.
     started = entered if point.restarted else config["fit_started"]
@@ -562,9 +566,7 @@ class PhaseRun:
         with open(os.path.join(ckpt_dir, "state.json")) as f:
             saved = json.load(f)
         # Every rank reads the same state, so every rank refuses (no rank waits in a collective).
-        refusal = resume_refusal(saved, cfg.feed_layout, cfg.phase_name, cfg.info.get("checkpoints", "?"))
-        if refusal is not None:
-            raise RuntimeError(refusal)
+        check_resumable(saved, cfg.feed_layout, cfg.phase_name, cfg.info.get("checkpoints", "?"))
         engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag="ckpt", load_module_strict=cfg.method != "lora")
         self.state = saved
         if ckpt_dir != ckpt.path:

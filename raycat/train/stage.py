@@ -36,6 +36,7 @@ from raycat.recipes import BANDS, RECIPES, Phase, needs_cot, phase_settings, pha
 from raycat.storage import models, rundir
 from raycat.train import encoders, examples, memory
 from raycat.train.batches import encode_rows, stop_token_ids, total_steps
+from raycat.train.feed import FeedMismatch
 from raycat.train.feed import layout as feed_layout
 from raycat.train.loop import LoopConfig, recorded, train_loop
 from raycat.train.lora_merge import merge_remote
@@ -429,6 +430,10 @@ def _fit_and_check(cfg: RaycatConfig, fit: Fit, pad_id: int, tracking_tags: dict
         if getattr(result, "error", None) is not None:
             raise result.error
     except TrainingFailedError as e:
+        refusal = _feed_mismatch(e)
+        if refusal is not None:
+            # Rerunning would refuse again: the message says how to go on.
+            raise RaycatError(refusal) from e
         # The workers failed train.max_failures + 1 times.
         raise RaycatError(
             f"{names} failed (after up to {cfg.train.max_failures} restarts from the latest "
@@ -445,6 +450,15 @@ def _fit_and_check(cfg: RaycatConfig, fit: Fit, pad_id: int, tracking_tags: dict
                 f"{ckpts}, "
                 f"and rerun to train {names} again"
             )
+
+
+def _feed_mismatch(error: BaseException) -> str | None:
+    """The refusal a worker raised (``feed.FeedMismatch``) behind Ray Train's failure, if that was it."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        for cause in (failure, getattr(failure, "cause", None)):
+            if isinstance(cause, FeedMismatch):
+                return str(cause.args[0] if cause.args else cause)
+    return None
 
 
 def _merges(cfg: RaycatConfig) -> bool:

@@ -93,6 +93,17 @@ def test_a_row_without_a_lora_is_left_as_it_was():
     assert torch.equal(one, torch.ones(3, HIDDEN))
 
 
+@pytest.mark.parametrize("rows,indices", [(1, 5), (5, 1)])
+def test_one_row_or_one_index_broadcasts_over_the_other_as_vllms_einsum_does(rows, indices):
+    x = torch.randn(rows, HIDDEN)
+    weights = torch.randn(SLOTS, RANK, HIDDEN)
+    index = torch.randint(0, SLOTS, (indices,))
+    want, got = torch.zeros(5, RANK), torch.zeros(5, RANK)
+    vllm.bgmv_shrink(x, weights, want, index, 1.0)
+    lora_cpu.bgmv_shrink(x, weights, got, index, 1.0)
+    torch.testing.assert_close(got, want)
+
+
 def test_a_single_row_output_broadcasts_as_vllms_does():
     # One input row against a longer output (vLLM's expand keeps only the first row's product).
     buffer = torch.randn(1, RANK)

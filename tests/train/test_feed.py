@@ -98,3 +98,32 @@ def test_a_mid_epoch_checkpoint_resumes_under_its_own_layout_only():
 def test_a_mid_epoch_checkpoint_without_a_recorded_layout_is_refused():
     why = resume_refusal(STATE, NOW, "phase2", "ck")
     assert why is not None and "did not record" in why and "phase2" in why
+
+
+def test_a_refused_resume_reaches_the_user_as_the_refusal_not_as_rerun_to_resume(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from raycat.errors import RaycatError
+    from raycat.train import stage
+    from raycat.train.feed import FeedMismatch
+
+    why = resume_refusal(STATE, NOW, "phase1", "/r/ck")
+
+    def refused(*args, **kwargs):
+        raise WorkerGroupError("rank 0 failed", {0: FeedMismatch(why), 1: FeedMismatch(why)})
+
+    monkeypatch.setattr(stage, "fit_phases", refused)
+    cfg = SimpleNamespace(train=SimpleNamespace(max_failures=2))
+    fit = [(SimpleNamespace(phase=SimpleNamespace(name="phase1")), "dir", {})]
+    with pytest.raises(RaycatError) as caught:
+        stage._fit_and_check(cfg, fit, 0)
+    assert str(caught.value) == why and "rerun the command to resume" not in str(caught.value)
+
+    def crashed(*args, **kwargs):
+        raise WorkerGroupError("rank 0 failed", {0: MemoryError("out of memory")})
+
+    monkeypatch.setattr(stage, "fit_phases", crashed)
+    with pytest.raises(RaycatError, match="rerun the command to resume"):
+        stage._fit_and_check(cfg, fit, 0)
