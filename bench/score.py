@@ -139,9 +139,8 @@ def main() -> None:
     engine.close()
 
     from raycat.engines.actor_pool import Pool
-    from raycat.engines.base import engine_kwargs
     from raycat.ray_env import ray_session
-    from raycat.score.stage import ScorePlan, run_pipeline
+    from raycat.score.stage import make_plan, run_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = validate_config(
@@ -166,23 +165,8 @@ def main() -> None:
 
         from raycat.storage import rowkey
 
-        plan = ScorePlan(
-            model_path=path,
-            revision=None,
-            trust_remote_code=False,
-            preset="letters",
-            system_prompt=None,
-            labels=label_tokens(tok, 4, "letters"),
-            template_hash="bench",
-            cache_key="bench",
-            sample_ids=frozenset(),
-            max_prompt_tokens=1000,
-            mode=cfg.score.entropy_mode,
-            top_k=cfg.score.top_k,
-            free_form_max_tokens=cfg.score.free_form_max_tokens,
-            backend=cfg.score.engine.backend,
-            engine_kwargs=engine_kwargs(cfg.score.student, cfg.score.engine),
-        )
+        # The stage's own plan (label tokens, cache key, engine settings), so the bench follows it.
+        plan = make_plan(cfg, tok, 4, frozenset())
         with ray_session(cfg.ray):
             t = time.perf_counter()
             # The stage keys its cache on (id, row_hash).

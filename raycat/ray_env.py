@@ -23,7 +23,7 @@ def ray_session(cfg: RayConfig, run_dir: str | None = None) -> Iterator[None]:
     if not ray.is_initialized():
         # "local" rather than a bare init: a stale cluster file must not attach us to a dead head.
         address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
-        kwargs = {"num_cpus": cfg.num_cpus} if address == "local" and cfg.num_cpus else {}
+        kwargs = local_kwargs(cfg) if address == "local" else {}
         ray.init(address=address, include_dashboard=False if address == "local" else None, log_to_driver=True, **kwargs)
         started = True
     if started and run_dir is not None:
@@ -41,6 +41,19 @@ def ray_session(cfg: RayConfig, run_dir: str | None = None) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+def local_kwargs(cfg: RayConfig) -> dict:
+    """``ray.init`` arguments for a local Ray that raycat starts itself."""
+    kwargs: dict = {"num_cpus": cfg.num_cpus} if cfg.num_cpus else {}
+    if "RAY_num_workers_soft_limit" not in os.environ:
+        # Ray's default keeps as many idle workers as the node has free CPUs and kills the rest after
+        # 1 s; an engine holds nearly every CPU of a laptop, so each part write started a fresh Python
+        # worker (~1 s of a core): the 2-core score pipeline took 1.7x as long (bench/score.py). A
+        # fixed limit, with room for a stage's actors, keeps the task workers.
+        cpus = cfg.num_cpus or os.cpu_count() or 1
+        kwargs["_system_config"] = {"num_workers_soft_limit": max(2 * cpus, cpus + 8)}
+    return kwargs
 
 
 def get(ref):

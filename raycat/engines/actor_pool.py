@@ -74,11 +74,12 @@ class Pool:
 
     def compute(self):
         """The actor pool: fixed size (vLLM start-up is long); a streaming engine takes several batches at
-        once, each on its own thread of the actor."""
+        once, each on its own thread of the actor. One batch at a time runs on the actor's main thread,
+        the one that built the engine: by default Ray Data calls the actor from a thread of its own, and
+        vLLM on CPU binds its OpenMP team to the building thread (a second team from the calling thread
+        made the 2-core score pipeline 1.3x slower; bench/score.py)."""
         import ray
 
-        if self.in_flight == 1:
-            return ray.data.ActorPoolStrategy(size=self.size)
         return ray.data.ActorPoolStrategy(
             size=self.size,
             max_concurrent_calls_per_actor=self.in_flight,
