@@ -53,7 +53,8 @@ from raycat.engines.vllm_engine import VLLMEngine
 path, dtype, device = sys.argv[1:4]
 tok = AutoTokenizer.from_pretrained(path)
 prompt = render_ids(tok, messages_for("2 + 2 = ?", ["3", "4", "5", "6"], "math", "letters"))
-engine = VLLMEngine(path, dtype=dtype, device=device, max_model_len=1024, kv_cache_gib=1)
+# As the pipeline's options-mode engine: no full-vocabulary logprobs.
+engine = VLLMEngine(path, dtype=dtype, device=device, max_model_len=1024, kv_cache_gib=1, need_full=False)
 engine.score([ScoreRequest(prompt, label_tokens(tok, 4, "letters").groups(4, "letters"))], "options", 20, 1)
 engine.close()
 """
@@ -65,7 +66,9 @@ def direct_one_row(path: str, dtype: str, device: str) -> float:
     import subprocess
 
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", DIRECT_ONE_ROW, path, dtype, device], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", DIRECT_ONE_ROW, path, dtype, device], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the direct engine's process failed:\n{done.stderr[-4000:]}")
     return time.perf_counter() - t
 
 
@@ -244,7 +247,6 @@ def main() -> None:
             f"raycat pipeline wall incl. engine start: {results['raycat']['wall_s']:.1f} s; steady-state "
             f"Ray Data overhead vs direct vLLM: {results['raycat']['score_s'] / results['vllm']['score_s']:.2f}x"
         )
-    if "raycat" in results:
         r = results["raycat"]
         print(
             f"engine start-up, one row scored from nothing: raycat pipeline {r['raycat_1row_s']:.1f} s "

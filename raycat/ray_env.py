@@ -50,8 +50,9 @@ def local_kwargs(cfg: RayConfig) -> dict:
         # Ray's default keeps as many idle workers as the node has free CPUs and kills the rest after
         # 1 s; an engine holds nearly every CPU of a laptop, so each part write started a fresh Python
         # worker (~1 s of a core): the 2-core score pipeline took 1.7x as long (bench/score.py). A
-        # fixed limit, with room for a stage's actors, keeps the task workers.
-        cpus = cfg.num_cpus or os.cpu_count() or 1
+        # fixed limit, with room for a stage's actors, keeps the task workers (idle ones stay for the
+        # session, ~0.1-0.3 GB each; Ray's memory monitor can still end them).
+        cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
         kwargs["_system_config"] = {"num_workers_soft_limit": max(2 * cpus, cpus + 8)}
     return kwargs
 

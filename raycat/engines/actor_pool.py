@@ -83,7 +83,8 @@ class Pool:
         return ray.data.ActorPoolStrategy(
             size=self.size,
             max_concurrent_calls_per_actor=self.in_flight,
-            max_tasks_in_flight_per_actor=self.in_flight,
+            # One at a time: Ray Data's default, which queues the next block at the actor.
+            max_tasks_in_flight_per_actor=self.in_flight if self.in_flight > 1 else None,
             enable_true_multi_threading=True,
         )
 
@@ -105,8 +106,8 @@ class Pool:
             }
             if not self.num_gpus:
                 # A CPU engine computes with the CPUs it was given (rounded up). Set for the whole actor
-                # process, not by the engine's constructor: Ray Data calls the actor from another thread,
-                # whose OpenMP thread count would stay at Ray's default, and vLLM's CPU attention
+                # process, not by the engine's constructor: a streaming engine steps on a thread of its
+                # own, whose OpenMP thread count would stay at Ray's default, and vLLM's CPU attention
                 # refuses a thread count that differs from the one its metadata was built with.
                 args["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(math.ceil(self.num_cpus))}}
             return args

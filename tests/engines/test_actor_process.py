@@ -28,12 +28,13 @@ class _ThreadProbe(actor_pool.EngineActor):
         return batch.assign(same_thread=threading.get_ident() == self.built_on)
 
 
-def test_a_one_batch_engine_is_called_on_the_thread_that_built_it(tmp_path):
+def test_a_one_batch_engine_is_called_on_the_thread_that_built_it(tmp_path, monkeypatch):
     # vLLM on CPU binds its OpenMP team to the thread that built the engine; Ray Data calls a map actor
     # from another thread unless told otherwise.
     rows = pd.DataFrame({"id": [f"r{i}" for i in range(24)]})
     pool = actor_pool.Pool.of(EngineConfig(batch_size=4))
     assert pool.in_flight == 1
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with ray_session(RayConfig(num_cpus=2)):
         written = actor_pool.run("score", rows, _ThreadProbe, None, pool, str(tmp_path / "parts"))
     assert written == 24
@@ -45,9 +46,11 @@ def test_a_local_ray_keeps_its_idle_task_workers_while_an_engine_holds_the_cpus(
     import ray
 
     monkeypatch.delenv("RAY_num_workers_soft_limit", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not ray.is_initialized()
     assert local_kwargs(RayConfig(num_cpus=2))["_system_config"] == {"num_workers_soft_limit": 10}
 
-    # Actors holding nearly every CPU, as an engine does (score's asks for all but half a CPU).
+    # Actors holding nearly every CPU, as a CPU engine does (the demo's asks for 1.5 of 2).
     @ray.remote(num_cpus=0.9)
     class Holder:
         def ready(self):
