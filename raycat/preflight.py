@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from raycat.config import EngineConfig, RaycatConfig
+from raycat.config import EngineConfig, RaycatConfig, RayConfig
 from raycat.data import sources
 from raycat.recipes import needs_cot
 from raycat.storage.models import REGISTRY, is_uri
@@ -405,6 +405,11 @@ def data_check(cfg: RaycatConfig, env: Mapping[str, str]) -> Check:
     return Check("data", "ok", f"data.path {path}: {len(files)} file(s)")
 
 
+def local_cpus(ray_cfg: RayConfig) -> int:
+    """The CPUs a local Ray started here gets: ray.num_cpus, else this machine's."""
+    return ray_cfg.num_cpus or os.cpu_count() or 1
+
+
 def local_resources(cfg: RaycatConfig, env: Mapping[str, str]) -> dict[str, float]:
     """What a local Ray started here would have: ray.num_cpus (else this machine's CPUs) and the GPUs
     CUDA shows it. Ray's own count, once it starts, is the one `raycat run` enforces."""
@@ -416,7 +421,7 @@ def local_resources(cfg: RaycatConfig, env: Mapping[str, str]) -> dict[str, floa
         import torch
 
         gpus = torch.cuda.device_count()
-    return {"CPU": float(cfg.ray.num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
+    return {"CPU": float(local_cpus(cfg.ray)), "GPU": float(gpus)}
 
 
 def gpu_checks(

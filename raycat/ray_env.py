@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from raycat import progress
 from raycat.config import RayConfig
 from raycat.errors import RaycatError
-from raycat.preflight import storage_problem
+from raycat.preflight import local_cpus, storage_problem
 
 
 @contextmanager
@@ -52,7 +52,7 @@ def local_kwargs(cfg: RayConfig) -> dict:
         # worker (~1 s of a core): the 2-core score pipeline took 1.7x as long (bench/score.py). A
         # fixed limit, with room for a stage's actors, keeps the task workers (idle ones stay for the
         # session, ~0.1-0.3 GB each; Ray's memory monitor can still end them).
-        cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
+        cpus = local_cpus(cfg)
         kwargs["_system_config"] = {"num_workers_soft_limit": max(2 * cpus, cpus + 8)}
     return kwargs
 
