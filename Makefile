@@ -92,7 +92,7 @@ bench: install
 	$(BIN)/python bench/teach.py
 	$(BIN)/python bench/eval_lora.py
 	$(BIN)/python bench/train.py
-	$(BIN)/python bench/train.py --hidden 512 --layers 4   # the larger model the 1 -> 2 worker goal is stated on
+	$(BIN)/python bench/train.py --hidden 512 --layers 4 --floors   # the model the 1 -> 2 worker goal is stated on; the ceilings without raycat
 	$(BIN)/python bench/corpus.py
 
 lint: install

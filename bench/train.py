@@ -72,6 +72,38 @@ def cores_busy(cpu, t0: float, t1: float) -> dict[str, float]:
     return {k: v / span for k, v in used.items()} if span > 0 else {}
 
 
+def print_floors(model_dir: Path, enc, work: Path, args, results: dict) -> None:
+    """This machine's ceilings without raycat beside raycat's figures (bench/floors.py)."""
+    import floors
+
+    ddp = {w: floors.ddp_rate(model_dir, enc, w, args.micro_batch_size, args.steps) for w in (1, 2)}
+    in_ray = {w: floors.ray_train_ddp_rate(model_dir, enc, w, args.micro_batch_size, args.steps) for w in (1, 2)}
+    data = work / "floor-examples.parquet"
+    enc[["input_ids", "labels"]].to_parquet(data)
+    group = floors.ray_train_start(str(data))
+    imports, build = floors.fresh_start(model_dir)
+    r1, r2 = results["raycat1"], results["raycat2"]
+    s = r1["startup"]
+    print("\nceilings on this machine, without raycat (bench/floors.py)")
+    print(f"bare torch DDP (gloo), tokens/s: 1 process {ddp[1]:.0f}, 2 processes {ddp[2]:.0f}")
+    print(f"the same DDP loop as Ray Train workers (no Ray Data, no DeepSpeed): {in_ray[1]:.0f}, {in_ray[2]:.0f}")
+    raycat = r2["tokens_per_s"] / r1["tokens_per_s"]
+    print(
+        f"1 -> 2: bare DDP {ddp[2] / ddp[1]:.2f}x   in Ray Train {in_ray[2] / in_ray[1]:.2f}x   raycat {raycat:.2f}x "
+        f"(ZeRO-{args.zero_stage})   raycat 2 workers / bare DDP 2 = {r2['tokens_per_s'] / ddp[2]:.2f}x"
+    )
+    print(f"worker group: bare TorchTrainer (1 worker, a dataset) {group:.1f} s   raycat {s['worker_group_s']:.1f} s")
+    print(
+        f"model + DeepSpeed: fresh process imports {imports:.1f} s + load and engine {build:.1f} s = "
+        f"{imports + build:.1f} s   raycat {s['model_and_deepspeed_s']:.1f} s"
+    )
+    total = s["worker_group_s"] + s["model_and_deepspeed_s"] + s["first_step_s"]
+    print(
+        f"start-up before the first step: floors {group + imports + build:.1f} s + raycat's first step "
+        f"{s['first_step_s']:.1f} s   raycat {total:.1f} s (goal <= 10 s)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=96, help="training examples")
@@ -88,6 +120,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--scaling-only", action="store_true", help="raycat1 and raycat2 only (no bare loop, no padded run)"
+    )
+    ap.add_argument(
+        "--floors",
+        action="store_true",
+        help="also measure this machine's ceilings without raycat (bench/floors.py): bare torch DDP 1 vs 2 "
+        "processes, Ray Train's own worker-group start, a fresh process's imports + model + DeepSpeed init",
     )
     ap.add_argument("--json", help="append raycat's measured 1-worker training rate to this file (scaling plans)")
     ap.add_argument(
@@ -176,11 +214,12 @@ def main() -> None:
             "feed": metrics["data_feed_share"],
             "cpu": cores_busy(cpu, w0, w1),
         }
-        if name == "raycat1" and args.device == "cpu" and not args.scaling_only:
+        if name == "raycat1" and args.device == "cpu":
             tok = AutoTokenizer.from_pretrained(model_dir)
             # sft_all's one phase: the three bands in order.
             rows = pd.concat([pd.read_parquet(p) for p in input_paths(cfg)[0].values()], ignore_index=True)
             enc, _ = encode_rows(tok, rows, "answer", stop_token_ids(tok, str(model_dir)), 1024, "drop")
+        if name == "raycat1" and args.device == "cpu" and not args.scaling_only:
             t0 = time.perf_counter()
             results["bare"] = {
                 "tokens_per_s": bare_loop(model_dir, enc, args.micro_batch_size, args.steps, 1e-4),
@@ -201,8 +240,8 @@ def main() -> None:
     for k, v in results.items():
         if v.get("cpu"):
             top = sorted(v["cpu"].items(), key=lambda x: -x[1])
-            rest = sum(c for _, c in top[4:])
-            print(f"{k:10} " + ", ".join(f"{g} {c:.2f}" for g, c in top[:4]) + f", the rest {rest:.2f}")
+            rest = sum(c for _, c in top[8:])
+            print(f"{k:10} " + ", ".join(f"{g} {c:.2f}" for g, c in top[:8]) + f", the rest {rest:.2f}")
     print("\nphase start-up (s): worker group / model + DeepSpeed init / first step / after the last step")
     for k, v in results.items():
         if v.get("startup"):
@@ -218,6 +257,9 @@ def main() -> None:
             f"tokens/s; padding waste {results['raycat1']['padding_waste']:.1%} packed vs "
             f"{results['padded1']['padding_waste']:.1%} padded"
         )
+
+    if args.floors and args.device == "cpu":
+        print_floors(model_dir, enc, work, args, results)
 
     if args.json:
         from transformers import AutoModelForCausalLM
