@@ -30,6 +30,36 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def direct_in_ray(path: str, dtype: str, device: str, prompts: list, sampling, cpus: float, threads: int) -> float:
+    """Completion tokens/s of one ``generate`` over all prompts on a warmed engine, as the direct line, but
+    in a Ray actor with the CPUs and OpenMP threads raycat's engine actor gets, under a local Ray as raycat
+    starts it: what the stage could reach inside Ray on this machine."""
+    import ray
+
+    from raycat.config import RayConfig
+    from raycat.ray_env import ray_session
+
+    @ray.remote
+    class Direct:
+        def run(self) -> tuple[int, float]:
+            from raycat.engines.base import Sampling
+            from raycat.engines.vllm_engine import VLLMEngine
+
+            engine = VLLMEngine(path, dtype=dtype, device=device, max_model_len=2048, kv_cache_gib=2, need_full=False)
+            engine.generate(prompts[:4], Sampling(0.0, 1.0, 8, 0))
+            t = time.perf_counter()
+            gens = engine.generate(prompts, sampling)
+            seconds = time.perf_counter() - t
+            engine.close()
+            return sum(g.completion_tokens for g in gens), seconds
+
+    with ray_session(RayConfig(num_cpus=max(threads, 2))):
+        actor = Direct.options(num_cpus=cpus, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}}).remote()
+        tokens, seconds = ray.get(actor.run.remote())
+        ray.kill(actor)
+    return tokens / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="registry:smollm2-135m-instruct")
@@ -38,6 +68,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--in-flight", type=int, nargs="+", default=[4, 1], help="batches_in_flight values to time")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument(
+        "--floors",
+        action="store_true",
+        help="also time the direct generate inside a Ray actor set up as raycat's engine actor (the ceiling "
+        "for the stage inside Ray on this machine)",
+    )
     parser.add_argument(
         "--json", help="append the teach stage's measured decode rate to this file (for study scaling plans)"
     )
@@ -149,6 +185,14 @@ def main() -> None:
             f"  engine stepping {busy:.1f} s of the {seconds:.1f} s ({tokens / busy:.1f} tok/s while stepping = "
             f"{tokens / busy / direct_rate:.2f}x direct); cores busy over the stage's wall: "
             + ", ".join(f"{g} {c:.2f}" for g, c in sorted(cores.items(), key=lambda x: -x[1])[:5])
+        )
+    if args.floors:
+        in_ray_rate = direct_in_ray(path, dtype, args.device, prompts, sampling, max(threads - 0.5, 1), threads)
+        best = max(measured.values())[0]
+        print(
+            f"direct generate in a Ray actor ({max(threads - 0.5, 1)} CPUs, OMP threads {threads}, a local Ray as "
+            f"raycat starts it): {in_ray_rate:.1f} tok/s = {in_ray_rate / direct_rate:.2f}x direct; raycat's "
+            f"best = {best / in_ray_rate:.2f}x of it"
         )
     if len(measured) > 1:
         best, worst = max(measured), min(measured)
