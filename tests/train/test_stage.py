@@ -317,6 +317,7 @@ def test_rerun_after_the_whole_job_is_killed_resumes_phase2_from_its_checkpoint(
         proc.wait()
     phase1_done = (run / "train/complexity_aware/phase1/done.json").stat().st_mtime_ns
     assert not (run / "train/complexity_aware/phase2/done.json").exists()
+    _refuses_a_checkpoint_without_its_feed_layout(cmd, ckpts)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "phase1: already trained" in again.stderr
@@ -324,6 +325,33 @@ def test_rerun_after_the_whole_job_is_killed_resumes_phase2_from_its_checkpoint(
     assert m2["resumed_from_step"] is not None and m2["resumed_from_step"] >= 20
     assert [h["step"] for h in m2["history"]] == list(range(1, m2["total_steps"] + 1))
     assert (run / "train/complexity_aware/phase1/done.json").stat().st_mtime_ns == phase1_done
+
+
+def _refuses_a_checkpoint_without_its_feed_layout(cmd: list, ckpts: Path) -> None:
+    """The rerun the user makes over a mid-epoch checkpoint written before raycat recorded its feed
+    layout (state.json without "feed"): the command fails with the refusal and its fix, once, before any
+    step; the checkpoints are left as they were."""
+    states = sorted(ckpts.glob("*/phase2_step_*/state.json"))
+    assert states, "no phase-2 checkpoint state"
+    kept = {p: p.read_text() for p in states}
+    for p, text in kept.items():
+        state = json.loads(text)
+        # 6 hard rows on 2 workers, one per micro-batch: 3 steps an epoch, checkpoints every 20.
+        assert state["batch"] > 0, "the fixture's checkpoints are mid-epoch"
+        del state["feed"]
+        p.write_text(json.dumps(state))
+    try:
+        refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    finally:
+        for p, text in kept.items():
+            # A rerun that was not refused trained on and pruned old checkpoints.
+            if p.parent.exists():
+                p.write_text(text)
+    assert refused.returncode != 0
+    err = refused.stderr
+    assert "phase2: the latest checkpoint stopped mid-epoch" in err and "did not record" in err, err[-3000:]
+    assert f"remove the fit's checkpoints, {ckpts}" in err and "rerun the command to resume" not in err
+    assert not (ckpts.parent / "done.json").exists()
 
 
 def test_template_mismatch_with_scoring_is_an_error_unless_allowed(tmp_path, tiny_model_dir):
