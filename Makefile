@@ -92,7 +92,8 @@ bench: install
 	$(BIN)/python bench/teach.py
 	$(BIN)/python bench/eval_lora.py
 	$(BIN)/python bench/train.py
-	$(BIN)/python bench/train.py --hidden 512 --layers 4 --floors   # the model the 1 -> 2 worker goal is stated on; the ceilings without raycat
+	$(BIN)/python bench/train.py --hidden 512 --layers 4   # the model the 1 -> 2 worker goal is stated on
+	$(BIN)/python bench/train.py --hidden 512 --layers 4 --n 384 --scaling-only --zero-stage 0 --floors   # the ceilings without raycat
 	$(BIN)/python bench/corpus.py
 
 lint: install

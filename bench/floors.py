@@ -1,14 +1,16 @@
 """What this machine allows a data-parallel fit, without raycat: the ceilings bench/train.py compares with.
 
-ddp_rate        torch DDP (gloo) over `world` processes, no Ray, no DeepSpeed: the same model, packed
-                micro-batches and one thread per process as raycat's workers. 2 processes / 1 is the
-                scaling any synchronous data-parallel strategy can reach here (the gradients' all-reduce
-                and the two processes' share of the cores included).
-ray_train_start a TorchTrainer whose loop only records when it was entered and reads one batch of the
-                same dataset: Ray Train's own worker-group start (controller, workers, process group,
-                dataset split) on this machine.
-fresh_start     a fresh Python process that imports torch, DeepSpeed and transformers, loads the model
-                and builds the DeepSpeed engine (ZeRO-0, one rank): the floor of "model + DeepSpeed".
+ddp_rate            torch DDP (gloo) over `world` processes, no Ray, no DeepSpeed: the same model, packed
+                    micro-batches, one thread per process and step timing as raycat's workers. 2 processes
+                    / 1 is the scaling a synchronous data-parallel loop reaches on these cores alone.
+ray_train_ddp_rate  the same DDP loop as Ray Train workers, rows in the loop's config (no Ray Data feed, no
+                    DeepSpeed): the same with Ray's processes beside the workers, as raycat's fit has.
+ray_train_start     a TorchTrainer whose loop only records when it was entered and reads one batch of a
+                    dataset: Ray Train's own worker-group start (controller, workers, process group,
+                    dataset split) on this machine.
+fresh_start         a fresh Python process that has imported torch (as a Ray Train worker has before
+                    raycat's loop starts) imports DeepSpeed and transformers, loads the model and builds
+                    the DeepSpeed engine (ZeRO-0, one rank): the floor of "model + DeepSpeed".
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_steps(rank: int, world: int, model_dir: str, rows: list, mbs: int, steps: int) -> dict:
-    """The bare DDP loop on an initialized process group: real tokens and seconds over the steps after
-    the first."""
+def ddp_steps(rank: int, world: int, model_dir: str, rows: list, mbs: int, steps: int) -> dict:
+    """The bare DDP loop (with ``world`` 1 a plain loop, no process group needed): real tokens and
+    seconds over the steps after the first (which pays allocation and lazy init), each step timed as
+    raycat's ``step_s`` is, from the previous step's end (building its batch and any wait for the
+    other rank included); ``t0``/``t1``: the window's wall clock."""
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -45,35 +49,39 @@ def _ddp_steps(rank: int, world: int, model_dir: str, rows: list, mbs: int, step
     model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens, seconds = 0, 0.0
+    tokens, last, t0 = 0, 0.0, 0.0
     for step in range(steps + 1):
-        # Rank r takes the r-th micro-batch of the step's `world`, as Ray Data's equal split would.
+        # Rank r takes every world-th micro-batch of the rows in order (raycat's equal split deals
+        # whole blocks of its shuffled examples instead; the synthetic rows are of near-equal length).
         lo = ((step * world + rank) * mbs) % len(rows)
         ids, labels = zip(*rows[lo : lo + mbs], strict=True)
         b = {k: torch.from_numpy(v) for k, v in pack(list(ids), list(labels)).items()}
-        dist.barrier()
-        t = time.perf_counter()
         ddp(**b).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        if step:
-            seconds += time.perf_counter() - t
+        if step == 0:
+            if world > 1:
+                dist.barrier()
+            last, t0 = time.perf_counter(), time.time()
+        else:
             tokens += b["input_ids"].numel()
-    return {"tokens": tokens, "seconds": seconds}
+    return {"tokens": tokens, "seconds": time.perf_counter() - last, "t0": t0, "t1": time.time()}
 
 
 def _ddp_worker(rank: int, world: int, port: int, model_dir: str, rows: list, mbs: int, steps: int, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    Path(f"{out}.{rank}").write_text(json.dumps(_ddp_steps(rank, world, model_dir, rows, mbs, steps)))
+    Path(f"{out}.{rank}").write_text(json.dumps(ddp_steps(rank, world, model_dir, rows, mbs, steps)))
     dist.destroy_process_group()
 
 
-def _rate(out: str, world: int) -> float:
+def _rate(out: str, world: int) -> dict:
+    """All ranks' real tokens over the slowest rank's window; rank 0's window."""
     parts = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
-    return sum(p["tokens"] for p in parts) / max(p["seconds"] for p in parts)
+    rate = sum(p["tokens"] for p in parts) / max(p["seconds"] for p in parts)
+    return {"rate": rate, "t0": parts[0]["t0"], "t1": parts[0]["t1"]}
 
 
 def ddp_rate(model_dir: Path, encoded, world: int, mbs: int, steps: int) -> float:
@@ -81,16 +89,17 @@ def ddp_rate(model_dir: Path, encoded, world: int, mbs: int, steps: int) -> floa
     import torch.multiprocessing as mp
 
     rows = list(zip(encoded["input_ids"], encoded["labels"], strict=True))
-    out = tempfile.mktemp(prefix="raycat-ddp-")
-    args = (world, _free_port(), str(model_dir), rows, mbs, steps, out)
-    mp.start_processes(_ddp_worker, args=args, nprocs=world, start_method="spawn")
-    return _rate(out, world)
+    with tempfile.TemporaryDirectory(prefix="raycat-ddp-") as tmp:
+        args = (world, _free_port(), str(model_dir), rows, mbs, steps, f"{tmp}/done")
+        mp.start_processes(_ddp_worker, args=args, nprocs=world, start_method="spawn")
+        return _rate(f"{tmp}/done", world)["rate"]
 
 
-def ray_train_ddp_rate(model_dir: Path, encoded, world: int, mbs: int, steps: int, num_cpus: int = 2) -> float:
+def ray_train_ddp_rate(model_dir: Path, encoded, world: int, mbs: int, steps: int, num_cpus: int = 2) -> dict:
     """``ddp_rate`` with the processes as Ray Train workers (Ray Train's process group, a local Ray as
     raycat starts it), the rows in the loop's config: no Ray Data feed, no DeepSpeed. Against
-    ``ddp_rate``, what Ray's processes beside the workers cost; against raycat, what its loop costs."""
+    ``ddp_rate``, what Ray's processes beside the workers cost; against raycat, what its loop costs.
+    ``{"rate", "t0", "t1"}``: the window's wall clock, for a CPU sampler."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -102,25 +111,26 @@ def ray_train_ddp_rate(model_dir: Path, encoded, world: int, mbs: int, steps: in
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
-        done = _ddp_steps(rank, config["world"], config["model_dir"], config["rows"], config["mbs"], config["steps"])
+        done = ddp_steps(rank, config["world"], config["model_dir"], config["rows"], config["mbs"], config["steps"])
         Path(f"{config['out']}.{rank}").write_text(json.dumps(done))
 
-    # bench/ is not on the workers' path: the loop and _ddp_steps travel by value.
+    # bench/ is not on the workers' path: the loop and ddp_steps travel by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     rows = list(zip(encoded["input_ids"], encoded["labels"], strict=True))
-    out = tempfile.mktemp(prefix="raycat-raytrain-ddp-")
-    config = {"world": world, "model_dir": str(model_dir), "rows": rows, "mbs": mbs, "steps": steps, "out": out}
-    ray.init(address="local", include_dashboard=False, **local_kwargs(RayConfig(num_cpus=num_cpus)))
-    try:
-        TorchTrainer(
-            loop,
-            train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="raycat-raytrain-runs-")),
-        ).fit()
-    finally:
-        ray.shutdown()
-    return _rate(out, world)
+    with tempfile.TemporaryDirectory(prefix="raycat-raytrain-ddp-") as tmp:
+        config = {"world": world, "model_dir": str(model_dir), "rows": rows, "mbs": mbs, "steps": steps}
+        config["out"] = f"{tmp}/done"
+        ray.init(address="local", include_dashboard=False, **local_kwargs(RayConfig(num_cpus=num_cpus)))
+        try:
+            TorchTrainer(
+                loop,
+                train_loop_config=config,
+                scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": 1}),
+                run_config=RunConfig(storage_path=f"{tmp}/runs"),
+            ).fit()
+        finally:
+            ray.shutdown()
+        return _rate(config["out"], world)
 
 
 def ray_train_start(dataset_path: str, num_cpus: int = 2) -> float:
@@ -141,27 +151,28 @@ def ray_train_start(dataset_path: str, num_cpus: int = 2) -> float:
         next(iter(ray.train.get_dataset_shard("train").iter_batches(batch_size=1)))
         Path(config["out"]).write_text(json.dumps({"entered": entered}))
 
-    ray.init(address="local", include_dashboard=False, **local_kwargs(RayConfig(num_cpus=num_cpus)))
-    try:
-        out = tempfile.mktemp(prefix="raycat-raytrain-")
-        started = time.time()
-        TorchTrainer(
-            loop,
-            train_loop_config={"out": out},
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            datasets={"train": ray.data.read_parquet(dataset_path)},
-            run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="raycat-raytrain-runs-")),
-        ).fit()
-        return json.loads(Path(out).read_text())["entered"] - started
-    finally:
-        ray.shutdown()
+    with tempfile.TemporaryDirectory(prefix="raycat-raytrain-") as tmp:
+        ray.init(address="local", include_dashboard=False, **local_kwargs(RayConfig(num_cpus=num_cpus)))
+        try:
+            started = time.time()
+            TorchTrainer(
+                loop,
+                train_loop_config={"out": f"{tmp}/entered.json"},
+                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                datasets={"train": ray.data.read_parquet(dataset_path)},
+                run_config=RunConfig(storage_path=f"{tmp}/runs"),
+            ).fit()
+        finally:
+            ray.shutdown()
+        return json.loads(Path(f"{tmp}/entered.json").read_text())["entered"] - started
 
 
 _FRESH = """
 import os, sys, time
+import torch  # a Ray Train worker has imported it before raycat's loop starts (worker_group_s)
 t0 = time.perf_counter()
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-import deepspeed, torch
+import deepspeed
 from transformers import AutoModelForCausalLM
 import deepspeed.comm.torch
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # as raycat's loop (_no_shm_build)
@@ -178,7 +189,7 @@ print(imported - t0, time.perf_counter() - imported)
 
 
 def fresh_start(model_dir: Path) -> tuple[float, float]:
-    """(imports, model load + DeepSpeed engine) seconds in a fresh Python process."""
+    """(imports after torch, model load + DeepSpeed engine) seconds in a fresh Python process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", _FRESH, str(model_dir), str(_free_port())],

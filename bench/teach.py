@@ -78,6 +78,8 @@ def main() -> None:
         "--json", help="append the teach stage's measured decode rate to this file (for study scaling plans)"
     )
     args = parser.parse_args()
+    if args.floors and args.device != "cpu":
+        parser.error("--floors sets its actor up as a CPU engine's (raycat's GPU actors get GPU bundles)")
 
     import numpy as np
     import pandas as pd
@@ -188,11 +190,11 @@ def main() -> None:
         )
     if args.floors:
         in_ray_rate = direct_in_ray(path, dtype, args.device, prompts, sampling, max(threads - 0.5, 1), threads)
-        best = max(measured.values())[0]
+        best_rate = max(measured.values())[0]
         print(
             f"direct generate in a Ray actor ({max(threads - 0.5, 1)} CPUs, OMP threads {threads}, a local Ray as "
             f"raycat starts it): {in_ray_rate:.1f} tok/s = {in_ray_rate / direct_rate:.2f}x direct; raycat's "
-            f"best = {best / in_ray_rate:.2f}x of it"
+            f"best = {best_rate / in_ray_rate:.2f}x of it"
         )
     if len(measured) > 1:
         best, worst = max(measured), min(measured)

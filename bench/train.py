@@ -35,35 +35,13 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def bare_loop(model_dir: Path, encoded, micro_batch_size: int, steps: int, lr: float) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM
+def bare_loop(model_dir: Path, encoded, micro_batch_size: int, steps: int) -> float:
+    """Real tokens/s of one process: AdamW + forward/backward on the same packed micro-batches."""
+    import floors
 
-    from raycat.train.batches import pack
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    rows = encoded.reset_index(drop=True)
-    tokens, seconds = 0, 0.0
-    for step in range(steps + 1):
-        lo = (step * micro_batch_size) % len(rows)
-        chunk = rows.iloc[lo : lo + micro_batch_size]
-        b = {k: torch.from_numpy(v) for k, v in pack(list(chunk["input_ids"]), list(chunk["labels"])).items()}
-        t = time.perf_counter()
-        loss = model(**b).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        # The first step pays allocation and lazy init.
-        if step:
-            seconds += time.perf_counter() - t
-            tokens += b["input_ids"].numel()
-    return tokens / seconds
+    rows = list(zip(encoded["input_ids"], encoded["labels"], strict=True))
+    done = floors.ddp_steps(0, 1, str(model_dir), rows, micro_batch_size, steps)
+    return done["tokens"] / done["seconds"]
 
 
 def cores_busy(cpu, t0: float, t1: float) -> dict[str, float]:
@@ -75,9 +53,15 @@ def cores_busy(cpu, t0: float, t1: float) -> dict[str, float]:
 def print_floors(model_dir: Path, enc, work: Path, args, results: dict) -> None:
     """This machine's ceilings without raycat beside raycat's figures (bench/floors.py)."""
     import floors
+    from cpu_use import CpuSampler
 
     ddp = {w: floors.ddp_rate(model_dir, enc, w, args.micro_batch_size, args.steps) for w in (1, 2)}
-    in_ray = {w: floors.ray_train_ddp_rate(model_dir, enc, w, args.micro_batch_size, args.steps) for w in (1, 2)}
+    in_ray = {}
+    for w in (1, 2):
+        with CpuSampler() as cpu:
+            run = floors.ray_train_ddp_rate(model_dir, enc, w, args.micro_batch_size, args.steps)
+        in_ray[w] = run["rate"]
+    cores = cores_busy(cpu, run["t0"], run["t1"])
     data = work / "floor-examples.parquet"
     enc[["input_ids", "labels"]].to_parquet(data)
     group = floors.ray_train_start(str(data))
@@ -87,6 +71,8 @@ def print_floors(model_dir: Path, enc, work: Path, args, results: dict) -> None:
     print("\nceilings on this machine, without raycat (bench/floors.py)")
     print(f"bare torch DDP (gloo), tokens/s: 1 process {ddp[1]:.0f}, 2 processes {ddp[2]:.0f}")
     print(f"the same DDP loop as Ray Train workers (no Ray Data, no DeepSpeed): {in_ray[1]:.0f}, {in_ray[2]:.0f}")
+    top = sorted(cores.items(), key=lambda x: -x[1])
+    print("  cores busy during its 2-worker steps: " + ", ".join(f"{g} {c:.2f}" for g, c in top[:6]))
     raycat = r2["tokens_per_s"] / r1["tokens_per_s"]
     print(
         f"1 -> 2: bare DDP {ddp[2] / ddp[1]:.2f}x   in Ray Train {in_ray[2] / in_ray[1]:.2f}x   raycat {raycat:.2f}x "
@@ -94,13 +80,14 @@ def print_floors(model_dir: Path, enc, work: Path, args, results: dict) -> None:
     )
     print(f"worker group: bare TorchTrainer (1 worker, a dataset) {group:.1f} s   raycat {s['worker_group_s']:.1f} s")
     print(
-        f"model + DeepSpeed: fresh process imports {imports:.1f} s + load and engine {build:.1f} s = "
-        f"{imports + build:.1f} s   raycat {s['model_and_deepspeed_s']:.1f} s"
+        f"model + DeepSpeed: a fresh process that has torch imports the rest in {imports:.1f} s, loads and "
+        f"builds the engine in {build:.1f} s = {imports + build:.1f} s   raycat {s['model_and_deepspeed_s']:.1f} s"
     )
+    floor = group + imports + build + s["first_step_s"]
     total = s["worker_group_s"] + s["model_and_deepspeed_s"] + s["first_step_s"]
     print(
-        f"start-up before the first step: floors {group + imports + build:.1f} s + raycat's first step "
-        f"{s['first_step_s']:.1f} s   raycat {total:.1f} s (goal <= 10 s)"
+        f"start-up to the first step's end: floors + raycat's first step ({s['first_step_s']:.1f} s) = {floor:.1f} s"
+        f"   raycat {total:.1f} s (goal <= 10 s)"
     )
 
 
@@ -135,6 +122,8 @@ def main() -> None:
         help="gpu: raycat on one GPU in bf16 only, for a --json record (the comparisons are CPU-only)",
     )
     args = ap.parse_args()
+    if args.floors and (args.device != "cpu" or args.accumulation != 1):
+        ap.error("--floors compares CPU runs of one micro-batch per step (its loops do not accumulate)")
     comm = json.loads(args.deepspeed)
 
     from cpu_use import CpuSampler
@@ -214,7 +203,7 @@ def main() -> None:
             "feed": metrics["data_feed_share"],
             "cpu": cores_busy(cpu, w0, w1),
         }
-        if name == "raycat1" and args.device == "cpu":
+        if name == "raycat1" and args.device == "cpu" and (args.floors or not args.scaling_only):
             tok = AutoTokenizer.from_pretrained(model_dir)
             # sft_all's one phase: the three bands in order.
             rows = pd.concat([pd.read_parquet(p) for p in input_paths(cfg)[0].values()], ignore_index=True)
@@ -222,7 +211,7 @@ def main() -> None:
         if name == "raycat1" and args.device == "cpu" and not args.scaling_only:
             t0 = time.perf_counter()
             results["bare"] = {
-                "tokens_per_s": bare_loop(model_dir, enc, args.micro_batch_size, args.steps, 1e-4),
+                "tokens_per_s": bare_loop(model_dir, enc, args.micro_batch_size, args.steps),
                 "wall_s": time.perf_counter() - t0,
                 "steps": args.steps + 1,
             }
@@ -258,7 +247,7 @@ def main() -> None:
             f"{results['padded1']['padding_waste']:.1%} padded"
         )
 
-    if args.floors and args.device == "cpu":
+    if args.floors:
         print_floors(model_dir, enc, work, args, results)
 
     if args.json:

@@ -329,15 +329,16 @@ def test_rerun_after_the_whole_job_is_killed_resumes_phase2_from_its_checkpoint(
 
 def _refuses_a_checkpoint_without_its_feed_layout(cmd: list, ckpts: Path) -> None:
     """The rerun the user makes over a mid-epoch checkpoint written before raycat recorded its feed
-    layout (state.json without "feed"): the command fails with the refusal and its fix, once, before any
-    step; the checkpoints are left as they were."""
+    layout (state.json without "feed"): the command fails with the refusal and its fix before any step
+    (Ray Train's restarts, train.max_failures, refuse again); the checkpoints are left as they were."""
     states = sorted(ckpts.glob("*/phase2_step_*/state.json"))
     assert states, "no phase-2 checkpoint state"
     kept = {p: p.read_text() for p in states}
     for p, text in kept.items():
         state = json.loads(text)
-        # 6 hard rows on 2 workers, one per micro-batch: 3 steps an epoch, checkpoints every 20.
-        assert state["batch"] > 0, "the fixture's checkpoints are mid-epoch"
+        # 6 hard rows on 2 workers, one per micro-batch: 3 steps an epoch, checkpoints every 20, each
+        # with micro-batches consumed in its epoch (an epoch's last step saves before the count resets).
+        assert state["batch"] > 0, "the fixture's checkpoints count consumed micro-batches"
         del state["feed"]
         p.write_text(json.dumps(state))
     try:
