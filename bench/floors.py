@@ -97,7 +97,7 @@ def ddp_rate(model_dir: Path, encoded, world: int, mbs: int, steps: int) -> floa
 
 def ray_train_ddp_rate(model_dir: Path, encoded, world: int, mbs: int, steps: int, num_cpus: int = 2) -> dict:
     """``ddp_rate`` with the processes as Ray Train workers (Ray Train's process group, a local Ray as
-    raycat starts it), the rows in the loop's config: no Ray Data feed, no DeepSpeed. Against
+    raycat starts it: ray_session), the rows in the loop's config: no Ray Data feed, no DeepSpeed. Against
     ``ddp_rate``, what Ray's processes beside the workers cost; against raycat, what its loop costs.
     ``{"rate", "t0", "t1"}``: the window's wall clock, for a CPU sampler."""
     import ray
@@ -105,7 +105,7 @@ def ray_train_ddp_rate(model_dir: Path, encoded, world: int, mbs: int, steps: in
     from ray.train.torch import TorchTrainer
 
     from raycat.config import RayConfig
-    from raycat.ray_env import local_kwargs
+    from raycat.ray_env import ray_session
 
     def loop(config: dict) -> None:
         import ray.train
@@ -120,16 +120,13 @@ def ray_train_ddp_rate(model_dir: Path, encoded, world: int, mbs: int, steps: in
     with tempfile.TemporaryDirectory(prefix="raycat-raytrain-ddp-") as tmp:
         config = {"world": world, "model_dir": str(model_dir), "rows": rows, "mbs": mbs, "steps": steps}
         config["out"] = f"{tmp}/done"
-        ray.init(address="local", include_dashboard=False, **local_kwargs(RayConfig(num_cpus=num_cpus)))
-        try:
+        with ray_session(RayConfig(num_cpus=num_cpus)):
             TorchTrainer(
                 loop,
                 train_loop_config=config,
                 scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": 1}),
                 run_config=RunConfig(storage_path=f"{tmp}/runs"),
             ).fit()
-        finally:
-            ray.shutdown()
         return _rate(config["out"], world)
 
 
@@ -142,7 +139,7 @@ def ray_train_start(dataset_path: str, num_cpus: int = 2) -> float:
     from ray.train.torch import TorchTrainer
 
     from raycat.config import RayConfig
-    from raycat.ray_env import local_kwargs
+    from raycat.ray_env import ray_session
 
     def loop(config: dict) -> None:
         import ray.train
@@ -152,8 +149,7 @@ def ray_train_start(dataset_path: str, num_cpus: int = 2) -> float:
         Path(config["out"]).write_text(json.dumps({"entered": entered}))
 
     with tempfile.TemporaryDirectory(prefix="raycat-raytrain-") as tmp:
-        ray.init(address="local", include_dashboard=False, **local_kwargs(RayConfig(num_cpus=num_cpus)))
-        try:
+        with ray_session(RayConfig(num_cpus=num_cpus)):
             started = time.time()
             TorchTrainer(
                 loop,
@@ -162,8 +158,6 @@ def ray_train_start(dataset_path: str, num_cpus: int = 2) -> float:
                 datasets={"train": ray.data.read_parquet(dataset_path)},
                 run_config=RunConfig(storage_path=f"{tmp}/runs"),
             ).fit()
-        finally:
-            ray.shutdown()
         return json.loads(Path(f"{tmp}/entered.json").read_text())["entered"] - started
 
 
